@@ -1,0 +1,189 @@
+// CUDA kernels of the fused residual update (SPEC.md §2), registered for the CUDA dispatch key.
+// The arithmetic is tsc::residual_forward / relu_forward / relu_backward from residual_math.h,
+// the same functions the CPU kernels run, so the CPU tests cover it.
+//
+// Forward: one grid-stride pass (reads y, f; writes out).
+// Backward: channel-first tensors: one block per channel reads grad and f of that channel's
+// planes, writes df and ddt[c] (one launch, deterministic block reduction). Channels-last tensors:
+// tiles of (32 channels x rows) write per-chunk partial sums, and a second small kernel adds the
+// chunks in order (two launches, still deterministic).
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/all.h>
+
+#include "residual_layout.h"
+#include "residual_math.h"
+
+namespace tsc {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename scalar_t, typename acc_t>
+__global__ void residual_forward_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ f,
+                                        const acc_t* __restrict__ dt, scalar_t* __restrict__ out,
+                                        int64_t numel, int64_t C, int64_t inner, bool relu) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t c = (i / inner) % C;
+    acc_t o = residual_forward(static_cast<acc_t>(y[i]), static_cast<acc_t>(f[i]), dt[c]);
+    out[i] = static_cast<scalar_t>(relu ? relu_forward(o) : o);
+  }
+}
+
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v, acc_t* shared) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < blockDim.x / 32 ? shared[lane] : acc_t(0);
+  if (warp == 0)
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// grid = (C,): block c owns channel c in every sample.
+template <typename scalar_t, typename acc_t>
+__global__ void residual_backward_planes_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ f,
+                                                const scalar_t* __restrict__ relu_out, const acc_t* __restrict__ dt,
+                                                scalar_t* __restrict__ dy, scalar_t* __restrict__ df,
+                                                acc_t* __restrict__ ddt, int64_t N, int64_t C, int64_t S) {
+  __shared__ acc_t shared[kThreads / 32];
+  const int64_t c = blockIdx.x;
+  const acc_t d = dt[c];
+  acc_t sum = 0;
+  for (int64_t n = 0; n < N; ++n) {
+    const int64_t base = (n * C + c) * S;
+    for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
+      const int64_t i = base + s;
+      acc_t gi = static_cast<acc_t>(g[i]);
+      if (relu_out) {
+        gi = relu_backward(gi, static_cast<acc_t>(relu_out[i]));
+        dy[i] = static_cast<scalar_t>(gi);
+      }
+      df[i] = static_cast<scalar_t>(gi * d);
+      sum += gi * static_cast<acc_t>(f[i]);
+    }
+  }
+  sum = block_sum(sum, shared);
+  if (threadIdx.x == 0) ddt[c] = sum;
+}
+
+constexpr int kTileC = 32, kTileRows = 8, kRowChunks = 64;
+
+// grid = (ceil(C / 32), chunks), block = (32, 8): partial[chunk, c] = sum over the chunk's rows.
+template <typename scalar_t, typename acc_t>
+__global__ void residual_backward_rows_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ f,
+                                              const scalar_t* __restrict__ relu_out, const acc_t* __restrict__ dt,
+                                              scalar_t* __restrict__ dy, scalar_t* __restrict__ df,
+                                              acc_t* __restrict__ partial,
+                                              int64_t R, int64_t C, int64_t rows_per_chunk) {
+  __shared__ acc_t shared[kTileRows][kTileC];
+  const int64_t c = blockIdx.x * (int64_t)kTileC + threadIdx.x;
+  const int64_t r0 = blockIdx.y * rows_per_chunk, r1 = min(R, r0 + rows_per_chunk);
+  acc_t sum = 0;
+  if (c < C) {
+    const acc_t d = dt[c];
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += kTileRows) {
+      const int64_t i = r * C + c;
+      acc_t gi = static_cast<acc_t>(g[i]);
+      if (relu_out) {
+        gi = relu_backward(gi, static_cast<acc_t>(relu_out[i]));
+        dy[i] = static_cast<scalar_t>(gi);
+      }
+      df[i] = static_cast<scalar_t>(gi * d);
+      sum += gi * static_cast<acc_t>(f[i]);
+    }
+  }
+  shared[threadIdx.y][threadIdx.x] = sum;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < C) {
+    for (int k = 1; k < kTileRows; ++k) sum += shared[k][threadIdx.x];
+    partial[blockIdx.y * C + c] = sum;
+  }
+}
+
+template <typename acc_t>
+__global__ void sum_chunks_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ ddt, int64_t chunks, int64_t C) {
+  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  acc_t sum = 0;
+  for (int64_t k = 0; k < chunks; ++k) sum += partial[k * C + c];
+  ddt[c] = sum;
+}
+
+int grid_for(int64_t numel) {
+  const int64_t blocks = (numel + kThreads - 1) / kThreads;
+  const int64_t cap = 32LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
+}
+
+at::Tensor residual_update_cuda(const at::Tensor& y_in, const at::Tensor& f_in, const at::Tensor& dt_in, bool relu) {
+  check_residual_args(y_in, f_in, dt_in);
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  const bool cl = is_channels_last_like(y_in);
+  const at::Tensor y = to_layout(y_in, cl), f = to_layout(f_in, cl), dt = dt_in.contiguous();
+  at::Tensor out = at::empty_like(y);
+  const ChannelView v = channel_view(y, cl);
+  if (y.numel() == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "tsc_residual_update_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    residual_forward_kernel<scalar_t, acc_t><<<grid_for(y.numel()), kThreads, 0, stream>>>(
+        y.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), dt.const_data_ptr<acc_t>(),
+        out.mutable_data_ptr<scalar_t>(), y.numel(), v.channels, v.inner, relu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& f_in, const at::Tensor& dt_in, const std::optional<at::Tensor>& relu_out) {
+  check_residual_args(f_in, grad_in, dt_in);
+  const c10::cuda::CUDAGuard guard(f_in.device());
+  const bool relu = relu_out.has_value();
+  TORCH_CHECK(!relu || relu_out->sizes() == f_in.sizes(), "tsc::residual_update_backward: relu_out must have f's shape");
+  const bool cl = is_channels_last_like(f_in);
+  const at::Tensor f = to_layout(f_in, cl), g = to_layout(grad_in, cl), dt = dt_in.contiguous();
+  const at::Tensor out = relu ? to_layout(*relu_out, cl) : at::Tensor();
+  at::Tensor df = at::empty_like(f);
+  at::Tensor dy = relu ? at::empty_like(f) : at::empty({0}, f.options());
+  at::Tensor ddt = at::zeros_like(dt);
+  const ChannelView v = channel_view(f, cl);
+  if (f.numel() == 0) return {dy, df, ddt};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "tsc_residual_update_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* outp = relu ? out.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dyp = relu ? dy.mutable_data_ptr<scalar_t>() : nullptr;
+    if (v.inner > 1) {
+      residual_backward_planes_kernel<scalar_t, acc_t><<<v.channels, kThreads, 0, stream>>>(
+          g.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), outp, dt.const_data_ptr<acc_t>(), dyp,
+          df.mutable_data_ptr<scalar_t>(), ddt.mutable_data_ptr<acc_t>(), v.outer, v.channels, v.inner);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else {
+      const int64_t rows_per_chunk = std::max<int64_t>(kTileRows, (v.outer + kRowChunks - 1) / kRowChunks);
+      const int64_t chunks = (v.outer + rows_per_chunk - 1) / rows_per_chunk;
+      at::Tensor partial = at::empty({chunks, v.channels}, dt.options());
+      const dim3 grid((v.channels + kTileC - 1) / kTileC, chunks);
+      residual_backward_rows_kernel<scalar_t, acc_t><<<grid, dim3(kTileC, kTileRows), 0, stream>>>(
+          g.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), outp, dt.const_data_ptr<acc_t>(), dyp,
+          df.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), v.outer, v.channels, rows_per_chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      sum_chunks_kernel<acc_t><<<(v.channels + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+          partial.const_data_ptr<acc_t>(), ddt.mutable_data_ptr<acc_t>(), chunks, v.channels);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return {dy, df, ddt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tsc, CUDA, m) {
+  m.impl("residual_update", &residual_update_cuda);
+  m.impl("residual_update_backward", &residual_update_backward_cuda);
+}
+
+}  // namespace tsc

@@ -1,0 +1,1 @@
+"""Triton kernels of tsc_kernels, installed as tsc_kernels._triton (one file per op)."""

@@ -1,0 +1,77 @@
+"""Controller modules: one stage's TSCController and the network-level NetworkController.
+
+Parameter names and layouts match nn.Linear / nn.LSTMCell (SPEC.md §1), so a controller's
+state_dict is interchangeable with a plain PyTorch one.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import reference
+
+MODES = ("lstm", "2fc", "indp")
+
+
+def hidden_size(channels: int, reduction: int) -> int:
+    """H = max(1, C // r) (SPEC.md §1)."""
+    return max(1, channels // reduction)
+
+
+class TSCController(nn.Module):
+    """Δt controller of one stage: ``forward(wbar (L, D)) -> dt (L, C)``, values in (0, 1).
+
+    mode "lstm": shared fc_in (Linear D->H), lstm (LSTMCell H->H), fc_out (Linear H->C), recurrent
+    over the stage's blocks; "2fc": per-block fc_in[d], fc_out[d] (needs num_blocks); "indp": a free
+    parameter theta (num_blocks, C) initialised to 0, dt = sigmoid(theta) (needs num_blocks).
+    """
+
+    def __init__(self, in_features: int, channels: int, reduction: int = 4, mode: str = "lstm", num_blocks: int | None = None):
+        super().__init__()
+        self.in_features, self.channels, self.reduction, self.mode, self.num_blocks = in_features, channels, reduction, mode, num_blocks
+        self.hidden = hidden_size(channels, reduction)
+        if mode == "lstm":
+            self.fc_in = nn.Linear(in_features, self.hidden)
+            self.lstm = nn.LSTMCell(self.hidden, self.hidden)
+            self.fc_out = nn.Linear(self.hidden, channels)
+        elif mode == "2fc":
+            self.fc_in = nn.ModuleList(nn.Linear(in_features, self.hidden) for _ in range(num_blocks))
+            self.fc_out = nn.ModuleList(nn.Linear(self.hidden, channels) for _ in range(num_blocks))
+        elif mode == "indp":
+            self.theta = nn.Parameter(torch.zeros(num_blocks, channels))
+
+    def lstm_params(self) -> tuple[torch.Tensor, ...]:
+        """The nine parameters of tsc_kernels.lstm_controller, in its argument order."""
+        return (self.fc_in.weight, self.fc_in.bias, self.lstm.weight_ih, self.lstm.weight_hh,
+                self.lstm.bias_ih, self.lstm.bias_hh, self.fc_out.weight, self.fc_out.bias)
+
+    def forward(self, wbar: torch.Tensor) -> torch.Tensor:
+        if self.mode == "lstm":
+            return reference.lstm_controller(wbar, *self.lstm_params())
+        if self.mode == "2fc":
+            return torch.stack([torch.sigmoid(fo(torch.relu(fi(w)))) for w, fi, fo in zip(wbar, self.fc_in, self.fc_out)])
+        return torch.sigmoid(self.theta)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, channels={self.channels}, hidden={self.hidden}, mode={self.mode!r}"
+
+
+class NetworkController(nn.Module):
+    """Every stage's controller; ``forward(weights)`` returns every block's Δt in one call.
+
+    weights[s][d] is the list of conv weights block d of stage s declares (SPEC.md §1: basic block
+    conv1, conv2; bottleneck conv1, conv3). Returns one (L_s, C_s) tensor per stage.
+    """
+
+    def __init__(self, stages: Sequence[TSCController]):
+        super().__init__()
+        self.stages = nn.ModuleList(stages)
+
+    def forward(self, weights: Sequence[Sequence[Sequence[torch.Tensor]]]) -> list[torch.Tensor]:
+        out = []
+        for ctrl, blocks in zip(self.stages, weights):
+            wbar = torch.stack([reference.weight_mean(ws) for ws in blocks])
+            out.append(ctrl(wbar))
+        return out

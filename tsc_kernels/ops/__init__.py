@@ -1,0 +1,1 @@
+"""torch.library registrations of every tsc op: fake kernels, autograd, and the torch (reference) backend."""

@@ -1,0 +1,62 @@
+"""Pure-PyTorch reference of every tsc op: this file is the executable form of SPEC.md.
+
+Every backend (C++ CPU, CUDA, Triton) is tested against these functions. They favour clarity over
+speed; the torch backend runs them as they are (through ``torch.library`` ops, see ``ops/``).
+Inputs are assumed valid: argument checks live in ``tsc_kernels._checks`` (the API layer).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 arithmetic for fp32/fp16/bf16, fp64 for fp64 (gradcheck)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def residual_update(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    """``out = y + f * dt[c]`` (channel dim 1), then ReLU when ``relu``; computed in fp32 (fp64 for fp64)."""
+    acc = accumulation_dtype(y.dtype)
+    dt_b = dt.to(acc).view((1, -1) + (1,) * (y.dim() - 2))
+    out = y.to(acc) + f.to(acc) * dt_b
+    if relu:
+        out = torch.relu(out)
+    return out.to(y.dtype)
+
+
+def weight_mean(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """w̄ of one block: each conv weight ``(C_out, C_in, *k)`` averaged over C_in, flattened, concatenated."""
+    return torch.cat([w.mean(dim=1).reshape(-1) for w in weights])
+
+
+def lstm_controller(
+    wbar: torch.Tensor,
+    fc_in_weight: torch.Tensor,
+    fc_in_bias: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_ih: torch.Tensor,
+    bias_hh: torch.Tensor,
+    fc_out_weight: torch.Tensor,
+    fc_out_bias: torch.Tensor,
+) -> torch.Tensor:
+    """TSC_LSTM for one stage: ``wbar (L, D) -> dt (L, C)``.
+
+    ``x_d = relu(fc_in(w̄_d))``; ``h_d, c_d = LSTMCell(x_d, (h_{d-1}, c_{d-1}))`` with gate order
+    (i, f, g, o) and ``h_0 = c_0 = 0``; ``dt_d = sigmoid(fc_out(h_d))``.
+    """
+    x = torch.relu(F.linear(wbar, fc_in_weight, fc_in_bias))
+    hidden = weight_hh.shape[1]
+    h = wbar.new_zeros(hidden)
+    c = wbar.new_zeros(hidden)
+    hs = []
+    for d in range(wbar.shape[0]):
+        gates = F.linear(x[d], weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)
+        i, fg, g, o = gates.chunk(4)
+        c = torch.sigmoid(fg) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        hs.append(h)
+    return torch.sigmoid(F.linear(torch.stack(hs), fc_out_weight, fc_out_bias))
