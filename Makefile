@@ -1,0 +1,43 @@
+# tsc-kernels: `make bench` (the main job) and `make test`; both set everything up on a fresh machine.
+#   TSC_BUILD_CUDA=auto|0|1   build the CUDA kernels (auto: when torch is a CUDA build and nvcc exists)
+#   TORCH_CUDA_ARCH_LIST      default "8.0;9.0"
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+export CUDA_HOME ?= /usr/local/cuda
+export MAX_JOBS ?= 2
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+
+.PHONY: venv build test bench bench-residual clean
+
+$(VENV)/.deps: requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+venv: $(VENV)/.deps
+
+# Editable install: builds tsc_kernels._C in place and maps triton_kernels/ to tsc_kernels._triton.
+# The full compiler output (ptxas -v register/spill figures included) stays in build/build.log.
+build/.built: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*)
+	mkdir -p build
+	$(PY) -m pip install --no-build-isolation --no-deps -v -e . > build/build.log 2>&1 || (tail -60 build/build.log; exit 1)
+	grep -E "Compiling entry function|ptxas info *: Used|spill" build/build.log | sed 's/^ *//' > build/ptxas.txt || true
+	touch $@
+
+build: build/.built
+
+# The whole suite on the CPU, the Triton kernels under the interpreter.
+test: build/.built
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests
+
+# For now the residual-update benchmark: fused CPU op vs eager vs torch.compile vs copy_ bandwidth.
+bench: bench-residual
+
+bench-residual: build/.built
+	$(VENV)/bin/pytest bench/bench_residual_update.py -q -p no:cacheprovider --benchmark-min-rounds=5 \
+		--benchmark-max-time=0.5 --benchmark-columns=median,iqr,rounds --benchmark-json=build/bench_residual.json
+	$(PY) bench/ratios.py build/bench_residual.json
+
+clean:
+	rm -rf build tsc_kernels/_C*.so *.egg-info
