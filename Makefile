@@ -8,7 +8,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: venv build test bench bench-residual clean
+.PHONY: venv build test bench bench-ops gpu-report clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,13 +31,22 @@ build: build/.built
 test: build/.built
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests
 
-# For now the residual-update benchmark: fused CPU op vs eager vs torch.compile vs copy_ bandwidth.
-bench: bench-residual
+# The main job: TSC's overhead against the plain network (tsc-bench; CIFAR ResNet-56, batch 32, CPU).
+bench: build/.built
+	$(VENV)/bin/tsc-bench --json build/tsc-bench.json
 
-bench-residual: build/.built
+# Per-op pytest-benchmark suites (fused vs eager vs torch.compile vs bandwidth), JSON in build/.
+bench-ops: build/.built
 	$(VENV)/bin/pytest bench/bench_residual_update.py -q -p no:cacheprovider --benchmark-min-rounds=5 \
 		--benchmark-max-time=0.5 --benchmark-columns=median,iqr,rounds --benchmark-json=build/bench_residual.json
 	$(PY) bench/ratios.py build/bench_residual.json
+	$(VENV)/bin/pytest bench/bench_controller.py -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds \
+		--benchmark-json=build/bench_controller.json
+	$(PY) bench/bench_controller.py
+
+# GPU evidence without a GPU: Triton AOT compiles for sm_80/sm_90, CUDA ptxas figures, bytes moved.
+gpu-report: build/.built
+	env -u TRITON_INTERPRET $(PY) -m tsc_kernels.gpu_report --json build/gpu_report.json
 
 clean:
 	rm -rf build tsc_kernels/_C*.so *.egg-info

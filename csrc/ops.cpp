@@ -19,4 +19,16 @@ TORCH_LIBRARY(tsc, m) {
   // then dy is the gradient masked by the ReLU. Without it dy is the incoming gradient itself, so
   // the op returns an empty (0,) tensor there instead of copying it.
   m.def("residual_update_backward(Tensor grad, Tensor f, Tensor dt, Tensor? relu_out) -> (Tensor, Tensor, Tensor)");
+  // Weight-mean projection (SPEC.md §1): every given conv weight (C_out, C_in, *k) averaged over
+  // C_in, flattened, concatenated into one 1-D tensor (fp32; fp64 for fp64 weights), one launch.
+  m.def("weight_mean(Tensor[] weights) -> Tensor");
+  // dW = broadcast(dw̄) / C_in for every weight, one launch; weights are read for shapes only.
+  m.def("weight_mean_backward(Tensor grad, Tensor[] weights) -> Tensor[]");
+  // Batched TSC_LSTM controller: every stage in one launch. wbar_packed: 1-D, stage s's (L_s, D_s)
+  // rows back to back; blocks: L_s; params: 8 per stage (fc_in.weight, fc_in.bias, weight_ih,
+  // weight_hh, bias_ih, bias_hh, fc_out.weight, fc_out.bias). Returns dt_packed (1-D, stage s's
+  // (L_s, C_s) rows back to back) and saved (x, gates, c, h per stage, for backward).
+  m.def("lstm_controller(Tensor wbar_packed, int[] blocks, Tensor[] params) -> (Tensor, Tensor)");
+  // BPTT over every stage in one launch: (grad of wbar_packed, grads of params in params' order).
+  m.def("lstm_controller_backward(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks, Tensor[] params, Tensor saved) -> (Tensor, Tensor[])");
 }

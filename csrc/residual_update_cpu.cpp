@@ -1,16 +1,26 @@
 // CPU kernels of the fused residual update (SPEC.md §2), registered for the CPU dispatch key.
 //
 // Forward: one pass reading y and f, writing out. Backward: one pass reading grad and f (and the
-// forward output when the ReLU is fused), writing df and reducing ddt[c] = sum(grad' * f) in the
-// accumulation type. The ddt reduction is deterministic: the work split does not depend on the
-// number of threads, and partial sums are added in a fixed order.
+// forward output when the ReLU is fused), writing df (and dy = masked grad with the ReLU) and
+// reducing ddt[c] = sum(grad' * f) in the accumulation type. The ddt reduction is deterministic:
+// the work split does not depend on the number of threads, and partial sums are added in a fixed
+// order.
+//
+// The op is memory-bound. Outputs larger than the last-level cache are written with non-temporal
+// (streaming) stores on AVX2 builds: a normal store first reads the destination line, so this
+// cuts the traffic of the forward pass from 4N to 3N element transfers (and likewise backward).
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/OpMathType.h>
 #include <torch/all.h>
 
+#include <cstdint>
 #include <vector>
+
+#if defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
 
 #include "residual_layout.h"
 #include "residual_math.h"
@@ -20,12 +30,26 @@ namespace {
 
 using at::vec::Vectorized;
 
+// Outputs at least this large (bytes) are streamed past the cache.
+constexpr int64_t kStreamBytes = 8 << 20;
+// Elements per parallel task: large enough to amortise scheduling, small enough to split
+// (8,256,56,56) evenly across cores.
+constexpr int64_t kGrain = 32768;
+
 // Lanes of the accumulation type, loaded from / stored to scalar_t in pairs of vectors so that
 // fp16/bf16 (whose Vectorized holds twice as many lanes as Vectorized<float>) convert in one go.
-template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+template <typename scalar_t>
 struct Lanes {
+  using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   static constexpr int64_t kStep = 2 * Vec::size();
+  static constexpr bool kCanStream =
+#if defined(CPU_CAPABILITY_AVX2)
+      true;
+#else
+      false;
+#endif
+
   static void load(const scalar_t* p, Vec& a, Vec& b) {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       a = Vec::loadu(p);
@@ -34,7 +58,23 @@ struct Lanes {
       at::vec::load_to_float<scalar_t>(p, a, b);
     }
   }
-  static void store(scalar_t* p, const Vec& a, const Vec& b) {
+
+  // `stream` requires p to be 32-byte aligned (see aligned_prefix).
+  static void store(scalar_t* p, const Vec& a, const Vec& b, bool stream) {
+#if defined(CPU_CAPABILITY_AVX2)
+    if (stream) {
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        _mm256_stream_ps(p, a);
+        _mm256_stream_ps(p + Vec::size(), b);
+      } else if constexpr (std::is_same_v<scalar_t, double>) {
+        _mm256_stream_pd(p, a);
+        _mm256_stream_pd(p + Vec::size(), b);
+      } else {
+        _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::convert_from_float<scalar_t>(a, b));
+      }
+      return;
+    }
+#endif
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       a.store(p);
       b.store(p + Vec::size());
@@ -42,7 +82,21 @@ struct Lanes {
       at::vec::convert_from_float<scalar_t>(a, b).store(p);
     }
   }
+
+  // Number of leading elements to handle one by one so that `p + k` is 32-byte aligned.
+  static int64_t aligned_prefix(const scalar_t* p, int64_t n, bool stream) {
+    if (!stream) return 0;
+    const auto misalign = reinterpret_cast<std::uintptr_t>(p) % 32;
+    if (misalign % sizeof(scalar_t) != 0) return n;  // cannot align: all scalar (never for our outputs)
+    return std::min<int64_t>(n, ((32 - misalign) % 32) / sizeof(scalar_t));
+  }
 };
+
+inline void stream_fence(bool stream) {
+#if defined(CPU_CAPABILITY_AVX2)
+  if (stream) _mm_sfence();  // order the streaming stores before the op returns to other threads
+#endif
+}
 
 template <typename acc_t>
 Vectorized<acc_t> relu_forward(const Vectorized<acc_t>& x) {
@@ -57,57 +111,63 @@ Vectorized<acc_t> relu_backward(const Vectorized<acc_t>& grad, const Vectorized<
   return Vectorized<acc_t>::blendv(grad, zero, out <= zero);
 }
 
-// out[i] = y[i] + f[i] * dt for a run of n elements sharing one dt (channel-first layout).
-template <typename scalar_t, typename acc_t>
-void forward_run_scalar_dt(const scalar_t* y, const scalar_t* f, acc_t dt, scalar_t* out, int64_t n, bool relu) {
+// dt of element i of a run: one value for a channel plane (kPerLane = false), dt[i] along a
+// channels-last row (kPerLane = true).
+template <bool kPerLane, typename acc_t>
+struct StepSize {
+  const acc_t* dt;
+  acc_t at(int64_t i) const { return kPerLane ? dt[i] : dt[0]; }
+  Vectorized<acc_t> vec(int64_t i) const { return kPerLane ? Vectorized<acc_t>::loadu(dt + i) : Vectorized<acc_t>(dt[0]); }
+};
+
+// out[i] = relu?(y[i] + f[i] * dt) over a run of n elements.
+template <bool kPerLane, typename scalar_t>
+void forward_run(const scalar_t* y, const scalar_t* f, StepSize<kPerLane, at::opmath_type<scalar_t>> dt,
+                 scalar_t* out, int64_t n, bool relu, bool stream) {
   using L = Lanes<scalar_t>;
-  const typename L::Vec dtv(dt);
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  auto scalar = [&](int64_t i) {
+    acc_t o = residual_forward(static_cast<acc_t>(y[i]), static_cast<acc_t>(f[i]), dt.at(i));
+    out[i] = static_cast<scalar_t>(relu ? tsc::relu_forward(o) : o);
+  };
   int64_t i = 0;
+  for (const int64_t head = L::aligned_prefix(out, n, stream); i < head; ++i) scalar(i);
   for (; i + L::kStep <= n; i += L::kStep) {
-    typename L::Vec y0, y1, f0, f1;
+    Vec y0, y1, f0, f1;
     L::load(y + i, y0, y1);
     L::load(f + i, f0, f1);
-    auto o0 = residual_forward(y0, f0, dtv), o1 = residual_forward(y1, f1, dtv);
-    if (relu) { o0 = relu_forward(o0); o1 = relu_forward(o1); }
-    L::store(out + i, o0, o1);
+    auto o0 = residual_forward(y0, f0, dt.vec(i)), o1 = residual_forward(y1, f1, dt.vec(i + Vec::size()));
+    if (relu) {
+      o0 = relu_forward(o0);
+      o1 = relu_forward(o1);
+    }
+    L::store(out + i, o0, o1, stream);
   }
-  for (; i < n; ++i) {
-    acc_t o = residual_forward(static_cast<acc_t>(y[i]), static_cast<acc_t>(f[i]), dt);
-    out[i] = static_cast<scalar_t>(relu ? tsc::relu_forward(o) : o);
-  }
+  for (; i < n; ++i) scalar(i);
 }
 
-// One row of a channels-last tensor: out[c] = y[c] + f[c] * dt[c].
-template <typename scalar_t, typename acc_t>
-void forward_row(const scalar_t* y, const scalar_t* f, const acc_t* dt, scalar_t* out, int64_t C, bool relu) {
+// Backward over a run: df = g' * dt and the products g' * f, where g' = grad masked by the fused
+// ReLU (read from the forward output `out`; null when the ReLU is off, and then dy is not written
+// since it is grad itself). The products are summed into `sum(i, value)`: one scalar per channel
+// plane, or partial[c] along a channels-last row.
+template <bool kPerLane, typename scalar_t, typename Sum, typename VecSum>
+void backward_run(const scalar_t* g, const scalar_t* f, const scalar_t* out, StepSize<kPerLane, at::opmath_type<scalar_t>> dt,
+                  scalar_t* dy, scalar_t* df, int64_t n, bool stream, Sum sum, VecSum vec_sum) {
   using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
-  int64_t c = 0;
-  for (; c + L::kStep <= C; c += L::kStep) {
-    Vec y0, y1, f0, f1;
-    L::load(y + c, y0, y1);
-    L::load(f + c, f0, f1);
-    auto o0 = residual_forward(y0, f0, Vec::loadu(dt + c));
-    auto o1 = residual_forward(y1, f1, Vec::loadu(dt + c + Vec::size()));
-    if (relu) { o0 = relu_forward(o0); o1 = relu_forward(o1); }
-    L::store(out + c, o0, o1);
-  }
-  for (; c < C; ++c) {
-    acc_t o = residual_forward(static_cast<acc_t>(y[c]), static_cast<acc_t>(f[c]), dt[c]);
-    out[c] = static_cast<scalar_t>(relu ? tsc::relu_forward(o) : o);
-  }
-}
-
-// Backward over a run of n elements sharing one dt: df = g' * dt, returns sum(g' * f) where
-// g' = grad masked by the fused ReLU (read from the forward output `out`, null when relu is off);
-// with the ReLU, dy = g' is written too (without it dy is grad itself and nothing is written).
-template <typename scalar_t, typename acc_t>
-acc_t backward_run_scalar_dt(const scalar_t* g, const scalar_t* f, const scalar_t* out, acc_t dt, scalar_t* dy, scalar_t* df, int64_t n) {
-  using L = Lanes<scalar_t>;
-  using Vec = typename L::Vec;
-  const Vec dtv(dt);
-  Vec s0(acc_t(0)), s1(acc_t(0));
+  auto scalar = [&](int64_t i) {
+    acc_t gi = static_cast<acc_t>(g[i]);
+    if (out) {
+      gi = tsc::relu_backward(gi, static_cast<acc_t>(out[i]));
+      dy[i] = static_cast<scalar_t>(gi);
+    }
+    df[i] = static_cast<scalar_t>(gi * dt.at(i));
+    sum(i, gi * static_cast<acc_t>(f[i]));
+  };
   int64_t i = 0;
+  for (const int64_t head = L::aligned_prefix(df, n, stream); i < head; ++i) scalar(i);
   for (; i + L::kStep <= n; i += L::kStep) {
     Vec g0, g1, f0, f1;
     L::load(g + i, g0, g1);
@@ -117,60 +177,13 @@ acc_t backward_run_scalar_dt(const scalar_t* g, const scalar_t* f, const scalar_
       L::load(out + i, o0, o1);
       g0 = relu_backward(g0, o0);
       g1 = relu_backward(g1, o1);
-      L::store(dy + i, g0, g1);
+      L::store(dy + i, g0, g1, stream);
     }
-    L::store(df + i, g0 * dtv, g1 * dtv);
-    s0 = at::vec::fmadd(g0, f0, s0);
-    s1 = at::vec::fmadd(g1, f1, s1);
+    L::store(df + i, g0 * dt.vec(i), g1 * dt.vec(i + Vec::size()), stream);
+    vec_sum(i, g0 * f0, g1 * f1);
   }
-  acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, s0 + s1);
-  for (; i < n; ++i) {
-    acc_t gi = static_cast<acc_t>(g[i]);
-    if (out) {
-      gi = tsc::relu_backward(gi, static_cast<acc_t>(out[i]));
-      dy[i] = static_cast<scalar_t>(gi);
-    }
-    df[i] = static_cast<scalar_t>(gi * dt);
-    sum += gi * static_cast<acc_t>(f[i]);
-  }
-  return sum;
+  for (; i < n; ++i) scalar(i);
 }
-
-// Backward over one channels-last row: df[c] = g'[c] * dt[c], partial[c] += g'[c] * f[c] (dy as above).
-template <typename scalar_t, typename acc_t>
-void backward_row(const scalar_t* g, const scalar_t* f, const scalar_t* out, const acc_t* dt, scalar_t* dy, scalar_t* df, acc_t* partial, int64_t C) {
-  using L = Lanes<scalar_t>;
-  using Vec = typename L::Vec;
-  int64_t c = 0;
-  for (; c + L::kStep <= C; c += L::kStep) {
-    Vec g0, g1, f0, f1;
-    L::load(g + c, g0, g1);
-    L::load(f + c, f0, f1);
-    if (out) {
-      Vec o0, o1;
-      L::load(out + c, o0, o1);
-      g0 = relu_backward(g0, o0);
-      g1 = relu_backward(g1, o1);
-      L::store(dy + c, g0, g1);
-    }
-    L::store(df + c, g0 * Vec::loadu(dt + c), g1 * Vec::loadu(dt + c + Vec::size()));
-    at::vec::fmadd(g0, f0, Vec::loadu(partial + c)).store(partial + c);
-    at::vec::fmadd(g1, f1, Vec::loadu(partial + c + Vec::size())).store(partial + c + Vec::size());
-  }
-  for (; c < C; ++c) {
-    acc_t gc = static_cast<acc_t>(g[c]);
-    if (out) {
-      gc = tsc::relu_backward(gc, static_cast<acc_t>(out[c]));
-      dy[c] = static_cast<scalar_t>(gc);
-    }
-    df[c] = static_cast<scalar_t>(gc * dt[c]);
-    partial[c] += gc * static_cast<acc_t>(f[c]);
-  }
-}
-
-// Elements per parallel task: large enough to amortise scheduling, small enough to split
-// (8,256,56,56) across cores.
-constexpr int64_t kGrain = 32768;
 
 at::Tensor residual_update_cpu(const at::Tensor& y_in, const at::Tensor& f_in, const at::Tensor& dt_in, bool relu) {
   check_residual_args(y_in, f_in, dt_in);
@@ -181,20 +194,23 @@ at::Tensor residual_update_cpu(const at::Tensor& y_in, const at::Tensor& f_in, c
   if (y.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "tsc_residual_update_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const bool stream = Lanes<scalar_t>::kCanStream && y.nbytes() >= kStreamBytes;
     const scalar_t* yp = y.const_data_ptr<scalar_t>();
     const scalar_t* fp = f.const_data_ptr<scalar_t>();
     const acc_t* dtp = dt.const_data_ptr<acc_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    if (v.inner == 1) {  // rows of C channels
-      const int64_t C = v.channels;
+    const int64_t C = v.channels, S = v.inner;
+    if (S == 1) {  // rows of C channels
       at::parallel_for(0, v.outer, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) forward_row(yp + r * C, fp + r * C, dtp, op + r * C, C, relu);
+        for (int64_t r = r0; r < r1; ++r)
+          forward_run<true>(yp + r * C, fp + r * C, StepSize<true, acc_t>{dtp}, op + r * C, C, relu, stream);
+        stream_fence(stream);
       });
-    } else {  // planes of `inner` elements sharing one dt
-      const int64_t S = v.inner, C = v.channels;
+    } else {  // planes of S elements sharing one dt
       at::parallel_for(0, v.outer * C, std::max<int64_t>(1, kGrain / S), [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p)
-          forward_run_scalar_dt(yp + p * S, fp + p * S, dtp[p % C], op + p * S, S, relu);
+          forward_run<false>(yp + p * S, fp + p * S, StepSize<false, acc_t>{dtp + p % C}, op + p * S, S, relu, stream);
+        stream_fence(stream);
       });
     }
   });
@@ -211,11 +227,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cpu(
   const at::Tensor out = relu ? to_layout(*relu_out, cl) : at::Tensor();
   at::Tensor df = at::empty_like(f);
   at::Tensor dy = relu ? at::empty_like(f) : at::empty({0}, f.options());
-  at::Tensor ddt = at::zeros_like(dt);
+  // Every channel's ddt is written below; only an empty input needs the zeros (no fill launch otherwise).
+  at::Tensor ddt = f.numel() == 0 ? at::zeros_like(dt) : at::empty_like(dt);
   const ChannelView v = channel_view(f, cl);
   if (f.numel() == 0) return {dy, df, ddt};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "tsc_residual_update_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using Vec = Vectorized<acc_t>;
+    const bool stream = Lanes<scalar_t>::kCanStream && f.nbytes() >= kStreamBytes;
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* fp = f.const_data_ptr<scalar_t>();
     const scalar_t* outp = relu ? out.const_data_ptr<scalar_t>() : nullptr;
@@ -223,8 +242,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cpu(
     scalar_t* dfp = df.mutable_data_ptr<scalar_t>();
     scalar_t* dyp = relu ? dy.mutable_data_ptr<scalar_t>() : nullptr;
     acc_t* ddtp = ddt.mutable_data_ptr<acc_t>();
-    const int64_t C = v.channels;
-    if (v.inner == 1) {
+    const int64_t C = v.channels, S = v.inner;
+    auto at_offset = [](auto* p, int64_t o) { return p ? p + o : nullptr; };
+    if (S == 1) {
       // Rows split into fixed chunks; each chunk sums into its own partial row, and the partial
       // rows are then added in chunk order: bitwise the same result for any thread count.
       const int64_t rows_per_chunk = std::max<int64_t>(1, kGrain / C);
@@ -232,28 +252,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cpu(
       std::vector<acc_t> partial(chunks * C, acc_t(0));
       at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
-          const int64_t r_end = std::min(v.outer, (k + 1) * rows_per_chunk);
-          for (int64_t r = k * rows_per_chunk; r < r_end; ++r) {
+          acc_t* part = partial.data() + k * C;
+          auto sum = [part](int64_t c, acc_t x) { part[c] += x; };
+          auto vec_sum = [part](int64_t c, const Vec& a, const Vec& b) {
+            (Vec::loadu(part + c) + a).store(part + c);
+            (Vec::loadu(part + c + Vec::size()) + b).store(part + c + Vec::size());
+          };
+          for (int64_t r = k * rows_per_chunk, r_end = std::min(v.outer, (k + 1) * rows_per_chunk); r < r_end; ++r) {
             const int64_t o = r * C;
-            backward_row(gp + o, fp + o, outp ? outp + o : nullptr, dtp, dyp ? dyp + o : nullptr, dfp + o, partial.data() + k * C, C);
+            backward_run<true>(gp + o, fp + o, at_offset(outp, o), StepSize<true, acc_t>{dtp}, at_offset(dyp, o), dfp + o, C,
+                               stream, sum, vec_sum);
           }
         }
+        stream_fence(stream);
       });
-      for (int64_t k = 0; k < chunks; ++k)
+      for (int64_t c = 0; c < C; ++c) ddtp[c] = partial[c];
+      for (int64_t k = 1; k < chunks; ++k)
         for (int64_t c = 0; c < C; ++c) ddtp[c] += partial[k * C + c];
     } else {
       // Each task owns whole channels: it visits the channel's plane in every sample, so ddt[c]
       // is summed by one thread in sample order.
-      const int64_t S = v.inner, N = v.outer;
+      const int64_t N = v.outer;
       at::parallel_for(0, C, std::max<int64_t>(1, kGrain / (S * std::max<int64_t>(N, 1))), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
-          acc_t sum = 0;
+          acc_t tail = 0;
+          Vec s0(acc_t(0)), s1(acc_t(0));
+          auto sum = [&tail](int64_t, acc_t x) { tail += x; };
+          auto vec_sum = [&s0, &s1](int64_t, const Vec& a, const Vec& b) {
+            s0 = s0 + a;
+            s1 = s1 + b;
+          };
           for (int64_t n = 0; n < N; ++n) {
             const int64_t o = (n * C + c) * S;
-            sum += backward_run_scalar_dt(gp + o, fp + o, outp ? outp + o : nullptr, dtp[c], dyp ? dyp + o : nullptr, dfp + o, S);
+            backward_run<false>(gp + o, fp + o, at_offset(outp, o), StepSize<false, acc_t>{dtp + c}, at_offset(dyp, o), dfp + o, S,
+                                stream, sum, vec_sum);
           }
-          ddtp[c] = sum;
+          ddtp[c] = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, s0 + s1) + tail;
         }
+        stream_fence(stream);
       });
     }
   });

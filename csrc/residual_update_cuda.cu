@@ -149,7 +149,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cuda(
   const at::Tensor out = relu ? to_layout(*relu_out, cl) : at::Tensor();
   at::Tensor df = at::empty_like(f);
   at::Tensor dy = relu ? at::empty_like(f) : at::empty({0}, f.options());
-  at::Tensor ddt = at::zeros_like(dt);
+  // Every channel's ddt is written below; only an empty input needs the zeros (no fill launch otherwise).
+  at::Tensor ddt = f.numel() == 0 ? at::zeros_like(dt) : at::empty_like(dt);
   const ChannelView v = channel_view(f, cl);
   if (f.numel() == 0) return {dy, df, ddt};
   const auto stream = at::cuda::getCurrentCUDAStream();

@@ -47,3 +47,99 @@ def residual_update_args(y: object, f: object, dt: object, relu: object) -> None
     if dt.dim() != 1 or dt.shape[0] != y.shape[1]:
         raise ValueError(f"dt must have shape (C,) = ({y.shape[1]},) matching y's channel dim 1, got {tuple(dt.shape)}")
     same_device({"y": y, "f": f, "dt": dt})
+
+
+# --- models, convert, fold, diagnostics (tsc_kernels.models / convert / fold / diagnostics) ---
+TSC_MODES = ("lstm", "2fc", "indp")
+
+
+def tsc_mode(mode: object, name: str = "mode", allow_none: bool = False) -> str | None:
+    if mode is None and allow_none:
+        return None
+    if not isinstance(mode, str) or mode not in TSC_MODES:
+        allowed = ", ".join(repr(m) for m in TSC_MODES) + (" or None" if allow_none else "")
+        raise ValueError(f"{name} must be one of {allowed}, got {mode!r}")
+    return mode
+
+
+def positive_int(x: object, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}")
+    if x < 1:
+        raise ValueError(f"{name} must be >= 1, got {x}")
+    return x
+
+
+def reduction(r: object) -> int | None:
+    """Controller reduction ratio: None (the block's default) or a positive int."""
+    return None if r is None else positive_int(r, "reduction")
+
+
+def cifar_depth(depth: object, bottleneck: object) -> bool:
+    """Checks a CIFAR ResNet depth; returns whether it uses bottleneck blocks (see models.cifar_resnet)."""
+    positive_int(depth, "depth")
+    if bottleneck is not None:
+        flag(bottleneck, "bottleneck")
+    basic_ok = depth >= 8 and (depth - 2) % 6 == 0
+    bottleneck_ok = depth >= 11 and (depth - 2) % 9 == 0
+    if bottleneck is None:
+        if not (basic_ok or bottleneck_ok):
+            raise ValueError(f"depth must be 6n+2 (basic blocks) or 9n+2 (bottlenecks) with n >= 1, got {depth}")
+        return bottleneck_ok and (not basic_ok or depth > 110)
+    if bottleneck and not bottleneck_ok:
+        raise ValueError(f"a bottleneck CIFAR ResNet needs depth 9n+2 with n >= 1, got {depth}")
+    if not bottleneck and not basic_ok:
+        raise ValueError(f"a basic-block CIFAR ResNet needs depth 6n+2 with n >= 1, got {depth}")
+    return bottleneck
+
+
+def module(model: object, name: str) -> "torch.nn.Module":
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{name} must be a torch.nn.Module, got {type(model).__name__}")
+    return model
+
+
+# --- weight_mean, lstm_controller (tsc_kernels.ops.weight_mean / lstm_controller) ---
+CONTROLLER_DTYPES = (torch.float32, torch.float64)
+LSTM_PARAM_NAMES = ("fc_in_weight", "fc_in_bias", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "fc_out_weight", "fc_out_bias")
+
+
+def conv_weights(weights: object, name: str = "weights") -> list:
+    """A non-empty list of conv weights (C_out, C_in, *k), 1-3 kernel dims, one floating dtype, one device."""
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError(f"{name} must be a list or tuple of conv weight tensors, got {type(weights).__name__}")
+    if len(weights) == 0:
+        raise ValueError(f"{name} must hold at least one conv weight, got an empty {type(weights).__name__}")
+    for i, w in enumerate(weights):
+        tensor(w, f"{name}[{i}]")
+        if not 3 <= w.dim() <= 5:
+            raise ValueError(f"{name}[{i}] must be a conv weight (C_out, C_in, *k) with 1 to 3 kernel dims, got shape {tuple(w.shape)}")
+        if w.dtype != weights[0].dtype:
+            raise TypeError(f"{name}[{i}] must have {name}[0]'s dtype {weights[0].dtype}, got {w.dtype}")
+    same_device({f"{name}[{i}]": w for i, w in enumerate(weights)})
+    return list(weights)
+
+
+def lstm_controller_args(wbar: object, params: tuple) -> None:
+    """wbar (L, D) with L >= 1 and the eight parameters of one stage with nn.Linear / nn.LSTMCell shapes."""
+    tensor(wbar, "wbar", CONTROLLER_DTYPES)
+    if wbar.dim() != 2 or wbar.shape[0] < 1:
+        raise ValueError(f"wbar must have shape (L, D) with L >= 1 blocks, got shape {tuple(wbar.shape)}")
+    named = dict(zip(LSTM_PARAM_NAMES, params))
+    for n, p in named.items():
+        tensor(p, n, CONTROLLER_DTYPES)
+        if p.dtype != wbar.dtype:
+            raise TypeError(f"{n} must have wbar's dtype {wbar.dtype}, got {p.dtype}")
+    for n in ("fc_in_weight", "fc_out_weight"):
+        if named[n].dim() != 2:
+            raise ValueError(f"{n} must be 2-D (out_features, in_features), got shape {tuple(named[n].shape)}")
+    h, d = named["fc_in_weight"].shape
+    c = named["fc_out_weight"].shape[0]
+    expected = {
+        "fc_in_weight": (h, wbar.shape[1]), "fc_in_bias": (h,), "weight_ih": (4 * h, h), "weight_hh": (4 * h, h),
+        "bias_ih": (4 * h,), "bias_hh": (4 * h,), "fc_out_weight": (c, h), "fc_out_bias": (c,),
+    }
+    for n, shape in expected.items():
+        if tuple(named[n].shape) != shape:
+            raise ValueError(f"{n} must have shape {shape} (D = {wbar.shape[1]} from wbar, H = {h} from fc_in_weight, C = {c} from fc_out_weight), got {tuple(named[n].shape)}")
+    same_device({"wbar": wbar, **named})

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import reference
+from .ops import lstm_controller as _controller
 
 MODES = ("lstm", "2fc", "indp")
 
@@ -49,7 +49,7 @@ class TSCController(nn.Module):
 
     def forward(self, wbar: torch.Tensor) -> torch.Tensor:
         if self.mode == "lstm":
-            return reference.lstm_controller(wbar, *self.lstm_params())
+            return _controller.lstm_controller(wbar, *self.lstm_params())
         if self.mode == "2fc":
             return torch.stack([torch.sigmoid(fo(torch.relu(fi(w)))) for w, fi, fo in zip(wbar, self.fc_in, self.fc_out)])
         return torch.sigmoid(self.theta)
@@ -59,7 +59,7 @@ class TSCController(nn.Module):
 
 
 class NetworkController(nn.Module):
-    """Every stage's controller; ``forward(weights)`` returns every block's Δt in one call.
+    """Every stage's controller; ``forward(weights)`` returns every block's Δt in one call (batched kernels).
 
     weights[s][d] is the list of conv weights block d of stage s declares (SPEC.md §1: basic block
     conv1, conv2; bottleneck conv1, conv3). Returns one (L_s, C_s) tensor per stage.
@@ -70,8 +70,6 @@ class NetworkController(nn.Module):
         self.stages = nn.ModuleList(stages)
 
     def forward(self, weights: Sequence[Sequence[Sequence[torch.Tensor]]]) -> list[torch.Tensor]:
-        out = []
-        for ctrl, blocks in zip(self.stages, weights):
-            wbar = torch.stack([reference.weight_mean(ws) for ws in blocks])
-            out.append(ctrl(wbar))
-        return out
+        # One weight_mean launch for every conv of every block, one controller launch for every
+        # lstm stage (tsc_kernels.ops.lstm_controller.network_dt).
+        return _controller.network_dt(weights, list(self.stages))

@@ -1,0 +1,113 @@
+"""Controller fwd+bwd including the weight means (issue 3): fused (NetworkController: one
+weight_mean + one batched controller launch) vs the eager loop (nn.Linear / nn.LSTMCell per block).
+
+usage: .venv/bin/pytest bench/bench_controller.py --benchmark-only [--benchmark-json out.json]
+       .venv/bin/python bench/bench_controller.py      (kernel counts and a quick timing table)
+
+Networks: ResNet-50 (bottlenecks, C = 256..2048, L = 3/4/6/3, r = 8, D = 1.25C), ResNet-18
+(basic blocks, C = 64..512, L = 2, r = 4, D = 18C) and CIFAR ResNet-56 (C = 16/32/64, L = 9).
+Conv weights have their real shapes (the weight means read and write all of them).
+Targets (SPEC.md §4, issue 3): ResNet-50 <= 20 kernels per step (eager: 977) and >= 5x faster than eager.
+Gradients are set to None after each step (optimizer.zero_grad() default), so every step allocates
+them as a training step does.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import tsc_kernels
+from tsc_kernels.nn import NetworkController, TSCController
+from tsc_kernels.profiling import count_kernels
+
+# (C_in of the network's first stage, [(C, L)], block kind)
+NETWORKS = {
+    "resnet50": (64, [(256, 3), (512, 4), (1024, 6), (2048, 3)], "bottleneck"),
+    "resnet18": (64, [(64, 2), (128, 2), (256, 2), (512, 2)], "basic"),
+    "cifar_resnet56": (16, [(16, 9), (32, 9), (64, 9)], "basic"),
+}
+
+
+def build(name: str):
+    """(NetworkController, weights[s][d] = the block's chosen conv weights as Parameters)."""
+    c_in, stages, kind = NETWORKS[name]
+    ctrls, weights = [], []
+    for C, L in stages:
+        blocks = []
+        for d in range(L):
+            cin = c_in if d == 0 else C
+            if kind == "bottleneck":  # conv1 (C/4, C_in, 1, 1) and conv3 (C, C/4, 1, 1)
+                shapes = [(C // 4, cin, 1, 1), (C, C // 4, 1, 1)]
+            else:  # conv1 (C, C_in, 3, 3) and conv2 (C, C, 3, 3)
+                shapes = [(C, cin, 3, 3), (C, C, 3, 3)]
+            blocks.append([nn.Parameter(torch.randn(s) * 0.05) for s in shapes])
+        D = sum(s[0] * s[2] * s[3] for s in shapes)
+        ctrls.append(TSCController(D, C, reduction=8 if kind == "bottleneck" else 4))
+        weights.append(blocks)
+        c_in = C
+    return NetworkController(ctrls), weights
+
+
+def eager_dt(network: NetworkController, weights) -> list[torch.Tensor]:
+    """The naive controller: weight means and nn.Linear / nn.LSTMCell calls block by block."""
+    out = []
+    for ctrl, blocks in zip(network.stages, weights):
+        state, dts = None, []
+        for ws in blocks:
+            wbar = torch.cat([w.mean(dim=1).reshape(-1) for w in ws])
+            state = ctrl.lstm(torch.relu(ctrl.fc_in(wbar[None])), state)
+            dts.append(torch.sigmoid(ctrl.fc_out(state[0])))
+        out.append(torch.cat(dts))
+    return out
+
+
+def make_step(name: str, impl: str):
+    network, weights = build(name)
+    leaves = [w for b in weights for ws in b for w in ws] + list(network.parameters())
+    forward = network if impl == "fused" else (lambda ws: eager_dt(network, ws))
+    cotangents = [torch.randn(len(b), ctrl.channels) for b, ctrl in zip(weights, network.stages)]
+
+    def step():
+        torch.autograd.backward(forward(weights), cotangents)
+        for p in leaves:
+            p.grad = None
+
+    step()  # warm-up: lazy initialisation, first allocations
+    return step
+
+
+@pytest.mark.parametrize("impl", ["fused", "eager"])
+@pytest.mark.parametrize("name", list(NETWORKS))
+def test_controller_fwd_bwd(benchmark, name, impl):
+    step = make_step(name, impl)
+    benchmark.group = f"controller fwd+bwd {name}"
+    benchmark.extra_info.update(impl=impl, kernels=count_kernels(step), threads=torch.get_num_threads())
+    benchmark(step)
+
+
+def median_ms(step, repeat: int = 30) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def main():
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend {tsc_kernels.get_backend()}")
+    print(f"{'network':16s} {'fused ms':>9s} {'eager ms':>9s} {'speed-up':>9s} {'fused kernels':>14s} {'eager kernels':>14s}")
+    for name in NETWORKS:
+        fused, eager = make_step(name, "fused"), make_step(name, "eager")
+        kf, ke = count_kernels(fused), count_kernels(eager)
+        # interleaved rounds, best median of three: the machine is shared and noisy
+        tf, te = min(median_ms(fused) for _ in range(3)), min(median_ms(eager) for _ in range(3))
+        print(f"{name:16s} {tf:9.2f} {te:9.2f} {te / tf:8.2f}x {kf:14d} {ke:14d}")
+
+
+if __name__ == "__main__":
+    main()

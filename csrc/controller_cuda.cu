@@ -1,0 +1,413 @@
+// CUDA kernels of the weight-mean projection and the batched TSC_LSTM controller (SPEC.md §1-2),
+// registered for the CUDA dispatch key. The per-element arithmetic is controller_math.h, the same
+// functions the CPU kernels run, so the CPU tests cover it.
+//
+// weight_mean: one launch for every weight of the network, one warp per output element (lanes
+// stride over C_in, shuffle reduction); backward: one grid-stride launch writing every dW.
+// Per-weight metadata (pointer, offsets, sizes, strides) travels in one small device array, so
+// the number of weights is unbounded.
+// lstm_controller: one thread block per stage (grid = number of stages), the stage's recurrence
+// inside the block with __syncthreads between steps; matrix-vector products use one warp per
+// output row (coalesced along the row). Backward: same grid, every gradient element owned by one
+// thread (no atomics: deterministic).
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/all.h>
+
+#include <cstring>
+#include <vector>
+
+#include "controller_layout.h"
+#include "controller_math.h"
+
+namespace tsc {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+
+template <typename T>
+__device__ T warp_sum(T v) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return __shfl_sync(0xffffffffu, v, 0);
+}
+
+// sum_i a[i] * b[i] by the calling warp (every lane gets the result).
+template <typename T>
+__device__ T warp_dot(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  T s = 0;
+  for (int64_t i = threadIdx.x % 32; i < n; i += 32) s += a[i] * b[i];
+  return warp_sum(s);
+}
+
+// Host -> device copy of a vector of trivially copyable metadata records (one small H2D copy).
+template <typename M>
+at::Tensor device_meta(const std::vector<M>& meta, const at::Device& device) {
+  at::Tensor host = at::empty({static_cast<int64_t>(meta.size() * sizeof(M))}, at::TensorOptions().dtype(at::kByte));
+  std::memcpy(host.mutable_data_ptr<uint8_t>(), meta.data(), meta.size() * sizeof(M));
+  return host.to(device);
+}
+
+// ---------------------------------------------------------------- weight mean
+
+struct WeightMeta {
+  int64_t ptr;                // weight (forward) or dW (backward) data pointer
+  int64_t mean_off;           // first w̄ index of this weight
+  int64_t elem_off;           // first element index of this weight among all weights' elements
+  int64_t C_out, C_in, K, so, si, sk;
+};
+
+// Index of the weight whose [start, next start) range holds i (the starts ascend).
+template <int64_t WeightMeta::*start>
+__device__ int64_t find_weight(const WeightMeta* meta, int64_t n, int64_t i) {
+  int64_t lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (meta[mid].*start <= i) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void weight_mean_kernel(const WeightMeta* __restrict__ meta, int64_t n_weights, acc_t* __restrict__ out, int64_t total) {
+  const int64_t warps = (int64_t)gridDim.x * kWarps;
+  for (int64_t e = blockIdx.x * (int64_t)kWarps + threadIdx.x / 32; e < total; e += warps) {
+    const WeightMeta& m = meta[find_weight<&WeightMeta::mean_off>(meta, n_weights, e)];
+    const int64_t r = e - m.mean_off, o = r / m.K, k = r % m.K;
+    const scalar_t* w = reinterpret_cast<const scalar_t*>(m.ptr) + o * m.so + k * m.sk;
+    acc_t s = 0;
+    for (int64_t i = threadIdx.x % 32; i < m.C_in; i += 32) s += static_cast<acc_t>(w[i * m.si]);
+    s = warp_sum(s);
+    if (threadIdx.x % 32 == 0) out[e] = mean_from_sum(s, m.C_in);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void weight_mean_backward_kernel(const WeightMeta* __restrict__ meta, int64_t n_weights, const acc_t* __restrict__ grad, int64_t elems) {
+  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < elems; e += (int64_t)gridDim.x * blockDim.x) {
+    const WeightMeta& m = meta[find_weight<&WeightMeta::elem_off>(meta, n_weights, e)];
+    const int64_t r = e - m.elem_off, k = r % m.K, i = (r / m.K) % m.C_in, o = r / (m.K * m.C_in);
+    reinterpret_cast<scalar_t*>(m.ptr)[o * m.so + i * m.si + k * m.sk] = static_cast<scalar_t>(mean_from_sum(grad[m.mean_off + o * m.K + k], m.C_in));
+  }
+}
+
+int grid_for(int64_t work, int per_block) {
+  const int64_t blocks = (work + per_block - 1) / per_block;
+  const int64_t cap = 32LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
+}
+
+at::Tensor weight_mean_cuda(at::TensorList weights_in) {
+  check_weights("tsc::weight_mean", weights_in);
+  const c10::cuda::CUDAGuard guard(weights_in[0].device());
+  int64_t total = 0;
+  const std::vector<int64_t> off = mean_offsets(weights_in, total);
+  const auto dtype = weights_in[0].scalar_type();
+  at::Tensor out = at::empty({total}, weights_in[0].options().dtype(accumulation_type(dtype)));
+  if (total == 0) return out;
+  std::vector<at::Tensor> keep;  // contiguous copies of weights whose kernel dims do not collapse
+  std::vector<WeightMeta> meta;
+  int64_t elems = 0;
+  for (size_t j = 0; j < weights_in.size(); ++j) {
+    WeightView v;
+    at::Tensor w = weights_in[j];
+    if (!weight_view(w, v)) {
+      keep.push_back(w.contiguous());
+      w = keep.back();
+      weight_view(w, v);
+    }
+    meta.push_back({reinterpret_cast<int64_t>(w.const_data_ptr()), off[j], elems, v.C_out, v.C_in, v.K, v.so, v.si, v.sk});
+    elems += w.numel();
+  }
+  const at::Tensor dmeta = device_meta(meta, out.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "tsc_weight_mean_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    weight_mean_kernel<scalar_t, acc_t><<<grid_for(total, kWarps), kThreads, 0, stream>>>(
+        reinterpret_cast<const WeightMeta*>(dmeta.const_data_ptr()), static_cast<int64_t>(meta.size()), out.mutable_data_ptr<acc_t>(), total);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::vector<at::Tensor> weight_mean_backward_cuda(const at::Tensor& grad_in, at::TensorList weights) {
+  check_weights("tsc::weight_mean_backward", weights);
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  int64_t total = 0;
+  const std::vector<int64_t> off = mean_offsets(weights, total);
+  const auto dtype = weights[0].scalar_type();
+  TORCH_CHECK(grad_in.dim() == 1 && grad_in.numel() == total, "tsc::weight_mean_backward: grad must be 1-D with ", total, " values, got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == accumulation_type(dtype), "tsc::weight_mean_backward: grad must be ", accumulation_type(dtype), ", got ", grad_in.scalar_type());
+  TORCH_CHECK(grad_in.device() == weights[0].device(), "tsc::weight_mean_backward: grad must be on the weights' device");
+  const at::Tensor grad = grad_in.contiguous();
+  std::vector<at::Tensor> dws;
+  std::vector<WeightMeta> meta;
+  int64_t elems = 0;
+  for (size_t j = 0; j < weights.size(); ++j) {
+    WeightView v;
+    dws.push_back(at::empty_like(weights[j]));  // keeps the weight's memory format
+    if (!weight_view(dws[j], v)) {
+      dws[j] = at::empty(weights[j].sizes(), weights[j].options());
+      weight_view(dws[j], v);
+    }
+    meta.push_back({reinterpret_cast<int64_t>(dws[j].data_ptr()), off[j], elems, v.C_out, v.C_in, v.K, v.so, v.si, v.sk});
+    elems += dws[j].numel();
+  }
+  if (elems == 0) return dws;
+  const at::Tensor dmeta = device_meta(meta, grad.device());
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "tsc_weight_mean_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    weight_mean_backward_kernel<scalar_t, acc_t><<<grid_for(elems, kThreads), kThreads, 0, stream>>>(
+        reinterpret_cast<const WeightMeta*>(dmeta.const_data_ptr()), static_cast<int64_t>(meta.size()), grad.const_data_ptr<acc_t>(), elems);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return dws;
+}
+
+// ---------------------------------------------------------------- LSTM controller
+
+// One stage's pointers and sizes. Offsets (wbar, dt, saved, workspace) index the packed buffers.
+template <typename T>
+struct StageMeta {
+  const T* p[kParamsPerStage];  // fc_in.weight, fc_in.bias, weight_ih, weight_hh, bias_ih, bias_hh, fc_out.weight, fc_out.bias
+  T* g[kParamsPerStage];        // their gradients (backward only)
+  int64_t L, D, H, C, wbar_off, dt_off, saved_off, ws_off;
+};
+
+// Backward workspace per stage: gz (L, C), dh (L, H), dpre (L, 4H), dx (L, H), dnext (H), dc (H).
+int64_t workspace_numel(const StageDims& s) {
+  return s.L * s.C + 6 * s.L * s.H + 2 * s.H;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lstm_controller_kernel(const StageMeta<T>* __restrict__ meta, const T* __restrict__ wbar_all,
+                                                                    T* __restrict__ dt_all, T* __restrict__ saved_all) {
+  const StageMeta<T>& m = meta[blockIdx.x];
+  const int64_t L = m.L, D = m.D, H = m.H, C = m.C;
+  const T *win = m.p[kFcInW], *bin = m.p[kFcInB], *wih = m.p[kWih], *whh = m.p[kWhh];
+  const T *bih = m.p[kBih], *bhh = m.p[kBhh], *wout = m.p[kFcOutW], *bout = m.p[kFcOutB];
+  const T* wbar = wbar_all + m.wbar_off;
+  T* dt = dt_all + m.dt_off;
+  T* x = saved_all + m.saved_off;
+  T* gates = x + L * H;
+  T* c = gates + 4 * L * H;
+  T* h = c + L * H;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  // x = relu(fc_in(w̄)) for every block at once.
+  for (int64_t r = warp; r < L * H; r += kWarps) {
+    const int64_t d = r / H, j = r % H;
+    const T s = warp_dot(win + j * D, wbar + d * D, D);
+    if (lane == 0) x[r] = relu_forward(s + bin[j]);
+  }
+  __syncthreads();
+  for (int64_t d = 0; d < L; ++d) {
+    T* gd = gates + d * 4 * H;
+    for (int64_t k = warp; k < 4 * H; k += kWarps) {
+      T s = warp_dot(wih + k * H, x + d * H, H);
+      if (d > 0) s += warp_dot(whh + k * H, h + (d - 1) * H, H);
+      if (lane == 0) gd[k] = s + bih[k] + bhh[k];
+    }
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
+      const T c_prev = d > 0 ? c[(d - 1) * H + j] : T(0);
+      lstm_cell_forward(gd[j], gd[H + j], gd[2 * H + j], gd[3 * H + j], c_prev, c[d * H + j], h[d * H + j]);
+    }
+    __syncthreads();
+  }
+  for (int64_t r = warp; r < L * C; r += kWarps) {
+    const int64_t d = r / C, o = r % C;
+    const T s = warp_dot(wout + o * H, h + d * H, H);
+    if (lane == 0) dt[r] = sigmoid(s + bout[o]);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lstm_controller_backward_kernel(
+    const StageMeta<T>* __restrict__ meta, const T* __restrict__ grad_all, const T* __restrict__ dt_all,
+    const T* __restrict__ wbar_all, const T* __restrict__ saved_all, T* __restrict__ dwbar_all, T* __restrict__ ws_all) {
+  const StageMeta<T>& m = meta[blockIdx.x];
+  const int64_t L = m.L, D = m.D, H = m.H, C = m.C;
+  const T *win = m.p[kFcInW], *wih = m.p[kWih], *whh = m.p[kWhh], *wout = m.p[kFcOutW];
+  const T* wbar = wbar_all + m.wbar_off;
+  const T* gdt = grad_all + m.dt_off;
+  const T* dt = dt_all + m.dt_off;
+  const T* x = saved_all + m.saved_off;
+  const T* gates = x + L * H;
+  const T* c = gates + 4 * L * H;
+  const T* h = c + L * H;
+  T* dwbar = dwbar_all + m.wbar_off;
+  T* gz = ws_all + m.ws_off;
+  T* dh = gz + L * C;
+  T* dpre = dh + L * H;
+  T* dx = dpre + 4 * L * H;
+  T* dnext = dx + L * H;
+  T* dc = dnext + H;
+  const int64_t tid = threadIdx.x, nt = blockDim.x;
+  for (int64_t e = tid; e < L * C; e += nt) gz[e] = sigmoid_backward(gdt[e], dt[e]);
+  for (int64_t j = tid; j < H; j += nt) dnext[j] = dc[j] = T(0);
+  __syncthreads();
+  // fc_out: dWout = gz^T h, dbout = sum_d gz, dh = gz Wout (thread per output element, rows of Wout read coalesced).
+  for (int64_t e = tid; e < C * H; e += nt) {
+    const int64_t o = e / H, j = e % H;
+    T s = 0;
+    for (int64_t d = 0; d < L; ++d) s += gz[d * C + o] * h[d * H + j];
+    m.g[kFcOutW][e] = s;
+  }
+  for (int64_t o = tid; o < C; o += nt) {
+    T s = 0;
+    for (int64_t d = 0; d < L; ++d) s += gz[d * C + o];
+    m.g[kFcOutB][o] = s;
+  }
+  for (int64_t e = tid; e < L * H; e += nt) {
+    const int64_t d = e / H, j = e % H;
+    T s = 0;
+    for (int64_t o = 0; o < C; ++o) s += gz[d * C + o] * wout[o * H + j];
+    dh[e] = s;
+  }
+  __syncthreads();
+  // BPTT: dnext carries dL/dh_{d-1} through W_hh, dc carries dL/dc_{d-1}.
+  for (int64_t d = L - 1; d >= 0; --d) {
+    const T* gd = gates + d * 4 * H;
+    T* dp = dpre + d * 4 * H;
+    for (int64_t j = tid; j < H; j += nt) {
+      const T c_prev = d > 0 ? c[(d - 1) * H + j] : T(0);
+      dc[j] = lstm_cell_backward(dh[d * H + j] + dnext[j], dc[j], gd[j], gd[H + j], gd[2 * H + j], gd[3 * H + j],
+                                 c[d * H + j], c_prev, dp[j], dp[H + j], dp[2 * H + j], dp[3 * H + j]);
+    }
+    __syncthreads();
+    for (int64_t j = tid; j < H; j += nt) {
+      T sh = 0, sx = 0;
+      for (int64_t k = 0; k < 4 * H; ++k) {
+        sh += dp[k] * whh[k * H + j];
+        sx += dp[k] * wih[k * H + j];
+      }
+      dnext[j] = sh;
+      dx[d * H + j] = relu_backward(sx, x[d * H + j]);
+    }
+    __syncthreads();
+  }
+  // LSTM weights: dWih = dpre^T x, dWhh = dpre[1:]^T h[:-1], both biases = sum_d dpre.
+  for (int64_t e = tid; e < 4 * H * H; e += nt) {
+    const int64_t k = e / H, j = e % H;
+    T si = 0, sh = 0;
+    for (int64_t d = 0; d < L; ++d) {
+      si += dpre[d * 4 * H + k] * x[d * H + j];
+      if (d > 0) sh += dpre[d * 4 * H + k] * h[(d - 1) * H + j];
+    }
+    m.g[kWih][e] = si;
+    m.g[kWhh][e] = sh;
+  }
+  for (int64_t k = tid; k < 4 * H; k += nt) {
+    T s = 0;
+    for (int64_t d = 0; d < L; ++d) s += dpre[d * 4 * H + k];
+    m.g[kBih][k] = s;
+    m.g[kBhh][k] = s;
+  }
+  // fc_in: dWin = dx^T w̄, dbin = sum_d dx, dw̄ = dx Win.
+  for (int64_t e = tid; e < H * D; e += nt) {
+    const int64_t j = e / D, i = e % D;
+    T s = 0;
+    for (int64_t d = 0; d < L; ++d) s += dx[d * H + j] * wbar[d * D + i];
+    m.g[kFcInW][e] = s;
+  }
+  for (int64_t j = tid; j < H; j += nt) {
+    T s = 0;
+    for (int64_t d = 0; d < L; ++d) s += dx[d * H + j];
+    m.g[kFcInB][j] = s;
+  }
+  for (int64_t e = tid; e < L * D; e += nt) {
+    const int64_t d = e / D, i = e % D;
+    T s = 0;
+    for (int64_t j = 0; j < H; ++j) s += dx[d * H + j] * win[j * D + i];
+    dwbar[e] = s;
+  }
+}
+
+std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+template <typename T>
+std::vector<StageMeta<T>> stage_meta(const ControllerDims& dims, const std::vector<at::Tensor>& params, std::vector<at::Tensor>* grads, int64_t& ws_total) {
+  std::vector<StageMeta<T>> meta;
+  ws_total = 0;
+  for (size_t s = 0; s < dims.stages.size(); ++s) {
+    const StageDims& st = dims.stages[s];
+    StageMeta<T> m{};
+    for (int64_t k = 0; k < kParamsPerStage; ++k) {
+      m.p[k] = params[kParamsPerStage * s + k].const_data_ptr<T>();
+      m.g[k] = grads ? (*grads)[kParamsPerStage * s + k].mutable_data_ptr<T>() : nullptr;
+    }
+    m.L = st.L; m.D = st.D; m.H = st.H; m.C = st.C;
+    m.wbar_off = st.wbar_off; m.dt_off = st.dt_off; m.saved_off = st.saved_off; m.ws_off = ws_total;
+    ws_total += workspace_numel(st);
+    meta.push_back(m);
+  }
+  return meta;
+}
+
+std::tuple<at::Tensor, at::Tensor> lstm_controller_cuda(const at::Tensor& wbar_in, at::IntArrayRef blocks, at::TensorList params_in) {
+  const ControllerDims dims = controller_dims("tsc::lstm_controller", wbar_in, blocks, params_in);
+  const c10::cuda::CUDAGuard guard(wbar_in.device());
+  const at::Tensor wbar = wbar_in.contiguous();
+  const std::vector<at::Tensor> params = contiguous_all(params_in);
+  at::Tensor dt = at::empty({dims.dt_numel}, wbar.options());
+  at::Tensor saved = at::empty({dims.saved_numel}, wbar.options());
+  if (dims.stages.empty()) return {dt, saved};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(wbar.scalar_type(), "tsc_lstm_controller_cuda", [&] {
+    int64_t ws_total = 0;
+    const at::Tensor dmeta = device_meta(stage_meta<scalar_t>(dims, params, nullptr, ws_total), wbar.device());
+    lstm_controller_kernel<scalar_t><<<static_cast<int>(dims.stages.size()), kThreads, 0, stream>>>(
+        reinterpret_cast<const StageMeta<scalar_t>*>(dmeta.const_data_ptr()), wbar.const_data_ptr<scalar_t>(),
+        dt.mutable_data_ptr<scalar_t>(), saved.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dt, saved};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> lstm_controller_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& dt_in, const at::Tensor& wbar_in, at::IntArrayRef blocks,
+    at::TensorList params_in, const at::Tensor& saved_in) {
+  const char* op = "tsc::lstm_controller_backward";
+  const ControllerDims dims = controller_dims(op, wbar_in, blocks, params_in);
+  TORCH_CHECK(grad_in.numel() == dims.dt_numel && dt_in.numel() == dims.dt_numel, op, ": grad and dt must hold ", dims.dt_numel, " values");
+  TORCH_CHECK(saved_in.numel() == dims.saved_numel, op, ": saved must hold ", dims.saved_numel, " values, got ", saved_in.numel());
+  TORCH_CHECK(grad_in.scalar_type() == wbar_in.scalar_type() && dt_in.scalar_type() == wbar_in.scalar_type() && saved_in.scalar_type() == wbar_in.scalar_type(),
+              op, ": grad, dt and saved must have wbar_packed's dtype");
+  const c10::cuda::CUDAGuard guard(wbar_in.device());
+  const at::Tensor wbar = wbar_in.contiguous(), grad = grad_in.contiguous(), dt = dt_in.contiguous(), saved = saved_in.contiguous();
+  const std::vector<at::Tensor> params = contiguous_all(params_in);
+  at::Tensor dwbar = at::empty({dims.wbar_numel}, wbar.options());
+  std::vector<at::Tensor> grads;
+  for (const auto& p : params) grads.push_back(at::empty_like(p));
+  if (dims.stages.empty()) return {dwbar, grads};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(wbar.scalar_type(), "tsc_lstm_controller_backward_cuda", [&] {
+    int64_t ws_total = 0;
+    const at::Tensor dmeta = device_meta(stage_meta<scalar_t>(dims, params, &grads, ws_total), wbar.device());
+    at::Tensor ws = at::empty({ws_total}, wbar.options());
+    lstm_controller_backward_kernel<scalar_t><<<static_cast<int>(dims.stages.size()), kThreads, 0, stream>>>(
+        reinterpret_cast<const StageMeta<scalar_t>*>(dmeta.const_data_ptr()), grad.const_data_ptr<scalar_t>(),
+        dt.const_data_ptr<scalar_t>(), wbar.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(),
+        dwbar.mutable_data_ptr<scalar_t>(), ws.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dwbar, grads};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tsc, CUDA, m) {
+  m.impl("weight_mean", &weight_mean_cuda);
+  m.impl("weight_mean_backward", &weight_mean_backward_cuda);
+  m.impl("lstm_controller", &lstm_controller_cuda);
+  m.impl("lstm_controller_backward", &lstm_controller_backward_cuda);
+}
+
+}  // namespace tsc

@@ -1,0 +1,48 @@
+"""tsc-bench, the main job: end to end in --quick mode, and its compute figures (paper convention)."""
+import json
+
+import pytest
+import torch
+
+from tsc_kernels import bench, models
+
+FIELDS = {"variant", "backend", "params_train", "params_infer", "gmac_train", "gmac_infer", "step_ms", "step_iqr_ms",
+          "kernels", "peak_mb", "infer_ms", "overhead_time_pct", "overhead_kernels_pct", "step_times_ms"}
+
+
+def test_cli_quick_end_to_end(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert bench.main(["--model", "cifar_resnet20", "--batch", "4", "--quick", "--steps", "2", "--json", str(path)]) == 0
+    table = capsys.readouterr().out
+    for variant in ("plain", "tsc-eager", "tsc-fused"):
+        assert variant in table
+    data = json.loads(path.read_text())
+    assert {"torch", "platform", "backends", "triton"} <= set(data["machine"])
+    rows = {r["variant"]: r for r in data["rows"]}
+    assert set(rows) == {"plain", "tsc-eager", "tsc-fused"}
+    for r in rows.values():
+        assert set(r) == FIELDS
+        assert r["step_ms"] > 0 and r["kernels"] > 0 and r["peak_mb"] > 0 and r["infer_ms"] > 0
+        assert len(r["step_times_ms"]) == 2
+    plain, eager, fused = rows["plain"], rows["tsc-eager"], rows["tsc-fused"]
+    assert plain["overhead_time_pct"] is None
+    # the controllers are trained, then folded away: inference is the plain network
+    assert eager["params_train"] == fused["params_train"] > plain["params_train"]
+    assert eager["params_infer"] == fused["params_infer"] == plain["params_infer"]
+    assert fused["gmac_infer"] == pytest.approx(plain["gmac_infer"])
+    assert eager["backend"] == "torch"
+    # fusing removes kernels: the fused TSC step launches fewer than the eager one
+    assert fused["kernels"] < eager["kernels"]
+
+
+@pytest.mark.parametrize("name, gmac", [("resnet18", 1.81), ("resnet50", 4.09)])
+def test_gmacs_follow_the_paper_convention(name, gmac):
+    model = getattr(models, name)(tsc=None).eval()
+    assert bench.gmacs(model, torch.randn(1, 3, 224, 224)) == pytest.approx(gmac, rel=0.01)
+
+
+def test_bad_arguments_are_reported():
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--batch", "0"])
+    with pytest.raises(ValueError, match="--model must be"):
+        bench.build_model("vgg16", None, None)

@@ -1,0 +1,155 @@
+"""Ahead-of-time compile of every Triton kernel of tsc_kernels for sm_80 and sm_90 (SPEC.md §4:
+static GPU evidence on machines without a GPU).
+
+    python -m tsc_kernels._triton.aot [--targets 80,90] [--only NAME] [--json FILE]
+
+prints one row per (kernel config, target): registers per thread, spilled bytes, static shared
+memory. Run it WITHOUT TRITON_INTERPRET: the interpreter accepts code the compiler rejects, and the
+launchers pick their GPU tile sizes only when not interpreting (the configs below use them).
+
+KERNELS is collected from the op modules: each exposes `AOT_CONFIGS`, a list of
+    dict(kernel=<@triton.jit fn>, name=str, signature={arg: "*fp32" | "i32" | ... | "constexpr"},
+         constexprs={arg: value}, num_warps=int (optional, default 4), num_stages=int (optional, default 3))
+so a new op module only needs its name in MODULES. The exit status is 1 when a compile fails,
+spills, or a @triton.jit function named *_kernel has no config (uncovered_kernels).
+
+Registers and spills come from ptxas itself: CompiledKernel.n_regs / n_spills are only filled in
+when the binary is loaded on a GPU, so the PTX Triton produced is assembled once more with
+`ptxas -v` (same arch) and its report is parsed.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import subprocess
+import tempfile
+
+MODULES = ("residual_update", "weight_mean", "controller")
+
+
+def _collect() -> list[dict]:
+    kernels = []
+    for name in MODULES:
+        try:
+            mod = importlib.import_module(f"tsc_kernels._triton.{name}")  # the installed name (pyproject.toml)
+        except ModuleNotFoundError as exc:
+            if exc.name and exc.name.endswith(f".{name}"):
+                continue  # that op has no Triton module (yet); anything else failing inside is a real error
+            raise
+        for cfg in getattr(mod, "AOT_CONFIGS", []):
+            kernels.append(dict(module=name, **cfg))
+    return kernels
+
+
+def uncovered_kernels() -> list[str]:
+    """`module.name` of every @triton.jit function named *_kernel in MODULES that no KERNELS config
+    compiles: a kernel added without an AOT config would otherwise go unchecked."""
+    import triton
+
+    covered = {id(k["kernel"]) for k in KERNELS}
+    missing = []
+    for name in MODULES:
+        try:
+            mod = importlib.import_module(f"tsc_kernels._triton.{name}")
+        except ModuleNotFoundError:
+            continue
+        for attr, obj in vars(mod).items():
+            if attr.endswith("_kernel") and isinstance(obj, triton.runtime.JITFunction) and id(obj) not in covered:
+                missing.append(f"{name}.{attr}")
+    return missing
+
+
+def _guard_interpreter() -> None:
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("tsc_kernels._triton.aot must run without TRITON_INTERPRET=1 (unset it before importing triton)")
+
+
+def _ptxas_report(ptx: str, capability: int) -> dict:
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        cmd = [get_ptxas(capability).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(capability)}",
+               src, "-o", os.path.join(tmp, "k.cubin")]
+        log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if regs is None or spill is None:
+        raise RuntimeError(f"could not parse the ptxas report:\n{log}")
+    return dict(registers=int(regs.group(1)), spills=int(spill.group(1)) + int(spill.group(2)), ptxas_log=log)
+
+
+def compile_one(cfg: dict, capability: int) -> dict:
+    """Compile one config for one compute capability; raises on a compile error."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=cfg["kernel"], signature=cfg["signature"], constexprs=cfg.get("constexprs", {}))
+    compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                              options={"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 3)})
+    rep = _ptxas_report(compiled.asm["ptx"], capability)
+    return dict(registers=rep["registers"], spills=rep["spills"], shared=int(compiled.metadata.shared))
+
+
+# Every kernel config of the project (module, kernel, name, signature, constexprs, num_warps).
+KERNELS: list[dict] = _collect()
+
+
+def compile_all(targets=((80, "sm_80"), (90, "sm_90")), kernels: list[dict] | None = None) -> list[dict]:
+    """Every config of `kernels` (default KERNELS) for every target: dict(kernel, config, target,
+    registers, spills, shared, num_warps, error); error is None, or the message (and the figures
+    None) where the compile failed."""
+    _guard_interpreter()
+    results = []
+    for cfg in KERNELS if kernels is None else kernels:
+        for capability, label in targets:
+            row = dict(kernel=cfg["kernel"].__name__, config=cfg["name"], target=label, num_warps=cfg.get("num_warps", 4))
+            try:
+                row.update(compile_one(cfg, capability), error=None)
+            except Exception as exc:  # reported per row: one failing kernel must not hide the others
+                row.update(registers=None, spills=None, shared=None, error=f"{type(exc).__name__}: {exc}")
+            results.append(row)
+    return results
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'config':<44} {'target':<6} {'warps':>5} {'regs':>5} {'spill B':>7} {'smem B':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["error"]:
+            lines.append(f"{r['config']:<44} {r['target']:<6} FAILED: {r['error'].splitlines()[0]}")
+        else:
+            lines.append(f"{r['config']:<44} {r['target']:<6} {r['num_warps']:>5} {r['registers']:>5} {r['spills']:>7} {r['shared']:>7}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="80,90", help="compute capabilities, comma-separated")
+    parser.add_argument("--only", default="", help="compile only configs whose name contains this")
+    parser.add_argument("--json", default="", help="also write the rows and uncovered kernels to this file")
+    args = parser.parse_args(argv)
+    _guard_interpreter()
+    kernels = [k for k in KERNELS if args.only in k["name"]]
+    rows = compile_all(tuple((int(c), f"sm_{c}") for c in args.targets.split(",")), kernels)
+    missing = uncovered_kernels()
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(rows=rows, uncovered=missing), f, indent=1)
+    bad = [r for r in rows if r["error"] or r["spills"]]
+    if bad:
+        print(f"\n{len(bad)} of {len(rows)} compiles failed or spill: " + ", ".join(f"{r['config']}@{r['target']}" for r in bad))
+    if missing:
+        print(f"\nkernels without an AOT config: {', '.join(missing)}")
+    return 1 if bad or missing else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

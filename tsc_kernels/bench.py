@@ -1,0 +1,253 @@
+"""tsc-bench: TSC's overhead against the plain network (the main job of this project).
+
+    tsc-bench [--model cifar_resnet56] [--batch 32] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
+              [--channels-last] [--steps N] [--quick] [--json PATH]
+    python -m tsc_kernels.bench ...
+
+Builds three variants of one network and measures each the same way:
+  plain        the network without TSC (tsc=None)
+  tsc-eager    the TSC network on the torch backend (the pure-PyTorch reference: what a naive
+               implementation costs)
+  tsc-fused    the TSC network on the fastest backend available for the device (cpu / cuda / triton)
+Columns (one row per variant):
+  params train/infer   parameters while training / after tsc_kernels.fold (inference)
+  GMAC train/infer     multiply-adds of one forward pass at batch 1 (torch.utils.flop_counter counts
+                       2 FLOPs per multiply-add; the paper's "GFLOPs" are multiply-adds), while
+                       training (controllers included) / folded
+  step ms, ±           median and inter-quartile range of a training step (forward, cross-entropy,
+                       backward, SGD step) over --steps steps after warm-up
+  kernels              leaf compute ops of one training step under torch.profiler (SPEC.md §4;
+                       a GPU-launch proxy)
+  peak MB              peak tensor memory of one training step (CUDA: allocator peak; CPU:
+                       profiler memory events)
+  infer ms             median eval-mode forward of the folded model (no_grad)
+  overhead             step time and kernels against the plain row
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from . import backend as backend_mod
+from . import models
+from .fold import fold
+from .profiling import count_kernels
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+VARIANTS = (("plain", None), ("tsc-eager", "torch"), ("tsc-fused", "auto"))
+
+
+@dataclass
+class Row:
+    variant: str
+    backend: str
+    params_train: int
+    params_infer: int
+    gmac_train: float
+    gmac_infer: float
+    step_ms: float
+    step_iqr_ms: float
+    kernels: int
+    peak_mb: float
+    infer_ms: float
+    overhead_time_pct: float | None = None
+    overhead_kernels_pct: float | None = None
+    step_times_ms: list = field(default_factory=list)
+
+
+def build_model(name: str, tsc: str | None, num_classes: int | None) -> tuple[nn.Module, int]:
+    """(model, input image size) for a model name: cifar_resnetN, cifar_preact_resnetN or any
+    tsc_kernels.models builder (resnet50, resnext50_32x4d, se_resnet50, ...)."""
+    m = re.fullmatch(r"cifar_(preact_)?resnet(\d+)", name)
+    if m:
+        return models.cifar_resnet(int(m.group(2)), num_classes=num_classes or 10, preact=bool(m.group(1)), tsc=tsc), 32
+    builder = getattr(models, name, None)
+    if builder is None or name.startswith("_") or not callable(builder) or name in ("cifar_resnet",):
+        raise ValueError(f"--model must be cifar_resnetN, cifar_preact_resnetN or a tsc_kernels.models builder "
+                         f"(resnet18, resnet50, resnext50_32x4d, ...), got {name!r}")
+    kwargs = {"num_classes": num_classes} if num_classes else {}
+    return builder(tsc=tsc, **kwargs), 224
+
+
+def gmacs(model: nn.Module, x: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_mb(fn, device: torch.device) -> float:
+    """Peak bytes of tensors alive during one call of fn, beyond what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # Each event's own allocations minus frees ("[memory]" events: frees outside any op), in
+    # start order: the running sum is the live tensor memory; an op's net change counts at its start.
+    live = peak = 0
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += e.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def median_iqr(times: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return statistics.median(times), q[2] - q[0]
+
+
+def measure(args, variant: str, tsc: str | None, backend_name: str, progress) -> Row:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    torch.manual_seed(0)
+    model, size = build_model(args.model, None if tsc is None else "lstm", args.num_classes)
+    size = args.image_size or size
+    model = model.to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    x = torch.randn(args.batch, 3, size, size, device=device).to(memory_format=memory_format)
+    target = torch.randint(0, model.fc.out_features, (args.batch,), device=device)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with autocast:
+            loss = nn.functional.cross_entropy(model(x), target)
+        loss.backward()
+        opt.step()
+
+    with backend_mod.use_backend(backend_name):
+        resolved = backend_mod.resolve(device) if tsc is not None else "-"
+        params_train = sum(p.numel() for p in model.parameters())
+        model.eval()
+        gmac_train = gmacs(model, x[:1])
+        model.train()
+        for _ in range(args.warmup):
+            step()
+        times = []
+        for _ in range(args.steps):
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times.append((time.perf_counter() - t0) * 1e3)
+            progress.update(1)
+        kernels = count_kernels(step)
+        peak = peak_memory_mb(step, device)
+        folded = fold(model).eval() if tsc is not None else model.eval()
+        params_infer = sum(p.numel() for p in folded.parameters())
+        gmac_infer = gmacs(folded, x[:1])
+        infer = []
+        with torch.no_grad(), autocast:
+            for i in range(args.warmup + args.steps):
+                _sync(device)
+                t0 = time.perf_counter()
+                folded(x)
+                _sync(device)
+                if i >= args.warmup:
+                    infer.append((time.perf_counter() - t0) * 1e3)
+    step_ms, iqr = median_iqr(times)
+    return Row(variant, resolved, params_train, params_infer, gmac_train, gmac_infer, step_ms, iqr, kernels,
+               peak, statistics.median(infer), step_times_ms=times)
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'variant':10s} {'backend':7s} {'params train':>12s} {'params infer':>12s} {'GMAC train':>10s} "
+            f"{'GMAC infer':>10s} {'step ms':>9s} {'±':>6s} {'kernels':>8s} {'peak MB':>8s} {'infer ms':>9s} {'overhead':>18s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        over = "" if r.overhead_time_pct is None else f"{r.overhead_time_pct:+.1f}% t {r.overhead_kernels_pct:+.0f}% k"
+        lines.append(f"{r.variant:10s} {r.backend:7s} {r.params_train:12,d} {r.params_infer:12,d} {r.gmac_train:10.3f} "
+                     f"{r.gmac_infer:10.3f} {r.step_ms:9.1f} {r.step_iqr_ms:6.1f} {r.kernels:8d} {r.peak_mb:8.1f} "
+                     f"{r.infer_ms:9.1f} {over:>18s}")
+    return "\n".join(lines)
+
+
+def machine_info(device: str) -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "processor": platform.processor(),
+            "cpu_count": torch.get_num_threads(), "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "backends": backend_mod.available_backends()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="tsc-bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--model", default="cifar_resnet56")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="autocast dtype (fp32: none)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--image-size", type=int, default=None, help="default 32 for CIFAR models, 224 otherwise")
+    p.add_argument("--num-classes", type=int, default=None)
+    p.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="few steps (a run under a minute on a 2-core CPU)")
+    p.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup = min(args.steps, 4), min(args.warmup, 1)
+    for name in ("batch", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda asked for, but no CUDA device is available")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    rows = []
+    with tqdm(total=args.steps * len(VARIANTS), desc=f"tsc-bench {args.model}", unit="step", file=sys.stderr) as progress:
+        for variant, backend_name in VARIANTS:
+            progress.set_postfix_str(variant)
+            rows.append(measure(args, variant, None if backend_name is None else "lstm", backend_name or "auto", progress))
+    plain = rows[0]
+    for r in rows[1:]:
+        r.overhead_time_pct = 100 * (r.step_ms / plain.step_ms - 1)
+        r.overhead_kernels_pct = 100 * (r.kernels / plain.kernels - 1)
+    print(f"tsc-bench: {args.model}, batch {args.batch}, {args.device}, {args.dtype}"
+          f"{', channels_last' if args.channels_last else ''}; {args.steps} timed steps per variant")
+    print(format_table(rows))
+    if args.json_path:
+        payload = {"config": {k: v for k, v in vars(args).items()}, "machine": machine_info(args.device),
+                   "rows": [asdict(r) for r in rows]}
+        with open(args.json_path, "w") as fh:
+            json.dump(payload, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""``convert(model)``: turn a plain residual network into its TSC version in place, keeping every weight.
+
+Supported: ``torchvision.models.ResNet`` instances (ResNet-18…152, ResNeXt, Wide ResNet, pretrained
+or not, any ``num_classes`` / ``norm_layer`` / ``replace_stride_with_dilation``) whose stages hold
+torchvision ``BasicBlock`` / ``Bottleneck`` blocks, and the plain networks of ``tsc_kernels.models``
+(SE-ResNets, CIFAR ResNets). Conversion swaps the classes of the network and its blocks for their
+TSC subclasses (no submodule is created, copied or re-initialised) and adds one controller under
+``tsc_controller``. Everything is checked before anything changes, so a failed conversion leaves the
+model untouched.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from . import _checks
+from .models import PLAIN_TO_TSC_BLOCK, PLAIN_TO_TSC_NETWORK, build_controller, is_tsc_network
+
+
+def _qualname(obj: object) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def convert(model: nn.Module, mode: str = "lstm", reduction: int | None = None) -> nn.Module:
+    """Make ``model`` a TSC network in place and return it.
+
+    Args:
+        model: a torchvision ResNet / ResNeXt / Wide ResNet, or a plain network of tsc_kernels.models.
+        mode: controller kind, "lstm" (TSC_LSTM), "2fc" or "indp" (SPEC.md §1).
+        reduction: controller hidden size H = max(1, C // reduction); None: 4 for basic blocks, 8 for
+            bottlenecks.
+
+    The controller is created on the device and dtype of the network's first block. Raises TypeError
+    naming the module that cannot be converted, ValueError for bad arguments.
+    """
+    _checks.module(model, "model")
+    _checks.tsc_mode(mode, "mode")
+    _checks.reduction(reduction)
+    if is_tsc_network(model):
+        raise ValueError(f"model is already a TSC network ({type(model).__name__}); convert it once")
+    # exact class match: a subclass may have its own forward, which the TSC network would bypass
+    target = PLAIN_TO_TSC_NETWORK.get(type(model))
+    if target is None:
+        supported = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in PLAIN_TO_TSC_NETWORK)
+        raise TypeError(f"convert cannot handle {_qualname(model)}: it converts {supported} "
+                        "(torchvision ResNet, ResNeXt and Wide ResNet are ResNet instances)")
+    for stage_name in target.stage_names:
+        stage = getattr(model, stage_name, None)
+        if not isinstance(stage, nn.Sequential) or len(stage) == 0:
+            raise TypeError(f"convert cannot handle {stage_name} of {type(model).__name__}: expected a non-empty "
+                            f"nn.Sequential of residual blocks, got {type(stage).__name__}")
+        for d, block in enumerate(stage):
+            if type(block) not in PLAIN_TO_TSC_BLOCK:
+                blocks = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in PLAIN_TO_TSC_BLOCK)
+                raise TypeError(f"convert cannot handle block {stage_name}.{d} ({_qualname(block)}): "
+                                f"supported blocks are {blocks}")
+    controller = build_controller(model, target.stage_names, mode, reduction)  # ValueError on odd shapes
+
+    for stage_name in target.stage_names:
+        for block in getattr(model, stage_name):
+            block.__class__ = PLAIN_TO_TSC_BLOCK[type(block)]
+    model.__class__ = target
+    model.tsc_controller = controller
+    model.tsc_mode = mode
+    model._tsc_cache = None
+    return model

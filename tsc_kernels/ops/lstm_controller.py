@@ -1,0 +1,197 @@
+"""The batched TSC_LSTM controller (SPEC.md §1-2): public entry points and the torch.library glue.
+
+Schemas (csrc/ops.cpp; a Triton implementation registers the same schemas under the *_triton names):
+
+    tsc::lstm_controller(Tensor wbar_packed, int[] blocks, Tensor[] params) -> (Tensor, Tensor)
+    tsc::lstm_controller_backward(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks,
+                                  Tensor[] params, Tensor saved) -> (Tensor, Tensor[])
+
+Every stage s of the network in one launch (one program / thread block per stage), S = len(blocks):
+  blocks[s] = L_s, the stage's number of blocks (>= 0).
+  params: 8 tensors per stage, stage after stage, in this order (nn.Linear / nn.LSTMCell layouts):
+      fc_in.weight (H, D), fc_in.bias (H), weight_ih (4H, H), weight_hh (4H, H), bias_ih (4H),
+      bias_hh (4H), fc_out.weight (C, H), fc_out.bias (C); D, H, C may differ per stage.
+  wbar_packed: 1-D, stage after stage, each stage's (L_s, D_s) w̄ matrix row-major (what
+      tsc::weight_mean returns for the network's chosen conv weights in block order).
+  All tensors fp32 (fp64 for gradcheck), one dtype, one device.
+Outputs:
+  dt_packed: 1-D, stage after stage, each stage's (L_s, C_s) Δt row-major.
+  saved: 1-D, per stage 7 * L_s * H_s values, laid out as x (L, H) = relu(fc_in(w̄)), the activated
+      gates (L, 4H) = sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) per block, the cell states c (L, H)
+      and the hidden states h (L, H). Only the backward of the same backend reads it.
+Backward: grad (1-D like dt_packed) and the forward's dt_packed and saved -> (grad of wbar_packed
+  (1-D), grads of params (in params' order and shapes)): BPTT over the blocks of every stage.
+
+Ops:
+  tsc::lstm_controller / tsc::lstm_controller_backward                 C++ (CPU) and CUDA, csrc/controller_*
+  tsc::lstm_controller_triton / tsc::lstm_controller_backward_triton   Triton, triton_kernels/controller.py
+                                                                       (registers them, then calls register_glue below)
+  tsc::lstm_controller_torch                                           the reference per stage, CompositeImplicitAutograd;
+                                                                       returns dt_packed only
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .. import _checks, _extension, backend, reference
+from ..backend import BackendUnavailableError
+from . import weight_mean as _weight_mean
+
+PARAMS_PER_STAGE = 8
+SAVED_PER_UNIT = 7  # x, i, f, g, o, c, h per hidden unit and block
+
+
+def _stage_slices(blocks: Sequence[int], params: Sequence[torch.Tensor]):
+    """(L, D, C, params of the stage) for every stage, from the packed arguments."""
+    for s, L in enumerate(blocks):
+        p = params[PARAMS_PER_STAGE * s: PARAMS_PER_STAGE * (s + 1)]
+        yield L, p[0].shape[1], p[6].shape[0], p
+
+
+def _lstm_controller_torch(wbar_packed: torch.Tensor, blocks: Sequence[int], params: Sequence[torch.Tensor]) -> torch.Tensor:
+    # The reference per stage on its slice of the packed input; outputs packed like the kernels'.
+    sizes = [L * D for L, D, _, _ in _stage_slices(blocks, params)]
+    outs = [reference.lstm_controller(w.view(L, D), *p).reshape(-1)
+            for w, (L, D, _, p) in zip(torch.split(wbar_packed, sizes), _stage_slices(blocks, params))]
+    return torch.cat(outs)
+
+
+torch.library.define("tsc::lstm_controller_torch", "(Tensor wbar_packed, int[] blocks, Tensor[] params) -> Tensor")
+torch.library.impl("tsc::lstm_controller_torch", "CompositeImplicitAutograd", _lstm_controller_torch)
+
+
+def _fake_forward(wbar_packed, blocks, params):
+    dt_numel = sum(L * C for L, _, C, _ in _stage_slices(blocks, params))
+    saved_numel = sum(SAVED_PER_UNIT * L * p[0].shape[0] for L, _, _, p in _stage_slices(blocks, params))
+    return wbar_packed.new_empty(dt_numel), wbar_packed.new_empty(saved_numel)
+
+
+def _fake_backward(grad, dt_packed, wbar_packed, blocks, params, saved):
+    return torch.empty_like(wbar_packed), [torch.empty_like(p) for p in params]
+
+
+def _setup_context(ctx, inputs, output):
+    wbar_packed, blocks, params = inputs
+    dt_packed, saved = output
+    # `saved` is an internal output: do not materialise a zero gradient for it (a wasted kernel).
+    ctx.set_materialize_grads(False)
+    ctx.blocks = list(blocks)
+    ctx.num_params = len(params)
+    ctx.save_for_backward(wbar_packed, dt_packed, saved, *params)
+
+
+def register_glue(forward_name: str, backward_name: str) -> None:
+    """register_fake for a (forward, backward) op pair with the schemas above and register_autograd for the forward."""
+    torch.library.register_fake(forward_name)(_fake_forward)
+    torch.library.register_fake(backward_name)(_fake_backward)
+    backward_op = getattr(torch.ops.tsc, backward_name.split("::")[1])
+
+    def backward(ctx, grad_dt, grad_saved):
+        # `saved` is internal state, never used downstream, so grad_saved carries nothing.
+        wbar_packed, dt_packed, saved, *params = ctx.saved_tensors
+        if grad_dt is None:
+            grad_dt = torch.zeros_like(dt_packed)
+        dwbar, dparams = backward_op(grad_dt, dt_packed, wbar_packed, ctx.blocks, params, saved)
+        return dwbar, None, list(dparams)
+
+    torch.library.register_autograd(forward_name, backward, setup_context=_setup_context)
+
+
+if _extension.has_cpp_ops():
+    register_glue("tsc::lstm_controller", "tsc::lstm_controller_backward")
+
+
+def triton_op():
+    """tsc::lstm_controller_triton, registered by importing the Triton module (imported on first use)."""
+    try:
+        from .._triton import controller as _  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError(f"tsc_kernels backend 'triton' has no controller kernel: importing tsc_kernels._triton.controller failed ({exc})") from exc
+    return torch.ops.tsc.lstm_controller_triton
+
+
+def _run(name: str, wbar_packed: torch.Tensor, blocks: list[int], params: list[torch.Tensor]) -> torch.Tensor:
+    """dt_packed on the resolved backend `name` (arguments already validated)."""
+    if name in ("cpu", "cuda"):
+        return torch.ops.tsc.lstm_controller(wbar_packed, blocks, params)[0]
+    if name == "triton":
+        return triton_op()(wbar_packed, blocks, params)[0]
+    return torch.ops.tsc.lstm_controller_torch(wbar_packed, blocks, params)
+
+
+def lstm_controller(
+    wbar: torch.Tensor,
+    fc_in_weight: torch.Tensor,
+    fc_in_bias: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_ih: torch.Tensor,
+    bias_hh: torch.Tensor,
+    fc_out_weight: torch.Tensor,
+    fc_out_bias: torch.Tensor,
+) -> torch.Tensor:
+    """TSC_LSTM for one stage (SPEC.md §1): ``wbar (L, D) -> Δt (L, C)``, values in (0, 1).
+
+    ``x_d = relu(fc_in(w̄_d))``; ``h_d, c_d = LSTMCell(x_d, (h_{d-1}, c_{d-1}))`` (gates i, f, g, o;
+    ``h_0 = c_0 = 0``); ``Δt_d = sigmoid(fc_out(h_d))``. Parameters have the nn.Linear(D, H),
+    nn.LSTMCell(H, H) and nn.Linear(H, C) layouts; all fp32 (fp64 for gradcheck), like wbar.
+    Differentiable in wbar and every parameter (BPTT over the L blocks).
+    """
+    params = (fc_in_weight, fc_in_bias, weight_ih, weight_hh, bias_ih, bias_hh, fc_out_weight, fc_out_bias)
+    _checks.lstm_controller_args(wbar, params)
+    dt = _run(backend.resolve(wbar.device), wbar.reshape(-1), [wbar.shape[0]], list(params))
+    return dt.view(wbar.shape[0], fc_out_weight.shape[0])
+
+
+def network_dt(weights: Sequence[Sequence[Sequence[torch.Tensor]]], controllers: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
+    """Every block's Δt of a network: one weight_mean launch for all blocks, one controller launch for all lstm stages.
+
+    Args:
+        weights: weights[s][d] is the list of conv weights block d of stage s declares (SPEC.md §1).
+        controllers: one tsc_kernels.nn.TSCController per stage. "lstm" stages run batched in one
+            tsc::lstm_controller call; "2fc" and "indp" stages run their own (plain torch) forward
+            on their slice of the packed w̄.
+    Returns:
+        one (L_s, C_s) Δt tensor per stage.
+    """
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
+        raise TypeError(f"weights must be a list (stages) of lists (blocks) of lists of conv weights, got {type(weights).__name__}")
+    if len(weights) != len(controllers):
+        raise ValueError(f"weights has {len(weights)} stages but there are {len(controllers)} stage controllers")
+    flat, lengths = [], []  # lengths[s] = (L_s, D_s)
+    for s, (blocks, ctrl) in enumerate(zip(weights, controllers)):
+        if isinstance(blocks, torch.Tensor) or not isinstance(blocks, (list, tuple)) or len(blocks) == 0:
+            raise ValueError(f"weights[{s}] must be a non-empty list of blocks (each a list of conv weights)")
+        for d, ws in enumerate(blocks):
+            ws = _checks.conv_weights(ws, f"weights[{s}][{d}]")
+            D = _weight_mean.packed_length(ws)
+            if D != ctrl.in_features:
+                raise ValueError(f"weights[{s}][{d}] gives w̄ of length {D}, but stage {s}'s controller has in_features={ctrl.in_features}")
+            flat.extend(ws)
+        if ctrl.mode != "lstm" and len(blocks) != ctrl.num_blocks:
+            raise ValueError(f"weights[{s}] has {len(blocks)} blocks but stage {s}'s {ctrl.mode!r} controller has num_blocks={ctrl.num_blocks}")
+        lengths.append((len(blocks), ctrl.in_features))
+    lstm = [s for s, c in enumerate(controllers) if c.mode == "lstm"]
+    acc = reference.accumulation_dtype(flat[0].dtype)
+    for s in lstm:  # parameters against the stage's w̄ (dtype, device, shapes) before any launch
+        stand_in = flat[0].new_empty(1, dtype=acc).as_strided(lengths[s], (0, 0))  # w̄'s shape, no data
+        _checks.lstm_controller_args(stand_in, controllers[s].lstm_params())
+    # One launch for every block's w̄; stage s's (L_s, D_s) rows follow stage s-1's.
+    wbar_all = _weight_mean.packed(flat, "weights")
+    wbars = [w.view(L, D) for w, (L, D) in zip(torch.split(wbar_all, [L * D for L, D in lengths]), lengths)]
+    out: list[torch.Tensor | None] = [None] * len(controllers)
+    if lstm:
+        params = [p for s in lstm for p in controllers[s].lstm_params()]
+        # All-lstm networks (the default) pass the packed w̄ as it is; mixed ones gather the lstm stages.
+        wbar_lstm = wbar_all if len(lstm) == len(controllers) else torch.cat([wbars[s].reshape(-1) for s in lstm])
+        blocks = [lengths[s][0] for s in lstm]
+        dt_packed = _run(backend.resolve(wbar_all.device), wbar_lstm, blocks, params)
+        sizes = [lengths[s][0] * controllers[s].channels for s in lstm]
+        for s, dt in zip(lstm, torch.split(dt_packed, sizes)):
+            out[s] = dt.view(lengths[s][0], controllers[s].channels)
+    for s, ctrl in enumerate(controllers):
+        if out[s] is None:
+            out[s] = ctrl(wbars[s])
+    return out

@@ -1,0 +1,109 @@
+"""The weight-mean projection w̄ (SPEC.md §1): public entry point and the torch.library glue.
+
+Schemas (csrc/ops.cpp; a Triton implementation registers the same schemas under the *_triton names):
+
+    tsc::weight_mean(Tensor[] weights) -> Tensor
+    tsc::weight_mean_backward(Tensor grad, Tensor[] weights) -> Tensor[]
+
+weight_mean: every given conv weight (C_out, C_in, *k) (1-3 kernel dims, one floating dtype for
+all) is averaged over C_in and flattened in (C_out, *k) order; the results are concatenated in
+list order into one 1-D tensor of length sum(C_out * prod(k)), dtype fp32 (fp64 for fp64 weights),
+in one launch. Called with every chosen conv of every block of every stage, in block order, it
+returns the whole network's w̄ packed exactly as tsc::lstm_controller reads it.
+weight_mean_backward: grad (that 1-D length, fp32/fp64) -> one dW per weight, dW[o, i, *k] =
+grad[o, *k] / C_in, in the weight's dtype and memory format (empty_like), in one launch; weights
+are read for their shapes, strides and dtype only.
+
+Ops:
+  tsc::weight_mean / tsc::weight_mean_backward               C++ (CPU) and CUDA kernels, csrc/controller_*
+  tsc::weight_mean_triton / tsc::weight_mean_backward_triton  Triton, triton_kernels/weight_mean.py
+                                                             (registers them, then calls register_glue below)
+  tsc::weight_mean_torch                                     the reference, CompositeImplicitAutograd
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from .. import _checks, _extension, backend, reference
+from ..backend import BackendUnavailableError
+
+
+def _weight_mean_torch(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    # The op's output dtype is the accumulation dtype (fp32 for fp16/bf16 weights) on every backend.
+    return reference.weight_mean(weights).to(reference.accumulation_dtype(weights[0].dtype))
+
+
+torch.library.define("tsc::weight_mean_torch", "(Tensor[] weights) -> Tensor")
+torch.library.impl("tsc::weight_mean_torch", "CompositeImplicitAutograd", _weight_mean_torch)
+
+
+def packed_length(weights: Sequence[torch.Tensor]) -> int:
+    """Length of the packed w̄ of `weights`: sum(C_out * prod(k))."""
+    return sum(w.shape[0] * math.prod(w.shape[2:]) for w in weights)
+
+
+def _fake_forward(weights):
+    return weights[0].new_empty(packed_length(weights), dtype=reference.accumulation_dtype(weights[0].dtype))
+
+
+def _fake_backward(grad, weights):
+    return [torch.empty_like(w) for w in weights]
+
+
+def _setup_context(ctx, inputs, output):
+    (weights,) = inputs
+    # Only shapes, strides and dtypes are read by backward; saving the tensors keeps no extra memory.
+    ctx.save_for_backward(*weights)
+
+
+def register_glue(forward_name: str, backward_name: str) -> None:
+    """register_fake for a (forward, backward) op pair with the schemas above and register_autograd for the forward."""
+    torch.library.register_fake(forward_name)(_fake_forward)
+    torch.library.register_fake(backward_name)(_fake_backward)
+    backward_op = getattr(torch.ops.tsc, backward_name.split("::")[1])
+
+    def backward(ctx, grad):
+        return (list(backward_op(grad, list(ctx.saved_tensors))),)
+
+    torch.library.register_autograd(forward_name, backward, setup_context=_setup_context)
+
+
+if _extension.has_cpp_ops():
+    register_glue("tsc::weight_mean", "tsc::weight_mean_backward")
+
+
+def triton_op():
+    """tsc::weight_mean_triton, registered by importing the Triton module (imported on first use: triton is slow to import)."""
+    try:
+        from .._triton import weight_mean as _  # noqa: F401
+    except ImportError as exc:
+        raise BackendUnavailableError(f"tsc_kernels backend 'triton' has no weight_mean kernel: importing tsc_kernels._triton.weight_mean failed ({exc})") from exc
+    return torch.ops.tsc.weight_mean_triton
+
+
+def packed(weights: Sequence[torch.Tensor], name: str) -> torch.Tensor:
+    """w̄ of any number of conv weights in one launch on the current backend (validated; see the module docstring)."""
+    weights = _checks.conv_weights(weights, name)
+    weights = list(weights)
+    resolved = backend.resolve(weights[0].device)
+    if resolved in ("cpu", "cuda"):
+        return torch.ops.tsc.weight_mean(weights)
+    if resolved == "triton":
+        return triton_op()(weights)
+    return torch.ops.tsc.weight_mean_torch(weights)
+
+
+def weight_mean(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """w̄ of one block (SPEC.md §1): each conv weight (C_out, C_in, *k) averaged over C_in, flattened, concatenated.
+
+    Args:
+        weights: the block's chosen conv weights in order (basic block: conv1, conv2; bottleneck:
+            conv1, conv3), each (C_out, C_in, *k) with 1-3 kernel dims, one floating dtype, one device.
+    Returns:
+        1-D tensor of length sum(C_out * prod(k)), fp32 (fp64 for fp64 weights). Differentiable:
+        dW = broadcast(dw̄) / C_in.
+    """
+    return packed(weights, "weights")
