@@ -189,9 +189,9 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.tsc.lstm_controller_torch, (wbar, blocks, params))
         return
     suffix = "" if backend in ("cpu", "cuda") else "_triton"
-    if suffix:
-        controller_ops.triton_op()  # imports the Triton modules, which register their ops
-        tsc_kernels.ops.weight_mean.triton_op()
+    # op_for imports the Triton modules, which register their ops
+    assert tsc_kernels.backend.op_for(wbar.device, "weight_mean", "weight_mean") is getattr(torch.ops.tsc, "weight_mean" + suffix)
+    assert tsc_kernels.backend.op_for(wbar.device, "lstm_controller", "controller") is getattr(torch.ops.tsc, "lstm_controller" + suffix)
     wm, wm_bwd = getattr(torch.ops.tsc, "weight_mean" + suffix), getattr(torch.ops.tsc, "weight_mean_backward" + suffix)
     fwd, bwd = getattr(torch.ops.tsc, "lstm_controller" + suffix), getattr(torch.ops.tsc, "lstm_controller_backward" + suffix)
     torch.library.opcheck(wm, (ws,))

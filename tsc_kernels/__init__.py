@@ -1,35 +1,42 @@
 """tsc-kernels: fused kernels for the adaptive Time Stepping Controller (TSC) of residual networks.
 
 Public API (see README.md):
-    residual_update(y, f, dt, relu=False)    fused channel-wise Euler step
+    residual_update(y, f, dt, relu=False)    fused channel-wise Euler step y + f * dt[c]
     weight_mean(weights)                      w̄ of one block (mean over C_in of each conv weight)
     lstm_controller(wbar, *params)            TSC_LSTM controller of one stage: wbar (L, D) -> Δt (L, C)
+    nn.TSCController, nn.NetworkController    controller modules (every block's Δt in one batched call)
+    models.*                                  TSC ResNets (torchvision names) and CIFAR ResNets
+    convert(model), fold(model)               torchvision ResNet -> TSC; TSC -> plain network for inference
+    step_sizes, evolution_time, stability_bound, plot_step_sizes   diagnostics
     available_backends(), set_backend(name), use_backend(name), get_backend()
     reference                                 the pure-PyTorch spec of every op
 """
-from . import reference
+from . import models, nn, reference
 from .backend import BackendUnavailableError, available_backends, get_backend, set_backend, use_backend
+from .convert import convert
+from .diagnostics import evolution_time, plot_step_sizes, stability_bound, step_sizes
+from .fold import fold
+from .ops.lstm_controller import lstm_controller
 from .ops.residual_update import residual_update
 from .ops.weight_mean import weight_mean
-from .ops.lstm_controller import lstm_controller
 
 __all__ = [
     "BackendUnavailableError",
     "available_backends",
+    "convert",
+    "evolution_time",
+    "fold",
     "get_backend",
     "lstm_controller",
+    "models",
+    "nn",
+    "plot_step_sizes",
     "reference",
     "residual_update",
     "set_backend",
+    "stability_bound",
+    "step_sizes",
     "use_backend",
     "weight_mean",
 ]
 __version__ = "0.1.0"
-
-# TSC networks (issue 4): model zoo, conversion of torchvision models, folding, diagnostics
-from . import models
-from .convert import convert
-from .fold import fold
-from .diagnostics import evolution_time, plot_step_sizes, stability_bound, step_sizes
-
-__all__ += ["convert", "evolution_time", "fold", "models", "plot_step_sizes", "stability_bound", "step_sizes"]

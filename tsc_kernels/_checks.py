@@ -143,3 +143,49 @@ def lstm_controller_args(wbar: object, params: tuple) -> None:
         if tuple(named[n].shape) != shape:
             raise ValueError(f"{n} must have shape {shape} (D = {wbar.shape[1]} from wbar, H = {h} from fc_in_weight, C = {c} from fc_out_weight), got {tuple(named[n].shape)}")
     same_device({"wbar": wbar, **named})
+
+
+def conv_in_channels(weights: list, name: str = "weights") -> None:
+    """Every conv weight needs C_in >= 1: w̄ is a mean over C_in (0/0 otherwise) and dW divides by C_in."""
+    for i, w in enumerate(weights):
+        if w.shape[1] < 1:
+            raise ValueError(f"{name}[{i}] must have at least one input channel (C_out, C_in >= 1, *k) to average over, "
+                             f"got shape {tuple(w.shape)}")
+
+
+# --- tsc_kernels.nn: TSCController / NetworkController ---
+def controller_config(in_features: object, channels: object, reduction: object, mode: object, num_blocks: object) -> None:
+    """TSCController's constructor arguments: sizes >= 1, a known mode, num_blocks given for the per-block modes."""
+    positive_int(in_features, "in_features")
+    positive_int(channels, "channels")
+    positive_int(reduction, "reduction")
+    tsc_mode(mode, "mode")
+    if mode in ("2fc", "indp") and num_blocks is None:
+        raise ValueError(f"num_blocks is required for mode {mode!r} (one set of parameters per block), got None")
+    if num_blocks is not None:
+        positive_int(num_blocks, "num_blocks")
+
+
+def controller_wbar(wbar: object, in_features: int, num_blocks: int | None, like: torch.Tensor) -> None:
+    """A per-block (2fc / indp) controller's input: wbar (num_blocks, in_features), the parameters' dtype and device."""
+    tensor(wbar, "wbar")
+    if wbar.dim() != 2 or wbar.shape[1] != in_features or (num_blocks is not None and wbar.shape[0] != num_blocks):
+        rows = "L" if num_blocks is None else str(num_blocks)
+        raise ValueError(f"wbar must have shape (num_blocks, in_features) = ({rows}, {in_features}), got shape {tuple(wbar.shape)}")
+    if wbar.dtype != like.dtype:
+        raise TypeError(f"wbar must have the controller parameters' dtype {like.dtype}, got {wbar.dtype}")
+    if wbar.device != like.device:
+        raise ValueError(f"wbar must be on the controller parameters' device {like.device}, got {wbar.device}")
+
+
+def module_list(modules: object, name: str, cls: type) -> list:
+    """A non-empty list or tuple of `cls` modules."""
+    if isinstance(modules, (torch.Tensor, str, cls)) or not hasattr(modules, "__iter__"):
+        raise TypeError(f"{name} must be a list of {cls.__name__}, got {type(modules).__name__}")
+    modules = list(modules)
+    if len(modules) == 0:
+        raise ValueError(f"{name} must hold at least one {cls.__name__}, got none")
+    for i, m in enumerate(modules):
+        if not isinstance(m, cls):
+            raise TypeError(f"{name}[{i}] must be a {cls.__name__}, got {type(m).__name__}")
+    return modules

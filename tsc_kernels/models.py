@@ -164,7 +164,14 @@ class _TSCBlock:
             raise RuntimeError(
                 f"{type(self).__name__} needs its step sizes: call the whole TSC network (it runs the "
                 "controller and passes every block its Δt), or call block(x, dt) with dt of shape (C,)")
+        _checks.tensor(dt, "dt")
         shortcut, out = self._branch(x)
+        if shortcut.dtype != out.dtype and torch.is_autocast_enabled(out.device.type):
+            # Under autocast the branch's convs give bf16/fp16 while an fp32 input can reach the
+            # shortcut unchanged (a block fed fp32 activations): the update runs in the branch's
+            # dtype, as torchvision's `out += identity` does, instead of failing residual_update's
+            # same-dtype check.
+            shortcut = shortcut.to(out.dtype)
         # residual_update takes fp32 Δt (fp64 with fp64 activations) whatever the controller's dtype
         dt = dt.to(torch.float64 if out.dtype == torch.float64 else torch.float32)
         return residual_update(shortcut, out, dt, relu=self.post_activation)

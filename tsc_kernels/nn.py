@@ -5,11 +5,13 @@ state_dict is interchangeable with a plain PyTorch one.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from . import _checks
 from .ops import lstm_controller as _controller
 
 MODES = ("lstm", "2fc", "indp")
@@ -18,6 +20,20 @@ MODES = ("lstm", "2fc", "indp")
 def hidden_size(channels: int, reduction: int) -> int:
     """H = max(1, C // r) (SPEC.md §1)."""
     return max(1, channels // reduction)
+
+
+def _autocast_off():
+    """Disables autocast (CPU and CUDA) where it is on; a no-op otherwise.
+
+    The controller runs in its parameters' dtype (fp32) under autocast (SPEC.md §2: Δt is fp32):
+    autocast would otherwise run nn.Linear (2fc) and the torch backend's reference ops (F.linear in
+    the LSTM) in bf16/fp16. The fused C++/Triton ops are not autocast-aware and run fp32 anyway.
+    """
+    stack = contextlib.ExitStack()
+    for device_type in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device_type):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+    return stack
 
 
 class TSCController(nn.Module):
@@ -29,6 +45,7 @@ class TSCController(nn.Module):
     """
 
     def __init__(self, in_features: int, channels: int, reduction: int = 4, mode: str = "lstm", num_blocks: int | None = None):
+        _checks.controller_config(in_features, channels, reduction, mode, num_blocks)
         super().__init__()
         self.in_features, self.channels, self.reduction, self.mode, self.num_blocks = in_features, channels, reduction, mode, num_blocks
         self.hidden = hidden_size(channels, reduction)
@@ -48,11 +65,16 @@ class TSCController(nn.Module):
                 self.lstm.bias_ih, self.lstm.bias_hh, self.fc_out.weight, self.fc_out.bias)
 
     def forward(self, wbar: torch.Tensor) -> torch.Tensor:
-        if self.mode == "lstm":
-            return _controller.lstm_controller(wbar, *self.lstm_params())
-        if self.mode == "2fc":
-            return torch.stack([torch.sigmoid(fo(torch.relu(fi(w)))) for w, fi, fo in zip(wbar, self.fc_in, self.fc_out)])
-        return torch.sigmoid(self.theta)
+        # wbar against this controller (D = in_features; L = num_blocks for the per-block modes,
+        # any L >= 1 for the recurrent lstm), before any kernel runs
+        like = self.theta if self.mode == "indp" else (self.fc_in if self.mode == "lstm" else self.fc_in[0]).weight
+        _checks.controller_wbar(wbar, self.in_features, None if self.mode == "lstm" else self.num_blocks, like)
+        with _autocast_off():  # fp32 controller under autocast
+            if self.mode == "lstm":
+                return _controller.lstm_controller(wbar, *self.lstm_params())
+            if self.mode == "2fc":
+                return torch.stack([torch.sigmoid(fo(torch.relu(fi(w)))) for w, fi, fo in zip(wbar, self.fc_in, self.fc_out)])
+            return torch.sigmoid(self.theta)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, channels={self.channels}, hidden={self.hidden}, mode={self.mode!r}"
@@ -66,10 +88,12 @@ class NetworkController(nn.Module):
     """
 
     def __init__(self, stages: Sequence[TSCController]):
+        stages = _checks.module_list(stages, "stages", TSCController)
         super().__init__()
         self.stages = nn.ModuleList(stages)
 
     def forward(self, weights: Sequence[Sequence[Sequence[torch.Tensor]]]) -> list[torch.Tensor]:
         # One weight_mean launch for every conv of every block, one controller launch for every
         # lstm stage (tsc_kernels.ops.lstm_controller.network_dt).
-        return _controller.network_dt(weights, list(self.stages))
+        with _autocast_off():  # fp32 controller under autocast
+            return _controller.network_dt(weights, list(self.stages))

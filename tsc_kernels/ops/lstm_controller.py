@@ -36,7 +36,6 @@ from typing import Sequence
 import torch
 
 from .. import _checks, _extension, backend, reference
-from ..backend import BackendUnavailableError
 from . import weight_mean as _weight_mean
 
 PARAMS_PER_STAGE = 8
@@ -103,22 +102,12 @@ if _extension.has_cpp_ops():
     register_glue("tsc::lstm_controller", "tsc::lstm_controller_backward")
 
 
-def triton_op():
-    """tsc::lstm_controller_triton, registered by importing the Triton module (imported on first use)."""
-    try:
-        from .._triton import controller as _  # noqa: F401
-    except ImportError as exc:
-        raise BackendUnavailableError(f"tsc_kernels backend 'triton' has no controller kernel: importing tsc_kernels._triton.controller failed ({exc})") from exc
-    return torch.ops.tsc.lstm_controller_triton
-
-
-def _run(name: str, wbar_packed: torch.Tensor, blocks: list[int], params: list[torch.Tensor]) -> torch.Tensor:
-    """dt_packed on the resolved backend `name` (arguments already validated)."""
-    if name in ("cpu", "cuda"):
-        return torch.ops.tsc.lstm_controller(wbar_packed, blocks, params)[0]
-    if name == "triton":
-        return triton_op()(wbar_packed, blocks, params)[0]
-    return torch.ops.tsc.lstm_controller_torch(wbar_packed, blocks, params)
+def _run(wbar_packed: torch.Tensor, blocks: list[int], params: list[torch.Tensor]) -> torch.Tensor:
+    """dt_packed on the current backend (arguments already validated)."""
+    op = backend.op_for(wbar_packed.device, "lstm_controller", "controller")
+    out = op(wbar_packed, blocks, params)
+    # the fused ops also return what their backward reads; the reference returns Δt alone
+    return out if op is torch.ops.tsc.lstm_controller_torch else out[0]
 
 
 def lstm_controller(
@@ -141,7 +130,7 @@ def lstm_controller(
     """
     params = (fc_in_weight, fc_in_bias, weight_ih, weight_hh, bias_ih, bias_hh, fc_out_weight, fc_out_bias)
     _checks.lstm_controller_args(wbar, params)
-    dt = _run(backend.resolve(wbar.device), wbar.reshape(-1), [wbar.shape[0]], list(params))
+    dt = _run(wbar.reshape(-1), [wbar.shape[0]], list(params))
     return dt.view(wbar.shape[0], fc_out_weight.shape[0])
 
 
@@ -187,7 +176,7 @@ def network_dt(weights: Sequence[Sequence[Sequence[torch.Tensor]]], controllers:
         # All-lstm networks (the default) pass the packed w̄ as it is; mixed ones gather the lstm stages.
         wbar_lstm = wbar_all if len(lstm) == len(controllers) else torch.cat([wbars[s].reshape(-1) for s in lstm])
         blocks = [lengths[s][0] for s in lstm]
-        dt_packed = _run(backend.resolve(wbar_all.device), wbar_lstm, blocks, params)
+        dt_packed = _run(wbar_lstm, blocks, params)
         sizes = [lengths[s][0] * controllers[s].channels for s in lstm]
         for s, dt in zip(lstm, torch.split(dt_packed, sizes)):
             out[s] = dt.view(lengths[s][0], controllers[s].channels)

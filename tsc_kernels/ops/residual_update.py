@@ -53,12 +53,6 @@ if _extension.has_cpp_ops():
     register_glue("tsc::residual_update", "tsc::residual_update_backward")
 
 
-def _triton_op():
-    from .._triton import residual_update as triton_residual_update  # imported on first use: triton is slow to import
-
-    return triton_residual_update.residual_update_triton
-
-
 def residual_update(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, relu: bool = False) -> torch.Tensor:
     """Channel-wise Euler step ``y + f * dt[c]`` with an optional fused ReLU.
 
@@ -70,9 +64,4 @@ def residual_update(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, relu: bo
         relu: apply ReLU to the sum (post-activation blocks).
     """
     _checks.residual_update_args(y, f, dt, relu)
-    name = backend.resolve(y.device)
-    if name in ("cpu", "cuda"):
-        return torch.ops.tsc.residual_update(y, f, dt, relu)
-    if name == "triton":
-        return _triton_op()(y, f, dt, relu)
-    return torch.ops.tsc.residual_update_torch(y, f, dt, relu)
+    return backend.op_for(y.device, "residual_update", "residual_update")(y, f, dt, relu)

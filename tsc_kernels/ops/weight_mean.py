@@ -28,7 +28,6 @@ from typing import Sequence
 import torch
 
 from .. import _checks, _extension, backend, reference
-from ..backend import BackendUnavailableError
 
 
 def _weight_mean_torch(weights: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -75,25 +74,12 @@ if _extension.has_cpp_ops():
     register_glue("tsc::weight_mean", "tsc::weight_mean_backward")
 
 
-def triton_op():
-    """tsc::weight_mean_triton, registered by importing the Triton module (imported on first use: triton is slow to import)."""
-    try:
-        from .._triton import weight_mean as _  # noqa: F401
-    except ImportError as exc:
-        raise BackendUnavailableError(f"tsc_kernels backend 'triton' has no weight_mean kernel: importing tsc_kernels._triton.weight_mean failed ({exc})") from exc
-    return torch.ops.tsc.weight_mean_triton
-
-
 def packed(weights: Sequence[torch.Tensor], name: str) -> torch.Tensor:
     """w̄ of any number of conv weights in one launch on the current backend (validated; see the module docstring)."""
     weights = _checks.conv_weights(weights, name)
+    _checks.conv_in_channels(weights, name)
     weights = list(weights)
-    resolved = backend.resolve(weights[0].device)
-    if resolved in ("cpu", "cuda"):
-        return torch.ops.tsc.weight_mean(weights)
-    if resolved == "triton":
-        return triton_op()(weights)
-    return torch.ops.tsc.weight_mean_torch(weights)
+    return backend.op_for(weights[0].device, "weight_mean", "weight_mean")(weights)
 
 
 def weight_mean(weights: Sequence[torch.Tensor]) -> torch.Tensor:
