@@ -25,10 +25,14 @@ def _step_grads(model, x, target, autocast):
     return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("preact", [False, True])
-@pytest.mark.parametrize("mode", ["lstm", "2fc", "indp"])
+# The Triton interpreter takes ~20 s per case here: it runs the lstm post-activation case only
+BIG = pytest.mark.big_for_interpreter
+
+
+@pytest.mark.parametrize("preact", [False, pytest.param(True, marks=BIG)])
+@pytest.mark.parametrize("mode", ["lstm", pytest.param("2fc", marks=BIG), pytest.param("indp", marks=BIG)])
 def test_autocast_step_matches_fp32(backend, mode, preact, monkeypatch):
-    model = _model(mode, preact=preact)
+    model = _model(mode, preact=preact)  # train mode: BN uses (bf16) batch statistics
     torch.manual_seed(1)
     x, target = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
 
@@ -50,18 +54,38 @@ def test_autocast_step_matches_fp32(backend, mode, preact, monkeypatch):
         torch.testing.assert_close(dts, model.compute_step_sizes(), atol=1e-6, rtol=1e-6)
 
     seen.clear()
-    loss_fp32, grads_fp32 = _step_grads(model, x, target, autocast=False)
+    loss_fp32, _ = _step_grads(model, x, target, autocast=False)
     assert all(s == (torch.float32,) * 3 for s in seen)
     torch.testing.assert_close(loss_bf16, loss_fp32, atol=0.05, rtol=0.02)
+
+    # Gradients: in eval mode (BN on running statistics), where bf16 batch statistics do not add
+    # their own noise. "bf16 tolerance" = what autocast does to the plain network's gradients on the
+    # same data (~5-10 % relative L2 over all parameters on this tiny net), so TSC must not be much
+    # worse than plain, and every parameter's gradient must point the same way as in fp32.
+    model.eval()
+    _, grads_bf16 = _step_grads(model, x, target, autocast=True)
+    _, grads_fp32 = _step_grads(model, x, target, autocast=False)
+    plain = models.cifar_resnet(8, tsc=None, preact=preact).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("tsc_controller.")})
+    _, plain_bf16 = _step_grads(plain, x, target, autocast=True)
+    _, plain_fp32 = _step_grads(plain, x, target, autocast=False)
+    assert _global_rel(grads_bf16, grads_fp32) <= 1.5 * _global_rel(plain_bf16, plain_fp32) + 0.01
     for name, g32 in grads_fp32.items():
         g16 = grads_bf16[name]
         assert g16.dtype == torch.float32, f"{name}: parameters stay fp32, so do their gradients"
-        # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 per op); through a few layers of
-        # convs the gradient as a whole stays within a few percent of the fp32 one
-        rel = float((g16 - g32).norm() / g32.norm().clamp_min(1e-12))
-        assert rel < 0.1, f"{name}: bf16 gradient is {rel:.3f} (relative L2) from the fp32 one"
+        if not bool(g32.any()):  # e.g. weight_hh of a one-block stage (h_0 = 0): exactly 0 both ways
+            assert not bool(g16.any()), name
+            continue
+        cos = float(torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0))
+        assert cos > 0.95, f"{name}: bf16 gradient points elsewhere than the fp32 one (cosine {cos:.3f})"
     ctrl = {n: g for n, g in grads_bf16.items() if n.startswith("tsc_controller.")}
-    assert ctrl and all(bool(g.abs().sum() > 0) for g in ctrl.values()), "controller gets gradients under autocast"
+    assert ctrl and any(bool(g.any()) for g in ctrl.values()), "controller gets gradients under autocast"
+
+
+def _global_rel(a, b):
+    """Relative L2 distance of two gradient dicts, all parameters concatenated."""
+    a, b = (torch.cat([d[n].flatten() for n in sorted(b)]) for d in (a, b))
+    return float((a - b).norm() / b.norm())
 
 
 def test_autocast_block_fed_fp32_shortcut(backend):

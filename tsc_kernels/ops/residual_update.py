@@ -25,8 +25,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def make_backward(backward_op):
-    """Autograd formula shared by the C++ and Triton ops: (dy, df, ddt) from one fused pass;
-    without a fused ReLU dy is the incoming gradient itself."""
+    """Autograd formula of the Triton op (the C++ op has the same one in C++): (dy, df, ddt) from
+    one fused pass; without a fused ReLU dy is the incoming gradient itself."""
 
     def backward(ctx, grad):
         f, dt, relu_out = ctx.saved_tensors
@@ -41,16 +41,22 @@ def _fake_backward(grad, f, dt, relu_out):
     return dy, output_like(f), torch.empty_like(dt)
 
 
-def register_glue(forward_name: str, backward_name: str) -> None:
-    """register_fake for a (forward, backward) op pair and register_autograd for the forward."""
+def register_fakes(forward_name: str, backward_name: str) -> None:
     torch.library.register_fake(forward_name)(lambda y, f, dt, relu: output_like(y))
     torch.library.register_fake(backward_name)(_fake_backward)
+
+
+def register_glue(forward_name: str, backward_name: str) -> None:
+    """register_fake for a (forward, backward) op pair and register_autograd for the forward."""
+    register_fakes(forward_name, backward_name)
     backward_op = getattr(torch.ops.tsc, backward_name.split("::")[1])
     torch.library.register_autograd(forward_name, make_backward(backward_op), setup_context=_setup_context)
 
 
 if _extension.has_cpp_ops():
-    register_glue("tsc::residual_update", "tsc::residual_update_backward")
+    # The C++ op carries its autograd formula itself (csrc/residual_update_autograd.cpp): it runs
+    # once per residual block, where a Python formula's overhead is as long as the kernel.
+    register_fakes("tsc::residual_update", "tsc::residual_update_backward")
 
 
 def residual_update(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, relu: bool = False) -> torch.Tensor:
