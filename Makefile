@@ -8,7 +8,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 
-.PHONY: venv build test bench bench-ops gpu-report clean
+.PHONY: venv build test fuzz bench bench-ops gpu-report clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ build: build/.built
 # The whole suite on the CPU, the Triton kernels under the interpreter.
 test: build/.built
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests
+
+# Many more property-test examples than `make test` runs (hypothesis; every backend vs the reference).
+fuzz: build/.built
+	TRITON_INTERPRET=1 TSC_FUZZ_EXAMPLES=2000 $(VENV)/bin/pytest -q tests/test_properties.py
 
 # The main job: TSC's overhead against the plain network (tsc-bench; CIFAR ResNet-56, batch 32, CPU).
 bench: build/.built

@@ -262,13 +262,7 @@ UNUSUAL_LSTM = {
 
 
 @pytest.mark.parametrize("case", UNUSUAL_LSTM)
-def test_lstm_controller_unusual_input(backend, case, request):
-    if case == "nan-wbar" and backend == "triton":
-        # Real bug, not fixable by validation: triton_kernels/controller.py stores x = tl.maximum(z, 0.0),
-        # and Triton's maximum drops NaN (propagate_nan=NONE), so a NaN in w̄ becomes 0 there while
-        # torch.relu (the reference) and the C++ kernel keep it: Δt comes out finite instead of NaN.
-        # Fix: tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL) (and the matching mask in backward).
-        request.applymarker(pytest.mark.xfail(strict=True, reason="Triton controller's ReLU drops NaN (tl.maximum)"))
+def test_lstm_controller_unusual_input(backend, case):
     wbar0, p0 = UNUSUAL_LSTM[case]()
     args = [t.detach().requires_grad_() for t in (wbar0, *p0)]
     refs = [t.detach().clone().requires_grad_() for t in (wbar0, *p0)]

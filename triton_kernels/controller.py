@@ -210,7 +210,7 @@ def lstm_controller_fwd_kernel(meta_ptr, wbar_ptr, dt_ptr, saved_ptr,
             rows = r0 + tl.arange(0, BLOCK_R)
             m = rows < H
             x = _mv(w_in, wbar + d * D, True, H, D, r0, BLOCK_R, BLOCK_K) + tl.load(b_in + rows, mask=m, other=0.0)
-            tl.store(xs + d * H + rows, tl.maximum(x, 0.0), mask=m)
+            tl.store(xs + d * H + rows, tl.where(x < 0.0, 0.0, x), mask=m)
     tl.debug_barrier()
 
     # LSTMCell recurrence, gate order (i, f, g, o), h_0 = c_0 = 0.
@@ -331,7 +331,7 @@ def lstm_controller_bwd_kernel(meta_ptr, wbar_ptr, dt_ptr, grad_ptr, saved_ptr, 
             m = cols < H
             x = tl.load(xs + d * H + cols, mask=m, other=0.0)
             v = _mvt(w_ih, dg + d * 4 * H, 4 * H, H, k0, BLOCK_R, BLOCK_K)
-            tl.store(dx + d * H + cols, tl.where(x > 0.0, v, 0.0), mask=m)
+            tl.store(dx + d * H + cols, tl.where(x <= 0.0, 0.0, v), mask=m)
     tl.debug_barrier()
 
     # fc_in: dW_in = sum_d dx_d w̄_d^T, db_in = sum_d dx_d, dw̄_d = W_in^T dx_d.
