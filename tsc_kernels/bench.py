@@ -15,7 +15,8 @@ Columns (one row per variant):
                        2 FLOPs per multiply-add; the paper's "GFLOPs" are multiply-adds), while
                        training (controllers included) / folded
   step ms, ±           median and inter-quartile range of a training step (forward, cross-entropy,
-                       backward, SGD step) over --steps steps after warm-up
+                       backward, SGD step) over --steps steps after warm-up; the variants' steps
+                       are interleaved, so drift of the machine's speed shifts all rows alike
   kernels              leaf compute ops of one training step under torch.profiler (SPEC.md §4;
                        a GPU-launch proxy)
   peak MB              peak tensor memory of one training step (CUDA: allocator peak; CPU:
@@ -118,59 +119,79 @@ def median_iqr(times: list[float]) -> tuple[float, float]:
     return statistics.median(times), q[2] - q[0]
 
 
-def measure(args, variant: str, tsc: str | None, backend_name: str, progress) -> Row:
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    torch.manual_seed(0)
-    model, size = build_model(args.model, None if tsc is None else "lstm", args.num_classes)
-    size = args.image_size or size
-    model = model.to(device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    x = torch.randn(args.batch, 3, size, size, device=device).to(memory_format=memory_format)
-    target = torch.randint(0, model.fc.out_features, (args.batch,), device=device)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+class Variant:
+    """One network variant, ready to train: its model, data, optimizer and backend."""
 
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss = nn.functional.cross_entropy(model(x), target)
+    def __init__(self, args, name: str, tsc: str | None, backend_name: str):
+        self.name, self.tsc, self.backend_name = name, tsc, backend_name
+        self.device, dtype = torch.device(args.device), DTYPES[args.dtype]
+        torch.manual_seed(0)
+        model, size = build_model(args.model, tsc, args.num_classes)
+        size = args.image_size or size
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.model = model.to(self.device).to(memory_format=memory_format)
+        self.x = torch.randn(args.batch, 3, size, size, device=self.device).to(memory_format=memory_format)
+        self.target = torch.randint(0, self.model.fc.out_features, (args.batch,), device=self.device)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
+        self.times: list[float] = []
+
+    def step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast:
+            loss = nn.functional.cross_entropy(self.model(self.x), self.target)
         loss.backward()
-        opt.step()
+        self.opt.step()
 
-    with backend_mod.use_backend(backend_name):
-        resolved = backend_mod.resolve(device) if tsc is not None else "-"
-        params_train = sum(p.numel() for p in model.parameters())
-        model.eval()
-        gmac_train = gmacs(model, x[:1])
-        model.train()
-        for _ in range(args.warmup):
-            step()
-        times = []
-        for _ in range(args.steps):
-            _sync(device)
+    def timed_step(self) -> None:
+        with backend_mod.use_backend(self.backend_name):
+            _sync(self.device)
             t0 = time.perf_counter()
-            step()
-            _sync(device)
-            times.append((time.perf_counter() - t0) * 1e3)
+            self.step()
+            _sync(self.device)
+        self.times.append((time.perf_counter() - t0) * 1e3)
+
+    def report(self, args) -> Row:
+        """Everything but the step times: parameters, multiply-adds, kernels, memory, folded inference."""
+        model, x = self.model, self.x
+        with backend_mod.use_backend(self.backend_name):
+            resolved = backend_mod.resolve(self.device) if self.tsc is not None else "-"
+            params_train = sum(p.numel() for p in model.parameters())
+            model.eval()
+            gmac_train = gmacs(model, x[:1])
+            model.train()
+            kernels = count_kernels(self.step)
+            peak = peak_memory_mb(self.step, self.device)
+            folded = fold(model).eval() if self.tsc is not None else model.eval()
+            params_infer = sum(p.numel() for p in folded.parameters())
+            gmac_infer = gmacs(folded, x[:1])
+            infer = []
+            with torch.no_grad(), self.autocast:
+                for i in range(args.warmup + args.steps):
+                    _sync(self.device)
+                    t0 = time.perf_counter()
+                    folded(x)
+                    _sync(self.device)
+                    if i >= args.warmup:
+                        infer.append((time.perf_counter() - t0) * 1e3)
+        step_ms, iqr = median_iqr(self.times)
+        return Row(self.name, resolved, params_train, params_infer, gmac_train, gmac_infer, step_ms, iqr, kernels,
+                   peak, statistics.median(infer), step_times_ms=list(self.times))
+
+
+def measure(args, progress) -> list[Row]:
+    """Every variant of VARIANTS. Their timed steps are interleaved (plain, eager, fused, plain, ...)
+    so that a machine getting slower or faster during the run shifts all rows alike."""
+    variants = [Variant(args, name, None if b is None else "lstm", b or "auto") for name, b in VARIANTS]
+    for v in variants:
+        with backend_mod.use_backend(v.backend_name):
+            for _ in range(args.warmup):
+                v.step()
+    for _ in range(args.steps):
+        for v in variants:
+            v.timed_step()
             progress.update(1)
-        kernels = count_kernels(step)
-        peak = peak_memory_mb(step, device)
-        folded = fold(model).eval() if tsc is not None else model.eval()
-        params_infer = sum(p.numel() for p in folded.parameters())
-        gmac_infer = gmacs(folded, x[:1])
-        infer = []
-        with torch.no_grad(), autocast:
-            for i in range(args.warmup + args.steps):
-                _sync(device)
-                t0 = time.perf_counter()
-                folded(x)
-                _sync(device)
-                if i >= args.warmup:
-                    infer.append((time.perf_counter() - t0) * 1e3)
-    step_ms, iqr = median_iqr(times)
-    return Row(variant, resolved, params_train, params_infer, gmac_train, gmac_infer, step_ms, iqr, kernels,
-               peak, statistics.median(infer), step_times_ms=times)
+    return [v.report(args) for v in variants]
 
 
 def format_table(rows: list[Row]) -> str:
@@ -229,11 +250,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    rows = []
     with tqdm(total=args.steps * len(VARIANTS), desc=f"tsc-bench {args.model}", unit="step", file=sys.stderr) as progress:
-        for variant, backend_name in VARIANTS:
-            progress.set_postfix_str(variant)
-            rows.append(measure(args, variant, None if backend_name is None else "lstm", backend_name or "auto", progress))
+        rows = measure(args, progress)
     plain = rows[0]
     for r in rows[1:]:
         r.overhead_time_pct = 100 * (r.step_ms / plain.step_ms - 1)
