@@ -3,31 +3,17 @@
 Each backend is compared with tsc_kernels.reference and with a plain nn.Linear / nn.LSTMCell loop
 holding the same parameters (the controller's own submodules), forward and every gradient.
 """
-import importlib.util
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import tsc_kernels
 from tsc_kernels import reference
 from tsc_kernels.nn import NetworkController, TSCController
-from tsc_kernels.ops import lstm_controller as controller_ops
 from tsc_kernels.profiling import count_kernels
 from conftest import count_triton_launches
-from conftest import CPU_BACKENDS
 
-HAS_TRITON_CONTROLLER = all(
-    importlib.util.find_spec(f"tsc_kernels._triton.{m}") is not None for m in ("controller", "weight_mean"))
-
-
-@pytest.fixture(params=CPU_BACKENDS)
-def backend(request):
-    if request.param == "triton" and not HAS_TRITON_CONTROLLER:
-        pytest.skip("tsc_kernels._triton.controller / weight_mean (triton_kernels/) are not written yet")
-    with tsc_kernels.use_backend(request.param):
-        yield request.param
 
 
 # Stage shapes (L, D, C, r) of real networks (SPEC.md §1): basic blocks give D = 2 * 9 * C,

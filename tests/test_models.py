@@ -3,7 +3,6 @@
 Inputs are tiny (2x3x32x32) because the CPUs are shared; speed is not asserted here.
 """
 import copy
-import math
 import sys
 import time
 

@@ -6,7 +6,7 @@ import torch
 
 import tsc_kernels
 from tsc_kernels import reference
-from conftest import CPU_BACKENDS, TOLERANCES, count_triton_launches
+from conftest import TOLERANCES, count_triton_launches
 
 SHAPES = [(3, 5, 7, 9), (2, 33), (1, 17, 4, 4, 4), (4, 19, 6), (5, 3, 1, 1), (2, 1, 3, 5)]
 CL_SHAPES = [(4, 19, 6, 5), (2, 7, 3, 4, 5), (3, 6, 5)]  # channels-last variants (3-D via strides)

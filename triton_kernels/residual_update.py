@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from tsc_kernels.ops._layout import channel_view, is_channels_last_like, output_like, to_layout
+from tsc_kernels.ops._layout import channel_view, is_channels_last_like, to_layout
 from tsc_kernels.ops.residual_update import register_glue
 
 FWD_BLOCK = 1024

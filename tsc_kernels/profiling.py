@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 # Ops that only allocate, alias or describe tensors (SPEC.md §4's list and their close relatives).
