@@ -45,4 +45,47 @@ inline void check_residual_args(const at::Tensor& y, const at::Tensor& f, const 
   TORCH_CHECK(y.device() == f.device() && y.device() == dt.device(), "tsc::residual_update: y, f and dt must be on one device");
 }
 
+// Forward arguments in the layout the kernels read, and the output (same layout as y).
+struct ForwardArgs {
+  at::Tensor y, f, dt, out;
+  ChannelView view;
+};
+
+inline ForwardArgs prepare_forward(const at::Tensor& y_in, const at::Tensor& f_in, const at::Tensor& dt_in) {
+  check_residual_args(y_in, f_in, dt_in);
+  const bool cl = is_channels_last_like(y_in);
+  ForwardArgs a{to_layout(y_in, cl), to_layout(f_in, cl), dt_in.contiguous(), {}, {}};
+  a.out = at::empty_like(a.y);
+  a.view = channel_view(a.y, cl);
+  return a;
+}
+
+// Backward arguments in f's layout and the outputs (dy, df, ddt) of tsc::residual_update_backward.
+// dy is allocated only with the fused ReLU (else it is grad itself: an empty (0,) tensor is returned).
+// Every channel's ddt is written by the kernels; only an empty input needs zeros (no fill launch otherwise).
+struct BackwardArgs {
+  at::Tensor g, f, dt, relu_out, dy, df, ddt;
+  ChannelView view;
+  bool relu;
+};
+
+inline BackwardArgs prepare_backward(const at::Tensor& grad_in, const at::Tensor& f_in, const at::Tensor& dt_in,
+                                     const std::optional<at::Tensor>& relu_out) {
+  check_residual_args(f_in, grad_in, dt_in);
+  const bool relu = relu_out.has_value();
+  TORCH_CHECK(!relu || relu_out->sizes() == f_in.sizes(), "tsc::residual_update_backward: relu_out must have f's shape");
+  const bool cl = is_channels_last_like(f_in);
+  BackwardArgs a;
+  a.f = to_layout(f_in, cl);
+  a.g = to_layout(grad_in, cl);
+  a.dt = dt_in.contiguous();
+  a.relu = relu;
+  if (relu) a.relu_out = to_layout(*relu_out, cl);
+  a.df = at::empty_like(a.f);
+  a.dy = relu ? at::empty_like(a.f) : at::empty({0}, a.f.options());
+  a.ddt = a.f.numel() == 0 ? at::zeros_like(a.dt) : at::empty_like(a.dt);
+  a.view = channel_view(a.f, cl);
+  return a;
+}
+
 }  // namespace tsc

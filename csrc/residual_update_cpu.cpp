@@ -186,11 +186,10 @@ void backward_run(const scalar_t* g, const scalar_t* f, const scalar_t* out, Ste
 }
 
 at::Tensor residual_update_cpu(const at::Tensor& y_in, const at::Tensor& f_in, const at::Tensor& dt_in, bool relu) {
-  check_residual_args(y_in, f_in, dt_in);
-  const bool cl = is_channels_last_like(y_in);
-  const at::Tensor y = to_layout(y_in, cl), f = to_layout(f_in, cl), dt = dt_in.contiguous();
-  at::Tensor out = at::empty_like(y);
-  const ChannelView v = channel_view(y, cl);
+  ForwardArgs a = prepare_forward(y_in, f_in, dt_in);
+  const at::Tensor &y = a.y, &f = a.f, &dt = a.dt;
+  const at::Tensor& out = a.out;
+  const ChannelView v = a.view;
   if (y.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "tsc_residual_update_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -219,17 +218,11 @@ at::Tensor residual_update_cpu(const at::Tensor& y_in, const at::Tensor& f_in, c
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& f_in, const at::Tensor& dt_in, const std::optional<at::Tensor>& relu_out) {
-  check_residual_args(f_in, grad_in, dt_in);
-  const bool relu = relu_out.has_value();
-  TORCH_CHECK(!relu || relu_out->sizes() == f_in.sizes(), "tsc::residual_update_backward: relu_out must have f's shape");
-  const bool cl = is_channels_last_like(f_in);
-  const at::Tensor f = to_layout(f_in, cl), g = to_layout(grad_in, cl), dt = dt_in.contiguous();
-  const at::Tensor out = relu ? to_layout(*relu_out, cl) : at::Tensor();
-  at::Tensor df = at::empty_like(f);
-  at::Tensor dy = relu ? at::empty_like(f) : at::empty({0}, f.options());
-  // Every channel's ddt is written below; only an empty input needs the zeros (no fill launch otherwise).
-  at::Tensor ddt = f.numel() == 0 ? at::zeros_like(dt) : at::empty_like(dt);
-  const ChannelView v = channel_view(f, cl);
+  BackwardArgs a = prepare_backward(grad_in, f_in, dt_in, relu_out);
+  const at::Tensor &f = a.f, &g = a.g, &dt = a.dt, &out = a.relu_out;
+  const at::Tensor &dy = a.dy, &df = a.df, &ddt = a.ddt;
+  const ChannelView v = a.view;
+  const bool relu = a.relu;
   if (f.numel() == 0) return {dy, df, ddt};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, f.scalar_type(), "tsc_residual_update_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

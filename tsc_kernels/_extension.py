@@ -24,5 +24,9 @@ def has_kernel(op: str, dispatch_key: str) -> bool:
     return _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"tsc::{op}", dispatch_key)
 
 
+# Fixed once the extension is loaded; read on every op call (backend.resolve), so not re-queried.
+_HAS_CUDA_KERNELS = has_kernel("residual_update", "CUDA")
+
+
 def has_cuda_kernels() -> bool:
-    return has_kernel("residual_update", "CUDA")
+    return _HAS_CUDA_KERNELS
