@@ -7,7 +7,7 @@ usage: .venv/bin/pytest bench/bench_controller.py --benchmark-only [--benchmark-
 Networks: ResNet-50 (bottlenecks, C = 256..2048, L = 3/4/6/3, r = 8, D = 1.25C), ResNet-18
 (basic blocks, C = 64..512, L = 2, r = 4, D = 18C) and CIFAR ResNet-56 (C = 16/32/64, L = 9).
 Conv weights have their real shapes (the weight means read and write all of them).
-Targets (SPEC.md §4, issue 3): ResNet-50 <= 20 kernels per step (eager: 977) and >= 5x faster than eager.
+Targets (docs/performance.md, issue 3): ResNet-50 <= 20 kernels per step (eager: 977) and >= 5x faster than eager.
 Gradients are set to None after each step (optimizer.zero_grad() default), so every step allocates
 them as a training step does.
 """

@@ -1,4 +1,4 @@
-"""Residual update ``y + f * dt[c]`` (SPEC.md §2): fused CPU op vs eager reference vs
+"""Residual update ``y + f * dt[c]`` (docs/ops.md): fused CPU op vs eager reference vs
 torch.compile(reference) vs a same-size copy_ (the memory-bandwidth limit), for forward, backward
 and both, fp32 and bf16, on a large and a small shape. Run with `make bench-residual`
 (pytest-benchmark); bench/ratios.py turns the saved JSON into the ratio table.

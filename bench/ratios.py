@@ -3,7 +3,7 @@
 usage: python bench/ratios.py BENCH.json
 For each group (pass, shape, dtype): median ms of each implementation, fused speed-up vs eager
 and vs torch.compile, and fused time / bandwidth limit, where the limit is the minimum traffic of
-SPEC.md §2 (3N forward, 3N backward, 6N both) at the speed of the same-size copy_ (2N).
+docs/ops.md (3N forward, 3N backward, 6N both) at the speed of the same-size copy_ (2N).
 """
 import json
 import sys

@@ -1,4 +1,4 @@
-// CPU kernels of the weight-mean projection and the batched TSC_LSTM controller (SPEC.md §1-2),
+// CPU kernels of the weight-mean projection and the batched TSC_LSTM controller (docs/tsc.md, docs/ops.md),
 // registered for the CPU dispatch key.
 //
 // weight_mean: one pass over every conv weight of the network (parallel over output rows of all

@@ -1,4 +1,4 @@
-// CUDA kernels of the weight-mean projection and the batched TSC_LSTM controller (SPEC.md §1-2),
+// CUDA kernels of the weight-mean projection and the batched TSC_LSTM controller (docs/tsc.md, docs/ops.md),
 // registered for the CUDA dispatch key. The per-element arithmetic is controller_math.h, the same
 // functions the CPU kernels run, so the CPU tests cover it.
 //

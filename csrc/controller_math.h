@@ -1,4 +1,4 @@
-// Scalar math of the TSC_LSTM controller (SPEC.md §1) and of the weight-mean projection, shared
+// Scalar math of the TSC_LSTM controller (docs/tsc.md) and of the weight-mean projection, shared
 // verbatim by the CPU kernels (controller_cpu.cpp) and the CUDA kernels (controller_cuda.cu), so
 // the CPU tests cover the arithmetic the GPU runs. The matrix-vector products around it are
 // written per backend (vector lanes on CPU, warps on CUDA); everything per element lives here.

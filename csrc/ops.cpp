@@ -13,13 +13,13 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(tsc, m) {
-  // Residual update (SPEC.md §2): out = y + f * dt[c], ReLU fused when relu.
+  // Residual update (docs/ops.md): out = y + f * dt[c], ReLU fused when relu.
   m.def("residual_update(Tensor y, Tensor f, Tensor dt, bool relu) -> Tensor");
   // Backward in one pass: (dy, df, ddt). relu_out is the forward output when the ReLU was fused;
   // then dy is the gradient masked by the ReLU. Without it dy is the incoming gradient itself, so
   // the op returns an empty (0,) tensor there instead of copying it.
   m.def("residual_update_backward(Tensor grad, Tensor f, Tensor dt, Tensor? relu_out) -> (Tensor, Tensor, Tensor)");
-  // Weight-mean projection (SPEC.md §1): every given conv weight (C_out, C_in, *k) averaged over
+  // Weight-mean projection (docs/tsc.md): every given conv weight (C_out, C_in, *k) averaged over
   // C_in, flattened, concatenated into one 1-D tensor (fp32; fp64 for fp64 weights), one launch.
   m.def("weight_mean(Tensor[] weights) -> Tensor");
   // dW = broadcast(dw̄) / C_in for every weight, one launch; weights are read for shapes only.

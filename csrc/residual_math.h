@@ -1,4 +1,4 @@
-// Per-element math of the residual update `out = y + f * dt[c]` (SPEC.md §2), shared verbatim by
+// Per-element math of the residual update `out = y + f * dt[c]` (docs/ops.md), shared verbatim by
 // the CPU kernels (scalar and at::vec::Vectorized lanes) and the CUDA kernels, so the CPU tests
 // cover the arithmetic the GPU runs. Everything is evaluated in the accumulation type acc_t
 // (fp32 for fp32/fp16/bf16 inputs, fp64 for fp64).

@@ -3,7 +3,7 @@
 // The op sits once in every residual block, so its per-call overhead adds up: a Python autograd
 // formula (torch.library.register_autograd) costs ~60-80 us of interpreter time per forward and
 // backward, about as long as the kernel itself on a CIFAR-sized tensor, and on a GPU it would leave
-// the kernels waiting for the CPU. Here the formula is the same (SPEC.md §2): one backward op
+// the kernels waiting for the CPU. Here the formula is the same (docs/ops.md): one backward op
 // returning (dy, df, ddt), dy being the incoming gradient itself without the fused ReLU.
 // The Python side keeps register_fake for both ops (tsc_kernels/ops/residual_update.py), so
 // torch.compile traces this formula like any built-in op's.

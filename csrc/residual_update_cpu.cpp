@@ -1,4 +1,4 @@
-// CPU kernels of the fused residual update (SPEC.md §2), registered for the CPU dispatch key.
+// CPU kernels of the fused residual update (docs/ops.md), registered for the CPU dispatch key.
 //
 // Forward: one pass reading y and f, writing out. Backward: one pass reading grad and f (and the
 // forward output when the ReLU is fused), writing df (and dy = masked grad with the ReLU) and

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused residual update (SPEC.md §2), registered for the CUDA dispatch key.
+// CUDA kernels of the fused residual update (docs/ops.md), registered for the CUDA dispatch key.
 // The arithmetic is tsc::residual_forward / relu_forward / relu_backward from residual_math.h,
 // the same functions the CPU kernels run, so the CPU tests cover it.
 //

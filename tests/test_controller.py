@@ -1,4 +1,4 @@
-"""The weight-mean projection and the batched TSC_LSTM controller on every backend (SPEC.md §1-2).
+"""The weight-mean projection and the batched TSC_LSTM controller on every backend (docs/tsc.md, docs/ops.md).
 
 Each backend is compared with tsc_kernels.reference and with a plain nn.Linear / nn.LSTMCell loop
 holding the same parameters (the controller's own submodules), forward and every gradient.
@@ -16,7 +16,7 @@ from conftest import count_triton_launches
 
 
 
-# Stage shapes (L, D, C, r) of real networks (SPEC.md §1): basic blocks give D = 2 * 9 * C,
+# Stage shapes (L, D, C, r) of real networks (docs/tsc.md): basic blocks give D = 2 * 9 * C,
 # bottlenecks D = C / 4 + C.
 NETWORKS = {
     "cifar_resnet56": [(9, 18 * c, c, 4) for c in (16, 32, 64)],

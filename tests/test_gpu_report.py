@@ -1,5 +1,5 @@
 """The GPU build report (python -m tsc_kernels.gpu_report): Triton AOT figures, the CUDA kernels'
-ptxas figures from the build log, bytes moved against SPEC.md §2's minimum."""
+ptxas figures from the build log, bytes moved against docs/ops.md's minimum."""
 import json
 import os
 import subprocess

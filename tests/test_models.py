@@ -23,7 +23,7 @@ def n_params(model):
 
 
 def stage_shapes(plain, stage_names):
-    """(L, C, D) per stage read off a plain network's conv shapes, SPEC.md §1: D sums C_out·k1·k2 over
+    """(L, C, D) per stage read off a plain network's conv shapes, docs/tsc.md: D sums C_out·k1·k2 over
     conv1+conv2 (basic) or conv1+conv3 (bottleneck); C is the block's output channels."""
     shapes = []
     for name in stage_names:
@@ -36,7 +36,7 @@ def stage_shapes(plain, stage_names):
 
 
 def controller_size(shapes, mode, r):
-    """Controller parameters from SPEC.md §1's layer sizes (nn.Linear / nn.LSTMCell with biases)."""
+    """Controller parameters from docs/tsc.md's layer sizes (nn.Linear / nn.LSTMCell with biases)."""
     total = 0
     for L, C, D in shapes:
         H = max(1, C // r)
@@ -363,7 +363,7 @@ def fold_and_check_plain(model):
     plain_keys = [k for k in model.state_dict() if not k.startswith("tsc_controller.")]
     assert list(folded.state_dict()) == plain_keys
     assert not tsc_kernels.models.is_tsc_network(folded)
-    assert not any(isinstance(m, models.TSC_BLOCKS) for m in folded.modules())
+    assert not any(models.is_tsc_block(m) for m in folded.modules())
     assert n_params(folded) == n_params(model) - n_params(model.tsc_controller)
     return folded
 

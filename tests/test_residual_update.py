@@ -1,4 +1,4 @@
-"""The fused residual update on every backend vs the reference (SPEC.md §2)."""
+"""The fused residual update on every backend vs the reference (docs/ops.md)."""
 import re
 
 import pytest
@@ -169,7 +169,7 @@ def test_large_tensors_cpu_streaming_path(dtype, channels_last):
 
 @pytest.mark.parametrize("relu", [False, True])
 def test_fused_op_is_one_kernel_each_way(backend, relu):
-    """SPEC.md §4: the fused op is one kernel forward and one backward; the reference is several."""
+    """docs/performance.md: the fused op is one kernel forward and one backward; the reference is several."""
     from tsc_kernels.profiling import count_kernels
 
     y, f, dt = make_inputs((2, 6, 5, 3), torch.float32)

@@ -1,4 +1,4 @@
-"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 without spilling (SPEC.md §4).
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 without spilling (docs/performance.md).
 
 Runs `python -m tsc_kernels._triton.aot` in a subprocess with TRITON_INTERPRET removed from the
 environment: the interpreter (on in the rest of the suite) accepts code the GPU compiler rejects,

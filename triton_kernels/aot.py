@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of every Triton kernel of tsc_kernels for sm_80 and sm_90 (SPEC.md §4:
+"""Ahead-of-time compile of every Triton kernel of tsc_kernels for sm_80 and sm_90 (docs/performance.md:
 static GPU evidence on machines without a GPU).
 
     python -m tsc_kernels._triton.aot [--targets 80,90] [--only NAME] [--json FILE]

@@ -1,4 +1,4 @@
-"""Triton kernels of the batched TSC_LSTM controller (SPEC.md §1-2): every stage of a network in one
+"""Triton kernels of the batched TSC_LSTM controller (docs/tsc.md, docs/ops.md): every stage of a network in one
 launch forward and one launch backward, one program per stage.
 
 Ops (the schemas of tsc::lstm_controller / tsc::lstm_controller_backward, csrc/ops.cpp and

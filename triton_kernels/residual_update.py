@@ -1,4 +1,4 @@
-"""Triton kernels of the fused residual update ``out = y + f * dt[c]`` (SPEC.md §2): kernels,
+"""Triton kernels of the fused residual update ``out = y + f * dt[c]`` (docs/ops.md): kernels,
 launchers and the torch.library glue in one file (the Liger-Kernel layout).
 
 Tensors are seen as contiguous (outer, C, inner) blocks (tsc_kernels/ops/_layout.py): inner = 1 for

@@ -1,4 +1,4 @@
-"""Triton weight-mean projection (SPEC.md §1): every conv weight's mean over C_in in one launch,
+"""Triton weight-mean projection (docs/tsc.md): every conv weight's mean over C_in in one launch,
 and its backward dW = broadcast(dw̄) / C_in in one launch.
 
 Ops (schemas of tsc::weight_mean / tsc::weight_mean_backward, csrc/ops.cpp, so the dispatcher in
@@ -12,7 +12,7 @@ tsc_kernels/ops/weight_mean.py can call these in their place):
 
 The weights are not concatenated first: the kernel reads them in place through a table of
 (data pointer, C_out, C_in, K, strides, offset) rows, one row per weight, so each weight is read
-exactly once (SPEC.md §2) and channels-last weights need no copy. A weight is seen as
+exactly once (docs/ops.md) and channels-last weights need no copy. A weight is seen as
 (C_out, C_in, K) with strides (so, si, sk); that holds whenever its kernel dims collapse into one,
 which contiguous and channels-last weights both do; any other layout is made contiguous first.
 """

@@ -17,7 +17,7 @@ Columns (one row per variant):
   step ms, ±           median and inter-quartile range of a training step (forward, cross-entropy,
                        backward, SGD step) over --steps steps after warm-up; the variants' steps
                        are interleaved, so drift of the machine's speed shifts all rows alike
-  kernels              leaf compute ops of one training step under torch.profiler (SPEC.md §4;
+  kernels              leaf compute ops of one training step under torch.profiler (docs/performance.md;
                        a GPU-launch proxy)
   peak MB              peak tensor memory of one training step (CUDA: allocator peak; CPU:
                        profiler memory events)

@@ -26,7 +26,7 @@ def convert(model: nn.Module, mode: str = "lstm", reduction: int | None = None) 
 
     Args:
         model: a torchvision ResNet / ResNeXt / Wide ResNet, or a plain network of tsc_kernels.models.
-        mode: controller kind, "lstm" (TSC_LSTM), "2fc" or "indp" (SPEC.md §1).
+        mode: controller kind, "lstm" (TSC_LSTM), "2fc" or "indp" (docs/tsc.md).
         reduction: controller hidden size H = max(1, C // reduction); None: 4 for basic blocks, 8 for
             bottlenecks.
 

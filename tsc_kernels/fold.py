@@ -1,4 +1,4 @@
-"""``fold(model)``: bake every block's Δt into its weights and drop the controllers (SPEC.md §3).
+"""``fold(model)``: bake every block's Δt into its weights and drop the controllers (docs/fold.md).
 
 Where Δt goes, per block kind (F is the residual branch, ``out = act(shortcut + F(x) ⊗ Δt)``):
 - post-activation blocks (F ends with BatchNorm): ``BN(x) ⊗ Δt`` is a BatchNorm with

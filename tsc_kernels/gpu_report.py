@@ -1,4 +1,4 @@
-"""GPU build report: the GPU evidence this project can produce without a GPU (SPEC.md §4).
+"""GPU build report: the GPU evidence this project can produce without a GPU (docs/performance.md).
 
     python -m tsc_kernels.gpu_report [--build-log build/build.log] [--json PATH]
 
@@ -6,7 +6,7 @@
    registers per thread, spilled bytes and shared memory per kernel and config.
 2. The CUDA kernels' ptxas figures (registers, spills, shared memory per kernel and arch) from the
    extension build log (`make build` keeps it in build/build.log; nvcc runs with -Xptxas -v).
-3. Per op, the bytes the fused kernels move against the minimum of SPEC.md §2, at a reference shape.
+3. Per op, the bytes the fused kernels move against the minimum of docs/ops.md, at a reference shape.
 Must run without TRITON_INTERPRET=1. Exits 1 when a Triton kernel fails to compile or spills.
 """
 from __future__ import annotations
@@ -51,7 +51,7 @@ def cuda_ptxas_figures(build_log: str) -> list[dict]:
 
 def residual_traffic(shape=(8, 256, 56, 56), elem_bytes=4) -> list[dict]:
     """Bytes moved by the fused residual-update kernels (their loads and stores as written in
-    csrc/ and triton_kernels/) against SPEC.md §2's minimum, N elements per tensor."""
+    csrc/ and triton_kernels/) against docs/ops.md's minimum, N elements per tensor."""
     n = 1
     for s in shape:
         n *= s

@@ -1,6 +1,6 @@
 """Controller modules: one stage's TSCController and the network-level NetworkController.
 
-Parameter names and layouts match nn.Linear / nn.LSTMCell (SPEC.md §1), so a controller's
+Parameter names and layouts match nn.Linear / nn.LSTMCell (docs/tsc.md), so a controller's
 state_dict is interchangeable with a plain PyTorch one.
 """
 from __future__ import annotations
@@ -18,14 +18,14 @@ MODES = ("lstm", "2fc", "indp")
 
 
 def hidden_size(channels: int, reduction: int) -> int:
-    """H = max(1, C // r) (SPEC.md §1)."""
+    """H = max(1, C // r) (docs/tsc.md)."""
     return max(1, channels // reduction)
 
 
 def _autocast_off():
     """Disables autocast (CPU and CUDA) where it is on; a no-op otherwise.
 
-    The controller runs in its parameters' dtype (fp32) under autocast (SPEC.md §2: Δt is fp32):
+    The controller runs in its parameters' dtype (fp32) under autocast (docs/ops.md: Δt is fp32):
     autocast would otherwise run nn.Linear (2fc) and the torch backend's reference ops (F.linear in
     the LSTM) in bf16/fp16. The fused C++/Triton ops are not autocast-aware and run fp32 anyway.
     """
@@ -83,7 +83,7 @@ class TSCController(nn.Module):
 class NetworkController(nn.Module):
     """Every stage's controller; ``forward(weights)`` returns every block's Δt in one call (batched kernels).
 
-    weights[s][d] is the list of conv weights block d of stage s declares (SPEC.md §1: basic block
+    weights[s][d] is the list of conv weights block d of stage s declares (docs/tsc.md: basic block
     conv1, conv2; bottleneck conv1, conv3). Returns one (L_s, C_s) tensor per stage.
     """
 

@@ -1,4 +1,4 @@
-"""Kernel counting, the GPU-launch proxy of SPEC.md §4.
+"""Kernel counting, the GPU-launch proxy of docs/performance.md.
 
 ``count_kernels(fn)`` runs ``fn()`` once under torch.profiler (CPU activity) and counts its leaf
 compute ops: operator events (``aten::*``, ``tsc::*``, any ``namespace::op``) with no compute op
@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch.profiler import ProfilerActivity, profile
 
-# Ops that only allocate, alias or describe tensors (SPEC.md §4's list and their close relatives).
+# Ops that only allocate, alias or describe tensors (docs/performance.md's list and their close relatives).
 METADATA_OPS = frozenset(
     "aten::" + n
     for n in (

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of every tsc op: this file is the executable form of SPEC.md.
+"""Pure-PyTorch reference of every tsc op: this file is the executable form of docs/ops.md.
 
 Every backend (C++ CPU, CUDA, Triton) is tested against these functions. They favour clarity over
 speed; the torch backend runs them as they are (through ``torch.library`` ops, see ``ops/``).

@@ -1,4 +1,4 @@
-"""The batched TSC_LSTM controller (SPEC.md §1-2): public entry points and the torch.library glue.
+"""The batched TSC_LSTM controller (docs/tsc.md, docs/ops.md): public entry points and the torch.library glue.
 
 Schemas (csrc/ops.cpp; a Triton implementation registers the same schemas under the *_triton names):
 
@@ -121,7 +121,7 @@ def lstm_controller(
     fc_out_weight: torch.Tensor,
     fc_out_bias: torch.Tensor,
 ) -> torch.Tensor:
-    """TSC_LSTM for one stage (SPEC.md §1): ``wbar (L, D) -> Δt (L, C)``, values in (0, 1).
+    """TSC_LSTM for one stage (docs/tsc.md): ``wbar (L, D) -> Δt (L, C)``, values in (0, 1).
 
     ``x_d = relu(fc_in(w̄_d))``; ``h_d, c_d = LSTMCell(x_d, (h_{d-1}, c_{d-1}))`` (gates i, f, g, o;
     ``h_0 = c_0 = 0``); ``Δt_d = sigmoid(fc_out(h_d))``. Parameters have the nn.Linear(D, H),
@@ -138,7 +138,7 @@ def network_dt(weights: Sequence[Sequence[Sequence[torch.Tensor]]], controllers:
     """Every block's Δt of a network: one weight_mean launch for all blocks, one controller launch for all lstm stages.
 
     Args:
-        weights: weights[s][d] is the list of conv weights block d of stage s declares (SPEC.md §1).
+        weights: weights[s][d] is the list of conv weights block d of stage s declares (docs/tsc.md).
         controllers: one tsc_kernels.nn.TSCController per stage. "lstm" stages run batched in one
             tsc::lstm_controller call; "2fc" and "indp" stages run their own (plain torch) forward
             on their slice of the packed w̄.

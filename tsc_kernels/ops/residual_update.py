@@ -1,4 +1,4 @@
-"""The fused residual update ``out = y + f * dt[c]`` (SPEC.md §2): public entry point and the
+"""The fused residual update ``out = y + f * dt[c]`` (docs/ops.md): public entry point and the
 torch.library glue of its C++/CUDA op.
 
 Ops:

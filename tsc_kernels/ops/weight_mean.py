@@ -1,4 +1,4 @@
-"""The weight-mean projection w̄ (SPEC.md §1): public entry point and the torch.library glue.
+"""The weight-mean projection w̄ (docs/tsc.md): public entry point and the torch.library glue.
 
 Schemas (csrc/ops.cpp; a Triton implementation registers the same schemas under the *_triton names):
 
@@ -83,7 +83,7 @@ def packed(weights: Sequence[torch.Tensor], name: str) -> torch.Tensor:
 
 
 def weight_mean(weights: Sequence[torch.Tensor]) -> torch.Tensor:
-    """w̄ of one block (SPEC.md §1): each conv weight (C_out, C_in, *k) averaged over C_in, flattened, concatenated.
+    """w̄ of one block (docs/tsc.md): each conv weight (C_out, C_in, *k) averaged over C_in, flattened, concatenated.
 
     Args:
         weights: the block's chosen conv weights in order (basic block: conv1, conv2; bottleneck:

@@ -1,0 +1,199 @@
+"""Residual blocks: the plain blocks this library adds to torchvision's (SE, pre-activation) and the
+TSC blocks, subclasses of plain blocks with the same submodules whose forward takes the block's Δt.
+
+New block families register their TSC class with ``register_block`` so that ``convert`` and
+``fold`` find them.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
+from torchvision.ops import SqueezeExcitation
+
+from .. import _checks
+from ..ops.residual_update import residual_update
+
+# --------------------------------------------------------------------------------------------------
+# Plain blocks this module adds (torchvision has BasicBlock and Bottleneck)
+# --------------------------------------------------------------------------------------------------
+class SEBottleneck(Bottleneck):
+    """torchvision Bottleneck with squeeze-excitation (``self.se``) after bn3, before the residual add."""
+
+    se_reduction = 16
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1, norm_layer=None):
+        super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
+        channels = planes * self.expansion
+        self.se = SqueezeExcitation(channels, max(1, channels // self.se_reduction))
+
+    def _branch(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.se(self.bn3(self.conv3(out)))
+        return (x if self.downsample is None else self.downsample(x)), out
+
+    def forward(self, x):
+        identity, out = self._branch(x)
+        return self.relu(out + identity)
+
+
+class PreActBasicBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016b): BN-ReLU-conv3x3-BN-ReLU-conv3x3, identity add.
+
+    A projection shortcut (``downsample``, a 1x1 conv) reads the pre-activated input.
+    """
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.relu = nn.ReLU(inplace=False)  # bn1's output also feeds the shortcut: no in-place ReLU
+        self.conv1 = conv3x3(inplanes, planes, stride)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes)
+        self.downsample = downsample
+
+    def _branch(self, x):
+        pre = self.relu(self.bn1(x))
+        shortcut = x if self.downsample is None else self.downsample(pre)
+        return shortcut, self.conv2(self.relu(self.bn2(self.conv1(pre))))
+
+    def forward(self, x):
+        shortcut, out = self._branch(x)
+        return shortcut + out
+
+
+class PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck: BN-ReLU-conv1x1, BN-ReLU-conv3x3 (stride), BN-ReLU-conv1x1 (x4)."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(inplanes)
+        self.relu = nn.ReLU(inplace=False)
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = conv3x3(planes, planes, stride)
+        self.bn3 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.downsample = downsample
+
+    def _branch(self, x):
+        pre = self.relu(self.bn1(x))
+        shortcut = x if self.downsample is None else self.downsample(pre)
+        out = self.conv2(self.relu(self.bn2(self.conv1(pre))))
+        return shortcut, self.conv3(self.relu(self.bn3(out)))
+
+    def forward(self, x):
+        shortcut, out = self._branch(x)
+        return shortcut + out
+
+
+# --------------------------------------------------------------------------------------------------
+# TSC blocks: subclasses with the same submodules; forward(x, dt)
+# --------------------------------------------------------------------------------------------------
+class _TSCBlock:
+    """Mixin of TSC blocks. Subclasses set ``plain_class`` (the block they extend), ``post_activation``,
+    ``default_reduction`` and the conv names below."""
+
+    plain_class: type
+    post_activation = True
+    default_reduction = 4
+    controller_convs: tuple[str, ...] = ("conv1", "conv2")  # the convs w̄ reads (docs/tsc.md)
+    branch_conv_names: tuple[str, ...] = ("conv1", "conv2")  # every conv of F, in order
+    tail_name = "bn2"  # the last layer of F before ⊗Δt (fold scales it)
+
+    def tsc_weights(self) -> list[torch.Tensor]:
+        return [getattr(self, n).weight for n in self.controller_convs]
+
+    def branch_convs(self) -> list[nn.Conv2d]:
+        return [getattr(self, n) for n in self.branch_conv_names]
+
+    def tsc_channels(self) -> int:
+        """Length of this block's Δt: its output channels."""
+        return getattr(self, self.branch_conv_names[-1]).out_channels
+
+    def forward(self, x, dt=None):
+        if dt is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs its step sizes: call the whole TSC network (it runs the "
+                "controller and passes every block its Δt), or call block(x, dt) with dt of shape (C,)")
+        _checks.tensor(dt, "dt")
+        shortcut, out = self._branch(x)
+        if shortcut.dtype != out.dtype and torch.is_autocast_enabled(out.device.type):
+            # Under autocast the branch's convs give bf16/fp16 while an fp32 input can reach the
+            # shortcut unchanged (a block fed fp32 activations): the update runs in the branch's
+            # dtype, as torchvision's `out += identity` does, instead of failing residual_update's
+            # same-dtype check.
+            shortcut = shortcut.to(out.dtype)
+        # residual_update takes fp32 Δt (fp64 with fp64 activations) whatever the controller's dtype
+        dt = dt.to(torch.float64 if out.dtype == torch.float64 else torch.float32)
+        return residual_update(shortcut, out, dt, relu=self.post_activation)
+
+
+class TSCBasicBlock(_TSCBlock, BasicBlock):
+    plain_class = BasicBlock
+
+    def _branch(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        return (x if self.downsample is None else self.downsample(x)), self.bn2(self.conv2(out))
+
+
+class TSCBottleneck(_TSCBlock, Bottleneck):
+    plain_class = Bottleneck
+    default_reduction = 8
+    controller_convs = ("conv1", "conv3")
+    branch_conv_names = ("conv1", "conv2", "conv3")
+    tail_name = "bn3"
+
+    def _branch(self, x):
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        return (x if self.downsample is None else self.downsample(x)), self.bn3(self.conv3(out))
+
+
+class TSCSEBottleneck(_TSCBlock, SEBottleneck):
+    plain_class = SEBottleneck
+    default_reduction = 8
+    controller_convs = ("conv1", "conv3")
+    branch_conv_names = ("conv1", "conv2", "conv3")
+    tail_name = "bn3"  # fold also rescales se.fc1 (see tsc_kernels.fold)
+    _branch = SEBottleneck._branch
+
+
+class TSCPreActBasicBlock(_TSCBlock, PreActBasicBlock):
+    plain_class = PreActBasicBlock
+    post_activation = False
+    tail_name = "conv2"
+    _branch = PreActBasicBlock._branch
+
+
+class TSCPreActBottleneck(_TSCBlock, PreActBottleneck):
+    plain_class = PreActBottleneck
+    post_activation = False
+    default_reduction = 8
+    controller_convs = ("conv1", "conv3")
+    branch_conv_names = ("conv1", "conv2", "conv3")
+    tail_name = "conv3"
+    _branch = PreActBottleneck._branch
+
+
+# plain block class -> its TSC subclass; every block family adds to it (register_block)
+PLAIN_TO_TSC_BLOCK: dict[type, type] = {}
+
+
+def register_block(tsc_cls: type) -> type:
+    """Make ``tsc_cls`` (a TSC block, subclass of its ``plain_class``) known to convert and fold."""
+    PLAIN_TO_TSC_BLOCK[tsc_cls.plain_class] = tsc_cls
+    return tsc_cls
+
+
+def is_tsc_block(module: object) -> bool:
+    return isinstance(module, _TSCBlock)
+
+
+for _cls in (TSCBasicBlock, TSCBottleneck, TSCSEBottleneck, TSCPreActBasicBlock, TSCPreActBottleneck):
+    register_block(_cls)
