@@ -7,6 +7,7 @@ the unusual shapes must give the reference's answer on every backend.
 """
 import pytest
 import torch
+import torchvision
 
 import tsc_kernels
 from tsc_kernels import models, reference
@@ -106,7 +107,7 @@ BAD_INPUT = [
     ("netctrl-wbar-length", lambda: NetworkController([TSCController(18, 4)])([[[W(1, 3, 3, 3)]]]), ValueError, r"gives w̄ of length 9, but stage 0's controller has in_features=18"),
     # --- convert / fold / diagnostics / TSC blocks ---
     ("convert-linear", lambda: tsc_kernels.convert(torch.nn.Linear(2, 2)), TypeError, r"convert cannot handle torch.nn.modules.linear.Linear"),
-    ("convert-resnet-subclass", lambda: tsc_kernels.convert(type("MyCIFAR", (models.CIFARResNet,), {})(models.BasicBlock, 1)), TypeError, r"convert cannot handle .*MyCIFAR"),
+    ("convert-resnet-subclass", lambda: tsc_kernels.convert(type("MyCIFAR", (models.CIFARResNet,), {})(torchvision.models.resnet.BasicBlock, 1)), TypeError, r"convert cannot handle .*MyCIFAR"),
     ("convert-not-module", lambda: tsc_kernels.convert("resnet18"), TypeError, r"model must be a torch.nn.Module, got str"),
     ("convert-twice", lambda: tsc_kernels.convert(models.cifar_resnet(8)), ValueError, r"already a TSC network"),
     ("convert-mode", lambda: tsc_kernels.convert(models.cifar_resnet(8, tsc=None), mode="lstm2"), ValueError, r"mode must be one of"),

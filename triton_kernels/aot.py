@@ -27,7 +27,7 @@ import re
 import subprocess
 import tempfile
 
-MODULES = ("residual_update", "weight_mean", "controller")
+MODULES = ("residual_update", "weight_mean", "lstm_controller")
 
 
 def _collect() -> list[dict]:

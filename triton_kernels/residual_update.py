@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from tsc_kernels.ops._layout import channel_view, is_channels_last_like, to_layout
-from tsc_kernels.ops.residual_update import register_glue
+from tsc_kernels.ops import residual_update as _declaration  # noqa: F401  (declares the op first)
+from tsc_kernels.ops.registry import triton_backward, triton_forward
 
 FWD_BLOCK = 1024
 BWD_BLOCK = 1024
@@ -88,7 +89,7 @@ def residual_bwd_rows_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, ddt_
     tl.store(ddt_ptr + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
-@torch.library.custom_op("tsc::residual_update_triton", mutates_args=())
+@triton_forward("residual_update")
 def residual_update_triton(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, relu: bool) -> torch.Tensor:
     cl = is_channels_last_like(y)
     y, f, dt = to_layout(y, cl), to_layout(f, cl), dt.contiguous()
@@ -100,7 +101,7 @@ def residual_update_triton(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, r
     return out
 
 
-@torch.library.custom_op("tsc::residual_update_backward_triton", mutates_args=())
+@triton_backward("residual_update")
 def residual_update_backward_triton(
     grad: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, relu_out: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -122,9 +123,6 @@ def residual_update_backward_triton(
         residual_bwd_rows_kernel[(triton.cdiv(C, ROWS_BLOCK_C),)](
             g, f, out, dt, dy_arg, df, ddt, outer, C, RELU=relu, BLOCK_R=ROWS_BLOCK_R, BLOCK_C=ROWS_BLOCK_C)
     return dy, df, ddt
-
-
-register_glue("tsc::residual_update_triton", "tsc::residual_update_backward_triton")
 
 
 def _sig(dtype: str, acc: str = "fp32") -> dict:

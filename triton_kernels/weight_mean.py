@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from tsc_kernels.reference import accumulation_dtype  # fp32 for fp16/bf16/fp32 weights, fp64 for fp64
-from tsc_kernels.ops import weight_mean as _glue  # schemas' fakes and autograd of the tsc::weight_mean* family
+from tsc_kernels.ops import weight_mean as _declaration  # noqa: F401  (declares the op first)
+from tsc_kernels.ops.registry import triton_backward, triton_forward
 
 # Columns of the per-weight table (int64: the first one is a data pointer).
 T_PTR, T_COUT, T_CIN, T_K, T_SO, T_SI, T_SK, T_OFF = (tl.constexpr(i) for i in range(8))
@@ -141,7 +142,7 @@ def _check(op: str, weights) -> None:
             raise TypeError(f"{op}: weights must be float16/bfloat16/float32/float64, got {w.dtype}")
 
 
-@torch.library.custom_op("tsc::weight_mean_triton", mutates_args=(), schema="(Tensor[] weights) -> Tensor")
+@triton_forward("weight_mean")
 def weight_mean_triton(weights: List[torch.Tensor]) -> torch.Tensor:
     _check("tsc::weight_mean_triton", weights)
     ws = [w if _view3(w) is not None else w.contiguous() for w in weights]
@@ -165,7 +166,7 @@ def _grad_buffers(weights):
     return out
 
 
-@torch.library.custom_op("tsc::weight_mean_backward_triton", mutates_args=(), schema="(Tensor grad, Tensor[] weights) -> Tensor[]")
+@triton_backward("weight_mean")
 def weight_mean_backward_triton(grad: torch.Tensor, weights: List[torch.Tensor]) -> List[torch.Tensor]:
     _check("tsc::weight_mean_backward_triton", weights)
     off, total = _offsets(weights)
@@ -179,9 +180,6 @@ def weight_mean_backward_triton(grad: torch.Tensor, weights: List[torch.Tensor])
         weight_mean_bwd_kernel[(len(dws), triton.cdiv(numel, BWD_BLOCK))](
             _table(dws, off), grad, W_DTYPE=_TL_DTYPES[weights[0].dtype], BLOCK=BWD_BLOCK, num_warps=NUM_WARPS)
     return dws
-
-
-_glue.register_glue("tsc::weight_mean_triton", "tsc::weight_mean_backward_triton")
 
 
 # Ahead-of-time compile configurations (triton_kernels/aot.py): the weight dtypes of training

@@ -9,10 +9,8 @@ With TRITON_INTERPRET=1 (set before tsc_kernels is imported) the triton backend 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import importlib.util
 import os
-import sys
 from typing import Iterator
 
 import torch
@@ -99,25 +97,3 @@ def resolve(device: torch.device) -> str:
         return _current
     order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
     return next(n for n in order if _usable(n, device) is None)
-
-
-def op_for(device: torch.device, name: str, triton_module: str):
-    """The torch.library op that runs `tsc::<name>` on `device` under the current selection.
-
-    Every op follows one naming scheme: `tsc::<name>` holds the C++ CPU and CUDA kernels,
-    `tsc::<name>_triton` is registered by importing tsc_kernels._triton.<triton_module> (on first
-    use: triton is slow to import), and `tsc::<name>_torch` is the reference.
-    """
-    resolved = resolve(device)
-    if resolved in ("cpu", "cuda"):
-        return getattr(torch.ops.tsc, name)
-    if resolved == "triton":
-        module = f"tsc_kernels._triton.{triton_module}"
-        try:
-            if module not in sys.modules:  # the guard also keeps torch.compile from tracing the import
-                importlib.import_module(module)
-        except ImportError as exc:
-            raise BackendUnavailableError(f"tsc_kernels backend 'triton' is unavailable: importing "
-                                          f"tsc_kernels._triton.{triton_module} failed ({exc})") from exc
-        return getattr(torch.ops.tsc, f"{name}_triton")
-    return getattr(torch.ops.tsc, f"{name}_torch")

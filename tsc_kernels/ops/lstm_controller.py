@@ -1,6 +1,6 @@
 """The batched TSC_LSTM controller (docs/tsc.md, docs/ops.md): public entry points and the torch.library glue.
 
-Schemas (csrc/ops.cpp; a Triton implementation registers the same schemas under the *_triton names):
+Schemas (csrc/ops.cpp and the declaration below, tsc_kernels/ops/registry.py):
 
     tsc::lstm_controller(Tensor wbar_packed, int[] blocks, Tensor[] params) -> (Tensor, Tensor)
     tsc::lstm_controller_backward(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks,
@@ -24,8 +24,7 @@ Backward: grad (1-D like dt_packed) and the forward's dt_packed and saved -> (gr
 
 Ops:
   tsc::lstm_controller / tsc::lstm_controller_backward                 C++ (CPU) and CUDA, csrc/controller_*
-  tsc::lstm_controller_triton / tsc::lstm_controller_backward_triton   Triton, triton_kernels/controller.py
-                                                                       (registers them, then calls register_glue below)
+  tsc::lstm_controller_triton / tsc::lstm_controller_backward_triton   Triton, triton_kernels/lstm_controller.py
   tsc::lstm_controller_torch                                           the reference per stage, CompositeImplicitAutograd;
                                                                        returns dt_packed only
 """
@@ -35,8 +34,9 @@ from typing import Sequence
 
 import torch
 
-from .. import _checks, _extension, backend, reference
+from .. import _checks, reference
 from . import weight_mean as _weight_mean
+from .registry import OpDef, define, dispatch
 
 PARAMS_PER_STAGE = 8
 SAVED_PER_UNIT = 7  # x, i, f, g, o, c, h per hidden unit and block
@@ -55,10 +55,6 @@ def _lstm_controller_torch(wbar_packed: torch.Tensor, blocks: Sequence[int], par
     outs = [reference.lstm_controller(w.view(L, D), *p).reshape(-1)
             for w, (L, D, _, p) in zip(torch.split(wbar_packed, sizes), _stage_slices(blocks, params))]
     return torch.cat(outs)
-
-
-torch.library.define("tsc::lstm_controller_torch", "(Tensor wbar_packed, int[] blocks, Tensor[] params) -> Tensor")
-torch.library.impl("tsc::lstm_controller_torch", "CompositeImplicitAutograd", _lstm_controller_torch)
 
 
 def _fake_forward(wbar_packed, blocks, params):
@@ -81,33 +77,35 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(wbar_packed, dt_packed, saved, *params)
 
 
-def register_glue(forward_name: str, backward_name: str) -> None:
-    """register_fake for a (forward, backward) op pair with the schemas above and register_autograd for the forward."""
-    torch.library.register_fake(forward_name)(_fake_forward)
-    torch.library.register_fake(backward_name)(_fake_backward)
-    backward_op = getattr(torch.ops.tsc, backward_name.split("::")[1])
-
-    def backward(ctx, grad_dt, grad_saved):
-        # `saved` is internal state, never used downstream, so grad_saved carries nothing.
-        wbar_packed, dt_packed, saved, *params = ctx.saved_tensors
-        if grad_dt is None:
-            grad_dt = torch.zeros_like(dt_packed)
-        dwbar, dparams = backward_op(grad_dt, dt_packed, wbar_packed, ctx.blocks, params, saved)
-        return dwbar, None, list(dparams)
-
-    torch.library.register_autograd(forward_name, backward, setup_context=_setup_context)
+def _backward(backward_op, ctx, grad_dt, grad_saved):
+    # `saved` is internal state, never used downstream, so grad_saved carries nothing.
+    wbar_packed, dt_packed, saved, *params = ctx.saved_tensors
+    if grad_dt is None:
+        grad_dt = torch.zeros_like(dt_packed)
+    dwbar, dparams = backward_op(grad_dt, dt_packed, wbar_packed, ctx.blocks, params, saved)
+    return dwbar, None, list(dparams)
 
 
-if _extension.has_cpp_ops():
-    register_glue("tsc::lstm_controller", "tsc::lstm_controller_backward")
+OP = define(OpDef(
+    name="lstm_controller",
+    schema="(Tensor wbar_packed, int[] blocks, Tensor[] params) -> (Tensor, Tensor)",
+    backward_schema="(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks, Tensor[] params, "
+                    "Tensor saved) -> (Tensor, Tensor[])",
+    reference=_lstm_controller_torch,
+    reference_schema="(Tensor wbar_packed, int[] blocks, Tensor[] params) -> Tensor",  # dt_packed only
+    fake=_fake_forward,
+    fake_backward=_fake_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+))
 
 
 def _run(wbar_packed: torch.Tensor, blocks: list[int], params: list[torch.Tensor]) -> torch.Tensor:
     """dt_packed on the current backend (arguments already validated)."""
-    op = backend.op_for(wbar_packed.device, "lstm_controller", "controller")
+    op = dispatch("lstm_controller", wbar_packed.device)
     out = op(wbar_packed, blocks, params)
     # the fused ops also return what their backward reads; the reference returns Δt alone
-    return out if op is torch.ops.tsc.lstm_controller_torch else out[0]
+    return out[0] if OP.returns_saved(op) else out
 
 
 def lstm_controller(

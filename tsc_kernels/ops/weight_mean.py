@@ -1,6 +1,6 @@
 """The weight-mean projection w̄ (docs/tsc.md): public entry point and the torch.library glue.
 
-Schemas (csrc/ops.cpp; a Triton implementation registers the same schemas under the *_triton names):
+Schemas (csrc/ops.cpp and the declaration below, tsc_kernels/ops/registry.py):
 
     tsc::weight_mean(Tensor[] weights) -> Tensor
     tsc::weight_mean_backward(Tensor grad, Tensor[] weights) -> Tensor[]
@@ -17,7 +17,6 @@ are read for their shapes, strides and dtype only.
 Ops:
   tsc::weight_mean / tsc::weight_mean_backward               C++ (CPU) and CUDA kernels, csrc/controller_*
   tsc::weight_mean_triton / tsc::weight_mean_backward_triton  Triton, triton_kernels/weight_mean.py
-                                                             (registers them, then calls register_glue below)
   tsc::weight_mean_torch                                     the reference, CompositeImplicitAutograd
 """
 from __future__ import annotations
@@ -27,16 +26,13 @@ from typing import Sequence
 
 import torch
 
-from .. import _checks, _extension, backend, reference
+from .. import _checks, reference
+from .registry import OpDef, define, dispatch
 
 
 def _weight_mean_torch(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     # The op's output dtype is the accumulation dtype (fp32 for fp16/bf16 weights) on every backend.
     return reference.weight_mean(weights).to(reference.accumulation_dtype(weights[0].dtype))
-
-
-torch.library.define("tsc::weight_mean_torch", "(Tensor[] weights) -> Tensor")
-torch.library.impl("tsc::weight_mean_torch", "CompositeImplicitAutograd", _weight_mean_torch)
 
 
 def packed_length(weights: Sequence[torch.Tensor]) -> int:
@@ -58,20 +54,20 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*weights)
 
 
-def register_glue(forward_name: str, backward_name: str) -> None:
-    """register_fake for a (forward, backward) op pair with the schemas above and register_autograd for the forward."""
-    torch.library.register_fake(forward_name)(_fake_forward)
-    torch.library.register_fake(backward_name)(_fake_backward)
-    backward_op = getattr(torch.ops.tsc, backward_name.split("::")[1])
-
-    def backward(ctx, grad):
-        return (list(backward_op(grad, list(ctx.saved_tensors))),)
-
-    torch.library.register_autograd(forward_name, backward, setup_context=_setup_context)
+def _backward(backward_op, ctx, grad):
+    return (list(backward_op(grad, list(ctx.saved_tensors))),)
 
 
-if _extension.has_cpp_ops():
-    register_glue("tsc::weight_mean", "tsc::weight_mean_backward")
+OP = define(OpDef(
+    name="weight_mean",
+    schema="(Tensor[] weights) -> Tensor",
+    backward_schema="(Tensor grad, Tensor[] weights) -> Tensor[]",
+    reference=_weight_mean_torch,
+    fake=_fake_forward,
+    fake_backward=_fake_backward,
+    setup_context=_setup_context,
+    backward=_backward,
+))
 
 
 def packed(weights: Sequence[torch.Tensor], name: str) -> torch.Tensor:
@@ -79,7 +75,7 @@ def packed(weights: Sequence[torch.Tensor], name: str) -> torch.Tensor:
     weights = _checks.conv_weights(weights, name)
     _checks.conv_in_channels(weights, name)
     weights = list(weights)
-    return backend.op_for(weights[0].device, "weight_mean", "weight_mean")(weights)
+    return dispatch("weight_mean", weights[0].device)(weights)
 
 
 def weight_mean(weights: Sequence[torch.Tensor]) -> torch.Tensor:

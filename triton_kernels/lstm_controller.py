@@ -2,7 +2,7 @@
 launch forward and one launch backward, one program per stage.
 
 Ops (the schemas of tsc::lstm_controller / tsc::lstm_controller_backward, csrc/ops.cpp and
-tsc_kernels/ops/lstm_controller.py, whose register_glue adds the fakes and autograd here):
+tsc_kernels/ops/lstm_controller.py, whose declaration gives the fakes and autograd here):
   tsc::lstm_controller_triton(Tensor wbar_packed, int[] blocks, Tensor[] params) -> (Tensor, Tensor)
   tsc::lstm_controller_backward_triton(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks,
                                        Tensor[] params, Tensor saved) -> (Tensor, Tensor[])
@@ -40,7 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
-from tsc_kernels.ops import lstm_controller as _glue  # fakes and autograd of the tsc::lstm_controller* schemas
+from tsc_kernels.ops import lstm_controller as _declaration  # noqa: F401  (declares the op first)
+from tsc_kernels.ops.registry import triton_backward, triton_forward
 
 # Columns of the per-stage int64 table (constexpr: jit code may only read constexpr globals):
 # sizes, offsets into the packed buffers, then the data pointers of the 8 parameters and of their
@@ -400,10 +401,9 @@ def _table(dims, params, grads) -> tuple[torch.Tensor, list[int]]:
     return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, NMETA.value), off
 
 
-# Explicit schemas: exactly those of tsc::lstm_controller(_backward) (csrc/ops.cpp), `int[]` where
-# custom_op would infer `SymInt[]` from the type hints.
-@torch.library.custom_op("tsc::lstm_controller_triton", mutates_args=(),
-                         schema="(Tensor wbar_packed, int[] blocks, Tensor[] params) -> (Tensor, Tensor)")
+# The declared schemas (tsc_kernels/ops/lstm_controller.py): `int[]` where custom_op would infer
+# `SymInt[]` from the type hints.
+@triton_forward("lstm_controller")
 def lstm_controller_triton(wbar_packed: torch.Tensor, blocks: List[int], params: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     dims = _dims("tsc::lstm_controller_triton", wbar_packed, blocks, params)
     wbar = wbar_packed.contiguous()
@@ -416,9 +416,7 @@ def lstm_controller_triton(wbar_packed: torch.Tensor, blocks: List[int], params:
     return dt, saved
 
 
-@torch.library.custom_op("tsc::lstm_controller_backward_triton", mutates_args=(),
-                         schema="(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks, Tensor[] params, "
-                                "Tensor saved) -> (Tensor, Tensor[])")
+@triton_backward("lstm_controller")
 def lstm_controller_backward_triton(grad: torch.Tensor, dt_packed: torch.Tensor, wbar_packed: torch.Tensor, blocks: List[int],
                                     params: List[torch.Tensor], saved: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     op = "tsc::lstm_controller_backward_triton"
@@ -439,9 +437,6 @@ def lstm_controller_backward_triton(grad: torch.Tensor, dt_packed: torch.Tensor,
         lstm_controller_bwd_kernel[(len(dims),)](table, wbar, dt, grad, saved, dwbar, ws,
                                                  BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return dwbar, dparams
-
-
-_glue.register_glue("tsc::lstm_controller_triton", "tsc::lstm_controller_backward_triton")
 
 
 # Ahead-of-time compile configurations (triton_kernels/aot.py). L, D, H, C and every offset are

@@ -1,8 +1,8 @@
 """Controller fwd+bwd including the weight means (issue 3): fused (NetworkController: one
 weight_mean + one batched controller launch) vs the eager loop (nn.Linear / nn.LSTMCell per block).
 
-usage: .venv/bin/pytest bench/bench_controller.py --benchmark-only [--benchmark-json out.json]
-       .venv/bin/python bench/bench_controller.py      (kernel counts and a quick timing table)
+usage: .venv/bin/pytest bench/bench_lstm_controller.py --benchmark-only [--benchmark-json out.json]
+       .venv/bin/python bench/bench_lstm_controller.py      (kernel counts and a quick timing table)
 
 Networks: ResNet-50 (bottlenecks, C = 256..2048, L = 3/4/6/3, r = 8, D = 1.25C), ResNet-18
 (basic blocks, C = 64..512, L = 2, r = 4, D = 18C) and CIFAR ResNet-56 (C = 16/32/64, L = 9).

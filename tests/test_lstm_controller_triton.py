@@ -18,7 +18,7 @@ import tsc_kernels  # noqa: E402
 from tsc_kernels import _extension  # noqa: E402
 from tsc_kernels import reference  # noqa: E402
 from conftest import TOLERANCES  # noqa: E402
-import tsc_kernels._triton.controller  # noqa: E402,F401  (registers the tsc::*_triton ops)
+import tsc_kernels._triton.lstm_controller  # noqa: E402,F401  (registers the tsc::*_triton ops)
 import tsc_kernels._triton.weight_mean  # noqa: E402,F401
 
 wm_op = torch.ops.tsc.weight_mean_triton

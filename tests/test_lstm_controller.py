@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tsc_kernels
+from tsc_kernels.ops.registry import dispatch
 from tsc_kernels import reference
 from tsc_kernels.nn import NetworkController, TSCController
 from tsc_kernels.profiling import count_kernels
@@ -142,7 +143,7 @@ def test_weight_mean_matches_reference(backend, dtype):
         assert got[4].is_contiguous(memory_format=torch.channels_last)
 
 
-@BIG  # gradcheck runs the interpreter hundreds of times; tests/test_triton_controller.py has a smaller one
+@BIG  # gradcheck runs the interpreter hundreds of times; tests/test_lstm_controller_triton.py has a smaller one
 def test_gradcheck_end_to_end(backend):
     """fp64 from the conv weights through the batched weight_mean and controller (two lstm stages)."""
     stages = [(3, 18, 1, 2), (2, 5, 6, 4)]  # H = 1 (C < r) and H = 1, D from a 3x3 conv (9 * 2) and odd convs
@@ -175,9 +176,9 @@ def test_opcheck(backend):
         torch.library.opcheck(torch.ops.tsc.lstm_controller_torch, (wbar, blocks, params))
         return
     suffix = "" if backend in ("cpu", "cuda") else "_triton"
-    # op_for imports the Triton modules, which register their ops
-    assert tsc_kernels.backend.op_for(wbar.device, "weight_mean", "weight_mean") is getattr(torch.ops.tsc, "weight_mean" + suffix)
-    assert tsc_kernels.backend.op_for(wbar.device, "lstm_controller", "controller") is getattr(torch.ops.tsc, "lstm_controller" + suffix)
+    # dispatch imports the Triton modules, which register their ops
+    assert dispatch("weight_mean", wbar.device) is getattr(torch.ops.tsc, "weight_mean" + suffix)
+    assert dispatch("lstm_controller", wbar.device) is getattr(torch.ops.tsc, "lstm_controller" + suffix)
     wm, wm_bwd = getattr(torch.ops.tsc, "weight_mean" + suffix), getattr(torch.ops.tsc, "weight_mean_backward" + suffix)
     fwd, bwd = getattr(torch.ops.tsc, "lstm_controller" + suffix), getattr(torch.ops.tsc, "lstm_controller_backward" + suffix)
     torch.library.opcheck(wm, (ws,))

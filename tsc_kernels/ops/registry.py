@@ -1,0 +1,136 @@
+"""One declaration per op: the registry every layer of tsc-kernels reads.
+
+An op is declared once, with ``define(OpDef(...))`` in ``tsc_kernels/ops/<name>.py``: its name,
+forward and backward schemas, the reference implementation, the fake (meta) functions, the
+autograd formula, the Triton module that implements it and what ``auto`` runs under
+``torch.compile``. From that one declaration:
+
+  tsc::<name>, tsc::<name>_backward     C++ kernels, csrc/<name>_cpu.cpp and csrc/<name>_cuda.cu
+                                        (schemas in csrc/ops.cpp); ``define`` adds their fakes and,
+                                        unless the C++ side carries it (cpp_autograd), the autograd formula
+  tsc::<name>_triton,                   triton_kernels/<name>.py: ``@triton_forward(name)`` and
+  tsc::<name>_backward_triton           ``@triton_backward(name)`` turn its launchers into custom ops with
+                                        the same schemas, fakes and autograd formula
+  tsc::<name>_torch                     the reference (tsc_kernels.reference), CompositeImplicitAutograd:
+                                        PyTorch differentiates it and inductor can fuse it
+
+``dispatch(name, device)`` returns the op the current backend selection runs, and the tests
+(tests/test_registry.py) read ``OPS`` to check every backend of every op against its declaration.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .. import _extension, backend
+
+# What `auto` runs for an op while torch.compile traces the caller (docs/backends.md):
+# "reference": the reference math, which inductor fuses with its neighbours (elementwise tails);
+# "fused": the fused op, opaque to inductor (worth it when the fused kernel replaces many launches).
+WHEN_COMPILING = ("reference", "fused")
+
+
+@dataclass(frozen=True)
+class OpDef:
+    name: str
+    schema: str  # forward schema without the name, "(Tensor y, ...) -> Tensor"
+    backward_schema: str
+    reference: Callable  # implementation of tsc::<name>_torch
+    fake: Callable  # register_fake of the forward (fused backends)
+    fake_backward: Callable
+    setup_context: Callable  # register_autograd's setup_context
+    backward: Callable  # backward(backward_op, ctx, *grads) -> gradients of the forward's inputs
+    reference_schema: str | None = None  # when the reference returns less than the fused op (no saved state)
+    cpp_autograd: bool = False  # the C++ op registers its autograd formula itself (Autograd dispatch key)
+    mutates_args: tuple[str, ...] = ()
+    triton_module: str | None = None  # tsc_kernels._triton.<module>; default: the op's name
+    when_compiling: str = "fused"
+
+    def __post_init__(self):
+        if self.when_compiling not in WHEN_COMPILING:
+            raise ValueError(f"when_compiling must be one of {WHEN_COMPILING}, got {self.when_compiling!r}")
+
+    @property
+    def module(self) -> str:
+        return f"tsc_kernels._triton.{self.triton_module or self.name}"
+
+    def op(self, suffix: str = "") -> torch._ops.OpOverloadPacket:
+        """torch.ops.tsc.<name><suffix>: suffix "", "_backward", "_triton", "_backward_triton" or "_torch"."""
+        return getattr(torch.ops.tsc, self.name + suffix)
+
+    def returns_saved(self, op) -> bool:
+        """Whether `op` (one of this op's backends) returns the fused ops' extra outputs (saved state)."""
+        return self.reference_schema is None or op is not self.op("_torch")
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def _register_glue(op: OpDef, forward: str, backward_name: str, autograd: bool = True) -> None:
+    """register_fake for a (forward, backward) pair of `op` and register_autograd for the forward."""
+    torch.library.register_fake(f"tsc::{forward}")(op.fake)
+    torch.library.register_fake(f"tsc::{backward_name}")(op.fake_backward)
+    if autograd:
+        backward_op = getattr(torch.ops.tsc, backward_name)
+        torch.library.register_autograd(f"tsc::{forward}", functools.partial(op.backward, backward_op),
+                                        setup_context=op.setup_context)
+
+
+def define(op: OpDef) -> OpDef:
+    """Declare `op`: its reference op, and the fakes and autograd of its C++ ops when they are built."""
+    if op.name in OPS:
+        raise RuntimeError(f"tsc op {op.name!r} is declared twice")
+    torch.library.define(f"tsc::{op.name}_torch", op.reference_schema or op.schema)
+    torch.library.impl(f"tsc::{op.name}_torch", "CompositeImplicitAutograd", op.reference)
+    if _extension.has_cpp_ops():
+        _register_glue(op, op.name, f"{op.name}_backward", autograd=not op.cpp_autograd)
+    OPS[op.name] = op
+    return op
+
+
+def triton_forward(name: str):
+    """Decorator of triton_kernels/<name>.py's forward launcher: the custom op tsc::<name>_triton."""
+    op = OPS[name]
+    return lambda fn: torch.library.custom_op(f"tsc::{name}_triton", fn, mutates_args=op.mutates_args, schema=op.schema)
+
+
+def triton_backward(name: str):
+    """Decorator of the backward launcher (after triton_forward): tsc::<name>_backward_triton, then
+    the fakes of both and the autograd formula of the forward."""
+    op = OPS[name]
+
+    def wrap(fn):
+        custom = torch.library.custom_op(f"tsc::{name}_backward_triton", fn, mutates_args=(), schema=op.backward_schema)
+        _register_glue(op, f"{name}_triton", f"{name}_backward_triton")
+        return custom
+
+    return wrap
+
+
+def dispatch(name: str, device: torch.device):
+    """The op that runs `name` on `device` under the current backend selection.
+
+    Under `auto`, while torch.compile traces the caller, an op declared when_compiling="reference"
+    runs its reference math so that inductor fuses it with its neighbours; an explicit backend
+    (set_backend / use_backend / TSC_BACKEND other than auto) is always obeyed.
+    """
+    op = OPS[name]
+    if op.when_compiling == "reference" and backend.get_backend() == "auto" and torch.compiler.is_compiling():
+        return op.op("_torch")
+    resolved = backend.resolve(device)
+    if resolved in ("cpu", "cuda"):
+        return op.op()
+    if resolved == "triton":
+        try:
+            if op.module not in sys.modules:  # the guard also keeps torch.compile from tracing the import
+                importlib.import_module(op.module)
+        except ImportError as exc:
+            raise backend.BackendUnavailableError(
+                f"tsc_kernels backend 'triton' is unavailable: importing {op.module} failed ({exc})") from exc
+        return op.op("_triton")
+    return op.op("_torch")
