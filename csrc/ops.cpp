@@ -19,6 +19,14 @@ TORCH_LIBRARY(tsc, m) {
   // then dy is the gradient masked by the ReLU. Without it dy is the incoming gradient itself, so
   // the op returns an empty (0,) tensor there instead of copying it.
   m.def("residual_update_backward(Tensor grad, Tensor f, Tensor dt, Tensor? relu_out) -> (Tensor, Tensor, Tensor)");
+  // Fused BatchNorm tail (docs/ops.md): out = relu?(y + dt[c] * batch_norm(x)), returns (out,
+  // save_mean, save_invstd); running statistics updated in place in training, as F.batch_norm.
+  m.def("batch_norm_residual_update(Tensor y, Tensor x, Tensor dt, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "Tensor? weight, Tensor? bias, bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  // Backward: one per-channel reduction and one elementwise pass: (dy, dx, ddt, dweight, dbias);
+  // dy is empty without the fused ReLU (it is grad itself), dweight / dbias empty without affine.
+  m.def("batch_norm_residual_update_backward(Tensor grad, Tensor x, Tensor dt, Tensor? weight, Tensor? bias, "
+        "Tensor save_mean, Tensor save_invstd, Tensor? relu_out, bool training) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Weight-mean projection (docs/tsc.md): every given conv weight (C_out, C_in, *k) averaged over
   // C_in, flattened, concatenated into one 1-D tensor (fp32; fp64 for fp64 weights), one launch.
   m.def("weight_mean(Tensor[] weights) -> Tensor");

@@ -2,6 +2,7 @@
 
 Public API (see README.md):
     residual_update(y, f, dt, relu=False)    fused channel-wise Euler step y + f * dt[c]
+    batch_norm_residual_update(y, x, dt, ...) the fused BatchNorm tail relu?(y + dt[c] * batch_norm(x))
     weight_mean(weights)                      w̄ of one block (mean over C_in of each conv weight)
     lstm_controller(wbar, *params)            TSC_LSTM controller of one stage: wbar (L, D) -> Δt (L, C)
     nn.TSCController, nn.NetworkController    controller modules (every block's Δt in one batched call)
@@ -16,6 +17,7 @@ from .backend import BackendUnavailableError, available_backends, get_backend, s
 from .convert import convert
 from .diagnostics import evolution_time, plot_step_sizes, stability_bound, step_sizes
 from .fold import fold
+from .ops.batch_norm_residual_update import batch_norm_residual_update
 from .ops.lstm_controller import lstm_controller
 from .ops.residual_update import residual_update
 from .ops.weight_mean import weight_mean
@@ -23,6 +25,7 @@ from .ops.weight_mean import weight_mean
 __all__ = [
     "BackendUnavailableError",
     "available_backends",
+    "batch_norm_residual_update",
     "convert",
     "evolution_time",
     "fold",

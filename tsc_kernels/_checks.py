@@ -49,6 +49,38 @@ def residual_update_args(y: object, f: object, dt: object, relu: object) -> None
     same_device({"y": y, "f": f, "dt": dt})
 
 
+def batch_norm_residual_update_args(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu) -> None:
+    """The fused BatchNorm tail's arguments (tsc_kernels.batch_norm_residual_update)."""
+    residual_update_args(y, x, dt, relu)  # y, x (as f), dt, relu: the update's own rules
+    flag(training, "training")
+    for name, value in (("momentum", momentum), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if not training and running_mean is None:
+        raise ValueError("training=False (running statistics) needs running_mean and running_var, got None")
+    channels = y.shape[1]
+    named = {}
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        tensor(t, name, (torch.float32, torch.float16, torch.bfloat16, torch.float64))
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise ValueError(f"{name} must have shape (C,) = ({channels},) matching y's channel dim 1, got {tuple(t.shape)}")
+        named[name] = t
+    same_device({"y": y, **named})
+    if training:
+        values = y.numel() // channels if channels else 0
+        if values <= 1:
+            # F.batch_norm's own rule: the batch variance needs more than one value per channel
+            raise ValueError(f"training needs more than 1 value per channel (N * spatial), got input shape {tuple(y.shape)}")
+
+
 # --- models, convert, fold, diagnostics (tsc_kernels.models / convert / fold / diagnostics) ---
 TSC_MODES = ("lstm", "2fc", "indp")
 

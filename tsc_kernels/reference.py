@@ -27,6 +27,37 @@ def residual_update(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, relu: bo
     return out.to(y.dtype)
 
 
+def batch_norm_residual_update(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    relu: bool,
+) -> torch.Tensor:
+    """The fused BatchNorm tail of a residual block: ``relu?(y + dt[c] * F.batch_norm(x, ...))``.
+
+    Exactly ``F.batch_norm``'s meaning (batch statistics when ``training``, the running ones
+    otherwise; running statistics updated in place in training with the unbiased variance),
+    computed in fp32 (fp64 for fp64 inputs); the output has y's dtype.
+    """
+    acc = accumulation_dtype(x.dtype)
+    # Statistics in the accumulation dtype; a running buffer of another dtype is updated through a copy.
+    stats = [None if t is None else t.to(acc) for t in (running_mean, running_var)]
+    z = F.batch_norm(x.to(acc), stats[0], stats[1], None if weight is None else weight.to(acc),
+                     None if bias is None else bias.to(acc), training, momentum, eps)
+    for buf, new in zip((running_mean, running_var), stats):
+        if buf is not None and new is not buf:
+            buf.copy_(new)
+    # z stays in the accumulation dtype: the update adds it to y before the one rounding to y's dtype
+    return residual_update(y, z, dt, relu)
+
+
 def weight_mean(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """w̄ of one block: each conv weight ``(C_out, C_in, *k)`` averaged over C_in, flattened, concatenated."""
     return torch.cat([w.mean(dim=1).reshape(-1) for w in weights])

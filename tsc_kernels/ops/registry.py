@@ -69,14 +69,41 @@ class OpDef:
 
 
 OPS: dict[str, OpDef] = {}
+_LIB = torch.library.Library("tsc", "FRAGMENT")  # Autograd kernels of ops that mutate inputs
+
+
+def _register_autograd_of_mutating_op(op: OpDef, forward: str, backward_op) -> None:
+    """The autograd formula of an op that mutates some inputs (running statistics, never
+    differentiated), as its Autograd kernel: torch.library.register_autograd refuses such ops, and
+    this is what it would register (an autograd.Function calling the op below autograd)."""
+    forward_op = getattr(torch.ops.tsc, forward)
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            with torch._C._AutoDispatchBelowAutograd():
+                output = forward_op(*args)
+            op.setup_context(ctx, args, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return op.backward(backward_op, ctx, *grads)
+
+    Function.__name__ = f"{forward}_autograd"
+    _LIB.impl(forward, lambda *args: Function.apply(*args), "Autograd")
 
 
 def _register_glue(op: OpDef, forward: str, backward_name: str, autograd: bool = True) -> None:
-    """register_fake for a (forward, backward) pair of `op` and register_autograd for the forward."""
+    """register_fake for a (forward, backward) pair of `op` and the autograd formula of the forward."""
     torch.library.register_fake(f"tsc::{forward}")(op.fake)
     torch.library.register_fake(f"tsc::{backward_name}")(op.fake_backward)
-    if autograd:
-        backward_op = getattr(torch.ops.tsc, backward_name)
+    if not autograd:
+        return
+    backward_op = getattr(torch.ops.tsc, backward_name)
+    if op.mutates_args:
+        _register_autograd_of_mutating_op(op, forward, backward_op)
+    else:
         torch.library.register_autograd(f"tsc::{forward}", functools.partial(op.backward, backward_op),
                                         setup_context=op.setup_context)
 
