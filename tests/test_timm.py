@@ -286,3 +286,15 @@ def test_fold_names_attention_it_cannot_fold():
 def test_importing_tsc_kernels_does_not_import_timm():
     code = "import sys, tsc_kernels; assert 'timm' not in sys.modules, 'timm imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_bench_builds_timm_models():
+    from tsc_kernels import bench
+
+    model, size = bench.build_model("timm:resnet18", "lstm", 10)
+    assert type(model).__module__ == "tsc_kernels.models.timm_resnet" and isinstance(model, ResNet)
+    assert size == 224 and model.fc.out_features == 10 and model.tsc_mode == "lstm"
+    plain, _ = bench.build_model("timm:resnet18", None, None)
+    assert type(plain) is ResNet and plain.fc.out_features == 1000
+    with pytest.raises(ValueError, match="timm model name.*'resnet_50'"):
+        bench.build_model("timm:resnet_50", "lstm", None)
