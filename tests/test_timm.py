@@ -31,9 +31,12 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def create(name, **kwargs):
+def create(name, freeze_bn=False, **kwargs):
     kwargs.setdefault("num_classes", 10)
-    return timm.create_model(name, pretrained=False, **kwargs)
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    if freeze_bn:  # timm's fine-tuning helper: BatchNorm2d -> FrozenBatchNorm2d (weight, bias are buffers)
+        model = timm.layers.freeze_batch_norm_2d(randomize(model))
+    return model
 
 
 # (timm model name, create_model kwargs): every feature the conversion must honour
@@ -49,6 +52,7 @@ CASES = {
     "resnet18_drop_block": ("resnet18", dict(drop_block_rate=0.2, drop_path_rate=0.2)),
     "resnet18_silu": ("resnet18", dict(act_layer="silu")),  # final activation is not a ReLU
     "resnet18_ese": ("resnet18", dict(block_args=dict(attn_layer="ese"))),  # EffectiveSEModule
+    "resnet18_frozen_bn": ("resnet18", dict(freeze_bn=True)),
     "test_resnet": ("test_resnet", {}),  # timm's tiny test net: basic and bottleneck stages mixed
 }
 
