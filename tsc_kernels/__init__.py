@@ -7,7 +7,7 @@ Public API (see README.md):
     lstm_controller(wbar, *params)            TSC_LSTM controller of one stage: wbar (L, D) -> Δt (L, C)
     nn.TSCController, nn.NetworkController    controller modules (every block's Δt in one batched call)
     models.*                                  TSC ResNets (torchvision names) and CIFAR ResNets
-    convert(model), fold(model)               torchvision ResNet -> TSC; TSC -> plain network for inference
+    convert(model), fold(model)               torchvision/timm ResNet -> TSC; TSC -> plain network for inference
     step_sizes, evolution_time, stability_bound, plot_step_sizes   diagnostics
     available_backends(), set_backend(name), use_backend(name), get_backend()
     reference                                 the pure-PyTorch spec of every op

@@ -40,6 +40,7 @@ from torch import nn
 
 from . import backend as backend_mod
 from . import models
+from .convert import convert
 from .fold import fold
 from .profiling import count_kernels
 
@@ -67,7 +68,10 @@ class Row:
 
 def build_model(name: str, tsc: str | None, num_classes: int | None) -> tuple[nn.Module, int]:
     """(model, input image size) for a model name: cifar_resnetN, cifar_preact_resnetN or any
-    tsc_kernels.models builder (resnet50, resnext50_32x4d, se_resnet50, ...)."""
+    tsc_kernels.models builder (resnet50, resnext50_32x4d, se_resnet50, ...) or timm:NAME (a timm ResNet,
+    converted with tsc_kernels.convert)."""
+    if name.startswith("timm:"):  # a timm ResNet by its timm name (docs/timm.md)
+        return _build_timm_model(name[len("timm:"):], tsc, num_classes)
     m = re.fullmatch(r"cifar_(preact_)?resnet(\d+)", name)
     if m:
         return models.cifar_resnet(int(m.group(2)), num_classes=num_classes or 10, preact=bool(m.group(1)), tsc=tsc), 32
@@ -77,6 +81,18 @@ def build_model(name: str, tsc: str | None, num_classes: int | None) -> tuple[nn
                          f"(resnet18, resnet50, resnext50_32x4d, ...), got {name!r}")
     kwargs = {"num_classes": num_classes} if num_classes else {}
     return builder(tsc=tsc, **kwargs), 224
+
+
+def _build_timm_model(name: str, tsc: str | None, num_classes: int | None) -> tuple[nn.Module, int]:
+    try:
+        import timm
+    except ImportError as e:
+        raise ValueError(f"--model timm:{name} needs timm: pip install timm (or 'tsc-kernels[timm]')") from e
+    if not timm.is_model(name):
+        raise ValueError(f"--model timm:NAME needs a timm model name (timm.list_models('resnet*')), got {name!r}")
+    model = timm.create_model(name, pretrained=False, **({"num_classes": num_classes} if num_classes else {}))
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+    return (model if tsc is None else convert(model, mode=tsc)), size
 
 
 def gmacs(model: nn.Module, x: torch.Tensor) -> float:

@@ -3,7 +3,8 @@
 Supported: ``torchvision.models.ResNet`` instances (ResNet-18…152, ResNeXt, Wide ResNet, pretrained
 or not, any ``num_classes`` / ``norm_layer`` / ``replace_stride_with_dilation``) whose stages hold
 torchvision ``BasicBlock`` / ``Bottleneck`` blocks, and the plain networks of ``tsc_kernels.models``
-(SE-ResNets, CIFAR ResNets). Conversion swaps the classes of the network and its blocks for their
+(SE-ResNets, CIFAR ResNets), and timm's ``ResNet`` with its ``BasicBlock`` / ``Bottleneck`` (ResNet,
+ResNeXt, SE-ResNet, Wide ResNet, any stem, anti-aliasing, drop-path, drop-block: docs/timm.md). Conversion swaps the classes of the network and its blocks for their
 TSC subclasses (no submodule is created, copied or re-initialised) and adds one controller under
 ``tsc_controller``. Everything is checked before anything changes, so a failed conversion leaves the
 model untouched.
@@ -25,7 +26,8 @@ def convert(model: nn.Module, mode: str = "lstm", reduction: int | None = None) 
     """Make ``model`` a TSC network in place and return it.
 
     Args:
-        model: a torchvision ResNet / ResNeXt / Wide ResNet, or a plain network of tsc_kernels.models.
+        model: a torchvision ResNet / ResNeXt / Wide ResNet, a timm ResNet (``timm.create_model``), or a
+            plain network of tsc_kernels.models.
         mode: controller kind, "lstm" (TSC_LSTM), "2fc" or "indp" (docs/tsc.md).
         reduction: controller hidden size H = max(1, C // reduction); None: 4 for basic blocks, 8 for
             bottlenecks.
@@ -36,6 +38,9 @@ def convert(model: nn.Module, mode: str = "lstm", reduction: int | None = None) 
     _checks.module(model, "model")
     _checks.tsc_mode(mode, "mode")
     _checks.reduction(reduction)
+    if type(model).__module__.startswith("timm."):
+        # timm is optional: its ResNet classes are registered only once a timm model shows up
+        from .models import timm_resnet  # noqa: F401
     if is_tsc_network(model):
         raise ValueError(f"model is already a TSC network ({type(model).__name__}); convert it once")
     # exact class match: a subclass may have its own forward, which the TSC network would bypass

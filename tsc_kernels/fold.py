@@ -10,11 +10,13 @@ Where Δt goes, per block kind (F is the residual branch, ``out = act(shortcut +
   the scaling where the gate reads it: g starts ``fc1(avgpool(z'))`` and avgpool is linear per
   channel, so ``fc1.weight[:, c] /= Δt[c]`` makes ``g(z') = g(z)``. Then ``SE'(z') = z·Δt·g(z)``:
   exact (up to rounding) because Δt = sigmoid(·) > 0; a Δt that underflowed to 0 raises.
+- timm blocks (docs/timm.md): the same, through the block's ``tsc_fold_check`` /
+  ``tsc_fold_after_tail`` hooks; attention modules whose gate cannot be undone raise a TypeError.
 
 The result is the plain network with the same parameter count and state_dict keys as the network
 that was converted: ``torchvision.models.ResNet`` with torchvision blocks for ResNet/ResNeXt/Wide
 ResNet (``ResNet`` with ``SEBottleneck`` for SE-ResNets), ``tsc_kernels.models.CIFARResNet`` for CIFAR
-ResNets. It calls no tsc_kernels op.
+ResNets, ``timm.models.resnet.ResNet`` with timm's blocks for timm models. It calls no tsc_kernels op.
 """
 from __future__ import annotations
 
@@ -75,11 +77,13 @@ def fold(model: nn.Module, inplace: bool = False) -> nn.Module:
         for name, block, dt in named:
             if isinstance(block, TSCSEBottleneck) and not bool((dt > 0).all()):
                 raise ValueError(f"fold cannot fold SE block {name}: some of its Δt underflowed to 0")
+            block.tsc_fold_check(name, dt)
         for name, block, dt in named:
             _scale_output_channels(_tail(name, block), dt)
             if isinstance(block, TSCSEBottleneck):
                 fc1 = block.se.fc1.weight  # (squeeze, C, 1, 1): its input columns read avgpool(z')
                 fc1.div_(dt.to(fc1.dtype).view(1, -1, 1, 1))
+            block.tsc_fold_after_tail(dt)
             block.__class__ = block.plain_class
     del model.tsc_controller
     del model.tsc_mode

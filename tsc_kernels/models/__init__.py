@@ -27,6 +27,8 @@ Models: ``resnet18/34/50/101/152``, ``resnext50_32x4d``, ``resnext101_32x8d``, `
 (torchvision's architectures, built with ``weights=None`` unless ``weights`` is passed),
 ``se_resnet50/101`` (squeeze-excitation inside F after the last BN, before ⊗Δt: torchvision's
 ``ResNet`` class with ``SEBottleneck`` blocks, SE reduction 16), and ``cifar_resnet(depth)``.
+timm's ResNet family converts with ``tsc_kernels.convert(timm.create_model(...))``: its TSC classes
+live in ``timm_resnet``, imported on demand so that timm stays optional (docs/timm.md).
 
 Parameter counts: TSC_LSTM adds 1,830,960 to ResNet-18/34 and 2,271,200 to ResNet-50/101 (the
 paper's +1.83 M / +2.27 M). For ResNeXt-50 32x4d the paper lists +2.27 M, which corresponds to a

@@ -116,6 +116,13 @@ class _TSCBlock:
         """Length of this block's Δt: its output channels."""
         return getattr(self, self.branch_conv_names[-1]).out_channels
 
+    # fold hooks (tsc_kernels.fold), for blocks whose F reads the tail's output again (attention)
+    def tsc_fold_check(self, name: str, dt: torch.Tensor) -> None:
+        """Raise if fold cannot fold ``dt`` into this block; called before fold changes anything."""
+
+    def tsc_fold_after_tail(self, dt: torch.Tensor) -> None:
+        """Called after fold scaled the tail by ``dt``: undo the scale where a later layer of F reads it."""
+
     def forward(self, x, dt=None):
         if dt is None:
             raise RuntimeError(
