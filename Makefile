@@ -35,9 +35,10 @@ test: build/.built
 fuzz: build/.built
 	TRITON_INTERPRET=1 TSC_FUZZ_EXAMPLES=2000 $(VENV)/bin/pytest -q tests/test_properties.py
 
-# The main job: TSC's overhead against the plain network (tsc-bench; CIFAR ResNet-56, batch 32, CPU).
+# The main job: TSC's overhead against the plain network, eager and compiled (tsc-bench; CIFAR ResNet-56,
+# batch 32, CPU); each run appends its rows to bench/results/history.csv.
 bench: build/.built
-	$(VENV)/bin/tsc-bench --json build/tsc-bench.json
+	$(VENV)/bin/tsc-bench --compile --json build/tsc-bench.json --history bench/results/history.csv
 
 # Per-op pytest-benchmark suites (fused vs eager vs torch.compile vs bandwidth), JSON in build/.
 bench-ops: build/.built

@@ -133,58 +133,22 @@ at::Tensor weight_mean_cpu(at::TensorList weights_in) {
   return out;
 }
 
-std::vector<at::Tensor> weight_mean_backward_cpu(const at::Tensor& grad_in, at::TensorList weights) {
-  check_weights("tsc::weight_mean_backward", weights);
-  int64_t total = 0;
-  const std::vector<int64_t> off = mean_offsets(weights, total);
-  const auto dtype = weights[0].scalar_type();
-  TORCH_CHECK(grad_in.dim() == 1 && grad_in.numel() == total, "tsc::weight_mean_backward: grad must be 1-D with ", total, " values, got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == accumulation_type(dtype), "tsc::weight_mean_backward: grad must be ", accumulation_type(dtype), ", got ", grad_in.scalar_type());
-  const at::Tensor grad = grad_in.contiguous();
-  // dW keeps the weight's memory format (empty_like), so AccumulateGrad need not restride it.
-  std::vector<at::Tensor> dws;
-  std::vector<WeightView> views(weights.size());
-  std::vector<int64_t> row_start;
-  int64_t rows = 0, elems = 0;
-  for (size_t j = 0; j < weights.size(); ++j) {
-    dws.push_back(at::empty_like(weights[j]));
-    if (!weight_view(dws[j], views[j])) {
-      dws[j] = at::empty(weights[j].sizes(), weights[j].options());
-      weight_view(dws[j], views[j]);
-    }
-    row_start.push_back(rows);
-    rows += views[j].C_out;
-    elems += weights[j].numel();
-  }
-  if (elems == 0) return dws;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "tsc_weight_mean_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* gp = grad.const_data_ptr<acc_t>();
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems / std::max<int64_t>(1, rows)));
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
-      std::vector<scalar_t> vals;
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t j = weight_of_row(row_start, r), o = r - row_start[j];
-        const WeightView& v = views[j];
-        const acc_t* g = gp + off[j] + o * v.K;
-        scalar_t* dw = dws[j].mutable_data_ptr<scalar_t>() + o * v.so;
-        // The K values of this row are divided once, then copied C_in times (a division per
-        // element would cost more than the memory traffic).
-        vals.resize(v.K);
-        for (int64_t k = 0; k < v.K; ++k) vals[k] = static_cast<scalar_t>(mean_from_sum(g[k], v.C_in));
-        // Loop order follows memory: kernel rows innermost for NCHW, C_in innermost otherwise.
-        if (v.sk == 1 && v.K > 1) {
-          for (int64_t i = 0; i < v.C_in; ++i) std::copy(vals.begin(), vals.end(), dw + i * v.si);
-        } else if (v.si == 1) {
-          for (int64_t k = 0; k < v.K; ++k) std::fill(dw + k * v.sk, dw + k * v.sk + v.C_in, vals[k]);
-        } else {
-          for (int64_t k = 0; k < v.K; ++k)
-            for (int64_t i = 0; i < v.C_in; ++i) dw[k * v.sk + i * v.si] = vals[k];
-        }
+// dw̄ / C_in of every weight, packed like w̄ (fp32; fp64 for fp64 weights): the autograd formula
+// expands each weight's slice over C_in as a stride-0 view, so no full-size dW is ever written.
+at::Tensor weight_mean_backward_cpu(const at::Tensor& grad_in, at::TensorList weights) {
+  const WeightMeanGrad a = prepare_weight_mean_backward("tsc::weight_mean_backward", grad_in, weights);
+  if (a.total == 0) return a.out;
+  AT_DISPATCH_FLOATING_TYPES(a.grad.scalar_type(), "tsc_weight_mean_backward_cpu", [&] {
+    const scalar_t* gp = a.grad.const_data_ptr<scalar_t>();
+    scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, static_cast<int64_t>(weights.size()), 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t end = j + 1 < static_cast<int64_t>(weights.size()) ? a.off[j + 1] : a.total;
+        for (int64_t e = a.off[j]; e < end; ++e) op[e] = mean_from_sum(gp[e], weights[j].size(1));
       }
     });
   });
-  return dws;
+  return a.out;
 }
 
 // ---------------------------------------------------------------- LSTM controller

@@ -83,12 +83,27 @@ __global__ void weight_mean_kernel(const WeightMeta* __restrict__ meta, int64_t 
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void weight_mean_backward_kernel(const WeightMeta* __restrict__ meta, int64_t n_weights, const acc_t* __restrict__ grad, int64_t elems) {
-  for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < elems; e += (int64_t)gridDim.x * blockDim.x) {
-    const WeightMeta& m = meta[find_weight<&WeightMeta::elem_off>(meta, n_weights, e)];
-    const int64_t r = e - m.elem_off, k = r % m.K, i = (r / m.K) % m.C_in, o = r / (m.K * m.C_in);
-    reinterpret_cast<scalar_t*>(m.ptr)[o * m.so + i * m.si + k * m.sk] = static_cast<scalar_t>(mean_from_sum(grad[m.mean_off + o * m.K + k], m.C_in));
+// Backward: dw̄ / C_in, packed like w̄. Up to kGradChunk weights per launch travel as a kernel
+// parameter (by value: no host-to-device copy, nothing to keep alive, CUDA-graph capture safe).
+constexpr int kGradChunk = 64;
+
+struct GradChunk {
+  int64_t start[kGradChunk + 1];  // packed offsets of the chunk's weights; start[n] = end of the last
+  int64_t c_in[kGradChunk];
+  int n;
+};
+
+template <typename acc_t>
+__global__ void weight_mean_backward_kernel(const GradChunk chunk, const acc_t* __restrict__ grad, acc_t* __restrict__ out) {
+  const int64_t first = chunk.start[0], count = chunk.start[chunk.n] - first;
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t e = first + i;
+    int lo = 0, hi = chunk.n - 1;  // the weight whose [start, next start) holds e
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (chunk.start[mid] <= e) lo = mid; else hi = mid - 1;
+    }
+    out[e] = mean_from_sum(grad[e], chunk.c_in[lo]);
   }
 }
 
@@ -131,39 +146,29 @@ at::Tensor weight_mean_cuda(at::TensorList weights_in) {
   return out;
 }
 
-std::vector<at::Tensor> weight_mean_backward_cuda(const at::Tensor& grad_in, at::TensorList weights) {
-  check_weights("tsc::weight_mean_backward", weights);
+at::Tensor weight_mean_backward_cuda(const at::Tensor& grad_in, at::TensorList weights) {
   const c10::cuda::CUDAGuard guard(weights[0].device());
-  int64_t total = 0;
-  const std::vector<int64_t> off = mean_offsets(weights, total);
-  const auto dtype = weights[0].scalar_type();
-  TORCH_CHECK(grad_in.dim() == 1 && grad_in.numel() == total, "tsc::weight_mean_backward: grad must be 1-D with ", total, " values, got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == accumulation_type(dtype), "tsc::weight_mean_backward: grad must be ", accumulation_type(dtype), ", got ", grad_in.scalar_type());
-  TORCH_CHECK(grad_in.device() == weights[0].device(), "tsc::weight_mean_backward: grad must be on the weights' device");
-  const at::Tensor grad = grad_in.contiguous();
-  std::vector<at::Tensor> dws;
-  std::vector<WeightMeta> meta;
-  int64_t elems = 0;
-  for (size_t j = 0; j < weights.size(); ++j) {
-    WeightView v;
-    dws.push_back(at::empty_like(weights[j]));  // keeps the weight's memory format
-    if (!weight_view(dws[j], v)) {
-      dws[j] = at::empty(weights[j].sizes(), weights[j].options());
-      weight_view(dws[j], v);
-    }
-    meta.push_back({reinterpret_cast<int64_t>(dws[j].data_ptr()), off[j], elems, v.C_out, v.C_in, v.K, v.so, v.si, v.sk});
-    elems += dws[j].numel();
-  }
-  if (elems == 0) return dws;
-  const at::Tensor dmeta = device_meta(meta, grad.device());
+  const WeightMeanGrad a = prepare_weight_mean_backward("tsc::weight_mean_backward", grad_in, weights);
+  if (a.total == 0) return a.out;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "tsc_weight_mean_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    weight_mean_backward_kernel<scalar_t, acc_t><<<grid_for(elems, kThreads), kThreads, 0, stream>>>(
-        reinterpret_cast<const WeightMeta*>(dmeta.const_data_ptr()), static_cast<int64_t>(meta.size()), grad.const_data_ptr<acc_t>(), elems);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int64_t n = static_cast<int64_t>(weights.size());
+  AT_DISPATCH_FLOATING_TYPES(a.grad.scalar_type(), "tsc_weight_mean_backward_cuda", [&] {
+    for (int64_t j0 = 0; j0 < n; j0 += kGradChunk) {
+      GradChunk chunk{};
+      chunk.n = static_cast<int>(std::min<int64_t>(kGradChunk, n - j0));
+      for (int k = 0; k < chunk.n; ++k) {
+        chunk.start[k] = a.off[j0 + k];
+        chunk.c_in[k] = weights[j0 + k].size(1);
+      }
+      chunk.start[chunk.n] = j0 + chunk.n < n ? a.off[j0 + chunk.n] : a.total;
+      const int64_t count = chunk.start[chunk.n] - chunk.start[0];
+      if (count == 0) continue;
+      weight_mean_backward_kernel<scalar_t><<<grid_for(count, kThreads), kThreads, 0, stream>>>(
+          chunk, a.grad.const_data_ptr<scalar_t>(), a.out.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
-  return dws;
+  return a.out;
 }
 
 // ---------------------------------------------------------------- LSTM controller

@@ -120,4 +120,27 @@ inline at::ScalarType accumulation_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// tsc::weight_mean_backward's checked arguments: grad (packed like w̄, contiguous), each weight's
+// offset in it, and the output (dw̄ / C_in, packed the same way).
+struct WeightMeanGrad {
+  at::Tensor grad, out;
+  std::vector<int64_t> off;
+  int64_t total = 0;
+};
+
+inline WeightMeanGrad prepare_weight_mean_backward(const char* op, const at::Tensor& grad_in, at::TensorList weights) {
+  check_weights(op, weights);
+  WeightMeanGrad a;
+  a.off = mean_offsets(weights, a.total);
+  const auto acc = accumulation_type(weights[0].scalar_type());
+  TORCH_CHECK(grad_in.dim() == 1 && grad_in.numel() == a.total, op, ": grad must be 1-D with ", a.total, " values, got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == acc, op, ": grad must be ", acc, ", got ", grad_in.scalar_type());
+  TORCH_CHECK(grad_in.device() == weights[0].device(), op, ": grad must be on the weights' device ", weights[0].device(), ", got ", grad_in.device());
+  for (size_t j = 0; j < weights.size(); ++j)
+    TORCH_CHECK(weights[j].size(1) >= 1, op, ": weights[", j, "] must have C_in >= 1, got ", weights[j].sizes());
+  a.grad = grad_in.contiguous();
+  a.out = at::empty_like(a.grad);
+  return a;
+}
+
 }  // namespace tsc

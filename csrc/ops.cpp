@@ -30,8 +30,9 @@ TORCH_LIBRARY(tsc, m) {
   // Weight-mean projection (docs/tsc.md): every given conv weight (C_out, C_in, *k) averaged over
   // C_in, flattened, concatenated into one 1-D tensor (fp32; fp64 for fp64 weights), one launch.
   m.def("weight_mean(Tensor[] weights) -> Tensor");
-  // dW = broadcast(dw̄) / C_in for every weight, one launch; weights are read for shapes only.
-  m.def("weight_mean_backward(Tensor grad, Tensor[] weights) -> Tensor[]");
+  // dw̄ / C_in of every weight, packed like w̄, one launch (weights are read for C_in only); the
+  // autograd formula expands each slice over C_in (a stride-0 view): dW is never materialised.
+  m.def("weight_mean_backward(Tensor grad, Tensor[] weights) -> Tensor");
   // Batched TSC_LSTM controller: every stage in one launch. wbar_packed: 1-D, stage s's (L_s, D_s)
   // rows back to back; blocks: L_s; params: 8 per stage (fc_in.weight, fc_in.bias, weight_ih,
   // weight_hh, bias_ih, bias_hh, fc_out.weight, fc_out.bias). Returns dt_packed (1-D, stage s's

@@ -7,7 +7,7 @@ import torch
 from tsc_kernels import bench, models
 
 FIELDS = {"variant", "backend", "params_train", "params_infer", "gmac_train", "gmac_infer", "step_ms", "step_iqr_ms",
-          "kernels", "peak_mb", "infer_ms", "overhead_time_pct", "overhead_kernels_pct", "step_times_ms"}
+          "kernels", "peak_mb", "infer_ms", "overhead_time_pct", "overhead_kernels_pct", "step_times_ms", "mode"}
 
 
 def test_cli_quick_end_to_end(tmp_path, capsys):
@@ -33,6 +33,24 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
     assert eager["backend"] == "torch"
     # fusing removes kernels: the fused TSC step launches fewer than the eager one
     assert fused["kernels"] < eager["kernels"]
+
+
+def test_compiled_rows_and_history(tmp_path, capsys):
+    """--compile adds the three compiled variants (interleaved, same step); --history appends CSV rows."""
+    history = tmp_path / "results" / "history.csv"
+    argv = ["--model", "cifar_resnet8", "--batch", "2", "--quick", "--steps", "1", "--compile",
+            "--compile-backend", "aot_eager", "--history", str(history)]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    for variant in ("plain-c", "tsc-ref-c", "tsc-auto-c"):
+        assert variant in out
+    assert "vs tsc-ref-c" in out
+    assert bench.main(argv) == 0  # a second run appends below the first
+    lines = history.read_text().splitlines()
+    assert lines[0].split(",") == list(bench.HISTORY_FIELDS)
+    assert len(lines) == 1 + 2 * 6
+    modes = [line.split(",")[8] for line in lines[1:7]]
+    assert modes == ["eager"] * 3 + ["compiled"] * 3
 
 
 @pytest.mark.parametrize("name, gmac", [("resnet18", 1.81), ("resnet50", 4.09)])

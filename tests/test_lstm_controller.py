@@ -139,8 +139,8 @@ def test_weight_mean_matches_reference(backend, dtype):
     for i, (g, w, x) in enumerate(zip(got, want, ws)):
         assert g.dtype == x.dtype and g.shape == x.shape, i
         torch.testing.assert_close(g, w, msg=lambda m: f"weights[{i}]: {m}")
-    if backend in ("cpu", "cuda"):  # dW keeps the weight's memory format
-        assert got[4].is_contiguous(memory_format=torch.channels_last)
+    if backend != "torch":  # dW is a stride-0 view over C_in: no full-size dW is written
+        assert all(g.stride(1) == 0 for g in got)
 
 
 @BIG  # gradcheck runs the interpreter hundreds of times; tests/test_lstm_controller_triton.py has a smaller one

@@ -227,8 +227,7 @@ def test_weight_mean_matches_reference(dtype):
     atol, rtol = TOLERANCES[dtype] if dtype in (torch.float16, torch.bfloat16) else (tol, tol)
     for w, g, r in zip(weights, got, want):
         assert g.dtype == w.dtype
-        if w.dim() == 4 and w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous():
-            assert g.stride() == w.stride(), "dW must keep a channels-last weight's memory format"
+        assert g.stride(1) == 0, "dW must be a view expanded over C_in (no full-size dW written)"
         torch.testing.assert_close(g, r, atol=atol, rtol=rtol)
 
 

@@ -1,14 +1,13 @@
 """Triton weight-mean projection (docs/tsc.md): every conv weight's mean over C_in in one launch,
-and its backward dW = broadcast(dw̄) / C_in in one launch.
+and its backward dw̄ / C_in (packed like w̄; the autograd formula expands it over C_in) in one launch.
 
 Ops (schemas of tsc::weight_mean / tsc::weight_mean_backward, csrc/ops.cpp, so the dispatcher in
 tsc_kernels/ops/weight_mean.py can call these in their place):
   tsc::weight_mean_triton(Tensor[] weights) -> Tensor
       every weight (C_out, C_in, *k) averaged over C_in, flattened (C_out, *k), concatenated in
       order into one 1-D tensor; dtype fp32 (fp64 for fp64 weights); fp32 accumulation.
-  tsc::weight_mean_backward_triton(Tensor grad, Tensor[] weights) -> Tensor[]
-      dW_j[o, i, *a] = grad[off_j + o*K + a] / C_in, one tensor per weight with the weight's dtype
-      and memory format (empty_like: AccumulateGrad then stores it without restriding).
+  tsc::weight_mean_backward_triton(Tensor grad, Tensor[] weights) -> Tensor
+      out[off_j + e] = grad[off_j + e] / C_in(j): packed like w̄, fp32 (fp64 for fp64).
 
 The weights are not concatenated first: the kernel reads them in place through a table of
 (data pointer, C_out, C_in, K, strides, offset) rows, one row per weight, so each weight is read
@@ -65,27 +64,17 @@ def weight_mean_fwd_kernel(tab_ptr, out_ptr, W_DTYPE: tl.constexpr, BLOCK_J: tl.
 
 
 @triton.jit
-def weight_mean_bwd_kernel(tab_ptr, grad_ptr, W_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (w, t): elements t*BLOCK.. of dW_w in logical (o, i, a) order. The table's pointer and
-    strides here are those of dW_w (empty_like of the weight), offsets those of grad."""
+def weight_mean_bwd_kernel(tab_ptr, grad_ptr, out_ptr, BLOCK: tl.constexpr):
+    """Program w: dw̄ / C_in of weight w, packed like w̄ (the autograd formula expands it over C_in)."""
     w = tl.program_id(0)
-    t = tl.program_id(1)
     row = tab_ptr + w * NTAB
-    dst = tl.load(row + T_PTR).to(tl.pointer_type(W_DTYPE))
-    c_out = tl.load(row + T_COUT)
-    c_in = tl.load(row + T_CIN)
-    k = tl.load(row + T_K)
-    so = tl.load(row + T_SO)
-    si = tl.load(row + T_SI)
-    sk = tl.load(row + T_SK)
-    g = grad_ptr + tl.load(row + T_OFF)
-    e = t * BLOCK + tl.arange(0, BLOCK)
-    m = e < c_out * c_in * k
-    o = e // (c_in * k)
-    i = (e // k) % c_in
-    a = e % k
-    val = tl.load(g + o * k + a, mask=m, other=0.0) / c_in.to(grad_ptr.dtype.element_ty)
-    tl.store(dst + o * so + i * si + a * sk, val.to(W_DTYPE), mask=m)
+    off = tl.load(row + T_OFF)
+    n = tl.load(row + T_COUT) * tl.load(row + T_K)
+    c_in = tl.load(row + T_CIN).to(grad_ptr.dtype.element_ty)
+    for start in range(0, n, BLOCK):
+        e = off + start + tl.arange(0, BLOCK)
+        m = e < off + n
+        tl.store(out_ptr + e, tl.load(grad_ptr + e, mask=m, other=0.0) / c_in, mask=m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,43 +146,30 @@ def weight_mean_triton(weights: List[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _grad_buffers(weights):
-    """dW_j = empty_like(W_j) (keeps channels-last), contiguous when that layout does not collapse."""
-    out = []
-    for w in weights:
-        g = torch.empty_like(w)
-        out.append(g if _view3(g) is not None else torch.empty(w.shape, dtype=w.dtype, device=w.device))
-    return out
-
-
 @triton_backward("weight_mean")
-def weight_mean_backward_triton(grad: torch.Tensor, weights: List[torch.Tensor]) -> List[torch.Tensor]:
+def weight_mean_backward_triton(grad: torch.Tensor, weights: List[torch.Tensor]) -> torch.Tensor:
     _check("tsc::weight_mean_backward_triton", weights)
     off, total = _offsets(weights)
     if grad.dim() != 1 or grad.numel() != total or grad.dtype != accumulation_dtype(weights[0].dtype):
         raise ValueError(f"tsc::weight_mean_backward_triton: grad must be 1-D {accumulation_dtype(weights[0].dtype)} "
                          f"with {total} values, got {grad.dtype} {tuple(grad.shape)}")
     grad = grad.contiguous()
-    dws = _grad_buffers(weights)
-    numel = max(g.numel() for g in dws)
-    if numel:
-        weight_mean_bwd_kernel[(len(dws), triton.cdiv(numel, BWD_BLOCK))](
-            _table(dws, off), grad, W_DTYPE=_TL_DTYPES[weights[0].dtype], BLOCK=BWD_BLOCK, num_warps=NUM_WARPS)
-    return dws
+    out = torch.empty_like(grad)
+    if total:
+        # the table is read for offsets, C_out, C_in and K only (no weight data)
+        ws = [w if _view3(w) is not None else w.contiguous() for w in weights]
+        weight_mean_bwd_kernel[(len(ws),)](_table(ws, off), grad, out, BLOCK=BWD_BLOCK, num_warps=NUM_WARPS)
+    return out
 
 
 # Ahead-of-time compile configurations (triton_kernels/aot.py): the weight dtypes of training
 # (fp32, and fp16/bf16 weights), with the launcher's tile sizes; fp64 exists for gradcheck only.
 # Shapes and strides are runtime values from the table: one binary per dtype serves every network.
 AOT_CONFIGS = [
-    cfg
+    dict(kernel=weight_mean_fwd_kernel, name=f"weight_mean_fwd_{name}",
+         signature={"tab_ptr": "*i64", "out_ptr": "*fp32", "W_DTYPE": "constexpr", "BLOCK_J": "constexpr", "BLOCK_I": "constexpr"},
+         constexprs={"W_DTYPE": dtype, "BLOCK_J": FWD_BLOCK_J, "BLOCK_I": FWD_BLOCK_I}, num_warps=NUM_WARPS)
     for name, dtype in (("fp32", tl.float32), ("fp16", tl.float16), ("bf16", tl.bfloat16))
-    for cfg in (
-        dict(kernel=weight_mean_fwd_kernel, name=f"weight_mean_fwd_{name}",
-             signature={"tab_ptr": "*i64", "out_ptr": "*fp32", "W_DTYPE": "constexpr", "BLOCK_J": "constexpr", "BLOCK_I": "constexpr"},
-             constexprs={"W_DTYPE": dtype, "BLOCK_J": FWD_BLOCK_J, "BLOCK_I": FWD_BLOCK_I}, num_warps=NUM_WARPS),
-        dict(kernel=weight_mean_bwd_kernel, name=f"weight_mean_bwd_{name}",
-             signature={"tab_ptr": "*i64", "grad_ptr": "*fp32", "W_DTYPE": "constexpr", "BLOCK": "constexpr"},
-             constexprs={"W_DTYPE": dtype, "BLOCK": BWD_BLOCK}, num_warps=NUM_WARPS),
-    )
-]
+] + [dict(kernel=weight_mean_bwd_kernel, name="weight_mean_bwd_fp32",
+          signature={"tab_ptr": "*i64", "grad_ptr": "*fp32", "out_ptr": "*fp32", "BLOCK": "constexpr"},
+          constexprs={"BLOCK": BWD_BLOCK}, num_warps=NUM_WARPS)]

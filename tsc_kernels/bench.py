@@ -22,7 +22,11 @@ Columns (one row per variant):
   peak MB              peak tensor memory of one training step (CUDA: allocator peak; CPU:
                        profiler memory events)
   infer ms             median eval-mode forward of the folded model (no_grad)
-  overhead             step time and kernels against the plain row
+  overhead             step time and kernels against the plain row of the same mode
+With --compile three more rows run the same step under torch.compile (plain-c, tsc-ref-c: the
+reference compiled, tsc-auto-c: the default backend compiled, which picks per op whether inductor
+sees the reference math or the fused op); their kernels are not counted (inductor's kernels are
+not profiler ops) and their inference is the eager rows'. --history appends the rows to a CSV.
 """
 from __future__ import annotations
 
@@ -45,7 +49,11 @@ from .fold import fold
 from .profiling import count_kernels
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-VARIANTS = (("plain", None), ("tsc-eager", "torch"), ("tsc-fused", "auto"))
+# (name, backend: None for the plain network, compiled): the eager rows, then with --compile the
+# same three under torch.compile (tsc-ref-c: the compiled reference; tsc-auto-c: what a user of
+# this library gets, `auto` choosing per op what runs inside the compiled graph).
+VARIANTS = (("plain", None, False), ("tsc-eager", "torch", False), ("tsc-fused", "auto", False))
+COMPILED_VARIANTS = (("plain-c", None, True), ("tsc-ref-c", "torch", True), ("tsc-auto-c", "auto", True))
 
 
 @dataclass
@@ -58,12 +66,13 @@ class Row:
     gmac_infer: float
     step_ms: float
     step_iqr_ms: float
-    kernels: int
+    kernels: int | None  # None for compiled rows: inductor's kernels are not profiler ops
     peak_mb: float
-    infer_ms: float
+    infer_ms: float | None  # None for compiled rows (the folded network is the plain row's)
     overhead_time_pct: float | None = None
     overhead_kernels_pct: float | None = None
     step_times_ms: list = field(default_factory=list)
+    mode: str = "eager"
 
 
 def build_model(name: str, tsc: str | None, num_classes: int | None) -> tuple[nn.Module, int]:
@@ -138,8 +147,8 @@ def median_iqr(times: list[float]) -> tuple[float, float]:
 class Variant:
     """One network variant, ready to train: its model, data, optimizer and backend."""
 
-    def __init__(self, args, name: str, tsc: str | None, backend_name: str):
-        self.name, self.tsc, self.backend_name = name, tsc, backend_name
+    def __init__(self, args, name: str, tsc: str | None, backend_name: str, compiled: bool = False):
+        self.name, self.tsc, self.backend_name, self.compiled = name, tsc, backend_name, compiled
         self.device, dtype = torch.device(args.device), DTYPES[args.dtype]
         torch.manual_seed(0)
         model, size = build_model(args.model, tsc, args.num_classes)
@@ -148,14 +157,18 @@ class Variant:
         self.model = model.to(self.device).to(memory_format=memory_format)
         self.x = torch.randn(args.batch, 3, size, size, device=self.device).to(memory_format=memory_format)
         self.target = torch.randint(0, self.model.fc.out_features, (args.batch,), device=self.device)
-        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
+        # foreach: one multi-tensor update for all parameters, PyTorch's default on a GPU (on a CPU it
+        # would loop per parameter, and the kernel count would mostly measure the optimizer)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
+        # the module itself stays uncompiled (fold, parameter counts); the step calls `forward`
+        self.forward = torch.compile(self.model, backend=args.compile_backend) if compiled else self.model
         self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
         self.times: list[float] = []
 
     def step(self) -> None:
         self.opt.zero_grad(set_to_none=True)
         with self.autocast:
-            loss = nn.functional.cross_entropy(self.model(self.x), self.target)
+            loss = nn.functional.cross_entropy(self.forward(self.x), self.target)
         loss.backward()
         self.opt.step()
 
@@ -176,14 +189,15 @@ class Variant:
             model.eval()
             gmac_train = gmacs(model, x[:1])
             model.train()
-            kernels = count_kernels(self.step)
+            # inductor's generated kernels are no profiler ops: kernels are counted in eager mode only
+            kernels = None if self.compiled else count_kernels(self.step)
             peak = peak_memory_mb(self.step, self.device)
             folded = fold(model).eval() if self.tsc is not None else model.eval()
             params_infer = sum(p.numel() for p in folded.parameters())
             gmac_infer = gmacs(folded, x[:1])
             infer = []
             with torch.no_grad(), self.autocast:
-                for i in range(args.warmup + args.steps):
+                for i in range(0 if self.compiled else args.warmup + args.steps):
                     _sync(self.device)
                     t0 = time.perf_counter()
                     folded(x)
@@ -192,13 +206,20 @@ class Variant:
                         infer.append((time.perf_counter() - t0) * 1e3)
         step_ms, iqr = median_iqr(self.times)
         return Row(self.name, resolved, params_train, params_infer, gmac_train, gmac_infer, step_ms, iqr, kernels,
-                   peak, statistics.median(infer), step_times_ms=list(self.times))
+                   peak, statistics.median(infer) if infer else None, step_times_ms=list(self.times),
+                   mode="compiled" if self.compiled else "eager")
+
+
+def variant_specs(args) -> tuple:
+    return VARIANTS + (COMPILED_VARIANTS if args.compile else ())
 
 
 def measure(args, progress) -> list[Row]:
-    """Every variant of VARIANTS. Their timed steps are interleaved (plain, eager, fused, plain, ...)
-    so that a machine getting slower or faster during the run shifts all rows alike."""
-    variants = [Variant(args, name, None if b is None else "lstm", b or "auto") for name, b in VARIANTS]
+    """Every variant of variant_specs(args). Their timed steps are interleaved (plain, eager, fused,
+    plain, ...) so that a machine getting slower or faster during the run shifts all rows alike.
+    Compiled variants compile during their warm-up steps."""
+    variants = [Variant(args, name, None if b is None else "lstm", b or "auto", compiled)
+                for name, b, compiled in variant_specs(args)]
     for v in variants:
         with backend_mod.use_backend(v.backend_name):
             for _ in range(args.warmup):
@@ -215,11 +236,74 @@ def format_table(rows: list[Row]) -> str:
             f"{'GMAC infer':>10s} {'step ms':>9s} {'±':>6s} {'kernels':>8s} {'peak MB':>8s} {'infer ms':>9s} {'overhead':>18s}")
     lines = [head, "-" * len(head)]
     for r in rows:
-        over = "" if r.overhead_time_pct is None else f"{r.overhead_time_pct:+.1f}% t {r.overhead_kernels_pct:+.0f}% k"
+        over = "" if r.overhead_time_pct is None else f"{r.overhead_time_pct:+.1f}% t"
+        if r.overhead_kernels_pct is not None:
+            over += f" {r.overhead_kernels_pct:+.0f}% k"
+        kernels = "-" if r.kernels is None else str(r.kernels)
+        infer = "-" if r.infer_ms is None else f"{r.infer_ms:.1f}"
         lines.append(f"{r.variant:10s} {r.backend:7s} {r.params_train:12,d} {r.params_infer:12,d} {r.gmac_train:10.3f} "
-                     f"{r.gmac_infer:10.3f} {r.step_ms:9.1f} {r.step_iqr_ms:6.1f} {r.kernels:8d} {r.peak_mb:8.1f} "
-                     f"{r.infer_ms:9.1f} {over:>18s}")
+                     f"{r.gmac_infer:10.3f} {r.step_ms:9.1f} {r.step_iqr_ms:6.1f} {kernels:>8s} {r.peak_mb:8.1f} "
+                     f"{infer:>9s} {over:>18s}")
     return "\n".join(lines)
+
+
+def add_overheads(rows: list[Row]) -> None:
+    """Each TSC row's step time and kernels against the plain row of the same mode (eager / compiled)."""
+    plain = {r.mode: r for r in rows if r.backend == "-"}
+    for r in rows:
+        base = plain[r.mode]
+        if r is base:
+            continue
+        r.overhead_time_pct = 100 * (r.step_ms / base.step_ms - 1)
+        if r.kernels is not None and base.kernels:
+            r.overhead_kernels_pct = 100 * (r.kernels / base.kernels - 1)
+
+
+def summary(rows: list[Row]) -> list[str]:
+    """One line per mode: the library's TSC step against the plain step and, compiled, against the
+    compiled reference (the targets of docs/performance.md)."""
+    by = {r.variant: r for r in rows}
+    lines = []
+    if "tsc-fused" in by:
+        f = by["tsc-fused"]
+        lines.append(f"eager:    tsc-fused vs plain {f.overhead_time_pct:+.1f}% time"
+                     + (f", {f.kernels - by['plain'].kernels:+d} kernels" if f.kernels is not None else ""))
+    if "tsc-auto-c" in by:
+        a, ref = by["tsc-auto-c"], by["tsc-ref-c"]
+        lines.append(f"compiled: tsc-auto-c vs plain-c {a.overhead_time_pct:+.1f}% time, "
+                     f"vs tsc-ref-c {100 * (a.step_ms / ref.step_ms - 1):+.1f}% time")
+    return lines
+
+
+HISTORY_FIELDS = ("date", "commit", "machine", "torch", "model", "batch", "device", "dtype", "mode", "variant",
+                  "backend", "step_ms", "kernels")
+
+
+def append_history(path: str, args, rows: list[Row]) -> None:
+    """Append one CSV row per variant (the results history, bench/results/)."""
+    import csv
+    import datetime
+    import os
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    machine = f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip()
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        machine = torch.cuda.get_device_name(torch.device(args.device))
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", newline="") as fh:
+        w = csv.writer(fh)
+        if new:
+            w.writerow(HISTORY_FIELDS)
+        date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+        for r in rows:
+            w.writerow([date, commit, machine, torch.__version__, args.model, args.batch, args.device, args.dtype,
+                        r.mode, r.variant, r.backend, f"{r.step_ms:.2f}", "" if r.kernels is None else r.kernels])
 
 
 def machine_info(device: str) -> dict:
@@ -251,6 +335,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="few steps (a run under a minute on a 2-core CPU)")
     p.add_argument("--json", dest="json_path", default=None, help="also write the results as JSON")
+    p.add_argument("--compile", action="store_true",
+                   help="also the three variants under torch.compile, interleaved with the eager ones")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
+    p.add_argument("--history", default=None, help="append one CSV row per variant to this file")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.warmup = min(args.steps, 4), min(args.warmup, 1)
@@ -266,15 +354,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    with tqdm(total=args.steps * len(VARIANTS), desc=f"tsc-bench {args.model}", unit="step", file=sys.stderr) as progress:
+    total = args.steps * len(variant_specs(args))
+    with tqdm(total=total, desc=f"tsc-bench {args.model}", unit="step", file=sys.stderr) as progress:
         rows = measure(args, progress)
-    plain = rows[0]
-    for r in rows[1:]:
-        r.overhead_time_pct = 100 * (r.step_ms / plain.step_ms - 1)
-        r.overhead_kernels_pct = 100 * (r.kernels / plain.kernels - 1)
+    add_overheads(rows)
     print(f"tsc-bench: {args.model}, batch {args.batch}, {args.device}, {args.dtype}"
-          f"{', channels_last' if args.channels_last else ''}; {args.steps} timed steps per variant")
+          f"{', channels_last' if args.channels_last else ''}; {args.steps} timed steps per variant, interleaved")
     print(format_table(rows))
+    print("\n".join(summary(rows)))
+    if args.history:
+        append_history(args.history, args, rows)
     if args.json_path:
         payload = {"config": {k: v for k, v in vars(args).items()}, "machine": machine_info(args.device),
                    "rows": [asdict(r) for r in rows]}

@@ -12,7 +12,30 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 from torchvision.ops import SqueezeExcitation
 
 from .. import _checks
+from ..ops.batch_norm_residual_update import batch_norm_residual_update
 from ..ops.residual_update import residual_update
+
+# Tails the fused BatchNorm tail replaces exactly: plain BatchNorm (not SyncBatchNorm, whose
+# statistics cross processes, nor subclasses with a forward of their own).
+FUSABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def batch_norm_tail(bn: nn.modules.batchnorm._BatchNorm, shortcut: torch.Tensor, x: torch.Tensor, dt: torch.Tensor,
+                    relu: bool) -> torch.Tensor:
+    """``relu?(shortcut + dt * bn(x))`` in one fused op, with ``nn.BatchNorm*.forward``'s exact
+    bookkeeping: training/eval, ``momentum=None`` (cumulative average), ``track_running_stats``
+    and ``num_batches_tracked``."""
+    bn._check_input_dim(x)
+    factor = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        if bn.momentum is None:  # cumulative moving average
+            factor = 1.0 / float(bn.num_batches_tracked)
+    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
+    track = not bn.training or bn.track_running_stats
+    return batch_norm_residual_update(
+        shortcut, x, dt, bn.running_mean if track else None, bn.running_var if track else None,
+        bn.weight, bn.bias, use_batch_stats, factor, bn.eps, relu)
 
 # --------------------------------------------------------------------------------------------------
 # Plain blocks this module adds (torchvision has BasicBlock and Bottleneck)
@@ -129,7 +152,10 @@ class _TSCBlock:
                 f"{type(self).__name__} needs its step sizes: call the whole TSC network (it runs the "
                 "controller and passes every block its Δt), or call block(x, dt) with dt of shape (C,)")
         _checks.tensor(dt, "dt")
-        shortcut, out = self._branch(x)
+        tail = getattr(self, self.tail_name, None)
+        fused_tail = self.fused_bn_tail and type(tail) in FUSABLE_NORMS
+        # with a plain BatchNorm tail, F stops before it: the tail runs fused with ⊗Δt and the update
+        shortcut, out = self._branch_before_tail(x) if fused_tail else self._branch(x)
         if shortcut.dtype != out.dtype and torch.is_autocast_enabled(out.device.type):
             # Under autocast the branch's convs give bf16/fp16 while an fp32 input can reach the
             # shortcut unchanged (a block fed fp32 activations): the update runs in the branch's
@@ -138,15 +164,26 @@ class _TSCBlock:
             shortcut = shortcut.to(out.dtype)
         # residual_update takes fp32 Δt (fp64 with fp64 activations) whatever the controller's dtype
         dt = dt.to(torch.float64 if out.dtype == torch.float64 else torch.float32)
+        if fused_tail:
+            return batch_norm_tail(tail, shortcut, out, dt, self.post_activation)
         return residual_update(shortcut, out, dt, relu=self.post_activation)
+
+    # Blocks whose F ends with its tail BatchNorm (tail_name) set this and define
+    # _branch_before_tail(x) -> (shortcut, input of the tail); _branch then follows from it.
+    fused_bn_tail = False
+
+    def _branch(self, x):
+        shortcut, out = self._branch_before_tail(x)
+        return shortcut, getattr(self, self.tail_name)(out)
 
 
 class TSCBasicBlock(_TSCBlock, BasicBlock):
     plain_class = BasicBlock
+    fused_bn_tail = True
 
-    def _branch(self, x):
+    def _branch_before_tail(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
-        return (x if self.downsample is None else self.downsample(x)), self.bn2(self.conv2(out))
+        return (x if self.downsample is None else self.downsample(x)), self.conv2(out)
 
 
 class TSCBottleneck(_TSCBlock, Bottleneck):
@@ -155,11 +192,12 @@ class TSCBottleneck(_TSCBlock, Bottleneck):
     controller_convs = ("conv1", "conv3")
     branch_conv_names = ("conv1", "conv2", "conv3")
     tail_name = "bn3"
+    fused_bn_tail = True
 
-    def _branch(self, x):
+    def _branch_before_tail(self, x):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        return (x if self.downsample is None else self.downsample(x)), self.bn3(self.conv3(out))
+        return (x if self.downsample is None else self.downsample(x)), self.conv3(out)
 
 
 class TSCSEBottleneck(_TSCBlock, SEBottleneck):
