@@ -40,8 +40,10 @@ def evolution_time(model: nn.Module) -> dict[str, float]:
     return times
 
 
-def spectral_norm(conv: nn.Conv2d, iterations: int = 100, tol: float = 1e-7) -> float:
+def spectral_norm(conv: nn.modules.conv._ConvNd, iterations: int = 100, tol: float = 1e-7) -> float:
     """‖W‖₂ of a conv's weight reshaped to (C_out, C_in·k1·k2), by power iteration on WᵀW.
+
+    Any conv dimension (Conv1d: (C_out, C_in·k)); the kernel dims are flattened alike.
 
     For a grouped conv that matrix is block diagonal (zeros across groups), so its norm is the largest
     of the groups' norms; each group's (C_out/g, C_in/g·k1·k2) block is iterated at once, batched.
