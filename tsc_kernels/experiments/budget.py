@@ -35,7 +35,7 @@ class Budget:
 
 FULL = Budget(
     seeds=3,
-    epochs={"digits": 30, "mnist1d": 20},
+    epochs={"digits": 30, "mnist1d": 25},
     depth={"digits": 20, "mnist1d": 20},
     depths={"digits": (20, 56, 110, 218), "mnist1d": (20, 56, 110)},
     depth_epochs={"digits": 15, "mnist1d": 10},
