@@ -95,7 +95,15 @@ def main(argv=None) -> int:
     subcommands = discover()
     parser = build_parser(subcommands)
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args, subcommands, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, subcommands: dict, argv) -> int:
     from .. import backend
 
     budget = (budget_mod.QUICK if args.quick else budget_mod.FULL).with_overrides(args.seeds, args.epochs)
