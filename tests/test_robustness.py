@@ -7,6 +7,7 @@ the unusual shapes must give the reference's answer on every backend.
 """
 import pytest
 import torch
+from torchvision.models.resnet import BasicBlock
 
 import tsc_kernels
 from tsc_kernels import models, reference
@@ -82,7 +83,7 @@ BAD_INPUT = [
     ("lstm-param-device", lambda: tsc_kernels.lstm_controller(torch.randn(3, 7), *_with(_lstm_params(), 3, torch.randn(12, 3, device="meta"))), ValueError, r"one device.*weight_hh on meta"),
     ("lstm-param-none", lambda: tsc_kernels.lstm_controller(torch.randn(3, 7), *_with(_lstm_params(), 7, None)), TypeError, r"fc_out_bias must be a torch.Tensor, got NoneType"),
     # --- TSCController / NetworkController ---
-    ("ctrl-unknown-mode", lambda: TSCController(18, 4, mode="gru"), ValueError, r"mode must be one of 'lstm', '2fc', 'indp', got 'gru'"),
+    ("ctrl-unknown-mode", lambda: TSCController(18, 4, mode="gru"), ValueError, r"mode must be one of 'lstm', '2fc', 'indp', 'fixed', got 'gru'"),
     ("ctrl-2fc-no-num_blocks", lambda: TSCController(18, 4, mode="2fc"), ValueError, r"num_blocks is required for mode '2fc'"),
     ("ctrl-indp-no-num_blocks", lambda: TSCController(18, 4, mode="indp"), ValueError, r"num_blocks is required for mode 'indp'"),
     ("ctrl-num_blocks-zero", lambda: TSCController(18, 4, mode="indp", num_blocks=0), ValueError, r"num_blocks must be >= 1"),
@@ -106,7 +107,7 @@ BAD_INPUT = [
     ("netctrl-wbar-length", lambda: NetworkController([TSCController(18, 4)])([[[W(1, 3, 3, 3)]]]), ValueError, r"gives w̄ of length 9, but stage 0's controller has in_features=18"),
     # --- convert / fold / diagnostics / TSC blocks ---
     ("convert-linear", lambda: tsc_kernels.convert(torch.nn.Linear(2, 2)), TypeError, r"convert cannot handle torch.nn.modules.linear.Linear"),
-    ("convert-resnet-subclass", lambda: tsc_kernels.convert(type("MyCIFAR", (models.CIFARResNet,), {})(models.BasicBlock, 1)), TypeError, r"convert cannot handle .*MyCIFAR"),
+    ("convert-resnet-subclass", lambda: tsc_kernels.convert(type("MyCIFAR", (models.CIFARResNet,), {})(BasicBlock, 1)), TypeError, r"convert cannot handle .*MyCIFAR"),
     ("convert-not-module", lambda: tsc_kernels.convert("resnet18"), TypeError, r"model must be a torch.nn.Module, got str"),
     ("convert-twice", lambda: tsc_kernels.convert(models.cifar_resnet(8)), ValueError, r"already a TSC network"),
     ("convert-mode", lambda: tsc_kernels.convert(models.cifar_resnet(8, tsc=None), mode="lstm2"), ValueError, r"mode must be one of"),
