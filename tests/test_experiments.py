@@ -91,6 +91,8 @@ def test_all_quick_writes_json_and_plots(tmp_path, one_thread):
     text = report_mod.markdown(report)  # docs/experiments.md's tables
     for section in ("### accuracy", "### noise", "### depth", "### stepsizes", "| `tsc_lstm` |", "T layer1"):
         assert section in text
+    again = report_mod.replot(report, str(tmp_path / "again"))  # plots drawn from the JSON alone
+    assert sorted(p.rsplit("/", 1)[1] for p in again) == ["accuracy.png", "depth.png", "noise.png", "stepsizes.png"]
 
 
 def test_subcommand_on_mnist1d_is_deterministic(tmp_path):

@@ -27,7 +27,7 @@ def run(ctx) -> dict:
 
 
 def plot(result: dict, out_dir: str) -> list[str]:
-    from .plots import figure, save
+    from .plots import figure, line_style, save
 
     fig, axes = figure(ncols=len(result), nrows=2)
     for col, (dataset, res) in enumerate(result.items()):
@@ -45,7 +45,7 @@ def plot(result: dict, out_dir: str) -> list[str]:
         for i, v in enumerate(names):
             curves = res["variants"][v]["train_loss_curves"]
             mean = [sum(c[e] for c in curves) / len(curves) for e in range(len(curves[0]))]
-            ax.plot(range(1, len(mean) + 1), mean, color=f"C{i}", label=v)
+            ax.plot(range(1, len(mean) + 1), mean, label=v, **line_style(i, v))
         ax.set_yscale("log")
         ax.set_xlabel("epoch")
         ax.set_ylabel("training loss (mean over seeds)")

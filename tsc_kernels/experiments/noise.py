@@ -35,7 +35,7 @@ def run(ctx) -> dict:
 
 
 def plot(result: dict, out_dir: str) -> list[str]:
-    from .plots import figure, save
+    from .plots import figure, line_style, save
 
     fig, axes = figure(ncols=len(result), nrows=2)
     for col, (dataset, res) in enumerate(result.items()):
@@ -46,7 +46,7 @@ def plot(result: dict, out_dir: str) -> list[str]:
                 mean = [s["mean"] * scale for s in row[what]]
                 std = [s["std"] * scale for s in row[what]]
                 ax = axes[r][col]
-                ax.errorbar(sig, mean, yerr=std, color=f"C{i}", marker="o", markersize=3, capsize=2, label=v)
+                ax.errorbar(sig, mean, yerr=std, marker="o", markersize=3, capsize=2, label=v, **line_style(i, v))
         axes[0][col].set_title(f"{dataset}: Gaussian input noise", fontsize=9)
         axes[0][col].set_ylabel("test accuracy (%)")
         axes[1][col].set_ylabel("test loss")

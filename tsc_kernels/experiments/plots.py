@@ -21,3 +21,8 @@ def save(fig, out_dir: str, name: str) -> str:
     path = os.path.join(out_dir, name)
     fig.savefig(path, dpi=90)
     return path
+
+
+def line_style(i: int, variant: str) -> dict:
+    """Colour by position; `dt=1` dashed, since it coincides with `plain` (the same network)."""
+    return {"color": f"C{i}", "linestyle": "--" if variant == "dt=1" else "-"}

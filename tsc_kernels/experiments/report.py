@@ -1,6 +1,7 @@
-"""Markdown tables from a tsc-experiment JSON report (docs/experiments.md's tables are made this way).
+"""Markdown tables from a tsc-experiment JSON report (docs/experiments.md's tables are made this way),
+and optionally the report's plots drawn again (no training).
 
-    python -m tsc_kernels.experiments.report docs/results/full.json
+    python -m tsc_kernels.experiments.report docs/results/full.json [--plots DIR]
 """
 from __future__ import annotations
 
@@ -75,8 +76,29 @@ def markdown(report: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def replot(report: dict, out_dir: str) -> list[str]:
+    """Every subcommand's plots from the report's results (the same functions the run used)."""
+    from .cli import discover
+
+    subs = discover()
+    return [p for name, res in report["results"].items() if name in subs and subs[name].plot is not None
+            for p in subs[name].plot(res, out_dir)]
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tsc_kernels.experiments.report", description=__doc__.splitlines()[0])
+    p.add_argument("json", help="a tsc-experiment --json report")
+    p.add_argument("--plots", metavar="DIR", help="also draw the report's plots into DIR")
+    args = p.parse_args(argv)
+    with open(args.json) as f:
+        report = json.load(f)
+    print(markdown(report))
+    if args.plots:
+        replot(report, args.plots)
+    return 0
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m tsc_kernels.experiments.report RESULTS.json")
-    with open(sys.argv[1]) as f:
-        print(markdown(json.load(f)))
+    sys.exit(main())
