@@ -1,6 +1,8 @@
 """How much each experiment trains: the full run (docs/experiments.md's tables) and --quick (CI).
 
-The full run is sized for ~30 minutes on 2 shared cores at one intra-op thread; --quick runs the
+The full run is sized for ~15 minutes per data set on one core of a quiet machine (the two data sets
+can run as two processes: ``--datasets digits`` and ``--datasets mnist1d``), about 30 minutes for
+``all`` on one core, more on a loaded one; --quick runs the
 whole suite in well under 3 minutes (a smoke test of every path and a first look, not evidence).
 """
 from __future__ import annotations
@@ -35,10 +37,10 @@ class Budget:
 
 FULL = Budget(
     seeds=3,
-    epochs={"digits": 30, "mnist1d": 25},
+    epochs={"digits": 20, "mnist1d": 15},
     depth={"digits": 20, "mnist1d": 20},
-    depths={"digits": (20, 56, 110, 218), "mnist1d": (20, 56, 110)},
-    depth_epochs={"digits": 15, "mnist1d": 10},
+    depths={"digits": (20, 56, 110), "mnist1d": (20, 56, 110)},
+    depth_epochs={"digits": 8, "mnist1d": 5},
     depth_seeds=1,
     noise_sigmas=(0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5),
     train_subset={"digits": None, "mnist1d": None},

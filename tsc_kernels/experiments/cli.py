@@ -120,10 +120,10 @@ def _run(args, subcommands: dict, argv) -> int:
         if args.out and subcommands[name].plot is not None:
             report["plots"] += subcommands[name].plot(result, args.out)
         print(summary_text(name, result), flush=True)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1, allow_nan=True)
+        if args.json:  # after every subcommand, so a long run that is stopped keeps what it finished
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1, allow_nan=True)
     return 0
 
 
