@@ -109,6 +109,17 @@ def test_subcommand_on_mnist1d_is_deterministic(tmp_path):
     assert row["train_loss_curves"] == results[1]["accuracy"]["mnist1d"]["variants"]["tsc_indp"]["train_loss_curves"]
 
 
+def test_report_merges_runs_of_different_datasets():
+    a = {"datasets": ["digits"], "machine": {"cpu_count": 2}, "results": {"accuracy": {"digits": {"x": 1}}}}
+    b = {"datasets": ["mnist1d"], "machine": {"cpu_count": 2}, "results": {"accuracy": {"mnist1d": {"x": 2}},
+                                                                             "noise": {"mnist1d": {"y": 3}}}}
+    m = report_mod.merge([a, b])
+    assert m["results"] == {"accuracy": {"digits": {"x": 1}, "mnist1d": {"x": 2}}, "noise": {"mnist1d": {"y": 3}}}
+    assert m["datasets"] == ["digits", "mnist1d"] and [r["datasets"] for r in m["runs"]] == [["digits"], ["mnist1d"]]
+    with pytest.raises(ValueError, match="different data sets"):
+        report_mod.merge([a, a])
+
+
 def test_registry_holds_the_subcommands_and_rejects_duplicates():
     subs = cli.discover()
     assert list(subs) == ["accuracy", "noise", "depth", "stepsizes"]

@@ -2,6 +2,7 @@
 and optionally the report's plots drawn again (no training).
 
     python -m tsc_kernels.experiments.report docs/results/full.json [--plots DIR]
+    python -m tsc_kernels.experiments.report a.json b.json --merged both.json   # e.g. one run per data set
 """
 from __future__ import annotations
 
@@ -85,15 +86,38 @@ def replot(report: dict, out_dir: str) -> list[str]:
             for p in subs[name].plot(res, out_dir)]
 
 
+def merge(reports: list[dict]) -> dict:
+    """One report from several runs of disjoint data sets (``--datasets digits`` and ``--datasets mnist1d``
+    run as two processes): results joined per subcommand and data set; each run's command, machine,
+    versions and wall times kept under ``runs``."""
+    merged = {"results": {}, "datasets": [], "runs": []}
+    for r in reports:
+        overlap = set(merged["datasets"]) & set(r["datasets"])
+        if overlap:
+            raise ValueError(f"the reports to merge must cover different data sets, {sorted(overlap)} appear twice")
+        merged["datasets"] += r["datasets"]
+        merged["runs"].append({k: v for k, v in r.items() if k != "results"})
+        for name, res in r["results"].items():
+            merged["results"].setdefault(name, {}).update(res)
+    return merged
+
+
 def main(argv=None) -> int:
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m tsc_kernels.experiments.report", description=__doc__.splitlines()[0])
-    p.add_argument("json", help="a tsc-experiment --json report")
+    p.add_argument("json", nargs="+", help="tsc-experiment --json reports (several: merged, see merge())")
     p.add_argument("--plots", metavar="DIR", help="also draw the report's plots into DIR")
+    p.add_argument("--merged", metavar="PATH", help="write the merged report as JSON")
     args = p.parse_args(argv)
-    with open(args.json) as f:
-        report = json.load(f)
+    reports = []
+    for path in args.json:
+        with open(path) as f:
+            reports.append(json.load(f))
+    report = reports[0] if len(reports) == 1 else merge(reports)
+    if args.merged:
+        with open(args.merged, "w") as f:
+            json.dump(report, f, indent=1)
     print(markdown(report))
     if args.plots:
         replot(report, args.plots)
