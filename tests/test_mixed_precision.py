@@ -9,6 +9,7 @@ import torch
 
 import tsc_kernels
 from tsc_kernels import models
+from tsc_kernels.models import blocks as model_blocks  # the TSC blocks call blocks.residual_update
 
 
 def _model(mode, seed=0, preact=False):
@@ -38,13 +39,13 @@ def test_autocast_step_matches_fp32(backend, mode, preact, monkeypatch):
 
     # every residual update must see bf16 activations and fp32 Δt
     seen = []
-    original = models.residual_update
+    original = model_blocks.residual_update
 
     def spy(y, f, dt, relu=False):
         seen.append((y.dtype, f.dtype, dt.dtype))
         return original(y, f, dt, relu=relu)
 
-    monkeypatch.setattr(models, "residual_update", spy)
+    monkeypatch.setattr(model_blocks, "residual_update", spy)
     loss_bf16, grads_bf16 = _step_grads(model, x, target, autocast=True)
     assert len(seen) == 3 and all(s == (torch.bfloat16, torch.bfloat16, torch.float32) for s in seen), seen
     with torch.autocast("cpu", dtype=torch.bfloat16):

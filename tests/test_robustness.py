@@ -83,7 +83,7 @@ BAD_INPUT = [
     ("lstm-param-device", lambda: tsc_kernels.lstm_controller(torch.randn(3, 7), *_with(_lstm_params(), 3, torch.randn(12, 3, device="meta"))), ValueError, r"one device.*weight_hh on meta"),
     ("lstm-param-none", lambda: tsc_kernels.lstm_controller(torch.randn(3, 7), *_with(_lstm_params(), 7, None)), TypeError, r"fc_out_bias must be a torch.Tensor, got NoneType"),
     # --- TSCController / NetworkController ---
-    ("ctrl-unknown-mode", lambda: TSCController(18, 4, mode="gru"), ValueError, r"mode must be one of 'lstm', '2fc', 'indp', got 'gru'"),
+    ("ctrl-unknown-mode", lambda: TSCController(18, 4, mode="gru"), ValueError, r"mode must be one of 'lstm', '2fc', 'indp', 'fixed', got 'gru'"),
     ("ctrl-2fc-no-num_blocks", lambda: TSCController(18, 4, mode="2fc"), ValueError, r"num_blocks is required for mode '2fc'"),
     ("ctrl-indp-no-num_blocks", lambda: TSCController(18, 4, mode="indp"), ValueError, r"num_blocks is required for mode 'indp'"),
     ("ctrl-num_blocks-zero", lambda: TSCController(18, 4, mode="indp", num_blocks=0), ValueError, r"num_blocks must be >= 1"),

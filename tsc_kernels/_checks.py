@@ -82,7 +82,7 @@ def batch_norm_residual_update_args(y, x, dt, running_mean, running_var, weight,
 
 
 # --- models, convert, fold, diagnostics (tsc_kernels.models / convert / fold / diagnostics) ---
-TSC_MODES = ("lstm", "2fc", "indp")
+TSC_MODES = ("lstm", "2fc", "indp", "fixed")  # "fixed": constant Δt = dt, no controller (docs/tsc.md)
 
 
 def tsc_mode(mode: object, name: str = "mode", allow_none: bool = False) -> str | None:
@@ -92,6 +92,25 @@ def tsc_mode(mode: object, name: str = "mode", allow_none: bool = False) -> str 
         allowed = ", ".join(repr(m) for m in TSC_MODES) + (" or None" if allow_none else "")
         raise ValueError(f"{name} must be one of {allowed}, got {mode!r}")
     return mode
+
+
+def fixed_dt(dt: object, mode: object, name: str = "dt") -> float | None:
+    """The constant step size of mode "fixed": a finite float > 0 (default 1.0); None for every other mode.
+
+    Given together with another mode it is an error (it would be silently ignored).
+    """
+    if mode != "fixed":
+        if dt is not None:
+            raise ValueError(f"{name} only applies to tsc mode 'fixed' (a constant step size), got {name}={dt!r} with mode {mode!r}")
+        return None
+    if dt is None:
+        return 1.0
+    if isinstance(dt, bool) or not isinstance(dt, (float, int)):
+        raise TypeError(f"{name} must be a float (the constant step size of mode 'fixed'), got {type(dt).__name__}")
+    dt = float(dt)
+    if not (0.0 < dt < float("inf")):
+        raise ValueError(f"{name} must be a finite float > 0 (the constant step size of mode 'fixed'), got {dt}")
+    return dt
 
 
 def positive_int(x: object, name: str) -> int:
@@ -186,16 +205,20 @@ def conv_in_channels(weights: list, name: str = "weights") -> None:
 
 
 # --- tsc_kernels.nn: TSCController / NetworkController ---
-def controller_config(in_features: object, channels: object, reduction: object, mode: object, num_blocks: object) -> None:
-    """TSCController's constructor arguments: sizes >= 1, a known mode, num_blocks given for the per-block modes."""
+def controller_config(in_features: object, channels: object, reduction: object, mode: object, num_blocks: object,
+                      dt: object = None) -> float | None:
+    """TSCController's constructor arguments: sizes >= 1, a known mode, num_blocks given for the per-block
+    modes, dt only for mode "fixed". Returns the fixed step size (None for the other modes)."""
     positive_int(in_features, "in_features")
     positive_int(channels, "channels")
     positive_int(reduction, "reduction")
     tsc_mode(mode, "mode")
+    dt = fixed_dt(dt, mode)
     if mode in ("2fc", "indp") and num_blocks is None:
         raise ValueError(f"num_blocks is required for mode {mode!r} (one set of parameters per block), got None")
     if num_blocks is not None:
         positive_int(num_blocks, "num_blocks")
+    return dt
 
 
 def controller_wbar(wbar: object, in_features: int, num_blocks: int | None, like: torch.Tensor) -> None:

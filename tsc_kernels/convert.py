@@ -22,15 +22,17 @@ def _qualname(obj: object) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def convert(model: nn.Module, mode: str = "lstm", reduction: int | None = None) -> nn.Module:
+def convert(model: nn.Module, mode: str = "lstm", reduction: int | None = None, dt: float | None = None) -> nn.Module:
     """Make ``model`` a TSC network in place and return it.
 
     Args:
         model: a torchvision ResNet / ResNeXt / Wide ResNet, a timm ResNet (``timm.create_model``), or a
             plain network of tsc_kernels.models.
-        mode: controller kind, "lstm" (TSC_LSTM), "2fc" or "indp" (docs/tsc.md).
+        mode: controller kind, "lstm" (TSC_LSTM), "2fc", "indp", or "fixed" (a constant step size
+            ``dt`` for every block and channel, no controller parameters; docs/tsc.md).
         reduction: controller hidden size H = max(1, C // reduction); None: 4 for basic blocks, 8 for
             bottlenecks.
+        dt: mode "fixed" only: the constant step size, a float > 0 (None: 1.0).
 
     The controller is created on the device and dtype of the network's first block. Raises TypeError
     naming the module that cannot be converted, ValueError for bad arguments.
@@ -41,6 +43,7 @@ def convert(model: nn.Module, mode: str = "lstm", reduction: int | None = None) 
     if type(model).__module__.startswith("timm."):
         # timm is optional: its ResNet classes are registered only once a timm model shows up
         from .models import timm_resnet  # noqa: F401
+    dt = _checks.fixed_dt(dt, mode)
     if is_tsc_network(model):
         raise ValueError(f"model is already a TSC network ({type(model).__name__}); convert it once")
     # exact class match: a subclass may have its own forward, which the TSC network would bypass
@@ -59,7 +62,7 @@ def convert(model: nn.Module, mode: str = "lstm", reduction: int | None = None) 
                 blocks = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in PLAIN_TO_TSC_BLOCK)
                 raise TypeError(f"convert cannot handle block {stage_name}.{d} ({_qualname(block)}): "
                                 f"supported blocks are {blocks}")
-    controller = build_controller(model, target.stage_names, mode, reduction)  # ValueError on odd shapes
+    controller = build_controller(model, target.stage_names, mode, reduction, dt)  # ValueError on odd shapes
 
     for stage_name in target.stage_names:
         for block in getattr(model, stage_name):

@@ -40,8 +40,10 @@ def evolution_time(model: nn.Module) -> dict[str, float]:
     return times
 
 
-def spectral_norm(conv: nn.Conv2d, iterations: int = 100, tol: float = 1e-7) -> float:
+def spectral_norm(conv: nn.modules.conv._ConvNd, iterations: int = 100, tol: float = 1e-7) -> float:
     """‖W‖₂ of a conv's weight reshaped to (C_out, C_in·k1·k2), by power iteration on WᵀW.
+
+    Any conv dimension (Conv1d: (C_out, C_in·k)); the kernel dims are flattened alike.
 
     For a grouped conv that matrix is block diagonal (zeros across groups), so its norm is the largest
     of the groups' norms; each group's (C_out/g, C_in/g·k1·k2) block is iterated at once, batched.
@@ -68,6 +70,22 @@ def spectral_norm(conv: nn.Conv2d, iterations: int = 100, tol: float = 1e-7) -> 
     return float(sigma.max())
 
 
+def stage_stability_bounds(model: nn.Module, iterations: int = 100) -> dict[str, float]:
+    """``stability_bound``'s product restricted to each stage: ``{"layer1": bound, ...}``.
+
+    The network's bound is the product of these (perturbations grow stage after stage).
+    """
+    _tsc_network(model, "stage_stability_bounds")
+    _checks.positive_int(iterations, "iterations")
+    dts = step_sizes(model)
+    logs = {name: 0.0 for name in model.stage_names}
+    for name, s, block in model.tsc_named_blocks():
+        mean_dt = float(dts[name].double().mean())
+        for conv in block.branch_convs():
+            logs[model.stage_names[s]] += math.log1p(spectral_norm(conv, iterations) * mean_dt)
+    return {name: (math.exp(v) if v < 709.0 else math.inf) for name, v in logs.items()}
+
+
 def stability_bound(model: nn.Module, iterations: int = 100) -> float:
     """∏ over blocks ∏ over the block's residual-branch convs of (1 + ‖W‖₂ · mean Δt).
 
@@ -77,12 +95,7 @@ def stability_bound(model: nn.Module, iterations: int = 100) -> float:
     """
     _tsc_network(model, "stability_bound")
     _checks.positive_int(iterations, "iterations")
-    dts = step_sizes(model)
-    log_bound = 0.0
-    for name, _, block in model.tsc_named_blocks():
-        mean_dt = float(dts[name].double().mean())
-        for conv in block.branch_convs():
-            log_bound += math.log1p(spectral_norm(conv, iterations) * mean_dt)
+    log_bound = sum(math.log(b) for b in stage_stability_bounds(model, iterations).values())
     return math.exp(log_bound) if log_bound < 709.0 else math.inf
 
 

@@ -3,7 +3,7 @@
 Where Δt goes, per block kind (F is the residual branch, ``out = act(shortcut + F(x) ⊗ Δt)``):
 - post-activation blocks (F ends with BatchNorm): ``BN(x) ⊗ Δt`` is a BatchNorm with
   ``γ' = γ·Δt``, ``β' = β·Δt`` (running statistics unchanged). Exact in eval and in train mode.
-- pre-activation CIFAR blocks (F ends with a bias-free conv): ``conv(x) ⊗ Δt`` is the conv with each
+- pre-activation CIFAR blocks (F ends with a bias-free conv, of any spatial dimension): ``conv(x) ⊗ Δt`` is the conv with each
   output channel's filter scaled, ``W'[o] = W[o]·Δt[o]``.
 - SE blocks (F = SE(BN(x)), SE(z) = z·g(z) with a per-sample, per-channel gate g): scaling the BN
   alone would change SE's input and so its gate. Fold γ,β as above, so SE sees z' = z·Δt, and undo
@@ -16,7 +16,9 @@ Where Δt goes, per block kind (F is the residual branch, ``out = act(shortcut +
 The result is the plain network with the same parameter count and state_dict keys as the network
 that was converted: ``torchvision.models.ResNet`` with torchvision blocks for ResNet/ResNeXt/Wide
 ResNet (``ResNet`` with ``SEBottleneck`` for SE-ResNets), ``tsc_kernels.models.CIFARResNet`` for CIFAR
-ResNets, ``timm.models.resnet.ResNet`` with timm's blocks for timm models. It calls no tsc_kernels op.
+ResNets, ``timm.models.resnet.ResNet`` with timm's blocks for timm models,
+``tsc_kernels.models.ResNet1d`` for 1-D ResNets. It calls no tsc_kernels op. BatchNorm1d/2d/3d
+and Conv1d/2d/3d tails fold alike (the scale is per output channel, dim 0 of the weight).
 """
 from __future__ import annotations
 
@@ -40,10 +42,10 @@ def _tail(name: str, block: nn.Module) -> nn.Module:
         if tail.weight is None or tail.bias is None:
             raise ValueError(f"fold cannot fold Δt into {where}: the BatchNorm has no affine γ, β (affine=False)")
         return tail
-    if isinstance(tail, nn.Conv2d):
+    if isinstance(tail, nn.modules.conv._ConvNd):  # Conv1d / Conv2d / Conv3d: filters scale alike
         return tail
     raise TypeError(f"fold cannot fold Δt into {where} ({type(tail).__name__}): the residual branch of "
-                    f"block {name} must end with a BatchNorm (post-activation) or a Conv2d (pre-activation)")
+                    f"block {name} must end with a BatchNorm (post-activation) or a conv (pre-activation)")
 
 
 def _scale_output_channels(layer: nn.Module, dt: torch.Tensor) -> None:

@@ -14,7 +14,7 @@ from torch import nn
 from . import _checks
 from .ops import lstm_controller as _controller
 
-MODES = ("lstm", "2fc", "indp")
+MODES = _checks.TSC_MODES  # "lstm", "2fc", "indp", "fixed"
 
 
 def hidden_size(channels: int, reduction: int) -> int:
@@ -41,13 +41,17 @@ class TSCController(nn.Module):
 
     mode "lstm": shared fc_in (Linear D->H), lstm (LSTMCell H->H), fc_out (Linear H->C), recurrent
     over the stage's blocks; "2fc": per-block fc_in[d], fc_out[d] (needs num_blocks); "indp": a free
-    parameter theta (num_blocks, C) initialised to 0, dt = sigmoid(theta) (needs num_blocks).
+    parameter theta (num_blocks, C) initialised to 0, dt = sigmoid(theta) (needs num_blocks); "fixed":
+    no parameters, dt = ``dt`` (a float > 0, default 1.0) for every block and channel (the paper's
+    constant-step baselines Δt = 1 and Δt = 0.01; ``dt`` is accepted for this mode only).
     """
 
-    def __init__(self, in_features: int, channels: int, reduction: int = 4, mode: str = "lstm", num_blocks: int | None = None):
-        _checks.controller_config(in_features, channels, reduction, mode, num_blocks)
+    def __init__(self, in_features: int, channels: int, reduction: int = 4, mode: str = "lstm", num_blocks: int | None = None,
+                 dt: float | None = None):
+        dt = _checks.controller_config(in_features, channels, reduction, mode, num_blocks, dt)
         super().__init__()
         self.in_features, self.channels, self.reduction, self.mode, self.num_blocks = in_features, channels, reduction, mode, num_blocks
+        self.dt = dt  # the constant step size of mode "fixed", None otherwise
         self.hidden = hidden_size(channels, reduction)
         if mode == "lstm":
             self.fc_in = nn.Linear(in_features, self.hidden)
@@ -64,7 +68,15 @@ class TSCController(nn.Module):
         return (self.fc_in.weight, self.fc_in.bias, self.lstm.weight_ih, self.lstm.weight_hh,
                 self.lstm.bias_ih, self.lstm.bias_hh, self.fc_out.weight, self.fc_out.bias)
 
+    def fixed_step_sizes(self, num_blocks: int, like: torch.Tensor) -> torch.Tensor:
+        """Mode "fixed": Δt (num_blocks, C) filled with ``dt``, in ``like``'s dtype and device (no kernel
+        beyond the fill; the weights are not read)."""
+        return torch.full((num_blocks, self.channels), self.dt, dtype=like.dtype, device=like.device)
+
     def forward(self, wbar: torch.Tensor) -> torch.Tensor:
+        if self.mode == "fixed":  # no parameters to compare wbar with: its shape only
+            _checks.controller_wbar(wbar, self.in_features, self.num_blocks, _checks.tensor(wbar, "wbar"))
+            return self.fixed_step_sizes(wbar.shape[0], wbar)
         # wbar against this controller (D = in_features; L = num_blocks for the per-block modes,
         # any L >= 1 for the recurrent lstm), before any kernel runs
         like = self.theta if self.mode == "indp" else (self.fc_in if self.mode == "lstm" else self.fc_in[0]).weight
@@ -77,7 +89,8 @@ class TSCController(nn.Module):
             return torch.sigmoid(self.theta)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, channels={self.channels}, hidden={self.hidden}, mode={self.mode!r}"
+        fixed = f", dt={self.dt}" if self.mode == "fixed" else ""
+        return f"in_features={self.in_features}, channels={self.channels}, hidden={self.hidden}, mode={self.mode!r}{fixed}"
 
 
 class NetworkController(nn.Module):

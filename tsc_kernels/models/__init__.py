@@ -1,8 +1,8 @@
 """TSC residual networks: torchvision's ResNet family and CIFAR ResNets with adaptive step sizes.
 
-Every builder takes ``tsc="lstm" | "2fc" | "indp" | None`` (None: the plain network) and
+Every builder takes ``tsc="lstm" | "2fc" | "indp" | "fixed" | None`` (None: the plain network),
 ``reduction`` (controller hidden size H = max(1, C // reduction); default 4 for basic blocks, 8 for
-bottlenecks, docs/tsc.md).
+bottlenecks, docs/tsc.md) and ``dt`` (tsc="fixed" only: the constant step size, default 1.0).
 
 Architecture (docs/tsc.md):
 - A TSC block is a torchvision ``BasicBlock`` / ``Bottleneck`` (or one of this module's SE and
@@ -26,7 +26,8 @@ Architecture (docs/tsc.md):
 Models: ``resnet18/34/50/101/152``, ``resnext50_32x4d``, ``resnext101_32x8d``, ``wide_resnet50_2``
 (torchvision's architectures, built with ``weights=None`` unless ``weights`` is passed),
 ``se_resnet50/101`` (squeeze-excitation inside F after the last BN, before ⊗Δt: torchvision's
-``ResNet`` class with ``SEBottleneck`` blocks, SE reduction 16), and ``cifar_resnet(depth)``.
+``ResNet`` class with ``SEBottleneck`` blocks, SE reduction 16), ``cifar_resnet(depth)`` and
+``resnet1d(depth)`` (CIFAR-style ResNets of Conv1d / BatchNorm1d blocks for sequences).
 timm's ResNet family converts with ``tsc_kernels.convert(timm.create_model(...))``: its TSC classes
 live in ``timm_resnet``, imported on demand so that timm stays optional (docs/timm.md).
 
@@ -39,12 +40,14 @@ from .blocks import (PLAIN_TO_TSC_BLOCK, PreActBasicBlock, PreActBottleneck, SEB
                      TSCBasicBlock, TSCBottleneck, TSCPreActBasicBlock, TSCPreActBottleneck, TSCSEBottleneck,
                      is_tsc_block, register_block)
 from .cifar import CIFARResNet, TSCCIFARResNet, cifar_resnet
+from .resnet1d import BasicBlock1d, ResNet1d, TSCBasicBlock1d, TSCResNet1d, resnet1d
 from .network import (PLAIN_TO_TSC_NETWORK, build_controller, is_tsc_network, register_network,
                       stage_shapes)
 from .resnet import (TSCResNet, resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d,
                      resnext101_32x8d, se_resnet50, se_resnet101, wide_resnet50_2)
 
 __all__ = [
+    "BasicBlock1d", "ResNet1d", "TSCBasicBlock1d", "TSCResNet1d", "resnet1d",
     "CIFARResNet", "PreActBasicBlock", "PreActBottleneck", "SEBottleneck", "TSCBasicBlock",
     "TSCBottleneck", "TSCCIFARResNet", "TSCPreActBasicBlock", "TSCPreActBottleneck", "TSCResNet",
     "TSCSEBottleneck", "cifar_resnet", "is_tsc_block", "is_tsc_network", "resnet18", "resnet34", "resnet50",

@@ -20,11 +20,11 @@ class CIFARResNet(nn.Module):
 
     stage_names = ("layer1", "layer2", "layer3")
 
-    def __init__(self, block: type, blocks_per_stage: int, num_classes: int = 10):
+    def __init__(self, block: type, blocks_per_stage: int, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         self.preact = block in (PreActBasicBlock, PreActBottleneck)
         self.inplanes = 16
-        self.conv1 = conv3x3(3, 16)
+        self.conv1 = conv3x3(in_channels, 16)
         if not self.preact:
             self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
@@ -73,22 +73,28 @@ register_network(TSCCIFARResNet)
 
 
 def cifar_resnet(depth: int, num_classes: int = 10, preact: bool = False, tsc: str | None = "lstm",
-                 reduction: int | None = None, bottleneck: bool | None = None) -> nn.Module:
+                 reduction: int | None = None, bottleneck: bool | None = None, in_channels: int = 3,
+                 dt: float | None = None) -> nn.Module:
     """CIFAR ResNet of ``depth`` layers: 6n+2 with basic blocks or 9n+2 with bottlenecks (n per stage).
 
     ``bottleneck=None`` picks by depth: when only one of 6n+2 / 9n+2 fits, that one; when both fit
     (20, 56, 110, 164, …), basic blocks up to depth 110 and bottlenecks above, as He et al. name
     them (ResNet-20…110 and 1202 basic, ResNet-164 and 1001 bottleneck). ``preact=True`` builds the
     pre-activation variant (He et al. 2016b); its TSC blocks use the residual update without ReLU.
+    ``in_channels``: input channels (3 for CIFAR, 1 for grey images such as scikit-learn's 8x8
+    digits; any spatial size works: the pool is adaptive). ``dt``: tsc="fixed" only, the constant
+    step size (default 1.0).
     Depth 1202 (19.4 M parameters, 600 blocks) trains: one step at batch 2 takes ~2 s on one CPU
     thread (tests/test_models.py).
     """
     _checks.tsc_mode(tsc, "tsc", allow_none=True)
     _checks.reduction(reduction)
+    dt = _checks.fixed_dt(dt, tsc)
     _checks.flag(preact, "preact")
     bottleneck = _checks.cifar_depth(depth, bottleneck)
     _checks.positive_int(num_classes, "num_classes")
+    _checks.positive_int(in_channels, "in_channels")
     n = (depth - 2) // (9 if bottleneck else 6)
     block = {(False, False): BasicBlock, (True, False): Bottleneck,
              (False, True): PreActBasicBlock, (True, True): PreActBottleneck}[(bottleneck, preact)]
-    return finish(CIFARResNet(block, n, num_classes), tsc, reduction)
+    return finish(CIFARResNet(block, n, num_classes, in_channels), tsc, reduction, dt)

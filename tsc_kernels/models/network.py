@@ -105,22 +105,23 @@ def stage_shapes(stage: Sequence[nn.Module], stage_name: str) -> tuple[int, int,
     return len(stage), channels, in_features
 
 
-def build_controller(model: nn.Module, stage_names: Sequence[str], mode: str, reduction: int | None) -> NetworkController:
+def build_controller(model: nn.Module, stage_names: Sequence[str], mode: str, reduction: int | None,
+                     dt: float | None = None) -> NetworkController:
     controllers = []
     for name in stage_names:
         stage = getattr(model, name)
         num_blocks, channels, in_features = stage_shapes(stage, name)
         r = reduction if reduction is not None else _blocks.PLAIN_TO_TSC_BLOCK.get(type(stage[0]), type(stage[0])).default_reduction
-        controllers.append(TSCController(in_features, channels, reduction=r, mode=mode, num_blocks=num_blocks))
+        controllers.append(TSCController(in_features, channels, reduction=r, mode=mode, num_blocks=num_blocks, dt=dt))
     ref = getattr(model, stage_names[0])[0].conv1.weight
     return NetworkController(controllers).to(device=ref.device, dtype=ref.dtype)
 
 
 
-def finish(model: nn.Module, tsc: str | None, reduction: int | None) -> nn.Module:
+def finish(model: nn.Module, tsc: str | None, reduction: int | None, dt: float | None = None) -> nn.Module:
     """The builders' last step: ``model`` as it is (tsc=None) or converted to TSC in place."""
     if tsc is None:
         return model
     from ..convert import convert  # convert imports this package
 
-    return convert(model, mode=tsc, reduction=reduction)
+    return convert(model, mode=tsc, reduction=reduction, dt=dt)

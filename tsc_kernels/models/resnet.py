@@ -28,8 +28,9 @@ register_network(TSCResNet)
 def _torchvision(builder, tsc, reduction, kwargs):
     _checks.tsc_mode(tsc, "tsc", allow_none=True)
     _checks.reduction(reduction)
+    dt = _checks.fixed_dt(kwargs.pop("dt", None), tsc)  # tsc="fixed" only; the rest go to torchvision
     kwargs.setdefault("weights", None)
-    return finish(builder(**kwargs), tsc, reduction)
+    return finish(builder(**kwargs), tsc, reduction, dt)
 
 
 def resnet18(tsc: str | None = "lstm", reduction: int | None = None, **kwargs) -> nn.Module:
@@ -69,7 +70,8 @@ def wide_resnet50_2(tsc: str | None = "lstm", reduction: int | None = None, **kw
 def _se_resnet(layers, tsc, reduction, kwargs):
     _checks.tsc_mode(tsc, "tsc", allow_none=True)
     _checks.reduction(reduction)
-    return finish(ResNet(SEBottleneck, layers, **kwargs), tsc, reduction)
+    dt = _checks.fixed_dt(kwargs.pop("dt", None), tsc)
+    return finish(ResNet(SEBottleneck, layers, **kwargs), tsc, reduction, dt)
 
 
 def se_resnet50(tsc: str | None = "lstm", reduction: int | None = None, **kwargs) -> nn.Module:

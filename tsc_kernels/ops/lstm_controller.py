@@ -139,7 +139,8 @@ def network_dt(weights: Sequence[Sequence[Sequence[torch.Tensor]]], controllers:
         weights: weights[s][d] is the list of conv weights block d of stage s declares (docs/tsc.md).
         controllers: one tsc_kernels.nn.TSCController per stage. "lstm" stages run batched in one
             tsc::lstm_controller call; "2fc" and "indp" stages run their own (plain torch) forward
-            on their slice of the packed w̄.
+            on their slice of the packed w̄; "fixed" stages read no weights and launch nothing
+            but a fill.
     Returns:
         one (L_s, C_s) Δt tensor per stage.
     """
@@ -156,23 +157,31 @@ def network_dt(weights: Sequence[Sequence[Sequence[torch.Tensor]]], controllers:
             D = _weight_mean.packed_length(ws)
             if D != ctrl.in_features:
                 raise ValueError(f"weights[{s}][{d}] gives w̄ of length {D}, but stage {s}'s controller has in_features={ctrl.in_features}")
-            flat.extend(ws)
+            if ctrl.mode != "fixed":  # fixed stages read no weights
+                flat.extend(ws)
         if ctrl.mode != "lstm" and len(blocks) != ctrl.num_blocks:
             raise ValueError(f"weights[{s}] has {len(blocks)} blocks but stage {s}'s {ctrl.mode!r} controller has num_blocks={ctrl.num_blocks}")
         lengths.append((len(blocks), ctrl.in_features))
     lstm = [s for s, c in enumerate(controllers) if c.mode == "lstm"]
-    acc = reference.accumulation_dtype(flat[0].dtype)
+    acc = reference.accumulation_dtype(weights[0][0][0].dtype)
+    out: list[torch.Tensor | None] = [None] * len(controllers)
+    for s, ctrl in enumerate(controllers):  # constant Δt: no weight_mean, no controller launch
+        if ctrl.mode == "fixed":
+            out[s] = ctrl.fixed_step_sizes(lengths[s][0], weights[s][0][0].new_empty(0, dtype=acc))
+    if not flat:  # every stage is fixed
+        return out
     for s in lstm:  # parameters against the stage's w̄ (dtype, device, shapes) before any launch
         stand_in = flat[0].new_empty(1, dtype=acc).as_strided(lengths[s], (0, 0))  # w̄'s shape, no data
         _checks.lstm_controller_args(stand_in, controllers[s].lstm_params())
-    # One launch for every block's w̄; stage s's (L_s, D_s) rows follow stage s-1's.
+    # One launch for every block's w̄; stage s's (L_s, D_s) rows follow stage s-1's (fixed stages skipped).
     wbar_all = _weight_mean.packed(flat, "weights")
-    wbars = [w.view(L, D) for w, (L, D) in zip(torch.split(wbar_all, [L * D for L, D in lengths]), lengths)]
-    out: list[torch.Tensor | None] = [None] * len(controllers)
+    read = [s for s, c in enumerate(controllers) if c.mode != "fixed"]
+    wbars: dict[int, torch.Tensor] = {
+        s: w.view(lengths[s]) for s, w in zip(read, torch.split(wbar_all, [lengths[s][0] * lengths[s][1] for s in read]))}
     if lstm:
         params = [p for s in lstm for p in controllers[s].lstm_params()]
         # All-lstm networks (the default) pass the packed w̄ as it is; mixed ones gather the lstm stages.
-        wbar_lstm = wbar_all if len(lstm) == len(controllers) else torch.cat([wbars[s].reshape(-1) for s in lstm])
+        wbar_lstm = wbar_all if len(lstm) == len(read) else torch.cat([wbars[s].reshape(-1) for s in lstm])
         blocks = [lengths[s][0] for s in lstm]
         dt_packed = _run(wbar_lstm, blocks, params)
         sizes = [lengths[s][0] * controllers[s].channels for s in lstm]

@@ -1,0 +1,62 @@
+"""How much each experiment trains: the full run (docs/experiments.md's tables) and --quick (CI).
+
+The full run's size is estimated from per-epoch times measured on a quiet core (ResNet-20 on
+digits ~0.6 s, on mnist1d ~1.5 s per epoch at batch 128, deeper models proportionally more): about 15
+minutes for ``all`` at one thread, inside the 45-minute target on 2 cores; it has not yet been
+timed end to end (docs/experiments.md). The two data sets can also run as two processes
+(``--datasets digits`` / ``--datasets mnist1d``). --quick runs the whole suite in well under 3
+minutes (a smoke test of every path and a first look, not evidence).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+
+@dataclass(frozen=True)
+class Budget:
+    seeds: int  # seeds 0 .. seeds-1 for accuracy / noise / stepsizes
+    epochs: dict  # dataset -> epochs of the accuracy runs
+    depth: dict  # dataset -> depth of the accuracy runs
+    depths: dict  # dataset -> depths of the depth experiment
+    depth_epochs: dict  # dataset -> epochs of the depth runs
+    depth_seeds: int
+    noise_sigmas: tuple  # σ of the Gaussian input noise, in units of the data's std
+    train_subset: dict  # dataset -> number of training examples (None: all)
+    batch_size: dict  # dataset -> batch size
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def with_overrides(self, seeds: int | None = None, epochs: int | None = None) -> "Budget":
+        """--seeds / --epochs (epochs applies to every dataset and to the depth runs)."""
+        b = self
+        if seeds is not None:
+            b = replace(b, seeds=seeds, depth_seeds=min(b.depth_seeds, seeds))
+        if epochs is not None:
+            b = replace(b, epochs={k: epochs for k in b.epochs}, depth_epochs={k: epochs for k in b.depth_epochs})
+        return b
+
+
+FULL = Budget(
+    seeds=3,
+    epochs={"digits": 20, "mnist1d": 15},
+    depth={"digits": 20, "mnist1d": 20},
+    depths={"digits": (20, 56, 110), "mnist1d": (20, 56, 110)},
+    depth_epochs={"digits": 8, "mnist1d": 5},
+    depth_seeds=1,
+    noise_sigmas=(0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5),
+    train_subset={"digits": None, "mnist1d": None},
+    batch_size={"digits": 64, "mnist1d": 128},
+)
+
+QUICK = Budget(
+    seeds=1,
+    epochs={"digits": 3, "mnist1d": 2},
+    depth={"digits": 8, "mnist1d": 8},
+    depths={"digits": (8, 20), "mnist1d": (8, 20)},
+    depth_epochs={"digits": 2, "mnist1d": 1},
+    depth_seeds=1,
+    noise_sigmas=(0.0, 0.5, 1.0),
+    train_subset={"digits": None, "mnist1d": 1000},
+    batch_size={"digits": 64, "mnist1d": 128},
+)

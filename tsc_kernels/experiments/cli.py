@@ -1,0 +1,148 @@
+"""Command line of tsc-experiment: options shared by every subcommand, the JSON report, the plots."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import json
+import os
+import pkgutil
+import platform
+import sys
+import time
+
+import torch
+
+from . import budget as budget_mod
+from .data import DATASETS
+from .registry import SUBCOMMANDS
+from .training import VARIANTS, Context
+
+
+def discover() -> dict:
+    """Import every module of this package, so each one that registers a subcommand is known."""
+    package = sys.modules[__package__]
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__package__}.{info.name}")
+    return dict(sorted(SUBCOMMANDS.items(), key=lambda kv: (kv[1].order, kv[0])))
+
+
+def _name_list(allowed, what):
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        bad = [n for n in names if n not in allowed]
+        if bad or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(map(repr, bad)) or '(empty list)'}; choose from {', '.join(allowed)}")
+        return list(dict.fromkeys(names))
+    return parse
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def build_parser(subcommands: dict) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quick", action="store_true", help="tiny budget: the whole suite in < 3 minutes (CI, first look)")
+    common.add_argument("--json", metavar="PATH", help="write results, budget, machine and versions as JSON")
+    common.add_argument("--out", metavar="DIR", help="write PNG plots into DIR")
+    common.add_argument("--datasets", type=_name_list(DATASETS, "dataset"), default=list(DATASETS),
+                        help=f"comma-separated, from {', '.join(DATASETS)} (default: both)")
+    common.add_argument("--variants", type=_name_list(list(VARIANTS), "variant"), default=list(VARIANTS),
+                        help=f"comma-separated, from {', '.join(VARIANTS)} (default: all)")
+    common.add_argument("--seeds", type=_positive, help="number of seeds (overrides the budget)")
+    common.add_argument("--epochs", type=_positive, help="epochs of every training run (overrides the budget)")
+    common.add_argument("--threads", type=_positive, default=1,
+                        help="torch intra-op threads (default 1: these models are tiny; on shared cores more threads are slower)")
+    common.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    parser = argparse.ArgumentParser(prog="tsc-experiment", description=sys.modules[__package__].__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join([*subcommands, "all"]) + "}", required=True)
+    for name, s in subcommands.items():
+        p = sub.add_parser(name, parents=[common], help=s.help)
+        if s.add_arguments is not None:
+            s.add_arguments(p)
+    sub.add_parser("all", parents=[common], help="every subcommand above, in order, sharing trained models")
+    return parser
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    return {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                    "python": platform.python_version()},
+        "versions": {d: _version(d) for d in ("torch", "tsc-kernels", "numpy", "scikit-learn", "mnist1d",
+                                               "matplotlib", "tqdm")},
+    }
+
+
+def main(argv=None) -> int:
+    subcommands = discover()
+    parser = build_parser(subcommands)
+    args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return _run(args, subcommands, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, subcommands: dict, argv) -> int:
+    from .. import backend
+
+    budget = (budget_mod.QUICK if args.quick else budget_mod.FULL).with_overrides(args.seeds, args.epochs)
+    ctx = Context(args, budget, progress=not args.no_progress)
+    chosen = list(subcommands) if args.command == "all" else [args.command]
+    report = {"command": ["tsc-experiment", *(sys.argv[1:] if argv is None else argv)], "quick": args.quick,
+              **environment(), "backend": backend.get_backend(), "datasets": args.datasets,
+              "variants": args.variants, "budget": budget.to_json(), "results": {}, "plots": [], "wall_s": {}}
+    for name in chosen:
+        start = time.perf_counter()
+        result = subcommands[name].run(ctx)
+        report["wall_s"][name] = time.perf_counter() - start
+        report["results"][name] = result
+        if args.out and subcommands[name].plot is not None:
+            report["plots"] += subcommands[name].plot(result, args.out)
+        print(summary_text(name, result), flush=True)
+        if args.json:  # after every subcommand, so a long run that is stopped keeps what it finished
+            os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1, allow_nan=True)
+    return 0
+
+
+def summary_text(name: str, result: dict) -> str:
+    """A few human-readable lines per subcommand (the JSON has everything)."""
+    from .stats import fmt
+
+    lines = [f"== {name}"]
+    for dataset, res in result.items():
+        for v, row in res.get("variants", {}).items():
+            if name == "accuracy":
+                lines.append(f"{dataset:8s} {v:9s} acc {fmt(row['test_acc'])} %  loss {fmt(row['test_loss'], 1, 3)}")
+            elif name == "noise":
+                accs = "  ".join(f"σ={s:g}: {a['mean'] * 100:.1f}" for s, a in zip(res["sigmas"], row["test_acc"]))
+                lines.append(f"{dataset:8s} {v:9s} {accs}")
+            elif name == "depth":
+                accs = "  ".join(f"{r['depth']}: {fmt(r['test_acc'])}" for r in row)
+                lines.append(f"{dataset:8s} {v:9s} {accs}")
+            elif name == "stepsizes":
+                t = "  ".join(f"{st} T={s['mean']:.2f}" for st, s in row["evolution_time"].items())
+                lines.append(f"{dataset:8s} {v:9s} {t}")
+    return "\n".join(lines)

@@ -1,0 +1,128 @@
+"""Markdown tables from a tsc-experiment JSON report (docs/experiments.md's tables are made this way),
+and optionally the report's plots drawn again (no training).
+
+    python -m tsc_kernels.experiments.report docs/results/full.json [--plots DIR]
+    python -m tsc_kernels.experiments.report a.json b.json --merged both.json   # e.g. one run per data set
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from .stats import fmt
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def accuracy(res: dict) -> str:
+    out = []
+    for dataset, r in res.items():
+        rows = [[f"`{v}`", fmt(row["test_acc"]), fmt(row["test_loss"], 1, 3), f"{row['params']:,}",
+                 f"{row['train_s']['mean']:.0f}"] for v, row in r["variants"].items()]
+        out.append(f"**{dataset}**: {r['model']}, {r['epochs']} epochs, {r['seeds']} seeds\n\n"
+                   + _table(["variant", "test accuracy %", "test loss", "params (training)", "train s / run"], rows))
+    return "\n\n".join(out)
+
+
+def noise(res: dict) -> str:
+    out = []
+    for dataset, r in res.items():
+        header = ["variant"] + [f"σ={s:g}" for s in r["sigmas"]]
+        acc = [[f"`{v}`"] + [f"{a['mean'] * 100:.1f} ± {a['std'] * 100:.1f}" for a in row["test_acc"]]
+               for v, row in r["variants"].items()]
+        loss = [[f"`{v}`"] + [f"{a['mean']:.3f}" for a in row["test_loss"]] for v, row in r["variants"].items()]
+        out.append(f"**{dataset}**, test accuracy % (mean ± std over seeds)\n\n" + _table(header, acc)
+                   + f"\n\n**{dataset}**, test loss (mean over seeds)\n\n" + _table(header, loss))
+    return "\n\n".join(out)
+
+
+def depth(res: dict) -> str:
+    out = []
+    for dataset, r in res.items():
+        header = ["variant"] + [str(d) for d in r["depths"]]
+        rows = [[f"`{v}`"] + [fmt(x["test_acc"]) for x in row] for v, row in r["variants"].items()]
+        out.append(f"**{dataset}**, test accuracy % by depth ({r['epochs']} epochs, {r['seeds']} seed(s))\n\n"
+                   + _table(header, rows))
+    return "\n\n".join(out)
+
+
+def stepsizes(res: dict) -> str:
+    out = []
+    for dataset, r in res.items():
+        learned = {v: row for v, row in r["variants"].items() if not v.startswith("dt=")}
+        blocks = [b["block"] for b in next(iter(learned.values()))["blocks"]] if learned else []
+        rows = [[b] + [f"{row['blocks'][i]['mean']['mean']:.3f} (±{row['blocks'][i]['channel_std']:.3f})"
+                       for row in learned.values()] for i, b in enumerate(blocks)]
+        out.append(f"**{dataset}**, learned Δt per block: channel mean (channel std), averaged over seeds\n\n"
+                   + _table(["block"] + [f"`{v}`" for v in learned], rows))
+        stages = list(next(iter(r["variants"].values()))["evolution_time"])
+        rows = [[f"`{v}`"] + [f"{row['evolution_time'][s]['mean']:.2f}" for s in stages]
+                + [f"{row['stability_bound'][s]['mean']:.3g}" for s in stages] for v, row in r["variants"].items()]
+        out.append(f"**{dataset}**, evolution time T and stability bound per stage (mean over seeds)\n\n"
+                   + _table(["variant"] + [f"T {s}" for s in stages] + [f"bound {s}" for s in stages], rows))
+    return "\n\n".join(out)
+
+
+SECTIONS = {"accuracy": accuracy, "noise": noise, "depth": depth, "stepsizes": stepsizes}
+
+
+def markdown(report: dict) -> str:
+    parts = []
+    for name, res in report["results"].items():
+        if name in SECTIONS:
+            parts.append(f"### {name}\n\n{SECTIONS[name](res)}")
+    return "\n\n".join(parts) + "\n"
+
+
+def replot(report: dict, out_dir: str) -> list[str]:
+    """Every subcommand's plots from the report's results (the same functions the run used)."""
+    from .cli import discover
+
+    subs = discover()
+    return [p for name, res in report["results"].items() if name in subs and subs[name].plot is not None
+            for p in subs[name].plot(res, out_dir)]
+
+
+def merge(reports: list[dict]) -> dict:
+    """One report from several runs of disjoint data sets (``--datasets digits`` and ``--datasets mnist1d``
+    run as two processes): results joined per subcommand and data set; each run's command, machine,
+    versions and wall times kept under ``runs``."""
+    merged = {"results": {}, "datasets": [], "runs": []}
+    for r in reports:
+        overlap = set(merged["datasets"]) & set(r["datasets"])
+        if overlap:
+            raise ValueError(f"the reports to merge must cover different data sets, {sorted(overlap)} appear twice")
+        merged["datasets"] += r["datasets"]
+        merged["runs"].append({k: v for k, v in r.items() if k != "results"})
+        for name, res in r["results"].items():
+            merged["results"].setdefault(name, {}).update(res)
+    return merged
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tsc_kernels.experiments.report", description=__doc__.splitlines()[0])
+    p.add_argument("json", nargs="+", help="tsc-experiment --json reports (several: merged, see merge())")
+    p.add_argument("--plots", metavar="DIR", help="also draw the report's plots into DIR")
+    p.add_argument("--merged", metavar="PATH", help="write the merged report as JSON")
+    args = p.parse_args(argv)
+    reports = []
+    for path in args.json:
+        with open(path) as f:
+            reports.append(json.load(f))
+    report = reports[0] if len(reports) == 1 else merge(reports)
+    if args.merged:
+        with open(args.merged, "w") as f:
+            json.dump(report, f, indent=1)
+    print(markdown(report))
+    if args.plots:
+        replot(report, args.plots)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Models, the training recipe and the cache of trained models shared by the subcommands.
+
+Recipe (the paper's CIFAR recipe, scaled down): SGD with Nesterov momentum 0.9, weight decay 1e-4
+(on every parameter, the controllers' too), learning rate 0.1 divided by 10 at 50 % and 75 % of
+the epochs, batch 64 (digits) / 128 (mnist1d), cross-entropy, random-shift augmentation (data.py). Deterministic: the
+model's initialisation comes from ``torch.manual_seed(seed)`` and the shuffling / augmentation from
+a generator seeded with ``seed``, so one seed gives the same conv initialisation to every variant
+(the variants of one seed are paired).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import models
+from . import data as data_mod
+
+# variant name -> builder keyword arguments (tsc mode and fixed step size)
+VARIANTS: dict[str, dict] = {
+    "plain": {"tsc": None},
+    "tsc_lstm": {"tsc": "lstm"},
+    "tsc_2fc": {"tsc": "2fc"},
+    "tsc_indp": {"tsc": "indp"},
+    "dt=1": {"tsc": "fixed", "dt": 1.0},
+    "dt=0.01": {"tsc": "fixed", "dt": 0.01},
+}
+TSC_VARIANTS = ("tsc_lstm", "tsc_2fc", "tsc_indp")  # learned step sizes
+MNIST1D_WIDTH = 16  # 1-D ResNet width (stages 16/32/64 channels, as the CIFAR ResNets)
+
+
+def model_name(dataset: str, depth: int) -> str:
+    return f"cifar_resnet{depth}" if dataset == "digits" else f"resnet1d{depth}(width {MNIST1D_WIDTH})"
+
+
+def build_model(dataset: str, variant: str, depth: int, num_classes: int = 10) -> nn.Module:
+    """digits: CIFAR ResNet (basic blocks at every depth, 1 input channel); mnist1d: 1-D ResNet."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    kwargs = VARIANTS[variant]
+    if dataset == "digits":
+        return models.cifar_resnet(depth, num_classes=num_classes, in_channels=1, bottleneck=False, **kwargs)
+    if dataset == "mnist1d":
+        return models.resnet1d(depth, num_classes=num_classes, in_channels=1, width=MNIST1D_WIDTH, **kwargs)
+    raise ValueError(f"dataset must be one of {', '.join(data_mod.DATASETS)}, got {dataset!r}")
+
+
+@dataclass(frozen=True)
+class RunKey:
+    dataset: str
+    variant: str
+    depth: int
+    seed: int
+    epochs: int
+    train_subset: int | None = None  # None: the whole training set
+    batch_size: int = 64
+
+
+@dataclass
+class TrainedRun:
+    key: RunKey
+    model: nn.Module
+    test_acc: float
+    test_loss: float
+    train_loss: list[float] = field(default_factory=list)  # mean loss per epoch
+    train_s: float = 0.0
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) in eval mode without autograd."""
+    model.eval()
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), batch):
+            logits = model(x[i:i + batch])
+            loss += float(F.cross_entropy(logits, y[i:i + batch], reduction="sum"))
+            correct += int((logits.argmax(1) == y[i:i + batch]).sum())
+    return correct / len(x), loss / len(x)
+
+
+def train(key: RunKey, lr: float = 0.1) -> TrainedRun:
+    ds = data_mod.load(key.dataset).subset(key.train_subset, None)
+    torch.manual_seed(key.seed)
+    model = build_model(key.dataset, key.variant, key.depth, ds.num_classes)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    milestones = sorted({max(1, round(key.epochs * 0.5)), max(1, round(key.epochs * 0.75))})
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+    gen = torch.Generator().manual_seed(key.seed)
+    n, batch_size = len(ds.x_train), key.batch_size
+    losses = []
+    start = time.perf_counter()
+    for _ in range(key.epochs):
+        model.train()
+        perm = torch.randperm(n, generator=gen)
+        total, count = 0.0, 0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            if len(idx) < 2:  # BatchNorm needs 2 samples in training mode
+                continue
+            x = data_mod.random_shift(ds.x_train[idx], ds.max_shift, gen)
+            loss = F.cross_entropy(model(x), ds.y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+            count += len(idx)
+        sched.step()
+        losses.append(total / max(count, 1))
+    train_s = time.perf_counter() - start
+    acc, test_loss = evaluate(model, ds.x_test, ds.y_test)
+    if not math.isfinite(test_loss):
+        test_loss = float("inf")
+    return TrainedRun(key, model, acc, test_loss, losses, train_s)
+
+
+class Context:
+    """What a subcommand gets: the parsed options, the budget, and ``trained(key)`` (cached)."""
+
+    def __init__(self, args, budget, progress: bool = True):
+        self.args = args
+        self.budget = budget
+        self.show_progress = progress
+        self._cache: dict[RunKey, TrainedRun] = {}
+
+    def trained(self, key: RunKey) -> TrainedRun:
+        if key not in self._cache:
+            self._cache[key] = train(key)
+        return self._cache[key]
+
+    def key(self, dataset: str, variant: str, seed: int, depth: int | None = None, epochs: int | None = None) -> RunKey:
+        """The run of the budget's accuracy setting, or of another depth / epoch count."""
+        b = self.budget
+        return RunKey(dataset, variant, b.depth[dataset] if depth is None else depth, seed,
+                      b.epochs[dataset] if epochs is None else epochs, b.train_subset[dataset], b.batch_size[dataset])
+
+    def accuracy_runs(self, variants) -> dict:
+        """{dataset: {variant: [TrainedRun per seed]}} of the accuracy setting (trained once, shared)."""
+        keys = [self.key(d, v, s) for d in self.args.datasets for v in variants for s in range(self.budget.seeds)]
+        runs = dict(zip(keys, self.train_all(keys, "train")))
+        return {d: {v: [runs[self.key(d, v, s)] for s in range(self.budget.seeds)] for v in variants}
+                for d in self.args.datasets}
+
+    def train_all(self, keys: list[RunKey], desc: str) -> list[TrainedRun]:
+        """Train (or fetch) every key, with a tqdm bar over the runs not yet cached."""
+        todo = [k for k in keys if k not in self._cache]
+        if todo:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(todo), desc=desc, unit="run", disable=not self.show_progress, leave=False)
+            for k in todo:
+                bar.set_postfix_str(f"{k.dataset} {k.variant} d{k.depth} s{k.seed}")
+                self.trained(k)
+                bar.update(1)
+            bar.close()
+        return [self._cache[k] for k in keys]
