@@ -133,15 +133,16 @@ def to64(args):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_low_precision_matches_reference(dtype, training, relu):
     """fp16/bf16 (and fp32) activations: close to the reference in that dtype (TOLERANCES), and no
-    further from the fp64 truth than twice the reference's own error in that dtype."""
+    further from the fp64 truth than the reference's own error in that dtype plus one rounding."""
     atol, rtol = TOLERANCES[dtype]
     args = make((3, 7, 5, 4), True, dtype=dtype)
     out, ref, *_ = run_both(args, training, relu)
     assert out.dtype == dtype
     torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
     truth = reference.batch_norm_residual_update(*to64(args), training, 0.1, 1e-5, relu)
-    ref_err = (ref.double() - truth).abs().max().item()
-    assert (out.double() - truth).abs().max().item() <= 2 * ref_err + 1e-6
+    # elementwise: the reference's own error plus one rounding in `dtype` (both compute in fp32)
+    allowed = (ref.double() - truth).abs() + torch.finfo(dtype).eps * truth.abs() + 1e-5
+    assert ((out.double() - truth).abs() <= allowed).all()
 
 
 @pytest.mark.parametrize("stats_dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -228,7 +229,8 @@ def test_gradients_match_reference(shape, cl, training, relu):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_gradients(dtype):
-    # gradients in fp16/bf16 no further from the fp64 truth than twice the reference's own error
+    # gradients in fp16/bf16 no further from the fp64 truth than the reference's own error plus one
+    # rounding in their dtype (and fp32 rounding noise of the sums)
     args = make((3, 7, 5, 4), True, dtype=dtype)
     grad = torch.randn(args[0].shape).to(dtype)
     fwd = lambda *a: op(*a, True, 0.1, 1e-5, True)[0]  # noqa: E731
@@ -237,8 +239,8 @@ def test_low_precision_gradients(dtype):
     truth = grads_of(ref, to64(args), grad.double())
     for name, g, w, t in zip(("y", "x", "dt", "weight", "bias"), got, want, truth):
         assert g.dtype == w.dtype
-        ref_err = (w.double() - t).abs().max().item()
-        assert (g.double() - t).abs().max().item() <= 2 * ref_err + 1e-4 * t.abs().max().item(), f"d{name}"
+        allowed = (w.double() - t).abs() + torch.finfo(g.dtype).eps * t.abs() + 1e-4 * t.abs().max()
+        assert ((g.double() - t).abs() <= allowed).all(), f"d{name}"
 
 
 def test_relu_out_in_another_layout_than_x():

@@ -445,11 +445,12 @@ def batch_norm_residual_update_backward_triton(
 
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compile configurations (triton_kernels/aot.py): every kernel with the launchers'
-# GPU tile sizes, each activation dtype, ReLU on / off, training / eval, and both layouts: planes
-# with long rows (BLOCK_B = TILE: 56x56 and larger maps), planes with short ones (BLOCK_B = 64:
-# 7x7 maps, BLOCK_A = 16) and rows (channels-last). fp32 statistics and affine parameters.
+# GPU tile sizes, each activation dtype and both layouts: planes with long rows (BLOCK_B = TILE:
+# 56x56 and larger maps) and rows (channels-last), plus planes with short rows (BLOCK_B = 64, 7x7
+# maps) in fp32; the apply and reduce kernels with ReLU + training and no ReLU + eval (every flag
+# value per dtype and layout). fp32 statistics and affine parameters.
 # ---------------------------------------------------------------------------------------------
-_LAYOUTS = (("planes_long", True, TILE), ("planes_short", True, 64), ("rows", False, ROWS_BLOCK_C))
+_LAYOUTS = (("planes_long", True, TILE), ("rows", False, ROWS_BLOCK_C), ("planes_short", True, 64))
 _TILE_SIG = {"A": "i64", "C": "i32", "inner": "i32", "a_per": "i64"}
 
 
@@ -477,6 +478,8 @@ def _aot_configs() -> list[dict]:
     ]
     for dtype in ("fp32", "fp16", "bf16"):
         for lname, planes, block_b in _LAYOUTS:
+            if lname == "planes_short" and dtype != "fp32":
+                continue
             tiles = _tiles(planes, block_b)
             cfgs.append(dict(
                 kernel=bn_stats_kernel, name=f"batch_norm_stats_{dtype}_{lname}",
@@ -488,24 +491,23 @@ def _aot_configs() -> list[dict]:
                            "invstd_ptr": "*fp32", "coef_ptr": "*fp32", "dx_ptr": f"*{dtype}", **_TILE_SIG,
                            **const(("HAS_W",) + tile_c)},
                 constexprs={"HAS_W": True, **tiles}, num_warps=NUM_WARPS))
-            for relu in (False, True):
-                for training in (False, True):
-                    tag = f"{dtype}_{lname}_relu{int(relu)}_{'train' if training else 'eval'}"
-                    cfgs.append(dict(
-                        kernel=bn_apply_kernel, name=f"batch_norm_apply_{tag}",
-                        signature={"y_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
-                                   "w_ptr": "*fp32", "b_ptr": "*fp32", "mean_ptr": "*fp32", "var_ptr": "*fp32",
-                                   "save_mean_ptr": "*fp32", "save_invstd_ptr": "*fp32", **_TILE_SIG,
-                                   "eps_hi": "fp32", "eps_lo": "fp32", **const(("EVAL", "HAS_W", "HAS_B", "RELU") + tile_c)},
-                        constexprs={"EVAL": not training, "HAS_W": True, "HAS_B": True, "RELU": relu, **tiles},
-                        num_warps=NUM_WARPS))
-                    cfgs.append(dict(
-                        kernel=bn_bwd_reduce_kernel, name=f"batch_norm_bwd_reduce_{tag}",
-                        signature={"g_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
-                                   "w_ptr": "*fp32", "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "dy_ptr": f"*{dtype}",
-                                   "dx_ptr": f"*{dtype}", "part_ptr": "*fp32", **_TILE_SIG, "n_chunks": "i32",
-                                   **const(("RELU", "EVAL", "HAS_W") + tile_c)},
-                        constexprs={"RELU": relu, "EVAL": not training, "HAS_W": True, **tiles}, num_warps=NUM_WARPS))
+            for relu, training in ((True, True), (False, False)):
+                tag = f"{dtype}_{lname}_relu{int(relu)}_{'train' if training else 'eval'}"
+                cfgs.append(dict(
+                    kernel=bn_apply_kernel, name=f"batch_norm_apply_{tag}",
+                    signature={"y_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
+                               "w_ptr": "*fp32", "b_ptr": "*fp32", "mean_ptr": "*fp32", "var_ptr": "*fp32",
+                               "save_mean_ptr": "*fp32", "save_invstd_ptr": "*fp32", **_TILE_SIG,
+                               "eps_hi": "fp32", "eps_lo": "fp32", **const(("EVAL", "HAS_W", "HAS_B", "RELU") + tile_c)},
+                    constexprs={"EVAL": not training, "HAS_W": True, "HAS_B": True, "RELU": relu, **tiles},
+                    num_warps=NUM_WARPS))
+                cfgs.append(dict(
+                    kernel=bn_bwd_reduce_kernel, name=f"batch_norm_bwd_reduce_{tag}",
+                    signature={"g_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
+                               "w_ptr": "*fp32", "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "dy_ptr": f"*{dtype}",
+                               "dx_ptr": f"*{dtype}", "part_ptr": "*fp32", **_TILE_SIG, "n_chunks": "i32",
+                               **const(("RELU", "EVAL", "HAS_W") + tile_c)},
+                    constexprs={"RELU": relu, "EVAL": not training, "HAS_W": True, **tiles}, num_warps=NUM_WARPS))
     return cfgs
 
 
