@@ -1,0 +1,514 @@
+"""Triton kernels of the fused BatchNorm tail ``out = relu?(y + dt[c] * batch_norm(x))``
+(docs/ops_batch_norm_residual_update_triton.md): kernels, launchers and AOT configs in one file.
+
+Tensors are seen as contiguous (outer, C, inner) blocks (tsc_kernels/ops/_layout.py) and walked in
+2-D tiles [BLOCK_A, BLOCK_B]:
+  planes (inner > 1, NCHW-like)   one channel per program, rows a = n (stride C*inner), columns b = s
+  rows   (inner == 1, channels-last or 2-D)   a tile of BLOCK_B channels, rows a = n*spatial (stride C)
+The rows a of a tensor are cut into n_chunks chunks of a_per rows (a multiple of BLOCK_A); the
+chunking depends on the shape only, so every reduction below sums in the same order on every run
+and every GPU (deterministic). Grid (channel tiles, n_chunks): n_chunks <= MAX_CHUNKS on axis 1.
+
+Launches (docs/ops_batch_norm_residual_update_triton.md says why not one):
+  forward, training   stats (per-chunk mean / M2)  ->  stats finalize (Chan merge in chunk order,
+                      save_mean / save_invstd, running statistics)  ->  apply          3 launches
+  forward, eval       apply (coefficients from the running statistics)                  1 launch
+  backward, training  reduce (S1, S2 partials; writes dy)  ->  finalize (S1, S2, ddt, dweight,
+                      dbias, dx coefficients)  ->  dx                                    3 launches
+  backward, eval      reduce (also writes dx = g' dt γ invstd and dy)  ->  finalize       2 launches
+Arithmetic runs in the accumulation dtype (fp32; fp64 for fp64 inputs), the dtype of dt.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from tsc_kernels.ops import batch_norm_residual_update as _declaration  # noqa: F401  (declares the op first)
+from tsc_kernels.ops._layout import channel_view, is_channels_last_like, to_layout
+from tsc_kernels.ops.registry import triton_backward, triton_forward
+from tsc_kernels.reference import accumulation_dtype
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# TILE: elements per tile (BLOCK_A * BLOCK_B); ROWS_BLOCK_C: channels per tile of the rows layout;
+# MIN_CHUNK: elements a program walks at least (amortises its per-channel loads and its partial);
+# MAX_CHUNKS: bound of the chunks per channel (the partial buffers and the finalize loops);
+# FINAL_BLOCK: channels per finalize program. The GPU sizes compile spill-free for sm_80 / sm_90
+# (aot.py); under the interpreter small tiles make the tiny test shapes run several chunks, several
+# tiles per chunk and partial tiles, so the tests cover every path of the GPU chunking.
+if _INTERPRET:
+    TILE, ROWS_BLOCK_C, MIN_CHUNK, MAX_CHUNKS, FINAL_BLOCK, NUM_WARPS = 32, 8, 16, 3, 4, 1
+else:
+    TILE, ROWS_BLOCK_C, MIN_CHUNK, MAX_CHUNKS, FINAL_BLOCK, NUM_WARPS = 1024, 64, 16384, 1024, 128, 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile helpers
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _channels(pid_c, C, PLANES: tl.constexpr, BLOCK_B: tl.constexpr):
+    """The channel of every tile column (one channel, repeated, in planes) and its mask."""
+    if PLANES:
+        ch = pid_c + tl.zeros([BLOCK_B], dtype=tl.int64)
+    else:
+        ch = pid_c * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+    return ch, ch < C
+
+
+@triton.jit
+def _tile(a0, b0, pid_c, A, C, inner, PLANES: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Offsets (int64) and mask of the tile with rows a0.. (and columns b0.. in planes; b0 = 0 in rows)."""
+    a = a0 + tl.arange(0, BLOCK_A).to(tl.int64)
+    if PLANES:
+        b = b0 + tl.arange(0, BLOCK_B)
+        offs = a[:, None] * C * inner + pid_c * inner + b[None, :]
+        mask = (a < A)[:, None] & (b < inner)[None, :]
+    else:
+        b = pid_c * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+        offs = a[:, None] * C + b[None, :]
+        mask = (a < A)[:, None] & (b < C)[None, :]
+    return offs, mask
+
+
+@triton.jit
+def _param(ptr, ch, cmask, HAS: tl.constexpr, default: tl.constexpr, acc_ty: tl.constexpr):
+    """γ or β of the tile's channels in the accumulation dtype, `default` without affine."""
+    if HAS:
+        return tl.load(ptr + ch, mask=cmask, other=0.0).to(acc_ty)
+    else:
+        return tl.full(ch.shape, default, acc_ty)
+
+
+@triton.jit
+def _as_acc(hi, lo, acc_ty: tl.constexpr):
+    """A host float passed as two fp32 halves (hi + lo), exact to ~48 bits in fp64."""
+    return tl.zeros([], dtype=acc_ty) + hi + lo  # (not hi.to(): the interpreter passes Python floats)
+
+
+@triton.jit
+def _invstd(var_eps, acc_ty: tl.constexpr):
+    """1 / sqrt(v + eps) with a correctly rounded square root (tl.sqrt may be approximate in fp32)."""
+    if acc_ty == tl.float64:
+        return 1.0 / tl.sqrt(var_eps)
+    else:
+        return 1.0 / tl.sqrt_rn(var_eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def bn_stats_kernel(x_ptr, part_ptr, A, C, inner, a_per, n_chunks,
+                    PLANES: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Program (channel tile, chunk k): mean and M2 of its chunk, per channel, into part[0/1, k, c].
+
+    Sums are taken of x - K, K = the chunk's first value of the channel, so that a channel whose
+    mean is large against its spread does not lose its variance to cancellation; the chunks are
+    merged exactly (Chan) by bn_stats_finalize_kernel.
+    """
+    pid_c = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
+    acc_ty = part_ptr.dtype.element_ty
+    ch, cmask = _channels(pid_c, C, PLANES, BLOCK_B)
+    a_start = k * a_per
+    a_end = tl.minimum(a_start + a_per, A)
+    if PLANES:
+        shift = tl.load(x_ptr + a_start * C * inner + ch * inner, mask=cmask, other=0.0).to(acc_ty)
+    else:
+        shift = tl.load(x_ptr + a_start * C + ch, mask=cmask, other=0.0).to(acc_ty)
+    s1 = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_ty)
+    s2 = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_ty)
+    for a0 in range(a_start, a_end, BLOCK_A):
+        for b0 in range(0, inner, BLOCK_B):  # one step in rows (inner == 1)
+            offs, mask = _tile(a0, b0, pid_c, a_end, C, inner, PLANES, BLOCK_A, BLOCK_B)
+            d = tl.where(mask, tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty) - shift[None, :], 0.0)
+            s1 += d
+            s2 += d * d
+    count = ((a_end - a_start) * inner).to(acc_ty)  # values of each channel in this chunk
+    if PLANES:
+        t1 = tl.sum(tl.sum(s1, axis=1), axis=0)
+        t2 = tl.sum(tl.sum(s2, axis=1), axis=0)
+        sh = tl.sum(tl.where(tl.arange(0, BLOCK_B) == 0, shift, 0.0), axis=0)
+        tl.store(part_ptr + k * C + pid_c, sh + t1 / count)
+        tl.store(part_ptr + (n_chunks + k) * C + pid_c, tl.maximum(t2 - t1 * (t1 / count), 0.0))
+    else:
+        t1 = tl.sum(s1, axis=0)
+        t2 = tl.sum(s2, axis=0)
+        tl.store(part_ptr + k * C + ch, shift + t1 / count, mask=cmask)
+        tl.store(part_ptr + (n_chunks + k) * C + ch, tl.maximum(t2 - t1 * (t1 / count), 0.0), mask=cmask)
+
+
+@triton.jit
+def bn_stats_finalize_kernel(part_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr, A, C, inner, a_per, n_chunks,
+                             mom_hi, mom_lo, eps_hi, eps_lo, HAS_RUNNING: tl.constexpr, BLOCK: tl.constexpr):
+    """Program j: channels j*BLOCK..; merges the chunks' (mean, M2) in chunk order (Chan et al.),
+    writes save_mean / save_invstd and updates the running statistics (in their own dtype)."""
+    c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    cmask = c < C
+    acc_ty = mean_ptr.dtype.element_ty
+    mean = tl.zeros([BLOCK], dtype=acc_ty)
+    m2 = tl.zeros([BLOCK], dtype=acc_ty)
+    for k in range(0, n_chunks):
+        k64 = k + tl.zeros([], dtype=tl.int64)
+        n_before = (k64 * a_per * inner).to(acc_ty)
+        n_k = ((tl.minimum(k64 * a_per + a_per, A) - k64 * a_per) * inner).to(acc_ty)
+        n_tot = n_before + n_k
+        mean_k = tl.load(part_ptr + k64 * C + c, mask=cmask, other=0.0)
+        m2_k = tl.load(part_ptr + (n_chunks + k64) * C + c, mask=cmask, other=0.0)
+        delta = mean_k - mean
+        mean += delta * (n_k / n_tot)
+        m2 += m2_k + delta * delta * (n_before * (n_k / n_tot))
+    total = ((tl.zeros([], dtype=tl.int64) + A) * inner).to(acc_ty)
+    var = m2 / total
+    eps = _as_acc(eps_hi, eps_lo, acc_ty)
+    tl.store(mean_ptr + c, mean, mask=cmask)
+    tl.store(invstd_ptr + c, _invstd(var + eps, acc_ty), mask=cmask)
+    if HAS_RUNNING:
+        mom = _as_acc(mom_hi, mom_lo, acc_ty)
+        rm = tl.load(rm_ptr + c, mask=cmask, other=0.0).to(acc_ty)
+        rv = tl.load(rv_ptr + c, mask=cmask, other=0.0).to(acc_ty)
+        unbiased = var * (total / (total - 1.0))
+        tl.store(rm_ptr + c, (mom * mean + (1.0 - mom) * rm).to(rm_ptr.dtype.element_ty), mask=cmask)
+        tl.store(rv_ptr + c, (mom * unbiased + (1.0 - mom) * rv).to(rv_ptr.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def bn_apply_kernel(y_ptr, x_ptr, out_ptr, dt_ptr, w_ptr, b_ptr, mean_ptr, var_ptr, save_mean_ptr, save_invstd_ptr,
+                    A, C, inner, a_per, eps_hi, eps_lo,
+                    EVAL: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, RELU: tl.constexpr,
+                    PLANES: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """out = relu?(y + a (x - μ) + dt β), a = dt γ invstd, over the program's chunk.
+
+    Training: μ, invstd from the stats finalize (mean_ptr / var_ptr hold save_mean / save_invstd).
+    Eval: μ = running_mean, invstd = 1/sqrt(running_var + eps) (mean_ptr / var_ptr are the running
+    buffers, any float dtype), and the chunk-0 programs write save_mean / save_invstd.
+    """
+    pid_c = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
+    acc_ty = dt_ptr.dtype.element_ty
+    ch, cmask = _channels(pid_c, C, PLANES, BLOCK_B)
+    mean = tl.load(mean_ptr + ch, mask=cmask, other=0.0).to(acc_ty)
+    if EVAL:
+        invstd = _invstd(tl.load(var_ptr + ch, mask=cmask, other=1.0).to(acc_ty) + _as_acc(eps_hi, eps_lo, acc_ty), acc_ty)
+        if k == 0:
+            tl.store(save_mean_ptr + ch, mean, mask=cmask)
+            tl.store(save_invstd_ptr + ch, invstd, mask=cmask)
+    else:
+        invstd = tl.load(var_ptr + ch, mask=cmask, other=0.0)
+    dt = tl.load(dt_ptr + ch, mask=cmask, other=0.0)
+    scale = dt * _param(w_ptr, ch, cmask, HAS_W, 1.0, acc_ty) * invstd
+    shift = dt * _param(b_ptr, ch, cmask, HAS_B, 0.0, acc_ty)
+    a_start = k * a_per
+    a_end = tl.minimum(a_start + a_per, A)
+    for a0 in range(a_start, a_end, BLOCK_A):
+        for b0 in range(0, inner, BLOCK_B):  # one step in rows (inner == 1)
+            offs, mask = _tile(a0, b0, pid_c, a_end, C, inner, PLANES, BLOCK_A, BLOCK_B)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+            y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+            out = y + scale[None, :] * (x - mean[None, :]) + shift[None, :]
+            if RELU:
+                out = tl.where(out < 0, 0.0, out)  # NaN passes, as torch.relu
+            tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def bn_bwd_reduce_kernel(g_ptr, x_ptr, out_ptr, dt_ptr, w_ptr, mean_ptr, invstd_ptr, dy_ptr, dx_ptr, part_ptr,
+                         A, C, inner, a_per, n_chunks,
+                         RELU: tl.constexpr, EVAL: tl.constexpr, HAS_W: tl.constexpr,
+                         PLANES: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Program (channel tile, chunk k): part[0, k, c] = Σ g', part[1, k, c] = Σ g' (x - μ) over the
+    chunk (g' = grad masked by out > 0 with the ReLU, written to dy). Eval: dx = g' dt γ invstd too."""
+    pid_c = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
+    acc_ty = dt_ptr.dtype.element_ty
+    ch, cmask = _channels(pid_c, C, PLANES, BLOCK_B)
+    mean = tl.load(mean_ptr + ch, mask=cmask, other=0.0)
+    if EVAL:
+        scale = tl.load(dt_ptr + ch, mask=cmask, other=0.0) * _param(w_ptr, ch, cmask, HAS_W, 1.0, acc_ty) \
+            * tl.load(invstd_ptr + ch, mask=cmask, other=0.0)
+    s1 = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_ty)
+    s2 = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_ty)
+    a_start = k * a_per
+    a_end = tl.minimum(a_start + a_per, A)
+    for a0 in range(a_start, a_end, BLOCK_A):
+        for b0 in range(0, inner, BLOCK_B):  # one step in rows (inner == 1)
+            offs, mask = _tile(a0, b0, pid_c, a_end, C, inner, PLANES, BLOCK_A, BLOCK_B)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+            if RELU:
+                out = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+                g = tl.where(out <= 0, 0.0, g)  # threshold_backward: zero where out <= 0
+                tl.store(dy_ptr + offs, g.to(dy_ptr.dtype.element_ty), mask=mask)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+            s1 += g
+            s2 += tl.where(mask, g * (x - mean[None, :]), 0.0)
+            if EVAL:
+                tl.store(dx_ptr + offs, (g * scale[None, :]).to(dx_ptr.dtype.element_ty), mask=mask)
+    if PLANES:
+        tl.store(part_ptr + k * C + pid_c, tl.sum(tl.sum(s1, axis=1), axis=0))
+        tl.store(part_ptr + (n_chunks + k) * C + pid_c, tl.sum(tl.sum(s2, axis=1), axis=0))
+    else:
+        tl.store(part_ptr + k * C + ch, tl.sum(s1, axis=0), mask=cmask)
+        tl.store(part_ptr + (n_chunks + k) * C + ch, tl.sum(s2, axis=0), mask=cmask)
+
+
+@triton.jit
+def bn_bwd_finalize_kernel(part_ptr, dt_ptr, w_ptr, b_ptr, invstd_ptr, ddt_ptr, dw_ptr, db_ptr, coef_ptr,
+                           total, C, n_chunks,
+                           TRAINING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
+    """Program j: channels j*BLOCK..; S1, S2 summed over the chunks in order; ddt = γ S2 + β S1,
+    dweight = dt S2, dbias = dt S1; training: the dx coefficients coef[0] = a S1 / M and
+    coef[1] = a invstd S2 / M (a = dt γ invstd), dx = a g' - coef[0] - coef[1] (x - μ)."""
+    c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    cmask = c < C
+    acc_ty = dt_ptr.dtype.element_ty
+    s1 = tl.zeros([BLOCK], dtype=acc_ty)
+    s2 = tl.zeros([BLOCK], dtype=acc_ty)
+    for k in range(0, n_chunks):
+        k64 = k + tl.zeros([], dtype=tl.int64)
+        s1 += tl.load(part_ptr + k64 * C + c, mask=cmask, other=0.0)
+        s2 += tl.load(part_ptr + (n_chunks + k64) * C + c, mask=cmask, other=0.0)
+    invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0)
+    s2 = s2 * invstd  # Σ g' x̂
+    dt = tl.load(dt_ptr + c, mask=cmask, other=0.0)
+    gamma = _param(w_ptr, c, cmask, HAS_W, 1.0, acc_ty)
+    beta = _param(b_ptr, c, cmask, HAS_B, 0.0, acc_ty)
+    tl.store(ddt_ptr + c, gamma * s2 + beta * s1, mask=cmask)
+    if HAS_W:
+        tl.store(dw_ptr + c, dt * s2, mask=cmask)
+    if HAS_B:
+        tl.store(db_ptr + c, dt * s1, mask=cmask)
+    if TRAINING:
+        scale = dt * gamma * invstd
+        m = (tl.zeros([], dtype=tl.int64) + total).to(acc_ty)
+        tl.store(coef_ptr + c, scale * (s1 / m), mask=cmask)
+        tl.store(coef_ptr + C + c, scale * invstd * (s2 / m), mask=cmask)
+
+
+@triton.jit
+def bn_bwd_dx_kernel(g_ptr, x_ptr, dt_ptr, w_ptr, mean_ptr, invstd_ptr, coef_ptr, dx_ptr, A, C, inner, a_per,
+                     HAS_W: tl.constexpr, PLANES: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Training dx = a g' - coef[0] - coef[1] (x - μ) over the program's chunk (g' = dy with the
+    ReLU, grad without)."""
+    pid_c = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
+    acc_ty = dt_ptr.dtype.element_ty
+    ch, cmask = _channels(pid_c, C, PLANES, BLOCK_B)
+    mean = tl.load(mean_ptr + ch, mask=cmask, other=0.0)
+    scale = tl.load(dt_ptr + ch, mask=cmask, other=0.0) * _param(w_ptr, ch, cmask, HAS_W, 1.0, acc_ty) \
+        * tl.load(invstd_ptr + ch, mask=cmask, other=0.0)
+    c0 = tl.load(coef_ptr + ch, mask=cmask, other=0.0)
+    c1 = tl.load(coef_ptr + C + ch, mask=cmask, other=0.0)
+    a_start = k * a_per
+    a_end = tl.minimum(a_start + a_per, A)
+    for a0 in range(a_start, a_end, BLOCK_A):
+        for b0 in range(0, inner, BLOCK_B):  # one step in rows (inner == 1)
+            offs, mask = _tile(a0, b0, pid_c, a_end, C, inner, PLANES, BLOCK_A, BLOCK_B)
+            g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+            dx = scale[None, :] * g - c0[None, :] - c1[None, :] * (x - mean[None, :])
+            tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------
+def _split(v: float) -> tuple[float, float]:
+    """v as fp32 hi + fp32 lo (Triton passes Python floats as fp32; fp64 statistics need more)."""
+    hi = struct.unpack("f", struct.pack("f", v))[0]
+    return hi, struct.unpack("f", struct.pack("f", v - hi))[0]
+
+
+def _plan(t: torch.Tensor, cl: bool) -> dict:
+    """Tile shape and chunking of `t` (already in its kernel layout): a function of the shape only."""
+    outer, C, inner = channel_view(t, cl)
+    planes = inner > 1
+    if planes:
+        block_b = min(max(triton.next_power_of_2(inner), 2), TILE)
+        row_len = inner  # values of one channel per row a
+        ctiles = C
+    else:
+        block_b = ROWS_BLOCK_C
+        row_len = block_b
+        ctiles = triton.cdiv(C, block_b)
+    block_a = TILE // block_b
+    steps = triton.cdiv(outer, block_a)
+    per_chunk = max(triton.cdiv(steps, MAX_CHUNKS), triton.cdiv(MIN_CHUNK, block_a * row_len), 1)
+    a_per = per_chunk * block_a
+    n_chunks = triton.cdiv(outer, a_per) if outer else 0
+    return dict(A=outer, C=C, inner=inner, a_per=a_per, n_chunks=n_chunks, ctiles=ctiles,
+                PLANES=planes, BLOCK_A=block_a, BLOCK_B=block_b)
+
+
+def _device(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@triton_forward("batch_norm_residual_update")
+def batch_norm_residual_update_triton(
+    y: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor], weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+    training: bool, momentum: float, eps: float, relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    cl = is_channels_last_like(y)
+    y, x, dt = to_layout(y, cl), to_layout(x, cl), dt.contiguous()
+    acc = accumulation_dtype(x.dtype)
+    out = torch.empty_like(y)
+    save_mean = x.new_empty(x.shape[1], dtype=acc)
+    save_invstd = x.new_empty(x.shape[1], dtype=acc)
+    p = _plan(y, cl)
+    if training and p["A"] * p["inner"] <= 1:
+        raise ValueError(f"training needs more than 1 value per channel (N * spatial), got input shape {tuple(y.shape)}")
+    if p["C"] == 0:
+        return out, save_mean, save_invstd
+    has_running = running_mean is not None
+    rm, rv = (running_mean.contiguous(), running_var.contiguous()) if has_running else (save_mean, save_invstd)
+    w = weight.contiguous() if weight is not None else dt  # unused pointer without affine
+    b = bias.contiguous() if bias is not None else dt
+    tiles = dict(PLANES=p["PLANES"], BLOCK_A=p["BLOCK_A"], BLOCK_B=p["BLOCK_B"])
+    eps_hi, eps_lo = _split(eps)
+    with _device(y):
+        if training:
+            part = torch.empty((2, p["n_chunks"], p["C"]), dtype=acc, device=x.device)
+            bn_stats_kernel[(p["ctiles"], p["n_chunks"])](
+                x, part, p["A"], p["C"], p["inner"], p["a_per"], p["n_chunks"], **tiles, num_warps=NUM_WARPS)
+            bn_stats_finalize_kernel[(triton.cdiv(p["C"], FINAL_BLOCK),)](
+                part, save_mean, save_invstd, rm, rv, p["A"], p["C"], p["inner"], p["a_per"], p["n_chunks"],
+                *_split(momentum), eps_hi, eps_lo, HAS_RUNNING=has_running, BLOCK=FINAL_BLOCK, num_warps=NUM_WARPS)
+            mean_src, var_src = save_mean, save_invstd
+        else:
+            mean_src, var_src = rm, rv
+        # eval runs at least one chunk per channel: its chunk-0 programs write save_mean / save_invstd
+        bn_apply_kernel[(p["ctiles"], max(p["n_chunks"], 1))](
+            y, x, out, dt, w, b, mean_src, var_src, save_mean, save_invstd, p["A"], p["C"], p["inner"], p["a_per"],
+            eps_hi, eps_lo, EVAL=not training, HAS_W=weight is not None, HAS_B=bias is not None, RELU=relu,
+            **tiles, num_warps=NUM_WARPS)
+    if has_running and rm is not running_mean:  # a non-contiguous buffer was updated through a copy
+        running_mean.copy_(rm)
+        running_var.copy_(rv)
+    return out, save_mean, save_invstd
+
+
+@triton_backward("batch_norm_residual_update")
+def batch_norm_residual_update_backward_triton(
+    grad: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor], save_mean: torch.Tensor, save_invstd: torch.Tensor,
+    relu_out: Optional[torch.Tensor], training: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dy, dx, ddt, dweight, dbias) as tsc::batch_norm_residual_update_backward (the declaration's
+    docstring): dy empty without the ReLU, dweight / dbias empty without weight / bias."""
+    cl = is_channels_last_like(x)
+    relu = relu_out is not None
+    x, g, dt = to_layout(x, cl), to_layout(grad, cl), dt.contiguous()
+    save_mean, save_invstd = save_mean.contiguous(), save_invstd.contiguous()
+    acc = accumulation_dtype(x.dtype)
+    out = to_layout(relu_out, cl) if relu else x  # unused pointer without the ReLU
+    dx = torch.empty_like(x)
+    dy = torch.empty_like(x) if relu else x.new_empty(0)
+    ddt = torch.empty_like(dt)
+    dw = torch.empty_like(dt) if weight is not None else x.new_empty(0, dtype=acc)
+    db = torch.empty_like(dt) if bias is not None else x.new_empty(0, dtype=acc)
+    w = weight.contiguous() if weight is not None else dt  # unused pointers without affine
+    b = bias.contiguous() if bias is not None else dt
+    p = _plan(x, cl)
+    if p["C"]:
+        tiles = dict(PLANES=p["PLANES"], BLOCK_A=p["BLOCK_A"], BLOCK_B=p["BLOCK_B"])
+        part = torch.empty((2, p["n_chunks"], p["C"]), dtype=acc, device=x.device)
+        coef = torch.empty((2, p["C"]), dtype=acc, device=x.device) if training else ddt  # unused in eval
+        with _device(x):
+            if p["n_chunks"]:
+                bn_bwd_reduce_kernel[(p["ctiles"], p["n_chunks"])](
+                    g, x, out, dt, w, save_mean, save_invstd, dy if relu else dx, dx, part,
+                    p["A"], p["C"], p["inner"], p["a_per"], p["n_chunks"],
+                    RELU=relu, EVAL=not training, HAS_W=weight is not None, **tiles, num_warps=NUM_WARPS)
+            bn_bwd_finalize_kernel[(triton.cdiv(p["C"], FINAL_BLOCK),)](
+                part, dt, w, b, save_invstd, ddt, dw if weight is not None else ddt, db if bias is not None else ddt,
+                coef, p["A"] * p["inner"], p["C"], p["n_chunks"],
+                TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=FINAL_BLOCK,
+                num_warps=NUM_WARPS)
+            if training and p["n_chunks"]:
+                bn_bwd_dx_kernel[(p["ctiles"], p["n_chunks"])](
+                    dy if relu else g, x, dt, w, save_mean, save_invstd, coef, dx, p["A"], p["C"], p["inner"], p["a_per"],
+                    HAS_W=weight is not None, **tiles, num_warps=NUM_WARPS)
+    if relu and is_channels_last_like(relu_out) != cl and x.dim() > 2:
+        dy = to_layout(dy, is_channels_last_like(relu_out))  # dy keeps relu_out's layout (the fake's rule)
+    return dy, dx, ddt, dw, db
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile configurations (triton_kernels/aot.py): every kernel with the launchers'
+# GPU tile sizes, each activation dtype and both layouts: planes with long rows (BLOCK_B = TILE:
+# 56x56 and larger maps) and rows (channels-last), plus planes with short rows (BLOCK_B = 64, 7x7
+# maps) in fp32; the apply and reduce kernels with ReLU + training and no ReLU + eval (every flag
+# value per dtype and layout). fp32 statistics and affine parameters.
+# ---------------------------------------------------------------------------------------------
+_LAYOUTS = (("planes_long", True, TILE), ("rows", False, ROWS_BLOCK_C), ("planes_short", True, 64))
+_TILE_SIG = {"A": "i64", "C": "i32", "inner": "i32", "a_per": "i64"}
+
+
+def _tiles(planes: bool, block_b: int) -> dict:
+    return {"PLANES": planes, "BLOCK_A": TILE // block_b, "BLOCK_B": block_b}
+
+
+def _aot_configs() -> list[dict]:
+    const = lambda names: {n: "constexpr" for n in names}  # noqa: E731
+    tile_c = ("PLANES", "BLOCK_A", "BLOCK_B")
+    cfgs = [
+        dict(kernel=bn_stats_finalize_kernel, name=f"batch_norm_stats_finalize_running{int(r)}",
+             signature={"part_ptr": "*fp32", "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "rm_ptr": "*fp32", "rv_ptr": "*fp32",
+                        **_TILE_SIG, "n_chunks": "i32", "mom_hi": "fp32", "mom_lo": "fp32", "eps_hi": "fp32", "eps_lo": "fp32",
+                        **const(("HAS_RUNNING", "BLOCK"))},
+             constexprs={"HAS_RUNNING": r, "BLOCK": FINAL_BLOCK}, num_warps=NUM_WARPS)
+        for r in (False, True)
+    ] + [
+        dict(kernel=bn_bwd_finalize_kernel, name=f"batch_norm_bwd_finalize_training{int(t)}",
+             signature={"part_ptr": "*fp32", "dt_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "invstd_ptr": "*fp32",
+                        "ddt_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "coef_ptr": "*fp32",
+                        "total": "i64", "C": "i32", "n_chunks": "i32", **const(("TRAINING", "HAS_W", "HAS_B", "BLOCK"))},
+             constexprs={"TRAINING": t, "HAS_W": True, "HAS_B": True, "BLOCK": FINAL_BLOCK}, num_warps=NUM_WARPS)
+        for t in (False, True)
+    ]
+    for dtype in ("fp32", "fp16", "bf16"):
+        for lname, planes, block_b in _LAYOUTS:
+            if lname == "planes_short" and dtype != "fp32":
+                continue
+            tiles = _tiles(planes, block_b)
+            cfgs.append(dict(
+                kernel=bn_stats_kernel, name=f"batch_norm_stats_{dtype}_{lname}",
+                signature={"x_ptr": f"*{dtype}", "part_ptr": "*fp32", **_TILE_SIG, "n_chunks": "i32", **const(tile_c)},
+                constexprs=tiles, num_warps=NUM_WARPS))
+            cfgs.append(dict(
+                kernel=bn_bwd_dx_kernel, name=f"batch_norm_bwd_dx_{dtype}_{lname}",
+                signature={"g_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "dt_ptr": "*fp32", "w_ptr": "*fp32", "mean_ptr": "*fp32",
+                           "invstd_ptr": "*fp32", "coef_ptr": "*fp32", "dx_ptr": f"*{dtype}", **_TILE_SIG,
+                           **const(("HAS_W",) + tile_c)},
+                constexprs={"HAS_W": True, **tiles}, num_warps=NUM_WARPS))
+            for relu, training in ((True, True), (False, False)):
+                tag = f"{dtype}_{lname}_relu{int(relu)}_{'train' if training else 'eval'}"
+                cfgs.append(dict(
+                    kernel=bn_apply_kernel, name=f"batch_norm_apply_{tag}",
+                    signature={"y_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
+                               "w_ptr": "*fp32", "b_ptr": "*fp32", "mean_ptr": "*fp32", "var_ptr": "*fp32",
+                               "save_mean_ptr": "*fp32", "save_invstd_ptr": "*fp32", **_TILE_SIG,
+                               "eps_hi": "fp32", "eps_lo": "fp32", **const(("EVAL", "HAS_W", "HAS_B", "RELU") + tile_c)},
+                    constexprs={"EVAL": not training, "HAS_W": True, "HAS_B": True, "RELU": relu, **tiles},
+                    num_warps=NUM_WARPS))
+                cfgs.append(dict(
+                    kernel=bn_bwd_reduce_kernel, name=f"batch_norm_bwd_reduce_{tag}",
+                    signature={"g_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
+                               "w_ptr": "*fp32", "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "dy_ptr": f"*{dtype}",
+                               "dx_ptr": f"*{dtype}", "part_ptr": "*fp32", **_TILE_SIG, "n_chunks": "i32",
+                               **const(("RELU", "EVAL", "HAS_W") + tile_c)},
+                    constexprs={"RELU": relu, "EVAL": not training, "HAS_W": True, **tiles}, num_warps=NUM_WARPS))
+    return cfgs
+
+
+AOT_CONFIGS = _aot_configs()
