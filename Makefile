@@ -1,12 +1,12 @@
 # tsc-kernels: `make bench` (the main job) and `make test`; both set everything up on a fresh machine.
 #   TSC_BUILD_CUDA=auto|0|1   build the CUDA kernels (auto: when torch is a CUDA build and nvcc exists)
-#   TORCH_CUDA_ARCH_LIST      default "8.0;9.0"
+#   TORCH_CUDA_ARCH_LIST      default "8.0;9.0+PTX" (PTX: GPUs newer than sm_90 JIT it); gpu-check builds the local arch only
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 
 .PHONY: venv build test fuzz bench bench-ops gpu-report clean
 

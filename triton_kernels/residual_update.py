@@ -109,7 +109,7 @@ def residual_sum_chunks_kernel(partial_ptr, ddt_ptr, chunks, C, BLOCK: tl.conste
     m = cols < C
     acc = tl.zeros([BLOCK], dtype=ddt_ptr.dtype.element_ty)
     for k in range(0, chunks):
-        acc += tl.load(partial_ptr + k.to(tl.int64) * C + cols, mask=m, other=0.0)
+        acc += tl.load(partial_ptr + k * C + cols, mask=m, other=0.0)  # chunks * C <= TARGET_PROGRAMS * 64: int32
     tl.store(ddt_ptr + cols, acc, mask=m)
 
 
