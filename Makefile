@@ -1,14 +1,14 @@
 # tsc-kernels: `make bench` (the main job) and `make test`; both set everything up on a fresh machine.
 #   TSC_BUILD_CUDA=auto|0|1   build the CUDA kernels (auto: when torch is a CUDA build and nvcc exists)
-#   TORCH_CUDA_ARCH_LIST      default "8.0;9.0"
+#   TORCH_CUDA_ARCH_LIST      default "8.0;9.0+PTX" (PTX: GPUs newer than sm_90 JIT it); gpu-check builds the local arch only
 VENV ?= .venv
 PYTHON ?= python3
 PY := $(VENV)/bin/python
 export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
-export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 
-.PHONY: venv build test fuzz bench bench-ops gpu-report clean
+.PHONY: venv build test fuzz bench bench-ops gpu-report gpu-check clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -52,6 +52,12 @@ bench-ops: build/.built
 # GPU evidence without a GPU: Triton AOT compiles for sm_80/sm_90, CUDA ptxas figures, bytes moved.
 gpu-report: build/.built
 	env -u TRITON_INTERPRET $(PY) -m tsc_kernels.gpu_report --json build/gpu_report.json
+
+# On a machine WITH a GPU: build for the local arch, run the CUDA/Triton tests, sync-debug and CUDA-graph
+# checks, bandwidth vs copy_ and tsc-bench (docs/gpu.md). Uses the machine's own Python (no venv,
+# no registry); the report lands in build/gpu_check/. Exit 2 when there is no CUDA device.
+gpu-check:
+	$(PYTHON) -m tsc_kernels.gpu_check --out build/gpu_check
 
 clean:
 	rm -rf build tsc_kernels/_C*.so *.egg-info

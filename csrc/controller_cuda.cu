@@ -4,8 +4,12 @@
 //
 // weight_mean: one launch for every weight of the network, one warp per output element (lanes
 // stride over C_in, shuffle reduction); backward: one grid-stride launch writing every dW.
-// Per-weight metadata (pointer, offsets, sizes, strides) travels in one small device array, so
-// the number of weights is unbounded.
+// Metadata (per-weight pointer, offsets, sizes, strides; per-stage pointers and sizes) travels BY
+// VALUE as a __grid_constant__ kernel parameter of up to kMaxWeights weights / kMaxStages stages
+// (under the 4 KiB parameter limit); more weights or stages take more launches of the same kernel,
+// each on its own slice. No host-to-device copy, no pageable memory, no sync: every call is
+// CUDA-graph capturable, and a captured graph holds the metadata in its kernel nodes (the pointers in
+// it are the parameters' and the graph pool's, fixed for the graph's lifetime).
 // lstm_controller: one thread block per stage (grid = number of stages), the stage's recurrence
 // inside the block with __syncthreads between steps; matrix-vector products use one warp per
 // output row (coalesced along the row). Backward: same grid, every gradient element owned by one
@@ -15,7 +19,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/all.h>
 
-#include <cstring>
+#include <algorithm>
 #include <vector>
 
 #include "controller_layout.h"
@@ -41,13 +45,15 @@ __device__ T warp_dot(const T* __restrict__ a, const T* __restrict__ b, int64_t 
   return warp_sum(s);
 }
 
-// Host -> device copy of a vector of trivially copyable metadata records (one small H2D copy).
-template <typename M>
-at::Tensor device_meta(const std::vector<M>& meta, const at::Device& device) {
-  at::Tensor host = at::empty({static_cast<int64_t>(meta.size() * sizeof(M))}, at::TensorOptions().dtype(at::kByte));
-  std::memcpy(host.mutable_data_ptr<uint8_t>(), meta.data(), meta.size() * sizeof(M));
-  return host.to(device);
-}
+// A slice of up to N metadata records passed by value (kernel parameter space, read directly by
+// every thread through __grid_constant__: no local copy even with a runtime index).
+template <typename M, int N>
+struct MetaBatch {
+  M m[N];
+  int64_t n;      // records used
+  int64_t begin;  // first work item (output element) of this slice
+  int64_t end;    // one past its last
+};
 
 // ---------------------------------------------------------------- weight mean
 
@@ -57,6 +63,10 @@ struct WeightMeta {
   int64_t elem_off;           // first element index of this weight among all weights' elements
   int64_t C_out, C_in, K, so, si, sk;
 };
+
+constexpr int kMaxWeights = 48;  // 48 * 72 B + 24 B < 4 KiB of kernel parameters
+using WeightBatch = MetaBatch<WeightMeta, kMaxWeights>;
+static_assert(sizeof(WeightBatch) + 64 <= 4096, "kernel parameters must stay under 4 KiB");
 
 // Index of the weight whose [start, next start) range holds i (the starts ascend).
 template <int64_t WeightMeta::*start>
@@ -70,10 +80,10 @@ __device__ int64_t find_weight(const WeightMeta* meta, int64_t n, int64_t i) {
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void weight_mean_kernel(const WeightMeta* __restrict__ meta, int64_t n_weights, acc_t* __restrict__ out, int64_t total) {
+__global__ void weight_mean_kernel(const __grid_constant__ WeightBatch batch, acc_t* __restrict__ out) {
   const int64_t warps = (int64_t)gridDim.x * kWarps;
-  for (int64_t e = blockIdx.x * (int64_t)kWarps + threadIdx.x / 32; e < total; e += warps) {
-    const WeightMeta& m = meta[find_weight<&WeightMeta::mean_off>(meta, n_weights, e)];
+  for (int64_t e = batch.begin + blockIdx.x * (int64_t)kWarps + threadIdx.x / 32; e < batch.end; e += warps) {
+    const WeightMeta& m = batch.m[find_weight<&WeightMeta::mean_off>(batch.m, batch.n, e)];
     const int64_t r = e - m.mean_off, o = r / m.K, k = r % m.K;
     const scalar_t* w = reinterpret_cast<const scalar_t*>(m.ptr) + o * m.so + k * m.sk;
     acc_t s = 0;
@@ -107,6 +117,20 @@ __global__ void weight_mean_backward_kernel(const GradChunk chunk, const acc_t* 
   }
 }
 
+// Splits `meta` into batches of at most kMaxWeights and calls launch(batch) for each; the work
+// range of a batch is [its first record's start, the next batch's first start or `total`).
+template <int64_t WeightMeta::*start, typename F>
+void for_each_weight_batch(const std::vector<WeightMeta>& meta, int64_t total, F&& launch) {
+  for (size_t j0 = 0; j0 < meta.size(); j0 += kMaxWeights) {
+    WeightBatch b{};
+    b.n = static_cast<int64_t>(std::min<size_t>(kMaxWeights, meta.size() - j0));
+    for (int64_t k = 0; k < b.n; ++k) b.m[k] = meta[j0 + k];
+    b.begin = meta[j0].*start;
+    b.end = j0 + b.n < meta.size() ? meta[j0 + b.n].*start : total;
+    if (b.end > b.begin) launch(b);
+  }
+}
+
 int grid_for(int64_t work, int per_block) {
   const int64_t blocks = (work + per_block - 1) / per_block;
   const int64_t cap = 32LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -135,13 +159,13 @@ at::Tensor weight_mean_cuda(at::TensorList weights_in) {
     meta.push_back({reinterpret_cast<int64_t>(w.const_data_ptr()), off[j], elems, v.C_out, v.C_in, v.K, v.so, v.si, v.sk});
     elems += w.numel();
   }
-  const at::Tensor dmeta = device_meta(meta, out.device());
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "tsc_weight_mean_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    weight_mean_kernel<scalar_t, acc_t><<<grid_for(total, kWarps), kThreads, 0, stream>>>(
-        reinterpret_cast<const WeightMeta*>(dmeta.const_data_ptr()), static_cast<int64_t>(meta.size()), out.mutable_data_ptr<acc_t>(), total);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for_each_weight_batch<&WeightMeta::mean_off>(meta, total, [&](const WeightBatch& b) {
+      weight_mean_kernel<scalar_t, acc_t><<<grid_for(b.end - b.begin, kWarps), kThreads, 0, stream>>>(b, out.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }
@@ -181,15 +205,31 @@ struct StageMeta {
   int64_t L, D, H, C, wbar_off, dt_off, saved_off, ws_off;
 };
 
+constexpr int kMaxStages = 16;  // 16 * 192 B + 24 B < 4 KiB of kernel parameters
+template <typename T>
+using StageBatch = MetaBatch<StageMeta<T>, kMaxStages>;
+static_assert(sizeof(StageBatch<double>) + 64 <= 4096, "kernel parameters must stay under 4 KiB");
+
+// Calls launch(batch) for every slice of at most kMaxStages stages (one thread block per stage).
+template <typename T, typename F>
+void for_each_stage_batch(const std::vector<StageMeta<T>>& meta, F&& launch) {
+  for (size_t s0 = 0; s0 < meta.size(); s0 += kMaxStages) {
+    StageBatch<T> b{};
+    b.n = static_cast<int64_t>(std::min<size_t>(kMaxStages, meta.size() - s0));
+    for (int64_t k = 0; k < b.n; ++k) b.m[k] = meta[s0 + k];
+    launch(b);
+  }
+}
+
 // Backward workspace per stage: gz (L, C), dh (L, H), dpre (L, 4H), dx (L, H), dnext (H), dc (H).
 int64_t workspace_numel(const StageDims& s) {
   return s.L * s.C + 6 * s.L * s.H + 2 * s.H;
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) lstm_controller_kernel(const StageMeta<T>* __restrict__ meta, const T* __restrict__ wbar_all,
+__global__ void __launch_bounds__(kThreads) lstm_controller_kernel(const __grid_constant__ StageBatch<T> batch, const T* __restrict__ wbar_all,
                                                                     T* __restrict__ dt_all, T* __restrict__ saved_all) {
-  const StageMeta<T>& m = meta[blockIdx.x];
+  const StageMeta<T>& m = batch.m[blockIdx.x];
   const int64_t L = m.L, D = m.D, H = m.H, C = m.C;
   const T *win = m.p[kFcInW], *bin = m.p[kFcInB], *wih = m.p[kWih], *whh = m.p[kWhh];
   const T *bih = m.p[kBih], *bhh = m.p[kBhh], *wout = m.p[kFcOutW], *bout = m.p[kFcOutB];
@@ -230,9 +270,9 @@ __global__ void __launch_bounds__(kThreads) lstm_controller_kernel(const StageMe
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) lstm_controller_backward_kernel(
-    const StageMeta<T>* __restrict__ meta, const T* __restrict__ grad_all, const T* __restrict__ dt_all,
+    const __grid_constant__ StageBatch<T> batch, const T* __restrict__ grad_all, const T* __restrict__ dt_all,
     const T* __restrict__ wbar_all, const T* __restrict__ saved_all, T* __restrict__ dwbar_all, T* __restrict__ ws_all) {
-  const StageMeta<T>& m = meta[blockIdx.x];
+  const StageMeta<T>& m = batch.m[blockIdx.x];
   const int64_t L = m.L, D = m.D, H = m.H, C = m.C;
   const T *win = m.p[kFcInW], *wih = m.p[kWih], *whh = m.p[kWhh], *wout = m.p[kFcOutW];
   const T* wbar = wbar_all + m.wbar_off;
@@ -367,11 +407,11 @@ std::tuple<at::Tensor, at::Tensor> lstm_controller_cuda(const at::Tensor& wbar_i
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(wbar.scalar_type(), "tsc_lstm_controller_cuda", [&] {
     int64_t ws_total = 0;
-    const at::Tensor dmeta = device_meta(stage_meta<scalar_t>(dims, params, nullptr, ws_total), wbar.device());
-    lstm_controller_kernel<scalar_t><<<static_cast<int>(dims.stages.size()), kThreads, 0, stream>>>(
-        reinterpret_cast<const StageMeta<scalar_t>*>(dmeta.const_data_ptr()), wbar.const_data_ptr<scalar_t>(),
-        dt.mutable_data_ptr<scalar_t>(), saved.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    for_each_stage_batch(stage_meta<scalar_t>(dims, params, nullptr, ws_total), [&](const StageBatch<scalar_t>& b) {
+      lstm_controller_kernel<scalar_t><<<static_cast<int>(b.n), kThreads, 0, stream>>>(
+          b, wbar.const_data_ptr<scalar_t>(), dt.mutable_data_ptr<scalar_t>(), saved.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {dt, saved};
 }
@@ -385,6 +425,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> lstm_controller_backward_cuda(
   TORCH_CHECK(saved_in.numel() == dims.saved_numel, op, ": saved must hold ", dims.saved_numel, " values, got ", saved_in.numel());
   TORCH_CHECK(grad_in.scalar_type() == wbar_in.scalar_type() && dt_in.scalar_type() == wbar_in.scalar_type() && saved_in.scalar_type() == wbar_in.scalar_type(),
               op, ": grad, dt and saved must have wbar_packed's dtype");
+  TORCH_CHECK(grad_in.device() == wbar_in.device(), op, ": grad must be on wbar_packed's device ", wbar_in.device(), ", got ", grad_in.device());
+  TORCH_CHECK(dt_in.device() == wbar_in.device(), op, ": dt_packed must be on wbar_packed's device ", wbar_in.device(), ", got ", dt_in.device());
+  TORCH_CHECK(saved_in.device() == wbar_in.device(), op, ": saved must be on wbar_packed's device ", wbar_in.device(), ", got ", saved_in.device());
   const c10::cuda::CUDAGuard guard(wbar_in.device());
   const at::Tensor wbar = wbar_in.contiguous(), grad = grad_in.contiguous(), dt = dt_in.contiguous(), saved = saved_in.contiguous();
   const std::vector<at::Tensor> params = contiguous_all(params_in);
@@ -395,13 +438,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> lstm_controller_backward_cuda(
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(wbar.scalar_type(), "tsc_lstm_controller_backward_cuda", [&] {
     int64_t ws_total = 0;
-    const at::Tensor dmeta = device_meta(stage_meta<scalar_t>(dims, params, &grads, ws_total), wbar.device());
-    at::Tensor ws = at::empty({ws_total}, wbar.options());
-    lstm_controller_backward_kernel<scalar_t><<<static_cast<int>(dims.stages.size()), kThreads, 0, stream>>>(
-        reinterpret_cast<const StageMeta<scalar_t>*>(dmeta.const_data_ptr()), grad.const_data_ptr<scalar_t>(),
-        dt.const_data_ptr<scalar_t>(), wbar.const_data_ptr<scalar_t>(), saved.const_data_ptr<scalar_t>(),
-        dwbar.mutable_data_ptr<scalar_t>(), ws.mutable_data_ptr<scalar_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const std::vector<StageMeta<scalar_t>> meta = stage_meta<scalar_t>(dims, params, &grads, ws_total);
+    at::Tensor ws = at::empty({ws_total}, wbar.options());  // caching allocator: capture-safe
+    for_each_stage_batch(meta, [&](const StageBatch<scalar_t>& b) {
+      lstm_controller_backward_kernel<scalar_t><<<static_cast<int>(b.n), kThreads, 0, stream>>>(
+          b, grad.const_data_ptr<scalar_t>(), dt.const_data_ptr<scalar_t>(), wbar.const_data_ptr<scalar_t>(),
+          saved.const_data_ptr<scalar_t>(), dwbar.mutable_data_ptr<scalar_t>(), ws.mutable_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {dwbar, grads};
 }

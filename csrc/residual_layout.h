@@ -74,6 +74,9 @@ inline BackwardArgs prepare_backward(const at::Tensor& grad_in, const at::Tensor
   check_residual_args(f_in, grad_in, dt_in);
   const bool relu = relu_out.has_value();
   TORCH_CHECK(!relu || relu_out->sizes() == f_in.sizes(), "tsc::residual_update_backward: relu_out must have f's shape");
+  TORCH_CHECK(!relu || relu_out->device() == f_in.device(), "tsc::residual_update_backward: relu_out must be on f's device ",
+              f_in.device(), ", got ", relu_out->device());
+  TORCH_CHECK(!relu || relu_out->scalar_type() == f_in.scalar_type(), "tsc::residual_update_backward: relu_out must have f's dtype");
   const bool cl = is_channels_last_like(f_in);
   BackwardArgs a;
   a.f = to_layout(f_in, cl);

@@ -3,10 +3,11 @@
 // the same functions the CPU kernels run, so the CPU tests cover it.
 //
 // Forward: one grid-stride pass (reads y, f; writes out).
-// Backward: channel-first tensors: one block per channel reads grad and f of that channel's
-// planes, writes df and ddt[c] (one launch, deterministic block reduction). Channels-last tensors:
-// tiles of (32 channels x rows) write per-chunk partial sums, and a second small kernel adds the
-// chunks in order (two launches, still deterministic).
+// Backward: channel-first tensors: grid (C, sample chunks): block (c, k) reads grad and f of
+// channel c's planes in samples chunk k, writes df and a partial sum of ddt[c] (one block per
+// channel alone would leave most of a 108-132 SM GPU idle at CIFAR widths, C = 16-64).
+// Channels-last tensors: tiles of (32 channels x rows) write per-chunk partial sums. With more than
+// one chunk a second small kernel adds the chunks in order: deterministic, shape-only split.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -43,17 +44,19 @@ __device__ acc_t block_sum(acc_t v, acc_t* shared) {
   return v;
 }
 
-// grid = (C,): block c owns channel c in every sample.
+// grid = (C, chunks): block (c, k) owns channel c in samples [k * per, (k + 1) * per) and writes
+// partial[k * C + c] (partial is ddt itself when there is one chunk).
 template <typename scalar_t, typename acc_t>
 __global__ void residual_backward_planes_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ f,
                                                 const scalar_t* __restrict__ relu_out, const acc_t* __restrict__ dt,
                                                 scalar_t* __restrict__ dy, scalar_t* __restrict__ df,
-                                                acc_t* __restrict__ ddt, int64_t N, int64_t C, int64_t S) {
+                                                acc_t* __restrict__ partial, int64_t N, int64_t C, int64_t S, int64_t per) {
   __shared__ acc_t shared[kThreads / 32];
   const int64_t c = blockIdx.x;
+  const int64_t n0 = blockIdx.y * per, n1 = min(N, n0 + per);
   const acc_t d = dt[c];
   acc_t sum = 0;
-  for (int64_t n = 0; n < N; ++n) {
+  for (int64_t n = n0; n < n1; ++n) {
     const int64_t base = (n * C + c) * S;
     for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
       const int64_t i = base + s;
@@ -67,7 +70,17 @@ __global__ void residual_backward_planes_kernel(const scalar_t* __restrict__ g, 
     }
   }
   sum = block_sum(sum, shared);
-  if (threadIdx.x == 0) ddt[c] = sum;
+  if (threadIdx.x == 0) partial[blockIdx.y * C + c] = sum;
+}
+
+// Sample chunks of the planes backward: about kTargetBlocks blocks in all, each chunk at least
+// kMinChunkElems values, at most 65535 chunks (grid.y); depends on the shape only (deterministic).
+// The same rule as triton_kernels/residual_update.py planes_grid.
+constexpr int64_t kTargetBlocks = 1024, kMinChunkElems = 16384, kMaxGridY = 65535;
+int64_t samples_per_chunk(int64_t N, int64_t C, int64_t S) {
+  const int64_t by_work = std::max<int64_t>(1, N * S / kMinChunkElems);
+  const int64_t chunks = std::max<int64_t>(1, std::min({N, kMaxGridY, by_work, (kTargetBlocks + C - 1) / C}));
+  return (N + chunks - 1) / chunks;
 }
 
 constexpr int kTileC = 32, kTileRows = 8, kRowChunks = 64;
@@ -152,10 +165,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cuda(
     const scalar_t* outp = relu ? out.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dyp = relu ? dy.mutable_data_ptr<scalar_t>() : nullptr;
     if (v.inner > 1) {
-      residual_backward_planes_kernel<scalar_t, acc_t><<<v.channels, kThreads, 0, stream>>>(
+      const int64_t per = samples_per_chunk(v.outer, v.channels, v.inner);
+      const int64_t chunks = (v.outer + per - 1) / per;
+      at::Tensor partial = chunks == 1 ? ddt : at::empty({chunks, v.channels}, dt.options());
+      residual_backward_planes_kernel<scalar_t, acc_t><<<dim3(v.channels, chunks), kThreads, 0, stream>>>(
           g.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), outp, dt.const_data_ptr<acc_t>(), dyp,
-          df.mutable_data_ptr<scalar_t>(), ddt.mutable_data_ptr<acc_t>(), v.outer, v.channels, v.inner);
+          df.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), v.outer, v.channels, v.inner, per);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
+      if (chunks > 1) {
+        sum_chunks_kernel<acc_t><<<(v.channels + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
+            partial.const_data_ptr<acc_t>(), ddt.mutable_data_ptr<acc_t>(), chunks, v.channels);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      }
     } else {
       const int64_t rows_per_chunk = std::max<int64_t>(kTileRows, (v.outer + kRowChunks - 1) / kRowChunks);
       const int64_t chunks = (v.outer + rows_per_chunk - 1) / rows_per_chunk;

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from tsc_kernels.ops import lstm_controller as _declaration  # noqa: F401  (declares the op first)
 from tsc_kernels.ops.registry import triton_backward, triton_forward
+from tsc_kernels._triton._launch import DeviceTableCache, check_same_device, on_device
 
 # Columns of the per-stage int64 table (constexpr: jit code may only read constexpr globals):
 # sizes, offsets into the packed buffers, then the data pointers of the 8 parameters and of their
@@ -356,6 +357,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # 16 x 16 still makes every loop run several (partial) tiles there.
 BLOCK_R, BLOCK_K, NUM_WARPS = (16, 16, 1) if _INTERPRET else (32, 64, 8)
 _PER_STAGE = 8
+_TABLES = DeviceTableCache()
 
 
 def _dims(op: str, wbar: torch.Tensor, blocks: List[int], params: List[torch.Tensor]) -> list[tuple[int, int, int, int]]:
@@ -398,7 +400,9 @@ def _table(dims, params, grads) -> tuple[torch.Tensor, list[int]]:
         off[2] += saved_numel(L, H)
         off[3] += ws_numel(L, H, C)
     device = params[0].device if params else torch.device("cpu")
-    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, NMETA.value), off
+    # Cached per content (sizes and pointers): no pageable copy or sync per step; the forward's
+    # table (parameter pointers only) is built once per model (_launch.DeviceTableCache).
+    return _TABLES.get(rows, NMETA.value, device), off
 
 
 # The declared schemas (tsc_kernels/ops/lstm_controller.py): `int[]` where custom_op would infer
@@ -412,7 +416,8 @@ def lstm_controller_triton(wbar_packed: torch.Tensor, blocks: List[int], params:
     dt = wbar.new_empty(n_dt)
     saved = wbar.new_empty(n_saved)
     if dims:
-        lstm_controller_fwd_kernel[(len(dims),)](table, wbar, dt, saved, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+        with on_device(wbar):
+            lstm_controller_fwd_kernel[(len(dims),)](table, wbar, dt, saved, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return dt, saved
 
 
@@ -426,6 +431,7 @@ def lstm_controller_backward_triton(grad: torch.Tensor, dt_packed: torch.Tensor,
     for name, t, n in (("grad", grad, n_dt), ("dt_packed", dt_packed, n_dt), ("saved", saved, n_saved)):
         if t.dim() != 1 or t.numel() != n or t.dtype != wbar_packed.dtype:
             raise ValueError(f"{op}: {name} must be 1-D {wbar_packed.dtype} with {n} values, got {t.dtype} {tuple(t.shape)}")
+    check_same_device(op, wbar_packed, grad=grad, dt_packed=dt_packed, saved=saved)
     wbar, grad, dt, saved = wbar_packed.contiguous(), grad.contiguous(), dt_packed.contiguous(), saved.contiguous()
     params = [p.contiguous() for p in params]
     # Every gradient is written whole by the kernel (a stage with L = 0 gets zeros), so empty_like suffices.
@@ -434,8 +440,9 @@ def lstm_controller_backward_triton(grad: torch.Tensor, dt_packed: torch.Tensor,
     dwbar = torch.empty_like(wbar)
     ws = wbar.new_empty(n_ws)
     if dims:
-        lstm_controller_bwd_kernel[(len(dims),)](table, wbar, dt, grad, saved, dwbar, ws,
-                                                 BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+        with on_device(wbar):
+            lstm_controller_bwd_kernel[(len(dims),)](table, wbar, dt, grad, saved, dwbar, ws,
+                                                     BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return dwbar, dparams
 
 

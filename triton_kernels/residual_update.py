@@ -4,10 +4,12 @@ launchers and the torch.library glue in one file (the Liger-Kernel layout).
 Tensors are seen as contiguous (outer, C, inner) blocks (tsc_kernels/ops/_layout.py): inner = 1 for
 channels-last inputs. Arithmetic runs in dt's dtype (fp32, or fp64 for fp64 inputs).
   forward                 1 launch: reads y, f; writes out
-  backward, inner > 1     1 launch, one program per channel: reads grad, f (+ out with the ReLU);
-                          writes df (+ dy with the ReLU) and ddt[c]
-  backward, inner == 1    1 launch, one program per block of channels, looping over rows
-Both backward kernels reduce in a fixed order: ddt is deterministic.
+  backward, inner > 1     grid (C, sample chunks): reads grad, f (+ out with the ReLU); writes df
+                          (+ dy with the ReLU) and one partial sum of ddt[c] per chunk
+  backward, inner == 1    grid (channel tiles, row chunks), the same per tile of channels
+  then, with > 1 chunk    1 small launch adding the chunks' partials in order (planes_grid/rows_grid)
+Both backward reductions run in a fixed order: ddt is deterministic. Launches run on the tensors'
+device (_launch.on_device); every index product that can pass 2^31 is int64.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import triton.language as tl
 from tsc_kernels.ops._layout import channel_view, is_channels_last_like, to_layout
 from tsc_kernels.ops import residual_update as _declaration  # noqa: F401  (declares the op first)
 from tsc_kernels.ops.registry import triton_backward, triton_forward
+from tsc_kernels._triton._launch import check_same_device, on_device
 
 FWD_BLOCK = 1024
 BWD_BLOCK = 1024
@@ -42,17 +45,23 @@ def residual_fwd_kernel(y_ptr, f_ptr, dt_ptr, out_ptr, numel, C, inner, RELU: tl
 
 
 @triton.jit
-def residual_bwd_planes_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, ddt_ptr, N, C, inner,
+def residual_bwd_planes_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, partial_ptr, N, C, inner, n_per_chunk,
                                RELU: tl.constexpr, BLOCK: tl.constexpr):
-    """Program c owns channel c: its (N, inner) planes, summed in a fixed order."""
+    """Program (c, k) owns channel c of samples [k*n_per_chunk, (k+1)*n_per_chunk): writes their df (dy)
+    and partial[k, c], its share of ddt[c], summed in a fixed order (finalised by residual_sum_chunks_kernel).
+    Every index is int64: N * inner passes 2^31 for large activations."""
     c = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
     acc_ty = dt_ptr.dtype.element_ty
     dt = tl.load(dt_ptr + c)
     acc = tl.zeros([BLOCK], dtype=acc_ty)
-    total = N * inner
-    for start in range(0, total, BLOCK):
+    n0 = k * n_per_chunk
+    n1 = tl.minimum(n0 + n_per_chunk, N)  # int64: n0 is
+    start_idx = n0 * inner  # int64 from here on
+    end_idx = n1 * inner
+    for start in range(start_idx, end_idx, BLOCK):
         idx = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = idx < total
+        mask = idx < end_idx
         offs = ((idx // inner) * C + c) * inner + idx % inner
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_ty)
         f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(acc_ty)
@@ -62,21 +71,25 @@ def residual_bwd_planes_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, dd
             tl.store(dy_ptr + offs, g.to(dy_ptr.dtype.element_ty), mask=mask)
         tl.store(df_ptr + offs, (g * dt).to(df_ptr.dtype.element_ty), mask=mask)
         acc += g * f
-    tl.store(ddt_ptr + c, tl.sum(acc, axis=0))
+    tl.store(partial_ptr + k * C + c, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def residual_bwd_rows_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, ddt_ptr, R, C,
+def residual_bwd_rows_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, partial_ptr, R, C, rows_per_chunk,
                              RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Channels-last: program k owns channels [k*BLOCK_C, (k+1)*BLOCK_C) of every row."""
+    """Channels-last: program (j, k) owns channels [j*BLOCK_C, (j+1)*BLOCK_C) of rows
+    [k*rows_per_chunk, (k+1)*rows_per_chunk) and writes partial[k, channels] (fixed-order tile sum)."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.program_id(1).to(tl.int64)
     cmask = cols < C
     acc_ty = dt_ptr.dtype.element_ty
     dt = tl.load(dt_ptr + cols, mask=cmask, other=0.0)
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_ty)
-    for start in range(0, R, BLOCK_R):
+    r0 = k * rows_per_chunk
+    r1 = tl.minimum(r0 + rows_per_chunk, R)  # int64: r0 is
+    for start in range(r0, r1, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R).to(tl.int64)
-        mask = (rows < R)[:, None] & cmask[None, :]
+        mask = (rows < r1)[:, None] & cmask[None, :]
         offs = rows[:, None] * C + cols[None, :]
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_ty)
         f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(acc_ty)
@@ -86,18 +99,60 @@ def residual_bwd_rows_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, ddt_
             tl.store(dy_ptr + offs, g.to(dy_ptr.dtype.element_ty), mask=mask)
         tl.store(df_ptr + offs, (g * dt[None, :]).to(df_ptr.dtype.element_ty), mask=mask)
         acc += g * f
-    tl.store(ddt_ptr + cols, tl.sum(acc, axis=0), mask=cmask)
+    tl.store(partial_ptr + k * C + cols, tl.sum(acc, axis=0), mask=cmask)
+
+
+@triton.jit
+def residual_sum_chunks_kernel(partial_ptr, ddt_ptr, chunks, C, BLOCK: tl.constexpr):
+    """ddt[c] = sum_k partial[k, c], k ascending: the fixed order that keeps ddt deterministic."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < C
+    acc = tl.zeros([BLOCK], dtype=ddt_ptr.dtype.element_ty)
+    for k in range(0, chunks):
+        acc += tl.load(partial_ptr + k * C + cols, mask=m, other=0.0)  # chunks * C <= TARGET_PROGRAMS * 64: int32
+    tl.store(ddt_ptr + cols, acc, mask=m)
+
+
+# Work split of the backward reductions. A GPU has 108-132 SMs: one program per channel (16-64 for
+# CIFAR widths) leaves most of them idle, so the sample (or row) axis is split into chunks as well,
+# aiming at TARGET_PROGRAMS programs; the chunk count depends on the shape only, so the partial sums
+# and their fixed-order finalisation give bit-identical ddt from run to run. Grid axis 1 is limited
+# to 65535 (axis 0 to 2^31 - 1): channels go on axis 0, chunks on axis 1. A chunk holds at least
+# MIN_CHUNK_ELEMS values, so small tensors stay one launch (a chunk's partial row is ddt itself).
+TARGET_PROGRAMS = 1024
+MIN_CHUNK_ELEMS = 16384
+MAX_GRID_Y = 65535
+SUM_BLOCK = 256
+
+
+def planes_grid(N: int, C: int, inner: int) -> tuple[tuple[int, int], int]:
+    """((C, chunks), samples per chunk) of residual_bwd_planes_kernel."""
+    by_work = max(1, (N * inner) // MIN_CHUNK_ELEMS)
+    chunks = max(1, min(N, MAX_GRID_Y, by_work, triton.cdiv(TARGET_PROGRAMS, max(C, 1))))
+    per = triton.cdiv(N, chunks)
+    return (C, triton.cdiv(N, per)), per
+
+
+def rows_grid(R: int, C: int) -> tuple[tuple[int, int], int]:
+    """((channel tiles, chunks), rows per chunk, a multiple of ROWS_BLOCK_R) of residual_bwd_rows_kernel."""
+    tiles = triton.cdiv(C, ROWS_BLOCK_C)
+    by_work = max(1, (R * min(C, ROWS_BLOCK_C)) // MIN_CHUNK_ELEMS)
+    chunks = max(1, min(triton.cdiv(R, ROWS_BLOCK_R), MAX_GRID_Y, by_work, triton.cdiv(TARGET_PROGRAMS, tiles)))
+    per = triton.cdiv(triton.cdiv(R, chunks), ROWS_BLOCK_R) * ROWS_BLOCK_R
+    return (tiles, triton.cdiv(R, per)), per
 
 
 @triton_forward("residual_update")
 def residual_update_triton(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, relu: bool) -> torch.Tensor:
+    check_same_device("tsc::residual_update_triton", y, f=f, dt=dt)
     cl = is_channels_last_like(y)
     y, f, dt = to_layout(y, cl), to_layout(f, cl), dt.contiguous()
     out = torch.empty_like(y)
     outer, C, inner = channel_view(y, cl)
     if y.numel():
-        residual_fwd_kernel[(triton.cdiv(y.numel(), FWD_BLOCK),)](
-            y, f, dt, out, y.numel(), C, inner, RELU=relu, BLOCK=FWD_BLOCK)
+        with on_device(y):
+            residual_fwd_kernel[(triton.cdiv(y.numel(), FWD_BLOCK),)](
+                y, f, dt, out, y.numel(), C, inner, RELU=relu, BLOCK=FWD_BLOCK)
     return out
 
 
@@ -106,6 +161,7 @@ def residual_update_backward_triton(
     grad: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, relu_out: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dy, df, ddt); dy is an empty (0,) tensor without the ReLU (it is grad itself), as in C++."""
+    check_same_device("tsc::residual_update_backward_triton", f, grad=grad, dt=dt, relu_out=relu_out)
     cl = is_channels_last_like(f)
     relu = relu_out is not None
     f, g, dt = to_layout(f, cl), to_layout(grad, cl), dt.contiguous()
@@ -117,11 +173,19 @@ def residual_update_backward_triton(
     if f.numel() == 0:
         return dy, df, ddt
     dy_arg = dy if relu else df  # unused pointer when relu is off
-    if inner > 1:
-        residual_bwd_planes_kernel[(C,)](g, f, out, dt, dy_arg, df, ddt, outer, C, inner, RELU=relu, BLOCK=BWD_BLOCK, num_warps=BWD_WARPS)
-    else:
-        residual_bwd_rows_kernel[(triton.cdiv(C, ROWS_BLOCK_C),)](
-            g, f, out, dt, dy_arg, df, ddt, outer, C, RELU=relu, BLOCK_R=ROWS_BLOCK_R, BLOCK_C=ROWS_BLOCK_C)
+    grid, per = planes_grid(outer, C, inner) if inner > 1 else rows_grid(outer, C)
+    # One chunk: the kernel's partial row is ddt itself (one launch); else a (chunks, C) buffer from
+    # the caching allocator (capture-safe) and the fixed-order sum.
+    partial = ddt if grid[1] == 1 else torch.empty((grid[1], C), dtype=dt.dtype, device=dt.device)
+    with on_device(f):
+        if inner > 1:
+            residual_bwd_planes_kernel[grid](g, f, out, dt, dy_arg, df, partial, outer, C, inner, per,
+                                             RELU=relu, BLOCK=BWD_BLOCK, num_warps=BWD_WARPS)
+        else:
+            residual_bwd_rows_kernel[grid](g, f, out, dt, dy_arg, df, partial, outer, C, per,
+                                           RELU=relu, BLOCK_R=ROWS_BLOCK_R, BLOCK_C=ROWS_BLOCK_C)
+        if grid[1] > 1:
+            residual_sum_chunks_kernel[(triton.cdiv(C, SUM_BLOCK),)](partial, ddt, grid[1], C, BLOCK=SUM_BLOCK)
     return dy, df, ddt
 
 
@@ -131,7 +195,7 @@ def _sig(dtype: str, acc: str = "fp32") -> dict:
 
 def _bwd_sig(dtype: str) -> dict:
     return {"g_ptr": f"*{dtype}", "f_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
-            "dy_ptr": f"*{dtype}", "df_ptr": f"*{dtype}", "ddt_ptr": "*fp32"}
+            "dy_ptr": f"*{dtype}", "df_ptr": f"*{dtype}", "partial_ptr": "*fp32"}
 
 
 # Ahead-of-time compile configurations (triton_kernels/aot.py): every kernel, each activation
@@ -145,10 +209,12 @@ AOT_CONFIGS = [
              signature={**_sig(dtype), "numel": "i64", "C": "i64", "inner": "i64", "RELU": "constexpr", "BLOCK": "constexpr"},
              constexprs={"RELU": relu, "BLOCK": FWD_BLOCK}),
         dict(kernel=residual_bwd_planes_kernel, name=f"residual_bwd_planes_{dtype}_relu{int(relu)}",
-             signature={**_bwd_sig(dtype), "N": "i64", "C": "i64", "inner": "i64", "RELU": "constexpr", "BLOCK": "constexpr"},
+             signature={**_bwd_sig(dtype), "N": "i64", "C": "i64", "inner": "i64", "n_per_chunk": "i64", "RELU": "constexpr", "BLOCK": "constexpr"},
              constexprs={"RELU": relu, "BLOCK": BWD_BLOCK}, num_warps=BWD_WARPS),
         dict(kernel=residual_bwd_rows_kernel, name=f"residual_bwd_rows_{dtype}_relu{int(relu)}",
-             signature={**_bwd_sig(dtype), "R": "i64", "C": "i64", "RELU": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+             signature={**_bwd_sig(dtype), "R": "i64", "C": "i64", "rows_per_chunk": "i64", "RELU": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
              constexprs={"RELU": relu, "BLOCK_R": ROWS_BLOCK_R, "BLOCK_C": ROWS_BLOCK_C}),
     )
-]
+] + [dict(kernel=residual_sum_chunks_kernel, name="residual_sum_chunks_fp32",
+          signature={"partial_ptr": "*fp32", "ddt_ptr": "*fp32", "chunks": "i64", "C": "i64", "BLOCK": "constexpr"},
+          constexprs={"BLOCK": SUM_BLOCK})]

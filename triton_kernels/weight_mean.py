@@ -28,6 +28,7 @@ import triton.language as tl
 from tsc_kernels.reference import accumulation_dtype  # fp32 for fp16/bf16/fp32 weights, fp64 for fp64
 from tsc_kernels.ops import weight_mean as _declaration  # noqa: F401  (declares the op first)
 from tsc_kernels.ops.registry import triton_backward, triton_forward
+from tsc_kernels._triton._launch import DeviceTableCache, check_same_device, on_device
 
 # Columns of the per-weight table (int64: the first one is a data pointer).
 T_PTR, T_COUT, T_CIN, T_K, T_SO, T_SI, T_SK, T_OFF = (tl.constexpr(i) for i in range(8))
@@ -36,9 +37,10 @@ NTAB = tl.constexpr(8)
 
 @triton.jit
 def weight_mean_fwd_kernel(tab_ptr, out_ptr, W_DTYPE: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_I: tl.constexpr):
-    """Program (w, t): outputs t*BLOCK_J.. of weight w, flattened (o, a); loops over C_in in BLOCK_I steps."""
-    w = tl.program_id(0)
-    t = tl.program_id(1)
+    """Program (t, w): outputs t*BLOCK_J.. of weight w, flattened (o, a); loops over C_in in BLOCK_I steps.
+    Tiles go on grid axis 0 (up to 2^31 - 1), weights on axis 1 (up to 65535)."""
+    t = tl.program_id(0).to(tl.int64)
+    w = tl.program_id(1)
     row = tab_ptr + w * NTAB
     src = tl.load(row + T_PTR).to(tl.pointer_type(W_DTYPE))
     c_out = tl.load(row + T_COUT)
@@ -104,10 +106,16 @@ def _view3(w: torch.Tensor) -> tuple[int, int, int, int, int, int] | None:
     return w.shape[0], w.shape[1], k, w.stride(0), w.stride(1), sk
 
 
+_TABLES = DeviceTableCache()
+MAX_WEIGHTS = 65535  # grid axis 1
+
+
 def _table(tensors, offsets) -> torch.Tensor:
-    """The int64 (n, NTAB) table of `tensors` (each collapsible, see _view3) at output offsets `offsets`."""
+    """The int64 (n, NTAB) device table of `tensors` (each collapsible, see _view3) at output offsets
+    `offsets`: built once per distinct content and reused (no copy, no sync) while the pointers stay
+    the same (the forward's weights always do); see _launch.DeviceTableCache for CUDA graphs."""
     rows = [[t.data_ptr(), *_view3(t), off] for t, off in zip(tensors, offsets)]
-    return torch.tensor(rows, dtype=torch.int64, device=tensors[0].device)
+    return _TABLES.get(rows, NTAB.value, tensors[0].device)
 
 
 def _offsets(weights) -> tuple[list[int], int]:
@@ -129,6 +137,13 @@ def _check(op: str, weights) -> None:
             raise ValueError(f"{op}: weights[{j}] must have weights[0]'s dtype and device")
         if w.dtype not in _TL_DTYPES:
             raise TypeError(f"{op}: weights must be float16/bfloat16/float32/float64, got {w.dtype}")
+    if len(weights) > MAX_WEIGHTS:
+        raise ValueError(f"{op}: at most {MAX_WEIGHTS} weights per call, got {len(weights)}")
+
+
+def fwd_grid(weights) -> tuple[int, int]:
+    """(output tiles of the largest weight, weights)."""
+    return triton.cdiv(max(w.shape[0] * math.prod(w.shape[2:]) for w in weights), FWD_BLOCK_J), len(weights)
 
 
 @triton_forward("weight_mean")
@@ -140,8 +155,8 @@ def weight_mean_triton(weights: List[torch.Tensor]) -> torch.Tensor:
     if total:
         # A weight with C_in = 0 runs no C_in step and stores 0/0 = NaN, the mean of nothing, as
         # the reference does; it is never dereferenced.
-        tiles = triton.cdiv(max(w.shape[0] * math.prod(w.shape[2:]) for w in ws), FWD_BLOCK_J)
-        weight_mean_fwd_kernel[(len(ws), tiles)](_table(ws, off), out, W_DTYPE=_TL_DTYPES[ws[0].dtype],
+        with on_device(out):
+            weight_mean_fwd_kernel[fwd_grid(ws)](_table(ws, off), out, W_DTYPE=_TL_DTYPES[ws[0].dtype],
                                                  BLOCK_J=FWD_BLOCK_J, BLOCK_I=FWD_BLOCK_I, num_warps=NUM_WARPS)
     return out
 
@@ -153,12 +168,14 @@ def weight_mean_backward_triton(grad: torch.Tensor, weights: List[torch.Tensor])
     if grad.dim() != 1 or grad.numel() != total or grad.dtype != accumulation_dtype(weights[0].dtype):
         raise ValueError(f"tsc::weight_mean_backward_triton: grad must be 1-D {accumulation_dtype(weights[0].dtype)} "
                          f"with {total} values, got {grad.dtype} {tuple(grad.shape)}")
+    check_same_device("tsc::weight_mean_backward_triton", weights[0], grad=grad)
     grad = grad.contiguous()
     out = torch.empty_like(grad)
     if total:
         # the table is read for offsets, C_out, C_in and K only (no weight data)
         ws = [w if _view3(w) is not None else w.contiguous() for w in weights]
-        weight_mean_bwd_kernel[(len(ws),)](_table(ws, off), grad, out, BLOCK=BWD_BLOCK, num_warps=NUM_WARPS)
+        with on_device(grad):
+            weight_mean_bwd_kernel[(len(ws),)](_table(ws, off), grad, out, BLOCK=BWD_BLOCK, num_warps=NUM_WARPS)
     return out
 
 

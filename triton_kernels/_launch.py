@@ -1,0 +1,101 @@
+"""Launch helpers shared by every Triton op of tsc_kernels (docs/gpu.md).
+
+Triton launches a kernel on ``torch.cuda.current_device()`` and that device's current stream, not
+on the device of its arguments. Tensors on cuda:1 launched while cuda:0 is current would run on
+GPU 0's stream with GPU 1 pointers: an illegal address or a race with GPU 1's stream. So every
+launcher wraps its launches in :func:`on_device` (the Python twin of the C++ ops' CUDAGuard).
+
+Device tables (per-weight or per-stage rows of sizes and data pointers, which a Triton kernel
+cannot take by value) come from :class:`DeviceTableCache`. Building them with
+``torch.tensor(rows, device="cuda")`` on every call is a synchronous copy from pageable memory:
+a stream sync per training step, and an error under CUDA-graph capture. The cache builds a table
+once per distinct content (the data pointers and sizes), copying it from pinned memory with
+``non_blocking=True``, and hands back the same device tensor while the content is unchanged.
+
+CUDA-graph replay correctness: a captured graph bakes in the device address of the table and the
+addresses written in it. (1) Parameters and their buffers have fixed addresses for the lifetime of
+the model, and the graph's own allocations (outputs, gradient buffers) come from the graph's private
+pool at fixed addresses on every replay, so the table's content stays right for every replay.
+(2) The table itself must stay allocated and unchanged while the graph lives: entries created
+while the current stream is capturing are therefore never evicted (nor are their pinned source
+buffers, which a captured host-to-device copy reads again at every replay). Entries created
+eagerly are evicted least-recently-used beyond ``capacity``; a graph captured after an eager
+warm-up that hit such an entry keeps it alive because the cache marks every entry used during a
+capture as permanent too. The cost is a few hundred bytes per distinct table.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from typing import Iterable, Sequence
+
+import torch
+
+
+def on_device(t: torch.Tensor):
+    """Context in which a Triton launch for tensors on t's device runs on that device (and its
+    current stream): ``torch.cuda.device(t.device)`` for CUDA tensors, nothing otherwise (CPU
+    tensors under the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def check_same_device(op: str, like: torch.Tensor, **tensors) -> None:
+    """ValueError naming the first argument (keyword name) not on like's device: a kernel must
+    never receive a pointer into another device's memory. None values are skipped; a list value
+    is checked element by element (name[i])."""
+    for name, t in tensors.items():
+        items = enumerate(t) if isinstance(t, (list, tuple)) else [(None, t)]
+        for i, x in items:
+            if x is not None and x.device != like.device:
+                label = name if i is None else f"{name}[{i}]"
+                raise ValueError(f"{op}: {label} must be on {like.device}, got {x.device}")
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+class DeviceTableCache:
+    """int64 device tables keyed by their content (see the module docstring for the graph rules)."""
+
+    def __init__(self, capacity: int = 256):
+        self.capacity = capacity
+        self._entries: OrderedDict = OrderedDict()  # key -> (device table, pinned host copy or None)
+        self._permanent: set = set()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, rows: Sequence[Iterable[int]], ncols: int, device: torch.device) -> torch.Tensor:
+        """The (len(rows), ncols) int64 table on `device` holding `rows`."""
+        flat = tuple(int(v) for row in rows for v in row)
+        if len(flat) != len(rows) * ncols:
+            raise ValueError(f"DeviceTableCache: every row must have {ncols} values")
+        key = (device, ncols, flat)
+        entry = self._entries.get(key)
+        if entry is None:
+            host = torch.tensor(flat, dtype=torch.int64).reshape(len(rows), ncols)
+            if device.type == "cuda":
+                # Pinned source + non_blocking: an asynchronous copy on the current stream (no sync).
+                # The pinned buffer stays referenced by the entry, so it is never reused while the
+                # copy (or a captured copy node, at every replay) may still read it.
+                host = host.pin_memory()
+                entry = (host.to(device, non_blocking=True), host)
+            else:
+                entry = (host, None)
+            self._entries[key] = entry
+        else:
+            self._entries.move_to_end(key)
+        if _capturing(device):
+            self._permanent.add(key)
+        self._evict()
+        return entry[0]
+
+    def _evict(self) -> None:
+        while len(self._entries) > self.capacity:
+            for key in self._entries:
+                if key not in self._permanent:
+                    del self._entries[key]
+                    break
+            else:
+                return  # everything left is referenced by a captured graph
