@@ -10,7 +10,7 @@ import torch
 
 import tsc_kernels
 from tsc_kernels import reference
-from conftest import TOLERANCES, count_triton_launches
+from conftest import FUSED_CPU_BACKENDS, TOLERANCES, count_triton_launches
 
 # Not powers of two; 0-3 spatial dims.
 SHAPES = [(3, 7, 5, 4), (2, 5, 9), (4, 3, 2, 3, 5), (5, 6)]
@@ -197,9 +197,13 @@ def test_eval_empty_batch(backend):
 
 
 @pytest.mark.big_for_interpreter
-def test_deterministic_across_runs_and_threads(backend):
-    """ddt is bitwise the same across calls and thread counts (fixed-order reductions). The planes
-    (2, 3, 131, 129) are longer than one chunk of the CPU kernel; the rows case is channels-last."""
+@pytest.mark.parametrize("fused", FUSED_CPU_BACKENDS)
+def test_deterministic_across_runs_and_threads(fused):
+    """The fused ops' results are bitwise the same across calls and thread counts (fixed-order
+    reductions; ATen's own batch norm, the reference, is not). The planes (2, 3, 131, 129) are
+    longer than one chunk of the CPU kernel; the rows case is channels-last."""
+    if fused == "triton" and tsc_kernels.backend.TRITON_INTERPRET:
+        pytest.skip("too large for the Triton interpreter")
     threads = torch.get_num_threads()
     for cl in (False, True):
         y, x, dt, rm, rv, w, b = make_inputs((2, 3, 131, 129), torch.float32, x_cl=cl, y_cl=cl)
@@ -208,7 +212,8 @@ def test_deterministic_across_runs_and_threads(backend):
         for n in (1, 2, 1):
             torch.set_num_threads(n)
             try:
-                results.append(run(tsc_kernels.batch_norm_residual_update, y, x, dt, rm, rv, w, b, True, True, grad))
+                with tsc_kernels.use_backend(fused):
+                    results.append(run(tsc_kernels.batch_norm_residual_update, y, x, dt, rm, rv, w, b, True, True, grad))
             finally:
                 torch.set_num_threads(threads)
         for other in results[1:]:
