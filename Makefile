@@ -45,6 +45,9 @@ bench-ops: build/.built
 	$(VENV)/bin/pytest bench/bench_residual_update.py -q -p no:cacheprovider --benchmark-min-rounds=5 \
 		--benchmark-max-time=0.5 --benchmark-columns=median,iqr,rounds --benchmark-json=build/bench_residual.json
 	$(PY) bench/ratios.py build/bench_residual.json
+	$(VENV)/bin/pytest bench/bench_batch_norm_residual_update.py -q -p no:cacheprovider --benchmark-min-rounds=5 \
+		--benchmark-max-time=0.5 --benchmark-columns=median,iqr,rounds --benchmark-json=build/bench_batch_norm_residual.json
+	$(PY) bench/ratios.py build/bench_batch_norm_residual.json
 	$(VENV)/bin/pytest bench/bench_lstm_controller.py -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds \
 		--benchmark-json=build/bench_lstm_controller.json
 	$(PY) bench/bench_lstm_controller.py

@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/all.h>
 
+#include "cuda_grid.cuh"
 #include "residual_layout.h"
 #include "residual_math.h"
 
@@ -126,11 +127,7 @@ __global__ void sum_chunks_kernel(const acc_t* __restrict__ partial, acc_t* __re
   ddt[c] = sum;
 }
 
-int grid_for(int64_t numel) {
-  const int64_t blocks = (numel + kThreads - 1) / kThreads;
-  const int64_t cap = 32LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
-}
+int grid_for(int64_t numel) { return elementwise_grid(numel, kThreads); }
 
 at::Tensor residual_update_cuda(const at::Tensor& y_in, const at::Tensor& f_in, const at::Tensor& dt_in, bool relu) {
   const c10::cuda::CUDAGuard guard(y_in.device());

@@ -32,26 +32,26 @@ def same_device(named: dict) -> None:
         raise ValueError(f"all tensors must be on one device, got {listed}")
 
 
-def residual_update_args(y: object, f: object, dt: object, relu: object) -> None:
+def residual_update_args(y: object, f: object, dt: object, relu: object, f_name: str = "f") -> None:
     tensor(y, "y")
-    tensor(f, "f")
+    tensor(f, f_name)
     flag(relu, "relu")
     if not 2 <= y.dim() <= 5:
         raise ValueError(f"y must have shape (N, C, *spatial) with 0 to 3 spatial dims, got shape {tuple(y.shape)}")
     if f.dtype != y.dtype:
-        raise TypeError(f"f must have y's dtype {y.dtype}, got {f.dtype}")
+        raise TypeError(f"{f_name} must have y's dtype {y.dtype}, got {f.dtype}")
     if f.shape != y.shape:
-        raise ValueError(f"f must have y's shape {tuple(y.shape)}, got {tuple(f.shape)}")
+        raise ValueError(f"{f_name} must have y's shape {tuple(y.shape)}, got {tuple(f.shape)}")
     acc = torch.float64 if y.dtype == torch.float64 else torch.float32
     tensor(dt, "dt", (acc,))
     if dt.dim() != 1 or dt.shape[0] != y.shape[1]:
         raise ValueError(f"dt must have shape (C,) = ({y.shape[1]},) matching y's channel dim 1, got {tuple(dt.shape)}")
-    same_device({"y": y, "f": f, "dt": dt})
+    same_device({"y": y, f_name: f, "dt": dt})
 
 
 def batch_norm_residual_update_args(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu) -> None:
     """The fused BatchNorm tail's arguments (tsc_kernels.batch_norm_residual_update)."""
-    residual_update_args(y, x, dt, relu)  # y, x (as f), dt, relu: the update's own rules
+    residual_update_args(y, x, dt, relu, f_name="x")  # y, x (as f), dt, relu: the update's own rules
     flag(training, "training")
     for name, value in (("momentum", momentum), ("eps", eps)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -73,6 +73,8 @@ def batch_norm_residual_update_args(y, x, dt, running_mean, running_var, weight,
         if t.dim() != 1 or t.shape[0] != channels:
             raise ValueError(f"{name} must have shape (C,) = ({channels},) matching y's channel dim 1, got {tuple(t.shape)}")
         named[name] = t
+    if running_mean is not None and running_var.dtype != running_mean.dtype:
+        raise TypeError(f"running_var must have running_mean's dtype {running_mean.dtype}, got {running_var.dtype}")
     same_device({"y": y, **named})
     if training:
         values = y.numel() // channels if channels else 0

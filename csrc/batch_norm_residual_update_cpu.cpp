@@ -1,0 +1,426 @@
+// CPU kernels of the fused BatchNorm tail (docs/ops.md), registered for the CPU dispatch key.
+//
+// Forward (training): one statistics pass over x, then one pass reading x, y and writing out.
+// The statistics pass splits every channel into fixed chunks (pieces of a channel plane, or blocks
+// of channels-last rows) of at most kChunk elements; each chunk's mean and M2 = Σ(x - mean)² come
+// from two sweeps over the chunk, the second one hitting the cache, and the chunks are merged per
+// channel in a fixed order with Chan's formula. So the statistics are numerically sound (no
+// E[x²] - E[x]² cancellation), read x from memory once, and do not depend on the thread count.
+// Eval skips the statistics pass. Backward: one reduction pass (S1 = Σ g', S2c = Σ g' (x - μ) with
+// the same fixed chunks, hence deterministic) and one elementwise pass writing dx (and dy with the
+// fused ReLU). The per-element math is batch_norm_residual_update_math.h, shared with CUDA.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/all.h>
+
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "batch_norm_residual_update_layout.h"
+#include "batch_norm_residual_update_math.h"
+#include "cpu_vec.h"
+
+namespace tsc {
+namespace {
+
+using at::vec::Vectorized;
+using cpu::kGrain;
+using cpu::kStreamBytes;
+using cpu::Lanes;
+using cpu::PerChannel;
+using cpu::stream_fence;
+
+// Elements per statistics / reduction chunk: 64 KiB of fp32, so the second sweep over a chunk
+// reads it from L2, and enough chunks to keep the cores busy on (8, 256, 56, 56).
+constexpr int64_t kChunk = 16384;
+
+// The fixed split of the (outer, C, inner) block into chunks (see the file comment).
+struct ChunkPlan {
+  ChannelView v;
+  int64_t per_plane = 1, piece = 0, rows = 0, chunks = 0, per_channel = 0;
+
+  explicit ChunkPlan(ChannelView view) : v(view) {
+    if (v.outer == 0 || v.channels == 0 || v.inner == 0) return;  // no values: no chunks
+    if (v.inner > 1) {  // planes: chunk q = piece (q % per_plane) of plane (q / per_plane)
+      per_plane = (v.inner + kChunk - 1) / kChunk;
+      piece = (v.inner + per_plane - 1) / per_plane;
+      chunks = v.outer * v.channels * per_plane;
+      per_channel = v.outer * per_plane;
+    } else {  // channels-last rows: chunk q = rows [q * rows, (q + 1) * rows)
+      rows = std::max<int64_t>(1, kChunk / v.channels);
+      chunks = (v.outer + rows - 1) / rows;
+      per_channel = chunks;
+    }
+  }
+  bool by_rows() const { return v.inner == 1; }
+  // Partial-result slots: one per chunk (planes) or one per (chunk, channel) (rows).
+  int64_t slots() const { return by_rows() ? chunks * v.channels : chunks; }
+  int64_t chunks_per_channel() const { return per_channel; }
+  // Slot of the j-th chunk of channel c, j in the fixed merge order.
+  int64_t slot(int64_t c, int64_t j) const {
+    return by_rows() ? j * v.channels + c : ((j / per_plane) * v.channels + c) * per_plane + j % per_plane;
+  }
+  // Calls run(per_lane, offset, n, channel, slot) for every run of chunk q: a plane piece
+  // (per_lane = false_type: one channel) or each row of a row block (true_type: channels 0..C-1).
+  template <typename F>
+  void for_each_run(int64_t q, F&& run) const {
+    if (by_rows()) {
+      const int64_t C = v.channels;
+      for (int64_t r = q * rows, r1 = std::min(v.outer, (q + 1) * rows); r < r1; ++r) run(std::true_type{}, r * C, C, int64_t(0), q * C);
+    } else {
+      const int64_t p = q / per_plane, s0 = (q % per_plane) * piece, s1 = std::min(v.inner, s0 + piece);
+      run(std::false_type{}, p * v.inner + s0, s1 - s0, p % v.channels, q);
+    }
+  }
+  int64_t chunk_count(int64_t q) const {  // values per channel in chunk q
+    if (by_rows()) return std::min(v.outer, (q + 1) * rows) - q * rows;
+    const int64_t s0 = (q % per_plane) * piece;
+    return std::min(v.inner, s0 + piece) - s0;
+  }
+};
+
+// Elementwise passes: every run of the block, in parallel (no reductions, any split).
+// Each task ends with a store fence when the runs stream their stores.
+template <typename F>
+void parallel_runs(const ChannelView& v, bool stream, F&& run) {
+  const int64_t C = v.channels, S = v.inner;
+  if (S == 1) {
+    at::parallel_for(0, v.outer, std::max<int64_t>(1, kGrain / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) run(std::true_type{}, r * C, C, int64_t(0));
+      stream_fence(stream);
+    });
+  } else {
+    at::parallel_for(0, v.outer * C, std::max<int64_t>(1, kGrain / S), [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) run(std::false_type{}, p * S, S, p % C);
+      stream_fence(stream);
+    });
+  }
+}
+
+template <typename acc_t>
+acc_t reduce_lanes(const Vectorized<acc_t>& a) {
+  return at::vec::vec_reduce_all<acc_t>([](Vectorized<acc_t>& u, Vectorized<acc_t>& w) { return u + w; }, a);
+}
+
+// acc[lane] += d or d² (kSquare) with d = x - mean, over a run of n elements; without per-lane
+// channels every element adds to acc[0].
+template <bool kPerLane, bool kSquare, typename scalar_t>
+void accumulate_run(const scalar_t* x, int64_t n, PerChannel<kPerLane, at::opmath_type<scalar_t>> mean, at::opmath_type<scalar_t>* acc) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  auto value = [](auto d) { return kSquare ? d * d : d; };
+  Vec s0(acc_t(0)), s1(acc_t(0));
+  acc_t tail = 0;
+  int64_t i = 0;
+  for (; i + L::kStep <= n; i += L::kStep) {
+    Vec x0, x1;
+    L::load(x + i, x0, x1);
+    const Vec v0 = value(x0 - mean.vec(i)), v1 = value(x1 - mean.vec(i + Vec::size()));
+    if constexpr (kPerLane) {
+      (Vec::loadu(acc + i) + v0).store(acc + i);
+      (Vec::loadu(acc + i + Vec::size()) + v1).store(acc + i + Vec::size());
+    } else {
+      s0 = s0 + v0;
+      s1 = s1 + v1;
+    }
+  }
+  for (; i < n; ++i) {
+    const acc_t v = value(static_cast<acc_t>(x[i]) - mean.at(i));
+    if constexpr (kPerLane) acc[i] += v; else tail += v;
+  }
+  if constexpr (!kPerLane) acc[0] += reduce_lanes(s0 + s1) + tail;
+}
+
+// s1[lane] += g', s2[lane] += g' (x - mean), g' = grad masked by the fused ReLU (out; null without it).
+template <bool kPerLane, typename scalar_t>
+void backward_sums_run(const scalar_t* g, const scalar_t* x, const scalar_t* out, PerChannel<kPerLane, at::opmath_type<scalar_t>> mean,
+                       int64_t n, at::opmath_type<scalar_t>* s1, at::opmath_type<scalar_t>* s2) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  Vec a0(acc_t(0)), a1(acc_t(0)), b0(acc_t(0)), b1(acc_t(0));
+  acc_t ta = 0, tb = 0;
+  int64_t i = 0;
+  for (; i + L::kStep <= n; i += L::kStep) {
+    Vec g0, g1, x0, x1;
+    L::load(g + i, g0, g1);
+    L::load(x + i, x0, x1);
+    if (out) {
+      Vec o0, o1;
+      L::load(out + i, o0, o1);
+      g0 = cpu::relu_backward(g0, o0);
+      g1 = cpu::relu_backward(g1, o1);
+    }
+    const Vec p0 = g0 * (x0 - mean.vec(i)), p1 = g1 * (x1 - mean.vec(i + Vec::size()));
+    if constexpr (kPerLane) {
+      (Vec::loadu(s1 + i) + g0).store(s1 + i);
+      (Vec::loadu(s1 + i + Vec::size()) + g1).store(s1 + i + Vec::size());
+      (Vec::loadu(s2 + i) + p0).store(s2 + i);
+      (Vec::loadu(s2 + i + Vec::size()) + p1).store(s2 + i + Vec::size());
+    } else {
+      a0 = a0 + g0;
+      a1 = a1 + g1;
+      b0 = b0 + p0;
+      b1 = b1 + p1;
+    }
+  }
+  for (; i < n; ++i) {
+    acc_t gi = static_cast<acc_t>(g[i]);
+    if (out) gi = relu_backward(gi, static_cast<acc_t>(out[i]));
+    const acc_t pi = gi * (static_cast<acc_t>(x[i]) - mean.at(i));
+    if constexpr (kPerLane) {
+      s1[i] += gi;
+      s2[i] += pi;
+    } else {
+      ta += gi;
+      tb += pi;
+    }
+  }
+  if constexpr (!kPerLane) {
+    s1[0] += reduce_lanes(a0 + a1) + ta;
+    s2[0] += reduce_lanes(b0 + b1) + tb;
+  }
+}
+
+// out = relu?(y + (x - mean) * scale + shift) over a run.
+template <bool kPerLane, typename scalar_t>
+void apply_run(const scalar_t* y, const scalar_t* x, const at::opmath_type<scalar_t>* const* coef, scalar_t* out, int64_t n, bool relu,
+               bool stream) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  const PerChannel<kPerLane, acc_t> mean{coef[0]}, scale{coef[1]}, shift{coef[2]};
+  auto scalar = [&](int64_t i) {
+    const acc_t o = bn_residual_forward(static_cast<acc_t>(y[i]), static_cast<acc_t>(x[i]), mean.at(i), scale.at(i), shift.at(i));
+    out[i] = static_cast<scalar_t>(relu ? relu_forward(o) : o);
+  };
+  int64_t i = 0;
+  for (const int64_t head = L::aligned_prefix(out, n, stream); i < head; ++i) scalar(i);
+  for (; i + L::kStep <= n; i += L::kStep) {
+    Vec y0, y1, x0, x1;
+    L::load(y + i, y0, y1);
+    L::load(x + i, x0, x1);
+    const int64_t j = i + Vec::size();
+    Vec o0 = bn_residual_forward(y0, x0, mean.vec(i), scale.vec(i), shift.vec(i));
+    Vec o1 = bn_residual_forward(y1, x1, mean.vec(j), scale.vec(j), shift.vec(j));
+    if (relu) {
+      o0 = cpu::relu_forward(o0);
+      o1 = cpu::relu_forward(o1);
+    }
+    L::store(out + i, o0, o1, stream);
+  }
+  for (; i < n; ++i) scalar(i);
+}
+
+// dx = k1 g' + k3 (x - mean) + k2 and dy = g' (only with the fused ReLU) over a run.
+template <bool kPerLane, typename scalar_t>
+void backward_apply_run(const scalar_t* g, const scalar_t* x, const scalar_t* out, const at::opmath_type<scalar_t>* const* coef,
+                        scalar_t* dy, scalar_t* dx, int64_t n, bool stream) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  const PerChannel<kPerLane, acc_t> mean{coef[0]}, k1{coef[1]}, k2{coef[2]}, k3{coef[3]};
+  auto scalar = [&](int64_t i) {
+    acc_t gi = static_cast<acc_t>(g[i]);
+    if (out) {
+      gi = relu_backward(gi, static_cast<acc_t>(out[i]));
+      dy[i] = static_cast<scalar_t>(gi);
+    }
+    dx[i] = static_cast<scalar_t>(bn_backward_dx(gi, static_cast<acc_t>(x[i]), mean.at(i), k1.at(i), k2.at(i), k3.at(i)));
+  };
+  int64_t i = 0;
+  for (const int64_t head = L::aligned_prefix(dx, n, stream); i < head; ++i) scalar(i);
+  for (; i + L::kStep <= n; i += L::kStep) {
+    Vec g0, g1, x0, x1;
+    L::load(g + i, g0, g1);
+    L::load(x + i, x0, x1);
+    if (out) {
+      Vec o0, o1;
+      L::load(out + i, o0, o1);
+      g0 = cpu::relu_backward(g0, o0);
+      g1 = cpu::relu_backward(g1, o1);
+      L::store(dy + i, g0, g1, stream);
+    }
+    const int64_t j = i + Vec::size();
+    L::store(dx + i, bn_backward_dx(g0, x0, mean.vec(i), k1.vec(i), k2.vec(i), k3.vec(i)),
+             bn_backward_dx(g1, x1, mean.vec(j), k1.vec(j), k2.vec(j), k3.vec(j)), stream);
+  }
+  for (; i < n; ++i) scalar(i);
+}
+
+// A (C,) tensor of any floating dtype and stride as acc_t values (ones / zeros when absent).
+template <typename acc_t>
+std::vector<acc_t> read_channels(const std::optional<at::Tensor>& t, int64_t C, acc_t absent) {
+  std::vector<acc_t> v(C, absent);
+  if (!t.has_value()) return v;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "tsc_bn_read_channels", [&] {
+    const scalar_t* p = t->const_data_ptr<scalar_t>();
+    const int64_t stride = t->stride(0);
+    for (int64_t c = 0; c < C; ++c) v[c] = static_cast<acc_t>(p[c * stride]);
+  });
+  return v;
+}
+
+// Writes acc_t values into a (C,) tensor of any floating dtype and stride (in its dtype).
+template <typename acc_t>
+void write_channels(const at::Tensor& t, const std::vector<acc_t>& v) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "tsc_bn_write_channels", [&] {
+    scalar_t* p = t.mutable_data_ptr<scalar_t>();
+    const int64_t stride = t.stride(0);
+    for (size_t c = 0; c < v.size(); ++c) p[c * stride] = static_cast<scalar_t>(v[c]);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cpu(
+    const at::Tensor& y_in, const at::Tensor& x_in, const at::Tensor& dt_in, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    bool training, double momentum, double eps, bool relu) {
+  BnForwardArgs a = prepare_bn_forward(y_in, x_in, dt_in, running_mean, running_var, weight, bias, training);
+  const ChannelView v = a.view;
+  const int64_t C = v.channels;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "tsc_batch_norm_residual_update_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+    std::vector<acc_t> mean(C), invstd(C);
+    if (training) {
+      // Statistics: per-chunk moments, then an ordered per-channel merge.
+      const ChunkPlan plan(v);
+      std::vector<Moments<acc_t>> partial(plan.slots());
+      const std::vector<acc_t> zeros(plan.by_rows() ? C : 1, acc_t(0));
+      at::parallel_for(0, plan.chunks, 1, [&](int64_t q0, int64_t q1) {
+        const int64_t lanes = plan.by_rows() ? C : 1;
+        std::vector<acc_t> sum(lanes), chunk_mean(lanes), m2(lanes);
+        for (int64_t q = q0; q < q1; ++q) {
+          std::fill(sum.begin(), sum.end(), acc_t(0));
+          std::fill(m2.begin(), m2.end(), acc_t(0));
+          plan.for_each_run(q, [&](auto per_lane, int64_t o, int64_t n, int64_t, int64_t) {
+            constexpr bool kPerLane = decltype(per_lane)::value;
+            accumulate_run<kPerLane, false>(xp + o, n, PerChannel<kPerLane, acc_t>{zeros.data()}, sum.data());
+          });
+          const acc_t count = static_cast<acc_t>(plan.chunk_count(q));
+          for (int64_t l = 0; l < lanes; ++l) chunk_mean[l] = sum[l] / count;
+          plan.for_each_run(q, [&](auto per_lane, int64_t o, int64_t n, int64_t, int64_t) {
+            constexpr bool kPerLane = decltype(per_lane)::value;
+            accumulate_run<kPerLane, true>(xp + o, n, PerChannel<kPerLane, acc_t>{chunk_mean.data()}, m2.data());
+          });
+          const int64_t first = plan.by_rows() ? q * C : q;
+          for (int64_t l = 0; l < lanes; ++l) partial[first + l] = {count, chunk_mean[l], m2[l]};
+        }
+      });
+      std::vector<acc_t> unbiased(C);
+      for (int64_t c = 0; c < C; ++c) {
+        Moments<acc_t> m{acc_t(0), acc_t(0), acc_t(0)};
+        for (int64_t j = 0, J = plan.chunks_per_channel(); j < J; ++j) merge_moments(m, partial[plan.slot(c, j)]);
+        mean[c] = m.mean;
+        invstd[c] = bn_invstd(m.m2 / static_cast<acc_t>(a.count), static_cast<acc_t>(eps));
+        unbiased[c] = m.m2 / static_cast<acc_t>(a.count - 1);
+      }
+      if (running_mean.has_value()) {
+        const acc_t mom = static_cast<acc_t>(momentum);
+        std::vector<acc_t> rm = read_channels<acc_t>(running_mean, C, 0), rv = read_channels<acc_t>(running_var, C, 0);
+        for (int64_t c = 0; c < C; ++c) {
+          rm[c] = running_update(rm[c], mean[c], mom);
+          rv[c] = running_update(rv[c], unbiased[c], mom);
+        }
+        write_channels(*running_mean, rm);
+        write_channels(*running_var, rv);
+      }
+    } else {
+      mean = read_channels<acc_t>(running_mean, C, 0);
+      const std::vector<acc_t> var = read_channels<acc_t>(running_var, C, 0);
+      for (int64_t c = 0; c < C; ++c) invstd[c] = bn_invstd(var[c], static_cast<acc_t>(eps));
+    }
+    std::copy(mean.begin(), mean.end(), a.save_mean.mutable_data_ptr<acc_t>());
+    std::copy(invstd.begin(), invstd.end(), a.save_invstd.mutable_data_ptr<acc_t>());
+    if (a.y.numel() == 0) return;
+
+    const std::vector<acc_t> dt = read_channels<acc_t>(a.dt, C, 0), gamma = read_channels<acc_t>(weight, C, 1),
+                             beta = read_channels<acc_t>(bias, C, 0);
+    std::vector<acc_t> scale(C), shift(C);
+    for (int64_t c = 0; c < C; ++c) {
+      const BnApply<acc_t> k = bn_apply_coefficients(dt[c], gamma[c], beta[c], invstd[c]);
+      scale[c] = k.scale;
+      shift[c] = k.shift;
+    }
+    const bool stream = Lanes<scalar_t>::kCanStream && a.y.nbytes() >= kStreamBytes;
+    const scalar_t* yp = a.y.const_data_ptr<scalar_t>();
+    scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
+    parallel_runs(v, stream, [&](auto per_lane, int64_t o, int64_t n, int64_t c) {
+      const acc_t* coef[3] = {mean.data() + c, scale.data() + c, shift.data() + c};
+      apply_run<decltype(per_lane)::value>(yp + o, xp + o, coef, op + o, n, relu, stream);
+    });
+  });
+  return {a.out, a.save_mean, a.save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& dt_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd,
+    const std::optional<at::Tensor>& relu_out, bool training) {
+  BnBackwardArgs a = prepare_bn_backward(grad_in, x_in, dt_in, weight, bias, save_mean, save_invstd, relu_out);
+  const ChannelView v = a.view;
+  const int64_t C = v.channels;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "tsc_batch_norm_residual_update_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* gp = a.g.const_data_ptr<scalar_t>();
+    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+    const scalar_t* outp = a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr;
+    const acc_t* mean = a.save_mean.const_data_ptr<acc_t>();
+    const acc_t* invstd = a.save_invstd.const_data_ptr<acc_t>();
+    auto at_offset = [](auto* p, int64_t o) { return p ? p + o : nullptr; };
+
+    // Reduction: S1, S2c per chunk (zeroed slots), then summed per channel in chunk order.
+    const ChunkPlan plan(v);
+    std::vector<acc_t> p1(plan.slots(), acc_t(0)), p2(plan.slots(), acc_t(0));
+    at::parallel_for(0, plan.chunks, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q)
+        plan.for_each_run(q, [&](auto per_lane, int64_t o, int64_t n, int64_t c, int64_t slot) {
+          constexpr bool kPerLane = decltype(per_lane)::value;
+          backward_sums_run<kPerLane>(gp + o, xp + o, at_offset(outp, o), PerChannel<kPerLane, acc_t>{mean + c}, n, &p1[slot], &p2[slot]);
+        });
+    });
+    const std::vector<acc_t> dt = read_channels<acc_t>(a.dt, C, 0), gamma = read_channels<acc_t>(weight, C, 1),
+                             beta = read_channels<acc_t>(bias, C, 0);
+    std::vector<acc_t> k1(C), k2(C), k3(C);
+    acc_t* ddt = a.ddt.mutable_data_ptr<acc_t>();
+    acc_t* dw = weight.has_value() ? a.dweight.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* db = bias.has_value() ? a.dbias.mutable_data_ptr<acc_t>() : nullptr;
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t s1 = 0, s2c = 0;
+      for (int64_t j = 0, J = plan.chunks_per_channel(); j < J; ++j) {
+        s1 += p1[plan.slot(c, j)];
+        s2c += p2[plan.slot(c, j)];
+      }
+      const BnBackward<acc_t> r =
+          bn_backward_coefficients(dt[c], gamma[c], beta[c], invstd[c], s1, s2c, static_cast<acc_t>(a.count), training);
+      k1[c] = r.k1;
+      k2[c] = r.k2;
+      k3[c] = r.k3;
+      ddt[c] = r.ddt;
+      if (dw) dw[c] = r.dweight;
+      if (db) db[c] = r.dbias;
+    }
+    if (a.x.numel() == 0) return;
+
+    const bool stream = Lanes<scalar_t>::kCanStream && a.x.nbytes() >= kStreamBytes;
+    scalar_t* dxp = a.dx.mutable_data_ptr<scalar_t>();
+    scalar_t* dyp = a.relu ? a.dy.mutable_data_ptr<scalar_t>() : nullptr;
+    parallel_runs(v, stream, [&](auto per_lane, int64_t o, int64_t n, int64_t c) {
+      const acc_t* coef[4] = {mean + c, k1.data() + c, k2.data() + c, k3.data() + c};
+      backward_apply_run<decltype(per_lane)::value>(gp + o, xp + o, at_offset(outp, o), coef, at_offset(dyp, o), dxp + o, n, stream);
+    });
+  });
+  return {bn_dy_in_layout(a.dy, a.dy_channels_last), a.dx, a.ddt, a.dweight, a.dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tsc, CPU, m) {
+  m.impl("batch_norm_residual_update", &batch_norm_residual_update_cpu);
+  m.impl("batch_norm_residual_update_backward", &batch_norm_residual_update_backward_cpu);
+}
+
+}  // namespace tsc

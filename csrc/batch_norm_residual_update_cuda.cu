@@ -1,0 +1,326 @@
+// CUDA kernels of the fused BatchNorm tail (docs/ops.md), registered for the CUDA dispatch key.
+// The arithmetic is batch_norm_residual_update_math.h, the same functions the CPU kernels run.
+//
+// Forward (training), three launches on the current stream, no host synchronisation:
+//   1. bn_stats_kernel, grid (channel tiles, chunks): each block reduces one chunk of the M values of
+//      its channel(s) to Welford moments (per-thread Welford, then a fixed-order tree merge) and
+//      writes them to a partial buffer. Chunks split every channel, so a small C still fills the GPU.
+//   2. bn_forward_channels_kernel, one thread per channel: merges the chunks in order (Chan's formula;
+//      deterministic), writes save_mean / save_invstd, updates the running statistics in their dtype
+//      and computes the apply coefficients (scale, shift). Eval starts here, from the running statistics.
+//   3. bn_apply_kernel: the grid-stride elementwise pass writing out.
+// Backward, three launches: per-chunk sums S1, S2c (same chunks, fixed-order tree), the per-channel
+// pass (ordered sum of the chunks; ddt, dweight, dbias and the dx coefficients), then dx (and dy).
+// Layouts: the (outer, C, inner) block of residual_layout.h. Chunks enumerate the flattened
+// m = outer_index * inner + inner_index of one channel: threads advance (outer, inner) incrementally,
+// so there is no per-element division in the reductions; all indices are int64.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/all.h>
+
+#include "batch_norm_residual_update_layout.h"
+#include "batch_norm_residual_update_math.h"
+#include "cuda_grid.cuh"
+
+namespace tsc {
+namespace {
+
+constexpr int kThreads = 256;
+// Block shapes of the reductions: (channel lanes, value lanes). Planes (inner > 1): 1 x 256 threads
+// along one channel's contiguous values; channels-last rows: 32 channels x 8 rows (coalesced rows).
+constexpr int kRowLanes = 32, kRowValueLanes = 8;
+// About this many reduction blocks (fixed, not the SM count, so results do not depend on the GPU),
+// each chunk at least 4 values per thread, and at most 65535 chunks (grid y limit).
+constexpr int64_t kTargetBlocks = 1024, kMinValuesPerThread = 4, kMaxChunks = 65535;
+
+struct Reduction {
+  dim3 block, grid;
+  int64_t chunk;   // values per chunk (the last one may be shorter)
+  int64_t chunks;  // chunks per channel (grid.y)
+};
+
+Reduction plan_reduction(const ChannelView& v) {
+  const bool rows = v.inner == 1;
+  const int lanes = rows ? kRowLanes : 1, value_lanes = rows ? kRowValueLanes : kThreads;
+  const int64_t M = v.outer * v.inner;
+  const int64_t tiles = (v.channels + lanes - 1) / lanes;
+  int64_t chunks = std::max<int64_t>(1, kTargetBlocks / std::max<int64_t>(tiles, 1));
+  chunks = std::min(chunks, std::max<int64_t>(1, M / (value_lanes * kMinValuesPerThread)));
+  chunks = std::min(chunks, kMaxChunks);
+  const int64_t chunk = std::max<int64_t>(1, (M + chunks - 1) / chunks);
+  chunks = std::max<int64_t>(1, (M + chunk - 1) / chunk);
+  return {dim3(lanes, value_lanes), dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)), chunk, chunks};
+}
+
+// Walks the values of channel c with index m in [m0, m1), stepping `step`: calls f(element index).
+// (n, s) = (m / inner, m % inner) is advanced incrementally.
+template <typename F>
+__device__ __forceinline__ void for_channel_values(int64_t m0, int64_t m1, int64_t step, int64_t c, int64_t C, int64_t inner, F f) {
+  int64_t n = m0 / inner, s = m0 % inner;
+  const int64_t step_n = step / inner, step_s = step % inner;
+  for (int64_t m = m0; m < m1; m += step) {
+    f((n * C + c) * inner + s);
+    n += step_n;
+    s += step_s;
+    if (s >= inner) {
+      s -= inner;
+      ++n;
+    }
+  }
+}
+
+// Fixed-order tree over the value lanes (threadIdx.y) of a block: afterwards lane 0 holds the total.
+template <typename T, typename Merge>
+__device__ __forceinline__ void tree_reduce(T* shared, Merge merge) {
+  const int lane = threadIdx.x, t = threadIdx.y, lanes = blockDim.x;
+  for (int half = blockDim.y / 2; half > 0; half /= 2) {
+    __syncthreads();
+    if (t < half) merge(shared[t * lanes + lane], shared[(t + half) * lanes + lane]);
+  }
+  __syncthreads();
+}
+
+// partial[j][c] = Welford moments of chunk j of channel c; partial is (3, chunks, C): count, mean, m2.
+template <typename scalar_t, typename acc_t>
+__global__ void bn_stats_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ partial, int64_t C, int64_t inner, int64_t M,
+                                int64_t chunk) {
+  __shared__ Moments<acc_t> shared[kThreads];
+  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  const int64_t m0 = blockIdx.y * chunk, m1 = min(M, m0 + chunk);
+  Moments<acc_t> mom{acc_t(0), acc_t(0), acc_t(0)};
+  if (c < C)
+    for_channel_values(m0 + threadIdx.y, m1, blockDim.y, c, C, inner, [&](int64_t i) { push_moment(mom, static_cast<acc_t>(x[i])); });
+  shared[threadIdx.y * blockDim.x + threadIdx.x] = mom;
+  tree_reduce(shared, [](Moments<acc_t>& a, const Moments<acc_t>& b) { merge_moments(a, b); });
+  if (threadIdx.y == 0 && c < C) {
+    const Moments<acc_t> total = shared[threadIdx.x];
+    const int64_t chunks = gridDim.y, o = blockIdx.y * C + c;
+    partial[o] = total.count;
+    partial[chunks * C + o] = total.mean;
+    partial[2 * chunks * C + o] = total.m2;
+  }
+}
+
+// Per channel: statistics (merged chunks in training, running ones in eval), running update, apply
+// coefficients coef = (scale, shift) as (2, C).
+template <typename acc_t, typename running_t>
+__global__ void bn_forward_channels_kernel(const acc_t* __restrict__ partial, int64_t chunks, int64_t C, int64_t M, const acc_t* __restrict__ dt,
+                                           const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, running_t* running_mean,
+                                           running_t* running_var, int64_t running_stride, bool training, acc_t momentum, acc_t eps,
+                                           acc_t* __restrict__ save_mean, acc_t* __restrict__ save_invstd, acc_t* __restrict__ coef) {
+  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  acc_t mean, invstd;
+  if (training) {
+    Moments<acc_t> m{acc_t(0), acc_t(0), acc_t(0)};
+    for (int64_t j = 0; j < chunks; ++j)
+      merge_moments(m, Moments<acc_t>{partial[j * C + c], partial[(chunks + j) * C + c], partial[(2 * chunks + j) * C + c]});
+    mean = m.mean;
+    invstd = bn_invstd(m.m2 / static_cast<acc_t>(M), eps);
+    if (running_mean) {
+      running_t* rm = running_mean + c * running_stride;
+      running_t* rv = running_var + c * running_stride;
+      *rm = static_cast<running_t>(running_update(static_cast<acc_t>(*rm), mean, momentum));
+      *rv = static_cast<running_t>(running_update(static_cast<acc_t>(*rv), m.m2 / static_cast<acc_t>(M - 1), momentum));
+    }
+  } else {
+    mean = static_cast<acc_t>(running_mean[c * running_stride]);
+    invstd = bn_invstd(static_cast<acc_t>(running_var[c * running_stride]), eps);
+  }
+  save_mean[c] = mean;
+  save_invstd[c] = invstd;
+  const BnApply<acc_t> k = bn_apply_coefficients(dt[c], weight ? weight[c] : acc_t(1), bias ? bias[c] : acc_t(0), invstd);
+  coef[c] = k.scale;
+  coef[C + c] = k.shift;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void bn_apply_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
+                                const acc_t* __restrict__ coef, scalar_t* __restrict__ out, int64_t numel, int64_t C, int64_t inner,
+                                bool relu) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t c = (i / inner) % C;
+    const acc_t o = bn_residual_forward(static_cast<acc_t>(y[i]), static_cast<acc_t>(x[i]), mean[c], coef[c], coef[C + c]);
+    out[i] = static_cast<scalar_t>(relu ? relu_forward(o) : o);
+  }
+}
+
+// partial (2, chunks, C): S1 = Σ g', S2c = Σ g' (x - mean) of chunk j of channel c.
+template <typename scalar_t, typename acc_t>
+__global__ void bn_backward_sums_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, const scalar_t* __restrict__ relu_out,
+                                        const acc_t* __restrict__ mean, acc_t* __restrict__ partial, int64_t C, int64_t inner, int64_t M,
+                                        int64_t chunk) {
+  struct Sums {
+    acc_t s1, s2;
+  };
+  __shared__ Sums shared[kThreads];
+  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  const int64_t m0 = blockIdx.y * chunk, m1 = min(M, m0 + chunk);
+  Sums sums{acc_t(0), acc_t(0)};
+  if (c < C) {
+    const acc_t mu = mean[c];
+    for_channel_values(m0 + threadIdx.y, m1, blockDim.y, c, C, inner, [&](int64_t i) {
+      acc_t gi = static_cast<acc_t>(g[i]);
+      if (relu_out) gi = relu_backward(gi, static_cast<acc_t>(relu_out[i]));
+      sums.s1 += gi;
+      sums.s2 += gi * (static_cast<acc_t>(x[i]) - mu);
+    });
+  }
+  shared[threadIdx.y * blockDim.x + threadIdx.x] = sums;
+  tree_reduce(shared, [](Sums& a, const Sums& b) {
+    a.s1 += b.s1;
+    a.s2 += b.s2;
+  });
+  if (threadIdx.y == 0 && c < C) {
+    const int64_t chunks = gridDim.y, o = blockIdx.y * C + c;
+    partial[o] = shared[threadIdx.x].s1;
+    partial[chunks * C + o] = shared[threadIdx.x].s2;
+  }
+}
+
+// Per channel: S1, S2c summed over the chunks in order; gradients of dt, weight, bias; coef (3, C) = k1, k2, k3.
+template <typename acc_t>
+__global__ void bn_backward_channels_kernel(const acc_t* __restrict__ partial, int64_t chunks, int64_t C, int64_t M,
+                                            const acc_t* __restrict__ dt, const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
+                                            const acc_t* __restrict__ invstd, bool training, acc_t* __restrict__ ddt, acc_t* __restrict__ dweight,
+                                            acc_t* __restrict__ dbias, acc_t* __restrict__ coef) {
+  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  acc_t s1 = 0, s2c = 0;
+  for (int64_t j = 0; j < chunks; ++j) {
+    s1 += partial[j * C + c];
+    s2c += partial[(chunks + j) * C + c];
+  }
+  const BnBackward<acc_t> r = bn_backward_coefficients(dt[c], weight ? weight[c] : acc_t(1), bias ? bias[c] : acc_t(0), invstd[c], s1, s2c,
+                                                       static_cast<acc_t>(M), training);
+  ddt[c] = r.ddt;
+  if (dweight) dweight[c] = r.dweight;
+  if (dbias) dbias[c] = r.dbias;
+  coef[c] = r.k1;
+  coef[C + c] = r.k2;
+  coef[2 * C + c] = r.k3;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void bn_backward_apply_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, const scalar_t* __restrict__ relu_out,
+                                         const acc_t* __restrict__ mean, const acc_t* __restrict__ coef, scalar_t* __restrict__ dy,
+                                         scalar_t* __restrict__ dx, int64_t numel, int64_t C, int64_t inner) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x) {
+    const int64_t c = (i / inner) % C;
+    acc_t gi = static_cast<acc_t>(g[i]);
+    if (relu_out) {
+      gi = relu_backward(gi, static_cast<acc_t>(relu_out[i]));
+      dy[i] = static_cast<scalar_t>(gi);
+    }
+    dx[i] = static_cast<scalar_t>(bn_backward_dx(gi, static_cast<acc_t>(x[i]), mean[c], coef[c], coef[C + c], coef[2 * C + c]));
+  }
+}
+
+// weight / bias as contiguous acc-dtype tensors (a conversion only for other dtypes), or undefined.
+at::Tensor channel_param(const std::optional<at::Tensor>& t, at::ScalarType acc) {
+  return t.has_value() ? t->to(acc).contiguous() : at::Tensor();
+}
+
+template <typename T>
+const T* maybe_ptr(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+unsigned channel_blocks(int64_t C) { return static_cast<unsigned>((C + kThreads - 1) / kThreads); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cuda(
+    const at::Tensor& y_in, const at::Tensor& x_in, const at::Tensor& dt_in, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    bool training, double momentum, double eps, bool relu) {
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  BnForwardArgs a = prepare_bn_forward(y_in, x_in, dt_in, running_mean, running_var, weight, bias, training);
+  const ChannelView v = a.view;
+  const int64_t C = v.channels;
+  if (C == 0) return {a.out, a.save_mean, a.save_invstd};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto acc = bn_acc_type(a.y);
+  const at::Tensor w = channel_param(weight, acc), b = channel_param(bias, acc);
+  const at::Tensor coef = at::empty({2, C}, a.dt.options());
+  const Reduction plan = plan_reduction(v);
+  const at::Tensor partial = training ? at::empty({3, plan.chunks, C}, a.dt.options()) : at::Tensor();
+  const auto running_type = running_mean.has_value() ? running_mean->scalar_type() : acc;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "tsc_batch_norm_residual_update_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    if (training) {
+      bn_stats_kernel<scalar_t, acc_t><<<plan.grid, plan.block, 0, stream>>>(a.x.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(),
+                                                                              C, v.inner, a.count, plan.chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_type, "tsc_batch_norm_residual_update_cuda_channels", [&] {
+      using running_t = scalar_t;
+      running_t* rm = running_mean.has_value() ? running_mean->mutable_data_ptr<running_t>() : nullptr;
+      running_t* rv = running_var.has_value() ? running_var->mutable_data_ptr<running_t>() : nullptr;
+      TORCH_CHECK(!running_mean.has_value() || running_mean->stride(0) == running_var->stride(0),
+                  "tsc::batch_norm_residual_update: running_mean and running_var must have one stride");
+      const int64_t rstride = running_mean.has_value() ? running_mean->stride(0) : 0;
+      bn_forward_channels_kernel<acc_t, running_t><<<channel_blocks(C), kThreads, 0, stream>>>(
+          training ? partial.const_data_ptr<acc_t>() : nullptr, plan.chunks, C, a.count, a.dt.const_data_ptr<acc_t>(), maybe_ptr<acc_t>(w),
+          maybe_ptr<acc_t>(b), rm, rv, rstride, training, static_cast<acc_t>(momentum), static_cast<acc_t>(eps),
+          a.save_mean.mutable_data_ptr<acc_t>(), a.save_invstd.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    if (a.y.numel() == 0) return;
+    bn_apply_kernel<scalar_t, acc_t><<<elementwise_grid(a.y.numel(), kThreads), kThreads, 0, stream>>>(
+        a.y.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), a.save_mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(),
+        a.out.mutable_data_ptr<scalar_t>(), a.y.numel(), C, v.inner, relu);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {a.out, a.save_mean, a.save_invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_backward_cuda(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& dt_in, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd,
+    const std::optional<at::Tensor>& relu_out, bool training) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  BnBackwardArgs a = prepare_bn_backward(grad_in, x_in, dt_in, weight, bias, save_mean, save_invstd, relu_out);
+  const ChannelView v = a.view;
+  const int64_t C = v.channels;
+  if (C == 0) return {a.dy, a.dx, a.ddt, a.dweight, a.dbias};
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto acc = bn_acc_type(a.x);
+  const at::Tensor w = channel_param(weight, acc), b = channel_param(bias, acc);
+  const at::Tensor coef = at::empty({3, C}, a.dt.options());
+  const bool any = a.x.numel() > 0;
+  const Reduction plan = plan_reduction(v);
+  const at::Tensor partial = any ? at::empty({2, plan.chunks, C}, a.dt.options()) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "tsc_batch_norm_residual_update_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* outp = a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr;
+    if (any) {
+      bn_backward_sums_kernel<scalar_t, acc_t><<<plan.grid, plan.block, 0, stream>>>(
+          a.g.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), outp, a.save_mean.const_data_ptr<acc_t>(),
+          partial.mutable_data_ptr<acc_t>(), C, v.inner, a.count, plan.chunk);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    // No values: zero chunks, so the per-channel pass writes zero gradients.
+    bn_backward_channels_kernel<acc_t><<<channel_blocks(C), kThreads, 0, stream>>>(
+        any ? partial.const_data_ptr<acc_t>() : nullptr, any ? plan.chunks : 0, C, a.count, a.dt.const_data_ptr<acc_t>(), maybe_ptr<acc_t>(w),
+        maybe_ptr<acc_t>(b), a.save_invstd.const_data_ptr<acc_t>(), training, a.ddt.mutable_data_ptr<acc_t>(),
+        weight.has_value() ? a.dweight.mutable_data_ptr<acc_t>() : nullptr, bias.has_value() ? a.dbias.mutable_data_ptr<acc_t>() : nullptr,
+        coef.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!any) return;
+    bn_backward_apply_kernel<scalar_t, acc_t><<<elementwise_grid(a.x.numel(), kThreads), kThreads, 0, stream>>>(
+        a.g.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), outp, a.save_mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(),
+        a.relu ? a.dy.mutable_data_ptr<scalar_t>() : nullptr, a.dx.mutable_data_ptr<scalar_t>(), a.x.numel(), C, v.inner);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {bn_dy_in_layout(a.dy, a.dy_channels_last), a.dx, a.ddt, a.dweight, a.dbias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tsc, CUDA, m) {
+  m.impl("batch_norm_residual_update", &batch_norm_residual_update_cuda);
+  m.impl("batch_norm_residual_update_backward", &batch_norm_residual_update_backward_cuda);
+}
+
+}  // namespace tsc
