@@ -234,7 +234,7 @@ register_network(TSCCIFARDenseNet)
 def cifar_densenet(depth: int = 40, growth_rate: int = 12, bc: bool = False, num_classes: int = 10,
                    tsc: str | None = "lstm", reduction: int | None = None, drop_rate: float = 0.0) -> nn.Module:
     """CIFAR DenseNet of ``depth`` (3n+4 with basic layers, 6n+4 with ``bc``: n layers per block),
-    growth rate k; the TSC paper's DenseNet-40 is ``cifar_densenet(40, 12)`` (1,059,298 parameters
+    growth rate k; the TSC paper's DenseNet-40 is ``cifar_densenet(40, 12)`` (1,019,722 parameters
     for 10 classes; TSC_LSTM adds 1,413: 471 per dense block, D = 108, H = 3, C = 12).
     ``tsc=None`` gives the plain network; ``reduction``: controller hidden size H = max(1, k // reduction)."""
     _checks.tsc_mode(tsc, "tsc", allow_none=True)
