@@ -27,6 +27,11 @@ TORCH_LIBRARY(tsc, m) {
   // dy is empty without the fused ReLU (it is grad itself), dweight / dbias empty without affine.
   m.def("batch_norm_residual_update_backward(Tensor grad, Tensor x, Tensor dt, Tensor? weight, Tensor? bias, "
         "Tensor save_mean, Tensor save_invstd, Tensor? relu_out, bool training) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // scale_concat (docs/ops_scale_concat.md): out = cat([x, f * dt[c]], dim=1), TSC-DenseNet's
+  // concatenation of a layer's scaled new features; out follows x's layout.
+  m.def("scale_concat(Tensor x, Tensor f, Tensor dt) -> Tensor");
+  // Backward in one pass over grad's last k channels: (df, ddt); dx is the view grad[:, :Cx].
+  m.def("scale_concat_backward(Tensor grad, Tensor f, Tensor dt) -> (Tensor, Tensor)");
   // Weight-mean projection (docs/tsc.md): every given conv weight (C_out, C_in, *k) averaged over
   // C_in, flattened, concatenated into one 1-D tensor (fp32; fp64 for fp64 weights), one launch.
   m.def("weight_mean(Tensor[] weights) -> Tensor");

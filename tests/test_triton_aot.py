@@ -32,7 +32,7 @@ def test_every_kernel_has_an_aot_config(aot_report):
     assert report["uncovered"] == [], "these kernels are never compiled ahead of time: add them to their module's AOT_CONFIGS"
 
 
-@pytest.mark.parametrize("module", ["weight_mean", "lstm_controller", "residual_update"])
+@pytest.mark.parametrize("module", ["weight_mean", "lstm_controller", "residual_update", "batch_norm_residual_update", "scale_concat"])
 def test_module_kernels_are_compiled_for_both_targets(aot_report, module):
     _, report = aot_report
     mod = importlib.import_module(f"tsc_kernels._triton.{module}")

@@ -27,7 +27,7 @@ import re
 import subprocess
 import tempfile
 
-MODULES = ("residual_update", "weight_mean", "lstm_controller", "batch_norm_residual_update")
+MODULES = ("residual_update", "weight_mean", "lstm_controller", "batch_norm_residual_update", "scale_concat")
 
 
 def _collect() -> list[dict]:

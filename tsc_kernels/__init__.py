@@ -2,6 +2,7 @@
 
 Public API (see README.md):
     residual_update(y, f, dt, relu=False)    fused channel-wise Euler step y + f * dt[c]
+    scale_concat(x, f, dt)                    fused cat([x, f * dt[c]], dim=1) (TSC-DenseNet)
     batch_norm_residual_update(y, x, dt, ...) the fused BatchNorm tail relu?(y + dt[c] * batch_norm(x))
     weight_mean(weights)                      w̄ of one block (mean over C_in of each conv weight)
     lstm_controller(wbar, *params)            TSC_LSTM controller of one stage: wbar (L, D) -> Δt (L, C)
@@ -20,6 +21,7 @@ from .fold import fold
 from .ops.batch_norm_residual_update import batch_norm_residual_update
 from .ops.lstm_controller import lstm_controller
 from .ops.residual_update import residual_update
+from .ops.scale_concat import scale_concat
 from .ops.weight_mean import weight_mean
 
 __all__ = [
@@ -36,6 +38,7 @@ __all__ = [
     "plot_step_sizes",
     "reference",
     "residual_update",
+    "scale_concat",
     "set_backend",
     "stability_bound",
     "step_sizes",

@@ -49,6 +49,24 @@ def residual_update_args(y: object, f: object, dt: object, relu: object, f_name:
     same_device({"y": y, f_name: f, "dt": dt})
 
 
+def scale_concat_args(x: object, f: object, dt: object) -> None:
+    """tsc_kernels.scale_concat: x (N, Cx, *spatial), f (N, k, *spatial) of x's dtype, dt (k,)."""
+    tensor(x, "x")
+    tensor(f, "f")
+    if not 2 <= x.dim() <= 5:
+        raise ValueError(f"x must have shape (N, Cx, *spatial) with 0 to 3 spatial dims, got shape {tuple(x.shape)}")
+    if f.dtype != x.dtype:
+        raise TypeError(f"f must have x's dtype {x.dtype}, got {f.dtype}")
+    if f.dim() != x.dim() or f.shape[0] != x.shape[0] or f.shape[2:] != x.shape[2:]:
+        raise ValueError(f"f must have shape (N, k, *spatial) = ({x.shape[0]}, k, {', '.join(map(str, x.shape[2:]))}) "
+                         f"matching x's batch and spatial dims, got {tuple(f.shape)}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    tensor(dt, "dt", (acc,))
+    if dt.dim() != 1 or dt.shape[0] != f.shape[1]:
+        raise ValueError(f"dt must have shape (k,) = ({f.shape[1]},) matching f's channel dim 1, got {tuple(dt.shape)}")
+    same_device({"x": x, "f": f, "dt": dt})
+
+
 def batch_norm_residual_update_args(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu) -> None:
     """The fused BatchNorm tail's arguments (tsc_kernels.batch_norm_residual_update)."""
     residual_update_args(y, x, dt, relu, f_name="x")  # y, x (as f), dt, relu: the update's own rules

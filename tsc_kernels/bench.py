@@ -81,6 +81,9 @@ def build_model(name: str, tsc: str | None, num_classes: int | None) -> tuple[nn
     converted with tsc_kernels.convert)."""
     if name.startswith("timm:"):  # a timm ResNet by its timm name (docs/timm.md)
         return _build_timm_model(name[len("timm:"):], tsc, num_classes)
+    m = re.fullmatch(r"cifar_densenet(\d+)", name)  # the TSC paper's DenseNet-40 is cifar_densenet40 (k = 12)
+    if m:
+        return models.cifar_densenet(int(m.group(1)), 12, num_classes=num_classes or 10, tsc=tsc), 32
     m = re.fullmatch(r"cifar_(preact_)?resnet(\d+)", name)
     if m:
         return models.cifar_resnet(int(m.group(2)), num_classes=num_classes or 10, preact=bool(m.group(1)), tsc=tsc), 32

@@ -3,7 +3,8 @@
 Supported: ``torchvision.models.ResNet`` instances (ResNet-18…152, ResNeXt, Wide ResNet, pretrained
 or not, any ``num_classes`` / ``norm_layer`` / ``replace_stride_with_dilation``) whose stages hold
 torchvision ``BasicBlock`` / ``Bottleneck`` blocks, and the plain networks of ``tsc_kernels.models``
-(SE-ResNets, CIFAR ResNets), and timm's ``ResNet`` with its ``BasicBlock`` / ``Bottleneck`` (ResNet,
+(SE-ResNets, CIFAR ResNets, CIFAR DenseNets), torchvision's ``DenseNet`` (densenet121/161/169/201:
+docs/densenet.md), and timm's ``ResNet`` with its ``BasicBlock`` / ``Bottleneck`` (ResNet,
 ResNeXt, SE-ResNet, Wide ResNet, any stem, anti-aliasing, drop-path, drop-block: docs/timm.md). Conversion swaps the classes of the network and its blocks for their
 TSC subclasses (no submodule is created, copied or re-initialised) and adds one controller under
 ``tsc_controller``. Everything is checked before anything changes, so a failed conversion leaves the
@@ -52,6 +53,8 @@ def convert(model: nn.Module, mode: str = "lstm", reduction: int | None = None, 
         supported = ", ".join(f"{c.__module__}.{c.__qualname__}" for c in PLAIN_TO_TSC_NETWORK)
         raise TypeError(f"convert cannot handle {_qualname(model)}: it converts {supported} "
                         "(torchvision ResNet, ResNeXt and Wide ResNet are ResNet instances)")
+    if hasattr(target, "tsc_convert"):  # families whose stages are not nn.Sequential attributes (DenseNet)
+        return target.tsc_convert(model, mode, reduction, dt)
     for stage_name in target.stage_names:
         stage = getattr(model, stage_name, None)
         if not isinstance(stage, nn.Sequential) or len(stage) == 0:

@@ -27,6 +27,15 @@ def residual_update(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, relu: bo
     return out.to(y.dtype)
 
 
+def scale_concat(x: torch.Tensor, f: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """``cat([x, f * dt[c]], dim=1)``: a dense layer's new features f scaled channel-wise by its
+    step sizes and appended to its input x (TSC-DenseNet, docs/densenet.md). The product is computed
+    in fp32 (fp64 for fp64) and rounded once to x's dtype."""
+    acc = accumulation_dtype(x.dtype)
+    dt_b = dt.to(acc).view((1, -1) + (1,) * (x.dim() - 2))
+    return torch.cat([x, (f.to(acc) * dt_b).to(x.dtype)], dim=1)
+
+
 def batch_norm_residual_update(
     y: torch.Tensor,
     x: torch.Tensor,

@@ -40,6 +40,8 @@ from .blocks import (PLAIN_TO_TSC_BLOCK, PreActBasicBlock, PreActBottleneck, SEB
                      TSCBasicBlock, TSCBottleneck, TSCPreActBasicBlock, TSCPreActBottleneck, TSCSEBottleneck,
                      is_tsc_block, register_block)
 from .cifar import CIFARResNet, TSCCIFARResNet, cifar_resnet
+from .densenet import (CIFARDenseNet, DenseBlock, DenseLayer, TSCBottleneckDenseLayer, TSCCIFARDenseNet,
+                       TSCDenseLayer, TSCDenseNet, cifar_densenet, densenet121, densenet161, densenet169, densenet201)
 from .resnet1d import BasicBlock1d, ResNet1d, TSCBasicBlock1d, TSCResNet1d, resnet1d
 from .network import (PLAIN_TO_TSC_NETWORK, build_controller, is_tsc_network, register_network,
                       stage_shapes)
@@ -53,6 +55,9 @@ __all__ = [
     "TSCSEBottleneck", "cifar_resnet", "is_tsc_block", "is_tsc_network", "resnet18", "resnet34", "resnet50",
     "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "se_resnet50", "se_resnet101",
     "wide_resnet50_2",
+    # DenseNets (docs/densenet.md)
+    "CIFARDenseNet", "DenseBlock", "DenseLayer", "TSCBottleneckDenseLayer", "TSCCIFARDenseNet", "TSCDenseLayer",
+    "TSCDenseNet", "cifar_densenet", "densenet121", "densenet161", "densenet169", "densenet201",
     # for new model families: registries and controller construction
     "PLAIN_TO_TSC_BLOCK", "PLAIN_TO_TSC_NETWORK", "build_controller", "register_block", "register_network",
     "stage_shapes",

@@ -105,15 +105,21 @@ def stage_shapes(stage: Sequence[nn.Module], stage_name: str) -> tuple[int, int,
     return len(stage), channels, in_features
 
 
+def _stage_blocks(stage: nn.Module) -> list[nn.Module]:
+    """The blocks of a stage: an nn.Sequential's modules, or an nn.ModuleDict's values (DenseNet)."""
+    return list(stage.values()) if isinstance(stage, nn.ModuleDict) else list(stage)
+
+
 def build_controller(model: nn.Module, stage_names: Sequence[str], mode: str, reduction: int | None,
                      dt: float | None = None) -> NetworkController:
+    """One controller per stage; stage names may be dotted paths (``features.denseblock1``)."""
     controllers = []
     for name in stage_names:
-        stage = getattr(model, name)
+        stage = _stage_blocks(model.get_submodule(name))
         num_blocks, channels, in_features = stage_shapes(stage, name)
         r = reduction if reduction is not None else _blocks.PLAIN_TO_TSC_BLOCK.get(type(stage[0]), type(stage[0])).default_reduction
         controllers.append(TSCController(in_features, channels, reduction=r, mode=mode, num_blocks=num_blocks, dt=dt))
-    ref = getattr(model, stage_names[0])[0].conv1.weight
+    ref = _stage_blocks(model.get_submodule(stage_names[0]))[0].conv1.weight
     return NetworkController(controllers).to(device=ref.device, dtype=ref.dtype)
 
 

@@ -1,0 +1,80 @@
+// Host-side layout logic of scale_concat (docs/ops_scale_concat.md), shared by the CPU and CUDA ops.
+// The output follows x's layout: channels-last when x is channels-last-like (residual_layout.h),
+// else contiguous; f is brought to that layout. The backward works in grad's layout.
+#pragma once
+
+#include <torch/all.h>
+
+#include <vector>
+
+#include "residual_layout.h"
+#include "scale_concat_math.h"
+
+namespace tsc {
+
+// Uninitialised (N, channels, *spatial) tensor like `like` (dtype, device), channels-last or contiguous.
+inline at::Tensor empty_in_layout(const at::Tensor& like, int64_t channels, bool channels_last) {
+  std::vector<int64_t> shape(like.sizes().begin(), like.sizes().end());
+  shape[1] = channels;
+  if (!channels_last) return at::empty(shape, like.options());
+  std::vector<int64_t> last(shape.begin(), shape.end());
+  last.erase(last.begin() + 1);
+  last.push_back(channels);
+  return at::empty(last, like.options()).movedim(-1, 1);
+}
+
+// (outer, cx, k, inner) of tensors of N samples with the given channels, in the given layout.
+inline ScaleConcatShape scale_concat_shape(const at::Tensor& like, int64_t cx, int64_t k, bool channels_last) {
+  int64_t spatial = 1;
+  for (int64_t d = 2; d < like.dim(); ++d) spatial *= like.size(d);
+  const int64_t n = like.size(0);
+  return channels_last ? ScaleConcatShape{n * spatial, cx, k, 1} : ScaleConcatShape{n, cx, k, spatial};
+}
+
+inline void check_scale_concat_args(const char* op, const at::Tensor& x, const at::Tensor& f, const at::Tensor& dt,
+                                    bool x_is_grad) {
+  TORCH_CHECK(x.dim() >= 2 && x.dim() <= 5, op, ": tensors must be (N, C, *spatial) with 0-3 spatial dims, got ", x.sizes());
+  TORCH_CHECK(f.dim() == x.dim() && f.size(0) == x.size(0) && f.sizes().slice(2) == x.sizes().slice(2), op,
+              ": f must be (N, k, *spatial) matching ", x.sizes(), " in N and spatial dims, got ", f.sizes());
+  TORCH_CHECK(!x_is_grad || x.size(1) >= f.size(1), op, ": grad must have at least f's ", f.size(1), " channels");
+  TORCH_CHECK(f.scalar_type() == x.scalar_type(), op, ": f must have the dtype of ", x_is_grad ? "grad" : "x");
+  TORCH_CHECK(dt.dim() == 1 && dt.size(0) == f.size(1), op, ": dt must be (k,) with k = ", f.size(1), ", got ", dt.sizes());
+  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(dt.scalar_type() == acc, op, ": dt must be ", acc, " for ", x.scalar_type(), " inputs, got ", dt.scalar_type());
+  TORCH_CHECK(x.device() == f.device() && x.device() == dt.device(), op, ": all tensors must be on one device");
+}
+
+struct ScaleConcatForward {
+  at::Tensor x, f, dt, out;
+  ScaleConcatShape shape;
+};
+
+inline ScaleConcatForward prepare_scale_concat_forward(const at::Tensor& x_in, const at::Tensor& f_in, const at::Tensor& dt_in) {
+  check_scale_concat_args("tsc::scale_concat", x_in, f_in, dt_in, false);
+  const bool cl = is_channels_last_like(x_in);
+  ScaleConcatForward a{to_layout(x_in, cl), to_layout(f_in, cl), dt_in.contiguous(), {}, {}};
+  a.out = empty_in_layout(a.x, x_in.size(1) + f_in.size(1), cl);
+  a.shape = scale_concat_shape(a.x, x_in.size(1), f_in.size(1), cl);
+  return a;
+}
+
+// df in grad's layout; every ddt channel is written by the kernels, so zeros only for empty inputs.
+struct ScaleConcatBackward {
+  at::Tensor g, f, dt, df, ddt;
+  ScaleConcatShape shape;
+};
+
+inline ScaleConcatBackward prepare_scale_concat_backward(const at::Tensor& grad_in, const at::Tensor& f_in, const at::Tensor& dt_in) {
+  check_scale_concat_args("tsc::scale_concat_backward", grad_in, f_in, dt_in, true);
+  const bool cl = is_channels_last_like(grad_in);
+  ScaleConcatBackward a;
+  a.g = to_layout(grad_in, cl);
+  a.f = to_layout(f_in, cl);
+  a.dt = dt_in.contiguous();
+  a.df = empty_in_layout(a.g, f_in.size(1), cl);
+  a.ddt = f_in.numel() == 0 ? at::zeros_like(a.dt) : at::empty_like(a.dt);
+  a.shape = scale_concat_shape(a.g, grad_in.size(1) - f_in.size(1), f_in.size(1), cl);
+  return a;
+}
+
+}  // namespace tsc

@@ -1,0 +1,62 @@
+// Per-element math of scale_concat `out = cat([x, f * dt[c]], dim=1)` (docs/ops_scale_concat.md),
+// shared by the CPU and CUDA kernels so the CPU tests cover the arithmetic and indexing the GPU runs.
+// Arithmetic in the accumulation type acc_t (fp32 for fp32/fp16/bf16, fp64 for fp64).
+//
+// Every tensor is read as a contiguous (outer, channels, inner) block (residual_layout.h): for
+// NC(spatial)-contiguous tensors outer = N, inner = prod(spatial); for channels-last ones
+// outer = N * prod(spatial), inner = 1. out is (outer, Cx + k, inner), x (outer, Cx, inner),
+// f (outer, k, inner), so one row `o` of out is x's row o followed by f's row o.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define TSC_HD __host__ __device__ __forceinline__
+#else
+#define TSC_HD inline
+#endif
+
+namespace tsc {
+
+struct ScaleConcatShape {
+  int64_t outer, cx, k, inner;
+};
+
+template <typename T>
+TSC_HD T scale_concat_forward(T f, T dt) {
+  return f * dt;
+}
+
+// df = g * dt and the term g * f of ddt[c] (g: the gradient of the output's f part).
+template <typename T>
+TSC_HD T scale_concat_df(T g, T dt) {
+  return g * dt;
+}
+
+template <typename T>
+TSC_HD T scale_concat_ddt_term(T g, T f) {
+  return g * f;
+}
+
+// Where output element i (flat index into the (outer, Cx + k, inner) block) comes from:
+// returns true for x (src = index into x), false for f (src = index into f, channel = its channel).
+TSC_HD bool scale_concat_source(int64_t i, const ScaleConcatShape& s, int64_t& src, int64_t& channel) {
+  const int64_t row = (s.cx + s.k) * s.inner;
+  const int64_t o = i / row, r = i - o * row;
+  const int64_t x_row = s.cx * s.inner;
+  if (r < x_row) {
+    src = o * x_row + r;
+    return true;
+  }
+  const int64_t j = r - x_row;
+  channel = j / s.inner;
+  src = o * s.k * s.inner + j;
+  return false;
+}
+
+// Index of f's element (o, c, s) in the gradient of out (grad has Cx + k channels).
+TSC_HD int64_t scale_concat_grad_index(int64_t o, int64_t c, int64_t sp, const ScaleConcatShape& s) {
+  return (o * (s.cx + s.k) + s.cx + c) * s.inner + sp;
+}
+
+}  // namespace tsc

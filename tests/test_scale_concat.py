@@ -1,0 +1,206 @@
+"""scale_concat ``cat([x, f * dt[c]], dim=1)`` (docs/ops_scale_concat.md) on every backend vs the reference."""
+import re
+
+import pytest
+import torch
+
+import tsc_kernels
+from tsc_kernels import reference
+from tsc_kernels.ops.scale_concat import empty_in_layout
+from conftest import TOLERANCES, count_triton_launches
+
+# (x shape, k): 0-3 spatial dims, channel counts that are not powers of two, Cx = 0 and k = 0 edges
+CASES = [((3, 5, 7, 9), 3), ((2, 33), 7), ((1, 17, 4, 4, 3), 12), ((4, 19, 6), 5), ((5, 3, 1, 1), 1),
+         ((2, 0, 3, 5), 4), ((2, 6, 3, 5), 0)]
+CL_CASES = [((4, 19, 6, 5), 12), ((2, 7, 3, 4, 5), 3), ((3, 6, 5), 9)]
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def to_channels_last(t):
+    """The same values with the channel dim innermost in memory, for any rank."""
+    return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+def make_inputs(shape, k, dtype, channels_last=False, requires_grad=True):
+    x = torch.randn(shape, dtype=dtype)
+    f = torch.randn((shape[0], k) + tuple(shape[2:]), dtype=dtype)
+    if channels_last:
+        x, f = to_channels_last(x), to_channels_last(f)
+    dt = torch.rand(k, dtype=acc_dtype(dtype))
+    return tuple(t.requires_grad_(requires_grad) for t in (x, f, dt))
+
+
+def compare_with_reference(x, f, dt, grad_channels_last=None):
+    atol, rtol = TOLERANCES[x.dtype]
+    out = tsc_kernels.scale_concat(x, f, dt)
+    ref = reference.scale_concat(x, f, dt)
+    assert out.dtype == x.dtype and out.shape == ref.shape
+    if tsc_kernels.get_backend() != "torch":  # the reference's layout is torch.cat's choice
+        assert out.stride() == empty_in_layout(x, out.shape[1]).stride(), "out must follow x's layout"
+    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    grad = torch.randn_like(ref)
+    if grad_channels_last:
+        grad = to_channels_last(grad)
+    got = torch.autograd.grad(out, (x, f, dt), grad, allow_unused=True)
+    want = torch.autograd.grad(ref, (x, f, dt), grad, allow_unused=True)
+    for name, g, w in zip(("dx", "df", "ddt"), got, want):
+        assert g.dtype == w.dtype, name
+        scale = max(1.0, f[0, :1].numel() * f.shape[0] ** 0.5) if name == "ddt" else 1.0
+        torch.testing.assert_close(g, w, atol=atol * scale, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape, k", CASES)
+def test_matches_reference(backend, shape, k, dtype):
+    compare_with_reference(*make_inputs(shape, k, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape, k", CL_CASES)
+def test_channels_last_matches_reference(backend, shape, k, dtype):
+    x, f, dt = make_inputs(shape, k, dtype, channels_last=True)
+    assert not x.is_contiguous()
+    compare_with_reference(x, f, dt, grad_channels_last=True)
+
+
+def test_mixed_layouts(backend):
+    """f in another layout than x, grad in another layout than out, strided inputs."""
+    x, f, dt = make_inputs((3, 8, 4, 6), 5, torch.float32)
+    f_cl = to_channels_last(f.detach()).requires_grad_()
+    compare_with_reference(x, f_cl, dt, grad_channels_last=True)
+    x_cl = to_channels_last(x.detach()).requires_grad_()
+    compare_with_reference(x_cl, f, dt, grad_channels_last=False)
+    big = torch.randn(6, 8, 4, 12)
+    x2 = big[::2, :, :, ::2].requires_grad_()
+    f2 = big[1::2, :3, :, 1::2].requires_grad_()
+    compare_with_reference(x2, f2, dt[:3].detach().requires_grad_())
+
+
+def test_torch_channels_last_4d(backend):
+    x, f, dt = make_inputs((2, 12, 5, 7), 6, torch.float32, requires_grad=False)
+    x, f = x.to(memory_format=torch.channels_last), f.to(memory_format=torch.channels_last)
+    out = tsc_kernels.scale_concat(x, f, dt)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, reference.scale_concat(x, f, dt))
+
+
+def test_dx_is_a_view_of_grad(backend):
+    """dx = grad[:, :Cx] without a copy (docs/ops_scale_concat.md)."""
+    x, f, dt = make_inputs((2, 4, 3, 3), 2, torch.float32)
+    seen = {}
+    x.register_hook(lambda g: seen.setdefault("dx", g))
+    out = tsc_kernels.scale_concat(x, f, dt)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    assert seen["dx"].data_ptr() == grad.data_ptr() and torch.equal(seen["dx"], grad[:, :4])
+
+
+def test_gradcheck_fp64(backend):
+    for shape, k, cl in (((2, 3, 4, 5), 2, False), ((3, 4, 2, 3), 3, True), ((2, 5), 3, False)):
+        x, f, dt = make_inputs(shape, k, torch.float64, channels_last=cl)
+        assert torch.autograd.gradcheck(tsc_kernels.scale_concat, (x, f, dt))
+
+
+def test_deterministic_ddt(backend):
+    x, f, dt = make_inputs((6, 5, 9, 11), 7, torch.float32)
+    grad = torch.randn(6, 12, 9, 11)
+    first = torch.autograd.grad(tsc_kernels.scale_concat(x, f, dt), dt, grad)[0]
+    again = torch.autograd.grad(tsc_kernels.scale_concat(x, f, dt), dt, grad)[0]
+    assert torch.equal(first, again)
+
+
+OP_NAMES = {"cpu": "scale_concat", "torch": "scale_concat_torch", "triton": "scale_concat_triton"}
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck(backend, channels_last):
+    if backend == "triton":
+        tsc_kernels.scale_concat(*make_inputs((1, 2, 3), 1, torch.float32, requires_grad=False))  # registers the op
+    x, f, dt = make_inputs((2, 5, 3, 4), 3, torch.float32, channels_last=channels_last)
+    fwd = getattr(torch.ops.tsc, OP_NAMES[backend])
+    torch.library.opcheck(fwd, (x, f, dt))
+    if backend != "torch":  # the torch backend has no separate backward op: autograd derives it
+        bwd = getattr(torch.ops.tsc, OP_NAMES[backend].replace("scale_concat", "scale_concat_backward"))
+        out = fwd(x, f, dt).detach()
+        torch.library.opcheck(bwd, (torch.randn_like(out), f.detach(), dt.detach()))
+
+
+def test_torch_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    x, f, dt = make_inputs((2, 6, 5, 3), 4, torch.float32)
+
+    def step(x, f, dt):
+        return (tsc_kernels.scale_concat(x, torch.relu(f), dt) * 2.0).sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    loss = compiled(x, f, dt)
+    got = torch.autograd.grad(loss, (x, f, dt))
+    ref_loss = (reference.scale_concat(x, torch.relu(f), dt) * 2.0).sum()
+    want = torch.autograd.grad(ref_loss, (x, f, dt))
+    torch.testing.assert_close(loss, ref_loss)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
+
+
+def test_empty_batch(backend):
+    x, f, dt = make_inputs((0, 4, 3, 3), 2, torch.float32)
+    out = tsc_kernels.scale_concat(x, f, dt)
+    assert out.shape == (0, 6, 3, 3)
+    (ddt,) = torch.autograd.grad(out.sum(), (dt,))
+    assert torch.equal(ddt, torch.zeros(2))
+
+
+@pytest.mark.parametrize(
+    "args, exc, words",
+    [
+        ((torch.randn(2, 3, 4), torch.randn(2, 2, 5), torch.rand(2)), ValueError, "f must have shape (N, k, *spatial)"),
+        ((torch.randn(2, 3, 4), torch.randn(3, 2, 4), torch.rand(2)), ValueError, "f must have shape (N, k, *spatial)"),
+        ((torch.randn(2, 3, 4), torch.randn(2, 2, 4), torch.rand(3)), ValueError, "dt must have shape (k,) = (2,)"),
+        ((torch.randn(2, 3, 4), torch.randn(2, 2, 4), torch.rand(1, 2)), ValueError, "dt must have shape"),
+        ((torch.randn(3), torch.randn(3), torch.rand(3)), ValueError, "x must have shape (N, Cx"),
+        ((torch.randn(2, 3, 4), torch.randn(2, 2, 4).double(), torch.rand(2)), TypeError, "f must have x's dtype"),
+        ((torch.randn(2, 3, 4), torch.randn(2, 2, 4), torch.rand(2).half()), TypeError, "dt must have dtype float32"),
+        ((torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int32), torch.rand(3)), TypeError, "x must have dtype"),
+        (([1.0], torch.randn(2, 3), torch.rand(3)), TypeError, "x must be a torch.Tensor"),
+        ((torch.randn(2, 3), None, torch.rand(3)), TypeError, "f must be a torch.Tensor"),
+    ],
+)
+def test_bad_input(backend, args, exc, words):
+    with pytest.raises(exc, match=re.escape(words)):
+        tsc_kernels.scale_concat(*args)
+
+
+def test_large_tensor_cpu_kernel():
+    """Several parallel chunks in the CPU backward (ddt summed over chunks in order)."""
+    if "cpu" not in tsc_kernels.available_backends("cpu"):
+        pytest.skip("the C++ extension is not built")
+    with tsc_kernels.use_backend("cpu"):
+        for cl in (False, True):
+            compare_with_reference(*make_inputs((16, 37, 33, 31), 12, torch.float32, channels_last=cl))
+
+
+def test_fused_op_is_one_kernel_each_way(backend):
+    """The fused op is one kernel forward and one backward (dx is a view); the reference is several."""
+    from tsc_kernels.profiling import count_kernels
+
+    x, f, dt = make_inputs((2, 6, 5, 3), 4, torch.float32)
+    grad = torch.randn(2, 10, 5, 3)
+
+    def fwd():
+        return tsc_kernels.scale_concat(x, f, dt)
+
+    def bwd_only():
+        torch.autograd.grad(out, (x, f, dt), grad, retain_graph=True)
+
+    fwd()
+    out = fwd()
+    bwd_only()
+    count = count_triton_launches if backend == "triton" and tsc_kernels.backend.TRITON_INTERPRET else count_kernels
+    n_fwd, n_bwd = count(fwd), count(bwd_only)
+    if backend == "torch":
+        assert n_fwd > 1 and n_bwd > 1, (n_fwd, n_bwd)
+    else:
+        assert (n_fwd, n_bwd) == (1, 1)
