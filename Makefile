@@ -28,6 +28,11 @@ build/.built: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*)
 build: build/.built
 
 # The whole suite on the CPU, the Triton kernels under the interpreter.
+# Inductor's cache lives in the build folder: its key ignores custom-op schemas, so a cache shared
+# with another checkout (default /tmp/torchinductor_$USER) can replay a graph compiled for an
+# older schema of a tsc op.
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/build/inductor-cache
+
 test: build/.built
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests
 

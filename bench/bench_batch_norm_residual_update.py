@@ -11,7 +11,7 @@ from tsc_kernels import reference
 
 SHAPES = {"small": (32, 64, 16, 16), "large": (8, 256, 56, 56)}
 IMPLS = ("fused", "eager", "compile", "copy")
-# Element transfers of the fused op, fwd+bwd with the ReLU (docs/ops_batch_norm_residual_update.md):
+# Element transfers of the fused op, fwd+bwd with the ReLU (docs/ops.md):
 # forward 4N (statistics read x; apply reads x, y, writes out), backward 8N (sums read g, x, out;
 # the elementwise pass reads them again and writes dx, dy). One copy_ moves 2N.
 TRAFFIC_IN_COPIES = 6.0

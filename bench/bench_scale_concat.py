@@ -1,4 +1,4 @@
-"""scale_concat ``cat([x, f * dt[c]], dim=1)`` (docs/ops_scale_concat.md): fused CPU op vs eager
+"""scale_concat ``cat([x, f * dt[c]], dim=1)`` (docs/ops.md): fused CPU op vs eager
 reference vs torch.compile(reference) vs the memory-bandwidth limit (a copy_ moving the same bytes),
 forward and forward+backward, fp32, at a DenseNet-40 shape and a DenseNet-121-like one.
 

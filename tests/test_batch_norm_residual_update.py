@@ -1,4 +1,4 @@
-"""The fused BatchNorm tail on every backend vs the reference (docs/ops_batch_norm_residual_update.md).
+"""The fused BatchNorm tail on every backend vs the reference (docs/ops.md).
 
 Accuracy is judged against an fp64 evaluation of the reference: a backend's error in a dtype may be
 at most twice the reference's own error in that dtype plus a small absolute slack.

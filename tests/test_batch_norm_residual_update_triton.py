@@ -160,8 +160,11 @@ def test_running_stats_after_three_steps(stats_dtype):
     tol = dict(atol=1e-6, rtol=1e-6) if stats_dtype in (torch.float32, torch.float64) else {}
     torch.testing.assert_close(rm_t, rm_r, **tol)
     torch.testing.assert_close(rv_t, rv_r, **tol)
+    # the eval step reads the kernel's own buffers on both sides: fp16/bf16 buffers may differ from
+    # the reference's by one rounding, which x̂ = (x - μ) / σ magnifies beyond the output tolerance
     out, *_ = op(y, x, dt, rm_t, rv_t, w, b, False, 0.2, 1e-5, True)
-    torch.testing.assert_close(out, reference.batch_norm_residual_update(y, x, dt, rm_r, rv_r, w, b, False, 0.2, 1e-5, True))
+    want = reference.batch_norm_residual_update(y, x, dt, rm_t.clone(), rv_t.clone(), w, b, False, 0.2, 1e-5, True)
+    torch.testing.assert_close(out, want)
 
 
 def test_matches_torch_batchnorm_module():
@@ -313,7 +316,7 @@ def test_launch_counts(training, relu, fwd, bwd):
     # training forward: stats, stats finalize, apply; eval forward: apply alone.
     # training backward: reduce, finalize, dx; eval backward: reduce (writes dx), finalize.
     # The finalize launches are the grid-wide barrier between a reduction and its consumers
-    # (docs/ops_batch_norm_residual_update_triton.md).
+    # (docs/ops.md).
     y, x, dt, rm, rv, w, b = make((3, 7, 5, 4), True)
     result = {}
     assert count_triton_launches(lambda: result.update(

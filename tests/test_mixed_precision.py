@@ -37,15 +37,20 @@ def test_autocast_step_matches_fp32(backend, mode, preact, monkeypatch):
     torch.manual_seed(1)
     x, target = torch.randn(8, 3, 8, 8), torch.randint(0, 10, (8,))
 
-    # every residual update must see bf16 activations and fp32 Δt
+    # every residual update (or fused BatchNorm tail) must see bf16 activations and fp32 Δt
     seen = []
-    original = model_blocks.residual_update
+    original, original_tail = model_blocks.residual_update, model_blocks.batch_norm_residual_update
 
     def spy(y, f, dt, relu=False):
         seen.append((y.dtype, f.dtype, dt.dtype))
         return original(y, f, dt, relu=relu)
 
+    def spy_tail(y, x, dt, *args):
+        seen.append((y.dtype, x.dtype, dt.dtype))
+        return original_tail(y, x, dt, *args)
+
     monkeypatch.setattr(model_blocks, "residual_update", spy)
+    monkeypatch.setattr(model_blocks, "batch_norm_residual_update", spy_tail)
     loss_bf16, grads_bf16 = _step_grads(model, x, target, autocast=True)
     assert len(seen) == 3 and all(s == (torch.bfloat16, torch.bfloat16, torch.float32) for s in seen), seen
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -266,11 +266,15 @@ def test_convert_keeps_weights_and_unit_steps_reproduce_torchvision(name):
     force_unit_steps(tv).eval()
     with torch.no_grad():
         torch.testing.assert_close(tv(X), want, rtol=1e-5, atol=1e-5)
-    # and in training mode (batch statistics), output and gradients alike
+    # and in training mode (batch statistics), output and gradients alike. On the torch backend:
+    # with 2 samples the last stage normalises 2 values per channel, an ill-conditioned step whose
+    # rounding differences (the fused BatchNorm tail's vs torch's batch_norm) grow far beyond any
+    # tolerance; the fused tail is compared with the two-op path in test_batch_norm_tail_models.py
     tv.train(), reference.train()
-    out, ref = tv(X), reference(X)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    out.square().sum().backward()
+    with tsc_kernels.use_backend("torch"):
+        out, ref = tv(X), reference(X)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        out.square().sum().backward()
     ref.square().sum().backward()
     torch.testing.assert_close(tv.conv1.weight.grad, reference.conv1.weight.grad, rtol=1e-4, atol=1e-4)
 

@@ -1,4 +1,4 @@
-"""scale_concat ``cat([x, f * dt[c]], dim=1)`` (docs/ops_scale_concat.md) on every backend vs the reference."""
+"""scale_concat ``cat([x, f * dt[c]], dim=1)`` (docs/ops.md) on every backend vs the reference."""
 import re
 
 import pytest
@@ -88,7 +88,7 @@ def test_torch_channels_last_4d(backend):
 
 
 def test_dx_is_a_view_of_grad(backend):
-    """dx = grad[:, :Cx] without a copy (docs/ops_scale_concat.md)."""
+    """dx = grad[:, :Cx] without a copy (docs/ops.md)."""
     x, f, dt = make_inputs((2, 4, 3, 3), 2, torch.float32)
     seen = {}
     x.register_hook(lambda g: seen.setdefault("dx", g))

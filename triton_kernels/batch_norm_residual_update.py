@@ -1,5 +1,5 @@
 """Triton kernels of the fused BatchNorm tail ``out = relu?(y + dt[c] * batch_norm(x))``
-(docs/ops_batch_norm_residual_update_triton.md): kernels, launchers and AOT configs in one file.
+(docs/ops.md): kernels, launchers and AOT configs in one file.
 
 Tensors are seen as contiguous (outer, C, inner) blocks (tsc_kernels/ops/_layout.py) and walked in
 2-D tiles [BLOCK_A, BLOCK_B]:
@@ -9,7 +9,7 @@ The rows a of a tensor are cut into n_chunks chunks of a_per rows (a multiple of
 chunking depends on the shape only, so every reduction below sums in the same order on every run
 and every GPU (deterministic). Grid (channel tiles, n_chunks): n_chunks <= MAX_CHUNKS on axis 1.
 
-Launches (docs/ops_batch_norm_residual_update_triton.md says why not one):
+Launches (docs/ops.md says why not one):
   forward, training   stats (per-chunk mean / M2)  ->  stats finalize (Chan merge in chunk order,
                       save_mean / save_invstd, running statistics)  ->  apply          3 launches
   forward, eval       apply (coefficients from the running statistics)                  1 launch

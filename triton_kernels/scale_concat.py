@@ -1,4 +1,4 @@
-"""Triton kernels of scale_concat ``out = cat([x, f * dt[c]], dim=1)`` (docs/ops_scale_concat.md):
+"""Triton kernels of scale_concat ``out = cat([x, f * dt[c]], dim=1)`` (docs/ops.md):
 kernels, launchers and the torch.library glue in one file.
 
 Tensors are seen as contiguous (outer, channels, inner) blocks (inner = 1 for channels-last, see

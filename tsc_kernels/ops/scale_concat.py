@@ -1,4 +1,4 @@
-"""The fused scale-and-concatenate of TSC-DenseNet (docs/ops_scale_concat.md): its declaration and
+"""The fused scale-and-concatenate of TSC-DenseNet (docs/ops.md): its declaration and
 public entry point.
 
     out = cat([x, f * dt[c]], dim=1)      x (N, Cx, *spatial), f (N, k, *spatial), dt (k,)
