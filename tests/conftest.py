@@ -29,7 +29,7 @@ def pytest_collection_modifyitems(config, items):
     keep, drop = [], []
     for item in items:
         params = getattr(item, "callspec", None)
-        is_triton = params is not None and params.params.get("backend") == "triton"
+        is_triton = params is not None and "triton" in (params.params.get("backend"), params.params.get("fused"))
         (drop if is_triton and item.get_closest_marker("big_for_interpreter") else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
