@@ -1,6 +1,7 @@
 """Shared fixtures: the backends that can run CPU tensors here, and per-dtype tolerances."""
 import pytest
 import torch
+from torch import nn
 
 import tsc_kernels
 
@@ -65,3 +66,18 @@ def backend(request):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def randomize(model, scale=0.5):
+    """(tests of models) Non-trivial BN statistics/affines and controller weights, so Δt and BN are far from identity."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+        if hasattr(model, "tsc_controller"):
+            for p in model.tsc_controller.parameters():
+                p.normal_(0, scale)
+    return model

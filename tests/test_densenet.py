@@ -12,6 +12,7 @@ from torchvision.models.densenet import DenseNet
 
 import tsc_kernels
 from tsc_kernels import models
+from conftest import randomize
 from tsc_kernels.models.densenet import CIFARDenseNet, TSCBottleneckDenseLayer, TSCDenseLayer
 from conftest import FUSED_CPU_BACKENDS
 
@@ -23,21 +24,6 @@ def n_params(model):
 def controller_params(D, C, H):
     """TSC_LSTM of one dense block: fc_in (D->H), LSTMCell(H, H), fc_out (H->C), all with biases."""
     return (D * H + H) + 2 * (4 * H * H + 4 * H) + (H * C + C)
-
-
-def randomize(model):
-    """Non-trivial BN statistics and affines, controller weights far from init."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-        if hasattr(model, "tsc_controller"):
-            for p in model.tsc_controller.parameters():
-                p.normal_(0, 0.5)
-    return model
 
 
 def test_densenet40_parameter_counts():

@@ -15,7 +15,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import tsc_kernels
 from tsc_kernels import _checks, models
-from conftest import FUSED_CPU_BACKENDS
+from conftest import FUSED_CPU_BACKENDS, randomize
 
 
 def n_params(model):
@@ -43,21 +43,6 @@ def controller_size(shapes, mode, r):
         fc = (D * H + H) + (H * C + C)
         total += {"lstm": fc + 2 * (4 * H * H + 4 * H), "2fc": L * fc, "indp": L * C}[mode]
     return total
-
-
-def randomize(model, scale=0.5):
-    """Non-trivial BN statistics/affines and controller weights, so Δt and BN are far from identity."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-        if hasattr(model, "tsc_controller"):
-            for p in model.tsc_controller.parameters():
-                p.normal_(0, scale)
-    return model
 
 
 def force_unit_steps(model):
