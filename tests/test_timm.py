@@ -16,7 +16,8 @@ timm = pytest.importorskip("timm", reason="timm is an optional dependency (pip i
 
 import tsc_kernels  # noqa: E402
 from conftest import FUSED_CPU_BACKENDS  # noqa: E402
-from test_models import n_params, randomize  # noqa: E402
+from conftest import randomize  # noqa: E402
+from test_models import n_params  # noqa: E402
 from timm.models.resnet import BasicBlock, ResNet  # noqa: E402
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
