@@ -25,7 +25,8 @@ Architecture (docs/tsc.md):
 
 Models: ``resnet18/34/50/101/152``, ``resnext50_32x4d``, ``resnext101_32x8d``, ``wide_resnet50_2``
 (torchvision's architectures, built with ``weights=None`` unless ``weights`` is passed),
-``se_resnet50/101`` (squeeze-excitation inside F after the last BN, before ⊗Δt: torchvision's
+``lm_resnet18/34/50/101``, ``lm_resnext50_32x4d`` and ``cifar_lm_resnet(depth)`` (LM-ResNets, the
+linear multi-step architecture, docs/lm_resnet.md), ``se_resnet50/101`` (squeeze-excitation inside F after the last BN, before ⊗Δt: torchvision's
 ``ResNet`` class with ``SEBottleneck`` blocks, SE reduction 16), and ``cifar_resnet(depth)``.
 timm's ResNet family converts with ``tsc_kernels.convert(timm.create_model(...))``: its TSC classes
 live in ``timm_resnet``, imported on demand so that timm stays optional (docs/timm.md).
@@ -39,6 +40,8 @@ from .blocks import (PLAIN_TO_TSC_BLOCK, PreActBasicBlock, PreActBottleneck, SEB
                      TSCBasicBlock, TSCBottleneck, TSCPreActBasicBlock, TSCPreActBottleneck, TSCSEBottleneck,
                      is_tsc_block, register_block)
 from .cifar import CIFARResNet, TSCCIFARResNet, cifar_resnet
+from .lm_resnet import (CIFARLMResNet, LMResNet, TSCCIFARLMResNet, TSCLMResNet, cifar_lm_resnet, lm_coefficients,
+                        lm_resnet18, lm_resnet34, lm_resnet50, lm_resnet101, lm_resnext50_32x4d)
 from .network import (PLAIN_TO_TSC_NETWORK, build_controller, is_tsc_network, register_network,
                       stage_shapes)
 from .resnet import (TSCResNet, resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d,
@@ -50,6 +53,9 @@ __all__ = [
     "TSCSEBottleneck", "cifar_resnet", "is_tsc_block", "is_tsc_network", "resnet18", "resnet34", "resnet50",
     "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d", "se_resnet50", "se_resnet101",
     "wide_resnet50_2",
+    # LM-ResNets (docs/lm_resnet.md)
+    "CIFARLMResNet", "LMResNet", "TSCCIFARLMResNet", "TSCLMResNet", "cifar_lm_resnet", "lm_coefficients",
+    "lm_resnet18", "lm_resnet34", "lm_resnet50", "lm_resnet101", "lm_resnext50_32x4d",
     # for new model families: registries and controller construction
     "PLAIN_TO_TSC_BLOCK", "PLAIN_TO_TSC_NETWORK", "build_controller", "register_block", "register_network",
     "stage_shapes",
