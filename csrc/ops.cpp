@@ -45,4 +45,11 @@ TORCH_LIBRARY(tsc, m) {
   m.def("lstm_controller(Tensor wbar_packed, int[] blocks, Tensor[] params) -> (Tensor, Tensor)");
   // BPTT over every stage in one launch: (grad of wbar_packed, grads of params in params' order).
   m.def("lstm_controller_backward(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks, Tensor[] params, Tensor saved) -> (Tensor, Tensor[])");
+  // Linear multi-step update (docs/ops_multistep_update.md): out = relu?((1 - k) u + k u_prev + keep[n] dt[c] f),
+  // k a 0-d tensor, dt (C,) and keep (N,) optional (1 when absent).
+  m.def("multistep_update(Tensor u, Tensor u_prev, Tensor f, Tensor k, Tensor? dt, Tensor? keep, bool relu) -> Tensor");
+  // Backward in one pass + a fixed-order reduction: (du, du_prev, df, dk, ddt, dkeep); ddt / dkeep are
+  // empty (0,) tensors when dt / keep are absent; relu_out is the forward output when the ReLU was fused.
+  m.def("multistep_update_backward(Tensor grad, Tensor u, Tensor u_prev, Tensor f, Tensor k, Tensor? dt, Tensor? keep, "
+        "Tensor? relu_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -27,7 +27,8 @@ import re
 import subprocess
 import tempfile
 
-MODULES = ("residual_update", "weight_mean", "lstm_controller", "batch_norm_residual_update", "scale_concat")
+MODULES = ("residual_update", "weight_mean", "lstm_controller", "batch_norm_residual_update", "scale_concat",
+           "multistep_update")
 
 
 def _collect() -> list[dict]:

@@ -3,6 +3,7 @@
 Public API (see README.md):
     residual_update(y, f, dt, relu=False)    fused channel-wise Euler step y + f * dt[c]
     scale_concat(x, f, dt)                    fused cat([x, f * dt[c]], dim=1) (TSC-DenseNet)
+    multistep_update(u, u_prev, f, k, ...)   fused LM-ResNet step (1-k)u + k u_prev + keep dt f
     batch_norm_residual_update(y, x, dt, ...) the fused BatchNorm tail relu?(y + dt[c] * batch_norm(x))
     weight_mean(weights)                      w̄ of one block (mean over C_in of each conv weight)
     lstm_controller(wbar, *params)            TSC_LSTM controller of one stage: wbar (L, D) -> Δt (L, C)
@@ -10,6 +11,7 @@ Public API (see README.md):
     models.*                                  TSC ResNets (torchvision names) and CIFAR ResNets
     convert(model), fold(model)               torchvision/timm ResNet -> TSC; TSC -> plain network for inference
     step_sizes, evolution_time, stability_bound, plot_step_sizes   diagnostics
+    lm_coefficients(model)                    learned k_n of an LM-ResNet (beside step_sizes)
     available_backends(), set_backend(name), use_backend(name), get_backend()
     reference                                 the pure-PyTorch spec of every op
 """
@@ -18,8 +20,10 @@ from .backend import BackendUnavailableError, available_backends, get_backend, s
 from .convert import convert
 from .diagnostics import evolution_time, plot_step_sizes, stability_bound, step_sizes
 from .fold import fold
+from .models.lm_resnet import lm_coefficients
 from .ops.batch_norm_residual_update import batch_norm_residual_update
 from .ops.lstm_controller import lstm_controller
+from .ops.multistep_update import multistep_update
 from .ops.residual_update import residual_update
 from .ops.scale_concat import scale_concat
 from .ops.weight_mean import weight_mean
@@ -32,8 +36,10 @@ __all__ = [
     "evolution_time",
     "fold",
     "get_backend",
+    "lm_coefficients",
     "lstm_controller",
     "models",
+    "multistep_update",
     "nn",
     "plot_step_sizes",
     "reference",

@@ -67,6 +67,34 @@ def scale_concat_args(x: object, f: object, dt: object) -> None:
     same_device({"x": x, "f": f, "dt": dt})
 
 
+def multistep_update_args(u, u_prev, f, k, dt, keep, relu) -> None:
+    """tsc_kernels.multistep_update's arguments: u, u_prev, f alike; k 0-d; dt (C,), keep (N,) or None."""
+    tensor(u, "u")
+    tensor(u_prev, "u_prev")
+    tensor(f, "f")
+    flag(relu, "relu")
+    if not 2 <= u.dim() <= 5:
+        raise ValueError(f"u must have shape (N, C, *spatial) with 0 to 3 spatial dims, got shape {tuple(u.shape)}")
+    for name, t in (("u_prev", u_prev), ("f", f)):
+        if t.dtype != u.dtype:
+            raise TypeError(f"{name} must have u's dtype {u.dtype}, got {t.dtype}")
+        if t.shape != u.shape:
+            raise ValueError(f"{name} must have u's shape {tuple(u.shape)}, got {tuple(t.shape)}")
+    acc = torch.float64 if u.dtype == torch.float64 else torch.float32
+    tensor(k, "k", (acc,))
+    if k.dim() != 0:
+        raise ValueError(f"k must be a 0-d tensor (one coefficient per block), got shape {tuple(k.shape)}")
+    named = {"u": u, "u_prev": u_prev, "f": f, "k": k}
+    for name, t, size, what in (("dt", dt, u.shape[1], "(C,)"), ("keep", keep, u.shape[0], "(N,)")):
+        if t is None:
+            continue
+        tensor(t, name, (acc,))
+        if t.dim() != 1 or t.shape[0] != size:
+            raise ValueError(f"{name} must have shape {what} = ({size},) matching u, got {tuple(t.shape)}")
+        named[name] = t
+    same_device(named)
+
+
 def batch_norm_residual_update_args(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu) -> None:
     """The fused BatchNorm tail's arguments (tsc_kernels.batch_norm_residual_update)."""
     residual_update_args(y, x, dt, relu, f_name="x")  # y, x (as f), dt, relu: the update's own rules

@@ -84,11 +84,14 @@ def build_model(name: str, tsc: str | None, num_classes: int | None) -> tuple[nn
     m = re.fullmatch(r"cifar_densenet(\d+)", name)  # the TSC paper's DenseNet-40 is cifar_densenet40 (k = 12)
     if m:
         return models.cifar_densenet(int(m.group(1)), 12, num_classes=num_classes or 10, tsc=tsc), 32
+    m = re.fullmatch(r"cifar_lm_resnet(\d+)", name)  # LM-ResNet (docs/lm_resnet.md), pre-act, paper's defaults
+    if m:
+        return models.cifar_lm_resnet(int(m.group(1)), num_classes=num_classes or 10, tsc=tsc), 32
     m = re.fullmatch(r"cifar_(preact_)?resnet(\d+)", name)
     if m:
         return models.cifar_resnet(int(m.group(2)), num_classes=num_classes or 10, preact=bool(m.group(1)), tsc=tsc), 32
     builder = getattr(models, name, None)
-    if builder is None or name.startswith("_") or not callable(builder) or name in ("cifar_resnet",):
+    if builder is None or name.startswith("_") or not callable(builder) or name in ("cifar_resnet", "cifar_lm_resnet", "lm_coefficients"):
         raise ValueError(f"--model must be cifar_resnetN, cifar_preact_resnetN or a tsc_kernels.models builder "
                          f"(resnet18, resnet50, resnext50_32x4d, ...), got {name!r}")
     kwargs = {"num_classes": num_classes} if num_classes else {}

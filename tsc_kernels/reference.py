@@ -34,6 +34,31 @@ def scale_concat(x: torch.Tensor, f: torch.Tensor, dt: torch.Tensor) -> torch.Te
     acc = accumulation_dtype(x.dtype)
     dt_b = dt.to(acc).view((1, -1) + (1,) * (x.dim() - 2))
     return torch.cat([x, (f.to(acc) * dt_b).to(x.dtype)], dim=1)
+def multistep_update(
+    u: torch.Tensor,
+    u_prev: torch.Tensor,
+    f: torch.Tensor,
+    k: torch.Tensor,
+    dt: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    relu: bool = False,
+) -> torch.Tensor:
+    """Linear multi-step update ``relu?((1 - k)·u + k·u_prev + (keep[n]·dt[c])·f)`` (LM-ResNet).
+
+    k is 0-d; dt (C,) and keep (N,) default to 1. Computed in fp32 (fp64 for fp64); the output has
+    u's dtype. The per-(sample, channel) factor keep[n]·dt[c] is formed first, as the kernels do.
+    """
+    acc = accumulation_dtype(u.dtype)
+    scale = torch.ones((), dtype=acc, device=u.device)
+    if dt is not None:
+        scale = scale * dt.to(acc).view((1, -1) + (1,) * (u.dim() - 2))
+    if keep is not None:
+        scale = scale * keep.to(acc).view((-1,) + (1,) * (u.dim() - 1))
+    k = k.to(acc)
+    out = (1 - k) * u.to(acc) + k * u_prev.to(acc) + scale * f.to(acc)
+    if relu:
+        out = torch.relu(out)
+    return out.to(u.dtype)
 
 
 def batch_norm_residual_update(

@@ -27,7 +27,9 @@ Models: ``resnet18/34/50/101/152``, ``resnext50_32x4d``, ``resnext101_32x8d``, `
 (torchvision's architectures, built with ``weights=None`` unless ``weights`` is passed),
 ``se_resnet50/101`` (squeeze-excitation inside F after the last BN, before ⊗Δt: torchvision's
 ``ResNet`` class with ``SEBottleneck`` blocks, SE reduction 16), ``cifar_resnet(depth)`` and
-``resnet1d(depth)`` (CIFAR-style ResNets of Conv1d / BatchNorm1d blocks for sequences).
+``resnet1d(depth)`` (CIFAR-style ResNets of Conv1d / BatchNorm1d blocks for sequences),
+``lm_resnet18/34/50/101``, ``lm_resnext50_32x4d`` and ``cifar_lm_resnet(depth)`` (LM-ResNets, the
+linear multi-step architecture, docs/lm_resnet.md).
 timm's ResNet family converts with ``tsc_kernels.convert(timm.create_model(...))``: its TSC classes
 live in ``timm_resnet``, imported on demand so that timm stays optional (docs/timm.md).
 
@@ -43,6 +45,8 @@ from .cifar import CIFARResNet, TSCCIFARResNet, cifar_resnet
 from .densenet import (CIFARDenseNet, DenseBlock, DenseLayer, TSCBottleneckDenseLayer, TSCCIFARDenseNet,
                        TSCDenseLayer, TSCDenseNet, cifar_densenet, densenet121, densenet161, densenet169, densenet201)
 from .resnet1d import BasicBlock1d, ResNet1d, TSCBasicBlock1d, TSCResNet1d, resnet1d
+from .lm_resnet import (CIFARLMResNet, LMResNet, TSCCIFARLMResNet, TSCLMResNet, cifar_lm_resnet, lm_coefficients,
+                        lm_resnet18, lm_resnet34, lm_resnet50, lm_resnet101, lm_resnext50_32x4d)
 from .network import (PLAIN_TO_TSC_NETWORK, build_controller, is_tsc_network, register_network,
                       stage_shapes)
 from .resnet import (TSCResNet, resnet18, resnet34, resnet50, resnet101, resnet152, resnext50_32x4d,
@@ -58,6 +62,9 @@ __all__ = [
     # DenseNets (docs/densenet.md)
     "CIFARDenseNet", "DenseBlock", "DenseLayer", "TSCBottleneckDenseLayer", "TSCCIFARDenseNet", "TSCDenseLayer",
     "TSCDenseNet", "cifar_densenet", "densenet121", "densenet161", "densenet169", "densenet201",
+    # LM-ResNets (docs/lm_resnet.md)
+    "CIFARLMResNet", "LMResNet", "TSCCIFARLMResNet", "TSCLMResNet", "cifar_lm_resnet", "lm_coefficients",
+    "lm_resnet18", "lm_resnet34", "lm_resnet50", "lm_resnet101", "lm_resnext50_32x4d",
     # for new model families: registries and controller construction
     "PLAIN_TO_TSC_BLOCK", "PLAIN_TO_TSC_NETWORK", "build_controller", "register_block", "register_network",
     "stage_shapes",
