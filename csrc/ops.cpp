@@ -39,4 +39,10 @@ TORCH_LIBRARY(tsc, m) {
   m.def("lstm_controller(Tensor wbar_packed, int[] blocks, Tensor[] params) -> (Tensor, Tensor)");
   // BPTT over every stage in one launch: (grad of wbar_packed, grads of params in params' order).
   m.def("lstm_controller_backward(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks, Tensor[] params, Tensor saved) -> (Tensor, Tensor[])");
+  // ODE stage combination (docs/ode.md): out = z + sum_i coeffs[i] * stages[i], 1 to 8 stages of
+  // z's shape and dtype, coeffs fp32 (fp64 for fp64) of shape (len(stages),), one pass.
+  m.def("ode_combine(Tensor z, Tensor[] stages, Tensor coeffs) -> Tensor");
+  // Backward in one pass: (dstages, dcoeffs), dstages[i] = coeffs[i] * grad, dcoeffs[i] = sum(grad *
+  // stages[i]) (deterministic); dz is grad itself.
+  m.def("ode_combine_backward(Tensor grad, Tensor[] stages, Tensor coeffs) -> (Tensor[], Tensor)");
 }

@@ -27,7 +27,7 @@ import re
 import subprocess
 import tempfile
 
-MODULES = ("residual_update", "weight_mean", "lstm_controller")
+MODULES = ("residual_update", "weight_mean", "lstm_controller", "ode_combine")
 
 
 def _collect() -> list[dict]:

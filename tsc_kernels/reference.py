@@ -27,6 +27,16 @@ def residual_update(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, relu: bo
     return out.to(y.dtype)
 
 
+def ode_combine(z: torch.Tensor, stages: Sequence[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
+    """One ODE solver stage combination ``z + sum_i coeffs[i] * stages[i]`` (docs/ode.md), terms added
+    in stage order in fp32 (fp64 for fp64); the output has z's dtype."""
+    acc = accumulation_dtype(z.dtype)
+    out = z.to(acc)
+    for i, k in enumerate(stages):
+        out = out + coeffs[i].to(acc) * k.to(acc)
+    return out.to(z.dtype)
+
+
 def batch_norm_residual_update(
     y: torch.Tensor,
     x: torch.Tensor,
