@@ -110,7 +110,8 @@ class ODEBlock(nn.Module):
         if key not in self._coeff_cache:
             a, b = SOLVERS[solver]
             stage_inputs = [torch.tensor([h * c for c in row], dtype=acc, device=z.device) for row in a]
-            final = torch.tensor([h * c for c in b], dtype=acc, device=z.device)
+            # stages with a zero weight (midpoint's k1) are left out of the final combination
+            final = torch.tensor([h * c for c in b if c != 0.0], dtype=acc, device=z.device)
             euler_dt = torch.full((z.shape[1],), h, dtype=acc, device=z.device) if 2 <= z.dim() <= 5 else None
             if len(self._coeff_cache) > 16:
                 self._coeff_cache.clear()
@@ -126,12 +127,8 @@ class ODEBlock(nn.Module):
         ks = [self.f(z)]
         for coeffs in stage_inputs:
             ks.append(self.f(ode_combine(z, ks[: len(coeffs)], coeffs)))
-        # stages with a zero weight (midpoint's k1) are left out of the final combination
         _, b = SOLVERS[solver]
-        used = [i for i, w in enumerate(b) if w != 0.0]
-        if len(used) < len(b):
-            return ode_combine(z, [ks[i] for i in used], final[used])
-        return ode_combine(z, ks, final)
+        return ode_combine(z, [k for k, w in zip(ks, b) if w != 0.0], final)
 
     def integrate(self, x: torch.Tensor, step_size: float | None = None, solver: str | None = None) -> torch.Tensor:
         """z(t1) with another step size or solver than the block's own (the consistency test)."""
