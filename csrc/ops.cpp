@@ -52,4 +52,10 @@ TORCH_LIBRARY(tsc, m) {
   // empty (0,) tensors when dt / keep are absent; relu_out is the forward output when the ReLU was fused.
   m.def("multistep_update_backward(Tensor grad, Tensor u, Tensor u_prev, Tensor f, Tensor k, Tensor? dt, Tensor? keep, "
         "Tensor? relu_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // ODE stage combination (docs/ode.md): out = z + sum_i coeffs[i] * stages[i], 1 to 8 stages of
+  // z's shape and dtype, coeffs fp32 (fp64 for fp64) of shape (len(stages),), one pass.
+  m.def("ode_combine(Tensor z, Tensor[] stages, Tensor coeffs) -> Tensor");
+  // Backward in one pass: (dstages, dcoeffs), dstages[i] = coeffs[i] * grad, dcoeffs[i] = sum(grad *
+  // stages[i]) (deterministic); dz is grad itself.
+  m.def("ode_combine_backward(Tensor grad, Tensor[] stages, Tensor coeffs) -> (Tensor[], Tensor)");
 }

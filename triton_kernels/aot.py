@@ -28,7 +28,7 @@ import subprocess
 import tempfile
 
 MODULES = ("residual_update", "weight_mean", "lstm_controller", "batch_norm_residual_update", "scale_concat",
-           "multistep_update")
+           "multistep_update", "ode_combine")
 
 
 def _collect() -> list[dict]:

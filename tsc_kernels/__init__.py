@@ -13,9 +13,11 @@ Public API (see README.md):
     step_sizes, evolution_time, stability_bound, plot_step_sizes   diagnostics
     lm_coefficients(model)                    learned k_n of an LM-ResNet (beside step_sizes)
     available_backends(), set_backend(name), use_backend(name), get_backend()
+    ode_combine(z, stages, coeffs)            fused ODE solver update z + sum_i coeffs[i] * stages[i]
+    ode.ODEBlock, ode.refine, ode.ode_consistency, ode.StepAdaptation   the ODE view (docs/ode.md)
     reference                                 the pure-PyTorch spec of every op
 """
-from . import models, nn, reference
+from . import models, nn, ode, reference
 from .backend import BackendUnavailableError, available_backends, get_backend, set_backend, use_backend
 from .convert import convert
 from .diagnostics import evolution_time, plot_step_sizes, stability_bound, step_sizes
@@ -24,6 +26,7 @@ from .models.lm_resnet import lm_coefficients
 from .ops.batch_norm_residual_update import batch_norm_residual_update
 from .ops.lstm_controller import lstm_controller
 from .ops.multistep_update import multistep_update
+from .ops.ode_combine import ode_combine
 from .ops.residual_update import residual_update
 from .ops.scale_concat import scale_concat
 from .ops.weight_mean import weight_mean
@@ -41,6 +44,8 @@ __all__ = [
     "models",
     "multistep_update",
     "nn",
+    "ode",
+    "ode_combine",
     "plot_step_sizes",
     "reference",
     "residual_update",

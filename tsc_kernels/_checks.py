@@ -129,6 +129,29 @@ def batch_norm_residual_update_args(y, x, dt, running_mean, running_var, weight,
             raise ValueError(f"training needs more than 1 value per channel (N * spatial), got input shape {tuple(y.shape)}")
 
 
+ODE_MAX_STAGES = 8  # csrc/ode_combine_math.h kOdeMaxStages
+
+
+def ode_combine_args(z: object, stages: object, coeffs: object) -> None:
+    """tsc_kernels.ode_combine: z, 1-8 stages of z's shape/dtype/device, coeffs (len(stages),) fp32 (fp64)."""
+    tensor(z, "z")
+    if isinstance(stages, torch.Tensor) or not isinstance(stages, (list, tuple)):
+        raise TypeError(f"stages must be a list or tuple of tensors, got {type(stages).__name__}")
+    if not 1 <= len(stages) <= ODE_MAX_STAGES:
+        raise ValueError(f"stages must hold 1 to {ODE_MAX_STAGES} tensors, got {len(stages)}")
+    for i, k in enumerate(stages):
+        tensor(k, f"stages[{i}]")
+        if k.dtype != z.dtype:
+            raise TypeError(f"stages[{i}] must have z's dtype {z.dtype}, got {k.dtype}")
+        if k.shape != z.shape:
+            raise ValueError(f"stages[{i}] must have z's shape {tuple(z.shape)}, got {tuple(k.shape)}")
+    acc = torch.float64 if z.dtype == torch.float64 else torch.float32
+    tensor(coeffs, "coeffs", (acc,))
+    if coeffs.dim() != 1 or coeffs.shape[0] != len(stages):
+        raise ValueError(f"coeffs must have shape (len(stages),) = ({len(stages)},), got {tuple(coeffs.shape)}")
+    same_device({"z": z, **{f"stages[{i}]": k for i, k in enumerate(stages)}, "coeffs": coeffs})
+
+
 # --- models, convert, fold, diagnostics (tsc_kernels.models / convert / fold / diagnostics) ---
 TSC_MODES = ("lstm", "2fc", "indp", "fixed")  # "fixed": constant Δt = dt, no controller (docs/tsc.md)
 

@@ -34,6 +34,8 @@ def scale_concat(x: torch.Tensor, f: torch.Tensor, dt: torch.Tensor) -> torch.Te
     acc = accumulation_dtype(x.dtype)
     dt_b = dt.to(acc).view((1, -1) + (1,) * (x.dim() - 2))
     return torch.cat([x, (f.to(acc) * dt_b).to(x.dtype)], dim=1)
+
+
 def multistep_update(
     u: torch.Tensor,
     u_prev: torch.Tensor,
@@ -59,6 +61,16 @@ def multistep_update(
     if relu:
         out = torch.relu(out)
     return out.to(u.dtype)
+
+
+def ode_combine(z: torch.Tensor, stages: Sequence[torch.Tensor], coeffs: torch.Tensor) -> torch.Tensor:
+    """One ODE solver stage combination ``z + sum_i coeffs[i] * stages[i]`` (docs/ode.md), terms added
+    in stage order in fp32 (fp64 for fp64); the output has z's dtype."""
+    acc = accumulation_dtype(z.dtype)
+    out = z.to(acc)
+    for i, k in enumerate(stages):
+        out = out + coeffs[i].to(acc) * k.to(acc)
+    return out.to(z.dtype)
 
 
 def batch_norm_residual_update(

@@ -1,0 +1,164 @@
+// CUDA kernels of the fused ODE stage combination (docs/ode.md), registered for the CUDA dispatch
+// key. The arithmetic is tsc::ode_combine_term / ode_combine_stage_grad from ode_combine_math.h,
+// the functions the CPU kernels run, so the CPU tests cover it.
+//
+// Stage pointers travel by value in a kernel parameter (no host-to-device copy per call); the
+// coefficients are read from device memory, so a step size that changes between iterations is
+// just a new value in that small tensor (no host sync, no recompilation).
+// Forward: one grid-stride pass. Backward: one grid-stride pass writing every dk_i and per-block
+// partial sums of g * k_i (g read once); a second one-block kernel adds the partials in block order. The grid of
+// the backward depends on numel only (not on the GPU), so dc is bitwise reproducible.
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/all.h>
+
+#include <vector>
+
+#include "ode_combine_layout.h"
+#include "ode_combine_math.h"
+
+namespace tsc {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBackwardBlocks = 1024;
+
+template <typename scalar_t>
+struct StagePtrs {
+  const scalar_t* k[kOdeMaxStages];
+};
+
+template <typename scalar_t>
+struct GradPtrs {
+  scalar_t* dk[kOdeMaxStages];
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void ode_combine_forward_kernel(const scalar_t* __restrict__ z, StagePtrs<scalar_t> stages,
+                                           const acc_t* __restrict__ coeffs, scalar_t* __restrict__ out,
+                                           int64_t numel, int S) {
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x) {
+    acc_t o = static_cast<acc_t>(z[i]);
+    for (int s = 0; s < S; ++s) o = ode_combine_term(o, static_cast<acc_t>(stages.k[s][i]), coeffs[s]);
+    out[i] = static_cast<scalar_t>(o);
+  }
+}
+
+template <typename acc_t>
+__device__ acc_t block_sum(acc_t v, acc_t* shared) {
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __syncthreads();  // shared is reused across calls
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < blockDim.x / 32 ? shared[lane] : acc_t(0);
+  if (warp == 0)
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// partial[block, s] = sum over the block's elements of g * k_s; dk_s = c_s * g. One pass: g is
+// read once; the S sums live in registers (the loops over kOdeMaxStages unroll, guarded by s < S).
+template <typename scalar_t, typename acc_t>
+__global__ void ode_combine_backward_kernel(const scalar_t* __restrict__ g, StagePtrs<scalar_t> stages,
+                                            GradPtrs<scalar_t> grads, const acc_t* __restrict__ coeffs,
+                                            acc_t* __restrict__ partial, int64_t numel, int S) {
+  __shared__ acc_t shared[kThreads / 32];
+  acc_t c[kOdeMaxStages], sum[kOdeMaxStages];
+#pragma unroll
+  for (int s = 0; s < kOdeMaxStages; ++s) {
+    c[s] = s < S ? coeffs[s] : acc_t(0);
+    sum[s] = 0;
+  }
+  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x) {
+    const acc_t gi = static_cast<acc_t>(g[i]);
+#pragma unroll
+    for (int s = 0; s < kOdeMaxStages; ++s) {
+      if (s < S) {
+        grads.dk[s][i] = static_cast<scalar_t>(ode_combine_stage_grad(gi, c[s]));
+        sum[s] += gi * static_cast<acc_t>(stages.k[s][i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int s = 0; s < kOdeMaxStages; ++s) {
+    if (s < S) {
+      const acc_t total = block_sum(sum[s], shared);
+      if (threadIdx.x == 0) partial[blockIdx.x * (int64_t)S + s] = total;
+    }
+  }
+}
+
+template <typename acc_t>
+__global__ void ode_combine_sum_partials_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ dc, int64_t blocks, int S) {
+  const int s = threadIdx.x;
+  if (s >= S) return;
+  acc_t sum = 0;
+  for (int64_t b = 0; b < blocks; ++b) sum += partial[b * S + s];
+  dc[s] = sum;
+}
+
+int forward_grid(int64_t numel) {
+  const int64_t blocks = (numel + kThreads - 1) / kThreads;
+  const int64_t cap = 32LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
+}
+
+at::Tensor ode_combine_cuda(const at::Tensor& z_in, at::TensorList stages_in, const at::Tensor& coeffs_in) {
+  const c10::cuda::CUDAGuard guard(z_in.device());
+  OdeCombineArgs a = prepare_ode_combine("tsc::ode_combine", z_in, stages_in, coeffs_in);
+  at::Tensor out = at::empty_like(a.z);
+  const int64_t numel = a.z.numel();
+  const int S = static_cast<int>(a.stages.size());
+  if (numel == 0) return out;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.z.scalar_type(), "tsc_ode_combine_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    StagePtrs<scalar_t> k{};
+    for (int s = 0; s < S; ++s) k.k[s] = a.stages[s].const_data_ptr<scalar_t>();
+    ode_combine_forward_kernel<scalar_t, acc_t><<<forward_grid(numel), kThreads, 0, stream>>>(
+        a.z.const_data_ptr<scalar_t>(), k, a.coeffs.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), numel, S);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor> ode_combine_backward_cuda(const at::Tensor& grad_in, at::TensorList stages_in,
+                                                                          const at::Tensor& coeffs_in) {
+  const c10::cuda::CUDAGuard guard(grad_in.device());
+  OdeCombineArgs a = prepare_ode_combine("tsc::ode_combine_backward", grad_in, stages_in, coeffs_in);
+  const int64_t numel = a.z.numel();
+  const int S = static_cast<int>(a.stages.size());
+  std::vector<at::Tensor> dk;
+  for (int s = 0; s < S; ++s) dk.push_back(at::empty_like(a.z));
+  if (numel == 0) return {dk, at::zeros_like(a.coeffs)};
+  at::Tensor dc = at::empty_like(a.coeffs);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(kMaxBackwardBlocks, (numel + 4 * kThreads - 1) / (4 * kThreads)));
+  at::Tensor partial = at::empty({blocks, S}, a.coeffs.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.z.scalar_type(), "tsc_ode_combine_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    StagePtrs<scalar_t> k{};
+    GradPtrs<scalar_t> d{};
+    for (int s = 0; s < S; ++s) {
+      k.k[s] = a.stages[s].const_data_ptr<scalar_t>();
+      d.dk[s] = dk[s].mutable_data_ptr<scalar_t>();
+    }
+    ode_combine_backward_kernel<scalar_t, acc_t><<<static_cast<int>(blocks), kThreads, 0, stream>>>(
+        a.z.const_data_ptr<scalar_t>(), k, d, a.coeffs.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>(), numel, S);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    ode_combine_sum_partials_kernel<acc_t><<<1, 32, 0, stream>>>(partial.const_data_ptr<acc_t>(), dc.mutable_data_ptr<acc_t>(), blocks, S);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {dk, dc};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tsc, CUDA, m) {
+  m.impl("ode_combine", &ode_combine_cuda);
+  m.impl("ode_combine_backward", &ode_combine_backward_cuda);
+}
+
+}  // namespace tsc
