@@ -65,7 +65,7 @@ def test_all_quick_writes_json_and_plots(tmp_path, one_thread):
         assert field in report, field
     assert torch.__version__.startswith(report["versions"]["torch"].split("+")[0])
     assert report["machine"]["torch_threads"] == 1
-    assert set(report["results"]) == {"accuracy", "noise", "depth", "stepsizes"}
+    assert set(report["results"]) == {"accuracy", "noise", "depth", "stepsizes", "ode"}
     acc = report["results"]["accuracy"]["digits"]
     assert acc["model"] == "cifar_resnet8" and acc["epochs"] == 1
     assert list(acc["variants"]) == ["plain", "tsc_lstm", "dt=0.01"]
@@ -84,15 +84,26 @@ def test_all_quick_writes_json_and_plots(tmp_path, one_thread):
     assert all(b["mean"]["mean"] == pytest.approx(0.01) for b in steps["dt=0.01"]["blocks"])
     assert steps["dt=0.01"]["evolution_time"]["layer1"]["mean"] == pytest.approx(0.01)
     assert all(b["mean"] > 1.0 for b in steps["tsc_lstm"]["stability_bound"].values())
-    assert sorted(p.name for p in out.iterdir()) == ["accuracy.png", "depth.png", "noise.png", "stepsizes.png"]
+    odes = report["results"]["ode"]
+    assert list(odes["xor"]["models"]) == ["2", "16"] and odes["xor"]["eval_steps"] == [1, 2, 4, 16]
+    adapt = odes["adaptation"]["digits"]["variants"]
+    assert adapt["euler h=1/8"]["final_steps"] == [8] and adapt["euler h=1"]["decisions"] == []
+    assert len(adapt["adaptive from h=1"]["decisions"][0]) == 23 // 5  # 23 iterations (1437 / 64), one decision every 5
+    consistency = odes["consistency"]["digits"]
+    assert list(consistency["variants"]) == ["plain", "tsc_lstm", "dt=0.01"] and consistency["factors"] == [1, 2, 4]
+    # factor 1 is the model itself, and the depth experiment's model of the same depth and epochs (reused)
+    assert consistency["variants"]["plain"][0]["mean"] == depth["variants"]["plain"][0]["test_acc"]["mean"]
+    pngs = ["accuracy.png", "depth.png", "noise.png", "ode.png", "stepsizes.png"]
+    assert sorted(p.name for p in out.iterdir()) == pngs
     for p in out.iterdir():
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert p.stat().st_size < 150_000
     text = report_mod.markdown(report)  # docs/experiments.md's tables
-    for section in ("### accuracy", "### noise", "### depth", "### stepsizes", "| `tsc_lstm` |", "T layer1"):
+    for section in ("### accuracy", "### noise", "### depth", "### stepsizes", "| `tsc_lstm` |", "T layer1", "### ode",
+                    "**XOR toy**", "| `adaptive from h=1` |"):
         assert section in text
     again = report_mod.replot(report, str(tmp_path / "again"))  # plots drawn from the JSON alone
-    assert sorted(p.rsplit("/", 1)[1] for p in again) == ["accuracy.png", "depth.png", "noise.png", "stepsizes.png"]
+    assert sorted(p.rsplit("/", 1)[1] for p in again) == pngs
 
 
 def test_subcommand_on_mnist1d_is_deterministic(tmp_path):
@@ -122,7 +133,7 @@ def test_report_merges_runs_of_different_datasets():
 
 def test_registry_holds_the_subcommands_and_rejects_duplicates():
     subs = cli.discover()
-    assert list(subs) == ["accuracy", "noise", "depth", "stepsizes"]
+    assert list(subs) == ["accuracy", "noise", "depth", "stepsizes", "ode"]
     with pytest.raises(ValueError, match="already registered"):
         registry.register(registry.Subcommand("accuracy", "again", lambda ctx: {}))
     with pytest.raises(ValueError, match="reserved"):
@@ -346,3 +357,27 @@ def test_fused_and_torch_backends_train_alike(one_thread):
     torch.testing.assert_close(fused, fused64, atol=0.1, rtol=0.1)  # fp32 stays on the fp64 trajectory's scale
     for curve in (fused64, fused):
         assert curve[-5:].mean() < 0.25 * curve[:5].mean()  # the loss falls (2.1 -> ~0.2)
+
+
+# --------------------------------------------------------------------------------------------------
+# ode experiment pieces (the results come from the run, docs/experiments.md)
+# --------------------------------------------------------------------------------------------------
+def test_xor_data_and_solved_with_restores_the_solver():
+    from tsc_kernels.experiments import ode as ode_exp
+
+    x, y = ode_exp.xor_data(200, torch.Generator().manual_seed(0))
+    assert x.shape == (200, 2) and x.abs().max() <= 1
+    assert torch.equal(y, (x[:, 0] * x[:, 1] < 0).long())  # XOR of the signs
+    model = ode_exp.xor_model(2)
+    with ode_exp.solved_with(model, 7, "rk4"):
+        assert model[0].steps == 7 and model[0].solver == "rk4"
+    assert model[0].steps == 2 and model[0].solver == "euler"
+
+
+def test_fit_calls_on_step_once_per_optimiser_step(one_thread):
+    ds = data.load("digits").subset(130, None)  # 3 batches of 64, the last of 2
+    torch.manual_seed(0)
+    model = training.build_model("digits", "plain", 8)
+    seen = []
+    losses = training.fit(model, ds, 2, 64, 0, on_step=lambda m, x, y: seen.append((m is model, len(x), len(y))))
+    assert len(losses) == 2 and seen == [(True, 64, 64), (True, 64, 64), (True, 2, 2)] * 2

@@ -23,9 +23,11 @@ from tsc_kernels.ops._layout import is_channels_last_like, to_layout
 from tsc_kernels.ops.registry import triton_backward, triton_forward
 
 FWD_BLOCK = 1024
-# (BLOCK_C, BLOCK_S) tiles of the backward: channel-first planes are long along s, channels-last rows along c
-PLANES_TILE = (4, 256)
-ROWS_TILE = (64, 16)
+# (BLOCK_C, BLOCK_S) tiles of the backward: channel-first planes are long along s, channels-last rows along c.
+# 512-element tiles: with 5 loads, 3 stores and 2 accumulators per element (int64 offsets), 1024-element
+# tiles need ~255 registers and spilled on sm_90 (tests/test_triton_aot.py).
+GPU_PLANES_TILE, GPU_ROWS_TILE = (2, 256), (32, 16)
+PLANES_TILE, ROWS_TILE = GPU_PLANES_TILE, GPU_ROWS_TILE
 FIN_BLOCK_N, FIN_BLOCK_C = 32, 64
 if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the interpreter's cost is per tile step: small tiles on tiny shapes
     PLANES_TILE, ROWS_TILE, FIN_BLOCK_N, FIN_BLOCK_C = (2, 16), (16, 4), 4, 16
@@ -217,7 +219,7 @@ AOT_CONFIGS = [
              name=f"multistep_bwd_{tile_name}_{dtype}_relu{int(relu)}_dt{int(has_dt)}_keep{int(has_keep)}",
              signature=_bwd_sig(dtype),
              constexprs={"HAS_DT": has_dt, "HAS_KEEP": has_keep, "RELU": relu, "BLOCK_C": tile[0], "BLOCK_S": tile[1]})
-        for tile_name, tile in (("planes", (4, 256)), ("rows", (64, 16)))
+        for tile_name, tile in (("planes", GPU_PLANES_TILE), ("rows", GPU_ROWS_TILE))
     ]
 ] + [
     dict(kernel=multistep_finalize_kernel, name=f"multistep_finalize_dt{int(f)}_keep{int(f)}", signature=_FIN_SIG,

@@ -23,17 +23,26 @@ class Budget:
     noise_sigmas: tuple  # σ of the Gaussian input noise, in units of the data's std
     train_subset: dict  # dataset -> number of training examples (None: all)
     batch_size: dict  # dataset -> batch size
+    # ode (docs/ode.md): the XOR toy, ODE-nets with / without step adaptation, consistency curves
+    ode_xor_iters: int  # full-batch Adam iterations of each XOR model
+    ode_xor_steps: tuple  # Euler steps over [0, 1] of the XOR models (coarse, fine)
+    ode_eval_steps: tuple  # steps over [0, 1] at which the ODE models are tested
+    ode_epochs: dict  # dataset -> epochs of the ODE-net runs
+    ode_adapt_every: int  # iterations between step-adaptation decisions
+    ode_depth: dict  # dataset -> depth of the ResNets whose consistency curves are measured
+    ode_factors: tuple  # refinement factors of the consistency curves
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def with_overrides(self, seeds: int | None = None, epochs: int | None = None) -> "Budget":
-        """--seeds / --epochs (epochs applies to every dataset and to the depth runs)."""
+        """--seeds / --epochs (epochs applies to every dataset and to the depth and ODE-net runs)."""
         b = self
         if seeds is not None:
             b = replace(b, seeds=seeds, depth_seeds=min(b.depth_seeds, seeds))
         if epochs is not None:
-            b = replace(b, epochs={k: epochs for k in b.epochs}, depth_epochs={k: epochs for k in b.depth_epochs})
+            b = replace(b, epochs={k: epochs for k in b.epochs}, depth_epochs={k: epochs for k in b.depth_epochs},
+                        ode_epochs={k: epochs for k in b.ode_epochs})
         return b
 
 
@@ -47,6 +56,13 @@ FULL = Budget(
     noise_sigmas=(0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5),
     train_subset={"digits": None, "mnist1d": None},
     batch_size={"digits": 64, "mnist1d": 128},
+    ode_xor_iters=400,
+    ode_xor_steps=(2, 256),
+    ode_eval_steps=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+    ode_epochs={"digits": 20, "mnist1d": 10},
+    ode_adapt_every=50,
+    ode_depth={"digits": 56, "mnist1d": 56},
+    ode_factors=(1, 2, 4, 8, 16),
 )
 
 QUICK = Budget(
@@ -59,4 +75,11 @@ QUICK = Budget(
     noise_sigmas=(0.0, 0.5, 1.0),
     train_subset={"digits": None, "mnist1d": 1000},
     batch_size={"digits": 64, "mnist1d": 128},
+    ode_xor_iters=20,
+    ode_xor_steps=(2, 16),
+    ode_eval_steps=(1, 2, 4, 16),
+    ode_epochs={"digits": 1, "mnist1d": 1},
+    ode_adapt_every=5,
+    ode_depth={"digits": 8, "mnist1d": 8},
+    ode_factors=(1, 2, 4),
 )

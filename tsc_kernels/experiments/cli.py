@@ -119,7 +119,8 @@ def _run(args, subcommands: dict, argv) -> int:
         report["results"][name] = result
         if args.out and subcommands[name].plot is not None:
             report["plots"] += subcommands[name].plot(result, args.out)
-        print(summary_text(name, result), flush=True)
+        lines = subcommands[name].summary
+        print(summary_text(name, result) if lines is None else "\n".join([f"== {name}", *lines(result)]), flush=True)
         if args.json:  # after every subcommand, so a long run that is stopped keeps what it finished
             os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
             with open(args.json, "w") as f:

@@ -20,6 +20,7 @@ class Subcommand:
     run: Callable[[Any], dict]
     plot: Callable[[dict, str], list[str]] | None = None
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None  # options of this subcommand only
+    summary: Callable[[dict], list[str]] | None = None  # console lines of a result (default: cli.summary_text)
     order: int = 100
 
 

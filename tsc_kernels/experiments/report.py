@@ -66,7 +66,29 @@ def stepsizes(res: dict) -> str:
     return "\n\n".join(out)
 
 
-SECTIONS = {"accuracy": accuracy, "noise": noise, "depth": depth, "stepsizes": stepsizes}
+def ode(res: dict) -> str:
+    x = res["xor"]
+    steps = x["eval_steps"]
+    rows = [[f"{n} Euler steps", fmt(r["train_acc"])] + [fmt(r["euler"][str(s)]) for s in steps]
+            + [" / ".join(f"{fmt(a)} ({s})" for s, a in r["rk4"].items())] for n, r in x["models"].items()]
+    out = [f"**XOR toy**, test accuracy % when solved with Euler at each number of steps over [0, 1] "
+           f"({x['iters']} Adam iterations, {x['seeds']} seeds)\n\n"
+           + _table(["trained with", "train acc"] + [str(s) for s in steps] + ["RK4 (steps)"], rows)]
+    for d, r in res["adaptation"].items():
+        steps = r["eval_steps"]
+        rows = [[f"`{v}`", ", ".join(map(str, row["final_steps"])), fmt(row["gap_vs_rk4"])]
+                + [fmt(row["euler"][str(s)]) for s in steps] for v, row in r["variants"].items()]
+        out.append(f"**{d}**, {r['model']}, {r['epochs']} epochs, {r['seeds']} seeds: steps per block at the end, "
+                   f"test accuracy gap (train solver − RK4, %), test accuracy % with Euler at each number of steps\n\n"
+                   + _table(["training", "final steps", "gap vs RK4"] + [str(s) for s in steps], rows))
+    for d, r in res["consistency"].items():
+        rows = [[f"`{v}`"] + [fmt(a) for a in row] for v, row in r["variants"].items()]
+        out.append(f"**{d}**, depth {r['depth']}, {r['epochs']} epochs, {r['seeds']} seeds: test accuracy % with "
+                   f"every block taken as k sub-steps (`refine`)\n\n" + _table(["variant"] + [f"k={f}" for f in r["factors"]], rows))
+    return "\n\n".join(out)
+
+
+SECTIONS = {"accuracy": accuracy, "noise": noise, "depth": depth, "stepsizes": stepsizes, "ode": ode}
 
 
 def markdown(report: dict) -> str:
@@ -97,9 +119,18 @@ def merge(reports: list[dict]) -> dict:
             raise ValueError(f"the reports to merge must cover different data sets, {sorted(overlap)} appear twice")
         merged["datasets"] += r["datasets"]
         merged["runs"].append({k: v for k, v in r.items() if k != "results"})
-        for name, res in r["results"].items():
-            merged["results"].setdefault(name, {}).update(res)
+        _merge_into(merged["results"], r["results"])
     return merged
+
+
+def _merge_into(dst: dict, src: dict) -> None:
+    """Recursive union; where both have a non-dict value the first report's is kept (e.g. the ode
+    experiment's XOR toy, which both runs repeat: it does not depend on the data set)."""
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _merge_into(dst[k], v)
+        else:
+            dst.setdefault(k, v)
 
 
 def main(argv=None) -> int:

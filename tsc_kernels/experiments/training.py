@@ -82,18 +82,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
     return correct / len(x), loss / len(x)
 
 
-def train(key: RunKey, lr: float = 0.1) -> TrainedRun:
-    ds = data_mod.load(key.dataset).subset(key.train_subset, None)
-    torch.manual_seed(key.seed)
-    model = build_model(key.dataset, key.variant, key.depth, ds.num_classes)
+def fit(model: nn.Module, ds: "data_mod.Dataset", epochs: int, batch_size: int, seed: int, lr: float = 0.1,
+        on_step=None) -> list[float]:
+    """Train ``model`` in place with the recipe (module docstring); the batch order and augmentation
+    come from a generator seeded with ``seed``. ``on_step(model, x, y)`` runs after every optimiser
+    step (the ODE experiment's step adaptation). Returns the mean training loss per epoch."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    milestones = sorted({max(1, round(key.epochs * 0.5)), max(1, round(key.epochs * 0.75))})
+    milestones = sorted({max(1, round(epochs * 0.5)), max(1, round(epochs * 0.75))})
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
-    gen = torch.Generator().manual_seed(key.seed)
-    n, batch_size = len(ds.x_train), key.batch_size
+    gen = torch.Generator().manual_seed(seed)
+    n = len(ds.x_train)
     losses = []
-    start = time.perf_counter()
-    for _ in range(key.epochs):
+    for _ in range(epochs):
         model.train()
         perm = torch.randperm(n, generator=gen)
         total, count = 0.0, 0
@@ -101,15 +101,26 @@ def train(key: RunKey, lr: float = 0.1) -> TrainedRun:
             idx = perm[i:i + batch_size]
             if len(idx) < 2:  # BatchNorm needs 2 samples in training mode
                 continue
-            x = data_mod.random_shift(ds.x_train[idx], ds.max_shift, gen)
-            loss = F.cross_entropy(model(x), ds.y_train[idx])
+            x, y = data_mod.random_shift(ds.x_train[idx], ds.max_shift, gen), ds.y_train[idx]
+            loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if on_step is not None:
+                on_step(model, x, y)
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         sched.step()
         losses.append(total / max(count, 1))
+    return losses
+
+
+def train(key: RunKey, lr: float = 0.1) -> TrainedRun:
+    ds = data_mod.load(key.dataset).subset(key.train_subset, None)
+    torch.manual_seed(key.seed)
+    model = build_model(key.dataset, key.variant, key.depth, ds.num_classes)
+    start = time.perf_counter()
+    losses = fit(model, ds, key.epochs, key.batch_size, key.seed, lr)
     train_s = time.perf_counter() - start
     acc, test_loss = evaluate(model, ds.x_test, ds.y_test)
     if not math.isfinite(test_loss):

@@ -173,8 +173,10 @@ class _TSCBlock:
     fused_bn_tail = False
 
     def _branch(self, x):
-        shortcut, out = self._branch_before_tail(x)
-        return shortcut, getattr(self, self.tail_name)(out)
+        # self may be the plain block: LM-ResNets and ode.refine run a TSC class's F on plain blocks
+        cls = PLAIN_TO_TSC_BLOCK.get(type(self), type(self))
+        shortcut, out = cls._branch_before_tail(self, x)
+        return shortcut, getattr(self, cls.tail_name)(out)
 
 
 class TSCBasicBlock(_TSCBlock, BasicBlock):
