@@ -1,11 +1,11 @@
 """How much each experiment trains: the full run (docs/experiments.md's tables) and --quick (CI).
 
-The full run's size is estimated from per-epoch times measured on a quiet core (ResNet-20 on
-digits ~0.6 s, on mnist1d ~1.5 s per epoch at batch 128, deeper models proportionally more): about 15
-minutes for ``all`` at one thread, inside the 45-minute target on 2 cores; it has not yet been
-timed end to end (docs/experiments.md). The two data sets can also run as two processes
-(``--datasets digits`` / ``--datasets mnist1d``). --quick runs the whole suite in well under 3
-minutes (a smoke test of every path and a first look, not evidence).
+The full run (``tsc-experiment all``) took 14 minutes at one thread for accuracy, noise, depth (one
+seed) and stepsizes (2026-11-29, 2-core VM); with three depth seeds and the ode experiment it is
+about 40 minutes at one thread, or two processes of ~20-25 minutes (``--datasets digits`` and
+``--datasets mnist1d``, joined by ``python -m tsc_kernels.experiments.report a.json b.json --merged``),
+inside the 45-minute target on 2 cores. --quick runs the whole suite in well under 3 minutes (a
+smoke test of every path and a first look, not evidence).
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ FULL = Budget(
     depth={"digits": 20, "mnist1d": 20},
     depths={"digits": (20, 56, 110), "mnist1d": (20, 56, 110)},
     depth_epochs={"digits": 8, "mnist1d": 5},
-    depth_seeds=1,
+    depth_seeds=3,
     noise_sigmas=(0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5),
     train_subset={"digits": None, "mnist1d": None},
     batch_size={"digits": 64, "mnist1d": 128},
