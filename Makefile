@@ -45,14 +45,20 @@ fuzz: build/.built
 bench: build/.built
 	$(VENV)/bin/tsc-bench --compile --json build/tsc-bench.json --history bench/results/history.csv
 
-# Per-op pytest-benchmark suites (fused vs eager vs torch.compile vs bandwidth), JSON in build/.
+# Per-op pytest-benchmark suites (fused vs eager vs torch.compile vs bandwidth), JSON in build/, and
+# each suite's ratio table (bench/ratios.py).
+BENCH_ARGS = -q -p no:cacheprovider --benchmark-min-rounds=5 --benchmark-max-time=0.5 --benchmark-columns=median,iqr,rounds
+define bench_suite
+	$(VENV)/bin/pytest bench/bench_$(1).py $(BENCH_ARGS) --benchmark-json=build/bench_$(1).json
+	$(PY) bench/ratios.py build/bench_$(1).json
+endef
+
 bench-ops: build/.built
-	$(VENV)/bin/pytest bench/bench_residual_update.py -q -p no:cacheprovider --benchmark-min-rounds=5 \
-		--benchmark-max-time=0.5 --benchmark-columns=median,iqr,rounds --benchmark-json=build/bench_residual.json
-	$(PY) bench/ratios.py build/bench_residual.json
-	$(VENV)/bin/pytest bench/bench_batch_norm_residual_update.py -q -p no:cacheprovider --benchmark-min-rounds=5 \
-		--benchmark-max-time=0.5 --benchmark-columns=median,iqr,rounds --benchmark-json=build/bench_batch_norm_residual.json
-	$(PY) bench/ratios.py build/bench_batch_norm_residual.json
+	$(call bench_suite,residual_update)
+	$(call bench_suite,batch_norm_residual_update)
+	$(call bench_suite,scale_concat)
+	$(call bench_suite,multistep_update)
+	$(call bench_suite,ode_combine)
 	$(VENV)/bin/pytest bench/bench_lstm_controller.py -q -p no:cacheprovider --benchmark-columns=median,iqr,rounds \
 		--benchmark-json=build/bench_lstm_controller.json
 	$(PY) bench/bench_lstm_controller.py

@@ -9,6 +9,8 @@ import torch
 import tsc_kernels
 from tsc_kernels import reference
 
+from _impls import implementation
+
 SHAPES = {"small": (32, 64, 16, 16), "large": (8, 256, 56, 56)}
 IMPLS = ("fused", "eager", "compile", "copy")
 # Element transfers of the fused op, fwd+bwd with the ReLU (docs/ops.md):
@@ -16,17 +18,8 @@ IMPLS = ("fused", "eager", "compile", "copy")
 # the elementwise pass reads them again and writes dx, dy). One copy_ moves 2N.
 TRAFFIC_IN_COPIES = 6.0
 
-_COMPILED = {}
-
-
 def _fn(impl):
-    if impl == "fused":
-        return tsc_kernels.batch_norm_residual_update
-    if impl == "eager":
-        return reference.batch_norm_residual_update
-    if impl not in _COMPILED:
-        _COMPILED[impl] = torch.compile(reference.batch_norm_residual_update, dynamic=False)
-    return _COMPILED[impl]
+    return implementation(impl, tsc_kernels.batch_norm_residual_update, reference.batch_norm_residual_update)
 
 
 @pytest.mark.parametrize("size", list(SHAPES))

@@ -1,4 +1,4 @@
-"""Linear multi-step update ``(1-k)·u + k·u_prev + keep[n]·dt[c]·f`` (docs/ops_multistep_update.md):
+"""Linear multi-step update ``(1-k)·u + k·u_prev + keep[n]·dt[c]·f`` (docs/ops.md, multistep_update):
 fused fwd+bwd (CPU op) vs the eager reference vs torch.compile(reference) vs the bandwidth limit.
 
     pytest bench/bench_multistep_update.py --benchmark-only     (pytest-benchmark, like the other benches)
@@ -18,20 +18,13 @@ import torch
 import tsc_kernels
 from tsc_kernels import reference
 
+from _impls import implementation
+
 SHAPES = {"large": (8, 256, 56, 56), "small": (32, 64, 8, 8)}
 IMPLS = ("fused", "eager", "compile", "copy")
 TRAFFIC_IN_COPIES = 5.5
-_COMPILED = {}
-
-
 def _fn(impl):
-    if impl == "fused":
-        return tsc_kernels.multistep_update
-    if impl == "eager":
-        return reference.multistep_update
-    if impl not in _COMPILED:
-        _COMPILED[impl] = torch.compile(reference.multistep_update, dynamic=False)
-    return _COMPILED[impl]
+    return implementation(impl, tsc_kernels.multistep_update, reference.multistep_update)
 
 
 def _inputs(shape, dtype=torch.float32):
@@ -58,7 +51,7 @@ def _step_fn(impl, shape):
 def test_multistep_update_fwd_bwd(benchmark, impl, size):
     shape = SHAPES[size]
     benchmark.group = f"multistep_update fwd+bwd {size} {tuple(shape)} fp32"
-    benchmark.extra_info.update(impl=impl, shape=list(shape))
+    benchmark.extra_info.update(impl=impl, shape=list(shape), traffic_in_copies=TRAFFIC_IN_COPIES)
     step = _step_fn(impl, shape)
     step()  # warm-up (compiles)
     benchmark(step)

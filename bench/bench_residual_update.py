@@ -1,6 +1,6 @@
 """Residual update ``y + f * dt[c]`` (docs/ops.md): fused CPU op vs eager reference vs
 torch.compile(reference) vs a same-size copy_ (the memory-bandwidth limit), for forward, backward
-and both, fp32 and bf16, on a large and a small shape. Run with `make bench-residual`
+and both, fp32 and bf16, on a large and a small shape. Run with `make bench-ops`
 (pytest-benchmark); bench/ratios.py turns the saved JSON into the ratio table.
 """
 import pytest
@@ -9,25 +9,14 @@ import torch
 import tsc_kernels
 from tsc_kernels import reference
 
+from _impls import implementation
+
 SHAPES = {"large": (8, 256, 56, 56), "small": (4, 64, 8, 8)}
 IMPLS = ("fused", "eager", "compile", "copy")
 
 
-def _compiled_reference():
-    return torch.compile(reference.residual_update, dynamic=False)
-
-
-_COMPILED = {}
-
-
 def _fn(impl):
-    if impl == "fused":
-        return tsc_kernels.residual_update
-    if impl == "eager":
-        return reference.residual_update
-    if impl not in _COMPILED:
-        _COMPILED[impl] = _compiled_reference()
-    return _COMPILED[impl]
+    return implementation(impl, tsc_kernels.residual_update, reference.residual_update)
 
 
 def _inputs(shape, dtype, requires_grad):

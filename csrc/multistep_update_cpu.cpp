@@ -1,4 +1,4 @@
-// CPU kernels of the linear multi-step update (docs/ops_multistep_update.md), CPU dispatch key.
+// CPU kernels of the linear multi-step update (docs/ops.md, multistep_update), CPU dispatch key.
 //
 // Forward: one pass reading u, u_prev, f, writing out. Backward: one pass reading grad, u, u_prev,
 // f (and out with the fused ReLU), writing du, du_prev, df and a (N, C) table of partial sums,

@@ -1,4 +1,4 @@
-// CUDA kernels of the linear multi-step update (docs/ops_multistep_update.md), CUDA dispatch key.
+// CUDA kernels of the linear multi-step update (docs/ops.md, multistep_update), CUDA dispatch key.
 // The arithmetic is multistep_update_math.h's, the same functions the CPU kernels run.
 //
 // Forward: one grid-stride pass (reads u, u_prev, f; writes out). k, dt and keep are read on the

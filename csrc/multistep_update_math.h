@@ -1,4 +1,4 @@
-// Per-element math of the linear multi-step update (docs/ops_multistep_update.md)
+// Per-element math of the linear multi-step update (docs/ops.md, multistep_update)
 //   out = relu?((1 - k) * u + k * u_prev + scale * f),   scale = keep[n] * dt[c]
 // shared verbatim by the CPU and CUDA kernels, so the CPU tests cover the arithmetic the GPU runs.
 // Everything is evaluated in the accumulation type (fp32 for fp32/fp16/bf16, fp64 for fp64).

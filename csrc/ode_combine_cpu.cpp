@@ -13,6 +13,7 @@
 #include <array>
 #include <vector>
 
+#include "cpu_vec.h"
 #include "ode_combine_layout.h"
 #include "ode_combine_math.h"
 
@@ -24,30 +25,7 @@ using at::vec::Vectorized;
 // Elements per chunk: the unit of parallel work and of the deterministic dc reduction.
 constexpr int64_t kChunk = 16384;
 
-// Two accumulation-type vectors per step, so fp16/bf16 (twice the lanes) convert in one go.
-template <typename scalar_t>
-struct Lanes {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  static constexpr int64_t kStep = 2 * Vec::size();
-
-  static void load(const scalar_t* p, Vec& a, Vec& b) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      a = Vec::loadu(p);
-      b = Vec::loadu(p + Vec::size());
-    } else {
-      at::vec::load_to_float<scalar_t>(p, a, b);
-    }
-  }
-  static void store(scalar_t* p, const Vec& a, const Vec& b) {
-    if constexpr (std::is_same_v<scalar_t, acc_t>) {
-      a.store(p);
-      b.store(p + Vec::size());
-    } else {
-      at::vec::convert_from_float<scalar_t>(a, b).store(p);
-    }
-  }
-};
+using cpu::Lanes;  // csrc/cpu_vec.h
 
 at::Tensor ode_combine_cpu(const at::Tensor& z_in, at::TensorList stages_in, const at::Tensor& coeffs_in) {
   OdeCombineArgs a = prepare_ode_combine("tsc::ode_combine", z_in, stages_in, coeffs_in);
@@ -74,7 +52,7 @@ at::Tensor ode_combine_cpu(const at::Tensor& z_in, at::TensorList stages_in, con
           o0 = ode_combine_term(o0, k0, Vec(c[s]));
           o1 = ode_combine_term(o1, k1, Vec(c[s]));
         }
-        L::store(op + i, o0, o1);
+        L::store(op + i, o0, o1, /*stream=*/false);
       }
       for (; i < e; ++i) {
         acc_t o = static_cast<acc_t>(zp[i]);
@@ -121,7 +99,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> ode_combine_backward_cpu(const a
           L::load(gp + i, g0, g1);
           for (int64_t s = 0; s < S; ++s) {
             L::load(kp[s] + i, k0, k1);
-            L::store(dkp[s] + i, ode_combine_stage_grad(g0, Vec(c[s])), ode_combine_stage_grad(g1, Vec(c[s])));
+            L::store(dkp[s] + i, ode_combine_stage_grad(g0, Vec(c[s])), ode_combine_stage_grad(g1, Vec(c[s])), false);
             v0[s] = v0[s] + g0 * k0;
             v1[s] = v1[s] + g1 * k1;
           }

@@ -17,6 +17,7 @@
 
 #include "ode_combine_layout.h"
 #include "ode_combine_math.h"
+#include "cuda_grid.cuh"
 
 namespace tsc {
 namespace {
@@ -43,19 +44,6 @@ __global__ void ode_combine_forward_kernel(const scalar_t* __restrict__ z, Stage
     for (int s = 0; s < S; ++s) o = ode_combine_term(o, static_cast<acc_t>(stages.k[s][i]), coeffs[s]);
     out[i] = static_cast<scalar_t>(o);
   }
-}
-
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v, acc_t* shared) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  __syncthreads();  // shared is reused across calls
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? shared[lane] : acc_t(0);
-  if (warp == 0)
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  return v;
 }
 
 // partial[block, s] = sum over the block's elements of g * k_s; dk_s = c_s * g. One pass: g is

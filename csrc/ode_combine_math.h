@@ -5,11 +5,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define TSC_HD __host__ __device__ __forceinline__
-#else
-#define TSC_HD inline
-#endif
+#include "tsc_hd.h"
 
 namespace tsc {
 

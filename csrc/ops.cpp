@@ -27,7 +27,7 @@ TORCH_LIBRARY(tsc, m) {
   // dy is empty without the fused ReLU (it is grad itself), dweight / dbias empty without affine.
   m.def("batch_norm_residual_update_backward(Tensor grad, Tensor x, Tensor dt, Tensor? weight, Tensor? bias, "
         "Tensor save_mean, Tensor save_invstd, Tensor? relu_out, bool training) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // scale_concat (docs/ops_scale_concat.md): out = cat([x, f * dt[c]], dim=1), TSC-DenseNet's
+  // scale_concat (docs/ops.md, scale_concat): out = cat([x, f * dt[c]], dim=1), TSC-DenseNet's
   // concatenation of a layer's scaled new features; out follows x's layout.
   m.def("scale_concat(Tensor x, Tensor f, Tensor dt) -> Tensor");
   // Backward in one pass over grad's last k channels: (df, ddt); dx is the view grad[:, :Cx].
@@ -45,7 +45,7 @@ TORCH_LIBRARY(tsc, m) {
   m.def("lstm_controller(Tensor wbar_packed, int[] blocks, Tensor[] params) -> (Tensor, Tensor)");
   // BPTT over every stage in one launch: (grad of wbar_packed, grads of params in params' order).
   m.def("lstm_controller_backward(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks, Tensor[] params, Tensor saved) -> (Tensor, Tensor[])");
-  // Linear multi-step update (docs/ops_multistep_update.md): out = relu?((1 - k) u + k u_prev + keep[n] dt[c] f),
+  // Linear multi-step update (docs/ops.md, multistep_update): out = relu?((1 - k) u + k u_prev + keep[n] dt[c] f),
   // k a 0-d tensor, dt (C,) and keep (N,) optional (1 when absent).
   m.def("multistep_update(Tensor u, Tensor u_prev, Tensor f, Tensor k, Tensor? dt, Tensor? keep, bool relu) -> Tensor");
   // Backward in one pass + a fixed-order reduction: (du, du_prev, df, dk, ddt, dkeep); ddt / dkeep are

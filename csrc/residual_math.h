@@ -4,11 +4,7 @@
 // (fp32 for fp32/fp16/bf16 inputs, fp64 for fp64).
 #pragma once
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define TSC_HD __host__ __device__ __forceinline__
-#else
-#define TSC_HD inline
-#endif
+#include "tsc_hd.h"
 
 namespace tsc {
 

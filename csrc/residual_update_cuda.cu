@@ -33,18 +33,6 @@ __global__ void residual_forward_kernel(const scalar_t* __restrict__ y, const sc
   }
 }
 
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v, acc_t* shared) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? shared[lane] : acc_t(0);
-  if (warp == 0)
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  return v;
-}
-
 // grid = (C, chunks): block (c, k) owns channel c in samples [k * per, (k + 1) * per) and writes
 // partial[k * C + c] (partial is ddt itself when there is one chunk).
 template <typename scalar_t, typename acc_t>

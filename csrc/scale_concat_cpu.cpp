@@ -1,4 +1,4 @@
-// CPU kernels of scale_concat `out = cat([x, f * dt[c]], dim=1)` (docs/ops_scale_concat.md),
+// CPU kernels of scale_concat `out = cat([x, f * dt[c]], dim=1)` (docs/ops.md, scale_concat),
 // registered for the CPU dispatch key. Arithmetic from scale_concat_math.h (shared with CUDA).
 //
 // Forward: one pass over out's rows (scale_concat_math.h: row o = x's row o, then f's row o

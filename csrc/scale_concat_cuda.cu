@@ -1,4 +1,4 @@
-// CUDA kernels of scale_concat `out = cat([x, f * dt[c]], dim=1)` (docs/ops_scale_concat.md),
+// CUDA kernels of scale_concat `out = cat([x, f * dt[c]], dim=1)` (docs/ops.md, scale_concat),
 // registered for the CUDA dispatch key. Indexing and arithmetic come from scale_concat_math.h,
 // the functions the CPU kernels run, so the CPU tests cover them.
 //
@@ -14,6 +14,7 @@
 
 #include "scale_concat_layout.h"
 #include "scale_concat_math.h"
+#include "cuda_grid.cuh"
 
 namespace tsc {
 namespace {
@@ -32,18 +33,6 @@ __global__ void scale_concat_forward_kernel(const scalar_t* __restrict__ x, cons
     else
       out[i] = static_cast<scalar_t>(scale_concat_forward(static_cast<acc_t>(f[src]), dt[c]));
   }
-}
-
-template <typename acc_t>
-__device__ acc_t block_sum(acc_t v, acc_t* shared) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) shared[warp] = v;
-  __syncthreads();
-  v = threadIdx.x < blockDim.x / 32 ? shared[lane] : acc_t(0);
-  if (warp == 0)
-    for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  return v;
 }
 
 // grid = (k, chunks): block (c, chunk) owns channel c of samples [chunk * per, (chunk + 1) * per).

@@ -1,4 +1,4 @@
-// Host-side layout logic of scale_concat (docs/ops_scale_concat.md), shared by the CPU and CUDA ops.
+// Host-side layout logic of scale_concat (docs/ops.md, scale_concat), shared by the CPU and CUDA ops.
 // The output follows x's layout: channels-last when x is channels-last-like (residual_layout.h),
 // else contiguous; f is brought to that layout. The backward works in grad's layout.
 #pragma once

@@ -1,4 +1,4 @@
-// Per-element math of scale_concat `out = cat([x, f * dt[c]], dim=1)` (docs/ops_scale_concat.md),
+// Per-element math of scale_concat `out = cat([x, f * dt[c]], dim=1)` (docs/ops.md, scale_concat),
 // shared by the CPU and CUDA kernels so the CPU tests cover the arithmetic and indexing the GPU runs.
 // Arithmetic in the accumulation type acc_t (fp32 for fp32/fp16/bf16, fp64 for fp64).
 //
@@ -10,11 +10,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define TSC_HD __host__ __device__ __forceinline__
-#else
-#define TSC_HD inline
-#endif
+#include "tsc_hd.h"
 
 namespace tsc {
 

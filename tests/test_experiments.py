@@ -127,8 +127,14 @@ def test_report_merges_runs_of_different_datasets():
     m = report_mod.merge([a, b])
     assert m["results"] == {"accuracy": {"digits": {"x": 1}, "mnist1d": {"x": 2}}, "noise": {"mnist1d": {"y": 3}}}
     assert m["datasets"] == ["digits", "mnist1d"] and [r["datasets"] for r in m["runs"]] == [["digits"], ["mnist1d"]]
-    with pytest.raises(ValueError, match="different data sets"):
+    with pytest.raises(ValueError, match="different data sets for each subcommand: accuracy on"):
         report_mod.merge([a, a])
+    # another subcommand on the same data set joins (ode run after `all`)
+    c = {"datasets": ["digits"], "results": {"ode": {"xor": {"z": 4}, "consistency": {"digits": {"w": 5}}}}}
+    d = {"datasets": ["mnist1d"], "results": {"ode": {"xor": {"z": 6}, "consistency": {"mnist1d": {"w": 7}}}}}
+    m = report_mod.merge([a, b, c, d])
+    assert m["datasets"] == ["digits", "mnist1d"] and len(m["runs"]) == 4
+    assert m["results"]["ode"] == {"xor": {"z": 4}, "consistency": {"digits": {"w": 5}, "mnist1d": {"w": 7}}}
 
 
 def test_registry_holds_the_subcommands_and_rejects_duplicates():
@@ -150,6 +156,8 @@ def test_registry_holds_the_subcommands_and_rejects_duplicates():
     (["accuracy", "--variants", ","], "empty list"),
     (["depth", "--seeds", "0"], "positive integer"),
     (["noise", "--epochs", "two"], "positive integer"),
+    (["accuracy", "--arch", "vgg"], "invalid choice"),
+    (["accuracy", "--arch", "densenet"], "needs --datasets digits"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -165,6 +173,29 @@ def test_bad_dataset_and_variant_names():
         training.build_model("digits", "tsc_gru", 8)
     with pytest.raises(ValueError, match="dataset must be one of"):
         training.build_model("imagenet", "plain", 8)
+    with pytest.raises(ValueError, match="arch must be one of"):
+        training.build_model("digits", "plain", 8, arch="vgg")
+    with pytest.raises(ValueError, match="digits only"):
+        training.build_model("mnist1d", "plain", 8, arch="lm_resnet")
+
+
+@pytest.mark.parametrize("arch, cls, depth", [("lm_resnet", "CIFARLMResNet", 8), ("densenet", "CIFARDenseNet", 40)])
+def test_arch_trains_the_new_models_on_digits(arch, cls, depth, tmp_path, one_thread):
+    """--arch: the accuracy runs use LM-ResNets (the budget's depth) / DenseNet-40 (TSC and fixed Δt variants too), the
+    depth experiment stays on ResNets."""
+    path = tmp_path / "r.json"
+    assert cli.main(["accuracy", "--quick", "--epochs", "1", "--datasets", "digits", "--variants", "plain,dt=0.01",
+                     "--arch", arch, "--json", str(path), "--no-progress"]) == 0
+    report = json.loads(path.read_text())
+    assert report["arch"] == arch and report["results"]["accuracy"]["digits"]["model"].startswith(f"cifar_{arch}{depth}")
+    args = cli.build_parser(cli.discover()).parse_args(["accuracy", "--arch", arch, "--quick"])
+    ctx = training.Context(args, cli.budget_mod.QUICK)
+    assert ctx.key("digits", "plain", 0).arch == arch and ctx.key("digits", "plain", 0, depth=8).arch == "resnet"
+    plain = training.build_model("digits", "plain", depth, arch=arch)
+    fixed = training.build_model("digits", "dt=0.01", depth, arch=arch)
+    assert type(plain).__name__ == cls and type(fixed).__name__ == "TSC" + cls
+    assert all(float(dt.min()) == float(dt.max()) == pytest.approx(0.01)
+               for dt in tsc_kernels.step_sizes(fixed.eval()).values())
 
 
 def test_random_shift_moves_each_example_within_bounds():
@@ -372,6 +403,20 @@ def test_xor_data_and_solved_with_restores_the_solver():
     with ode_exp.solved_with(model, 7, "rk4"):
         assert model[0].steps == 7 and model[0].solver == "rk4"
     assert model[0].steps == 2 and model[0].solver == "euler"
+
+
+def test_ode_summarises_seeds_whose_adapted_steps_differ(tmp_path, one_thread):
+    """Two seeds: every result is a mean ± std over both, also where the step adaptation ended at
+    different step sizes (the RK4 test at each model's own steps is one summary, not keyed by steps)."""
+    path = tmp_path / "ode.json"
+    assert cli.main(["ode", "--quick", "--seeds", "2", "--datasets", "digits", "--variants", "plain",
+                     "--json", str(path), "--no-progress"]) == 0
+    res = json.loads(path.read_text())["results"]["ode"]
+    for row in [*res["xor"]["models"].values(), *res["adaptation"]["digits"]["variants"].values()]:
+        assert len(row["rk4_own"]["values"]) == len(row["rk4_fine"]["values"]) == 2
+        assert all(len(a["values"]) == 2 for a in row["euler"].values())
+    assert list(res["consistency"]["digits"]["variants"]) == ["plain"]
+    assert "| `adaptive from h=1` |" in report_mod.ode(res)
 
 
 def test_fit_calls_on_step_once_per_optimiser_step(one_thread):

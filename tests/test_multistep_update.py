@@ -1,5 +1,5 @@
 """The fused linear multi-step update (LM-ResNet) on every backend vs the reference
-(docs/ops_multistep_update.md)."""
+(docs/ops.md, multistep_update)."""
 import re
 
 import pytest
@@ -177,7 +177,7 @@ def test_bad_input(backend, args, exc, words):
 
 
 def test_fused_op_kernel_counts(backend):
-    """docs/ops_multistep_update.md: one kernel forward; backward one pass plus the finalize (the C++
+    """docs/ops.md (multistep_update): one kernel forward; backward one pass plus the finalize (the C++
     CPU op counts once: its reduction runs inside it); the reference is several."""
     from tsc_kernels.profiling import count_kernels
 

@@ -1,5 +1,5 @@
 """Triton kernels of the linear multi-step update ``relu?((1-k)·u + k·u_prev + keep[n]·dt[c]·f)``
-(docs/ops_multistep_update.md): kernels, launchers and the torch.library glue in one file.
+(docs/ops.md, multistep_update): kernels, launchers and the torch.library glue in one file.
 
 Each sample is one contiguous block, channel-first (offset c·S + s) or channels-last (s·C + c); the
 kernels take the two strides (sc, ss) so one kernel serves both. Arithmetic runs in k's dtype (fp32,

@@ -21,7 +21,8 @@ def run(ctx) -> dict:
                 "params": sum(p.numel() for p in rs[0].model.parameters()),
                 "train_loss_curves": [r.train_loss for r in rs],
             }
-        out[dataset] = {"model": model_name(dataset, ctx.budget.depth[dataset]), "epochs": ctx.budget.epochs[dataset],
+        depth = ctx.key(dataset, "plain", 0).depth
+        out[dataset] = {"model": model_name(dataset, depth, ctx.arch), "epochs": ctx.budget.epochs[dataset],
                         "seeds": ctx.budget.seeds, "variants": rows}
     return out
 

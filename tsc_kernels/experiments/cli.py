@@ -16,7 +16,7 @@ import torch
 from . import budget as budget_mod
 from .data import DATASETS
 from .registry import SUBCOMMANDS
-from .training import VARIANTS, Context
+from .training import ARCHS, VARIANTS, Context
 
 
 def discover() -> dict:
@@ -58,6 +58,10 @@ def build_parser(subcommands: dict) -> argparse.ArgumentParser:
                         help=f"comma-separated, from {', '.join(DATASETS)} (default: both)")
     common.add_argument("--variants", type=_name_list(list(VARIANTS), "variant"), default=list(VARIANTS),
                         help=f"comma-separated, from {', '.join(VARIANTS)} (default: all)")
+    common.add_argument("--arch", choices=ARCHS, default="resnet",
+                        help="architecture of the accuracy, noise and stepsizes runs on digits (depth and ode study "
+                             "ResNets): resnet (cifar_resnet), lm_resnet (cifar_lm_resnet, stochastic depth), "
+                             "densenet (cifar_densenet40, k=12)")
     common.add_argument("--seeds", type=_positive, help="number of seeds (overrides the budget)")
     common.add_argument("--epochs", type=_positive, help="epochs of every training run (overrides the budget)")
     common.add_argument("--threads", type=_positive, default=1,
@@ -95,6 +99,8 @@ def main(argv=None) -> int:
     subcommands = discover()
     parser = build_parser(subcommands)
     args = parser.parse_args(argv)
+    if args.arch != "resnet" and args.datasets != ["digits"]:
+        parser.error(f"--arch {args.arch} needs --datasets digits (mnist1d trains 1-D ResNets)")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -110,7 +116,7 @@ def _run(args, subcommands: dict, argv) -> int:
     ctx = Context(args, budget, progress=not args.no_progress)
     chosen = list(subcommands) if args.command == "all" else [args.command]
     report = {"command": ["tsc-experiment", *(sys.argv[1:] if argv is None else argv)], "quick": args.quick,
-              **environment(), "backend": backend.get_backend(), "datasets": args.datasets,
+              **environment(), "backend": backend.get_backend(), "datasets": args.datasets, "arch": args.arch,
               "variants": args.variants, "budget": budget.to_json(), "results": {}, "plots": [], "wall_s": {}}
     for name in chosen:
         start = time.perf_counter()

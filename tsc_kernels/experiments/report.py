@@ -70,10 +70,11 @@ def ode(res: dict) -> str:
     x = res["xor"]
     steps = x["eval_steps"]
     rows = [[f"{n} Euler steps", fmt(r["train_acc"])] + [fmt(r["euler"][str(s)]) for s in steps]
-            + [" / ".join(f"{fmt(a)} ({s})" for s, a in r["rk4"].items())] for n, r in x["models"].items()]
+            + [fmt(r["rk4_own"]), fmt(r["rk4_fine"])] for n, r in x["models"].items()]
     out = [f"**XOR toy**, test accuracy % when solved with Euler at each number of steps over [0, 1] "
            f"({x['iters']} Adam iterations, {x['seeds']} seeds)\n\n"
-           + _table(["trained with", "train acc"] + [str(s) for s in steps] + ["RK4 (steps)"], rows)]
+           + _table(["trained with", "train acc"] + [str(s) for s in steps] + ["RK4, own steps", f"RK4, {steps[-1]} steps"],
+                    rows)]
     for d, r in res["adaptation"].items():
         steps = r["eval_steps"]
         rows = [[f"`{v}`", ", ".join(map(str, row["final_steps"])), fmt(row["gap_vs_rk4"])]
@@ -109,15 +110,20 @@ def replot(report: dict, out_dir: str) -> list[str]:
 
 
 def merge(reports: list[dict]) -> dict:
-    """One report from several runs of disjoint data sets (``--datasets digits`` and ``--datasets mnist1d``
-    run as two processes): results joined per subcommand and data set; each run's command, machine,
-    versions and wall times kept under ``runs``."""
+    """One report from several runs that never repeat a subcommand on a data set (``--datasets
+    digits`` and ``--datasets mnist1d`` run as two processes, or ``ode`` run after ``all`` without
+    it): results joined per subcommand and data set; each run's command, machine, versions and wall
+    times kept under ``runs``."""
     merged = {"results": {}, "datasets": [], "runs": []}
+    seen: dict[str, set] = {}  # subcommand -> data sets already merged
     for r in reports:
-        overlap = set(merged["datasets"]) & set(r["datasets"])
-        if overlap:
-            raise ValueError(f"the reports to merge must cover different data sets, {sorted(overlap)} appear twice")
-        merged["datasets"] += r["datasets"]
+        for name in r["results"]:
+            overlap = seen.setdefault(name, set()) & set(r["datasets"])
+            if overlap:
+                raise ValueError(f"the reports to merge must cover different data sets for each subcommand: "
+                                 f"{name} on {sorted(overlap)} appears twice")
+            seen[name] |= set(r["datasets"])
+        merged["datasets"] += [d for d in r["datasets"] if d not in merged["datasets"]]
         merged["runs"].append({k: v for k, v in r.items() if k != "results"})
         _merge_into(merged["results"], r["results"])
     return merged

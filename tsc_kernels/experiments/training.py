@@ -33,15 +33,37 @@ TSC_VARIANTS = ("tsc_lstm", "tsc_2fc", "tsc_indp")  # learned step sizes
 MNIST1D_WIDTH = 16  # 1-D ResNet width (stages 16/32/64 channels, as the CIFAR ResNets)
 
 
-def model_name(dataset: str, depth: int) -> str:
-    return f"cifar_resnet{depth}" if dataset == "digits" else f"resnet1d{depth}(width {MNIST1D_WIDTH})"
+# --arch (digits only): the architecture of the accuracy, noise and stepsizes runs. depth and ode study
+# ResNets whatever the arch. DenseNets train at DenseNet-40 (k = 12, the TSC paper's), whatever the budget's
+# depth; LM-ResNets are pre-activation with stochastic depth (survival 0.8 at the last block, as the
+# LM-ResNet paper's depth-56 network).
+ARCHS = ("resnet", "lm_resnet", "densenet")
+ARCH_DEPTH = {"densenet": 40}
+LM_SURVIVAL = 0.8
 
 
-def build_model(dataset: str, variant: str, depth: int, num_classes: int = 10) -> nn.Module:
-    """digits: CIFAR ResNet (basic blocks at every depth, 1 input channel); mnist1d: 1-D ResNet."""
+def model_name(dataset: str, depth: int, arch: str = "resnet") -> str:
+    if dataset == "mnist1d":
+        return f"resnet1d{depth}(width {MNIST1D_WIDTH})"
+    return {"resnet": f"cifar_resnet{depth}", "lm_resnet": f"cifar_lm_resnet{depth}(survival {LM_SURVIVAL})",
+            "densenet": f"cifar_densenet{depth}(k=12)"}[arch]
+
+
+def build_model(dataset: str, variant: str, depth: int, num_classes: int = 10, arch: str = "resnet") -> nn.Module:
+    """digits: CIFAR ResNet (basic blocks at every depth, 1 input channel), LM-ResNet or DenseNet (arch);
+    mnist1d: 1-D ResNet."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    if arch != "resnet" and dataset != "digits":
+        raise ValueError(f"arch {arch!r} is built for digits only (mnist1d uses 1-D ResNets), got dataset {dataset!r}")
     kwargs = VARIANTS[variant]
+    if arch == "lm_resnet":
+        return models.cifar_lm_resnet(depth, num_classes=num_classes, in_channels=1, bottleneck=False,
+                                      stochastic_depth=LM_SURVIVAL, **kwargs)
+    if arch == "densenet":
+        return models.cifar_densenet(depth, 12, num_classes=num_classes, in_channels=1, **kwargs)
     if dataset == "digits":
         return models.cifar_resnet(depth, num_classes=num_classes, in_channels=1, bottleneck=False, **kwargs)
     if dataset == "mnist1d":
@@ -58,6 +80,7 @@ class RunKey:
     epochs: int
     train_subset: int | None = None  # None: the whole training set
     batch_size: int = 64
+    arch: str = "resnet"
 
 
 @dataclass
@@ -118,7 +141,7 @@ def fit(model: nn.Module, ds: "data_mod.Dataset", epochs: int, batch_size: int, 
 def train(key: RunKey, lr: float = 0.1) -> TrainedRun:
     ds = data_mod.load(key.dataset).subset(key.train_subset, None)
     torch.manual_seed(key.seed)
-    model = build_model(key.dataset, key.variant, key.depth, ds.num_classes)
+    model = build_model(key.dataset, key.variant, key.depth, ds.num_classes, key.arch)
     start = time.perf_counter()
     losses = fit(model, ds, key.epochs, key.batch_size, key.seed, lr)
     train_s = time.perf_counter() - start
@@ -142,11 +165,19 @@ class Context:
             self._cache[key] = train(key)
         return self._cache[key]
 
+    @property
+    def arch(self) -> str:
+        return getattr(self.args, "arch", "resnet")
+
     def key(self, dataset: str, variant: str, seed: int, depth: int | None = None, epochs: int | None = None) -> RunKey:
-        """The run of the budget's accuracy setting, or of another depth / epoch count."""
+        """The run of the budget's accuracy setting (with --arch), or a ResNet of another depth / epoch count."""
         b = self.budget
-        return RunKey(dataset, variant, b.depth[dataset] if depth is None else depth, seed,
-                      b.epochs[dataset] if epochs is None else epochs, b.train_subset[dataset], b.batch_size[dataset])
+        if depth is not None:
+            return RunKey(dataset, variant, depth, seed, b.epochs[dataset] if epochs is None else epochs,
+                          b.train_subset[dataset], b.batch_size[dataset])
+        return RunKey(dataset, variant, ARCH_DEPTH.get(self.arch, b.depth[dataset]), seed,
+                      b.epochs[dataset] if epochs is None else epochs, b.train_subset[dataset], b.batch_size[dataset],
+                      self.arch)
 
     def accuracy_runs(self, variants) -> dict:
         """{dataset: {variant: [TrainedRun per seed]}} of the accuracy setting (trained once, shared)."""

@@ -78,12 +78,12 @@ class CIFARDenseNet(DenseNet):
     (``features.denseblock1.denselayer1.conv1`` …) and its forward."""
 
     def __init__(self, depth: int = 40, growth_rate: int = 12, bc: bool = False, num_classes: int = 10,
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, in_channels: int = 3):
         nn.Module.__init__(self)
         layers_per_block = (depth - 4) // (6 if bc else 3)
         num_features = 2 * growth_rate if bc else 16
         self.features = nn.Sequential()
-        self.features.add_module("conv0", nn.Conv2d(3, num_features, kernel_size=3, padding=1, bias=False))
+        self.features.add_module("conv0", nn.Conv2d(in_channels, num_features, kernel_size=3, padding=1, bias=False))
         for i in range(3):
             if bc:
                 layers = [_DenseLayer(num_features + j * growth_rate, growth_rate, bn_size=4, drop_rate=drop_rate)
@@ -232,13 +232,17 @@ register_network(TSCCIFARDenseNet)
 
 
 def cifar_densenet(depth: int = 40, growth_rate: int = 12, bc: bool = False, num_classes: int = 10,
-                   tsc: str | None = "lstm", reduction: int | None = None, drop_rate: float = 0.0) -> nn.Module:
+                   tsc: str | None = "lstm", reduction: int | None = None, drop_rate: float = 0.0,
+                   in_channels: int = 3, dt: float | None = None) -> nn.Module:
     """CIFAR DenseNet of ``depth`` (3n+4 with basic layers, 6n+4 with ``bc``: n layers per block),
     growth rate k; the TSC paper's DenseNet-40 is ``cifar_densenet(40, 12)`` (1,019,722 parameters
     for 10 classes; TSC_LSTM adds 1,413: 471 per dense block, D = 108, H = 3, C = 12).
-    ``tsc=None`` gives the plain network; ``reduction``: controller hidden size H = max(1, k // reduction)."""
+    ``tsc=None`` gives the plain network, ``tsc="fixed"`` a constant step size ``dt``; ``reduction``:
+    controller hidden size H = max(1, k // reduction); ``in_channels``: input channels (1 for grey images)."""
     _checks.tsc_mode(tsc, "tsc", allow_none=True)
     _checks.reduction(reduction)
+    dt = _checks.fixed_dt(dt, tsc)
+    _checks.positive_int(in_channels, "in_channels")
     _checks.flag(bc, "bc")
     _checks.positive_int(depth, "depth")
     _checks.positive_int(growth_rate, "growth_rate")
@@ -248,7 +252,7 @@ def cifar_densenet(depth: int = 40, growth_rate: int = 12, bc: bool = False, num
         raise ValueError(f"depth must be {3 * per_layer}n+4 with n >= 1 for a CIFAR DenseNet{'-BC' if bc else ''}, got {depth}")
     if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"drop_rate must be a float in [0, 1), got {drop_rate!r}")
-    return finish(CIFARDenseNet(depth, growth_rate, bc, num_classes, float(drop_rate)), tsc, reduction)
+    return finish(CIFARDenseNet(depth, growth_rate, bc, num_classes, float(drop_rate), in_channels), tsc, reduction, dt)
 
 
 def _torchvision_densenet(name: str, tsc: str | None, reduction: int | None, kwargs: dict) -> nn.Module:

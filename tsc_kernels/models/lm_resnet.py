@@ -113,8 +113,9 @@ class _LMNetwork:
 class CIFARLMResNet(_LMNetwork, CIFARResNet):
     """CIFAR LM-ResNet: ``CIFARResNet`` (stem, three stages, pool, fc) with multi-step stages."""
 
-    def __init__(self, block: type, blocks_per_stage: int, num_classes: int = 10, stochastic_depth: float | None = None):
-        super().__init__(block, blocks_per_stage, num_classes)
+    def __init__(self, block: type, blocks_per_stage: int, num_classes: int = 10, stochastic_depth: float | None = None,
+                 in_channels: int = 3):
+        super().__init__(block, blocks_per_stage, num_classes, in_channels)
         _init_lm(self, stochastic_depth)
 
     def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +155,8 @@ register_network(TSCLMResNet)
 
 
 def cifar_lm_resnet(depth: int, preact: bool = True, stochastic_depth: float | None = 0.5, tsc: str | None = None,
-                    num_classes: int = 10, reduction: int | None = None, bottleneck: bool | None = None) -> nn.Module:
+                    num_classes: int = 10, reduction: int | None = None, bottleneck: bool | None = None,
+                    in_channels: int = 3, dt: float | None = None) -> nn.Module:
     """CIFAR LM-ResNet of ``depth`` layers (6n+2 basic / 9n+2 bottleneck, as ``cifar_resnet``).
 
     Args:
@@ -162,10 +164,13 @@ def cifar_lm_resnet(depth: int, preact: bool = True, stochastic_depth: float | N
         stochastic_depth: survival probability p_L of the last block (linear decay from 1), None: off.
             The paper uses 0.8 for LM-ResNet-56 and 0.5 for LM-ResNet-110.
         tsc: None (plain LM-ResNet, Δt = 1) or a controller mode ("lstm", "2fc", "indp") giving
-            each block's Δt inside the two-step scheme.
+            each block's Δt inside the two-step scheme, or "fixed" with ``dt`` (a constant step size).
+        in_channels: input channels (1 for grey images such as scikit-learn's digits).
     """
     _checks.tsc_mode(tsc, "tsc", allow_none=True)
     _checks.reduction(reduction)
+    dt = _checks.fixed_dt(dt, tsc)
+    _checks.positive_int(in_channels, "in_channels")
     _checks.flag(preact, "preact")
     stochastic_depth = _check_stochastic_depth(stochastic_depth)
     bottleneck = _checks.cifar_depth(depth, bottleneck)
@@ -173,7 +178,7 @@ def cifar_lm_resnet(depth: int, preact: bool = True, stochastic_depth: float | N
     n = (depth - 2) // (9 if bottleneck else 6)
     block = {(False, False): torchvision.models.resnet.BasicBlock, (True, False): torchvision.models.resnet.Bottleneck,
              (False, True): PreActBasicBlock, (True, True): PreActBottleneck}[(bottleneck, preact)]
-    return finish(CIFARLMResNet(block, n, num_classes, stochastic_depth), tsc, reduction)
+    return finish(CIFARLMResNet(block, n, num_classes, stochastic_depth, in_channels), tsc, reduction, dt)
 
 
 def _lm_torchvision(builder, tsc, reduction, stochastic_depth, kwargs) -> nn.Module:

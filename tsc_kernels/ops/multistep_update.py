@@ -1,4 +1,4 @@
-"""The linear multi-step update of LM-ResNet (docs/ops_multistep_update.md): declaration and entry point.
+"""The linear multi-step update of LM-ResNet (docs/ops.md, multistep_update): declaration and entry point.
 
     out = relu?((1 - k)·u + k·u_prev + keep[n]·dt[c]·f)
 
