@@ -1,9 +1,23 @@
-"""Shared fixtures: the backends that can run CPU tensors here, and per-dtype tolerances."""
+"""Shared fixtures: the test device and the backends that run its tensors, and per-dtype tolerances.
+
+TSC_TEST_DEVICE=cuda (what `make gpu-check` sets) runs the op tests on the GPU: the tensors the
+tests create land there (torch's default device) and the ``backend`` fixture runs every backend that
+takes CUDA tensors (cuda, triton, torch). Tests that count CPU ops or interpreter launches are
+marked ``cpu_only`` and skip there with that reason. Default: cpu.
+"""
+import os
+
 import pytest
 import torch
 from torch import nn
 
 import tsc_kernels
+
+TEST_DEVICE = os.environ.get("TSC_TEST_DEVICE", "cpu")
+if TEST_DEVICE not in ("cpu", "cuda"):
+    raise pytest.UsageError(f"TSC_TEST_DEVICE must be 'cpu' or 'cuda', got {TEST_DEVICE!r}")
+if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+    raise pytest.UsageError("TSC_TEST_DEVICE=cuda needs a CUDA device: torch.cuda.is_available() is False")
 
 # (dtype, atol, rtol) for comparing a backend with the reference. Backends compute in fp32 like the
 # reference, so fp32 differences are rounding-order only; fp16/bf16 allow one rounding of the output.
@@ -14,17 +28,24 @@ TOLERANCES = {
     torch.float64: (1e-12, 1e-12),
 }
 
-CPU_BACKENDS = tsc_kernels.available_backends("cpu")
+TEST_BACKENDS = tsc_kernels.available_backends(TEST_DEVICE)
 # the fused backends (everything but the reference itself)
-FUSED_CPU_BACKENDS = [b for b in CPU_BACKENDS if b != "torch"]
+FUSED_BACKENDS = [b for b in TEST_BACKENDS if b != "torch"]
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "big_for_interpreter: too large for the Triton interpreter; runs on the other backends")
+    config.addinivalue_line("markers", "cpu_only: counts CPU ops or interpreter launches; skipped with TSC_TEST_DEVICE=cuda")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Deselect (not skip) big_for_interpreter cases of the triton backend under TRITON_INTERPRET=1."""
+    """Skip cpu_only tests on the GPU; deselect (not skip) big_for_interpreter cases of the triton
+    backend under TRITON_INTERPRET=1."""
+    if TEST_DEVICE != "cpu":
+        skip = pytest.mark.skip(reason=f"counts CPU ops or interpreter launches (TSC_TEST_DEVICE={TEST_DEVICE})")
+        for item in items:
+            if item.get_closest_marker("cpu_only"):
+                item.add_marker(skip)
     if not tsc_kernels.backend.TRITON_INTERPRET:
         return
     keep, drop = [], []
@@ -57,15 +78,23 @@ def count_triton_launches(fn) -> int:
     return calls
 
 
-@pytest.fixture(params=CPU_BACKENDS)
+@pytest.fixture(params=TEST_BACKENDS)
 def backend(request):
     with tsc_kernels.use_backend(request.param):
         yield request.param
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_device():
     torch.manual_seed(0)
+    if TEST_DEVICE == "cpu":
+        yield
+        return
+    torch.set_default_device(TEST_DEVICE)  # factory calls without a device create GPU tensors
+    try:
+        yield
+    finally:
+        torch.set_default_device("cpu")
 
 
 def randomize(model, scale=0.5):

@@ -10,7 +10,7 @@ import torch
 
 import tsc_kernels
 from tsc_kernels import reference
-from conftest import FUSED_CPU_BACKENDS, TOLERANCES, count_triton_launches
+from conftest import FUSED_BACKENDS, TOLERANCES, count_triton_launches
 
 # Not powers of two; 0-3 spatial dims.
 SHAPES = [(3, 7, 5, 4), (2, 5, 9), (4, 3, 2, 3, 5), (5, 6)]
@@ -197,7 +197,7 @@ def test_eval_empty_batch(backend):
 
 
 @pytest.mark.big_for_interpreter
-@pytest.mark.parametrize("fused", FUSED_CPU_BACKENDS)
+@pytest.mark.parametrize("fused", FUSED_BACKENDS)
 def test_deterministic_across_runs_and_threads(fused):
     """The fused ops' results are bitwise the same across calls and thread counts (fixed-order
     reductions; ATen's own batch norm, the reference, is not). The planes (2, 3, 131, 129) are
@@ -258,6 +258,7 @@ def test_eval_allows_one_value_per_channel(backend):
     torch.testing.assert_close(out, reference.batch_norm_residual_update(y, x, dt, rm, rv, w, b, False, 0.1, 1e-5, True))
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("relu", [False, True])
 def test_fused_op_is_one_kernel_each_way(backend, relu):
     """docs/performance.md: the fused op is one kernel forward and one backward; the reference is several."""

@@ -311,6 +311,7 @@ def test_torch_compile_fullgraph(training):
     torch.testing.assert_close(rv_c, rv_e)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("training,relu,fwd,bwd", [(True, True, 3, 3), (True, False, 3, 3), (False, True, 1, 2), (False, False, 1, 2)])
 def test_launch_counts(training, relu, fwd, bwd):
     # training forward: stats, stats finalize, apply; eval forward: apply alone.

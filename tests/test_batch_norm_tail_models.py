@@ -74,6 +74,7 @@ def test_fused_tail_equals_two_ops(backend, variant):
         torch.testing.assert_close(model(x), twin(x), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.cpu_only
 def test_uses_the_fused_op_once_per_block():
     model = models.cifar_resnet(14)
     with tsc_kernels.use_backend("torch"):
@@ -86,6 +87,7 @@ def test_uses_the_fused_op_once_per_block():
     assert "tsc::residual_update" not in names
 
 
+@pytest.mark.cpu_only
 def test_other_tails_keep_the_two_op_path():
     """SyncBatchNorm, SE blocks and pre-activation blocks are not fused (docs/backends.md)."""
     model = models.cifar_resnet(8)

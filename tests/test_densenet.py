@@ -14,7 +14,7 @@ import tsc_kernels
 from tsc_kernels import models
 from conftest import randomize
 from tsc_kernels.models.densenet import CIFARDenseNet, TSCBottleneckDenseLayer, TSCDenseLayer
-from conftest import FUSED_CPU_BACKENDS
+from conftest import FUSED_BACKENDS
 
 
 def n_params(model):
@@ -127,7 +127,7 @@ def test_memory_efficient_torchvision_layers():
         torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
-@pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.big_for_interpreter  # a whole DenseNet step; the op itself is checked in test_scale_concat
 def test_backends_agree_on_a_training_step(backend):
     # fp64: an fp32 DenseNet-40 step at batch 2 is too ill-conditioned for a tight comparison of the

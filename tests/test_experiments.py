@@ -22,7 +22,7 @@ from tsc_kernels.experiments import cli, data, registry, report as report_mod, t
 from tsc_kernels.fold import fold  # noqa: E402
 from tsc_kernels.nn import TSCController  # noqa: E402
 from tsc_kernels.profiling import kernel_names  # noqa: E402
-from conftest import CPU_BACKENDS  # noqa: E402
+from conftest import TEST_BACKENDS  # noqa: E402
 
 
 def n_params(model):
@@ -90,9 +90,10 @@ def test_all_quick_writes_json_and_plots(tmp_path, one_thread):
     assert adapt["euler h=1/8"]["final_steps"] == [8] and adapt["euler h=1"]["decisions"] == []
     assert len(adapt["adaptive from h=1"]["decisions"][0]) == 23 // 5  # 23 iterations (1437 / 64), one decision every 5
     consistency = odes["consistency"]["digits"]
-    assert list(consistency["variants"]) == ["plain", "tsc_lstm", "dt=0.01"] and consistency["factors"] == [1, 2, 4]
+    assert consistency["factors"] == [1, 2, 4] and len(consistency["runs"]) == 1  # quick: both settings are depth 8, 1 epoch
+    assert list(consistency["runs"][0]["variants"]) == ["plain", "tsc_lstm", "dt=0.01"]
     # factor 1 is the model itself, and the depth experiment's model of the same depth and epochs (reused)
-    assert consistency["variants"]["plain"][0]["mean"] == depth["variants"]["plain"][0]["test_acc"]["mean"]
+    assert consistency["runs"][0]["variants"]["plain"][0]["mean"] == depth["variants"]["plain"][0]["test_acc"]["mean"]
     pngs = ["accuracy.png", "depth.png", "noise.png", "ode.png", "stepsizes.png"]
     assert sorted(p.name for p in out.iterdir()) == pngs
     for p in out.iterdir():
@@ -241,6 +242,7 @@ def test_fixed_dt_equals_manual_computation(dt, train):
     assert diagnostics.evolution_time(model) == pytest.approx({"layer1": 2 * dt, "layer2": 2 * dt, "layer3": 2 * dt})
 
 
+@pytest.mark.cpu_only
 def test_fixed_dt_has_no_parameters_and_launches_no_controller():
     torch.manual_seed(0)
     plain = models.cifar_resnet(8, in_channels=1, tsc=None)
@@ -373,7 +375,7 @@ def loss_curve(backend_name, dtype, steps=50):
     return torch.tensor(losses, dtype=torch.float64)
 
 
-@pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="the C++ extension (cpu backend) is not built")
+@pytest.mark.skipif("cpu" not in TEST_BACKENDS, reason="the C++ extension (cpu backend) is not built")
 def test_fused_and_torch_backends_train_alike(one_thread):
     """50 SGD steps of a TSC ResNet-14 on digits: the fused C++ ops and the reference give one loss curve.
 
@@ -415,7 +417,7 @@ def test_ode_summarises_seeds_whose_adapted_steps_differ(tmp_path, one_thread):
     for row in [*res["xor"]["models"].values(), *res["adaptation"]["digits"]["variants"].values()]:
         assert len(row["rk4_own"]["values"]) == len(row["rk4_fine"]["values"]) == 2
         assert all(len(a["values"]) == 2 for a in row["euler"].values())
-    assert list(res["consistency"]["digits"]["variants"]) == ["plain"]
+    assert [list(r["variants"]) for r in res["consistency"]["digits"]["runs"]] == [["plain"], ["plain"]]
     assert "| `adaptive from h=1` |" in report_mod.ode(res)
 
 

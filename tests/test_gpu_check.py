@@ -41,3 +41,28 @@ def test_module_entry_point_exit_status_without_gpu():
     import sys
     p = subprocess.run([sys.executable, "-m", "tsc_kernels.gpu_check", "--skip-build"], capture_output=True, text=True)
     assert p.returncode == 2 and "no CUDA device" in p.stderr
+
+
+def test_gpu_tests_cover_every_op():
+    """gpu-check runs each registered op's test file on CUDA tensors (TSC_TEST_DEVICE=cuda)."""
+    from tsc_kernels.ops.registry import OPS
+
+    files = {f"tests/test_{name}.py" for name in OPS if name != "weight_mean"}  # weight_mean: test_lstm_controller.py
+    assert files <= set(gpu_check.TEST_FILES), files - set(gpu_check.TEST_FILES)
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "TSC_TEST_DEVICE must be 'cpu' or 'cuda'"),
+    pytest.param("cuda", "needs a CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
+])
+def test_test_device_is_checked_before_any_test_runs(device, message):
+    """A bad or unavailable TSC_TEST_DEVICE stops pytest with a usage error instead of silently
+    running the CPU tests (which is what gpu-check's tests step did before conftest read it)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TSC_TEST_DEVICE=device)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_registry.py", "-p", "no:cacheprovider"],
+                         env=env, capture_output=True, text=True, timeout=300, cwd=gpu_check.ROOT)
+    assert res.returncode != 0 and message in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr[-2000:]

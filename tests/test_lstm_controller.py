@@ -212,6 +212,7 @@ def test_torch_compile_fullgraph(backend):
     assert_grads_close(got, want, [str(i) for i in range(len(leaves))])
 
 
+@pytest.mark.cpu_only
 def test_fused_path_kernel_count(backend):
     """fwd + bwd of a 3-stage network: one weight_mean, one controller, their backwards, one cat of
     the per-stage Δt gradients; the reference path needs a kernel per op per block."""

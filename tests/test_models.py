@@ -15,7 +15,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import tsc_kernels
 from tsc_kernels import _checks, models
-from conftest import FUSED_CPU_BACKENDS, randomize
+from conftest import FUSED_BACKENDS, randomize
 
 
 def n_params(model):
@@ -166,7 +166,7 @@ def test_forward_backward_large(name):
 
 # The Triton interpreter runs kernels in numpy, thousands of times slower than the GPU: it gets the
 # small CIFAR networks only (every block kind still covered: basic, pre-activation, bottleneck).
-AGREE_CASES = [(n, b) for b in FUSED_CPU_BACKENDS
+AGREE_CASES = [(n, b) for b in FUSED_BACKENDS
                for n in ("resnet18", "cifar20_preact", "se_resnet50", "cifar29_bottleneck")
                if b != "triton" or n.startswith("cifar")]
 

@@ -176,6 +176,7 @@ def test_bad_input(backend, args, exc, words):
         tsc_kernels.multistep_update(**args)
 
 
+@pytest.mark.cpu_only
 def test_fused_op_kernel_counts(backend):
     """docs/ops.md (multistep_update): one kernel forward; backward one pass plus the finalize (the C++
     CPU op counts once: its reduction runs inside it); the reference is several."""

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import tsc_kernels
 from tsc_kernels import reference
-from conftest import CPU_BACKENDS, TOLERANCES
+from conftest import TEST_BACKENDS, TOLERANCES
 
 FUZZ = int(os.environ.get("TSC_FUZZ_EXAMPLES", "0"))
 EXAMPLES = FUZZ or 50
@@ -52,7 +52,7 @@ def residual_cases(draw):
     return shape, dtype, draw(st.sampled_from(LAYOUTS)), draw(st.sampled_from(LAYOUTS)), draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
 def test_residual_update_matches_reference(backend):
     @_settings(backend)
     @given(residual_cases())
@@ -93,7 +93,7 @@ def weight_cases(draw):
     return shapes, dtype, [draw(st.sampled_from(LAYOUTS[:4])) for _ in shapes], draw(st.integers(0, 2**31 - 1))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
 def test_weight_mean_matches_reference(backend):
     @_settings(backend)
     @given(weight_cases())
@@ -131,7 +131,7 @@ def lstm_cases(draw):
     return (L, D, H, C), dtype, draw(st.booleans()), draw(st.integers(0, 2**31 - 1))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", TEST_BACKENDS)
 def test_lstm_controller_matches_reference(backend):
     @_settings(backend)
     @given(lstm_cases())

@@ -153,6 +153,7 @@ def test_relu_must_be_bool(backend):
         tsc_kernels.residual_update(y, f, dt, relu=1)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_large_tensors_cpu_streaming_path(dtype, channels_last):
@@ -167,6 +168,7 @@ def test_large_tensors_cpu_streaming_path(dtype, channels_last):
         compare_with_reference(y, f, dt, relu=False)
 
 
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("relu", [False, True])
 def test_fused_op_is_one_kernel_each_way(backend, relu):
     """docs/performance.md: the fused op is one kernel forward and one backward; the reference is several."""

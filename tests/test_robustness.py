@@ -13,7 +13,7 @@ import tsc_kernels
 from tsc_kernels import models, reference
 from tsc_kernels._checks import LSTM_PARAM_NAMES
 from tsc_kernels.nn import NetworkController, TSCController
-from conftest import CPU_BACKENDS, TOLERANCES
+from conftest import TEST_BACKENDS, TOLERANCES
 
 def _lstm_params(D=7, H=3, C=5, dtype=torch.float32):
     return [torch.randn(H, D, dtype=dtype), torch.randn(H, dtype=dtype), torch.randn(4 * H, H, dtype=dtype),
@@ -324,13 +324,14 @@ def test_channels_last_model_trains_like_contiguous(backend, preact):
 COPY_OPS = {"aten::copy_", "aten::contiguous", "aten::clone", "aten::_to_copy", "aten::to"}
 
 
+@pytest.mark.cpu_only
 def test_residual_update_channels_last_has_no_hidden_copy():
     """Profile the fused C++ op (forward and backward) on channels-last input: no copy/contiguous op.
 
     The C++ backend only: the Triton interpreter copies tensors to numpy and back by design, and the
     torch backend is the reference's chain of aten ops (its .to(fp32) of fp32 is a no-op alias).
     """
-    if "cpu" not in CPU_BACKENDS:
+    if "cpu" not in TEST_BACKENDS:
         pytest.skip("the C++ extension tsc_kernels._C is not built: no fused CPU op to profile")
     y, f = (torch.randn(2, 8, 5, 6).to(memory_format=torch.channels_last).requires_grad_() for _ in range(2))
     dt = torch.rand(8, requires_grad=True)
@@ -375,7 +376,7 @@ def test_cpu_step_is_deterministic(channels_last):
 
     The C++ backend, on a batch big enough that the ddt reduction is split over threads.
     """
-    if "cpu" not in CPU_BACKENDS:
+    if "cpu" not in TEST_BACKENDS:
         pytest.skip("the C++ extension tsc_kernels._C is not built: no cpu backend to test")
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = _tiny_model().to(memory_format=fmt)
@@ -406,7 +407,7 @@ def test_cpp_op_memory_is_flat(op):
     Every call allocates >= 16 KB of outputs (4096-float tensors), so leaking one of them per call
     would add >= 14 MB over the 900 calls, well above the tolerance.
     """
-    if "cpu" not in CPU_BACKENDS:
+    if "cpu" not in TEST_BACKENDS:
         pytest.skip("the C++ extension tsc_kernels._C is not built: no C++ op to test")
     if op == "residual_update":
         y, f = (torch.randn(4, 16, 8, 8, requires_grad=True) for _ in range(2))

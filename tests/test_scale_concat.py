@@ -182,6 +182,7 @@ def test_large_tensor_cpu_kernel():
             compare_with_reference(*make_inputs((16, 37, 33, 31), 12, torch.float32, channels_last=cl))
 
 
+@pytest.mark.cpu_only
 def test_fused_op_is_one_kernel_each_way(backend):
     """The fused op is one kernel forward and one backward (dx is a view); the reference is several."""
     from tsc_kernels.profiling import count_kernels

@@ -15,7 +15,7 @@ from torch import nn
 timm = pytest.importorskip("timm", reason="timm is an optional dependency (pip install 'tsc-kernels[timm]')")
 
 import tsc_kernels  # noqa: E402
-from conftest import FUSED_CPU_BACKENDS  # noqa: E402
+from conftest import FUSED_BACKENDS  # noqa: E402
 from conftest import randomize  # noqa: E402
 from test_models import n_params  # noqa: E402
 from timm.models.resnet import BasicBlock, ResNet  # noqa: E402
@@ -196,7 +196,7 @@ def train_step(model, x, backend):
 # The Triton interpreter is far too slow for a ResNet forward: the fused C++ backend only. In train
 # mode a batch-4 BatchNorm over layer4's 2x2 maps amplifies fp32 rounding (relative gradient
 # differences up to ~2e-2 in SE-ResNet-50's deep layers), so the tight comparison runs in fp64.
-@pytest.mark.parametrize("backend", [b for b in FUSED_CPU_BACKENDS if b != "triton"])
+@pytest.mark.parametrize("backend", [b for b in FUSED_BACKENDS if b != "triton"])
 @pytest.mark.parametrize("name, dtype, tol", [("resnet18", torch.float32, 1e-3), ("resnet18", torch.float64, 1e-10),
                                               ("seresnet50", torch.float64, 1e-10)])
 def test_backends_agree_on_a_training_step(name, dtype, tol, backend):

@@ -32,7 +32,8 @@ def test_every_kernel_has_an_aot_config(aot_report):
     assert report["uncovered"] == [], "these kernels are never compiled ahead of time: add them to their module's AOT_CONFIGS"
 
 
-@pytest.mark.parametrize("module", ["weight_mean", "lstm_controller", "residual_update", "batch_norm_residual_update", "scale_concat"])
+@pytest.mark.parametrize("module", ["weight_mean", "lstm_controller", "residual_update", "batch_norm_residual_update", "scale_concat",
+                                    "multistep_update", "ode_combine"])
 def test_module_kernels_are_compiled_for_both_targets(aot_report, module):
     _, report = aot_report
     mod = importlib.import_module(f"tsc_kernels._triton.{module}")
@@ -49,3 +50,27 @@ def test_compiles_without_errors_or_spills(aot_report):
     assert not failed, "compile errors:\n" + "\n".join(failed)
     assert not spilled, "register spills:\n" + "\n".join(spilled)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_every_config_is_also_compiled_as_the_jit_builds_it(aot_report):
+    """Each config as written (i64, no alignment: the worst case) and its `@jit` twin (i32, pointers
+    and ints divisible by 16: what Triton's JIT builds for usual CNN arguments) are both compiled for
+    both targets, so the register/spill evidence covers the binary that really runs."""
+    _, report = aot_report
+    rows = {(r["config"], r["target"]) for r in report["rows"]}
+    written = {c for c, _ in rows if not c.endswith("@jit")}
+    assert written and all((c + "@jit", t) in rows for c in written for t in ("sm_80", "sm_90"))
+
+
+@pytest.mark.parametrize("prefix", ["residual_fwd_fp32", "residual_fwd_bf16", "multistep_fwd_fp32", "ode_combine_fwd"])
+def test_jit_variant_of_elementwise_kernels_uses_vector_loads(aot_report, prefix):
+    """The divisibility the JIT adds is what lets the compiler emit 16-byte loads (ld.global.v4 /
+    .v2 of 32-bit words): the @jit twin of every elementwise forward has them, the worst-case config
+    none. Without the attributes the AOT figures would describe a scalar-load kernel that never runs."""
+    _, report = aot_report
+    rows = [r for r in report["rows"] if r["config"].startswith(prefix) and not r["error"]]
+    jit = [r for r in rows if r["config"].endswith("@jit")]
+    worst = [r for r in rows if not r["config"].endswith("@jit")]
+    assert jit and worst
+    assert all(r["vector_loads"] > 0 for r in jit), [(r["config"], r["vector_loads"]) for r in jit]
+    assert all(r["vector_loads"] == 0 for r in worst), [(r["config"], r["vector_loads"]) for r in worst]

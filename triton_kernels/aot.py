@@ -45,6 +45,21 @@ def _collect() -> list[dict]:
     return kernels
 
 
+def jit_variant(cfg: dict) -> dict:
+    """The binary Triton's JIT builds for the usual arguments of a CNN: every integer argument an i32
+    (the JIT types a Python int by its value: i32 below 2**31) and, like every pointer (tensors from
+    torch's caching allocator are 16-byte aligned), divisible by 16 (``tt.divisibility=16``, which
+    the JIT adds to each int that is: numel, channel and plane sizes of most layers). Only with
+    these does the compiler emit vector loads. The config as written (i64, nothing divisible) is the
+    worst case: shapes past 2**31, odd sizes, misaligned views. Both are compiled, so the register
+    and spill figures cover what really runs."""
+    names = cfg["kernel"].arg_names
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in cfg["signature"].items()
+             if t.startswith("*") or t in ("i32", "i64")}
+    signature = {k: "i32" if t == "i64" else t for k, t in cfg["signature"].items()}
+    return dict(cfg, name=cfg["name"] + "@jit", signature=signature, attrs=attrs)
+
+
 def uncovered_kernels() -> list[str]:
     """`module.name` of every @triton.jit function named *_kernel in MODULES that no KERNELS config
     compiles: a kernel added without an AOT config would otherwise go unchecked."""
@@ -91,15 +106,19 @@ def compile_one(cfg: dict, capability: int) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=cfg["kernel"], signature=cfg["signature"], constexprs=cfg.get("constexprs", {}))
+    src = ASTSource(fn=cfg["kernel"], signature=cfg["signature"], constexprs=cfg.get("constexprs", {}),
+                    attrs=cfg.get("attrs"))
     compiled = triton.compile(src, target=GPUTarget("cuda", capability, 32),
                               options={"num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 3)})
     rep = _ptxas_report(compiled.asm["ptx"], capability)
-    return dict(registers=rep["registers"], spills=rep["spills"], shared=int(compiled.metadata.shared))
+    ptx = compiled.asm["ptx"]
+    return dict(registers=rep["registers"], spills=rep["spills"], shared=int(compiled.metadata.shared),
+                vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]\.", ptx)))
 
 
-# Every kernel config of the project (module, kernel, name, signature, constexprs, num_warps).
-KERNELS: list[dict] = _collect()
+# Every kernel config of the project (module, kernel, name, signature, constexprs, num_warps), each
+# as written (i64, unaligned: the worst case) and as the JIT builds it for usual arguments (jit_variant).
+KERNELS: list[dict] = [v for cfg in _collect() for v in (cfg, jit_variant(cfg))]
 
 
 def compile_all(targets=((80, "sm_80"), (90, "sm_90")), kernels: list[dict] | None = None) -> list[dict]:
@@ -114,7 +133,8 @@ def compile_all(targets=((80, "sm_80"), (90, "sm_90")), kernels: list[dict] | No
             try:
                 row.update(compile_one(cfg, capability), error=None)
             except Exception as exc:  # reported per row: one failing kernel must not hide the others
-                row.update(registers=None, spills=None, shared=None, error=f"{type(exc).__name__}: {exc}")
+                row.update(registers=None, spills=None, shared=None, vector_loads=None,
+                           error=f"{type(exc).__name__}: {exc}")
             results.append(row)
     return results
 

@@ -30,7 +30,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU = "no CUDA device: gpu-check proves the GPU backends and needs one (CPU CI is `make test`)"
-TEST_FILES = ("tests/test_gpu_ready.py", "tests/test_residual_update.py", "tests/test_lstm_controller.py")
+# Run with TSC_TEST_DEVICE=cuda (tests/conftest.py): every op's tests on CUDA tensors, on the cuda,
+# triton and torch backends (weight_mean is tested in test_lstm_controller.py).
+TEST_FILES = ("tests/test_gpu_ready.py", "tests/test_residual_update.py", "tests/test_lstm_controller.py",
+              "tests/test_batch_norm_residual_update.py", "tests/test_scale_concat.py", "tests/test_multistep_update.py",
+              "tests/test_ode_combine.py", "tests/test_mixed_precision.py")
 BANDWIDTH_TARGET = 0.8
 
 

@@ -11,9 +11,10 @@ all? Neural ODEs and their numerical solution"). Three parts, each tested by sol
   at step 1/8, and from step 1 with ``StepAdaptation`` (test solver RK4, threshold 0.1, every
   budget.ode_adapt_every iterations); tested the same way. Reports the steps chosen and the gap
   between the train solver and RK4.
-- consistency: ``ode_consistency`` of the plain, TSC_LSTM and fixed Δt = 0.01 ResNets (depth
-  budget.ode_depth, trained as in the depth experiment): accuracy when every block's update is taken
-  as 1, 2, 4, ... sub-steps. Does an adaptive Δt make a ResNet more ODE-like?
+- consistency: ``ode_consistency`` of the plain, TSC_LSTM and fixed Δt = 0.01 ResNets, those of the
+  accuracy experiment (depth 20) and deeper ones trained as in the depth experiment
+  (budget.ode_depth): accuracy when every block's update is taken as 1, 2, 4, ... sub-steps. Does an
+  adaptive Δt make a ResNet more ODE-like?
 """
 from __future__ import annotations
 
@@ -168,20 +169,23 @@ def run_adaptation(ctx, dataset: str, bar) -> dict:
 # consistency curves of ResNets
 # --------------------------------------------------------------------------------------------------
 def run_consistency(ctx, dataset: str) -> dict:
+    """Two trained settings: the accuracy experiment's ResNets (depth b.depth, b.epochs) and the depth
+    experiment's deeper ones (b.ode_depth, b.depth_epochs); with `all`, both are reused from the cache."""
     b = ctx.budget
     variants = [v for v in CONSISTENCY_VARIANTS if v in ctx.args.variants] or list(CONSISTENCY_VARIANTS)
-    # same depth / epochs as the depth experiment: with `all`, its runs are reused (ctx caches them)
-    keys = {(v, s): ctx.key(dataset, v, s, depth=b.ode_depth[dataset], epochs=b.depth_epochs[dataset])
-            for v in variants for s in range(b.seeds)}
-    runs = dict(zip(keys, ctx.train_all(list(keys.values()), f"ode {dataset}")))
+    settings = [(b.depth[dataset], b.epochs[dataset]), (b.ode_depth[dataset], b.depth_epochs[dataset])]
     ds = data_mod.load(dataset)
-    rows = {}
-    for v in variants:
-        per_seed = [ode.ode_consistency(runs[(v, s)].model, (ds.x_test, ds.y_test), b.ode_factors)
-                    for s in range(b.seeds)]
-        rows[v] = [summary(acc[f] for acc in per_seed) for f in b.ode_factors]
-    return {"depth": b.ode_depth[dataset], "epochs": b.depth_epochs[dataset], "seeds": b.seeds,
-            "factors": list(b.ode_factors), "variants": rows}
+    out = []
+    for depth, epochs in dict.fromkeys(settings):
+        keys = {(v, s): ctx.key(dataset, v, s, depth=depth, epochs=epochs) for v in variants for s in range(b.seeds)}
+        runs = dict(zip(keys, ctx.train_all(list(keys.values()), f"ode {dataset} d{depth}")))
+        rows = {}
+        for v in variants:
+            per_seed = [ode.ode_consistency(runs[(v, s)].model, (ds.x_test, ds.y_test), b.ode_factors)
+                        for s in range(b.seeds)]
+            rows[v] = [summary(acc[f] for acc in per_seed) for f in b.ode_factors]
+        out.append({"depth": depth, "epochs": epochs, "variants": rows})
+    return {"seeds": b.seeds, "factors": list(b.ode_factors), "runs": out}
 
 
 def run(ctx) -> dict:
@@ -205,9 +209,10 @@ def summary_lines(result: dict) -> list[str]:
         for v, row in res["variants"].items():
             lines.append(f"{d:8s} {v:18s} steps {row['final_steps']}  gap to rk4 {row['gap_vs_rk4']['mean'] * 100:+.1f} %")
     for d, res in result["consistency"].items():
-        for v, row in res["variants"].items():
-            curve = "  ".join(f"x{f}: {a['mean'] * 100:.1f}" for f, a in zip(res["factors"], row))
-            lines.append(f"{d:8s} {v:9s} refined {curve}")
+        for r in res["runs"]:
+            for v, row in r["variants"].items():
+                curve = "  ".join(f"x{f}: {a['mean'] * 100:.1f}" for f, a in zip(res["factors"], row))
+                lines.append(f"{d:8s} d{r['depth']:<3d} {v:9s} refined {curve}")
     return lines
 
 
@@ -242,11 +247,13 @@ def plot(result: dict, out_dir: str) -> list[str]:
         ax.set_title(f"{d}: step adaptation (threshold {result['adaptation'][d]['threshold']})", fontsize=9)
         ax.legend(fontsize=7)
     ax = axes[1][0]
-    for c, (d, res) in enumerate(result["consistency"].items()):
-        for i, (v, row) in enumerate(res["variants"].items()):
-            ax.errorbar(res["factors"], [a["mean"] * 100 for a in row], yerr=[a["std"] * 100 for a in row],
-                        marker="os"[c % 2], markersize=3, capsize=2, color=f"C{i}",
-                        linestyle="-" if c == 0 else "--", label=f"{d} {v} (depth {res['depth']})")
+    curves = [(d, r) for d, res in result["consistency"].items() for r in res["runs"]]
+    for c, (d, r) in enumerate(curves):
+        for i, (v, row) in enumerate(r["variants"].items()):
+            factors = result["consistency"][d]["factors"]
+            ax.errorbar(factors, [a["mean"] * 100 for a in row], yerr=[a["std"] * 100 for a in row],
+                        marker="os^v"[c % 4], markersize=3, capsize=2, color=f"C{i}",
+                        linestyle=("-", "--", ":", "-.")[c % 4], label=f"{d} {v} d{r['depth']}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sub-steps per block (refine factor)")
     ax.set_ylabel("test accuracy (%)")

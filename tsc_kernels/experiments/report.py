@@ -82,10 +82,11 @@ def ode(res: dict) -> str:
         out.append(f"**{d}**, {r['model']}, {r['epochs']} epochs, {r['seeds']} seeds: steps per block at the end, "
                    f"test accuracy gap (train solver − RK4, %), test accuracy % with Euler at each number of steps\n\n"
                    + _table(["training", "final steps", "gap vs RK4"] + [str(s) for s in steps], rows))
-    for d, r in res["consistency"].items():
-        rows = [[f"`{v}`"] + [fmt(a) for a in row] for v, row in r["variants"].items()]
-        out.append(f"**{d}**, depth {r['depth']}, {r['epochs']} epochs, {r['seeds']} seeds: test accuracy % with "
-                   f"every block taken as k sub-steps (`refine`)\n\n" + _table(["variant"] + [f"k={f}" for f in r["factors"]], rows))
+    for d, res_d in res["consistency"].items():
+        rows = [[f"`{v}`", str(r["depth"]), str(r["epochs"])] + [fmt(a) for a in row]
+                for r in res_d["runs"] for v, row in r["variants"].items()]
+        out.append(f"**{d}**, {res_d['seeds']} seeds: test accuracy % with every block taken as k sub-steps (`refine`)\n\n"
+                   + _table(["variant", "depth", "epochs"] + [f"k={f}" for f in res_d["factors"]], rows))
     return "\n\n".join(out)
 
 
