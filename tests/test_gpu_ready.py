@@ -27,6 +27,10 @@ from tsc_kernels._triton import _launch  # noqa: E402
 from tsc_kernels._triton import residual_update as tru  # noqa: E402
 from tsc_kernels._triton import weight_mean as twm  # noqa: E402
 from tsc_kernels._triton import lstm_controller as tlc  # noqa: E402
+from tsc_kernels._triton import batch_norm_residual_update as tbn  # noqa: E402
+from tsc_kernels._triton import multistep_update as tms  # noqa: E402
+from tsc_kernels._triton import ode_combine as toc  # noqa: E402
+from tsc_kernels._triton import scale_concat as tsc_  # noqa: E402
 
 
 def stage_params(D, C, H, device="cpu"):
@@ -140,6 +144,27 @@ def test_split_backward_matches_reference_and_is_deterministic(monkeypatch, chan
     assert torch.equal(run()[2], ddt)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_scale_concat_split_backward_matches_reference_and_is_deterministic(monkeypatch, channels_last):
+    """scale_concat's backward splits samples / rows like the residual update's (k = 3 channels
+    would otherwise be 3 programs, or 1 channels-last, on a GPU of 100+ SMs)."""
+    monkeypatch.setattr(tru, "MIN_CHUNK_ELEMS", 1)
+    x, f = torch.randn(5, 4, 7, 6), torch.randn(5, 3, 7, 6)
+    if channels_last:
+        x, f = (t.movedim(1, -1).contiguous().movedim(-1, 1) for t in (x, f))
+        assert tru.rows_grid(5 * 42, 3)[0][1] > 1
+    else:
+        assert tru.planes_grid(5, 3, 42)[0][1] > 1
+    dt = torch.rand(3)
+    g = torch.randn(5, 7, 7, 6)
+    run = lambda: torch.ops.tsc.scale_concat_backward_triton(g, f, dt)  # noqa: E731
+    df, ddt = run()
+    torch.testing.assert_close(ddt, (g[:, 4:] * f).sum(dim=(0, 2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(df, g[:, 4:] * dt[:, None, None])
+    assert torch.equal(run()[1], ddt)
+
+
 # ------------------------------------------------------------------ 4. capture safety of the launch path
 
 FORBIDDEN = ("item", "cpu", "tolist", "numpy")
@@ -227,10 +252,43 @@ def test_triton_launchers_reject_tensors_on_another_device():
     dt_c, saved = torch.ops.tsc.lstm_controller_triton(wbar, [2], params)
     with pytest.raises(ValueError, match="saved must be on cpu"):
         raw(tlc.lstm_controller_backward_triton)(dt_c, dt_c, wbar, [2], params, saved.to("meta"))
-    with pytest.raises(ValueError, match="grad must be on cpu"):
+    # grad is the first tensor: the registry's device check (tsc_kernels/ops/registry.py, on_tensors_device)
+    # takes its device as the reference and names the first argument that differs
+    with pytest.raises(ValueError, match="lstm_controller_backward_triton: dt_packed must be on meta, got cpu"):
         raw(tlc.lstm_controller_backward_triton)(dt_c.to("meta"), dt_c, wbar, [2], params, saved)
-    with pytest.raises(ValueError, match="grad must be on cpu"):
+    with pytest.raises(ValueError, match=r"weights\[0\] must be on meta, got cpu"):
         raw(twm.weight_mean_backward_triton)(torch.empty(36, device="meta"), [torch.randn(4, 3, 3, 3)])
+
+
+# Every Triton op, the ones written after the device review included: each launcher is wrapped by
+# the registry (on_tensors_device), so it checks devices and launches under on_device(first tensor).
+_x = lambda *shape: torch.randn(*shape)  # noqa: E731
+_meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
+NEWER_LAUNCHES = {
+    "scale_concat": lambda f: raw(tsc_.scale_concat_triton)(_x(2, 3, 4), f, _x(2)),
+    "scale_concat_backward": lambda f: raw(tsc_.scale_concat_backward_triton)(_x(2, 5, 4), f, _x(2)),
+    "multistep_update": lambda f: raw(tms.multistep_update_triton)(_x(2, 3, 4), _x(2, 3, 4), f, torch.tensor(-0.05), None, None, False),
+    "multistep_update_backward": lambda f: raw(tms.multistep_update_backward_triton)(
+        _x(2, 3, 4), _x(2, 3, 4), _x(2, 3, 4), f, torch.tensor(-0.05), None, None, None),
+    "ode_combine": lambda f: raw(toc.ode_combine_triton)(_x(2, 3, 4), [_x(2, 3, 4), f], torch.rand(2)),
+    "ode_combine_backward": lambda f: raw(toc.ode_combine_backward_triton)(_x(2, 3, 4), [f], torch.rand(1)),
+    "batch_norm_residual_update": lambda f: raw(tbn.batch_norm_residual_update_triton)(
+        _x(2, 3, 4), f, torch.rand(3), None, None, None, None, True, 0.1, 1e-5, True),
+}
+NEWER_SHAPES = {"scale_concat": (2, 2, 4), "ode_combine_backward": (2, 3, 4), "ode_combine": (2, 3, 4)}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("name", list(NEWER_LAUNCHES))
+def test_newer_triton_launchers_check_devices_and_launch_on_the_tensors_device(monkeypatch, name):
+    shape = NEWER_SHAPES.get(name, (2, 3, 4))
+    with pytest.raises(ValueError, match="must be on cpu, got meta"):
+        NEWER_LAUNCHES[name](_meta(*shape))
+    entered = []
+    real = _launch.on_device
+    monkeypatch.setattr(_launch, "on_device", lambda t: entered.append(t.device) or real(t))
+    NEWER_LAUNCHES[name](_x(*shape))
+    assert entered == [torch.device("cpu")]
 
 
 @needs_cuda

@@ -44,9 +44,11 @@ def test_module_kernels_are_compiled_for_both_targets(aot_report, module):
 
 
 def test_compiles_without_errors_or_spills(aot_report):
+    """No compile error, no spill beyond aot.KNOWN_SPILLS (each one explained there, and it must not grow)."""
     res, report = aot_report
     failed = [f"{r['config']}@{r['target']}: {r['error']}" for r in report["rows"] if r["error"]]
-    spilled = [f"{r['config']}@{r['target']}: {r['spills']} B ({r['registers']} regs)" for r in report["rows"] if not r["error"] and r["spills"]]
+    spilled = [f"{r['config']}@{r['target']}: {r['spills']} B ({r['registers']} regs)" for r in report["rows"]
+               if not r["error"] and r["spills"] > report["known_spills"].get(f"{r['config']}@{r['target']}", 0)]
     assert not failed, "compile errors:\n" + "\n".join(failed)
     assert not spilled, "register spills:\n" + "\n".join(spilled)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -45,6 +45,14 @@ def _collect() -> list[dict]:
     return kernels
 
 
+# Spills known and accepted ("config@target": bytes), which no cheap retuning removed: the worst-case
+# (unaligned, i64) variant of the BatchNorm tail's eval-mode backward reduction over channels-last
+# rows. At 4 warps its aligned JIT variant spilled 16 B on sm_80 instead; 8 warps (REDUCE_WARPS) move
+# an 8 B spill to the variant that rarely runs. ptxas runs with --regAllocOptLevel=2, as Triton's JIT
+# does (its ptxas 13 workaround). Anything new, or larger, is an error.
+KNOWN_SPILLS = {"batch_norm_bwd_reduce_fp32_rows_relu0_eval@sm_90": 8}
+
+
 def jit_variant(cfg: dict) -> dict:
     """The binary Triton's JIT builds for the usual arguments of a CNN: every integer argument an i32
     (the JIT types a Python int by its value: i32 below 2**31) and, like every pointer (tensors from
@@ -163,8 +171,8 @@ def main(argv=None) -> int:
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(rows=rows, uncovered=missing), f, indent=1)
-    bad = [r for r in rows if r["error"] or r["spills"]]
+            json.dump(dict(rows=rows, uncovered=missing, known_spills=KNOWN_SPILLS), f, indent=1)
+    bad = [r for r in rows if r["error"] or r["spills"] > KNOWN_SPILLS.get(f"{r['config']}@{r['target']}", 0)]
     if bad:
         print(f"\n{len(bad)} of {len(rows)} compiles failed or spill: " + ", ".join(f"{r['config']}@{r['target']}" for r in bad))
     if missing:

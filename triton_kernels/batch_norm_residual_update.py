@@ -45,6 +45,9 @@ if _INTERPRET:
     TILE, ROWS_BLOCK_C, MIN_CHUNK, MAX_CHUNKS, FINAL_BLOCK, NUM_WARPS = 32, 8, 16, 3, 4, 1
 else:
     TILE, ROWS_BLOCK_C, MIN_CHUNK, MAX_CHUNKS, FINAL_BLOCK, NUM_WARPS = 1024, 64, 16384, 1024, 128, 4
+# The backward reduction holds two 1024-element accumulators: at 4 warps its aligned (JIT) fp32 rows
+# variant spilled 16 B on sm_80 (tests/test_triton_aot.py); 8 warps halve the registers per thread.
+REDUCE_WARPS = NUM_WARPS if _INTERPRET else 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -428,7 +431,7 @@ def batch_norm_residual_update_backward_triton(
                 bn_bwd_reduce_kernel[(p["ctiles"], p["n_chunks"])](
                     g, x, out, dt, w, save_mean, save_invstd, dy if relu else dx, dx, part,
                     p["A"], p["C"], p["inner"], p["a_per"], p["n_chunks"],
-                    RELU=relu, EVAL=not training, HAS_W=weight is not None, **tiles, num_warps=NUM_WARPS)
+                    RELU=relu, EVAL=not training, HAS_W=weight is not None, **tiles, num_warps=REDUCE_WARPS)
             bn_bwd_finalize_kernel[(triton.cdiv(p["C"], FINAL_BLOCK),)](
                 part, dt, w, b, save_invstd, ddt, dw if weight is not None else ddt, db if bias is not None else ddt,
                 coef, p["A"] * p["inner"], p["C"], p["n_chunks"],
@@ -507,7 +510,7 @@ def _aot_configs() -> list[dict]:
                                "w_ptr": "*fp32", "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "dy_ptr": f"*{dtype}",
                                "dx_ptr": f"*{dtype}", "part_ptr": "*fp32", **_TILE_SIG, "n_chunks": "i32",
                                **const(("RELU", "EVAL", "HAS_W") + tile_c)},
-                    constexprs={"RELU": relu, "EVAL": not training, "HAS_W": True, **tiles}, num_warps=NUM_WARPS))
+                    constexprs={"RELU": relu, "EVAL": not training, "HAS_W": True, **tiles}, num_warps=REDUCE_WARPS))
     return cfgs
 
 

@@ -4,10 +4,13 @@ kernels, launchers and the torch.library glue in one file.
 Tensors are seen as contiguous (outer, channels, inner) blocks (inner = 1 for channels-last, see
 csrc/scale_concat_math.h): out's row o is x's row o followed by f's row o scaled by dt.
   forward                 1 launch over out: x's part copied, f's part scaled (one pass, both parts)
-  backward, inner > 1     1 launch, one program per channel c: reads grad[:, Cx + c] and f[:, c],
-                          writes df and ddt[c]
-  backward, inner == 1    1 launch, one program per block of channels, looping over rows
-Both backward kernels reduce in a fixed order: ddt is deterministic. dx is a view of grad (no kernel).
+  backward, inner > 1     one program per (channel c, chunk of samples): reads grad[:, Cx + c] and
+                          f[:, c], writes df and its chunk's partial sum of ddt[c]
+  backward, inner == 1    one program per (block of 64 channels, chunk of rows)
+The chunks split the sample / row axis so that a GPU's SMs have work even when k (the growth rate,
+12-48) is small: the split, its partial sums and their fixed-order finalisation are the residual
+update's (residual_update.py planes_grid / rows_grid / residual_sum_chunks_kernel); one chunk is
+one launch, more add the small ordered sum. ddt is deterministic. dx is a view of grad (no kernel).
 """
 from __future__ import annotations
 
@@ -19,10 +22,10 @@ from tsc_kernels.ops._layout import is_channels_last_like, to_layout
 from tsc_kernels.ops import scale_concat as _declaration
 from tsc_kernels.ops.registry import triton_backward, triton_forward
 
+from . import residual_update as _ru  # the work split and the ordered sum of the partials (read at call time)
+from .residual_update import BWD_BLOCK, BWD_WARPS, ROWS_BLOCK_C, ROWS_BLOCK_R, SUM_BLOCK, residual_sum_chunks_kernel
+
 FWD_BLOCK = 1024
-BWD_BLOCK = 1024
-BWD_WARPS = 8
-ROWS_BLOCK_R, ROWS_BLOCK_C = 32, 64
 
 
 @triton.jit
@@ -44,16 +47,20 @@ def scale_concat_fwd_kernel(x_ptr, f_ptr, dt_ptr, out_ptr, numel, Cx, K, inner, 
 
 
 @triton.jit
-def scale_concat_bwd_planes_kernel(g_ptr, f_ptr, dt_ptr, df_ptr, ddt_ptr, N, Cx, K, inner, BLOCK: tl.constexpr):
-    """Program c owns channel c of f: its (N, inner) planes, summed in a fixed order."""
+def scale_concat_bwd_planes_kernel(g_ptr, f_ptr, dt_ptr, df_ptr, partial_ptr, N, Cx, K, inner, n_per_chunk,
+                                   BLOCK: tl.constexpr):
+    """Program (c, k) owns channel c of f in samples [k*n_per_chunk, (k+1)*n_per_chunk): writes their df
+    and partial[k, c], summed in a fixed order. Every index is int64."""
     c = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
     acc_ty = dt_ptr.dtype.element_ty
     dt = tl.load(dt_ptr + c)
     acc = tl.zeros([BLOCK], dtype=acc_ty)
-    total = N * inner
-    for start in range(0, total, BLOCK):
+    n0 = k * n_per_chunk
+    end_idx = tl.minimum(n0 + n_per_chunk, N) * inner
+    for start in range(n0 * inner, end_idx, BLOCK):
         idx = start + tl.arange(0, BLOCK).to(tl.int64)
-        mask = idx < total
+        mask = idx < end_idx
         o = idx // inner
         sp = idx % inner
         g = tl.load(g_ptr + ((o * (Cx + K) + Cx + c) * inner + sp), mask=mask, other=0.0).to(acc_ty)
@@ -61,27 +68,31 @@ def scale_concat_bwd_planes_kernel(g_ptr, f_ptr, dt_ptr, df_ptr, ddt_ptr, N, Cx,
         f = tl.load(f_ptr + f_offs, mask=mask, other=0.0).to(acc_ty)
         tl.store(df_ptr + f_offs, (g * dt).to(df_ptr.dtype.element_ty), mask=mask)
         acc += g * f
-    tl.store(ddt_ptr + c, tl.sum(acc, axis=0))
+    tl.store(partial_ptr + k * K + c, tl.sum(acc, axis=0))
 
 
 @triton.jit
-def scale_concat_bwd_rows_kernel(g_ptr, f_ptr, dt_ptr, df_ptr, ddt_ptr, R, Cx, K,
+def scale_concat_bwd_rows_kernel(g_ptr, f_ptr, dt_ptr, df_ptr, partial_ptr, R, Cx, K, rows_per_chunk,
                                  BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Channels-last: program p owns f's channels [p*BLOCK_C, (p+1)*BLOCK_C) of every row."""
+    """Channels-last: program (j, k) owns f's channels [j*BLOCK_C, (j+1)*BLOCK_C) of rows
+    [k*rows_per_chunk, (k+1)*rows_per_chunk) and writes partial[k, channels]."""
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    k = tl.program_id(1).to(tl.int64)
     cmask = cols < K
     acc_ty = dt_ptr.dtype.element_ty
     dt = tl.load(dt_ptr + cols, mask=cmask, other=0.0)
     acc = tl.zeros([BLOCK_R, BLOCK_C], dtype=acc_ty)
-    for start in range(0, R, BLOCK_R):
+    r0 = k * rows_per_chunk
+    r1 = tl.minimum(r0 + rows_per_chunk, R)
+    for start in range(r0, r1, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R).to(tl.int64)
-        mask = (rows < R)[:, None] & cmask[None, :]
+        mask = (rows < r1)[:, None] & cmask[None, :]
         g = tl.load(g_ptr + (rows[:, None] * (Cx + K) + Cx + cols[None, :]), mask=mask, other=0.0).to(acc_ty)
         f_offs = rows[:, None] * K + cols[None, :]
         f = tl.load(f_ptr + f_offs, mask=mask, other=0.0).to(acc_ty)
         tl.store(df_ptr + f_offs, (g * dt[None, :]).to(df_ptr.dtype.element_ty), mask=mask)
         acc += g * f
-    tl.store(ddt_ptr + cols, tl.sum(acc, axis=0), mask=cmask)
+    tl.store(partial_ptr + k * K + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
 def _view(t: torch.Tensor, cl: bool) -> tuple[int, int]:
@@ -116,16 +127,22 @@ def scale_concat_backward_triton(grad: torch.Tensor, f: torch.Tensor, dt: torch.
     if f.numel() == 0:
         return df, ddt
     outer, inner = _view(g, cl)
+    grid, per = _ru.planes_grid(outer, k, inner) if inner > 1 else _ru.rows_grid(outer, k)
+    # one chunk: the partial row is ddt itself; else a (chunks, k) buffer and the fixed-order sum
+    partial = ddt if grid[1] == 1 else torch.empty((grid[1], k), dtype=dt.dtype, device=dt.device)
     if inner > 1:
-        scale_concat_bwd_planes_kernel[(k,)](g, f, dt, df, ddt, outer, cx, k, inner, BLOCK=BWD_BLOCK, num_warps=BWD_WARPS)
+        scale_concat_bwd_planes_kernel[grid](g, f, dt, df, partial, outer, cx, k, inner, per, BLOCK=BWD_BLOCK,
+                                             num_warps=BWD_WARPS)
     else:
-        scale_concat_bwd_rows_kernel[(triton.cdiv(k, ROWS_BLOCK_C),)](
-            g, f, dt, df, ddt, outer, cx, k, BLOCK_R=ROWS_BLOCK_R, BLOCK_C=ROWS_BLOCK_C)
+        scale_concat_bwd_rows_kernel[grid](g, f, dt, df, partial, outer, cx, k, per, BLOCK_R=_ru.ROWS_BLOCK_R,
+                                           BLOCK_C=_ru.ROWS_BLOCK_C)
+    if grid[1] > 1:
+        residual_sum_chunks_kernel[(triton.cdiv(k, SUM_BLOCK),)](partial, ddt, grid[1], k, BLOCK=SUM_BLOCK)
     return df, ddt
 
 
 def _sig(dtype: str, names: tuple[str, ...]) -> dict:
-    return {n: ("*fp32" if n in ("dt_ptr", "ddt_ptr") else f"*{dtype}") for n in names}
+    return {n: ("*fp32" if n in ("dt_ptr", "partial_ptr") else f"*{dtype}") for n in names}
 
 
 # Ahead-of-time compile configurations (triton_kernels/aot.py): every kernel, each activation dtype,
@@ -139,12 +156,12 @@ AOT_CONFIGS = [
                         "inner": "i64", "BLOCK": "constexpr"},
              constexprs={"BLOCK": FWD_BLOCK}),
         dict(kernel=scale_concat_bwd_planes_kernel, name=f"scale_concat_bwd_planes_{dtype}",
-             signature={**_sig(dtype, ("g_ptr", "f_ptr", "dt_ptr", "df_ptr", "ddt_ptr")), "N": "i64", "Cx": "i64", "K": "i64",
-                        "inner": "i64", "BLOCK": "constexpr"},
+             signature={**_sig(dtype, ("g_ptr", "f_ptr", "dt_ptr", "df_ptr", "partial_ptr")), "N": "i64", "Cx": "i64",
+                        "K": "i64", "inner": "i64", "n_per_chunk": "i64", "BLOCK": "constexpr"},
              constexprs={"BLOCK": BWD_BLOCK}, num_warps=BWD_WARPS),
         dict(kernel=scale_concat_bwd_rows_kernel, name=f"scale_concat_bwd_rows_{dtype}",
-             signature={**_sig(dtype, ("g_ptr", "f_ptr", "dt_ptr", "df_ptr", "ddt_ptr")), "R": "i64", "Cx": "i64", "K": "i64",
-                        "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+             signature={**_sig(dtype, ("g_ptr", "f_ptr", "dt_ptr", "df_ptr", "partial_ptr")), "R": "i64", "Cx": "i64",
+                        "K": "i64", "rows_per_chunk": "i64", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
              constexprs={"BLOCK_R": ROWS_BLOCK_R, "BLOCK_C": ROWS_BLOCK_C}),
     )
 ]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import sys
 from dataclasses import dataclass
 from typing import Callable
@@ -120,19 +121,50 @@ def define(op: OpDef) -> OpDef:
     return op
 
 
+def on_tensors_device(op_name: str, fn):
+    """``fn`` (a Triton launcher) run on its tensors' device: every tensor argument (and every tensor
+    of a list argument) must be on the first one's device (ValueError naming the argument: a kernel
+    must never get a pointer into another device's memory), and the launches run inside
+    ``on_device(first)``, i.e. on that GPU and its current stream, whatever device is current
+    (triton_kernels/_launch.py). Every launcher registered by triton_forward / triton_backward gets
+    this, so no op can forget it."""
+    params = list(inspect.signature(fn).parameters)
+
+    @functools.wraps(fn)
+    def launcher(*args, **kwargs):
+        from tsc_kernels._triton import _launch  # Triton modules only: imported with the first launch
+
+        named = dict(zip(params, args), **kwargs)
+        first = next((t for v in named.values() for t in (v if isinstance(v, (list, tuple)) else [v])
+                      if isinstance(t, torch.Tensor)), None)
+        if first is None:
+            return fn(*args, **kwargs)
+        _launch.check_same_device(op_name, first, **{
+            k: v for k, v in named.items()
+            if isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in v))})
+        with _launch.on_device(first):
+            return fn(*args, **kwargs)
+
+    return launcher
+
+
 def triton_forward(name: str):
-    """Decorator of triton_kernels/<name>.py's forward launcher: the custom op tsc::<name>_triton."""
+    """Decorator of triton_kernels/<name>.py's forward launcher: the custom op tsc::<name>_triton
+    (run on its tensors' device, see on_tensors_device)."""
     op = OPS[name]
-    return lambda fn: torch.library.custom_op(f"tsc::{name}_triton", fn, mutates_args=op.mutates_args, schema=op.schema)
+    return lambda fn: torch.library.custom_op(f"tsc::{name}_triton", on_tensors_device(f"tsc::{name}_triton", fn),
+                                              mutates_args=op.mutates_args, schema=op.schema)
 
 
 def triton_backward(name: str):
-    """Decorator of the backward launcher (after triton_forward): tsc::<name>_backward_triton, then
-    the fakes of both and the autograd formula of the forward."""
+    """Decorator of the backward launcher (after triton_forward): tsc::<name>_backward_triton (run on
+    its tensors' device), then the fakes of both and the autograd formula of the forward."""
     op = OPS[name]
 
     def wrap(fn):
-        custom = torch.library.custom_op(f"tsc::{name}_backward_triton", fn, mutates_args=(), schema=op.backward_schema)
+        custom = torch.library.custom_op(f"tsc::{name}_backward_triton",
+                                         on_tensors_device(f"tsc::{name}_backward_triton", fn),
+                                         mutates_args=(), schema=op.backward_schema)
         _register_glue(op, f"{name}_triton", f"{name}_backward_triton")
         return custom
 
