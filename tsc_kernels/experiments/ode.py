@@ -259,7 +259,7 @@ def plot(result: dict, out_dir: str) -> list[str]:
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("ResNets: ODE consistency", fontsize=9)
     ax.legend(fontsize=6)
-    return [save(fig, out_dir, "ode.png")]
+    return [save(fig, out_dir, "ode.png", dpi=72)]  # six panels: kept under 150 kB like the others
 
 
 register(Subcommand("ode", "is it an ODE? XOR toy, ODE-nets with step adaptation, ResNet consistency curves "

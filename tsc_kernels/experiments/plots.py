@@ -16,10 +16,10 @@ def figure(ncols: int, nrows: int = 1, width: float = 4.2, height: float = 3.2):
     return fig, axes
 
 
-def save(fig, out_dir: str, name: str) -> str:
+def save(fig, out_dir: str, name: str, dpi: int = 90) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     return path
 
 
