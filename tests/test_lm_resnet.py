@@ -10,20 +10,11 @@ import tsc_kernels
 from tsc_kernels import models
 from tsc_kernels.models import lm_resnet
 
+from conftest import randomize  # noqa: E402  (non-trivial BN statistics and controller weights)
+
 
 def small_input(n=2, size=8):
     return torch.randn(n, 3, size, size)
-
-
-def randomize_batch_norm(model):
-    """Non-trivial running statistics and affine parameters, so fold has something to fold."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.2, 0.2)
 
 
 def test_lm_resnet56_parameter_count():
@@ -141,7 +132,7 @@ def test_k_and_dt_get_gradients(tsc, preact):
 def test_fold_gives_plain_lm_resnet(preact, mode):
     model = models.cifar_lm_resnet(20, preact=preact, tsc=mode, stochastic_depth=0.5)
     assert isinstance(model, models.TSCCIFARLMResNet) and model.tsc_mode == mode
-    randomize_batch_norm(model)
+    randomize(model)
     model.eval()
     x = small_input(3)
     ks = tsc_kernels.lm_coefficients(model)
@@ -218,7 +209,7 @@ def test_torchvision_lm_builders(builder):
 def test_torchvision_lm_resnet_tsc_fold():
     model = models.lm_resnet18(tsc="lstm", num_classes=4, stochastic_depth=0.8)
     assert isinstance(model, models.TSCLMResNet)
-    randomize_batch_norm(model)
+    randomize(model)
     model.eval()
     x = small_input(2, 32)
     with torch.no_grad():
