@@ -35,6 +35,14 @@ def test_cli_quick_end_to_end(tmp_path, capsys):
     assert fused["kernels"] < eager["kernels"]
 
 
+@pytest.mark.parametrize("model", ["cifar_densenet40", "cifar_lm_resnet20"])
+def test_new_model_families_run(model, capsys):
+    """tsc-bench takes the DenseNet (head `classifier`, not `fc`) and LM-ResNet builders by name."""
+    assert bench.main(["--model", model, "--batch", "2", "--quick", "--steps", "1"]) == 0
+    table = capsys.readouterr().out
+    assert model in table and "tsc-fused" in table
+
+
 def test_compiled_rows_and_history(tmp_path, capsys):
     """--compile adds the three compiled variants (interleaved, same step); --history appends CSV rows."""
     history = tmp_path / "results" / "history.csv"

@@ -162,7 +162,11 @@ class Variant:
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model = model.to(self.device).to(memory_format=memory_format)
         self.x = torch.randn(args.batch, 3, size, size, device=self.device).to(memory_format=memory_format)
-        self.target = torch.randint(0, self.model.fc.out_features, (args.batch,), device=self.device)
+        head = getattr(self.model, "fc", None) or getattr(self.model, "classifier", None)  # ResNets / DenseNets
+        if head is None:
+            head = self.model.get_classifier()  # timm
+        classes = head.out_features
+        self.target = torch.randint(0, classes, (args.batch,), device=self.device)
         # foreach: one multi-tensor update for all parameters, PyTorch's default on a GPU (on a CPU it
         # would loop per parameter, and the kernel count would mostly measure the optimizer)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
