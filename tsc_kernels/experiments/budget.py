@@ -1,11 +1,12 @@
 """How much each experiment trains: the full run (docs/experiments.md's tables) and --quick (CI).
 
 The full run (``tsc-experiment all``) took 14 minutes at one thread for accuracy, noise, depth (one
-seed) and stepsizes (2026-11-29, 2-core VM); with three depth seeds and the ode experiment it is
-about 40 minutes at one thread, or two processes of ~20-25 minutes (``--datasets digits`` and
-``--datasets mnist1d``, joined by ``python -m tsc_kernels.experiments.report a.json b.json --merged``),
-inside the 45-minute target on 2 cores. --quick runs the whole suite in well under 3 minutes (a
-smoke test of every path and a first look, not evidence).
+seed) and stepsizes (2026-11-29, 2-core VM). The recorded run (three depth seeds, the ode experiment;
+docs/experiments.md) took 24 minutes for digits and 33 for mnist1d, as two one-thread processes side by side
+(``--datasets digits`` / ``--datasets mnist1d``, joined by ``python -m tsc_kernels.experiments.report
+a.json b.json --merged``), on a machine partly shared with builds: inside the 45-minute target on 2 cores.
+--quick runs the whole suite in well under 3 minutes (34 s from a clean clone): a smoke test of every
+path and a first look, not evidence.
 """
 from __future__ import annotations
 
