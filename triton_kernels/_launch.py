@@ -3,7 +3,9 @@
 Triton launches a kernel on ``torch.cuda.current_device()`` and that device's current stream, not
 on the device of its arguments. Tensors on cuda:1 launched while cuda:0 is current would run on
 GPU 0's stream with GPU 1 pointers: an illegal address or a race with GPU 1's stream. So every
-launcher wraps its launches in :func:`on_device` (the Python twin of the C++ ops' CUDAGuard).
+launcher runs inside :func:`on_device` (the Python twin of the C++ ops' CUDAGuard), after
+:func:`check_same_device`: the registry's triton_forward / triton_backward wrap each launcher in
+both (tsc_kernels/ops/registry.py, on_tensors_device).
 
 Device tables (per-weight or per-stage rows of sizes and data pointers, which a Triton kernel
 cannot take by value) come from :class:`DeviceTableCache`. Building them with

@@ -20,7 +20,6 @@ Arithmetic runs in the accumulation dtype (fp32; fp64 for fp64 inputs), the dtyp
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import struct
 from typing import Optional
@@ -350,11 +349,6 @@ def _plan(t: torch.Tensor, cl: bool) -> dict:
                 PLANES=planes, BLOCK_A=block_a, BLOCK_B=block_b)
 
 
-def _device(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' one."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 @triton_forward("batch_norm_residual_update")
 def batch_norm_residual_update_triton(
     y: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, running_mean: Optional[torch.Tensor],
@@ -378,22 +372,21 @@ def batch_norm_residual_update_triton(
     b = bias.contiguous() if bias is not None else dt
     tiles = dict(PLANES=p["PLANES"], BLOCK_A=p["BLOCK_A"], BLOCK_B=p["BLOCK_B"])
     eps_hi, eps_lo = _split(eps)
-    with _device(y):
-        if training:
-            part = torch.empty((2, p["n_chunks"], p["C"]), dtype=acc, device=x.device)
-            bn_stats_kernel[(p["ctiles"], p["n_chunks"])](
-                x, part, p["A"], p["C"], p["inner"], p["a_per"], p["n_chunks"], **tiles, num_warps=NUM_WARPS)
-            bn_stats_finalize_kernel[(triton.cdiv(p["C"], FINAL_BLOCK),)](
-                part, save_mean, save_invstd, rm, rv, p["A"], p["C"], p["inner"], p["a_per"], p["n_chunks"],
-                *_split(momentum), eps_hi, eps_lo, HAS_RUNNING=has_running, BLOCK=FINAL_BLOCK, num_warps=NUM_WARPS)
-            mean_src, var_src = save_mean, save_invstd
-        else:
-            mean_src, var_src = rm, rv
-        # eval runs at least one chunk per channel: its chunk-0 programs write save_mean / save_invstd
-        bn_apply_kernel[(p["ctiles"], max(p["n_chunks"], 1))](
-            y, x, out, dt, w, b, mean_src, var_src, save_mean, save_invstd, p["A"], p["C"], p["inner"], p["a_per"],
-            eps_hi, eps_lo, EVAL=not training, HAS_W=weight is not None, HAS_B=bias is not None, RELU=relu,
-            **tiles, num_warps=NUM_WARPS)
+    if training:
+        part = torch.empty((2, p["n_chunks"], p["C"]), dtype=acc, device=x.device)
+        bn_stats_kernel[(p["ctiles"], p["n_chunks"])](
+            x, part, p["A"], p["C"], p["inner"], p["a_per"], p["n_chunks"], **tiles, num_warps=NUM_WARPS)
+        bn_stats_finalize_kernel[(triton.cdiv(p["C"], FINAL_BLOCK),)](
+            part, save_mean, save_invstd, rm, rv, p["A"], p["C"], p["inner"], p["a_per"], p["n_chunks"],
+            *_split(momentum), eps_hi, eps_lo, HAS_RUNNING=has_running, BLOCK=FINAL_BLOCK, num_warps=NUM_WARPS)
+        mean_src, var_src = save_mean, save_invstd
+    else:
+        mean_src, var_src = rm, rv
+    # eval runs at least one chunk per channel: its chunk-0 programs write save_mean / save_invstd
+    bn_apply_kernel[(p["ctiles"], max(p["n_chunks"], 1))](
+        y, x, out, dt, w, b, mean_src, var_src, save_mean, save_invstd, p["A"], p["C"], p["inner"], p["a_per"],
+        eps_hi, eps_lo, EVAL=not training, HAS_W=weight is not None, HAS_B=bias is not None, RELU=relu,
+        **tiles, num_warps=NUM_WARPS)
     if has_running and rm is not running_mean:  # a non-contiguous buffer was updated through a copy
         running_mean.copy_(rm)
         running_var.copy_(rv)
@@ -426,21 +419,20 @@ def batch_norm_residual_update_backward_triton(
         tiles = dict(PLANES=p["PLANES"], BLOCK_A=p["BLOCK_A"], BLOCK_B=p["BLOCK_B"])
         part = torch.empty((2, p["n_chunks"], p["C"]), dtype=acc, device=x.device)
         coef = torch.empty((2, p["C"]), dtype=acc, device=x.device) if training else ddt  # unused in eval
-        with _device(x):
-            if p["n_chunks"]:
-                bn_bwd_reduce_kernel[(p["ctiles"], p["n_chunks"])](
-                    g, x, out, dt, w, save_mean, save_invstd, dy if relu else dx, dx, part,
-                    p["A"], p["C"], p["inner"], p["a_per"], p["n_chunks"],
-                    RELU=relu, EVAL=not training, HAS_W=weight is not None, **tiles, num_warps=REDUCE_WARPS)
-            bn_bwd_finalize_kernel[(triton.cdiv(p["C"], FINAL_BLOCK),)](
-                part, dt, w, b, save_invstd, ddt, dw if weight is not None else ddt, db if bias is not None else ddt,
-                coef, p["A"] * p["inner"], p["C"], p["n_chunks"],
-                TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=FINAL_BLOCK,
-                num_warps=NUM_WARPS)
-            if training and p["n_chunks"]:
-                bn_bwd_dx_kernel[(p["ctiles"], p["n_chunks"])](
-                    dy if relu else g, x, dt, w, save_mean, save_invstd, coef, dx, p["A"], p["C"], p["inner"], p["a_per"],
-                    HAS_W=weight is not None, **tiles, num_warps=NUM_WARPS)
+        if p["n_chunks"]:
+            bn_bwd_reduce_kernel[(p["ctiles"], p["n_chunks"])](
+                g, x, out, dt, w, save_mean, save_invstd, dy if relu else dx, dx, part,
+                p["A"], p["C"], p["inner"], p["a_per"], p["n_chunks"],
+                RELU=relu, EVAL=not training, HAS_W=weight is not None, **tiles, num_warps=REDUCE_WARPS)
+        bn_bwd_finalize_kernel[(triton.cdiv(p["C"], FINAL_BLOCK),)](
+            part, dt, w, b, save_invstd, ddt, dw if weight is not None else ddt, db if bias is not None else ddt,
+            coef, p["A"] * p["inner"], p["C"], p["n_chunks"],
+            TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=FINAL_BLOCK,
+            num_warps=NUM_WARPS)
+        if training and p["n_chunks"]:
+            bn_bwd_dx_kernel[(p["ctiles"], p["n_chunks"])](
+                dy if relu else g, x, dt, w, save_mean, save_invstd, coef, dx, p["A"], p["C"], p["inner"], p["a_per"],
+                HAS_W=weight is not None, **tiles, num_warps=NUM_WARPS)
     if relu and is_channels_last_like(relu_out) != cl and x.dim() > 2:
         dy = to_layout(dy, is_channels_last_like(relu_out))  # dy keeps relu_out's layout (the fake's rule)
     return dy, dx, ddt, dw, db

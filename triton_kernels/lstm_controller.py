@@ -42,7 +42,7 @@ import triton.language as tl
 
 from tsc_kernels.ops import lstm_controller as _declaration  # noqa: F401  (declares the op first)
 from tsc_kernels.ops.registry import triton_backward, triton_forward
-from tsc_kernels._triton._launch import DeviceTableCache, check_same_device, on_device
+from tsc_kernels._triton._launch import DeviceTableCache
 
 # Columns of the per-stage int64 table (constexpr: jit code may only read constexpr globals):
 # sizes, offsets into the packed buffers, then the data pointers of the 8 parameters and of their
@@ -416,8 +416,7 @@ def lstm_controller_triton(wbar_packed: torch.Tensor, blocks: List[int], params:
     dt = wbar.new_empty(n_dt)
     saved = wbar.new_empty(n_saved)
     if dims:
-        with on_device(wbar):
-            lstm_controller_fwd_kernel[(len(dims),)](table, wbar, dt, saved, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+        lstm_controller_fwd_kernel[(len(dims),)](table, wbar, dt, saved, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return dt, saved
 
 
@@ -431,7 +430,6 @@ def lstm_controller_backward_triton(grad: torch.Tensor, dt_packed: torch.Tensor,
     for name, t, n in (("grad", grad, n_dt), ("dt_packed", dt_packed, n_dt), ("saved", saved, n_saved)):
         if t.dim() != 1 or t.numel() != n or t.dtype != wbar_packed.dtype:
             raise ValueError(f"{op}: {name} must be 1-D {wbar_packed.dtype} with {n} values, got {t.dtype} {tuple(t.shape)}")
-    check_same_device(op, wbar_packed, grad=grad, dt_packed=dt_packed, saved=saved)
     wbar, grad, dt, saved = wbar_packed.contiguous(), grad.contiguous(), dt_packed.contiguous(), saved.contiguous()
     params = [p.contiguous() for p in params]
     # Every gradient is written whole by the kernel (a stage with L = 0 gets zeros), so empty_like suffices.
@@ -440,9 +438,8 @@ def lstm_controller_backward_triton(grad: torch.Tensor, dt_packed: torch.Tensor,
     dwbar = torch.empty_like(wbar)
     ws = wbar.new_empty(n_ws)
     if dims:
-        with on_device(wbar):
-            lstm_controller_bwd_kernel[(len(dims),)](table, wbar, dt, grad, saved, dwbar, ws,
-                                                     BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
+        lstm_controller_bwd_kernel[(len(dims),)](table, wbar, dt, grad, saved, dwbar, ws,
+                                                 BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
     return dwbar, dparams
 
 

@@ -9,7 +9,7 @@ channels-last inputs. Arithmetic runs in dt's dtype (fp32, or fp64 for fp64 inpu
   backward, inner == 1    grid (channel tiles, row chunks), the same per tile of channels
   then, with > 1 chunk    1 small launch adding the chunks' partials in order (planes_grid/rows_grid)
 Both backward reductions run in a fixed order: ddt is deterministic. Launches run on the tensors'
-device (_launch.on_device); every index product that can pass 2^31 is int64.
+device (the registry wraps every launcher in _launch.on_device); every index product that can pass 2^31 is int64.
 """
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ import triton.language as tl
 from tsc_kernels.ops._layout import channel_view, is_channels_last_like, to_layout
 from tsc_kernels.ops import residual_update as _declaration  # noqa: F401  (declares the op first)
 from tsc_kernels.ops.registry import triton_backward, triton_forward
-from tsc_kernels._triton._launch import check_same_device, on_device
 
 FWD_BLOCK = 1024
 BWD_BLOCK = 1024
@@ -144,15 +143,13 @@ def rows_grid(R: int, C: int) -> tuple[tuple[int, int], int]:
 
 @triton_forward("residual_update")
 def residual_update_triton(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, relu: bool) -> torch.Tensor:
-    check_same_device("tsc::residual_update_triton", y, f=f, dt=dt)
     cl = is_channels_last_like(y)
     y, f, dt = to_layout(y, cl), to_layout(f, cl), dt.contiguous()
     out = torch.empty_like(y)
     outer, C, inner = channel_view(y, cl)
     if y.numel():
-        with on_device(y):
-            residual_fwd_kernel[(triton.cdiv(y.numel(), FWD_BLOCK),)](
-                y, f, dt, out, y.numel(), C, inner, RELU=relu, BLOCK=FWD_BLOCK)
+        residual_fwd_kernel[(triton.cdiv(y.numel(), FWD_BLOCK),)](
+            y, f, dt, out, y.numel(), C, inner, RELU=relu, BLOCK=FWD_BLOCK)
     return out
 
 
@@ -161,7 +158,6 @@ def residual_update_backward_triton(
     grad: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, relu_out: Optional[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dy, df, ddt); dy is an empty (0,) tensor without the ReLU (it is grad itself), as in C++."""
-    check_same_device("tsc::residual_update_backward_triton", f, grad=grad, dt=dt, relu_out=relu_out)
     cl = is_channels_last_like(f)
     relu = relu_out is not None
     f, g, dt = to_layout(f, cl), to_layout(grad, cl), dt.contiguous()
@@ -177,15 +173,14 @@ def residual_update_backward_triton(
     # One chunk: the kernel's partial row is ddt itself (one launch); else a (chunks, C) buffer from
     # the caching allocator (capture-safe) and the fixed-order sum.
     partial = ddt if grid[1] == 1 else torch.empty((grid[1], C), dtype=dt.dtype, device=dt.device)
-    with on_device(f):
-        if inner > 1:
-            residual_bwd_planes_kernel[grid](g, f, out, dt, dy_arg, df, partial, outer, C, inner, per,
-                                             RELU=relu, BLOCK=BWD_BLOCK, num_warps=BWD_WARPS)
-        else:
-            residual_bwd_rows_kernel[grid](g, f, out, dt, dy_arg, df, partial, outer, C, per,
-                                           RELU=relu, BLOCK_R=ROWS_BLOCK_R, BLOCK_C=ROWS_BLOCK_C)
-        if grid[1] > 1:
-            residual_sum_chunks_kernel[(triton.cdiv(C, SUM_BLOCK),)](partial, ddt, grid[1], C, BLOCK=SUM_BLOCK)
+    if inner > 1:
+        residual_bwd_planes_kernel[grid](g, f, out, dt, dy_arg, df, partial, outer, C, inner, per,
+                                         RELU=relu, BLOCK=BWD_BLOCK, num_warps=BWD_WARPS)
+    else:
+        residual_bwd_rows_kernel[grid](g, f, out, dt, dy_arg, df, partial, outer, C, per,
+                                       RELU=relu, BLOCK_R=ROWS_BLOCK_R, BLOCK_C=ROWS_BLOCK_C)
+    if grid[1] > 1:
+        residual_sum_chunks_kernel[(triton.cdiv(C, SUM_BLOCK),)](partial, ddt, grid[1], C, BLOCK=SUM_BLOCK)
     return dy, df, ddt
 
 

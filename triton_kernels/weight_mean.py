@@ -28,7 +28,7 @@ import triton.language as tl
 from tsc_kernels.reference import accumulation_dtype  # fp32 for fp16/bf16/fp32 weights, fp64 for fp64
 from tsc_kernels.ops import weight_mean as _declaration  # noqa: F401  (declares the op first)
 from tsc_kernels.ops.registry import triton_backward, triton_forward
-from tsc_kernels._triton._launch import DeviceTableCache, check_same_device, on_device
+from tsc_kernels._triton._launch import DeviceTableCache
 
 # Columns of the per-weight table (int64: the first one is a data pointer).
 T_PTR, T_COUT, T_CIN, T_K, T_SO, T_SI, T_SK, T_OFF = (tl.constexpr(i) for i in range(8))
@@ -155,9 +155,8 @@ def weight_mean_triton(weights: List[torch.Tensor]) -> torch.Tensor:
     if total:
         # A weight with C_in = 0 runs no C_in step and stores 0/0 = NaN, the mean of nothing, as
         # the reference does; it is never dereferenced.
-        with on_device(out):
-            weight_mean_fwd_kernel[fwd_grid(ws)](_table(ws, off), out, W_DTYPE=_TL_DTYPES[ws[0].dtype],
-                                                 BLOCK_J=FWD_BLOCK_J, BLOCK_I=FWD_BLOCK_I, num_warps=NUM_WARPS)
+        weight_mean_fwd_kernel[fwd_grid(ws)](_table(ws, off), out, W_DTYPE=_TL_DTYPES[ws[0].dtype],
+                                             BLOCK_J=FWD_BLOCK_J, BLOCK_I=FWD_BLOCK_I, num_warps=NUM_WARPS)
     return out
 
 
@@ -168,14 +167,12 @@ def weight_mean_backward_triton(grad: torch.Tensor, weights: List[torch.Tensor])
     if grad.dim() != 1 or grad.numel() != total or grad.dtype != accumulation_dtype(weights[0].dtype):
         raise ValueError(f"tsc::weight_mean_backward_triton: grad must be 1-D {accumulation_dtype(weights[0].dtype)} "
                          f"with {total} values, got {grad.dtype} {tuple(grad.shape)}")
-    check_same_device("tsc::weight_mean_backward_triton", weights[0], grad=grad)
     grad = grad.contiguous()
     out = torch.empty_like(grad)
     if total:
         # the table is read for offsets, C_out, C_in and K only (no weight data)
         ws = [w if _view3(w) is not None else w.contiguous() for w in weights]
-        with on_device(grad):
-            weight_mean_bwd_kernel[(len(ws),)](_table(ws, off), grad, out, BLOCK=BWD_BLOCK, num_warps=NUM_WARPS)
+        weight_mean_bwd_kernel[(len(ws),)](_table(ws, off), grad, out, BLOCK=BWD_BLOCK, num_warps=NUM_WARPS)
     return out
 
 
