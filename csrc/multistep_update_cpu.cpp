@@ -5,24 +5,115 @@
 // then a small fixed-order reduction of the table into dk, ddt and dkeep. Tasks own whole
 // (sample, channel) planes (channel-first) or whole samples (channels-last), so every partial sum
 // is added by one thread in index order: the gradients are the same for any thread count.
-// The per-element arithmetic is multistep_update_math.h's, which the CUDA kernels share.
+// The per-element arithmetic is multistep_update_math.h's, which the CUDA kernels share; here it
+// runs on at::vec lanes (cpu_vec.h), with streaming stores for outputs larger than the cache, as
+// in residual_update_cpu.cpp.
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/all.h>
 
 #include <vector>
 
+#include "cpu_vec.h"
 #include "multistep_layout.h"
 #include "multistep_update_math.h"
 
 namespace tsc {
 namespace {
 
-constexpr int64_t kGrain = 32768;  // elements per parallel task
+using at::vec::Vectorized;
+using cpu::kGrain;
+using cpu::kStreamBytes;
+using cpu::Lanes;
+using cpu::stream_fence;
+template <bool kPerLane, typename acc_t>
+using Scale = cpu::PerChannel<kPerLane, acc_t>;
 
 template <typename T>
 const T* optional_ptr(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// scales[n*C + c] = keep[n] * dt[c], the factor of f, for every (sample, channel).
+template <typename acc_t>
+std::vector<acc_t> scale_table(const acc_t* dt, const acc_t* keep, int64_t N, int64_t C) {
+  std::vector<acc_t> scales(N * C);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t c = 0; c < C; ++c) scales[n * C + c] = multistep_scale(dt, keep, n, c);
+  return scales;
+}
+
+// out[i] = relu?((1 - k) u[i] + k u_prev[i] + scale f[i]) over a run of n elements.
+template <bool kPerLane, typename scalar_t>
+void forward_run(const scalar_t* u, const scalar_t* up, const scalar_t* f, at::opmath_type<scalar_t> k,
+                 Scale<kPerLane, at::opmath_type<scalar_t>> scale, scalar_t* out, int64_t n, bool relu, bool stream) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  auto scalar = [&](int64_t i) {
+    const acc_t o = multistep_forward(static_cast<acc_t>(u[i]), static_cast<acc_t>(up[i]), static_cast<acc_t>(f[i]), k, scale.at(i));
+    out[i] = static_cast<scalar_t>(relu ? relu_forward(o) : o);
+  };
+  const Vec kv(k);
+  int64_t i = 0;
+  for (const int64_t head = L::aligned_prefix(out, n, stream); i < head; ++i) scalar(i);
+  for (; i + L::kStep <= n; i += L::kStep) {
+    Vec u0, u1, p0, p1, f0, f1;
+    L::load(u + i, u0, u1);
+    L::load(up + i, p0, p1);
+    L::load(f + i, f0, f1);
+    Vec o0 = multistep_forward(u0, p0, f0, kv, scale.vec(i)), o1 = multistep_forward(u1, p1, f1, kv, scale.vec(i + Vec::size()));
+    if (relu) {
+      o0 = cpu::relu_forward(o0);
+      o1 = cpu::relu_forward(o1);
+    }
+    L::store(out + i, o0, o1, stream);
+  }
+  for (; i < n; ++i) scalar(i);
+}
+
+// Backward over a run: du, du_prev, df of every element (grad masked by the fused ReLU, read from
+// the forward output `out`, null without it) and the products g'(u_prev - u) and g' f, summed by
+// `sum(i, dk_term, gf_term)` / `vec_sum(i, dk0, dk1, gf0, gf1)`.
+template <bool kPerLane, typename scalar_t, typename Sum, typename VecSum>
+void backward_run(const scalar_t* g, const scalar_t* u, const scalar_t* up, const scalar_t* f, const scalar_t* out,
+                  at::opmath_type<scalar_t> k, Scale<kPerLane, at::opmath_type<scalar_t>> scale, scalar_t* du, scalar_t* dup,
+                  scalar_t* df, int64_t n, bool stream, Sum sum, VecSum vec_sum) {
+  using L = Lanes<scalar_t>;
+  using acc_t = typename L::acc_t;
+  using Vec = typename L::Vec;
+  auto scalar = [&](int64_t i) {
+    acc_t gi = static_cast<acc_t>(g[i]);
+    if (out) gi = relu_backward(gi, static_cast<acc_t>(out[i]));
+    const auto r = multistep_backward(gi, static_cast<acc_t>(u[i]), static_cast<acc_t>(up[i]), static_cast<acc_t>(f[i]), k, scale.at(i));
+    du[i] = static_cast<scalar_t>(r.du);
+    dup[i] = static_cast<scalar_t>(r.du_prev);
+    df[i] = static_cast<scalar_t>(r.df);
+    sum(i, r.dk_term, r.gf_term);
+  };
+  const Vec kv(k);
+  int64_t i = 0;
+  for (const int64_t head = L::aligned_prefix(du, n, stream); i < head; ++i) scalar(i);
+  for (; i + L::kStep <= n; i += L::kStep) {
+    Vec g0, g1, u0, u1, p0, p1, f0, f1;
+    L::load(g + i, g0, g1);
+    if (out) {
+      Vec o0, o1;
+      L::load(out + i, o0, o1);
+      g0 = cpu::relu_backward(g0, o0);
+      g1 = cpu::relu_backward(g1, o1);
+    }
+    L::load(u + i, u0, u1);
+    L::load(up + i, p0, p1);
+    L::load(f + i, f0, f1);
+    const auto r0 = multistep_backward(g0, u0, p0, f0, kv, scale.vec(i));
+    const auto r1 = multistep_backward(g1, u1, p1, f1, kv, scale.vec(i + Vec::size()));
+    L::store(du + i, r0.du, r1.du, stream);
+    L::store(dup + i, r0.du_prev, r1.du_prev, stream);
+    L::store(df + i, r0.df, r1.df, stream);
+    vec_sum(i, r0.dk_term, r1.dk_term, r0.gf_term, r1.gf_term);
+  }
+  for (; i < n; ++i) scalar(i);
 }
 
 at::Tensor multistep_update_cpu(const at::Tensor& u_in, const at::Tensor& u_prev_in, const at::Tensor& f_in, const at::Tensor& k_in,
@@ -32,31 +123,29 @@ at::Tensor multistep_update_cpu(const at::Tensor& u_in, const at::Tensor& u_prev
   if (a.u.numel() == 0) return a.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.u.scalar_type(), "tsc_multistep_update_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const bool stream = Lanes<scalar_t>::kCanStream && a.u.nbytes() >= kStreamBytes;
     const scalar_t* up = a.u.const_data_ptr<scalar_t>();
     const scalar_t* pp = a.u_prev.const_data_ptr<scalar_t>();
     const scalar_t* fp = a.f.const_data_ptr<scalar_t>();
-    const acc_t* dtp = optional_ptr<acc_t>(a.dt);
-    const acc_t* keepp = optional_ptr<acc_t>(a.keep);
     const acc_t k = *a.k.const_data_ptr<acc_t>();
+    const std::vector<acc_t> scales = scale_table(optional_ptr<acc_t>(a.dt), optional_ptr<acc_t>(a.keep), v.N, v.C);
     scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
-    auto element = [&](int64_t i, acc_t scale) {
-      const acc_t o = multistep_forward(static_cast<acc_t>(up[i]), static_cast<acc_t>(pp[i]), static_cast<acc_t>(fp[i]), k, scale);
-      op[i] = static_cast<scalar_t>(relu ? relu_forward(o) : o);
-    };
     const int64_t C = v.C, S = v.S;
     if (v.channels_last) {  // rows (n, s) of C channels
       at::parallel_for(0, v.N * S, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
-          const int64_t n = r / S;
-          for (int64_t c = 0; c < C; ++c) element(r * C + c, multistep_scale(dtp, keepp, n, c));
+          const int64_t o = r * C;
+          forward_run<true>(up + o, pp + o, fp + o, k, Scale<true, acc_t>{scales.data() + (r / S) * C}, op + o, C, relu, stream);
         }
+        stream_fence(stream);
       });
     } else {  // planes (n, c) of S elements sharing one scale
       at::parallel_for(0, v.N * C, std::max<int64_t>(1, kGrain / S), [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
-          const acc_t scale = multistep_scale(dtp, keepp, p / C, p % C);
-          for (int64_t s = 0; s < S; ++s) element(p * S + s, scale);
+          const int64_t o = p * S;
+          forward_run<false>(up + o, pp + o, fp + o, k, Scale<false, acc_t>{scales.data() + p}, op + o, S, relu, stream);
         }
+        stream_fence(stream);
       });
     }
   });
@@ -70,6 +159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const MultistepView v = a.view;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.u.scalar_type(), "tsc_multistep_update_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    using Vec = Vectorized<acc_t>;
+    const bool stream = Lanes<scalar_t>::kCanStream && a.u.nbytes() >= kStreamBytes;
     const scalar_t* gp = a.g.const_data_ptr<scalar_t>();
     const scalar_t* up = a.u.const_data_ptr<scalar_t>();
     const scalar_t* pp = a.u_prev.const_data_ptr<scalar_t>();
@@ -82,35 +173,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     scalar_t* dpp = a.du_prev.mutable_data_ptr<scalar_t>();
     scalar_t* dfp = a.df.mutable_data_ptr<scalar_t>();
     const int64_t N = v.N, C = v.C, S = v.S;
+    const std::vector<acc_t> scales = scale_table(dtp, keepp, N, C);
+    auto at_offset = [](const scalar_t* p, int64_t o) { return p ? p + o : nullptr; };
     // partial[n*C + c]: sums over s of g'(u_prev - u) (pk) and g' f (pf)
     std::vector<acc_t> pk(N * C, acc_t(0)), pf(N * C, acc_t(0));
-    auto element = [&](int64_t i, acc_t scale, acc_t& sk, acc_t& sf) {
-      acc_t g = static_cast<acc_t>(gp[i]);
-      if (outp) g = relu_backward(g, static_cast<acc_t>(outp[i]));
-      const auto r = multistep_backward(g, static_cast<acc_t>(up[i]), static_cast<acc_t>(pp[i]), static_cast<acc_t>(fp[i]), k, scale);
-      dup[i] = static_cast<scalar_t>(r.du);
-      dpp[i] = static_cast<scalar_t>(r.du_prev);
-      dfp[i] = static_cast<scalar_t>(r.df);
-      sk += r.dk_term;
-      sf += r.gf_term;
-    };
     if (a.u.numel() > 0) {
       if (v.channels_last) {  // one task per sample: its rows, in order, into row n of the tables
         at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, C * S)), [&](int64_t n0, int64_t n1) {
-          for (int64_t n = n0; n < n1; ++n)
-            for (int64_t s = 0; s < S; ++s)
-              for (int64_t c = 0; c < C; ++c)
-                element((n * S + s) * C + c, multistep_scale(dtp, keepp, n, c), pk[n * C + c], pf[n * C + c]);
+          for (int64_t n = n0; n < n1; ++n) {
+            acc_t* rk = pk.data() + n * C;
+            acc_t* rf = pf.data() + n * C;
+            auto sum = [rk, rf](int64_t c, acc_t dk, acc_t gf) {
+              rk[c] += dk;
+              rf[c] += gf;
+            };
+            auto vec_sum = [rk, rf](int64_t c, const Vec& k0, const Vec& k1, const Vec& f0, const Vec& f1) {
+              (Vec::loadu(rk + c) + k0).store(rk + c);
+              (Vec::loadu(rk + c + Vec::size()) + k1).store(rk + c + Vec::size());
+              (Vec::loadu(rf + c) + f0).store(rf + c);
+              (Vec::loadu(rf + c + Vec::size()) + f1).store(rf + c + Vec::size());
+            };
+            for (int64_t s = 0; s < S; ++s) {
+              const int64_t o = (n * S + s) * C;
+              backward_run<true>(gp + o, up + o, pp + o, fp + o, at_offset(outp, o), k, Scale<true, acc_t>{scales.data() + n * C},
+                                 dup + o, dpp + o, dfp + o, C, stream, sum, vec_sum);
+            }
+          }
+          stream_fence(stream);
         });
       } else {  // one plane (n, c) per iteration
         at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / S), [&](int64_t p0, int64_t p1) {
           for (int64_t p = p0; p < p1; ++p) {
-            const acc_t scale = multistep_scale(dtp, keepp, p / C, p % C);
-            acc_t sk = 0, sf = 0;
-            for (int64_t s = 0; s < S; ++s) element(p * S + s, scale, sk, sf);
-            pk[p] = sk;
-            pf[p] = sf;
+            acc_t tk = 0, tf = 0;
+            Vec k0(acc_t(0)), k1(acc_t(0)), f0(acc_t(0)), f1(acc_t(0));
+            auto sum = [&](int64_t, acc_t dk, acc_t gf) {
+              tk += dk;
+              tf += gf;
+            };
+            auto vec_sum = [&](int64_t, const Vec& a0, const Vec& a1, const Vec& b0, const Vec& b1) {
+              k0 = k0 + a0;
+              k1 = k1 + a1;
+              f0 = f0 + b0;
+              f1 = f1 + b1;
+            };
+            const int64_t o = p * S;
+            backward_run<false>(gp + o, up + o, pp + o, fp + o, at_offset(outp, o), k, Scale<false, acc_t>{scales.data() + p}, dup + o,
+                                dpp + o, dfp + o, S, stream, sum, vec_sum);
+            auto add = [](Vec& x, Vec& y) { return x + y; };
+            pk[p] = at::vec::vec_reduce_all<acc_t>(add, k0 + k1) + tk;
+            pf[p] = at::vec::vec_reduce_all<acc_t>(add, f0 + f1) + tf;
           }
+          stream_fence(stream);
         });
       }
     }

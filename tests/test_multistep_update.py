@@ -10,7 +10,7 @@ from tsc_kernels import reference
 from conftest import TOLERANCES, count_triton_launches
 
 SHAPES = [(3, 5, 7, 9), (2, 33), (1, 17, 4, 4, 3), (4, 19, 6), (5, 3, 1, 1)]
-CL_SHAPES = [(4, 19, 6, 5), (2, 7, 3, 4, 5), (3, 6, 5)]
+CL_SHAPES = [(4, 19, 6, 5), (2, 7, 3, 4, 5), (3, 6, 5), (2, 45, 3, 2)]
 NAMES = ("du", "du_prev", "df", "dk", "ddt", "dkeep")
 
 
@@ -174,6 +174,20 @@ def _bad(**over):
 def test_bad_input(backend, args, exc, words):
     with pytest.raises(exc, match=re.escape(words)):
         tsc_kernels.multistep_update(**args)
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_large_tensors_cpu_streaming_path(dtype, channels_last):
+    """Outputs of 8 MB and more take the CPU kernel's streaming-store path: check it too (odd sizes,
+    so runs start unaligned and end in a tail)."""
+    if "cpu" not in tsc_kernels.available_backends("cpu"):
+        pytest.skip("the C++ extension is not built")
+    with tsc_kernels.use_backend("cpu"):
+        inputs = make_inputs((3, 37, 131, 179), dtype, channels_last=channels_last)
+        assert inputs[0].nbytes >= 8 << 20 or dtype != torch.float32
+        compare_with_reference(inputs, relu=True)
 
 
 @pytest.mark.cpu_only

@@ -48,6 +48,9 @@ OP = define(OpDef(
     fake_backward=_fake_backward,
     setup_context=_setup_context,
     backward=_backward,
+    # Once per LM-ResNet block, like residual_update: the same formula is registered in C++
+    # (csrc/multistep_update_autograd.cpp); _setup_context/_backward serve the Triton ops.
+    cpp_autograd=True,
     when_compiling="reference",
 ))
 
