@@ -22,6 +22,7 @@
 
 #include "batch_norm_residual_update_layout.h"
 #include "batch_norm_residual_update_math.h"
+#include "cuda_elementwise.cuh"
 #include "cuda_grid.cuh"
 
 namespace tsc {
@@ -136,15 +137,21 @@ __global__ void bn_forward_channels_kernel(const acc_t* __restrict__ partial, in
   coef[C + c] = k.shift;
 }
 
-template <typename scalar_t, typename acc_t>
+template <int W, typename index_t, typename scalar_t, typename acc_t>
 __global__ void bn_apply_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
-                                const acc_t* __restrict__ coef, scalar_t* __restrict__ out, int64_t numel, int64_t C, int64_t inner,
-                                bool relu) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t c = (i / inner) % C;
-    const acc_t o = bn_residual_forward(static_cast<acc_t>(y[i]), static_cast<acc_t>(x[i]), mean[c], coef[c], coef[C + c]);
-    out[i] = static_cast<scalar_t>(relu ? relu_forward(o) : o);
-  }
+                                const acc_t* __restrict__ coef, scalar_t* __restrict__ out, index_t numel, int64_t C,
+                                ChannelIndex<index_t> ci, bool relu) {
+  for_each_pack<W>(numel, [&]<int P>(index_t i) {
+    const Pack<scalar_t, P> yv = load_pack<P>(y + i), xv = load_pack<P>(x + i);
+    Pack<scalar_t, P> o;
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      const index_t c = ci.channel(i + j);
+      const acc_t r = bn_residual_forward(static_cast<acc_t>(yv.v[j]), static_cast<acc_t>(xv.v[j]), mean[c], coef[c], coef[C + c]);
+      o.v[j] = static_cast<scalar_t>(relu ? relu_forward(r) : r);
+    }
+    store_pack<P>(out + i, o);
+  });
 }
 
 // partial (2, chunks, C): S1 = Σ g', S2c = Σ g' (x - mean) of chunk j of channel c.
@@ -203,19 +210,27 @@ __global__ void bn_backward_channels_kernel(const acc_t* __restrict__ partial, i
   coef[2 * C + c] = r.k3;
 }
 
-template <typename scalar_t, typename acc_t>
+template <int W, typename index_t, typename scalar_t, typename acc_t>
 __global__ void bn_backward_apply_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, const scalar_t* __restrict__ relu_out,
                                          const acc_t* __restrict__ mean, const acc_t* __restrict__ coef, scalar_t* __restrict__ dy,
-                                         scalar_t* __restrict__ dx, int64_t numel, int64_t C, int64_t inner) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t c = (i / inner) % C;
-    acc_t gi = static_cast<acc_t>(g[i]);
+                                         scalar_t* __restrict__ dx, index_t numel, int64_t C, ChannelIndex<index_t> ci) {
+  for_each_pack<W>(numel, [&]<int P>(index_t i) {
+    Pack<scalar_t, P> gv = load_pack<P>(g + i);
+    const Pack<scalar_t, P> xv = load_pack<P>(x + i);
     if (relu_out) {
-      gi = relu_backward(gi, static_cast<acc_t>(relu_out[i]));
-      dy[i] = static_cast<scalar_t>(gi);
+      const Pack<scalar_t, P> ov = load_pack<P>(relu_out + i);
+#pragma unroll
+      for (int j = 0; j < P; ++j) gv.v[j] = static_cast<scalar_t>(relu_backward(static_cast<acc_t>(gv.v[j]), static_cast<acc_t>(ov.v[j])));
+      store_pack<P>(dy + i, gv);
     }
-    dx[i] = static_cast<scalar_t>(bn_backward_dx(gi, static_cast<acc_t>(x[i]), mean[c], coef[c], coef[C + c], coef[2 * C + c]));
-  }
+    Pack<scalar_t, P> d;
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      const index_t c = ci.channel(i + j);
+      d.v[j] = static_cast<scalar_t>(bn_backward_dx(static_cast<acc_t>(gv.v[j]), static_cast<acc_t>(xv.v[j]), mean[c], coef[c], coef[C + c], coef[2 * C + c]));
+    }
+    store_pack<P>(dx + i, d);
+  });
 }
 
 // weight / bias as contiguous acc-dtype tensors (a conversion only for other dtypes), or undefined.
@@ -267,10 +282,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cuda(
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (a.y.numel() == 0) return;
-    bn_apply_kernel<scalar_t, acc_t><<<elementwise_grid(a.y.numel(), kThreads), kThreads, 0, stream>>>(
-        a.y.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), a.save_mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(),
-        a.out.mutable_data_ptr<scalar_t>(), a.y.numel(), C, v.inner, relu);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t *yp = a.y.const_data_ptr<scalar_t>(), *xp = a.x.const_data_ptr<scalar_t>();
+    scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
+    const int64_t numel = a.y.numel();
+    dispatch_elementwise<scalar_t>(numel, {yp, xp, op}, [&]<int W, typename index_t>() {
+      bn_apply_kernel<W, index_t, scalar_t, acc_t><<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(
+          yp, xp, a.save_mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(), op, static_cast<index_t>(numel), C,
+          ChannelIndex<index_t>(v.inner, C, v.inner * C), relu);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {a.out, a.save_mean, a.save_invstd};
 }
@@ -308,10 +328,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
         coef.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!any) return;
-    bn_backward_apply_kernel<scalar_t, acc_t><<<elementwise_grid(a.x.numel(), kThreads), kThreads, 0, stream>>>(
-        a.g.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), outp, a.save_mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(),
-        a.relu ? a.dy.mutable_data_ptr<scalar_t>() : nullptr, a.dx.mutable_data_ptr<scalar_t>(), a.x.numel(), C, v.inner);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t *gp = a.g.const_data_ptr<scalar_t>(), *xp = a.x.const_data_ptr<scalar_t>();
+    scalar_t* dyp = a.relu ? a.dy.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dxp = a.dx.mutable_data_ptr<scalar_t>();
+    const int64_t numel = a.x.numel();
+    dispatch_elementwise<scalar_t>(numel, {gp, xp, outp, dyp, dxp}, [&]<int W, typename index_t>() {
+      bn_backward_apply_kernel<W, index_t, scalar_t, acc_t><<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(
+          gp, xp, outp, a.save_mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(), dyp, dxp, static_cast<index_t>(numel), C,
+          ChannelIndex<index_t>(v.inner, C, v.inner * C));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return {bn_dy_in_layout(a.dy, a.dy_channels_last), a.dx, a.ddt, a.dweight, a.dbias};
 }

@@ -11,6 +11,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/all.h>
 
+#include "cuda_elementwise.cuh"
 #include "multistep_layout.h"
 #include "multistep_update_math.h"
 
@@ -25,18 +26,23 @@ const T* optional_ptr(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-template <typename scalar_t, typename acc_t>
+template <int W, typename index_t, typename scalar_t, typename acc_t>
 __global__ void multistep_forward_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ up,
                                          const scalar_t* __restrict__ f, const acc_t* __restrict__ kp,
                                          const acc_t* __restrict__ dt, const acc_t* __restrict__ keep,
-                                         scalar_t* __restrict__ out, int64_t numel, int64_t C, int64_t inner,
-                                         int64_t CS, bool relu) {
+                                         scalar_t* __restrict__ out, index_t numel, ChannelIndex<index_t> ci, bool relu) {
   const acc_t k = *kp;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x) {
-    const acc_t scale = multistep_scale(dt, keep, i / CS, (i / inner) % C);
-    const acc_t o = multistep_forward(static_cast<acc_t>(u[i]), static_cast<acc_t>(up[i]), static_cast<acc_t>(f[i]), k, scale);
-    out[i] = static_cast<scalar_t>(relu ? relu_forward(o) : o);
-  }
+  for_each_pack<W>(numel, [&]<int P>(index_t i) {
+    const Pack<scalar_t, P> uv = load_pack<P>(u + i), pv = load_pack<P>(up + i), fv = load_pack<P>(f + i);
+    Pack<scalar_t, P> o;
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      const acc_t scale = multistep_scale(dt, keep, ci.sample(i + j), ci.channel(i + j));
+      const acc_t r = multistep_forward(static_cast<acc_t>(uv.v[j]), static_cast<acc_t>(pv.v[j]), static_cast<acc_t>(fv.v[j]), k, scale);
+      o.v[j] = static_cast<scalar_t>(relu ? relu_forward(r) : r);
+    }
+    store_pack<P>(out + i, o);
+  });
 }
 
 // grid = (N, ceil(C / 32)), block = (32, 8): channel tile x positions of one sample.
@@ -113,12 +119,6 @@ __global__ void multistep_finalize_kernel(const acc_t* __restrict__ pk, const ac
     }
 }
 
-int grid_for(int64_t numel) {
-  const int64_t blocks = (numel + kThreads - 1) / kThreads;
-  const int64_t cap = 32LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
-}
-
 at::Tensor multistep_update_cuda(const at::Tensor& u_in, const at::Tensor& u_prev_in, const at::Tensor& f_in, const at::Tensor& k_in,
                                  const std::optional<at::Tensor>& dt_in, const std::optional<at::Tensor>& keep_in, bool relu) {
   const c10::cuda::CUDAGuard guard(u_in.device());
@@ -128,11 +128,15 @@ at::Tensor multistep_update_cuda(const at::Tensor& u_in, const at::Tensor& u_pre
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.u.scalar_type(), "tsc_multistep_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    multistep_forward_kernel<scalar_t, acc_t><<<grid_for(a.u.numel()), kThreads, 0, stream>>>(
-        a.u.const_data_ptr<scalar_t>(), a.u_prev.const_data_ptr<scalar_t>(), a.f.const_data_ptr<scalar_t>(),
-        a.k.const_data_ptr<acc_t>(), optional_ptr<acc_t>(a.dt), optional_ptr<acc_t>(a.keep), a.out.mutable_data_ptr<scalar_t>(),
-        a.u.numel(), v.C, v.channels_last ? 1 : v.S, v.C * v.S, relu);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t *up = a.u.const_data_ptr<scalar_t>(), *pp = a.u_prev.const_data_ptr<scalar_t>(), *fp = a.f.const_data_ptr<scalar_t>();
+    scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
+    const int64_t numel = a.u.numel();
+    dispatch_elementwise<scalar_t>(numel, {up, pp, fp, op}, [&]<int W, typename index_t>() {
+      multistep_forward_kernel<W, index_t, scalar_t, acc_t><<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(
+          up, pp, fp, a.k.const_data_ptr<acc_t>(), optional_ptr<acc_t>(a.dt), optional_ptr<acc_t>(a.keep), op,
+          static_cast<index_t>(numel), ChannelIndex<index_t>(v.channels_last ? 1 : v.S, v.C, v.C * v.S), relu);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return a.out;
 }

@@ -28,6 +28,38 @@ TOLERANCES = {
     torch.float64: (1e-12, 1e-12),
 }
 
+
+
+def assert_within_reference_error(fused, ref, inputs, grad, names, factor=2.0):
+    """flash-attention's criterion, for outputs and gradients: the backend's largest error against the
+    reference run in fp64 (on the same inputs, upcast) is at most `factor` times the largest error of
+    the reference run in the inputs' own dtype, plus one epsilon of that dtype at the result's scale
+    (for results the same-dtype reference gets exactly; sqrt(terms) of them for reductions). Fixed tolerances either hide a kernel that
+    loses precision in fp16/bf16 or fail one that is more precise than eager PyTorch.
+
+    fused, ref: callables of *inputs; inputs: their arguments (tensors that require grad are
+    differentiated); grad: the output's incoming gradient; names: of those gradients, for messages."""
+    def fp64(t):
+        return t.detach().double().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t
+
+    results = {}
+    for label, fn, args, g in (("fused", fused, inputs, grad), ("ref", ref, inputs, grad),
+                               ("ref64", ref, [fp64(t) for t in inputs], grad.double())):
+        out = fn(*args)
+        wrt = [t for t in args if isinstance(t, torch.Tensor) and t.requires_grad]
+        results[label] = [out, *torch.autograd.grad(out, wrt, g)]
+    for name, got, same_dtype, exact in zip(("out", *names), results["fused"], results["ref"], results["ref64"]):
+        err = (got.double() - exact).abs().max().item()
+        ref_err = (same_dtype.double() - exact).abs().max().item()
+        # A reduced result (ddt, dk: one value per many inputs) is a single sample of rounding error,
+        # so the floor grows like a rounding random walk: sqrt(terms) epsilons.
+        terms = max(1, inputs[0].numel() // max(1, exact.numel()))
+        floor = torch.finfo(got.dtype).eps * max(1.0, exact.abs().max().item()) * terms ** 0.5
+        assert err <= factor * ref_err + floor, (
+            f"{name} ({got.dtype}): error {err:.3g} against the fp64 reference, the {same_dtype.dtype} reference's is "
+            f"{ref_err:.3g} (allowed {factor} x that + {floor:.2g})")
+
+
 TEST_BACKENDS = tsc_kernels.available_backends(TEST_DEVICE)
 # the fused backends (everything but the reference itself)
 FUSED_BACKENDS = [b for b in TEST_BACKENDS if b != "torch"]

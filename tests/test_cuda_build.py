@@ -21,3 +21,58 @@ def test_extension_carries_cuda_kernels(op):
     assert _extension.has_cpp_ops(), _extension.LOAD_ERROR
     assert _extension.has_kernel(op, "CUDA"), f"tsc::{op} has no CUDA kernel: was _C built with nvcc?"
     assert _extension.has_kernel(op, "CPU")
+
+
+# The per-element kernels of cuda_elementwise.cuh (docs/gpu.md, "Indices and loads").
+ELEMENTWISE_KERNELS = ("residual_forward_kernel", "multistep_forward_kernel", "bn_apply_kernel", "bn_backward_apply_kernel")
+
+
+def _cuobjdump():
+    try:
+        import triton.backends.nvidia as nv  # Triton ships cuobjdump; the CUDA toolkit may not
+        path = os.path.join(os.path.dirname(nv.__file__), "bin", "cuobjdump")
+    except ImportError:
+        path = ""
+    return path if os.path.exists(path) else shutil.which("cuobjdump")
+
+
+def _sass_functions(so_path):
+    """{mangled name: SASS text} of every kernel in the built extension (all architectures)."""
+    import re
+    import subprocess
+
+    text = subprocess.run([_cuobjdump(), "-sass", so_path], capture_output=True, text=True, check=True).stdout
+    functions = {}
+    for part in re.split(r"\n\s*Function : ", text)[1:]:
+        name, body = part.split("\n", 1)
+        functions[name.strip() + f"#{len(functions)}"] = body
+    return functions
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="no nvcc / CUDA torch on this machine: the CUDA kernels cannot be built")
+@pytest.mark.skipif(BUILT_WITHOUT_CUDA, reason="TSC_BUILD_CUDA=0 asked for a build without CUDA kernels")
+@pytest.mark.parametrize("kernel", ELEMENTWISE_KERNELS)
+def test_elementwise_kernels_use_32bit_index_math_and_16_byte_loads(kernel):
+    """In the compiled SASS: the 32-bit instantiations (index_t = unsigned, the one every tensor
+    below 2^31 elements runs) call no 64-bit division routine (CALL), and the packed ones (W > 1)
+    load and store 16 bytes at a time (LDG.E.128 / STG.E.128)."""
+    import re
+
+    if _cuobjdump() is None:
+        pytest.skip("no cuobjdump (neither Triton's nor the CUDA toolkit's) to read the SASS")
+    assert _extension.has_cpp_ops(), _extension.LOAD_ERROR
+    import tsc_kernels._C as ext
+
+    found = []
+    for name, body in _sass_functions(ext.__file__).items():
+        m = re.search(kernel + r"ILi(\d+)E([jl])", name)
+        if not m:
+            continue
+        width, index = int(m.group(1)), m.group(2)
+        found.append((width, index))
+        if index == "j":
+            assert "CALL" not in body, f"{name}: the 32-bit variant calls a (64-bit division) routine"
+        if width > 1:
+            assert "LDG.E.128" in body and "STG.E.128" in body, f"{name}: the packed variant has no 16-byte loads/stores"
+    assert any(w > 1 and i == "j" for w, i in found), f"{kernel}: no packed 32-bit instantiation in the SASS ({found})"
+    assert any(i == "l" for _, i in found), f"{kernel}: no 64-bit instantiation for tensors past 2^31 elements"

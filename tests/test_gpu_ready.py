@@ -347,3 +347,35 @@ def test_default_arch_list_carries_ptx():
     make = (ROOT / "Makefile").read_text()
     assert re.search(r'setdefault\("TORCH_CUDA_ARCH_LIST", "[^"]*\+PTX"\)', setup)
     assert re.search(r"TORCH_CUDA_ARCH_LIST \?= \S*\+PTX", make)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_per_element_kernels_agree_in_both_index_widths(monkeypatch, channels_last):
+    """INDEX_64 (_launch.index_64) picks int32 or int64 flat indices; a GPU takes the int64 path only
+    past 2**31 elements. Force it here on small shapes, so both widths are checked against the
+    reference under the interpreter (the int32 path runs in every other test)."""
+    shape = (3, 5, 7, 6)
+
+    def rand(*size):
+        t = torch.randn(*size, dtype=torch.float64)
+        return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+    u, u_prev, f = rand(*shape), rand(*shape), rand(*shape)
+    dt, keep, k = torch.rand(shape[1], dtype=torch.float64), torch.rand(shape[0], dtype=torch.float64), torch.tensor(-0.05, dtype=torch.float64)
+    x, g_sc = rand(3, 4, 7, 6), rand(3, 4 + shape[1], 7, 6)
+    grad = rand(*shape)
+    results = {}
+    for wide in (False, True):
+        monkeypatch.setattr(_launch, "index_64", lambda numel, block, wide=wide: wide)
+        out_ru = tru.residual_update_triton(u, f, dt, True)
+        bwd_ru = tru.residual_update_backward_triton(grad, f, dt, out_ru)
+        out_ms = tms.multistep_update_triton(u, u_prev, f, k, dt, keep, False)
+        out_sc = tsc_.scale_concat_triton(x, f, dt)
+        bwd_sc = tsc_.scale_concat_backward_triton(g_sc, f, dt)
+        results[wide] = [out_ru, *bwd_ru, out_ms, out_sc, *bwd_sc]
+    torch.testing.assert_close(results[False][0], reference.residual_update(u, f, dt, relu=True))
+    torch.testing.assert_close(results[False][4], reference.multistep_update(u, u_prev, f, k, dt, keep))
+    torch.testing.assert_close(results[False][5], reference.scale_concat(x, f, dt))
+    for narrow, wide in zip(results[False], results[True]):
+        torch.testing.assert_close(wide, narrow, rtol=0, atol=0)

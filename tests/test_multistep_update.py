@@ -7,7 +7,7 @@ import torch
 
 import tsc_kernels
 from tsc_kernels import reference
-from conftest import TOLERANCES, count_triton_launches
+from conftest import TOLERANCES, assert_within_reference_error, count_triton_launches
 
 SHAPES = [(3, 5, 7, 9), (2, 33), (1, 17, 4, 4, 3), (4, 19, 6), (5, 3, 1, 1)]
 CL_SHAPES = [(4, 19, 6, 5), (2, 7, 3, 4, 5), (3, 6, 5), (2, 45, 3, 2)]
@@ -54,6 +54,15 @@ def compare_with_reference(inputs, relu):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference(backend, shape, relu, dtype):
     compare_with_reference(make_inputs(shape, dtype), relu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_error_within_twice_the_references_own(backend, dtype, channels_last):
+    inputs = make_inputs((6, 13, 9, 7), dtype, channels_last=channels_last)
+    assert_within_reference_error(lambda *a: tsc_kernels.multistep_update(*a, relu=True),
+                                  lambda *a: reference.multistep_update(*a, relu=True),
+                                  inputs, torch.randn_like(inputs[0]), NAMES)
 
 
 @pytest.mark.parametrize("with_dt, with_keep", [(False, False), (True, False), (False, True)])

@@ -6,7 +6,7 @@ import torch
 
 import tsc_kernels
 from tsc_kernels import reference
-from conftest import TOLERANCES, count_triton_launches
+from conftest import TOLERANCES, assert_within_reference_error, count_triton_launches
 
 SHAPES = [(3, 5, 7, 9), (2, 33), (1, 17, 4, 4, 4), (4, 19, 6), (5, 3, 1, 1), (2, 1, 3, 5)]
 CL_SHAPES = [(4, 19, 6, 5), (2, 7, 3, 4, 5), (3, 6, 5)]  # channels-last variants (3-D via strides)
@@ -46,6 +46,15 @@ def compare_with_reference(y, f, dt, relu):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference(backend, shape, relu, dtype):
     compare_with_reference(*make_inputs(shape, dtype), relu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_error_within_twice_the_references_own(backend, dtype, channels_last):
+    y, f, dt = make_inputs((6, 13, 9, 7), dtype, channels_last=channels_last)
+    assert_within_reference_error(lambda *a: tsc_kernels.residual_update(*a, relu=True),
+                                  lambda *a: reference.residual_update(*a, relu=True),
+                                  (y, f, dt), torch.randn_like(y), ("dy", "df", "ddt"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

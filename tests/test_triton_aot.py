@@ -76,3 +76,19 @@ def test_jit_variant_of_elementwise_kernels_uses_vector_loads(aot_report, prefix
     assert jit and worst
     assert all(r["vector_loads"] > 0 for r in jit), [(r["config"], r["vector_loads"]) for r in jit]
     assert all(r["vector_loads"] == 0 for r in worst), [(r["config"], r["vector_loads"]) for r in worst]
+
+
+@pytest.mark.parametrize("prefix", ["residual_fwd", "residual_bwd_planes", "multistep_fwd", "scale_concat_fwd",
+                                    "scale_concat_bwd_planes"])
+def test_jit_variant_of_per_element_kernels_divides_in_32_bits(aot_report, prefix):
+    """The kernels that find each element's channel (or sample) by division run INDEX_64=False below
+    2**31 elements (_launch.index_64): their @jit twin has no 64-bit div/rem (a long software routine
+    on NVIDIA GPUs), while the worst-case configs (INDEX_64=True, i64 arguments) have them."""
+    _, report = aot_report
+    rows = [r for r in report["rows"] if r["config"].startswith(prefix) and not r["error"]]
+    jit = [r for r in rows if r["config"].endswith("@jit")]
+    worst = [r for r in rows if not r["config"].endswith("@jit")]
+    assert jit and worst
+    assert all(r["int64_divisions"] == 0 for r in jit), [(r["config"], r["int64_divisions"]) for r in jit]
+    # (a multistep config without dt and keep divides nothing at all)
+    assert any(r["int64_divisions"] > 0 for r in worst), [(r["config"], r["int64_divisions"]) for r in worst]

@@ -34,6 +34,14 @@ from typing import Iterable, Sequence
 import torch
 
 
+def index_64(numel: int, block: int) -> bool:
+    """The INDEX_64 constexpr of the per-element kernels: whether their flat indices (which reach
+    numel + block - 1) need int64. Below that (every activation of a CIFAR or ImageNet CNN) they are
+    int32, and so are the per-element divisions that find an element's channel: a 64-bit division
+    is a long software routine on NVIDIA GPUs, a 32-bit one a few instructions."""
+    return numel + block > 2**31 - 1
+
+
 def on_device(t: torch.Tensor):
     """Context in which a Triton launch for tensors on t's device runs on that device (and its
     current stream): ``torch.cuda.device(t.device)`` for CUDA tensors, nothing otherwise (CPU

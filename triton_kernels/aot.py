@@ -70,7 +70,10 @@ def jit_variant(cfg: dict) -> dict:
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in cfg["signature"].items()
              if t.startswith("*") or t in ("i32", "i64")}
     signature = {k: "i32" if t == "i64" else t for k, t in cfg["signature"].items()}
-    return dict(cfg, name=cfg["name"] + "@jit", signature=signature, attrs=attrs)
+    constexprs = cfg.get("constexprs", {})
+    if "INDEX_64" in constexprs:  # the launchers pass INDEX_64=False below 2**31 elements (_launch.index_64)
+        constexprs = dict(constexprs, INDEX_64=False)
+    return dict(cfg, name=cfg["name"] + "@jit", signature=signature, attrs=attrs, constexprs=constexprs)
 
 
 def uncovered_kernels() -> list[str]:
@@ -126,7 +129,8 @@ def compile_one(cfg: dict, capability: int) -> dict:
     rep = _ptxas_report(compiled.asm["ptx"], capability)
     ptx = compiled.asm["ptx"]
     return dict(registers=rep["registers"], spills=rep["spills"], shared=int(compiled.metadata.shared),
-                vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]\.", ptx)))
+                vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]\.", ptx)),
+                int64_divisions=len(re.findall(r"\b(?:div|rem)\.[su]64\b", ptx)))
 
 
 # Every kernel config of the project (module, kernel, name, signature, constexprs, num_warps), each
@@ -146,7 +150,7 @@ def compile_all(targets=((80, "sm_80"), (90, "sm_90")), kernels: list[dict] | No
             try:
                 row.update(compile_one(cfg, capability), error=None)
             except Exception as exc:  # reported per row: one failing kernel must not hide the others
-                row.update(registers=None, spills=None, shared=None, vector_loads=None,
+                row.update(registers=None, spills=None, shared=None, vector_loads=None, int64_divisions=None,
                            error=f"{type(exc).__name__}: {exc}")
             results.append(row)
     return results

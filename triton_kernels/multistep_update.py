@@ -22,6 +22,8 @@ from tsc_kernels.ops import multistep_update as _declaration  # noqa: F401  (dec
 from tsc_kernels.ops._layout import is_channels_last_like, to_layout
 from tsc_kernels.ops.registry import triton_backward, triton_forward
 
+from . import _launch
+
 FWD_BLOCK = 1024
 # (BLOCK_C, BLOCK_S) tiles of the backward: channel-first planes are long along s, channels-last rows along c.
 # 512-element tiles: with 5 loads, 3 stores and 2 accumulators per element (int64 offsets), 1024-element
@@ -35,8 +37,12 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the interpreter's cost is 
 
 @triton.jit
 def multistep_fwd_kernel(u_ptr, p_ptr, f_ptr, k_ptr, dt_ptr, keep_ptr, out_ptr, numel, C, inner, CS,
-                         HAS_DT: tl.constexpr, HAS_KEEP: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+                         HAS_DT: tl.constexpr, HAS_KEEP: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr,
+                         INDEX_64: tl.constexpr):
+    pid = tl.program_id(0)
+    if INDEX_64:  # _launch.index_64: int32 indices (and channel divisions) unless the tensor needs more
+        pid = pid.to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc_ty = k_ptr.dtype.element_ty
     k = tl.load(k_ptr)
@@ -147,7 +153,8 @@ def multistep_update_triton(u: torch.Tensor, u_prev: torch.Tensor, f: torch.Tens
     if u.numel():
         multistep_fwd_kernel[(triton.cdiv(u.numel(), FWD_BLOCK),)](
             u, u_prev, f, k, k if dt is None else dt.contiguous(), k if keep is None else keep.contiguous(), out,
-            u.numel(), C, 1 if cl else S, C * S, HAS_DT=dt is not None, HAS_KEEP=keep is not None, RELU=relu, BLOCK=FWD_BLOCK)
+            u.numel(), C, 1 if cl else S, C * S, HAS_DT=dt is not None, HAS_KEEP=keep is not None, RELU=relu, BLOCK=FWD_BLOCK,
+            INDEX_64=_launch.index_64(u.numel(), FWD_BLOCK))
     return out
 
 
@@ -188,7 +195,8 @@ def multistep_update_backward_triton(
 def _fwd_sig(dtype: str) -> dict:
     return {"u_ptr": f"*{dtype}", "p_ptr": f"*{dtype}", "f_ptr": f"*{dtype}", "k_ptr": "*fp32", "dt_ptr": "*fp32",
             "keep_ptr": "*fp32", "out_ptr": f"*{dtype}", "numel": "i64", "C": "i64", "inner": "i64", "CS": "i64",
-            "HAS_DT": "constexpr", "HAS_KEEP": "constexpr", "RELU": "constexpr", "BLOCK": "constexpr"}
+            "HAS_DT": "constexpr", "HAS_KEEP": "constexpr", "RELU": "constexpr", "BLOCK": "constexpr",
+            "INDEX_64": "constexpr"}
 
 
 def _bwd_sig(dtype: str) -> dict:
@@ -213,7 +221,8 @@ AOT_CONFIGS = [
     for dtype, relu, has_dt, has_keep in _FLAG_SETS
     for cfg in [
         dict(kernel=multistep_fwd_kernel, name=f"multistep_fwd_{dtype}_relu{int(relu)}_dt{int(has_dt)}_keep{int(has_keep)}",
-             signature=_fwd_sig(dtype), constexprs={"HAS_DT": has_dt, "HAS_KEEP": has_keep, "RELU": relu, "BLOCK": FWD_BLOCK}),
+             signature=_fwd_sig(dtype), constexprs={"HAS_DT": has_dt, "HAS_KEEP": has_keep, "RELU": relu, "BLOCK": FWD_BLOCK,
+                                                    "INDEX_64": True}),
     ] + [
         dict(kernel=multistep_bwd_kernel,
              name=f"multistep_bwd_{tile_name}_{dtype}_relu{int(relu)}_dt{int(has_dt)}_keep{int(has_keep)}",

@@ -9,7 +9,8 @@ channels-last inputs. Arithmetic runs in dt's dtype (fp32, or fp64 for fp64 inpu
   backward, inner == 1    grid (channel tiles, row chunks), the same per tile of channels
   then, with > 1 chunk    1 small launch adding the chunks' partials in order (planes_grid/rows_grid)
 Both backward reductions run in a fixed order: ddt is deterministic. Launches run on the tensors'
-device (the registry wraps every launcher in _launch.on_device); every index product that can pass 2^31 is int64.
+device (the registry wraps every launcher in _launch.on_device); every index product that can pass 2^31 is int64
+(per-element indices only for tensors that need it: INDEX_64, _launch.index_64).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from tsc_kernels.ops._layout import channel_view, is_channels_last_like, to_layo
 from tsc_kernels.ops import residual_update as _declaration  # noqa: F401  (declares the op first)
 from tsc_kernels.ops.registry import triton_backward, triton_forward
 
+from . import _launch
+
 FWD_BLOCK = 1024
 BWD_BLOCK = 1024
 BWD_WARPS = 8  # with 4 warps the bf16 ReLU variant spills on sm_80 (16 B): 1024 lanes over 256 threads do not
@@ -30,8 +33,12 @@ ROWS_BLOCK_R, ROWS_BLOCK_C = 32, 64
 
 
 @triton.jit
-def residual_fwd_kernel(y_ptr, f_ptr, dt_ptr, out_ptr, numel, C, inner, RELU: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def residual_fwd_kernel(y_ptr, f_ptr, dt_ptr, out_ptr, numel, C, inner, RELU: tl.constexpr, BLOCK: tl.constexpr,
+                        INDEX_64: tl.constexpr):
+    pid = tl.program_id(0)
+    if INDEX_64:  # _launch.index_64: int32 indices (and channel divisions) unless the tensor needs more
+        pid = pid.to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc_ty = dt_ptr.dtype.element_ty
     dt = tl.load(dt_ptr + (offs // inner) % C, mask=mask, other=0.0)
@@ -45,21 +52,24 @@ def residual_fwd_kernel(y_ptr, f_ptr, dt_ptr, out_ptr, numel, C, inner, RELU: tl
 
 @triton.jit
 def residual_bwd_planes_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, partial_ptr, N, C, inner, n_per_chunk,
-                               RELU: tl.constexpr, BLOCK: tl.constexpr):
+                               RELU: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     """Program (c, k) owns channel c of samples [k*n_per_chunk, (k+1)*n_per_chunk): writes their df (dy)
     and partial[k, c], its share of ddt[c], summed in a fixed order (finalised by residual_sum_chunks_kernel).
-    Every index is int64: N * inner passes 2^31 for large activations."""
-    c = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
+    Indices are int64 when the tensor needs it (INDEX_64), else int32 like the divisions."""
+    c = tl.program_id(0)
+    k = tl.program_id(1)
+    if INDEX_64:
+        c = c.to(tl.int64)
+        k = k.to(tl.int64)
     acc_ty = dt_ptr.dtype.element_ty
     dt = tl.load(dt_ptr + c)
     acc = tl.zeros([BLOCK], dtype=acc_ty)
     n0 = k * n_per_chunk
-    n1 = tl.minimum(n0 + n_per_chunk, N)  # int64: n0 is
-    start_idx = n0 * inner  # int64 from here on
+    n1 = tl.minimum(n0 + n_per_chunk, N)  # int64 with INDEX_64: n0 is
+    start_idx = n0 * inner
     end_idx = n1 * inner
     for start in range(start_idx, end_idx, BLOCK):
-        idx = start + tl.arange(0, BLOCK).to(tl.int64)
+        idx = start + tl.arange(0, BLOCK)
         mask = idx < end_idx
         offs = ((idx // inner) * C + c) * inner + idx % inner
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_ty)
@@ -149,7 +159,7 @@ def residual_update_triton(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, r
     outer, C, inner = channel_view(y, cl)
     if y.numel():
         residual_fwd_kernel[(triton.cdiv(y.numel(), FWD_BLOCK),)](
-            y, f, dt, out, y.numel(), C, inner, RELU=relu, BLOCK=FWD_BLOCK)
+            y, f, dt, out, y.numel(), C, inner, RELU=relu, BLOCK=FWD_BLOCK, INDEX_64=_launch.index_64(y.numel(), FWD_BLOCK))
     return out
 
 
@@ -175,7 +185,8 @@ def residual_update_backward_triton(
     partial = ddt if grid[1] == 1 else torch.empty((grid[1], C), dtype=dt.dtype, device=dt.device)
     if inner > 1:
         residual_bwd_planes_kernel[grid](g, f, out, dt, dy_arg, df, partial, outer, C, inner, per,
-                                         RELU=relu, BLOCK=BWD_BLOCK, num_warps=BWD_WARPS)
+                                         RELU=relu, BLOCK=BWD_BLOCK, INDEX_64=_launch.index_64(f.numel(), BWD_BLOCK),
+                                         num_warps=BWD_WARPS)
     else:
         residual_bwd_rows_kernel[grid](g, f, out, dt, dy_arg, df, partial, outer, C, per,
                                        RELU=relu, BLOCK_R=ROWS_BLOCK_R, BLOCK_C=ROWS_BLOCK_C)
@@ -201,11 +212,13 @@ AOT_CONFIGS = [
     for relu in (False, True)
     for cfg in (
         dict(kernel=residual_fwd_kernel, name=f"residual_fwd_{dtype}_relu{int(relu)}",
-             signature={**_sig(dtype), "numel": "i64", "C": "i64", "inner": "i64", "RELU": "constexpr", "BLOCK": "constexpr"},
-             constexprs={"RELU": relu, "BLOCK": FWD_BLOCK}),
+             signature={**_sig(dtype), "numel": "i64", "C": "i64", "inner": "i64", "RELU": "constexpr", "BLOCK": "constexpr",
+                        "INDEX_64": "constexpr"},
+             constexprs={"RELU": relu, "BLOCK": FWD_BLOCK, "INDEX_64": True}),
         dict(kernel=residual_bwd_planes_kernel, name=f"residual_bwd_planes_{dtype}_relu{int(relu)}",
-             signature={**_bwd_sig(dtype), "N": "i64", "C": "i64", "inner": "i64", "n_per_chunk": "i64", "RELU": "constexpr", "BLOCK": "constexpr"},
-             constexprs={"RELU": relu, "BLOCK": BWD_BLOCK}, num_warps=BWD_WARPS),
+             signature={**_bwd_sig(dtype), "N": "i64", "C": "i64", "inner": "i64", "n_per_chunk": "i64", "RELU": "constexpr", "BLOCK": "constexpr",
+                        "INDEX_64": "constexpr"},
+             constexprs={"RELU": relu, "BLOCK": BWD_BLOCK, "INDEX_64": True}, num_warps=BWD_WARPS),
         dict(kernel=residual_bwd_rows_kernel, name=f"residual_bwd_rows_{dtype}_relu{int(relu)}",
              signature={**_bwd_sig(dtype), "R": "i64", "C": "i64", "rows_per_chunk": "i64", "RELU": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
              constexprs={"RELU": relu, "BLOCK_R": ROWS_BLOCK_R, "BLOCK_C": ROWS_BLOCK_C}),

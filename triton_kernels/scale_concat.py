@@ -22,6 +22,7 @@ from tsc_kernels.ops._layout import is_channels_last_like, to_layout
 from tsc_kernels.ops import scale_concat as _declaration
 from tsc_kernels.ops.registry import triton_backward, triton_forward
 
+from . import _launch
 from . import residual_update as _ru  # the work split and the ordered sum of the partials (read at call time)
 from .residual_update import BWD_BLOCK, BWD_WARPS, ROWS_BLOCK_C, ROWS_BLOCK_R, SUM_BLOCK, residual_sum_chunks_kernel
 
@@ -29,8 +30,12 @@ FWD_BLOCK = 1024
 
 
 @triton.jit
-def scale_concat_fwd_kernel(x_ptr, f_ptr, dt_ptr, out_ptr, numel, Cx, K, inner, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def scale_concat_fwd_kernel(x_ptr, f_ptr, dt_ptr, out_ptr, numel, Cx, K, inner, BLOCK: tl.constexpr,
+                            INDEX_64: tl.constexpr):
+    pid = tl.program_id(0)
+    if INDEX_64:  # _launch.index_64: int32 indices (and divisions) unless the tensor needs more
+        pid = pid.to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     row = (Cx + K) * inner
     x_row = Cx * inner
@@ -48,18 +53,21 @@ def scale_concat_fwd_kernel(x_ptr, f_ptr, dt_ptr, out_ptr, numel, Cx, K, inner, 
 
 @triton.jit
 def scale_concat_bwd_planes_kernel(g_ptr, f_ptr, dt_ptr, df_ptr, partial_ptr, N, Cx, K, inner, n_per_chunk,
-                                   BLOCK: tl.constexpr):
+                                   BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     """Program (c, k) owns channel c of f in samples [k*n_per_chunk, (k+1)*n_per_chunk): writes their df
-    and partial[k, c], summed in a fixed order. Every index is int64."""
-    c = tl.program_id(0).to(tl.int64)
-    k = tl.program_id(1).to(tl.int64)
+    and partial[k, c], summed in a fixed order. Indices are int64 when the tensors need it (INDEX_64)."""
+    c = tl.program_id(0)
+    k = tl.program_id(1)
+    if INDEX_64:
+        c = c.to(tl.int64)
+        k = k.to(tl.int64)
     acc_ty = dt_ptr.dtype.element_ty
     dt = tl.load(dt_ptr + c)
     acc = tl.zeros([BLOCK], dtype=acc_ty)
     n0 = k * n_per_chunk
     end_idx = tl.minimum(n0 + n_per_chunk, N) * inner
     for start in range(n0 * inner, end_idx, BLOCK):
-        idx = start + tl.arange(0, BLOCK).to(tl.int64)
+        idx = start + tl.arange(0, BLOCK)
         mask = idx < end_idx
         o = idx // inner
         sp = idx % inner
@@ -111,7 +119,8 @@ def scale_concat_triton(x: torch.Tensor, f: torch.Tensor, dt: torch.Tensor) -> t
     _, inner = _view(x, cl)
     if out.numel():
         scale_concat_fwd_kernel[(triton.cdiv(out.numel(), FWD_BLOCK),)](
-            x, f, dt, out, out.numel(), x.shape[1], f.shape[1], inner, BLOCK=FWD_BLOCK)
+            x, f, dt, out, out.numel(), x.shape[1], f.shape[1], inner, BLOCK=FWD_BLOCK,
+            INDEX_64=_launch.index_64(out.numel(), FWD_BLOCK))
     return out
 
 
@@ -132,7 +141,7 @@ def scale_concat_backward_triton(grad: torch.Tensor, f: torch.Tensor, dt: torch.
     partial = ddt if grid[1] == 1 else torch.empty((grid[1], k), dtype=dt.dtype, device=dt.device)
     if inner > 1:
         scale_concat_bwd_planes_kernel[grid](g, f, dt, df, partial, outer, cx, k, inner, per, BLOCK=BWD_BLOCK,
-                                             num_warps=BWD_WARPS)
+                                             INDEX_64=_launch.index_64(g.numel(), BWD_BLOCK), num_warps=BWD_WARPS)
     else:
         scale_concat_bwd_rows_kernel[grid](g, f, dt, df, partial, outer, cx, k, per, BLOCK_R=_ru.ROWS_BLOCK_R,
                                            BLOCK_C=_ru.ROWS_BLOCK_C)
@@ -153,12 +162,12 @@ AOT_CONFIGS = [
     for cfg in (
         dict(kernel=scale_concat_fwd_kernel, name=f"scale_concat_fwd_{dtype}",
              signature={**_sig(dtype, ("x_ptr", "f_ptr", "dt_ptr", "out_ptr")), "numel": "i64", "Cx": "i64", "K": "i64",
-                        "inner": "i64", "BLOCK": "constexpr"},
-             constexprs={"BLOCK": FWD_BLOCK}),
+                        "inner": "i64", "BLOCK": "constexpr", "INDEX_64": "constexpr"},
+             constexprs={"BLOCK": FWD_BLOCK, "INDEX_64": True}),
         dict(kernel=scale_concat_bwd_planes_kernel, name=f"scale_concat_bwd_planes_{dtype}",
              signature={**_sig(dtype, ("g_ptr", "f_ptr", "dt_ptr", "df_ptr", "partial_ptr")), "N": "i64", "Cx": "i64",
-                        "K": "i64", "inner": "i64", "n_per_chunk": "i64", "BLOCK": "constexpr"},
-             constexprs={"BLOCK": BWD_BLOCK}, num_warps=BWD_WARPS),
+                        "K": "i64", "inner": "i64", "n_per_chunk": "i64", "BLOCK": "constexpr", "INDEX_64": "constexpr"},
+             constexprs={"BLOCK": BWD_BLOCK, "INDEX_64": True}, num_warps=BWD_WARPS),
         dict(kernel=scale_concat_bwd_rows_kernel, name=f"scale_concat_bwd_rows_{dtype}",
              signature={**_sig(dtype, ("g_ptr", "f_ptr", "dt_ptr", "df_ptr", "partial_ptr")), "R": "i64", "Cx": "i64",
                         "K": "i64", "rows_per_chunk": "i64", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
