@@ -66,20 +66,23 @@ __device__ __forceinline__ void for_each_pack(index_t numel, Body&& body) {
 template <typename scalar_t>
 constexpr int kPack = 16 / sizeof(scalar_t);
 
+// launch.template operator()<index_t>(): uint32_t below 2^31 elements, else int64_t.
+template <typename Launch>
+void dispatch_index(int64_t numel, Launch&& launch) {
+  if (numel <= std::numeric_limits<int32_t>::max()) launch.template operator()<uint32_t>();
+  else launch.template operator()<int64_t>();
+}
+
 // launch.template operator()<W, index_t>(): W = kPack<scalar_t> when every (non-null) pointer is
 // 16-byte aligned, else 1; index_t = uint32_t below 2^31 elements, else int64_t.
 template <typename scalar_t, typename Launch>
 void dispatch_elementwise(int64_t numel, std::initializer_list<const void*> ptrs, Launch&& launch) {
   bool aligned = true;
   for (const void* p : ptrs) aligned = aligned && reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
-  const bool small = numel <= std::numeric_limits<int32_t>::max();
-  if (aligned) {
-    if (small) launch.template operator()<kPack<scalar_t>, uint32_t>();
-    else launch.template operator()<kPack<scalar_t>, int64_t>();
-  } else {
-    if (small) launch.template operator()<1, uint32_t>();
-    else launch.template operator()<1, int64_t>();
-  }
+  dispatch_index(numel, [&]<typename index_t>() {
+    if (aligned) launch.template operator()<kPack<scalar_t>, index_t>();
+    else launch.template operator()<1, index_t>();
+  });
 }
 
 }  // namespace tsc

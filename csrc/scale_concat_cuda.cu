@@ -14,6 +14,7 @@
 
 #include "scale_concat_layout.h"
 #include "scale_concat_math.h"
+#include "cuda_elementwise.cuh"
 #include "cuda_grid.cuh"
 
 namespace tsc {
@@ -22,17 +23,19 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kTileC = 32, kTileRows = 8, kChunks = 64;
 
-template <typename scalar_t, typename acc_t>
+// index_t: uint32_t below 2^31 elements (magic-number divisions), else int64_t (dispatch_index).
+template <typename index_t, typename scalar_t, typename acc_t>
 __global__ void scale_concat_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ f,
-                                            const acc_t* __restrict__ dt, scalar_t* __restrict__ out, int64_t numel,
-                                            ScaleConcatShape s) {
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < numel; i += (int64_t)gridDim.x * blockDim.x) {
-    int64_t src = 0, c = 0;
-    if (scale_concat_source(i, s, src, c))
+                                            const acc_t* __restrict__ dt, scalar_t* __restrict__ out, index_t numel,
+                                            at::cuda::detail::IntDivider<index_t> row, at::cuda::detail::IntDivider<index_t> inner,
+                                            index_t x_row, index_t f_row) {
+  for_each_pack<1>(numel, [&]<int P>(index_t i) {
+    index_t src = 0, c = 0;
+    if (scale_concat_source(i, row, inner, x_row, f_row, src, c))
       out[i] = x[src];
     else
       out[i] = static_cast<scalar_t>(scale_concat_forward(static_cast<acc_t>(f[src]), dt[c]));
-  }
+  });
 }
 
 // grid = (k, chunks): block (c, chunk) owns channel c of samples [chunk * per, (chunk + 1) * per).
@@ -91,12 +94,6 @@ __global__ void scale_concat_sum_chunks_kernel(const acc_t* __restrict__ partial
   ddt[c] = sum;
 }
 
-int grid_for(int64_t numel) {
-  const int64_t blocks = (numel + kThreads - 1) / kThreads;
-  const int64_t cap = 32LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
-}
-
 at::Tensor scale_concat_cuda(const at::Tensor& x_in, const at::Tensor& f_in, const at::Tensor& dt_in) {
   const c10::cuda::CUDAGuard guard(x_in.device());
   ScaleConcatForward a = prepare_scale_concat_forward(x_in, f_in, dt_in);
@@ -104,10 +101,16 @@ at::Tensor scale_concat_cuda(const at::Tensor& x_in, const at::Tensor& f_in, con
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "tsc_scale_concat_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    scale_concat_forward_kernel<scalar_t, acc_t><<<grid_for(a.out.numel()), kThreads, 0, stream>>>(
-        a.x.const_data_ptr<scalar_t>(), a.f.const_data_ptr<scalar_t>(), a.dt.const_data_ptr<acc_t>(),
-        a.out.mutable_data_ptr<scalar_t>(), a.out.numel(), a.shape);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const ScaleConcatShape& sh = a.shape;
+    const int64_t numel = a.out.numel();
+    dispatch_index(numel, [&]<typename index_t>() {
+      using Div = at::cuda::detail::IntDivider<index_t>;
+      scale_concat_forward_kernel<index_t, scalar_t, acc_t><<<elementwise_grid(numel, kThreads), kThreads, 0, stream>>>(
+          a.x.const_data_ptr<scalar_t>(), a.f.const_data_ptr<scalar_t>(), a.dt.const_data_ptr<acc_t>(), a.out.mutable_data_ptr<scalar_t>(),
+          static_cast<index_t>(numel), Div(static_cast<index_t>((sh.cx + sh.k) * sh.inner)), Div(static_cast<index_t>(sh.inner)),
+          static_cast<index_t>(sh.cx * sh.inner), static_cast<index_t>(sh.k * sh.inner));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return a.out;
 }

@@ -36,17 +36,19 @@ TSC_HD T scale_concat_ddt_term(T g, T f) {
 
 // Where output element i (flat index into the (outer, Cx + k, inner) block) comes from:
 // returns true for x (src = index into x), false for f (src = index into f, channel = its channel).
-TSC_HD bool scale_concat_source(int64_t i, const ScaleConcatShape& s, int64_t& src, int64_t& channel) {
-  const int64_t row = (s.cx + s.k) * s.inner;
-  const int64_t o = i / row, r = i - o * row;
-  const int64_t x_row = s.cx * s.inner;
-  if (r < x_row) {
-    src = o * x_row + r;
+// `row` divides by (Cx + k) * inner and `inner` by inner: anything with div / divmod (the CUDA
+// kernel passes ATen's 32-bit magic-number IntDivider below 2^31 elements, cuda_elementwise.cuh).
+template <typename index_t, typename Divider>
+TSC_HD bool scale_concat_source(index_t i, const Divider& row, const Divider& inner, index_t x_row, index_t f_row, index_t& src,
+                                index_t& channel) {
+  const auto q = row.divmod(i);  // (o, r): row o of out, position r in it
+  if (q.mod < x_row) {
+    src = q.div * x_row + q.mod;
     return true;
   }
-  const int64_t j = r - x_row;
-  channel = j / s.inner;
-  src = o * s.k * s.inner + j;
+  const index_t j = q.mod - x_row;
+  channel = inner.div(j);
+  src = q.div * f_row + j;
   return false;
 }
 

@@ -80,3 +80,24 @@ def test_elementwise_kernels_use_32bit_index_math_and_16_byte_loads(kernel):
             assert "LDG.E.128" in body and "STG.E.128" in body, f"{name}: the packed variant has no 16-byte loads/stores"
     assert any(w > 1 and i == "j" for w, i in found), f"{kernel}: no packed 32-bit instantiation in the SASS ({found})"
     assert any(i == "l" for _, i in found), f"{kernel}: no 64-bit instantiation for tensors past 2^31 elements"
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="no nvcc / CUDA torch on this machine: the CUDA kernels cannot be built")
+@pytest.mark.skipif(BUILT_WITHOUT_CUDA, reason="TSC_BUILD_CUDA=0 asked for a build without CUDA kernels")
+def test_scale_concat_forward_divides_in_32_bits():
+    """scale_concat's forward finds each output element's source (x or f, its row and channel) by two
+    divisions: its 32-bit instantiation (index_t = unsigned) has no division routine, the int64 one has."""
+    import re
+
+    if _cuobjdump() is None:
+        pytest.skip("no cuobjdump (neither Triton's nor the CUDA toolkit's) to read the SASS")
+    assert _extension.has_cpp_ops(), _extension.LOAD_ERROR
+    import tsc_kernels._C as ext
+
+    found = set()
+    for name, body in _sass_functions(ext.__file__).items():
+        m = re.search(r"scale_concat_forward_kernelI([jl])", name)
+        if m:
+            found.add(m.group(1))
+            assert ("MUFU.RCP" in body) == (m.group(1) == "l"), name
+    assert found == {"j", "l"}, found
