@@ -4,7 +4,7 @@ import torch
 
 import tsc_kernels
 from tsc_kernels import reference
-from conftest import TOLERANCES
+from conftest import TOLERANCES, assert_within_reference_error
 
 SHAPES = [(3, 5, 7, 9), (2, 33), (1, 17, 4, 4, 4), (77,), (4, 19, 6)]
 
@@ -45,6 +45,15 @@ def compare_with_reference(z, ks, c):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference(backend, shape, stages, dtype):
     compare_with_reference(*make_inputs(shape, dtype, stages))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_error_within_twice_the_references_own(backend, dtype, channels_last):
+    z, ks, c = make_inputs((6, 11, 9, 7), dtype, 4, channels_last=channels_last)
+    assert_within_reference_error(lambda z, c, *ks: tsc_kernels.ode_combine(z, list(ks), c),
+                                  lambda z, c, *ks: reference.ode_combine(z, list(ks), c),
+                                  (z, c, *ks), torch.randn_like(z), ("dz", "dcoeffs", "dk1", "dk2", "dk3", "dk4"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -7,7 +7,7 @@ import torch
 import tsc_kernels
 from tsc_kernels import reference
 from tsc_kernels.ops.scale_concat import empty_in_layout
-from conftest import TOLERANCES, count_triton_launches
+from conftest import TOLERANCES, assert_within_reference_error, count_triton_launches
 
 # (x shape, k): 0-3 spatial dims, channel counts that are not powers of two, Cx = 0 and k = 0 edges
 CASES = [((3, 5, 7, 9), 3), ((2, 33), 7), ((1, 17, 4, 4, 3), 12), ((4, 19, 6), 5), ((5, 3, 1, 1), 1),
@@ -56,6 +56,15 @@ def compare_with_reference(x, f, dt, grad_channels_last=None):
 @pytest.mark.parametrize("shape, k", CASES)
 def test_matches_reference(backend, shape, k, dtype):
     compare_with_reference(*make_inputs(shape, k, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_error_within_twice_the_references_own(backend, dtype, channels_last):
+    x, f, dt = make_inputs((6, 11, 9, 7), 13, dtype, channels_last=channels_last)
+    grad = torch.randn(6, 24, 9, 7, dtype=dtype)
+    assert_within_reference_error(tsc_kernels.scale_concat, reference.scale_concat, (x, f, dt),
+                                  to_channels_last(grad) if channels_last else grad, ("dx", "df", "ddt"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
