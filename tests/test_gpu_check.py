@@ -35,6 +35,20 @@ def test_report_passes_when_every_step_passed_or_skipped(tmp_path):
     assert json.loads(j.read_text())["status"] == "passed"
 
 
+def test_report_states_the_total_against_the_budget(tmp_path):
+    """The check must fit in gpu_check.BUDGET_SECONDS (8 minutes): the report says whether it did; an
+    overrun is flagged but is not a failed proof."""
+    fast = [dict(name="a", status="passed", numbers={}, reason="", seconds=100.0)]
+    slow = [dict(name="a", status="passed", numbers={}, reason="", seconds=300.0),
+            dict(name="b", status="passed", numbers={}, reason="", seconds=gpu_check.BUDGET_SECONDS - 299.0)]
+    j, t = gpu_check.write_report(fast, tmp_path / "fast", {})
+    data = json.loads(j.read_text())
+    assert data["within_budget"] and data["total_seconds"] == 100.0 and "OVER BUDGET" not in t.read_text()
+    j, t = gpu_check.write_report(slow, tmp_path / "slow", {})
+    data = json.loads(j.read_text())
+    assert data["status"] == "passed" and not data["within_budget"] and "OVER BUDGET" in t.read_text()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 def test_module_entry_point_exit_status_without_gpu():
     import subprocess
