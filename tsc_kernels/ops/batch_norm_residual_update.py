@@ -87,6 +87,9 @@ OP = define(OpDef(
     setup_context=_setup_context,
     backward=_backward,
     mutates_args=("running_mean", "running_var"),
+    # Once per TSC block: the same formula is registered in C++ (csrc/batch_norm_residual_update_autograd.cpp);
+    # _setup_context/_backward serve the Triton ops.
+    cpp_autograd=True,
     # An elementwise tail after a reduction: inductor fuses the reference with the conv's epilogue
     # neighbours (docs/backends.md has the measurements).
     when_compiling="reference",
