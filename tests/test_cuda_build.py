@@ -23,8 +23,10 @@ def test_extension_carries_cuda_kernels(op):
     assert _extension.has_kernel(op, "CPU")
 
 
-# The per-element kernels of cuda_elementwise.cuh (docs/gpu.md, "Indices and loads").
+# The per-element kernels of cuda_elementwise.cuh (docs/gpu.md, "Index math and loads").
 ELEMENTWISE_KERNELS = ("residual_forward_kernel", "multistep_forward_kernel", "bn_apply_kernel", "bn_backward_apply_kernel")
+needs_cuda_build = pytest.mark.skipif(not HAS_NVCC or BUILT_WITHOUT_CUDA,
+                                      reason="no CUDA kernels in this build (no nvcc / CUDA torch, or TSC_BUILD_CUDA=0)")
 
 
 def _cuobjdump():
@@ -36,68 +38,58 @@ def _cuobjdump():
     return path if os.path.exists(path) else shutil.which("cuobjdump")
 
 
-def _sass_functions(so_path):
-    """{mangled name: SASS text} of every kernel in the built extension (all architectures)."""
+@pytest.fixture(scope="module")
+def sass():
+    """[(mangled name, SASS text)] of every kernel in the built extension, all architectures."""
     import re
     import subprocess
-
-    text = subprocess.run([_cuobjdump(), "-sass", so_path], capture_output=True, text=True, check=True).stdout
-    functions = {}
-    for part in re.split(r"\n\s*Function : ", text)[1:]:
-        name, body = part.split("\n", 1)
-        functions[name.strip() + f"#{len(functions)}"] = body
-    return functions
-
-
-@pytest.mark.skipif(not HAS_NVCC, reason="no nvcc / CUDA torch on this machine: the CUDA kernels cannot be built")
-@pytest.mark.skipif(BUILT_WITHOUT_CUDA, reason="TSC_BUILD_CUDA=0 asked for a build without CUDA kernels")
-@pytest.mark.parametrize("kernel", ELEMENTWISE_KERNELS)
-def test_elementwise_kernels_use_32bit_index_math_and_16_byte_loads(kernel):
-    """In the compiled SASS: the 32-bit instantiations (index_t = unsigned, the one every tensor
-    below 2^31 elements runs) contain no integer division routine, the int64 ones do, and the packed
-    ones (W > 1) load and store 16 bytes at a time (LDG.E.128 / STG.E.128)."""
-    import re
 
     if _cuobjdump() is None:
         pytest.skip("no cuobjdump (neither Triton's nor the CUDA toolkit's) to read the SASS")
     assert _extension.has_cpp_ops(), _extension.LOAD_ERROR
     import tsc_kernels._C as ext
 
+    text = subprocess.run([_cuobjdump(), "-sass", ext.__file__], capture_output=True, text=True, check=True).stdout
+    return [tuple(part.split("\n", 1)) for part in re.split(r"\n\s*Function : ", text)[1:]]
+
+
+# Every integer division routine (32- or 64-bit) starts from a float reciprocal, MUFU.RCP; the
+# magic-number division is a multiply-high and a shift, and nothing else in these kernels divides.
+DIVISION = "MUFU.RCP"
+
+
+@pytest.mark.parametrize("kernel", ELEMENTWISE_KERNELS)
+@needs_cuda_build
+def test_elementwise_kernels_use_32bit_index_math_and_16_byte_loads(sass, kernel):
+    """In the compiled SASS: the 32-bit instantiations (index_t = unsigned, the one every tensor
+    below 2^31 elements runs) contain no integer division routine, the int64 ones do, and the packed
+    ones (W > 1) load and store 16 bytes at a time (LDG.E.128 / STG.E.128)."""
+    import re
+
     found = []
-    for name, body in _sass_functions(ext.__file__).items():
+    for name, body in sass:
         m = re.search(kernel + r"ILi(\d+)E([jl])", name)
         if not m:
             continue
         width, index = int(m.group(1)), m.group(2)
         found.append((width, index))
-        # Every integer division routine (32- or 64-bit) starts from a float reciprocal, MUFU.RCP;
-        # the magic-number division is a multiply-high and a shift, and nothing else here divides.
-        if index == "j":
-            assert "MUFU.RCP" not in body, f"{name}: the 32-bit variant still divides (MUFU.RCP)"
-        else:
-            assert "MUFU.RCP" in body, f"{name}: expected the int64 variant's division routine (is the check still meaningful?)"
+        assert (DIVISION in body) == (index == "l"), f"{name}: {DIVISION} in the int32 variant, or missing in the int64 one"
         if width > 1:
             assert "LDG.E.128" in body and "STG.E.128" in body, f"{name}: the packed variant has no 16-byte loads/stores"
     assert any(w > 1 and i == "j" for w, i in found), f"{kernel}: no packed 32-bit instantiation in the SASS ({found})"
     assert any(i == "l" for _, i in found), f"{kernel}: no 64-bit instantiation for tensors past 2^31 elements"
 
 
-@pytest.mark.skipif(not HAS_NVCC, reason="no nvcc / CUDA torch on this machine: the CUDA kernels cannot be built")
-@pytest.mark.skipif(BUILT_WITHOUT_CUDA, reason="TSC_BUILD_CUDA=0 asked for a build without CUDA kernels")
-def test_scale_concat_forward_divides_in_32_bits():
+@needs_cuda_build
+def test_scale_concat_forward_divides_in_32_bits(sass):
     """scale_concat's forward finds each output element's source (x or f, its row and channel) by two
     divisions: its 32-bit instantiation (index_t = unsigned) has no division routine, the int64 one has."""
     import re
 
-    if _cuobjdump() is None:
-        pytest.skip("no cuobjdump (neither Triton's nor the CUDA toolkit's) to read the SASS")
-    assert _extension.has_cpp_ops(), _extension.LOAD_ERROR
-    import tsc_kernels._C as ext
-
     found = set()
-    for name, body in _sass_functions(ext.__file__).items():
+    for name, body in sass:
         m = re.search(r"scale_concat_forward_kernelI([jl])", name)
         if m:
             found.add(m.group(1))
-            assert ("MUFU.RCP" in body) == (m.group(1) == "l"), name
+            assert (DIVISION in body) == (m.group(1) == "l"), name
     assert found == {"j", "l"}, found
