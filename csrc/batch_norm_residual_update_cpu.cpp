@@ -146,14 +146,8 @@ void backward_sums_run(const scalar_t* g, const scalar_t* x, const scalar_t* out
   int64_t i = 0;
   for (; i + L::kStep <= n; i += L::kStep) {
     Vec g0, g1, x0, x1;
-    L::load(g + i, g0, g1);
+    L::load_grad(g + i, out ? out + i : nullptr, g0, g1);
     L::load(x + i, x0, x1);
-    if (out) {
-      Vec o0, o1;
-      L::load(out + i, o0, o1);
-      g0 = cpu::relu_backward(g0, o0);
-      g1 = cpu::relu_backward(g1, o1);
-    }
     const Vec p0 = g0 * (x0 - mean.vec(i)), p1 = g1 * (x1 - mean.vec(i + Vec::size()));
     if constexpr (kPerLane) {
       (Vec::loadu(s1 + i) + g0).store(s1 + i);
@@ -235,15 +229,9 @@ void backward_apply_run(const scalar_t* g, const scalar_t* x, const scalar_t* ou
   for (const int64_t head = L::aligned_prefix(dx, n, stream); i < head; ++i) scalar(i);
   for (; i + L::kStep <= n; i += L::kStep) {
     Vec g0, g1, x0, x1;
-    L::load(g + i, g0, g1);
+    L::load_grad(g + i, out ? out + i : nullptr, g0, g1);
     L::load(x + i, x0, x1);
-    if (out) {
-      Vec o0, o1;
-      L::load(out + i, o0, o1);
-      g0 = cpu::relu_backward(g0, o0);
-      g1 = cpu::relu_backward(g1, o1);
-      L::store(dy + i, g0, g1, stream);
-    }
+    if (out) L::store(dy + i, g0, g1, stream);
     const int64_t j = i + Vec::size();
     L::store(dx + i, bn_backward_dx(g0, x0, mean.vec(i), k1.vec(i), k2.vec(i), k3.vec(i)),
              bn_backward_dx(g1, x1, mean.vec(j), k1.vec(j), k2.vec(j), k3.vec(j)), stream);

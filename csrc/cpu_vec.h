@@ -26,6 +26,19 @@ constexpr int64_t kStreamBytes = 8 << 20;
 // (8,256,56,56) evenly across cores.
 constexpr int64_t kGrain = 32768;
 
+template <typename acc_t>
+Vectorized<acc_t> relu_forward(const Vectorized<acc_t>& x) {
+  // blendv keeps NaN lanes (NaN < 0 is false), as the scalar tsc::relu_forward does.
+  const Vectorized<acc_t> zero(acc_t(0));
+  return Vectorized<acc_t>::blendv(x, zero, x < zero);
+}
+
+template <typename acc_t>
+Vectorized<acc_t> relu_backward(const Vectorized<acc_t>& grad, const Vectorized<acc_t>& out) {
+  const Vectorized<acc_t> zero(acc_t(0));
+  return Vectorized<acc_t>::blendv(grad, zero, out <= zero);
+}
+
 // Lanes of the accumulation type, loaded from / stored to scalar_t in pairs of vectors so that
 // fp16/bf16 (whose Vectorized holds twice as many lanes as Vectorized<float>) convert in one go.
 template <typename scalar_t>
@@ -46,6 +59,18 @@ struct Lanes {
       b = Vec::loadu(p + Vec::size());
     } else {
       at::vec::load_to_float<scalar_t>(p, a, b);
+    }
+  }
+
+  // The incoming gradient masked by the fused ReLU: zero where the forward output `out` is <= 0
+  // (out null: no fused ReLU, the gradient as it is).
+  static void load_grad(const scalar_t* g, const scalar_t* out, Vec& a, Vec& b) {
+    load(g, a, b);
+    if (out) {
+      Vec o0, o1;
+      load(out, o0, o1);
+      a = relu_backward(a, o0);
+      b = relu_backward(b, o1);
     }
   }
 
@@ -86,19 +111,6 @@ inline void stream_fence(bool stream) {
 #if defined(CPU_CAPABILITY_AVX2)
   if (stream) _mm_sfence();  // order the streaming stores before the op returns to other threads
 #endif
-}
-
-template <typename acc_t>
-Vectorized<acc_t> relu_forward(const Vectorized<acc_t>& x) {
-  // blendv keeps NaN lanes (NaN < 0 is false), as the scalar tsc::relu_forward does.
-  const Vectorized<acc_t> zero(acc_t(0));
-  return Vectorized<acc_t>::blendv(x, zero, x < zero);
-}
-
-template <typename acc_t>
-Vectorized<acc_t> relu_backward(const Vectorized<acc_t>& grad, const Vectorized<acc_t>& out) {
-  const Vectorized<acc_t> zero(acc_t(0));
-  return Vectorized<acc_t>::blendv(grad, zero, out <= zero);
 }
 
 // A per-channel value (dt, a coefficient) of element i of a run: one value for a channel plane

@@ -96,13 +96,7 @@ void backward_run(const scalar_t* g, const scalar_t* u, const scalar_t* up, cons
   for (const int64_t head = L::aligned_prefix(du, n, stream); i < head; ++i) scalar(i);
   for (; i + L::kStep <= n; i += L::kStep) {
     Vec g0, g1, u0, u1, p0, p1, f0, f1;
-    L::load(g + i, g0, g1);
-    if (out) {
-      Vec o0, o1;
-      L::load(out + i, o0, o1);
-      g0 = cpu::relu_backward(g0, o0);
-      g1 = cpu::relu_backward(g1, o1);
-    }
+    L::load_grad(g + i, out ? out + i : nullptr, g0, g1);
     L::load(u + i, u0, u1);
     L::load(up + i, p0, p1);
     L::load(f + i, f0, f1);

@@ -29,7 +29,6 @@ using at::vec::Vectorized;
 using cpu::kGrain;
 using cpu::kStreamBytes;
 using cpu::Lanes;
-using cpu::relu_backward;
 using cpu::relu_forward;
 using cpu::stream_fence;
 template <bool kPerLane, typename acc_t>
@@ -85,15 +84,9 @@ void backward_run(const scalar_t* g, const scalar_t* f, const scalar_t* out, Ste
   for (const int64_t head = L::aligned_prefix(df, n, stream); i < head; ++i) scalar(i);
   for (; i + L::kStep <= n; i += L::kStep) {
     Vec g0, g1, f0, f1;
-    L::load(g + i, g0, g1);
+    L::load_grad(g + i, out ? out + i : nullptr, g0, g1);
     L::load(f + i, f0, f1);
-    if (out) {
-      Vec o0, o1;
-      L::load(out + i, o0, o1);
-      g0 = relu_backward(g0, o0);
-      g1 = relu_backward(g1, o1);
-      L::store(dy + i, g0, g1, stream);
-    }
+    if (out) L::store(dy + i, g0, g1, stream);
     L::store(df + i, g0 * dt.vec(i), g1 * dt.vec(i + Vec::size()), stream);
     vec_sum(i, g0 * f0, g1 * f1);
   }
