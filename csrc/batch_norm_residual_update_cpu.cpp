@@ -29,6 +29,7 @@ using at::vec::Vectorized;
 using cpu::kGrain;
 using cpu::kStreamBytes;
 using cpu::Lanes;
+using cpu::offset_or_null;
 using cpu::PerChannel;
 using cpu::stream_fence;
 
@@ -146,7 +147,7 @@ void backward_sums_run(const scalar_t* g, const scalar_t* x, const scalar_t* out
   int64_t i = 0;
   for (; i + L::kStep <= n; i += L::kStep) {
     Vec g0, g1, x0, x1;
-    L::load_grad(g + i, out ? out + i : nullptr, g0, g1);
+    L::load_grad(g + i, offset_or_null(out, i), g0, g1);
     L::load(x + i, x0, x1);
     const Vec p0 = g0 * (x0 - mean.vec(i)), p1 = g1 * (x1 - mean.vec(i + Vec::size()));
     if constexpr (kPerLane) {
@@ -229,7 +230,7 @@ void backward_apply_run(const scalar_t* g, const scalar_t* x, const scalar_t* ou
   for (const int64_t head = L::aligned_prefix(dx, n, stream); i < head; ++i) scalar(i);
   for (; i + L::kStep <= n; i += L::kStep) {
     Vec g0, g1, x0, x1;
-    L::load_grad(g + i, out ? out + i : nullptr, g0, g1);
+    L::load_grad(g + i, offset_or_null(out, i), g0, g1);
     L::load(x + i, x0, x1);
     if (out) L::store(dy + i, g0, g1, stream);
     const int64_t j = i + Vec::size();
@@ -358,7 +359,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
     const scalar_t* outp = a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr;
     const acc_t* mean = a.save_mean.const_data_ptr<acc_t>();
     const acc_t* invstd = a.save_invstd.const_data_ptr<acc_t>();
-    auto at_offset = [](auto* p, int64_t o) { return p ? p + o : nullptr; };
 
     // Reduction: S1, S2c per chunk (zeroed slots), then summed per channel in chunk order.
     const ChunkPlan plan(v);
@@ -367,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
       for (int64_t q = q0; q < q1; ++q)
         plan.for_each_run(q, [&](auto per_lane, int64_t o, int64_t n, int64_t c, int64_t slot) {
           constexpr bool kPerLane = decltype(per_lane)::value;
-          backward_sums_run<kPerLane>(gp + o, xp + o, at_offset(outp, o), PerChannel<kPerLane, acc_t>{mean + c}, n, &p1[slot], &p2[slot]);
+          backward_sums_run<kPerLane>(gp + o, xp + o, offset_or_null(outp, o), PerChannel<kPerLane, acc_t>{mean + c}, n, &p1[slot], &p2[slot]);
         });
     });
     const std::vector<acc_t> dt = read_channels<acc_t>(a.dt, C, 0), gamma = read_channels<acc_t>(weight, C, 1),
@@ -398,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
     scalar_t* dyp = a.relu ? a.dy.mutable_data_ptr<scalar_t>() : nullptr;
     parallel_runs(v, stream, [&](auto per_lane, int64_t o, int64_t n, int64_t c) {
       const acc_t* coef[4] = {mean + c, k1.data() + c, k2.data() + c, k3.data() + c};
-      backward_apply_run<decltype(per_lane)::value>(gp + o, xp + o, at_offset(outp, o), coef, at_offset(dyp, o), dxp + o, n, stream);
+      backward_apply_run<decltype(per_lane)::value>(gp + o, xp + o, offset_or_null(outp, o), coef, offset_or_null(dyp, o), dxp + o, n, stream);
     });
   });
   return {bn_dy_in_layout(a.dy, a.dy_channels_last), a.dx, a.ddt, a.dweight, a.dbias};

@@ -26,6 +26,12 @@ constexpr int64_t kStreamBytes = 8 << 20;
 // (8,256,56,56) evenly across cores.
 constexpr int64_t kGrain = 32768;
 
+// p + offset, or null for an absent optional buffer (the ReLU output without a fused ReLU, dy).
+template <typename T>
+T* offset_or_null(T* p, int64_t offset) {
+  return p ? p + offset : nullptr;
+}
+
 template <typename acc_t>
 Vectorized<acc_t> relu_forward(const Vectorized<acc_t>& x) {
   // blendv keeps NaN lanes (NaN < 0 is false), as the scalar tsc::relu_forward does.

@@ -25,6 +25,7 @@ using at::vec::Vectorized;
 using cpu::kGrain;
 using cpu::kStreamBytes;
 using cpu::Lanes;
+using cpu::offset_or_null;
 using cpu::stream_fence;
 template <bool kPerLane, typename acc_t>
 using Scale = cpu::PerChannel<kPerLane, acc_t>;
@@ -96,7 +97,7 @@ void backward_run(const scalar_t* g, const scalar_t* u, const scalar_t* up, cons
   for (const int64_t head = L::aligned_prefix(du, n, stream); i < head; ++i) scalar(i);
   for (; i + L::kStep <= n; i += L::kStep) {
     Vec g0, g1, u0, u1, p0, p1, f0, f1;
-    L::load_grad(g + i, out ? out + i : nullptr, g0, g1);
+    L::load_grad(g + i, offset_or_null(out, i), g0, g1);
     L::load(u + i, u0, u1);
     L::load(up + i, p0, p1);
     L::load(f + i, f0, f1);
@@ -168,7 +169,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     scalar_t* dfp = a.df.mutable_data_ptr<scalar_t>();
     const int64_t N = v.N, C = v.C, S = v.S;
     const std::vector<acc_t> scales = scale_table(dtp, keepp, N, C);
-    auto at_offset = [](const scalar_t* p, int64_t o) { return p ? p + o : nullptr; };
     // partial[n*C + c]: sums over s of g'(u_prev - u) (pk) and g' f (pf)
     std::vector<acc_t> pk(N * C, acc_t(0)), pf(N * C, acc_t(0));
     if (a.u.numel() > 0) {
@@ -189,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
             };
             for (int64_t s = 0; s < S; ++s) {
               const int64_t o = (n * S + s) * C;
-              backward_run<true>(gp + o, up + o, pp + o, fp + o, at_offset(outp, o), k, Scale<true, acc_t>{scales.data() + n * C},
+              backward_run<true>(gp + o, up + o, pp + o, fp + o, offset_or_null(outp, o), k, Scale<true, acc_t>{scales.data() + n * C},
                                  dup + o, dpp + o, dfp + o, C, stream, sum, vec_sum);
             }
           }
@@ -211,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               f1 = f1 + b1;
             };
             const int64_t o = p * S;
-            backward_run<false>(gp + o, up + o, pp + o, fp + o, at_offset(outp, o), k, Scale<false, acc_t>{scales.data() + p}, dup + o,
+            backward_run<false>(gp + o, up + o, pp + o, fp + o, offset_or_null(outp, o), k, Scale<false, acc_t>{scales.data() + p}, dup + o,
                                 dpp + o, dfp + o, S, stream, sum, vec_sum);
             auto add = [](Vec& x, Vec& y) { return x + y; };
             pk[p] = at::vec::vec_reduce_all<acc_t>(add, k0 + k1) + tk;

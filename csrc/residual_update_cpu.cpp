@@ -29,6 +29,7 @@ using at::vec::Vectorized;
 using cpu::kGrain;
 using cpu::kStreamBytes;
 using cpu::Lanes;
+using cpu::offset_or_null;
 using cpu::relu_forward;
 using cpu::stream_fence;
 template <bool kPerLane, typename acc_t>
@@ -84,7 +85,7 @@ void backward_run(const scalar_t* g, const scalar_t* f, const scalar_t* out, Ste
   for (const int64_t head = L::aligned_prefix(df, n, stream); i < head; ++i) scalar(i);
   for (; i + L::kStep <= n; i += L::kStep) {
     Vec g0, g1, f0, f1;
-    L::load_grad(g + i, out ? out + i : nullptr, g0, g1);
+    L::load_grad(g + i, offset_or_null(out, i), g0, g1);
     L::load(f + i, f0, f1);
     if (out) L::store(dy + i, g0, g1, stream);
     L::store(df + i, g0 * dt.vec(i), g1 * dt.vec(i + Vec::size()), stream);
@@ -144,7 +145,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cpu(
     scalar_t* dyp = relu ? dy.mutable_data_ptr<scalar_t>() : nullptr;
     acc_t* ddtp = ddt.mutable_data_ptr<acc_t>();
     const int64_t C = v.channels, S = v.inner;
-    auto at_offset = [](auto* p, int64_t o) { return p ? p + o : nullptr; };
     if (S == 1) {
       // Rows split into fixed chunks; each chunk sums into its own partial row, and the partial
       // rows are then added in chunk order: bitwise the same result for any thread count.
@@ -161,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cpu(
           };
           for (int64_t r = k * rows_per_chunk, r_end = std::min(v.outer, (k + 1) * rows_per_chunk); r < r_end; ++r) {
             const int64_t o = r * C;
-            backward_run<true>(gp + o, fp + o, at_offset(outp, o), StepSize<true, acc_t>{dtp}, at_offset(dyp, o), dfp + o, C,
+            backward_run<true>(gp + o, fp + o, offset_or_null(outp, o), StepSize<true, acc_t>{dtp}, offset_or_null(dyp, o), dfp + o, C,
                                stream, sum, vec_sum);
           }
         }
@@ -185,7 +185,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cpu(
           };
           for (int64_t n = 0; n < N; ++n) {
             const int64_t o = (n * C + c) * S;
-            backward_run<false>(gp + o, fp + o, at_offset(outp, o), StepSize<false, acc_t>{dtp + c}, at_offset(dyp, o), dfp + o, S,
+            backward_run<false>(gp + o, fp + o, offset_or_null(outp, o), StepSize<false, acc_t>{dtp + c}, offset_or_null(dyp, o), dfp + o, S,
                                 stream, sum, vec_sum);
           }
           ddtp[c] = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, s0 + s1) + tail;

@@ -5,9 +5,17 @@ compute ops: operator events (``aten::*``, ``tsc::*``, any ``namespace::op``) wi
 beneath them. Allocation, view and metadata ops never count (they launch nothing on a GPU); a
 copy hidden inside ``to``/``contiguous``/``reshape`` still counts, as the ``aten::copy_`` leaf it
 calls. A fused C++ op counts once; a Python function over ten aten calls counts ten.
+
+Multi-tensor ops (``aten::_foreach_*``, what ``torch.optim`` runs with ``foreach=True``) count the
+launches they make on a GPU, not the per-tensor ops of the CPU's loop: on a GPU one launch of
+``multi_tensor_apply`` covers up to ``_MAX_TENSORS[depth]`` tensors and 320 blocks of 65,536
+elements; on a CPU the same op loops over the tensors, one ``add_`` (and for a scalar operand one
+scalar-wrapping ``copy_``) per tensor, which would count every parameter of the model three times
+per optimizer step.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from torch.profiler import ProfilerActivity, profile
@@ -43,23 +51,85 @@ def _has_compute_below(event) -> bool:
     return any(_is_compute(c.name) or _has_compute_below(c) for c in event.cpu_children)
 
 
-def count_kernels(fn: Callable[[], object]) -> int:
-    """Leaf compute ops of one call of ``fn()`` (forward and, if fn runs it, backward).
+# multi_tensor_apply's limits (ATen/native/cuda/MultiTensorApply.cuh): tensors per launch by the
+# number of tensor lists (depth 1..5), blocks per launch, elements per block.
+_MAX_TENSORS = (110, 64, 48, 36, 30)
+_MAX_BLOCKS = 320
+_CHUNK = 65536
+
+
+def _is_foreach(name: str) -> bool:
+    return name.startswith("aten::_foreach_")
+
+
+def _under_foreach(event) -> bool:
+    p = event.cpu_parent
+    while p is not None:
+        if _is_foreach(p.name):
+            return True
+        p = p.cpu_parent
+    return False
+
+
+def multi_tensor_launches(numels: list[int], depth: int) -> int:
+    """Launches of one ``multi_tensor_apply`` over tensors of these sizes on a GPU (``depth``
+    tensor lists): a launch goes when its tensor table or its block table is full, and a tensor
+    whose chunks straddle a launch starts the next table."""
+    max_tensors = _MAX_TENSORS[min(max(depth, 1), len(_MAX_TENSORS)) - 1]
+    launches = tensors = blocks = 0
+    for numel in numels:
+        if numel == 0:
+            continue
+        tensors += 1
+        chunks = -(-numel // _CHUNK)
+        for chunk in range(chunks):
+            blocks += 1
+            last = chunk == chunks - 1
+            if (tensors == max_tensors and last) or blocks == _MAX_BLOCKS:
+                launches += 1
+                blocks = 0
+                tensors = 0 if last else 1
+    return launches + (blocks > 0)
+
+
+def _foreach_launches(event) -> int:
+    # The CPU loop runs one op per tensor; its first input's shape is that tensor's, and the
+    # number of non-scalar inputs is the number of tensor lists. An op without such children
+    # (a GPU's fused implementation) is one launch.
+    per_tensor = [c for c in event.cpu_children if _is_compute(c.name)]
+    shapes = [c.input_shapes for c in per_tensor if c.input_shapes and c.input_shapes[0]]
+    if not shapes:
+        return 1
+    depth = sum(1 for s in shapes[0] if s)
+    return multi_tensor_launches([math.prod(s[0]) for s in shapes], depth)
+
+
+def _counted(events) -> dict[str, int]:
+    names: dict[str, int] = {}
+    for e in events:
+        if _is_foreach(e.name):
+            n = 0 if _under_foreach(e) else _foreach_launches(e)
+        elif _is_compute(e.name) and not _has_compute_below(e):
+            n = 0 if _under_foreach(e) else 1
+        else:
+            n = 0
+        if n:
+            names[e.name] = names.get(e.name, 0) + n
+    return names
+
+
+def kernel_names(fn: Callable[[], object]) -> dict[str, int]:
+    """The counted kernels of one call of ``fn()`` by op name (forward and, if fn runs it, backward).
 
     Call fn once before counting so that one-time work (lazy initialisation, compilation) is not
     counted; this function itself runs fn exactly once.
     """
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    # shapes: the per-tensor sizes of multi-tensor ops
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
-    return sum(1 for e in prof.events() if _is_compute(e.name) and not _has_compute_below(e))
+    return _counted(prof.events())
 
 
-def kernel_names(fn: Callable[[], object]) -> dict[str, int]:
-    """The counted leaf ops of one call of ``fn()`` by name (for reports and debugging)."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        fn()
-    names: dict[str, int] = {}
-    for e in prof.events():
-        if _is_compute(e.name) and not _has_compute_below(e):
-            names[e.name] = names.get(e.name, 0) + 1
-    return names
+def count_kernels(fn: Callable[[], object]) -> int:
+    """The number of kernels of one call of ``fn()``: the sum of ``kernel_names(fn)``."""
+    return sum(kernel_names(fn).values())
