@@ -9,7 +9,11 @@ Networks: ResNet-50 (bottlenecks, C = 256..2048, L = 3/4/6/3, r = 8, D = 1.25C),
 Conv weights have their real shapes (the weight means read and write all of them).
 Targets (docs/performance.md, issue 3): ResNet-50 <= 20 kernels per step (eager: 977) and >= 5x faster than eager.
 Gradients are set to None after each step (optimizer.zero_grad() default), so every step allocates
-them as a training step does.
+them as a training step does. With conv grads (the default, as in a training step), every conv
+weight also receives a gradient of its own shape, standing for its conv's: autograd adds the weight
+means' gradient into it (the fused op's stride-0 dW view is added without ever being written out;
+the eager mean's backward writes a full-size dW first). Without them (`grads="means"`), the weight
+means' gradient is the weights' only one.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import pytest
 import torch
 from torch import nn
 
+import _impls  # noqa: F401  (glibc keeps freed memory: the same allocator settings as every op bench)
 import tsc_kernels
 from tsc_kernels.nn import NetworkController, TSCController
 from tsc_kernels.profiling import count_kernels
@@ -65,14 +70,21 @@ def eager_dt(network: NetworkController, weights) -> list[torch.Tensor]:
     return out
 
 
-def make_step(name: str, impl: str):
+GRADS = ("conv", "means")
+
+
+def make_step(name: str, impl: str, grads: str = "conv"):
     network, weights = build(name)
-    leaves = [w for b in weights for ws in b for w in ws] + list(network.parameters())
+    convs = [w for b in weights for ws in b for w in ws]
+    leaves = convs + list(network.parameters())
     forward = network if impl == "fused" else (lambda ws: eager_dt(network, ws))
     cotangents = [torch.randn(len(b), ctrl.channels) for b, ctrl in zip(weights, network.stages)]
+    # a leaf among backward's roots receives its cotangent through the same gradient buffer as
+    # the weight means' gradient: one accumulation per weight, as after a conv's backward
+    roots, conv_grads = (convs, [torch.randn_like(w) for w in convs]) if grads == "conv" else ([], [])
 
     def step():
-        torch.autograd.backward(forward(weights), cotangents)
+        torch.autograd.backward(list(forward(weights)) + roots, cotangents + conv_grads)
         for p in leaves:
             p.grad = None
 
@@ -81,11 +93,12 @@ def make_step(name: str, impl: str):
 
 
 @pytest.mark.parametrize("impl", ["fused", "eager"])
+@pytest.mark.parametrize("grads", GRADS)
 @pytest.mark.parametrize("name", list(NETWORKS))
-def test_controller_fwd_bwd(benchmark, name, impl):
-    step = make_step(name, impl)
-    benchmark.group = f"controller fwd+bwd {name}"
-    benchmark.extra_info.update(impl=impl, kernels=count_kernels(step), threads=torch.get_num_threads())
+def test_controller_fwd_bwd(benchmark, name, grads, impl):
+    step = make_step(name, impl, grads)
+    benchmark.group = f"controller fwd+bwd {name} ({grads} grads)"
+    benchmark.extra_info.update(impl=impl, grads=grads, kernels=count_kernels(step), threads=torch.get_num_threads())
     benchmark(step)
 
 
@@ -100,13 +113,15 @@ def median_ms(step, repeat: int = 30) -> float:
 
 def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend {tsc_kernels.get_backend()}")
-    print(f"{'network':16s} {'fused ms':>9s} {'eager ms':>9s} {'speed-up':>9s} {'fused kernels':>14s} {'eager kernels':>14s}")
+    print(f"{'network':16s} {'grads':>6s} {'fused ms':>9s} {'eager ms':>9s} {'speed-up':>9s} {'fused kernels':>14s} "
+          f"{'eager kernels':>14s}")
     for name in NETWORKS:
-        fused, eager = make_step(name, "fused"), make_step(name, "eager")
-        kf, ke = count_kernels(fused), count_kernels(eager)
-        # interleaved rounds, best median of three: the machine is shared and noisy
-        tf, te = min(median_ms(fused) for _ in range(3)), min(median_ms(eager) for _ in range(3))
-        print(f"{name:16s} {tf:9.2f} {te:9.2f} {te / tf:8.2f}x {kf:14d} {ke:14d}")
+        for grads in GRADS:
+            fused, eager = make_step(name, "fused", grads), make_step(name, "eager", grads)
+            kf, ke = count_kernels(fused), count_kernels(eager)
+            # alternating rounds, best median of three: the machine is shared and noisy
+            tf, te = [min(ts) for ts in zip(*((median_ms(fused), median_ms(eager)) for _ in range(3)))]
+            print(f"{name:16s} {grads:>6s} {tf:9.2f} {te:9.2f} {te / tf:8.2f}x {kf:14d} {ke:14d}")
 
 
 if __name__ == "__main__":
