@@ -1,6 +1,7 @@
 // CPU building blocks shared by the fused elementwise ops (residual_update_cpu.cpp,
 // batch_norm_residual_update_cpu.cpp): at::vec::Vectorized lanes in the accumulation type, loads and
-// (streaming) stores from/to the storage type, the vectorised ReLU and per-channel values of a run.
+// (streaming) stores from/to the storage type, the vectorised ReLU and per-channel values of a run;
+// and axpy, the vector-lane y += alpha * x of weight_mean_cpu.cpp and lstm_controller_cpu.cpp.
 #pragma once
 
 #include <ATen/OpMathType.h>
@@ -127,6 +128,16 @@ struct PerChannel {
   acc_t at(int64_t i) const { return kPerLane ? p[i] : p[0]; }
   Vectorized<acc_t> vec(int64_t i) const { return kPerLane ? Vectorized<acc_t>::loadu(p + i) : Vectorized<acc_t>(p[0]); }
 };
+
+// y[i] += alpha * x[i].
+template <typename T>
+void axpy(T alpha, const T* x, T* y, int64_t n) {
+  using Vec = Vectorized<T>;
+  const Vec av(alpha);
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) at::vec::fmadd(av, Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+  for (; i < n; ++i) y[i] += alpha * x[i];
+}
 
 }  // namespace cpu
 }  // namespace tsc

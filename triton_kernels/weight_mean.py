@@ -93,7 +93,7 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 def _view3(w: torch.Tensor) -> tuple[int, int, int, int, int, int] | None:
     """(C_out, C_in, K, so, si, sk) when w's kernel dims collapse into one strided dim, else None
-    (the Python twin of csrc/controller_layout.h weight_view)."""
+    (the Python twin of csrc/weight_mean_layout.h weight_view)."""
     k, sk, first = 1, 1, True
     for d in range(w.dim() - 1, 1, -1):
         if w.shape[d] == 1:

@@ -23,7 +23,7 @@ Backward: grad (1-D like dt_packed) and the forward's dt_packed and saved -> (gr
   (1-D), grads of params (in params' order and shapes)): BPTT over the blocks of every stage.
 
 Ops:
-  tsc::lstm_controller / tsc::lstm_controller_backward                 C++ (CPU) and CUDA, csrc/controller_*
+  tsc::lstm_controller / tsc::lstm_controller_backward                 C++ (CPU) and CUDA, csrc/lstm_controller_*
   tsc::lstm_controller_triton / tsc::lstm_controller_backward_triton   Triton, triton_kernels/lstm_controller.py
   tsc::lstm_controller_torch                                           the reference per stage, CompositeImplicitAutograd;
                                                                        returns dt_packed only

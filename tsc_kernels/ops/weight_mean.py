@@ -16,7 +16,7 @@ dW[o, i, *k] = out[o, *k] as a view expanded over C_in (stride 0): no full-size 
 (37 MB per ResNet-50 step), autograd adds it straight into each conv's own gradient.
 
 Ops:
-  tsc::weight_mean / tsc::weight_mean_backward               C++ (CPU) and CUDA kernels, csrc/controller_*
+  tsc::weight_mean / tsc::weight_mean_backward               C++ (CPU) and CUDA kernels, csrc/weight_mean_*
   tsc::weight_mean_triton / tsc::weight_mean_backward_triton  Triton, triton_kernels/weight_mean.py
   tsc::weight_mean_torch                                     the reference, CompositeImplicitAutograd
 """

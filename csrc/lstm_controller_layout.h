@@ -1,7 +1,7 @@
-// Host-side layout logic of the weight-mean projection and the batched LSTM controller, shared by
-// the CPU and CUDA ops (argument checks, packing offsets, stride views).
+// Host-side layout logic of the batched LSTM controller, shared by the CPU and CUDA ops (argument
+// checks, packing offsets).
 //
-// Packing (the schemas are documented in tsc_kernels/ops/weight_mean.py and lstm_controller.py):
+// Packing (the schema is documented in tsc_kernels/ops/lstm_controller.py):
 // - wbar_packed is 1-D: stage after stage, each stage's (L_s, D_s) block matrix row-major, which
 //   is exactly what tsc::weight_mean returns for the network's conv weights in block order;
 // - dt_packed is 1-D: stage after stage, each stage's (L_s, C_s) Δt row-major;
@@ -67,80 +67,12 @@ inline ControllerDims controller_dims(const char* op, const at::Tensor& wbar, at
   return dims;
 }
 
-// A conv weight (C_out, C_in, *k) seen as (C_out, C_in, K) with strides (so, si, sk): possible when
-// the kernel dims collapse into one (contiguous and channels-last weights both do).
-struct WeightView {
-  int64_t C_out, C_in, K;
-  int64_t so, si, sk;
-};
-
-inline bool weight_view(const at::Tensor& w, WeightView& v) {
-  v.C_out = w.size(0);
-  v.C_in = w.size(1);
-  v.so = w.stride(0);
-  v.si = w.stride(1);
-  v.K = 1;
-  v.sk = 1;
-  bool first = true;
-  for (int64_t d = w.dim() - 1; d >= 2; --d) {
-    if (w.size(d) == 1) continue;  // size-1 dims have no meaningful stride
-    if (first) {
-      v.sk = w.stride(d);
-      first = false;
-    } else if (w.stride(d) != v.K * v.sk) {
-      return false;
-    }
-    v.K *= w.size(d);
-  }
-  return true;
-}
-
-inline void check_weights(const char* op, at::TensorList weights) {
-  TORCH_CHECK(!weights.empty(), op, ": weights must not be empty");
-  for (size_t i = 0; i < weights.size(); ++i) {
-    TORCH_CHECK(weights[i].dim() >= 3 && weights[i].dim() <= 5, op, ": weights[", i, "] must be a conv weight (C_out, C_in, *k) with 1-3 kernel dims, got ", weights[i].sizes());
-    TORCH_CHECK(weights[i].scalar_type() == weights[0].scalar_type(), op, ": weights[", i, "] must have weights[0]'s dtype");
-    TORCH_CHECK(weights[i].device() == weights[0].device(), op, ": weights[", i, "] must be on weights[0]'s device");
-    TORCH_CHECK(at::isFloatingType(weights[i].scalar_type()), op, ": weights must be floating point");
-  }
-}
-
-// w̄ of every weight is written at the running offset sum(C_out * K) of the weights before it.
-inline std::vector<int64_t> mean_offsets(at::TensorList weights, int64_t& total) {
-  std::vector<int64_t> off(weights.size());
-  total = 0;
-  for (size_t i = 0; i < weights.size(); ++i) {
-    off[i] = total;
-    total += weights[i].size(0) * c10::multiply_integers(weights[i].sizes().slice(2));
-  }
-  return off;
-}
-
-inline at::ScalarType accumulation_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// tsc::weight_mean_backward's checked arguments: grad (packed like w̄, contiguous), each weight's
-// offset in it, and the output (dw̄ / C_in, packed the same way).
-struct WeightMeanGrad {
-  at::Tensor grad, out;
-  std::vector<int64_t> off;
-  int64_t total = 0;
-};
-
-inline WeightMeanGrad prepare_weight_mean_backward(const char* op, const at::Tensor& grad_in, at::TensorList weights) {
-  check_weights(op, weights);
-  WeightMeanGrad a;
-  a.off = mean_offsets(weights, a.total);
-  const auto acc = accumulation_type(weights[0].scalar_type());
-  TORCH_CHECK(grad_in.dim() == 1 && grad_in.numel() == a.total, op, ": grad must be 1-D with ", a.total, " values, got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.scalar_type() == acc, op, ": grad must be ", acc, ", got ", grad_in.scalar_type());
-  TORCH_CHECK(grad_in.device() == weights[0].device(), op, ": grad must be on the weights' device ", weights[0].device(), ", got ", grad_in.device());
-  for (size_t j = 0; j < weights.size(); ++j)
-    TORCH_CHECK(weights[j].size(1) >= 1, op, ": weights[", j, "] must have C_in >= 1, got ", weights[j].sizes());
-  a.grad = grad_in.contiguous();
-  a.out = at::empty_like(a.grad);
-  return a;
+// Every tensor of ts contiguous (the kernels index params as dense row-major arrays).
+inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  out.reserve(ts.size());
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
 }
 
 }  // namespace tsc

@@ -1,20 +1,13 @@
-// CUDA kernels of the weight-mean projection and the batched TSC_LSTM controller (docs/tsc.md, docs/ops.md),
-// registered for the CUDA dispatch key. The per-element arithmetic is controller_math.h, the same
-// functions the CPU kernels run, so the CPU tests cover it.
+// CUDA kernels of the batched TSC_LSTM controller (docs/tsc.md, docs/ops.md), registered for the
+// CUDA dispatch key. The per-element arithmetic is lstm_controller_math.h, the same functions the
+// CPU kernels run, so the CPU tests cover it.
 //
-// weight_mean: one launch for every weight of the network, one warp per output element (lanes
-// stride over C_in, shuffle reduction); backward: one grid-stride launch writing every dW.
-// Metadata (per-weight pointer, offsets, sizes, strides; per-stage pointers and sizes) travels BY
-// VALUE as a __grid_constant__ kernel parameter of up to kMaxWeights weights / kMaxStages stages
-// (under the 4 KiB parameter limit); more weights or stages take more launches of the same kernel,
-// each on its own slice. No host-to-device copy, no pageable memory, no sync: every call is
-// CUDA-graph capturable, and a captured graph holds the metadata in its kernel nodes (the pointers in
-// it are the parameters' and the graph pool's, fixed for the graph's lifetime).
 // lstm_controller: one thread block per stage (grid = number of stages), the stage's recurrence
 // inside the block with __syncthreads between steps; matrix-vector products use one warp per
 // output row (coalesced along the row). Backward: same grid, every gradient element owned by one
-// thread (no atomics: deterministic).
-#include <ATen/OpMathType.h>
+// thread (no atomics: deterministic). The per-stage metadata (pointers and sizes) travels BY VALUE,
+// up to kMaxStages stages per launch, more stages taking more launches: no host-to-device copy, no
+// sync, CUDA-graph capturable (cuda_meta_batch.cuh).
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/all.h>
@@ -22,20 +15,16 @@
 #include <algorithm>
 #include <vector>
 
-#include "controller_layout.h"
-#include "controller_math.h"
+#include "cuda_grid.cuh"
+#include "cuda_meta_batch.cuh"
+#include "lstm_controller_layout.h"
+#include "lstm_controller_math.h"
 
 namespace tsc {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-
-template <typename T>
-__device__ T warp_sum(T v) {
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_down_sync(0xffffffffu, v, off);
-  return __shfl_sync(0xffffffffu, v, 0);
-}
 
 // sum_i a[i] * b[i] by the calling warp (every lane gets the result).
 template <typename T>
@@ -44,158 +33,6 @@ __device__ T warp_dot(const T* __restrict__ a, const T* __restrict__ b, int64_t 
   for (int64_t i = threadIdx.x % 32; i < n; i += 32) s += a[i] * b[i];
   return warp_sum(s);
 }
-
-// A slice of up to N metadata records passed by value (kernel parameter space, read directly by
-// every thread through __grid_constant__: no local copy even with a runtime index).
-template <typename M, int N>
-struct MetaBatch {
-  M m[N];
-  int64_t n;      // records used
-  int64_t begin;  // first work item (output element) of this slice
-  int64_t end;    // one past its last
-};
-
-// ---------------------------------------------------------------- weight mean
-
-struct WeightMeta {
-  int64_t ptr;                // weight (forward) or dW (backward) data pointer
-  int64_t mean_off;           // first w̄ index of this weight
-  int64_t elem_off;           // first element index of this weight among all weights' elements
-  int64_t C_out, C_in, K, so, si, sk;
-};
-
-constexpr int kMaxWeights = 48;  // 48 * 72 B + 24 B < 4 KiB of kernel parameters
-using WeightBatch = MetaBatch<WeightMeta, kMaxWeights>;
-static_assert(sizeof(WeightBatch) + 64 <= 4096, "kernel parameters must stay under 4 KiB");
-
-// Index of the weight whose [start, next start) range holds i (the starts ascend).
-template <int64_t WeightMeta::*start>
-__device__ int64_t find_weight(const WeightMeta* meta, int64_t n, int64_t i) {
-  int64_t lo = 0, hi = n - 1;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi + 1) / 2;
-    if (meta[mid].*start <= i) lo = mid; else hi = mid - 1;
-  }
-  return lo;
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void weight_mean_kernel(const __grid_constant__ WeightBatch batch, acc_t* __restrict__ out) {
-  const int64_t warps = (int64_t)gridDim.x * kWarps;
-  for (int64_t e = batch.begin + blockIdx.x * (int64_t)kWarps + threadIdx.x / 32; e < batch.end; e += warps) {
-    const WeightMeta& m = batch.m[find_weight<&WeightMeta::mean_off>(batch.m, batch.n, e)];
-    const int64_t r = e - m.mean_off, o = r / m.K, k = r % m.K;
-    const scalar_t* w = reinterpret_cast<const scalar_t*>(m.ptr) + o * m.so + k * m.sk;
-    acc_t s = 0;
-    for (int64_t i = threadIdx.x % 32; i < m.C_in; i += 32) s += static_cast<acc_t>(w[i * m.si]);
-    s = warp_sum(s);
-    if (threadIdx.x % 32 == 0) out[e] = mean_from_sum(s, m.C_in);
-  }
-}
-
-// Backward: dw̄ / C_in, packed like w̄. Up to kGradChunk weights per launch travel as a kernel
-// parameter (by value: no host-to-device copy, nothing to keep alive, CUDA-graph capture safe).
-constexpr int kGradChunk = 64;
-
-struct GradChunk {
-  int64_t start[kGradChunk + 1];  // packed offsets of the chunk's weights; start[n] = end of the last
-  int64_t c_in[kGradChunk];
-  int n;
-};
-
-template <typename acc_t>
-__global__ void weight_mean_backward_kernel(const GradChunk chunk, const acc_t* __restrict__ grad, acc_t* __restrict__ out) {
-  const int64_t first = chunk.start[0], count = chunk.start[chunk.n] - first;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t e = first + i;
-    int lo = 0, hi = chunk.n - 1;  // the weight whose [start, next start) holds e
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (chunk.start[mid] <= e) lo = mid; else hi = mid - 1;
-    }
-    out[e] = mean_from_sum(grad[e], chunk.c_in[lo]);
-  }
-}
-
-// Splits `meta` into batches of at most kMaxWeights and calls launch(batch) for each; the work
-// range of a batch is [its first record's start, the next batch's first start or `total`).
-template <int64_t WeightMeta::*start, typename F>
-void for_each_weight_batch(const std::vector<WeightMeta>& meta, int64_t total, F&& launch) {
-  for (size_t j0 = 0; j0 < meta.size(); j0 += kMaxWeights) {
-    WeightBatch b{};
-    b.n = static_cast<int64_t>(std::min<size_t>(kMaxWeights, meta.size() - j0));
-    for (int64_t k = 0; k < b.n; ++k) b.m[k] = meta[j0 + k];
-    b.begin = meta[j0].*start;
-    b.end = j0 + b.n < meta.size() ? meta[j0 + b.n].*start : total;
-    if (b.end > b.begin) launch(b);
-  }
-}
-
-int grid_for(int64_t work, int per_block) {
-  const int64_t blocks = (work + per_block - 1) / per_block;
-  const int64_t cap = 32LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
-}
-
-at::Tensor weight_mean_cuda(at::TensorList weights_in) {
-  check_weights("tsc::weight_mean", weights_in);
-  const c10::cuda::CUDAGuard guard(weights_in[0].device());
-  int64_t total = 0;
-  const std::vector<int64_t> off = mean_offsets(weights_in, total);
-  const auto dtype = weights_in[0].scalar_type();
-  at::Tensor out = at::empty({total}, weights_in[0].options().dtype(accumulation_type(dtype)));
-  if (total == 0) return out;
-  std::vector<at::Tensor> keep;  // contiguous copies of weights whose kernel dims do not collapse
-  std::vector<WeightMeta> meta;
-  int64_t elems = 0;
-  for (size_t j = 0; j < weights_in.size(); ++j) {
-    WeightView v;
-    at::Tensor w = weights_in[j];
-    if (!weight_view(w, v)) {
-      keep.push_back(w.contiguous());
-      w = keep.back();
-      weight_view(w, v);
-    }
-    meta.push_back({reinterpret_cast<int64_t>(w.const_data_ptr()), off[j], elems, v.C_out, v.C_in, v.K, v.so, v.si, v.sk});
-    elems += w.numel();
-  }
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "tsc_weight_mean_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    for_each_weight_batch<&WeightMeta::mean_off>(meta, total, [&](const WeightBatch& b) {
-      weight_mean_kernel<scalar_t, acc_t><<<grid_for(b.end - b.begin, kWarps), kThreads, 0, stream>>>(b, out.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
-  return out;
-}
-
-at::Tensor weight_mean_backward_cuda(const at::Tensor& grad_in, at::TensorList weights) {
-  const c10::cuda::CUDAGuard guard(weights[0].device());
-  const WeightMeanGrad a = prepare_weight_mean_backward("tsc::weight_mean_backward", grad_in, weights);
-  if (a.total == 0) return a.out;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t n = static_cast<int64_t>(weights.size());
-  AT_DISPATCH_FLOATING_TYPES(a.grad.scalar_type(), "tsc_weight_mean_backward_cuda", [&] {
-    for (int64_t j0 = 0; j0 < n; j0 += kGradChunk) {
-      GradChunk chunk{};
-      chunk.n = static_cast<int>(std::min<int64_t>(kGradChunk, n - j0));
-      for (int k = 0; k < chunk.n; ++k) {
-        chunk.start[k] = a.off[j0 + k];
-        chunk.c_in[k] = weights[j0 + k].size(1);
-      }
-      chunk.start[chunk.n] = j0 + chunk.n < n ? a.off[j0 + chunk.n] : a.total;
-      const int64_t count = chunk.start[chunk.n] - chunk.start[0];
-      if (count == 0) continue;
-      weight_mean_backward_kernel<scalar_t><<<grid_for(count, kThreads), kThreads, 0, stream>>>(
-          chunk, a.grad.const_data_ptr<scalar_t>(), a.out.mutable_data_ptr<scalar_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-  return a.out;
-}
-
-// ---------------------------------------------------------------- LSTM controller
 
 // One stage's pointers and sizes. Offsets (wbar, dt, saved, workspace) index the packed buffers.
 template <typename T>
@@ -370,13 +207,6 @@ __global__ void __launch_bounds__(kThreads) lstm_controller_backward_kernel(
   }
 }
 
-std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
-  std::vector<at::Tensor> out;
-  out.reserve(ts.size());
-  for (const auto& t : ts) out.push_back(t.contiguous());
-  return out;
-}
-
 template <typename T>
 std::vector<StageMeta<T>> stage_meta(const ControllerDims& dims, const std::vector<at::Tensor>& params, std::vector<at::Tensor>* grads, int64_t& ws_total) {
   std::vector<StageMeta<T>> meta;
@@ -453,8 +283,6 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> lstm_controller_backward_cuda(
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tsc, CUDA, m) {
-  m.impl("weight_mean", &weight_mean_cuda);
-  m.impl("weight_mean_backward", &weight_mean_backward_cuda);
   m.impl("lstm_controller", &lstm_controller_cuda);
   m.impl("lstm_controller_backward", &lstm_controller_backward_cuda);
 }

@@ -1,7 +1,7 @@
-// Scalar math of the TSC_LSTM controller (docs/tsc.md) and of the weight-mean projection, shared
-// verbatim by the CPU kernels (controller_cpu.cpp) and the CUDA kernels (controller_cuda.cu), so
-// the CPU tests cover the arithmetic the GPU runs. The matrix-vector products around it are
-// written per backend (vector lanes on CPU, warps on CUDA); everything per element lives here.
+// Scalar math of the TSC_LSTM controller (docs/tsc.md), shared verbatim by the CPU kernels
+// (lstm_controller_cpu.cpp) and the CUDA kernels (lstm_controller_cuda.cu), so the CPU tests cover
+// the arithmetic the GPU runs. The matrix-vector products around it are written per backend
+// (vector lanes on CPU, warps on CUDA); everything per element lives here.
 //
 // T is the accumulation type: fp32, or fp64 for fp64 inputs (gradcheck).
 #pragma once
@@ -55,13 +55,6 @@ TSC_HD T lstm_cell_backward(T dh, T dc, T i, T f, T g, T o, T c, T c_prev, T& di
   df = dc * c_prev * f * (T(1) - f);
   dg = dc * i * (T(1) - g * g);
   return dc * f;
-}
-
-// Weight-mean projection: w̄[o, k] = sum_i W[o, i, k] / C_in, and its gradient dW[o, i, k] =
-// dw̄[o, k] / C_in (division, as torch's mean and mean_backward do, not a reciprocal multiply).
-template <typename T>
-TSC_HD T mean_from_sum(T sum, int64_t count) {
-  return sum / static_cast<T>(count);
 }
 
 }  // namespace tsc

@@ -1,0 +1,131 @@
+// CPU kernels of the weight-mean projection (docs/tsc.md, docs/ops.md), registered for the CPU
+// dispatch key.
+//
+// weight_mean: one pass over every conv weight of the network (parallel over output rows of all
+// weights), writing the packed w̄; its backward writes dw̄ / C_in of every weight, packed like w̄,
+// in one pass. The division is weight_mean_math.h (shared with the CUDA kernels). Every reduction
+// runs in a fixed order on one thread: results do not depend on the thread count.
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/all.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "cpu_vec.h"
+#include "weight_mean_layout.h"
+#include "weight_mean_math.h"
+
+namespace tsc {
+namespace {
+
+using at::vec::Vectorized;
+using cpu::axpy;
+
+// Sum of n values at stride `stride` in the accumulation type (vector lanes when contiguous fp32/fp64).
+template <typename scalar_t, typename acc_t>
+acc_t strided_sum(const scalar_t* p, int64_t n, int64_t stride) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (stride == 1) {
+      using Vec = Vectorized<acc_t>;
+      Vec s(acc_t(0));
+      int64_t i = 0;
+      for (; i + Vec::size() <= n; i += Vec::size()) s = s + Vec::loadu(p + i);
+      acc_t sum = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, s);
+      for (; i < n; ++i) sum += p[i];
+      return sum;
+    }
+  }
+  acc_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += static_cast<acc_t>(p[i * stride]);
+  return sum;
+}
+
+// w̄ of output row o of one weight: out[k] = mean_i W[o, i, k].
+template <typename scalar_t, typename acc_t>
+void mean_row(const scalar_t* w, const WeightView& v, acc_t* out, std::vector<acc_t>& scratch) {
+  if (v.sk == 1 && v.K > 1 && v.si != 1) {
+    // K contiguous (NCHW weights with k > 1): accumulate whole kernel rows, one C_in slice at a time.
+    scratch.assign(v.K, acc_t(0));
+    for (int64_t i = 0; i < v.C_in; ++i) {
+      const scalar_t* row = w + i * v.si;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        axpy(acc_t(1), row, scratch.data(), v.K);
+      } else {
+        for (int64_t k = 0; k < v.K; ++k) scratch[k] += static_cast<acc_t>(row[k]);
+      }
+    }
+    for (int64_t k = 0; k < v.K; ++k) out[k] = mean_from_sum(scratch[k], v.C_in);
+  } else {
+    // C_in contiguous (1x1 convs, channels-last weights) or arbitrary strides: one reduction per k.
+    for (int64_t k = 0; k < v.K; ++k) out[k] = mean_from_sum(strided_sum<scalar_t, acc_t>(w + k * v.sk, v.C_in, v.si), v.C_in);
+  }
+}
+
+// Row r of the concatenated (sum C_out) rows belongs to the weight whose row range holds it.
+int64_t weight_of_row(const std::vector<int64_t>& row_start, int64_t r) {
+  return static_cast<int64_t>(std::upper_bound(row_start.begin(), row_start.end(), r) - row_start.begin()) - 1;
+}
+
+at::Tensor weight_mean_cpu(at::TensorList weights_in) {
+  check_weights("tsc::weight_mean", weights_in);
+  int64_t total = 0;
+  const std::vector<int64_t> off = mean_offsets(weights_in, total);
+  const auto dtype = weights_in[0].scalar_type();
+  at::Tensor out = at::empty({total}, weights_in[0].options().dtype(accumulation_type(dtype)));
+  std::vector<at::Tensor> weights;
+  std::vector<WeightView> views(weights_in.size());
+  std::vector<int64_t> row_start;
+  int64_t rows = 0, elems = 0;
+  for (size_t j = 0; j < weights_in.size(); ++j) {
+    weights.push_back(weight_view(weights_in[j], views[j]) ? weights_in[j] : weights_in[j].contiguous());
+    if (!weights.back().is_same(weights_in[j])) weight_view(weights.back(), views[j]);
+    row_start.push_back(rows);
+    rows += views[j].C_out;
+    elems += weights_in[j].numel();
+  }
+  if (total == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "tsc_weight_mean_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    acc_t* op = out.mutable_data_ptr<acc_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems / std::max<int64_t>(1, rows)));
+    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> scratch;
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t j = weight_of_row(row_start, r), o = r - row_start[j];
+        const WeightView& v = views[j];
+        mean_row<scalar_t, acc_t>(weights[j].const_data_ptr<scalar_t>() + o * v.so, v, op + off[j] + o * v.K, scratch);
+      }
+    });
+  });
+  return out;
+}
+
+// dw̄ / C_in of every weight, packed like w̄ (fp32; fp64 for fp64 weights): the autograd formula
+// expands each weight's slice over C_in as a stride-0 view, so no full-size dW is ever written.
+at::Tensor weight_mean_backward_cpu(const at::Tensor& grad_in, at::TensorList weights) {
+  const WeightMeanGrad a = prepare_weight_mean_backward("tsc::weight_mean_backward", grad_in, weights);
+  if (a.total == 0) return a.out;
+  AT_DISPATCH_FLOATING_TYPES(a.grad.scalar_type(), "tsc_weight_mean_backward_cpu", [&] {
+    const scalar_t* gp = a.grad.const_data_ptr<scalar_t>();
+    scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, static_cast<int64_t>(weights.size()), 1, [&](int64_t j0, int64_t j1) {
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t end = j + 1 < static_cast<int64_t>(weights.size()) ? a.off[j + 1] : a.total;
+        for (int64_t e = a.off[j]; e < end; ++e) op[e] = mean_from_sum(gp[e], weights[j].size(1));
+      }
+    });
+  });
+  return a.out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tsc, CPU, m) {
+  m.impl("weight_mean", &weight_mean_cpu);
+  m.impl("weight_mean_backward", &weight_mean_backward_cpu);
+}
+
+}  // namespace tsc
