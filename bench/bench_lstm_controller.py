@@ -10,10 +10,10 @@ Conv weights have their real shapes (the weight means read and write all of them
 Targets (docs/performance.md, issue 3): ResNet-50 <= 20 kernels per step (eager: 977) and >= 5x faster than eager.
 Gradients are set to None after each step (optimizer.zero_grad() default), so every step allocates
 them as a training step does. With conv grads (the default, as in a training step), every conv
-weight also receives a gradient of its own shape, standing for its conv's: autograd adds the weight
-means' gradient into it (the fused op's stride-0 dW view is added without ever being written out;
-the eager mean's backward writes a full-size dW first). Without them (`grads="means"`), the weight
-means' gradient is the weights' only one.
+weight also receives a full-size gradient standing for its conv's (ConvGradient): autograd adds the
+weight means' gradient into it in place (the fused op's stride-0 dW view is added without ever
+being written out; the eager mean's backward writes a full-size dW first). Without them
+(`grads="means"`), the weight means' gradient is the weights' only one.
 """
 from __future__ import annotations
 
@@ -73,18 +73,39 @@ def eager_dt(network: NetworkController, weights) -> list[torch.Tensor]:
 GRADS = ("conv", "means")
 
 
+class ConvGradient(torch.autograd.Function):
+    """Stands in for a conv in the backward pass: hands its weight a full-size gradient that nothing
+    else references, as a conv's backward does, so that autograd adds the weight means' gradient
+    into it in place (a gradient passed to backward() as a root cotangent is still referenced by the
+    caller and the graph root, and autograd would add out of place). Costs one 0-dim tensor per
+    weight forward and nothing backward: each step reuses the gradient the previous step left."""
+
+    @staticmethod
+    def forward(ctx, weight, handed):
+        ctx.handed = handed  # a one-element list: the gradient to hand over
+        return weight.new_empty(())  # allocation only: no kernel
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.handed.pop(), None
+
+
 def make_step(name: str, impl: str, grads: str = "conv"):
     network, weights = build(name)
     convs = [w for b in weights for ws in b for w in ws]
     leaves = convs + list(network.parameters())
     forward = network if impl == "fused" else (lambda ws: eager_dt(network, ws))
     cotangents = [torch.randn(len(b), ctrl.channels) for b, ctrl in zip(weights, network.stages)]
-    # a leaf among backward's roots receives its cotangent through the same gradient buffer as
-    # the weight means' gradient: one accumulation per weight, as after a conv's backward
-    roots, conv_grads = (convs, [torch.randn_like(w) for w in convs]) if grads == "conv" else ([], [])
+    conv_grads = [[torch.randn_like(w)] for w in convs] if grads == "conv" else []
+    one = torch.ones(())
 
     def step():
-        torch.autograd.backward(list(forward(weights)) + roots, cotangents + conv_grads)
+        dts = list(forward(weights))
+        # after the controller, as a network's convs run after it: their gradients come first
+        roots = [ConvGradient.apply(w, g) for w, g in zip(convs, conv_grads)]
+        torch.autograd.backward(dts + roots, cotangents + [one] * len(roots))
+        for p, g in zip(convs, conv_grads):  # the next step's conv gradients
+            g.append(p.grad)
         for p in leaves:
             p.grad = None
 

@@ -40,6 +40,34 @@ T dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
+// out[0, n) = sum_{d < L} a[d * a_stride] * rows[d * row_stride + (0, n)]: a weight gradient row
+// (an outer product summed over the blocks) written once, instead of a fill and L read-modify-write
+// passes (fc_in's gradient alone is 2.6 MB in ResNet-50's last stage). Same order as those passes:
+// d ascending, one fused multiply-add each.
+template <typename T>
+void weighted_rows(const T* a, int64_t a_stride, const T* rows, int64_t row_stride, int64_t L, T* out, int64_t n) {
+  using Vec = Vectorized<T>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= n; i += Vec::size()) {
+    Vec acc(T(0));
+    for (int64_t d = 0; d < L; ++d) acc = at::vec::fmadd(Vec(a[d * a_stride]), Vec::loadu(rows + d * row_stride + i), acc);
+    acc.store(out + i);
+  }
+  for (; i < n; ++i) {
+    T acc = 0;
+    for (int64_t d = 0; d < L; ++d) acc += a[d * a_stride] * rows[d * row_stride + i];
+    out[i] = acc;
+  }
+}
+
+// sum_{d < L} a[d * stride], in order.
+template <typename T>
+T strided_total(const T* a, int64_t stride, int64_t L) {
+  T b = 0;
+  for (int64_t d = 0; d < L; ++d) b += a[d * stride];
+  return b;
+}
+
 template <typename T>
 struct StageParams {
   const T *win, *bin, *wih, *whh, *bih, *bhh, *wout, *bout;
@@ -126,13 +154,8 @@ void stage_backward(const StageDims& s, const StageParams<T>& p, const StageGrad
   for (int64_t e = 0; e < L * C; ++e) gz[e] = sigmoid_backward(gdt[e], dt[e]);
   par(C, L * H, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      std::fill(gr.wout + m * H, gr.wout + (m + 1) * H, T(0));
-      T b = 0;
-      for (int64_t d = 0; d < L; ++d) {
-        axpy(gz[d * C + m], h + d * H, gr.wout + m * H, H);
-        b += gz[d * C + m];
-      }
-      gr.bout[m] = b;
+      weighted_rows(gz.data() + m, C, h, H, L, gr.wout + m * H, H);
+      gr.bout[m] = strided_total(gz.data() + m, C, L);
     }
   });
   par(col_blocks(H), L * C * kCols, [&](int64_t b0, int64_t b1) {
@@ -161,30 +184,18 @@ void stage_backward(const StageDims& s, const StageParams<T>& p, const StageGrad
   // LSTM weight grads: dWih = dpre^T x, dWhh = dpre[1:]^T h[:-1], both biases = sum_d dpre.
   par(4 * H, 2 * L * H, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
-      std::fill(gr.wih + k * H, gr.wih + (k + 1) * H, T(0));
-      std::fill(gr.whh + k * H, gr.whh + (k + 1) * H, T(0));
-      T b = 0;
-      for (int64_t d = 0; d < L; ++d) {
-        const T g = dpre[d * 4 * H + k];
-        axpy(g, x + d * H, gr.wih + k * H, H);
-        if (d > 0) axpy(g, h + (d - 1) * H, gr.whh + k * H, H);
-        b += g;
-      }
-      gr.bih[k] = b;
-      gr.bhh[k] = b;
+      weighted_rows(dpre.data() + k, 4 * H, x, H, L, gr.wih + k * H, H);
+      // h_{d-1} meets dpre_d: L - 1 terms from block 1 on (none, and no pointer past dpre, for L <= 1)
+      weighted_rows(dpre.data() + (L > 1 ? 4 * H : 0) + k, 4 * H, h, H, L - 1, gr.whh + k * H, H);
+      gr.bih[k] = gr.bhh[k] = strided_total(dpre.data() + k, 4 * H, L);
     }
   });
   // fc_in + ReLU: dxr = dx masked by x > 0; dWin = dxr^T wbar, dbin = sum_d dxr, dwbar = dxr Win.
   for (int64_t e = 0; e < L * H; ++e) dx[e] = relu_backward(dx[e], x[e]);
   par(H, L * D, [&](int64_t j0, int64_t j1) {
     for (int64_t j = j0; j < j1; ++j) {
-      std::fill(gr.win + j * D, gr.win + (j + 1) * D, T(0));
-      T b = 0;
-      for (int64_t d = 0; d < L; ++d) {
-        axpy(dx[d * H + j], wbar + d * D, gr.win + j * D, D);
-        b += dx[d * H + j];
-      }
-      gr.bin[j] = b;
+      weighted_rows(dx.data() + j, H, wbar, D, L, gr.win + j * D, D);
+      gr.bin[j] = strided_total(dx.data() + j, H, L);
     }
   });
   par(col_blocks(D), L * H * kCols, [&](int64_t b0, int64_t b1) {

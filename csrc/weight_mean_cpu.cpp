@@ -12,6 +12,7 @@
 #include <torch/all.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "cpu_vec.h"
@@ -43,9 +44,62 @@ acc_t strided_sum(const scalar_t* p, int64_t n, int64_t stride) {
   return sum;
 }
 
+// Column sums of a contiguous (rows, K) block, left in scratch[0, K). A run of P = lcm(K, lanes)
+// values holds P / K whole rows, so vector j of every run covers the same columns: P / lanes
+// vector accumulators in registers, each updated once per run, folded into the K columns at the
+// end. Adding row after row instead chains every row's K additions through the same K
+// accumulators (3x3 kernels: 1 value per cycle, slower than memory). The order is fixed: the
+// sums do not depend on the thread count.
+template <int A, typename T>
+void column_sums_in_runs(const T* p, int64_t rows, int64_t K, std::vector<T>& scratch) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t V = Vec::size(), period = A * V;
+  const int64_t rows_per_run = period / K, runs = rows / rows_per_run;
+  Vec acc[A];
+  for (int a = 0; a < A; ++a) acc[a] = Vec(T(0));
+  for (int64_t run = 0; run < runs; ++run, p += period)
+    for (int a = 0; a < A; ++a) acc[a] = acc[a] + Vec::loadu(p + a * V);
+  T lanes[period];
+  for (int a = 0; a < A; ++a) acc[a].store(lanes + a * V);
+  scratch.assign(K, T(0));
+  for (int64_t e = 0, k = 0; e < period; ++e, k = k + 1 == K ? 0 : k + 1) scratch[k] += lanes[e];
+  for (int64_t r = runs * rows_per_run; r < rows; ++r, p += K)
+    for (int64_t k = 0; k < K; ++k) scratch[k] += p[k];
+}
+
+// Vector accumulators of a run of column_sums for this K (up to 9 are kept in registers).
+template <typename T>
+int64_t vector_runs(int64_t K) {
+  return std::lcm(K, static_cast<int64_t>(Vectorized<T>::size())) / Vectorized<T>::size();
+}
+
+template <typename T>
+void column_sums(const T* p, int64_t rows, int64_t K, std::vector<T>& scratch) {
+  switch (vector_runs<T>(K)) {
+    // K dividing the lanes (2, 4, 8) takes 1 vector, 1-D k = 3 takes 3, 3x3 kernels 9
+    case 1: return column_sums_in_runs<1>(p, rows, K, scratch);
+    case 2: return column_sums_in_runs<2>(p, rows, K, scratch);
+    case 3: return column_sums_in_runs<3>(p, rows, K, scratch);
+    case 5: return column_sums_in_runs<5>(p, rows, K, scratch);
+    case 7: return column_sums_in_runs<7>(p, rows, K, scratch);
+    case 9: return column_sums_in_runs<9>(p, rows, K, scratch);
+    default: break;
+  }
+  scratch.assign(K, T(0));
+  for (int64_t r = 0; r < rows; ++r, p += K) axpy(T(1), p, scratch.data(), K);
+}
+
 // w̄ of output row o of one weight: out[k] = mean_i W[o, i, k].
 template <typename scalar_t, typename acc_t>
 void mean_row(const scalar_t* w, const WeightView& v, acc_t* out, std::vector<acc_t>& scratch) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (v.sk == 1 && v.K > 1 && v.si == v.K) {
+      // the row's (C_in, K) block is contiguous (NCHW weights with k > 1)
+      column_sums(w, v.C_in, v.K, scratch);
+      for (int64_t k = 0; k < v.K; ++k) out[k] = mean_from_sum(scratch[k], v.C_in);
+      return;
+    }
+  }
   if (v.sk == 1 && v.K > 1 && v.si != 1) {
     // K contiguous (NCHW weights with k > 1): accumulate whole kernel rows, one C_in slice at a time.
     scratch.assign(v.K, acc_t(0));
@@ -77,23 +131,29 @@ at::Tensor weight_mean_cpu(at::TensorList weights_in) {
   at::Tensor out = at::empty({total}, weights_in[0].options().dtype(accumulation_type(dtype)));
   std::vector<at::Tensor> weights;
   std::vector<WeightView> views(weights_in.size());
-  std::vector<int64_t> row_start;
-  int64_t rows = 0, elems = 0;
+  // row_start[j]: weight j's first row among the concatenated (sum C_out) rows; row_elems[r]: the
+  // number of weight values before row r (the work before it)
+  std::vector<int64_t> row_start, row_elems{0};
   for (size_t j = 0; j < weights_in.size(); ++j) {
     weights.push_back(weight_view(weights_in[j], views[j]) ? weights_in[j] : weights_in[j].contiguous());
     if (!weights.back().is_same(weights_in[j])) weight_view(weights.back(), views[j]);
-    row_start.push_back(rows);
-    rows += views[j].C_out;
-    elems += weights_in[j].numel();
+    row_start.push_back(static_cast<int64_t>(row_elems.size()) - 1);
+    const int64_t row_numel = views[j].C_in * views[j].K;
+    for (int64_t o = 0; o < views[j].C_out; ++o) row_elems.push_back(row_elems.back() + row_numel);
   }
   if (total == 0) return out;
+  const int64_t elems = row_elems.back();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "tsc_weight_mean_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     acc_t* op = out.mutable_data_ptr<acc_t>();
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, elems / std::max<int64_t>(1, rows)));
-    at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
+    // Split by values, not rows: the rows of a network's late stages are many times longer than
+    // the early ones'. A task takes the rows that start in its value range, each row whole, so
+    // every mean is one thread's fixed-order sum.
+    at::parallel_for(0, elems, cpu::kGrain, [&](int64_t e0, int64_t e1) {
+      const auto first = std::lower_bound(row_elems.begin(), row_elems.end() - 1, e0);
+      const auto last = std::lower_bound(row_elems.begin(), row_elems.end() - 1, e1);
       std::vector<acc_t> scratch;
-      for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t r = first - row_elems.begin(); r < last - row_elems.begin(); ++r) {
         const int64_t j = weight_of_row(row_start, r), o = r - row_start[j];
         const WeightView& v = views[j];
         mean_row<scalar_t, acc_t>(weights[j].const_data_ptr<scalar_t>() + o * v.so, v, op + off[j] + o * v.K, scratch);

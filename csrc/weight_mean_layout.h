@@ -44,6 +44,7 @@ inline void check_weights(const char* op, at::TensorList weights) {
     TORCH_CHECK(weights[i].scalar_type() == weights[0].scalar_type(), op, ": weights[", i, "] must have weights[0]'s dtype");
     TORCH_CHECK(weights[i].device() == weights[0].device(), op, ": weights[", i, "] must be on weights[0]'s device");
     TORCH_CHECK(at::isFloatingType(weights[i].scalar_type()), op, ": weights must be floating point");
+    TORCH_CHECK(weights[i].size(1) >= 1, op, ": weights[", i, "] must have C_in >= 1 (w̄ is a mean over C_in), got ", weights[i].sizes());
   }
 }
 

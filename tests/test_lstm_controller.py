@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import tsc_kernels
+from tsc_kernels import _extension
 from tsc_kernels.ops.registry import dispatch
 from tsc_kernels import reference
 from tsc_kernels.nn import NetworkController, TSCController
@@ -124,7 +125,10 @@ def test_weight_mean_matches_reference(backend, dtype):
     ws = [torch.randn(8, 5, 3, 3, dtype=dtype), torch.randn(6, 3, 1, 1, dtype=dtype), torch.randn(4, 7, 3, dtype=dtype),
           torch.randn(3, 2, 2, 3, 2, dtype=dtype),  # conv3d
           torch.randn(5, 6, 3, 3, dtype=dtype).to(memory_format=torch.channels_last),
-          torch.randn(4, 9, 5, 5, dtype=dtype)[:, ::2]]  # non-contiguous C_in
+          torch.randn(4, 9, 5, 5, dtype=dtype)[:, ::2],  # non-contiguous C_in
+          # C_in past the CPU kernel's vector runs (lcm(K, lanes) values) with rows left over
+          torch.randn(7, 19, 3, 3, dtype=dtype), torch.randn(5, 21, 3, dtype=dtype), torch.randn(3, 11, 5, 5, dtype=dtype),
+          torch.randn(4, 13, 2, 2, dtype=dtype)]
     ws = [w.requires_grad_() for w in ws]
     out = tsc_kernels.weight_mean(ws)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -141,6 +145,21 @@ def test_weight_mean_matches_reference(backend, dtype):
         torch.testing.assert_close(g, w, msg=lambda m: f"weights[{i}]: {m}")
     if backend != "torch":  # dW is a stride-0 view over C_in: no full-size dW is written
         assert all(g.stride(1) == 0 for g in got)
+
+
+def test_weight_mean_gradient_reaches_only_weights_that_require_it(backend):
+    ws = [torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(5, 4, 1, 1), torch.randn(2, 5, 3, requires_grad=True)]
+    out = tsc_kernels.weight_mean(ws)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, [ws[0], ws[2]], grad)
+    want = torch.autograd.grad(reference.weight_mean(ws), [ws[0], ws[2]], grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    assert ws[1].grad is None
+    # accumulated into an existing gradient (a conv's), as in a training step
+    ws[0].grad = torch.ones_like(ws[0])
+    tsc_kernels.weight_mean(ws).backward(grad)
+    torch.testing.assert_close(ws[0].grad, 1 + want[0])
 
 
 @BIG  # gradcheck runs the interpreter hundreds of times; tests/test_lstm_controller_triton.py has a smaller one
@@ -302,10 +321,18 @@ def test_lstm_controller_bad_inputs(backend, change, error, match):
     ([torch.randn(4, 3, 1, 1), torch.ones(4, 3, 1, 1, dtype=torch.int64)], TypeError, r"weights\[1\] must have dtype"),
     ([torch.randn(4, 3, 1, 1), torch.randn(4, 3, 1, 1).double()], TypeError, r"weights\[1\] must have weights\[0\]'s dtype"),
     ([torch.randn(4, 3, 1, 1), "conv"], TypeError, r"weights\[1\] must be a torch.Tensor"),
+    ([torch.randn(4, 3, 1, 1), torch.randn(4, 0, 3, 3)], ValueError, r"weights\[1\] must have at least one input channel"),
 ])
 def test_weight_mean_bad_inputs(backend, weights, error, match):
     with pytest.raises(error, match=match):
         tsc_kernels.weight_mean(weights)
+
+
+@pytest.mark.skipif(not _extension.has_cpp_ops(), reason="the C++ ops are not built")
+def test_cpp_weight_mean_rejects_what_it_cannot_average():
+    # the op itself, below the public checks: a mean over no input channels is 0/0, never garbage
+    with pytest.raises(RuntimeError, match=r"weights\[1\] must have C_in >= 1"):
+        torch.ops.tsc.weight_mean([torch.randn(3, 4, 3), torch.randn(2, 0, 3, 3)])
 
 
 def test_network_bad_inputs(backend):

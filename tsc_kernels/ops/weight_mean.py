@@ -57,7 +57,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(backward_op, ctx, grad):
     """dW = broadcast(dw̄) / C_in as a stride-0 view over C_in of the packed dw̄ / C_in (one launch):
-    autograd adds it into each conv's own gradient without a full-size dW ever being written."""
+    autograd adds it into each conv's own gradient without a full-size dW ever being written.
+    (The Triton op's formula; the C++ op carries the same one in csrc/weight_mean_autograd.cpp.)"""
     weights = ctx.saved_tensors
     # cast the packed values once (fp16/bf16 weights), not each expanded dW
     scaled = backward_op(grad, list(weights)).to(weights[0].dtype)
@@ -74,6 +75,7 @@ OP = define(OpDef(
     fake_backward=_fake_backward,
     setup_context=_setup_context,
     backward=_backward,
+    cpp_autograd=True,  # csrc/weight_mean_autograd.cpp: the same formula, without a Python call per weight
 ))
 
 

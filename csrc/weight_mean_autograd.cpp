@@ -1,0 +1,74 @@
+// Autograd of tsc::weight_mean in C++ (the Autograd dispatch key), for every device.
+//
+// The op runs once per training step for every chosen conv weight of the network (32 for
+// ResNet-50), and its backward hands each weight a view: a Python autograd formula spends more
+// interpreter time splitting, viewing and expanding those than the kernel takes. The formula is
+// the one in tsc_kernels/ops/weight_mean.py's docstring (docs/ops.md): one backward op writes
+// dw̄ / C_in packed like w̄, and each weight's gradient is its slice viewed as (C_out, 1, *k) and
+// expanded over C_in (stride 0), so autograd adds it into the conv's own gradient without a
+// full-size dW ever being written. register_fake stays on the Python side.
+#include <torch/all.h>
+#include <torch/autograd.h>
+
+#include <vector>
+
+namespace tsc {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor call_forward(at::TensorList weights) {
+  static auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("tsc::weight_mean", "").typed<at::Tensor(at::TensorList)>();
+  return op.call(weights);
+}
+
+at::Tensor call_backward(const at::Tensor& grad, at::TensorList weights) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("tsc::weight_mean_backward", "")
+                       .typed<at::Tensor(const at::Tensor&, at::TensorList)>();
+  return op.call(grad, weights);
+}
+
+class WeightMeanFunction : public torch::autograd::Function<WeightMeanFunction> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, at::TensorList weights) {
+    at::Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = call_forward(weights);
+    }
+    // backward reads the weights' shapes only (and C_in through the backward op)
+    ctx->save_for_backward(weights.vec());
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list weights = ctx->get_saved_variables();
+    variable_list out(weights.size());
+    if (!grads[0].defined()) return out;
+    // cast the packed values once (fp16/bf16 weights), not each expanded dW
+    const at::Tensor scaled = call_backward(grads[0], weights).to(weights[0].scalar_type());
+    int64_t offset = 0;
+    for (size_t j = 0; j < weights.size(); ++j) {
+      const at::Tensor& w = weights[j];
+      std::vector<int64_t> shape = w.sizes().vec();
+      shape[1] = 1;
+      const int64_t n = w.size(0) * c10::multiply_integers(shape.begin() + 2, shape.end());
+      if (ctx->needs_input_grad(j)) out[j] = scaled.narrow(0, offset, n).view(shape).expand(w.sizes());
+      offset += n;
+    }
+    return out;
+  }
+};
+
+at::Tensor weight_mean_autograd(at::TensorList weights) { return WeightMeanFunction::apply(weights); }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tsc, Autograd, m) {
+  m.impl("weight_mean", &weight_mean_autograd);
+}
+
+}  // namespace tsc
