@@ -249,15 +249,8 @@ std::tuple<at::Tensor, at::Tensor> lstm_controller_cuda(const at::Tensor& wbar_i
 std::tuple<at::Tensor, std::vector<at::Tensor>> lstm_controller_backward_cuda(
     const at::Tensor& grad_in, const at::Tensor& dt_in, const at::Tensor& wbar_in, at::IntArrayRef blocks,
     at::TensorList params_in, const at::Tensor& saved_in) {
-  const char* op = "tsc::lstm_controller_backward";
-  const ControllerDims dims = controller_dims(op, wbar_in, blocks, params_in);
-  TORCH_CHECK(grad_in.numel() == dims.dt_numel && dt_in.numel() == dims.dt_numel, op, ": grad and dt must hold ", dims.dt_numel, " values");
-  TORCH_CHECK(saved_in.numel() == dims.saved_numel, op, ": saved must hold ", dims.saved_numel, " values, got ", saved_in.numel());
-  TORCH_CHECK(grad_in.scalar_type() == wbar_in.scalar_type() && dt_in.scalar_type() == wbar_in.scalar_type() && saved_in.scalar_type() == wbar_in.scalar_type(),
-              op, ": grad, dt and saved must have wbar_packed's dtype");
-  TORCH_CHECK(grad_in.device() == wbar_in.device(), op, ": grad must be on wbar_packed's device ", wbar_in.device(), ", got ", grad_in.device());
-  TORCH_CHECK(dt_in.device() == wbar_in.device(), op, ": dt_packed must be on wbar_packed's device ", wbar_in.device(), ", got ", dt_in.device());
-  TORCH_CHECK(saved_in.device() == wbar_in.device(), op, ": saved must be on wbar_packed's device ", wbar_in.device(), ", got ", saved_in.device());
+  const ControllerDims dims =
+      controller_backward_dims("tsc::lstm_controller_backward", grad_in, dt_in, wbar_in, blocks, params_in, saved_in);
   const c10::cuda::CUDAGuard guard(wbar_in.device());
   const at::Tensor wbar = wbar_in.contiguous(), grad = grad_in.contiguous(), dt = dt_in.contiguous(), saved = saved_in.contiguous();
   const std::vector<at::Tensor> params = contiguous_all(params_in);

@@ -68,6 +68,21 @@ inline ControllerDims controller_dims(const char* op, const at::Tensor& wbar, at
 }
 
 // Every tensor of ts contiguous (the kernels index params as dense row-major arrays).
+// The backward's dims, after checking its extra arguments (grad, dt_packed, saved) against the
+// forward's: sizes, dtype and device, the same checks on every backend.
+inline ControllerDims controller_backward_dims(const char* op, const at::Tensor& grad, const at::Tensor& dt, const at::Tensor& wbar,
+                                              at::IntArrayRef blocks, at::TensorList params, const at::Tensor& saved) {
+  const ControllerDims dims = controller_dims(op, wbar, blocks, params);
+  TORCH_CHECK(grad.numel() == dims.dt_numel && dt.numel() == dims.dt_numel, op, ": grad and dt must hold ", dims.dt_numel, " values");
+  TORCH_CHECK(saved.numel() == dims.saved_numel, op, ": saved must hold ", dims.saved_numel, " values, got ", saved.numel());
+  TORCH_CHECK(grad.scalar_type() == wbar.scalar_type() && dt.scalar_type() == wbar.scalar_type() && saved.scalar_type() == wbar.scalar_type(),
+              op, ": grad, dt and saved must have wbar_packed's dtype");
+  TORCH_CHECK(grad.device() == wbar.device(), op, ": grad must be on wbar_packed's device ", wbar.device(), ", got ", grad.device());
+  TORCH_CHECK(dt.device() == wbar.device(), op, ": dt_packed must be on wbar_packed's device ", wbar.device(), ", got ", dt.device());
+  TORCH_CHECK(saved.device() == wbar.device(), op, ": saved must be on wbar_packed's device ", wbar.device(), ", got ", saved.device());
+  return dims;
+}
+
 inline std::vector<at::Tensor> contiguous_all(at::TensorList ts) {
   std::vector<at::Tensor> out;
   out.reserve(ts.size());
