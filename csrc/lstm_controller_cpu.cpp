@@ -136,6 +136,18 @@ void stage_forward(const StageDims& s, const StageParams<T>& p, const T* wbar, T
   });
 }
 
+// Gradients of a linear layer (out x in) that the L blocks of a stage share: dW[r] = sum_d g[d, r] in[d]
+// and db[r] = sum_d g[d, r], for g (L, out) and in (L, in); rows split across threads.
+template <typename T>
+void shared_linear_grads(const T* g, int64_t out, const T* in, int64_t in_features, int64_t L, T* dw, T* db) {
+  par(out, L * in_features, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      weighted_rows(g + r, out, in, in_features, L, dw + r * in_features, in_features);
+      db[r] = strided_total(g + r, out, L);
+    }
+  });
+}
+
 template <typename T>
 struct StageGrads {
   T *win, *bin, *wih, *whh, *bih, *bhh, *wout, *bout;
@@ -152,12 +164,7 @@ void stage_backward(const StageDims& s, const StageParams<T>& p, const StageGrad
   std::vector<T> gz(L * C), dh(L * H, T(0)), dpre(L * 4 * H), dnext(H, T(0)), dc(H, T(0)), dx(L * H, T(0));
   // fc_out + sigmoid: gz = dL/d(pre-sigmoid); dWout = gz^T h, dbout = sum_d gz, dh = gz Wout.
   for (int64_t e = 0; e < L * C; ++e) gz[e] = sigmoid_backward(gdt[e], dt[e]);
-  par(C, L * H, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      weighted_rows(gz.data() + m, C, h, H, L, gr.wout + m * H, H);
-      gr.bout[m] = strided_total(gz.data() + m, C, L);
-    }
-  });
+  shared_linear_grads(gz.data(), C, h, H, L, gr.wout, gr.bout);
   par(col_blocks(H), L * C * kCols, [&](int64_t b0, int64_t b1) {
     const int64_t j0 = b0 * kCols, n = std::min(H, b1 * kCols) - j0;
     for (int64_t d = 0; d < L; ++d)
@@ -192,12 +199,7 @@ void stage_backward(const StageDims& s, const StageParams<T>& p, const StageGrad
   });
   // fc_in + ReLU: dxr = dx masked by x > 0; dWin = dxr^T wbar, dbin = sum_d dxr, dwbar = dxr Win.
   for (int64_t e = 0; e < L * H; ++e) dx[e] = relu_backward(dx[e], x[e]);
-  par(H, L * D, [&](int64_t j0, int64_t j1) {
-    for (int64_t j = j0; j < j1; ++j) {
-      weighted_rows(dx.data() + j, H, wbar, D, L, gr.win + j * D, D);
-      gr.bin[j] = strided_total(dx.data() + j, H, L);
-    }
-  });
+  shared_linear_grads(dx.data(), H, wbar, D, L, gr.win, gr.bin);
   par(col_blocks(D), L * H * kCols, [&](int64_t b0, int64_t b1) {
     const int64_t i0 = b0 * kCols, n = std::min(D, b1 * kCols) - i0;
     for (int64_t d = 0; d < L; ++d) {
