@@ -34,6 +34,25 @@ __device__ T warp_dot(const T* __restrict__ a, const T* __restrict__ b, int64_t 
   return warp_sum(s);
 }
 
+// A linear layer's weight and bias gradients over the L blocks, by the whole thread block (one
+// thread per gradient element, no atomics): dW (O, I) = dout^T in, db (O) = sum_d dout, where
+// dout is (L, O) and in is (L, I). The twin of the CPU's shared_linear_grads.
+template <typename T>
+__device__ void linear_grads(const T* __restrict__ dout, const T* __restrict__ in, int64_t L, int64_t O, int64_t I, T* __restrict__ dw,
+                             T* __restrict__ db) {
+  for (int64_t e = threadIdx.x; e < O * I; e += blockDim.x) {
+    const int64_t o = e / I, i = e % I;
+    T s = 0;
+    for (int64_t d = 0; d < L; ++d) s += dout[d * O + o] * in[d * I + i];
+    dw[e] = s;
+  }
+  for (int64_t o = threadIdx.x; o < O; o += blockDim.x) {
+    T s = 0;
+    for (int64_t d = 0; d < L; ++d) s += dout[d * O + o];
+    db[o] = s;
+  }
+}
+
 // One stage's pointers and sizes. Offsets (wbar, dt, saved, workspace) index the packed buffers.
 template <typename T>
 struct StageMeta {
@@ -131,17 +150,7 @@ __global__ void __launch_bounds__(kThreads) lstm_controller_backward_kernel(
   for (int64_t j = tid; j < H; j += nt) dnext[j] = dc[j] = T(0);
   __syncthreads();
   // fc_out: dWout = gz^T h, dbout = sum_d gz, dh = gz Wout (thread per output element, rows of Wout read coalesced).
-  for (int64_t e = tid; e < C * H; e += nt) {
-    const int64_t o = e / H, j = e % H;
-    T s = 0;
-    for (int64_t d = 0; d < L; ++d) s += gz[d * C + o] * h[d * H + j];
-    m.g[kFcOutW][e] = s;
-  }
-  for (int64_t o = tid; o < C; o += nt) {
-    T s = 0;
-    for (int64_t d = 0; d < L; ++d) s += gz[d * C + o];
-    m.g[kFcOutB][o] = s;
-  }
+  linear_grads(gz, h, L, C, H, m.g[kFcOutW], m.g[kFcOutB]);
   for (int64_t e = tid; e < L * H; e += nt) {
     const int64_t d = e / H, j = e % H;
     T s = 0;
@@ -188,17 +197,7 @@ __global__ void __launch_bounds__(kThreads) lstm_controller_backward_kernel(
     m.g[kBhh][k] = s;
   }
   // fc_in: dWin = dx^T w̄, dbin = sum_d dx, dw̄ = dx Win.
-  for (int64_t e = tid; e < H * D; e += nt) {
-    const int64_t j = e / D, i = e % D;
-    T s = 0;
-    for (int64_t d = 0; d < L; ++d) s += dx[d * H + j] * wbar[d * D + i];
-    m.g[kFcInW][e] = s;
-  }
-  for (int64_t j = tid; j < H; j += nt) {
-    T s = 0;
-    for (int64_t d = 0; d < L; ++d) s += dx[d * H + j];
-    m.g[kFcInB][j] = s;
-  }
+  linear_grads(dx, wbar, L, H, D, m.g[kFcInW], m.g[kFcInB]);
   for (int64_t e = tid; e < L * D; e += nt) {
     const int64_t d = e / D, i = e % D;
     T s = 0;

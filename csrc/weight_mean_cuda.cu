@@ -5,9 +5,8 @@
 // weight_mean: one launch for every weight of the network, one warp per output element (lanes
 // stride over C_in, shuffle reduction); backward: one grid-stride launch writing dw̄ / C_in of
 // every weight. The per-weight metadata (pointer, offsets, sizes, strides) travels BY VALUE as a
-// kernel parameter (forward: MetaBatch slices of up to kMaxWeights weights, cuda_meta_batch.cuh;
-// backward: GradChunk, up to kGradChunk weights), more weights taking more launches: no
-// host-to-device copy, no sync, CUDA-graph capturable.
+// kernel parameter (MetaBatch slices of up to kMaxWeights weights, cuda_meta_batch.cuh), more
+// weights taking more launches: no host-to-device copy, no sync, CUDA-graph capturable.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,13 +27,12 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 
 struct WeightMeta {
-  int64_t ptr;                // weight (forward) or dW (backward) data pointer
+  int64_t ptr;                // the weight's data pointer (forward only)
   int64_t mean_off;           // first w̄ index of this weight
-  int64_t elem_off;           // first element index of this weight among all weights' elements
   int64_t C_out, C_in, K, so, si, sk;
 };
 
-constexpr int kMaxWeights = 48;  // 48 * 72 B + 24 B < 4 KiB of kernel parameters
+constexpr int kMaxWeights = 48;  // 48 * 64 B + 24 B < 4 KiB of kernel parameters
 using WeightBatch = MetaBatch<WeightMeta, kMaxWeights>;
 static_assert(sizeof(WeightBatch) + 64 <= 4096, "kernel parameters must stay under 4 KiB");
 
@@ -63,27 +61,13 @@ __global__ void weight_mean_kernel(const __grid_constant__ WeightBatch batch, ac
   }
 }
 
-// Backward: dw̄ / C_in, packed like w̄. Up to kGradChunk weights per launch travel as a kernel
-// parameter (by value: no host-to-device copy, nothing to keep alive, CUDA-graph capture safe).
-constexpr int kGradChunk = 64;
-
-struct GradChunk {
-  int64_t start[kGradChunk + 1];  // packed offsets of the chunk's weights; start[n] = end of the last
-  int64_t c_in[kGradChunk];
-  int n;
-};
-
+// Backward: dw̄ / C_in, packed like w̄, one grid-stride launch per WeightBatch (only mean_off and
+// C_in of the records are read).
 template <typename acc_t>
-__global__ void weight_mean_backward_kernel(const GradChunk chunk, const acc_t* __restrict__ grad, acc_t* __restrict__ out) {
-  const int64_t first = chunk.start[0], count = chunk.start[chunk.n] - first;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < count; i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t e = first + i;
-    int lo = 0, hi = chunk.n - 1;  // the weight whose [start, next start) holds e
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (chunk.start[mid] <= e) lo = mid; else hi = mid - 1;
-    }
-    out[e] = mean_from_sum(grad[e], chunk.c_in[lo]);
+__global__ void weight_mean_backward_kernel(const __grid_constant__ WeightBatch batch, const acc_t* __restrict__ grad, acc_t* __restrict__ out) {
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t e = batch.begin + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < batch.end; e += stride) {
+    out[e] = mean_from_sum(grad[e], batch.m[find_weight<&WeightMeta::mean_off>(batch.m, batch.n, e)].C_in);
   }
 }
 
@@ -111,7 +95,6 @@ at::Tensor weight_mean_cuda(at::TensorList weights_in) {
   if (total == 0) return out;
   std::vector<at::Tensor> keep;  // contiguous copies of weights whose kernel dims do not collapse
   std::vector<WeightMeta> meta;
-  int64_t elems = 0;
   for (size_t j = 0; j < weights_in.size(); ++j) {
     WeightView v;
     at::Tensor w = weights_in[j];
@@ -120,8 +103,7 @@ at::Tensor weight_mean_cuda(at::TensorList weights_in) {
       w = keep.back();
       weight_view(w, v);
     }
-    meta.push_back({reinterpret_cast<int64_t>(w.const_data_ptr()), off[j], elems, v.C_out, v.C_in, v.K, v.so, v.si, v.sk});
-    elems += w.numel();
+    meta.push_back({reinterpret_cast<int64_t>(w.const_data_ptr()), off[j], v.C_out, v.C_in, v.K, v.so, v.si, v.sk});
   }
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "tsc_weight_mean_cuda", [&] {
@@ -139,22 +121,17 @@ at::Tensor weight_mean_backward_cuda(const at::Tensor& grad_in, at::TensorList w
   const WeightMeanGrad a = prepare_weight_mean_backward("tsc::weight_mean_backward", grad_in, weights);
   if (a.total == 0) return a.out;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t n = static_cast<int64_t>(weights.size());
+  std::vector<WeightMeta> meta(weights.size());
+  for (size_t j = 0; j < weights.size(); ++j) {
+    meta[j].mean_off = a.off[j];
+    meta[j].C_in = weights[j].size(1);
+  }
   AT_DISPATCH_FLOATING_TYPES(a.grad.scalar_type(), "tsc_weight_mean_backward_cuda", [&] {
-    for (int64_t j0 = 0; j0 < n; j0 += kGradChunk) {
-      GradChunk chunk{};
-      chunk.n = static_cast<int>(std::min<int64_t>(kGradChunk, n - j0));
-      for (int k = 0; k < chunk.n; ++k) {
-        chunk.start[k] = a.off[j0 + k];
-        chunk.c_in[k] = weights[j0 + k].size(1);
-      }
-      chunk.start[chunk.n] = j0 + chunk.n < n ? a.off[j0 + chunk.n] : a.total;
-      const int64_t count = chunk.start[chunk.n] - chunk.start[0];
-      if (count == 0) continue;
-      weight_mean_backward_kernel<scalar_t><<<elementwise_grid(count, kThreads), kThreads, 0, stream>>>(
-          chunk, a.grad.const_data_ptr<scalar_t>(), a.out.mutable_data_ptr<scalar_t>());
+    for_each_weight_batch<&WeightMeta::mean_off>(meta, a.total, [&](const WeightBatch& b) {
+      weight_mean_backward_kernel<scalar_t><<<elementwise_grid(b.end - b.begin, kThreads), kThreads, 0, stream>>>(
+          b, a.grad.const_data_ptr<scalar_t>(), a.out.mutable_data_ptr<scalar_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    });
   });
   return a.out;
 }
