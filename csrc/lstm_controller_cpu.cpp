@@ -108,31 +108,31 @@ void stage_forward(const StageDims& s, const StageParams<T>& p, const T* wbar, T
   T* gates = x + L * H;         // (L, 4H)
   T* c = gates + 4 * L * H;     // (L, H)
   T* h = c + L * H;             // (L, H)
-  par(L * H, D, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t d = r / H, j = r % H;
-      x[r] = relu_forward(dot(p.win + j * D, wbar + d * D, D) + p.bin[j]);
-    }
+  // Every weight row is read from memory once: the products that do not depend on the recurrence
+  // (fc_in, the input half of the gates, fc_out) loop over a row's blocks while the row is in L1.
+  par(H, L * D, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j)
+      for (int64_t d = 0; d < L; ++d) x[d * H + j] = relu_forward(dot(p.win + j * D, wbar + d * D, D) + p.bin[j]);
+  });
+  par(4 * H, L * H, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k)
+      for (int64_t d = 0; d < L; ++d) gates[d * 4 * H + k] = dot(p.wih + k * H, x + d * H, H) + p.bih[k] + p.bhh[k];
   });
   for (int64_t d = 0; d < L; ++d) {
     T* gd = gates + d * 4 * H;
-    par(4 * H, 2 * H, [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        T pre = dot(p.wih + k * H, x + d * H, H) + p.bih[k] + p.bhh[k];
-        if (d > 0) pre += dot(p.whh + k * H, h + (d - 1) * H, H);
-        gd[k] = pre;
-      }
-    });
+    if (d > 0) {  // the recurrence: W_hh h_{d-1}, one pass over W_hh per block
+      par(4 * H, H, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) gd[k] += dot(p.whh + k * H, h + (d - 1) * H, H);
+      });
+    }
     for (int64_t j = 0; j < H; ++j) {
       const T c_prev = d > 0 ? c[(d - 1) * H + j] : T(0);
       lstm_cell_forward(gd[j], gd[H + j], gd[2 * H + j], gd[3 * H + j], c_prev, c[d * H + j], h[d * H + j]);
     }
   }
-  par(L * C, H, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t d = r / C, m = r % C;
-      dt[r] = sigmoid(dot(p.wout + m * H, h + d * H, H) + p.bout[m]);
-    }
+  par(C, L * H, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t d = 0; d < L; ++d) dt[d * C + m] = sigmoid(dot(p.wout + m * H, h + d * H, H) + p.bout[m]);
   });
 }
 
@@ -167,8 +167,8 @@ void stage_backward(const StageDims& s, const StageParams<T>& p, const StageGrad
   shared_linear_grads(gz.data(), C, h, H, L, gr.wout, gr.bout);
   par(col_blocks(H), L * C * kCols, [&](int64_t b0, int64_t b1) {
     const int64_t j0 = b0 * kCols, n = std::min(H, b1 * kCols) - j0;
-    for (int64_t d = 0; d < L; ++d)
-      for (int64_t m = 0; m < C; ++m) axpy(gz[d * C + m], p.wout + m * H + j0, dh.data() + d * H + j0, n);
+    for (int64_t m = 0; m < C; ++m)  // a row slice of W_out meets every block while it is in L1
+      for (int64_t d = 0; d < L; ++d) axpy(gz[d * C + m], p.wout + m * H + j0, dh.data() + d * H + j0, n);
   });
   // BPTT over the blocks: dnext carries dL/dh_{d-1} through W_hh, dc carries dL/dc_{d-1}.
   for (int64_t d = L - 1; d >= 0; --d) {
@@ -179,15 +179,19 @@ void stage_backward(const StageDims& s, const StageParams<T>& p, const StageGrad
       dc[j] = lstm_cell_backward(dh[d * H + j] + dnext[j], dc[j], gd[j], gd[H + j], gd[2 * H + j], gd[3 * H + j],
                                  c[d * H + j], c_prev, dp[j], dp[H + j], dp[2 * H + j], dp[3 * H + j]);
     }
-    par(col_blocks(H), 8 * H * kCols, [&](int64_t b0, int64_t b1) {
+    if (d == 0) break;  // nothing flows to h_{-1}
+    par(col_blocks(H), 4 * H * kCols, [&](int64_t b0, int64_t b1) {
       const int64_t j0 = b0 * kCols, n = std::min(H, b1 * kCols) - j0;
       std::fill(dnext.begin() + j0, dnext.begin() + j0 + n, T(0));
-      for (int64_t k = 0; k < 4 * H; ++k) {
-        axpy(dp[k], p.whh + k * H + j0, dnext.data() + j0, n);
-        axpy(dp[k], p.wih + k * H + j0, dx.data() + d * H + j0, n);
-      }
+      for (int64_t k = 0; k < 4 * H; ++k) axpy(dp[k], p.whh + k * H + j0, dnext.data() + j0, n);
     });
   }
+  // dx = dpre W_ih for every block after the recurrence: one pass over W_ih.
+  par(col_blocks(H), 4 * L * H * kCols, [&](int64_t b0, int64_t b1) {
+    const int64_t j0 = b0 * kCols, n = std::min(H, b1 * kCols) - j0;
+    for (int64_t k = 0; k < 4 * H; ++k)
+      for (int64_t d = 0; d < L; ++d) axpy(dpre[d * 4 * H + k], p.wih + k * H + j0, dx.data() + d * H + j0, n);
+  });
   // LSTM weight grads: dWih = dpre^T x, dWhh = dpre[1:]^T h[:-1], both biases = sum_d dpre.
   par(4 * H, 2 * L * H, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
@@ -202,10 +206,9 @@ void stage_backward(const StageDims& s, const StageParams<T>& p, const StageGrad
   shared_linear_grads(dx.data(), H, wbar, D, L, gr.win, gr.bin);
   par(col_blocks(D), L * H * kCols, [&](int64_t b0, int64_t b1) {
     const int64_t i0 = b0 * kCols, n = std::min(D, b1 * kCols) - i0;
-    for (int64_t d = 0; d < L; ++d) {
-      std::fill(dwbar + d * D + i0, dwbar + d * D + i0 + n, T(0));
-      for (int64_t j = 0; j < H; ++j) axpy(dx[d * H + j], p.win + j * D + i0, dwbar + d * D + i0, n);
-    }
+    for (int64_t d = 0; d < L; ++d) std::fill(dwbar + d * D + i0, dwbar + d * D + i0 + n, T(0));
+    for (int64_t j = 0; j < H; ++j)  // a row slice of W_in meets every block while it is in L1
+      for (int64_t d = 0; d < L; ++d) axpy(dx[d * H + j], p.win + j * D + i0, dwbar + d * D + i0, n);
   });
 }
 
