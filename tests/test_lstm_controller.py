@@ -348,3 +348,57 @@ def test_network_bad_inputs(backend):
         network([good[0], []])
     with pytest.raises(TypeError, match=r"fc_in_weight must have wbar's dtype torch.float32"):  # before any launch
         NetworkController([TSCController(18, 2, reduction=2).double()])([good[0]])
+
+
+# network_dt validates every step through fast predicates (_checks.conv_weights_like, lstm_params_like)
+# and names the argument only when they fail: a bad weight or parameter in a LATER block or stage
+# (after the first weight has set the dtype and device) must still be rejected before any launch.
+LATER_BLOCK_ERRORS = [
+    ("other-dtype", lambda w: w.double(), TypeError, r"weights\[1\]\[0\]\[0\] must have weights\[0\]\[0\]\[0\]'s dtype torch.float32"),
+    ("other-device", lambda w: w.to("meta"), ValueError, r"one device, got weights\[0\]\[0\]\[0\] on cpu, weights\[1\]\[0\]\[0\] on meta"),
+    ("no-input-channels", lambda w: w[:, :0], ValueError, r"weights\[1\]\[0\]\[0\] must have at least one input channel"),
+    ("linear-weight", lambda w: w.flatten(1), ValueError, r"weights\[1\]\[0\]\[0\] must be a conv weight"),
+    ("not-a-tensor", lambda w: w.tolist(), TypeError, r"weights\[1\]\[0\]\[0\] must be a torch.Tensor"),
+    ("integer", lambda w: w.long(), TypeError, r"weights\[1\]\[0\]\[0\] must have dtype"),
+]
+
+
+@pytest.mark.parametrize("change, error, match", [c[1:] for c in LATER_BLOCK_ERRORS], ids=[c[0] for c in LATER_BLOCK_ERRORS])
+def test_network_rejects_a_bad_weight_in_a_later_block(change, error, match):
+    network = NetworkController([TSCController(36, 2, reduction=2), TSCController(36, 2, reduction=2)])
+    weights = [block_convs(36, 2, 2), block_convs(36, 2, 3)]  # two 3x3 convs per block
+    network(weights)  # the good network runs
+    weights[1][0] = [change(w.detach()) for w in weights[1][0]]  # the whole block: its own checks pass
+    with pytest.raises(error, match=match):
+        network(weights)
+
+
+def test_network_rejects_bad_parameters_in_a_later_stage():
+    network = NetworkController([TSCController(18, 2, reduction=2), TSCController(18, 4, reduction=2)])
+    weights = [block_convs(18, 2, 2), block_convs(18, 4, 2)]
+    network(weights)
+    with torch.no_grad():
+        network.stages[1].lstm.weight_hh = torch.nn.Parameter(network.stages[1].lstm.weight_hh[:, :1].clone())
+    with pytest.raises(ValueError, match=r"weight_hh must have shape \(8, 2\)"):
+        network(weights)
+    network.stages[1].lstm.weight_hh = torch.nn.Parameter(torch.randn(8, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"weight_hh must have wbar's dtype torch.float32"):
+        network(weights)
+
+
+@pytest.mark.parametrize("change", [c[1] for c in LATER_BLOCK_ERRORS], ids=[c[0] for c in LATER_BLOCK_ERRORS])
+def test_fast_predicates_agree_with_the_checks(change):
+    """conv_weights_like accepts exactly what conv_weights + conv_in_channels + same dtype/device accept."""
+    from tsc_kernels import _checks
+    first, good = torch.randn(3, 2, 3, 3), [torch.randn(4, 5, 3, 3), torch.randn(2, 1, 3)]
+    assert _checks.conv_weights_like(good, first) and _checks.conv_weights_like(tuple(good), first)
+    assert not _checks.conv_weights_like([], first) and not _checks.conv_weights_like(good[0], first)
+    assert not _checks.conv_weights_like([good[0], change(good[1])], first)
+    ctrl = TSCController(18, 4, reduction=2)
+    params = ctrl.lstm_params()
+    assert _checks.lstm_params_like(params, 18, torch.float32, first.device)
+    assert not _checks.lstm_params_like(params, 17, torch.float32, first.device)
+    assert not _checks.lstm_params_like(params, 18, torch.float64, first.device)
+    assert not _checks.lstm_params_like(params[:-1], 18, torch.float32, first.device)
+    assert not _checks.lstm_params_like(params[:6] + (params[6][:, :1],) + params[7:], 18, torch.float32, first.device)
+    assert not _checks.lstm_params_like(params[:7] + (params[7].tolist(),), 18, torch.float32, first.device)

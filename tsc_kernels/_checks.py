@@ -267,6 +267,43 @@ def lstm_controller_args(wbar: object, params: tuple) -> None:
     same_device({"wbar": wbar, **named})
 
 
+def conv_weights_like(weights: object, first: torch.Tensor) -> bool:
+    """Whether `weights` passes conv_weights and conv_in_channels with `first`'s dtype and device.
+    The per-step fast path of network_dt (one predicate per block); it never raises: on False the
+    caller runs the checks that do, for the message."""
+    if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)) or not weights:
+        return False
+    dtype, device = first.dtype, first.device
+    for w in weights:
+        if not (isinstance(w, torch.Tensor) and w.dtype == dtype and 3 <= w.dim() <= 5 and w.shape[1] >= 1 and w.device == device):
+            return False
+    return True
+
+
+def like_first_weight(weights: list, first: torch.Tensor, name: str, first_name: str) -> None:
+    """Every weight of a block with the network's first weight's dtype and device."""
+    for i, w in enumerate(weights):
+        if w.dtype != first.dtype:
+            raise TypeError(f"{name}[{i}] must have {first_name}'s dtype {first.dtype}, got {w.dtype}")
+        if w.device != first.device:
+            raise ValueError(f"all tensors must be on one device, got {first_name} on {first.device}, {name}[{i}] on {w.device}")
+
+
+def lstm_params_like(params: tuple, D: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether lstm_controller_args would accept `params` for a w̄ (L, D) of `dtype` on `device`:
+    the per-step fast path of network_dt; on False the caller runs lstm_controller_args for the message."""
+    if len(params) != len(LSTM_PARAM_NAMES) or dtype not in CONTROLLER_DTYPES:
+        return False
+    for p in params:
+        if not (isinstance(p, torch.Tensor) and p.dtype == dtype and p.device == device):
+            return False
+    if params[0].dim() != 2 or params[6].dim() != 2:
+        return False
+    h, c = params[0].shape[0], params[6].shape[0]
+    expected = ((h, D), (h,), (4 * h, h), (4 * h, h), (4 * h,), (4 * h,), (c, h), (c,))
+    return all(p.shape == shape for p, shape in zip(params, expected))
+
+
 def conv_in_channels(weights: list, name: str = "weights") -> None:
     """Every conv weight needs C_in >= 1: w̄ is a mean over C_in (0/0 otherwise) and dW divides by C_in."""
     for i, w in enumerate(weights):

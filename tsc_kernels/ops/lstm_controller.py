@@ -24,6 +24,7 @@ Backward: grad (1-D like dt_packed) and the forward's dt_packed and saved -> (gr
 
 Ops:
   tsc::lstm_controller / tsc::lstm_controller_backward                 C++ (CPU) and CUDA, csrc/lstm_controller_*
+                                                                       (autograd: csrc/lstm_controller_autograd.cpp)
   tsc::lstm_controller_triton / tsc::lstm_controller_backward_triton   Triton, triton_kernels/lstm_controller.py
   tsc::lstm_controller_torch                                           the reference per stage, CompositeImplicitAutograd;
                                                                        returns dt_packed only
@@ -97,6 +98,7 @@ OP = define(OpDef(
     fake_backward=_fake_backward,
     setup_context=_setup_context,
     backward=_backward,
+    cpp_autograd=True,  # csrc/lstm_controller_autograd.cpp: the same formula, without flattening 8 tensors per stage in Python
 ))
 
 
@@ -148,12 +150,20 @@ def network_dt(weights: Sequence[Sequence[Sequence[torch.Tensor]]], controllers:
         raise TypeError(f"weights must be a list (stages) of lists (blocks) of lists of conv weights, got {type(weights).__name__}")
     if len(weights) != len(controllers):
         raise ValueError(f"weights has {len(weights)} stages but there are {len(controllers)} stage controllers")
+    # Validation runs every training step: a fast predicate per block and per stage, and the checks
+    # that name the argument only when it fails (a network's blocks share one dtype and device).
     flat, lengths = [], []  # lengths[s] = (L_s, D_s)
+    first = None  # the network's first conv weight: every other one must match its dtype and device
     for s, (blocks, ctrl) in enumerate(zip(weights, controllers)):
         if isinstance(blocks, torch.Tensor) or not isinstance(blocks, (list, tuple)) or len(blocks) == 0:
             raise ValueError(f"weights[{s}] must be a non-empty list of blocks (each a list of conv weights)")
         for d, ws in enumerate(blocks):
-            ws = _checks.conv_weights(ws, f"weights[{s}][{d}]")
+            if first is None or not _checks.conv_weights_like(ws, first):
+                name = f"weights[{s}][{d}]"
+                ws = _checks.conv_weights(ws, name)
+                _checks.conv_in_channels(ws, name)
+                first = first if first is not None else ws[0]
+                _checks.like_first_weight(ws, first, name, "weights[0][0][0]")
             D = _weight_mean.packed_length(ws)
             if D != ctrl.in_features:
                 raise ValueError(f"weights[{s}][{d}] gives w̄ of length {D}, but stage {s}'s controller has in_features={ctrl.in_features}")
@@ -163,25 +173,30 @@ def network_dt(weights: Sequence[Sequence[Sequence[torch.Tensor]]], controllers:
             raise ValueError(f"weights[{s}] has {len(blocks)} blocks but stage {s}'s {ctrl.mode!r} controller has num_blocks={ctrl.num_blocks}")
         lengths.append((len(blocks), ctrl.in_features))
     lstm = [s for s, c in enumerate(controllers) if c.mode == "lstm"]
-    acc = reference.accumulation_dtype(weights[0][0][0].dtype)
+    acc = reference.accumulation_dtype(first.dtype)
     out: list[torch.Tensor | None] = [None] * len(controllers)
     for s, ctrl in enumerate(controllers):  # constant Δt: no weight_mean, no controller launch
         if ctrl.mode == "fixed":
-            out[s] = ctrl.fixed_step_sizes(lengths[s][0], weights[s][0][0].new_empty(0, dtype=acc))
+            out[s] = ctrl.fixed_step_sizes(lengths[s][0], first.new_empty(0, dtype=acc))
     if not flat:  # every stage is fixed
         return out
+    params_of = {s: controllers[s].lstm_params() for s in lstm}
     for s in lstm:  # parameters against the stage's w̄ (dtype, device, shapes) before any launch
-        stand_in = flat[0].new_empty(1, dtype=acc).as_strided(lengths[s], (0, 0))  # w̄'s shape, no data
-        _checks.lstm_controller_args(stand_in, controllers[s].lstm_params())
-    # One launch for every block's w̄; stage s's (L_s, D_s) rows follow stage s-1's (fixed stages skipped).
-    wbar_all = _weight_mean.packed(flat, "weights")
+        if not _checks.lstm_params_like(params_of[s], lengths[s][1], acc, first.device):
+            stand_in = first.new_empty(1, dtype=acc).as_strided(lengths[s], (0, 0))  # w̄'s shape, no data
+            _checks.lstm_controller_args(stand_in, params_of[s])
+    # One launch for every block's w̄ (validated above); stage s's (L_s, D_s) rows follow stage s-1's
+    # (fixed stages skipped).
+    wbar_all = dispatch("weight_mean", first.device)(flat)
     read = [s for s, c in enumerate(controllers) if c.mode != "fixed"]
-    wbars: dict[int, torch.Tensor] = {
-        s: w.view(lengths[s]) for s, w in zip(read, torch.split(wbar_all, [lengths[s][0] * lengths[s][1] for s in read]))}
+    wbars: dict[int, torch.Tensor] = {}  # each stage's (L_s, D_s) w̄, needed when some stage is not lstm
+    if len(lstm) != len(read):
+        pieces = torch.split(wbar_all, [lengths[s][0] * lengths[s][1] for s in read])
+        wbars = {s: w.view(lengths[s]) for s, w in zip(read, pieces)}
     if lstm:
-        params = [p for s in lstm for p in controllers[s].lstm_params()]
+        params = [p for s in lstm for p in params_of[s]]
         # All-lstm networks (the default) pass the packed w̄ as it is; mixed ones gather the lstm stages.
-        wbar_lstm = wbar_all if len(lstm) == len(read) else torch.cat([wbars[s].reshape(-1) for s in lstm])
+        wbar_lstm = torch.cat([wbars[s].reshape(-1) for s in lstm]) if wbars else wbar_all
         blocks = [lengths[s][0] for s in lstm]
         dt_packed = _run(wbar_lstm, blocks, params)
         sizes = [lengths[s][0] * controllers[s].channels for s in lstm]
