@@ -7,6 +7,7 @@ usage: .venv/bin/pytest bench/bench_lstm_controller.py --benchmark-only [--bench
 Networks: ResNet-50 (bottlenecks, C = 256..2048, L = 3/4/6/3, r = 8, D = 1.25C), ResNet-18
 (basic blocks, C = 64..512, L = 2, r = 4, D = 18C) and CIFAR ResNet-56 (C = 16/32/64, L = 9).
 Conv weights have their real shapes (the weight means read and write all of them).
+Also prints the NetworkController forward against its two kernels alone (host-side cost).
 Targets (docs/performance.md, issue 3): ResNet-50 <= 20 kernels per step (eager: 977) and >= 5x faster than eager.
 Gradients are set to None after each step (optimizer.zero_grad() default), so every step allocates
 them as a training step does. With conv grads (the default, as in a training step), every conv
@@ -132,8 +133,37 @@ def median_ms(step, repeat: int = 30) -> float:
     return statistics.median(times) * 1e3
 
 
+def forward_overhead(name: str) -> tuple[float, float]:
+    """(µs of the whole NetworkController forward, with autograd recording, as a training step runs
+    it; µs of its two kernels alone, below autograd): the difference is the host-side Python and
+    autograd cost every eager step pays (min of 300 calls)."""
+    network, weights = build(name)
+    flat = [w.detach() for b in weights for ws in b for w in ws]
+    params = [p.detach() for ctrl in network.stages for p in ctrl.lstm_params()]
+    blocks = [len(b) for b in weights]
+
+    def best_us(fn, repeat: int = 300) -> float:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times[repeat // 10:]) * 1e6  # the first tenth warms up
+
+    whole = best_us(lambda: network(weights))
+    kernels = best_us(lambda: torch.ops.tsc.lstm_controller(torch.ops.tsc.weight_mean(flat), blocks, params))
+    return whole, kernels
+
+
 def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend {tsc_kernels.get_backend()}")
+    # first, while the process is fresh (after the step benches its host time reads 1.5-2x higher)
+    if tsc_kernels.get_backend() in ("auto", "cpu") and "cpu" in tsc_kernels.available_backends():  # the C++ kernels
+        print(f"{'network':16s} {'forward us':>11s} {'kernels us':>11s}   (NetworkController forward vs its two kernels alone)")
+        for name in NETWORKS:
+            whole, kernels = forward_overhead(name)
+            print(f"{name:16s} {whole:11.0f} {kernels:11.0f}")
+        print()
     print(f"{'network':16s} {'grads':>6s} {'fused ms':>9s} {'eager ms':>9s} {'speed-up':>9s} {'fused kernels':>14s} "
           f"{'eager kernels':>14s}")
     for name in NETWORKS:
