@@ -124,34 +124,30 @@ def test_controller_fwd_bwd(benchmark, name, grads, impl):
     benchmark(step)
 
 
-def median_ms(step, repeat: int = 30) -> float:
+def seconds(fn, repeat: int) -> list[float]:
+    """Wall time of each of `repeat` calls of fn."""
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        step()
+        fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    return times
 
 
-def forward_overhead(name: str) -> tuple[float, float]:
+def median_ms(step, repeat: int = 30) -> float:
+    return statistics.median(seconds(step, repeat)) * 1e3
+
+
+def forward_overhead(name: str, repeat: int = 300) -> tuple[float, float]:
     """(µs of the whole NetworkController forward, with autograd recording, as a training step runs
     it; µs of its two kernels alone, below autograd): the difference is the host-side Python and
-    autograd cost every eager step pays (min of 300 calls)."""
+    autograd cost every eager step pays (min of `repeat` calls after a tenth as many to warm up)."""
     network, weights = build(name)
     flat = [w.detach() for b in weights for ws in b for w in ws]
     params = [p.detach() for ctrl in network.stages for p in ctrl.lstm_params()]
     blocks = [len(b) for b in weights]
-
-    def best_us(fn, repeat: int = 300) -> float:
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times[repeat // 10:]) * 1e6  # the first tenth warms up
-
-    whole = best_us(lambda: network(weights))
-    kernels = best_us(lambda: torch.ops.tsc.lstm_controller(torch.ops.tsc.weight_mean(flat), blocks, params))
+    whole = min(seconds(lambda: network(weights), repeat)[repeat // 10:]) * 1e6
+    kernels = min(seconds(lambda: torch.ops.tsc.lstm_controller(torch.ops.tsc.weight_mean(flat), blocks, params), repeat)[repeat // 10:]) * 1e6
     return whole, kernels
 
 
