@@ -22,7 +22,10 @@ Columns (one row per variant):
   peak MB              peak tensor memory of one training step (CUDA: allocator peak; CPU:
                        profiler memory events)
   infer ms             median eval-mode forward of the folded model (no_grad)
-  overhead             step time and kernels against the plain row of the same mode
+  overhead             step time and kernels against the plain row of the same mode; the time is
+                       the median of the per-round ratios (a round runs every variant's step once,
+                       so pairing a step with the plain step of its round cancels the machine's
+                       drift: on a noisy VM it moves less than the ratio of the medians)
 With --compile three more rows run the same step under torch.compile (plain-c, tsc-ref-c: the
 reference compiled, tsc-auto-c: the default backend compiled, which picks per op whether inductor
 sees the reference math or the fused op); their kernels are not counted (inductor's kernels are
@@ -257,21 +260,30 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def paired_overhead_pct(times: list[float], base_times: list[float]) -> float:
+    """Median over the timed rounds of time / base time, minus 1, in percent. Round i of every
+    variant ran back to back (measure() interleaves them), so each ratio compares steps taken under
+    the same machine conditions."""
+    if len(times) != len(base_times) or not times:
+        raise ValueError(f"times and base_times must pair up round by round, got {len(times)} and {len(base_times)} steps")
+    return 100 * (statistics.median(t / b for t, b in zip(times, base_times)) - 1)
+
+
 def add_overheads(rows: list[Row]) -> None:
-    """Each TSC row's step time and kernels against the plain row of the same mode (eager / compiled)."""
+    """Each TSC row's step time (paired per round) and kernels against the plain row of the same mode (eager / compiled)."""
     plain = {r.mode: r for r in rows if r.backend == "-"}
     for r in rows:
         base = plain[r.mode]
         if r is base:
             continue
-        r.overhead_time_pct = 100 * (r.step_ms / base.step_ms - 1)
+        r.overhead_time_pct = paired_overhead_pct(r.step_times_ms, base.step_times_ms)
         if r.kernels is not None and base.kernels:
             r.overhead_kernels_pct = 100 * (r.kernels / base.kernels - 1)
 
 
 def summary(rows: list[Row]) -> list[str]:
     """One line per mode: the library's TSC step against the plain step and, compiled, against the
-    compiled reference (the targets of docs/performance.md)."""
+    compiled reference (the targets of docs/performance.md), as medians of per-round ratios."""
     by = {r.variant: r for r in rows}
     lines = []
     if "tsc-fused" in by:
@@ -281,7 +293,9 @@ def summary(rows: list[Row]) -> list[str]:
     if "tsc-auto-c" in by:
         a, ref = by["tsc-auto-c"], by["tsc-ref-c"]
         lines.append(f"compiled: tsc-auto-c vs plain-c {a.overhead_time_pct:+.1f}% time, "
-                     f"vs tsc-ref-c {100 * (a.step_ms / ref.step_ms - 1):+.1f}% time")
+                     f"vs tsc-ref-c {paired_overhead_pct(a.step_times_ms, ref.step_times_ms):+.1f}% time")
+    if lines:
+        lines.append("(time: median of per-round ratios; step ms: median of each row's own steps)")
     return lines
 
 
