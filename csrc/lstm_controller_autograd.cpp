@@ -3,8 +3,9 @@
 // The op runs once per training step with every lstm stage's eight parameters (32 tensors for a
 // four-stage ResNet): a Python autograd formula (torch.library.register_autograd) flattens and
 // unflattens that list on every call. For CIFAR ResNet-56 that glue cost more than the kernels:
-// weight_mean + lstm_controller forward under autograd took 374 µs with it, 198 µs with this file. The formula is tsc_kernels/ops/lstm_controller.py's (docs/ops.md): the backward op
-// does BPTT over every stage at once from the saved activations; `saved` is internal state, not
+// weight_mean + lstm_controller forward under autograd took 374 µs with it, 198 µs with this file.
+// The formula is tsc_kernels/ops/lstm_controller.py's (docs/ops.md): the backward op does BPTT
+// over every stage at once from the saved activations; `saved` is internal state, not
 // differentiable. register_fake stays on the Python side.
 #include <torch/all.h>
 #include <torch/autograd.h>
