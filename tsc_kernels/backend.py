@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import warnings
 from typing import Iterator
 
 import torch
@@ -96,4 +97,24 @@ def resolve(device: torch.device) -> str:
             raise BackendUnavailableError(f"tsc_kernels backend {_current!r} is unavailable: {reason}")
         return _current
     order = ("cuda", "triton", "torch") if device.type == "cuda" else ("cpu", "torch")
-    return next(n for n in order if _usable(n, device) is None)
+    name = next(n for n in order if _usable(n, device) is None)
+    if name == "torch" and device.type == "cuda":
+        _warn_reference_on_cuda()
+    return name
+
+
+_WARNED_REFERENCE_ON_CUDA = False
+
+
+def _warn_reference_on_cuda() -> None:
+    """Once per process: `auto` found neither the CUDA kernels nor Triton for CUDA tensors, so every
+    op runs the pure-PyTorch reference (correct, but none of the fused kernels this package is for)."""
+    global _WARNED_REFERENCE_ON_CUDA
+    if _WARNED_REFERENCE_ON_CUDA:
+        return
+    _WARNED_REFERENCE_ON_CUDA = True
+    warnings.warn(
+        "tsc_kernels: backend 'auto' runs the pure-PyTorch reference on CUDA tensors: "
+        f"cuda is unavailable ({_usable('cuda', torch.device('cuda'))}) and triton is unavailable "
+        f"({_usable('triton', torch.device('cuda'))}). See tsc_kernels.info().",
+        RuntimeWarning, stacklevel=3)
