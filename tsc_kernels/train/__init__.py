@@ -8,6 +8,7 @@ sampler), ``models`` (networks by name, ``load_folded``), ``checkpoint`` (atomic
 states), ``loop`` (the run), ``outputs`` (metrics.csv, report.json, folded.pt, the Δt plot).
 """
 from .cli import RECIPES, main
-from .models import build as build_model, load_folded
+from .models import build as build_model
+from .models import load_folded
 
 __all__ = ["RECIPES", "build_model", "load_folded", "main"]

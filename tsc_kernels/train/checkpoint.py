@@ -14,8 +14,7 @@ import re
 import numpy as np
 import torch
 
-
-WRITTEN: list[str] = []  # every file this process wrote (the torchrun test checks that rank 1 wrote none)
+WRITTEN: set[str] = set()  # every file this process wrote (the torchrun test checks that rank 1 wrote none)
 
 
 class CheckpointError(ValueError):
@@ -32,7 +31,7 @@ def atomic_write(path: str, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        WRITTEN.append(os.path.abspath(path))
+        WRITTEN.add(os.path.abspath(path))
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -15,10 +15,10 @@ PROG = "tsc-train"
 # The paper's recipes (docs/training.md). Every field is overridden by its flag. ``batch`` is the
 # global batch (each of W processes gets batch / W) and ``lr`` the rate for that global batch.
 RECIPES: dict[str, dict] = {
-    "paper-cifar": dict(dataset="cifar10", model="cifar_resnet56", epochs=300, batch=64, lr=0.1, momentum=0.9,
-                        nesterov=True, wd=1e-4, milestones="50%,75%", gamma=0.1),
-    "paper-imagenet": dict(dataset="imagefolder", model="resnet50", epochs=100, batch=256, lr=0.1, momentum=0.9,
-                           nesterov=True, wd=1e-4, milestones="every:30", gamma=0.1),
+    "paper-cifar": {"dataset": "cifar10", "model": "cifar_resnet56", "epochs": 300, "batch": 64, "lr": 0.1,
+                    "momentum": 0.9, "nesterov": True, "wd": 1e-4, "milestones": "50%,75%", "gamma": 0.1},
+    "paper-imagenet": {"dataset": "imagefolder", "model": "resnet50", "epochs": 100, "batch": 256, "lr": 0.1,
+                       "momentum": 0.9, "nesterov": True, "wd": 1e-4, "milestones": "every:30", "gamma": 0.1},
 }
 RESUME_KEYS = ("dataset", "model", "tsc", "dt", "epochs", "batch", "lr", "momentum", "nesterov", "wd", "milestones",
                "gamma", "seed", "amp", "image_size")  # a resumed run must agree on these with its checkpoint
@@ -106,7 +106,8 @@ def parse_milestones(spec: str, epochs: int) -> list[int]:
 
 def world() -> tuple[int, int, int]:
     """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without torchrun."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    env = os.environ
+    return int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1"))
 
 
 def resolve(argv: list[str] | None) -> argparse.Namespace:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 import os
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch.utils.data import Dataset, DistributedSampler
@@ -152,16 +152,16 @@ def _resized_crop_params(width: int, height: int, gen: torch.Generator, scale=(0
     for _ in range(10):
         target = area * (scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=gen, dtype=torch.float64)))
         aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * float(torch.rand((), generator=gen, dtype=torch.float64)))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             i = int(torch.randint(0, height - h + 1, (), generator=gen))
             j = int(torch.randint(0, width - w + 1, (), generator=gen))
             return i, j, h, w
     in_ratio = width / height  # fallback: the central crop of the closest allowed aspect ratio
     if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
+        w, h = width, round(width / ratio[0])
     elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
+        h, w = height, round(height * ratio[1])
     else:
         w, h = width, height
     return (height - h) // 2, (width - w) // 2, h, w
@@ -186,7 +186,7 @@ def image_folder(data_dir: str, seed: int, size: int) -> Data:
         only = sorted(set(train.classes) ^ set(val.classes))
         raise DataError(f"{data_dir}: train/ and val/ must hold the same class folders; "
                         f"in only one of them: {', '.join(only[:5])}{' ...' if len(only) > 5 else ''}")
-    resize = int(round(size / 0.875))
+    resize = round(size / 0.875)
 
     def to_tensor(img):
         return _normalise(TF.pil_to_tensor(img).float() / 255, IMAGENET_MEAN, IMAGENET_STD)

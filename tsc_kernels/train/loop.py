@@ -224,11 +224,13 @@ def _train(r: Run, data, model, device, per_rank: int, steps_per_epoch: int) -> 
     if args.compile:
         net = torch.compile(net)
 
-    workers = args.workers if args.workers is not None else min(8, max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
-    loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                     # DataLoader draws its workers' base seed from this generator, not from the global one,
-                     # so creating a loader (again, on resume) leaves the global RNG where the run expects it
-                     generator=torch.Generator().manual_seed(args.seed))
+    workers = args.workers
+    if workers is None:  # the machine's CPUs shared among the processes on it
+        workers = min(8, max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+    loader_kw = {"num_workers": workers, "pin_memory": device.type == "cuda", "persistent_workers": workers > 0,
+                 # DataLoader draws its workers' base seed from this generator, not from the global one,
+                 # so creating a loader (again, on resume) leaves the global RNG where the run expects it
+                 "generator": torch.Generator().manual_seed(args.seed)}
     sampler = data_mod.ResumableSampler(data.train, r.world_size, r.rank, args.seed)
     train_loader = torch.utils.data.DataLoader(data.train, batch_size=per_rank, sampler=sampler, drop_last=True,
                                                **loader_kw)

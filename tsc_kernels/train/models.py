@@ -29,7 +29,7 @@ _NOT_BUILDERS = {"cifar_resnet", "cifar_lm_resnet", "cifar_densenet", "resnet1d"
 
 def is_cifar_style(name: str) -> bool:
     """Networks built for small inputs (32x32 CIFAR stems, sequences): default image size 32, not 224."""
-    return name.startswith("cifar_") or name.startswith("resnet1d")
+    return name.startswith(("cifar_", "resnet1d"))
 
 
 def builder_names() -> list[str]:

@@ -5,7 +5,6 @@ kept in the checkpoint, so after a resume it holds exactly the rows of an uninte
 """
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
@@ -60,23 +59,25 @@ def _step_size_stats(model) -> dict:
 def finish(run, model, data, val_loader, device, autocast, rows, best, evaluate) -> None:
     """After the last epoch: fold and evaluate the folded network (every rank, on its shard), then rank 0
     writes folded.pt, report.json and the Δt plot."""
+    from .. import backend
     from ..fold import fold
     from ..models import is_tsc_network
-    from .. import backend
 
     args = run.args
     model.eval()
-    trained = evaluate(model, val_loader, device, autocast, args.channels_last, run.distributed)
     folded, fold_error = model, None
     if is_tsc_network(model):
         try:
             folded = fold(model)
         except (TypeError, ValueError) as e:  # a block whose tail cannot absorb Δt: say so, keep the rest
             folded, fold_error = None, str(e)
+    last = rows[-1]  # the last epoch's validation is the final model's: nothing changed it since
     folded_val = None
-    if folded is not None:
-        folded.eval()
-        folded_val = evaluate(folded, val_loader, device, autocast, args.channels_last, run.distributed,
+    if folded is model:  # the plain network is its own folded form
+        folded_val = {"top1": last["val_top1"], "top5": last["val_top5"], "loss": last["val_loss"],
+                      "max_abs_logit_diff": 0.0}
+    elif folded is not None:
+        folded_val = evaluate(folded.eval(), val_loader, device, autocast, args.channels_last, run.distributed,
                               reference=model)
     if not run.main:
         return
@@ -95,7 +96,6 @@ def finish(run, model, data, val_loader, device, autocast, rows, best, evaluate)
             ckpt.atomic_write(os.path.join(out, plot), lambda f: fig.savefig(f, format="png", dpi=120))
         except ImportError:  # matplotlib is optional
             plot = None
-    last = rows[-1] if rows else {}
     report = {
         "command": ["tsc-train"] + list(run.argv), "args": args_dict(args),
         "world_size": run.world_size, "device": str(device),
@@ -103,9 +103,7 @@ def finish(run, model, data, val_loader, device, autocast, rows, best, evaluate)
         "versions": _versions(),
         "tsc_backend": {"selected": backend.get_backend(), "resolved": backend.resolve(device)},
         "data": data.description, "epochs": len(rows),
-        "final": {"epoch": last.get("epoch"), "val_top1": trained["top1"], "val_top5": trained["top5"],
-                  "val_loss": trained["loss"], "train_top1": last.get("train_top1"),
-                  "train_loss": last.get("train_loss")},
+        "final": {k: last[k] for k in ("epoch", "val_top1", "val_top5", "val_loss", "train_top1", "train_loss")},
         "best": best,
         "folded": None if folded is None else {
             "file": "folded.pt", "val_top1": folded_val["top1"], "val_top5": folded_val["top5"],
@@ -114,11 +112,11 @@ def finish(run, model, data, val_loader, device, autocast, rows, best, evaluate)
         "fold_error": fold_error,
         "params": sum(p.numel() for p in model.parameters()),
         "train_seconds": sum(r["seconds"] for r in rows),
-        "images_per_s": (sum(r["images_per_s"] for r in rows) / len(rows)) if rows else None,
+        "images_per_s": sum(r["images_per_s"] for r in rows) / len(rows),
         "step_sizes": _step_size_stats(model), "step_size_plot": plot,
     }
     text = json.dumps(report, indent=2, default=str) + "\n"
     ckpt.atomic_write(os.path.join(out, "report.json"), lambda f: f.write(text.encode()))
-    print(f"tsc-train: done: val top-1 {trained['top1']:.2f} % (best {best['val_top1']:.2f} % at epoch "
+    print(f"tsc-train: done: val top-1 {last['val_top1']:.2f} % (best {best['val_top1']:.2f} % at epoch "
           f"{best['epoch']})" + (f", folded {folded_val['top1']:.2f} %" if folded_val else "") + f"; {out}",
           flush=True)
