@@ -8,7 +8,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 
-.PHONY: venv build test fuzz bench bench-ops gpu-report gpu-check clean
+.PHONY: venv build test test-compat fuzz bench bench-ops gpu-report gpu-check clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,30 @@ export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/build/inductor-cache
 
 test: build/.built
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q tests
+
+# The oldest supported torch/Triton (requirements-compat.txt: torch 2.11 + Triton 3.6) in a second venv:
+# the extension built CPU-only against it in a copy of the tree (an in-place build would overwrite
+# .venv's tsc_kernels/_C*.so), then the suite under the interpreter with TSC_REQUIRE_EXTENSION=1,
+# so a _C that fails to load under that torch fails the run instead of falling back. Skipped here:
+# test_cuda_build (no CUDA build), and the suites of tools the compat venv does not install
+# (timm, scikit-learn/mnist1d experiments).
+COMPAT_VENV ?= .venv-compat
+COMPAT_SRC := build/compat/src
+COMPAT_SKIP := --ignore=tests/test_cuda_build.py --ignore=tests/test_timm.py --ignore=tests/test_experiments.py
+
+$(COMPAT_VENV)/.deps: requirements-compat.txt
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install -q -r requirements-compat.txt
+	touch $@
+
+test-compat: $(COMPAT_VENV)/.deps
+	rm -rf $(COMPAT_SRC) && mkdir -p $(COMPAT_SRC)
+	git ls-files -z --cached --others --exclude-standard | tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C $(COMPAT_SRC)
+	cd $(COMPAT_SRC) && TSC_BUILD_CUDA=0 $(CURDIR)/$(COMPAT_VENV)/bin/python -m pip install --no-build-isolation --no-deps -v -e . \
+		> build.log 2>&1 || (tail -60 build.log; exit 1)
+	cd $(COMPAT_SRC) && $(CURDIR)/$(COMPAT_VENV)/bin/tsc-info
+	cd $(COMPAT_SRC) && TRITON_INTERPRET=1 TSC_REQUIRE_EXTENSION=1 TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/$(COMPAT_SRC)/inductor-cache \
+		$(CURDIR)/$(COMPAT_VENV)/bin/pytest -q -p no:cacheprovider tests $(COMPAT_SKIP)
 
 # Many more property-test examples than `make test` runs (hypothesis; every backend vs the reference).
 fuzz: build/.built
@@ -74,4 +98,4 @@ gpu-check:
 	$(PYTHON) -m tsc_kernels.gpu_check --out build/gpu_check
 
 clean:
-	rm -rf build tsc_kernels/_C*.so *.egg-info
+	rm -rf build tsc_kernels/_C*.so tsc_kernels/_build_info.py *.egg-info

@@ -22,8 +22,27 @@ if "CUDA_HOME" not in os.environ and os.path.isdir("/usr/local/cuda"):
     # torch guesses CUDA_HOME from the nvcc on PATH (/usr/local/bin/nvcc -> /usr/local): wrong here.
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
-import torch  # noqa: E402  (after the environment above: cpp_extension reads it at import)
+try:
+    import torch  # noqa: E402  (after the environment above: cpp_extension reads it at import)
+except ImportError:
+    # pyproject.toml deliberately does not list torch as a build requirement: pip would build _C in
+    # an isolated environment against whatever torch it downloads there, and that _C fails to load
+    # (or crashes) beside the user's own torch. The build must see the torch it installs beside.
+    raise SystemExit(
+        "tsc-kernels: torch is not importable in the build environment. The extension must be built "
+        "against the torch it will run with: install torch first, then build without isolation: "
+        "pip install --no-build-isolation tsc-kernels  (or `pip install --no-build-isolation -e .` in the source tree)")
 from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def write_build_info(with_cuda: bool) -> None:
+    """tsc_kernels/_build_info.py: the torch this build compiles against, so that an _C that later fails
+    to load under another torch can say which one it was built for (tsc_kernels/_extension.py)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "tsc_kernels", "_build_info.py"), "w") as f:
+        f.write('"""Written by setup.py at build time (not tracked): what tsc_kernels._C was built against."""\n')
+        f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
+        f.write(f"TORCH_CUDA = {torch.version.cuda!r}\n")
+        f.write(f"WITH_CUDA = {with_cuda!r}\n")
 
 
 def want_cuda() -> bool:
@@ -70,7 +89,11 @@ if want_avx2():
     # The same switch ATen's own AVX2 kernels are built with (see ATen/cpu/vec/vec256).
     cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 sources = sorted(glob.glob("csrc/*.cpp"))
-if want_cuda():
+with_cuda = want_cuda()
+write_build_info(with_cuda)
+print(f"tsc-kernels: building tsc_kernels._C against torch {torch.__version__} ({torch.__file__}), "
+      f"CUDA kernels: {'yes' if with_cuda else 'no'}")
+if with_cuda:
     sources += sorted(glob.glob("csrc/*.cu"))
     ext = CUDAExtension(
         "tsc_kernels._C",

@@ -13,6 +13,7 @@ Public API (see README.md):
     step_sizes, evolution_time, stability_bound, plot_step_sizes   diagnostics
     lm_coefficients(model)                    learned k_n of an LM-ResNet (beside step_sizes)
     available_backends(), set_backend(name), use_backend(name), get_backend()
+    info()                                    versions, the extension's build, each backend or why it is missing
     ode_combine(z, stages, coeffs)            fused ODE solver update z + sum_i coeffs[i] * stages[i]
     ode.ODEBlock, ode.refine, ode.ode_consistency, ode.StepAdaptation   the ODE view (docs/ode.md)
     reference                                 the pure-PyTorch spec of every op
@@ -22,6 +23,7 @@ from .backend import BackendUnavailableError, available_backends, get_backend, s
 from .convert import convert
 from .diagnostics import evolution_time, plot_step_sizes, stability_bound, step_sizes
 from .fold import fold
+from ._info import info
 from .models.lm_resnet import lm_coefficients
 from .ops.batch_norm_residual_update import batch_norm_residual_update
 from .ops.lstm_controller import lstm_controller
@@ -38,6 +40,7 @@ __all__ = [
     "convert",
     "evolution_time",
     "fold",
+    "info",
     "get_backend",
     "lm_coefficients",
     "lstm_controller",

@@ -77,17 +77,23 @@ def _local_arch() -> str:
 
 
 def step_build():
+    import torch
+    # The build compiles against the torch this Python imports (no isolation: never a downloaded one).
+    print(f"gpu-check: building tsc_kernels._C against torch {torch.__version__} (CUDA {torch.version.cuda}) "
+          f"at {os.path.dirname(torch.__file__)}, with {sys.executable}", flush=True)
     env = dict(os.environ, TORCH_CUDA_ARCH_LIST=_local_arch(), TSC_BUILD_CUDA="1", MAX_JOBS=str(os.cpu_count() or 4))
     cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", str(ROOT)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     log = p.stdout + p.stderr
     spills = [line.strip() for line in log.splitlines() if "bytes spill" in line and not line.strip().startswith("0 bytes spill stores, 0 bytes")]
-    return ("passed" if p.returncode == 0 else "failed", {"arch": env["TORCH_CUDA_ARCH_LIST"], "nonzero_spill_lines": spills[:10]},
+    return ("passed" if p.returncode == 0 else "failed",
+            {"arch": env["TORCH_CUDA_ARCH_LIST"], "torch": torch.__version__, "nonzero_spill_lines": spills[:10]},
             "" if p.returncode == 0 else log[-2000:])
 
 
 def step_tests():
-    env = dict(os.environ, TSC_TEST_DEVICE="cuda")
+    # TSC_REQUIRE_EXTENSION: an _C that fails to load fails the tests instead of running the reference.
+    env = dict(os.environ, TSC_TEST_DEVICE="cuda", TSC_REQUIRE_EXTENSION="1")
     env.pop("TRITON_INTERPRET", None)
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", *TEST_FILES], cwd=ROOT, env=env, capture_output=True, text=True)
     tail = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""

@@ -92,7 +92,10 @@ def _register_autograd_of_mutating_op(op: OpDef, forward: str, backward_op) -> N
             return op.backward(backward_op, ctx, *grads)
 
     Function.__name__ = f"{forward}_autograd"
-    _LIB.impl(forward, lambda *args: Function.apply(*args), "Autograd")
+    # allow_override: a torch.library.custom_op (the Triton ops) registers its own Autograd kernel
+    # from Python, whose autograd formula it refuses for mutating ops; this replaces it. torch 2.11
+    # rejects the second Python registration without the flag; 2.14 happens to accept it.
+    _LIB.impl(forward, lambda *args: Function.apply(*args), "Autograd", allow_override=True)
 
 
 def _register_glue(op: OpDef, forward: str, backward_name: str, autograd: bool = True) -> None:
@@ -171,25 +174,43 @@ def triton_backward(name: str):
     return wrap
 
 
+# dispatch's answers outside torch.compile: (op name, device, backend setting) -> op. What a setting
+# resolves to on a device is fixed for the process (the extension, Triton and the devices are found
+# at import), so an op call costs one dict lookup instead of a resolution (tsc-bench --host).
+_RESOLVED: dict = {}
+
+
 def dispatch(name: str, device: torch.device):
     """The op that runs `name` on `device` under the current backend selection.
 
     Under `auto`, while torch.compile traces the caller, an op declared when_compiling="reference"
     runs its reference math so that inductor fuses it with its neighbours; an explicit backend
-    (set_backend / use_backend / TSC_BACKEND other than auto) is always obeyed.
+    (set_backend / use_backend / TSC_BACKEND other than auto) is always obeyed. Outside
+    torch.compile the answer is cached per (op, device, setting).
     """
+    if not torch.compiler.is_compiling():
+        hit = _RESOLVED.get((name, device, backend._current))
+        if hit is not None:
+            return hit
     op = OPS[name]
     if op.when_compiling == "reference" and backend.get_backend() == "auto" and torch.compiler.is_compiling():
         return op.op("_torch")
+    setting = backend.get_backend()
     resolved = backend.resolve(device)
     if resolved in ("cpu", "cuda"):
-        return op.op()
-    if resolved == "triton":
+        found = op.op()
+    elif resolved == "triton":
         try:
             if op.module not in sys.modules:  # the guard also keeps torch.compile from tracing the import
                 importlib.import_module(op.module)
         except ImportError as exc:
             raise backend.BackendUnavailableError(
                 f"tsc_kernels backend 'triton' is unavailable: importing {op.module} failed ({exc})") from exc
-        return op.op("_triton")
-    return op.op("_torch")
+        found = op.op("_triton")
+    else:
+        found = op.op("_torch")
+        if device.type == "cuda" and setting == "auto":
+            return found  # not cached: resolve() warns (once) that auto runs the reference on CUDA tensors
+    if not torch.compiler.is_compiling():
+        _RESOLVED[(name, device, setting)] = found
+    return found
