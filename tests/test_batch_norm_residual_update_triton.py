@@ -361,3 +361,26 @@ def test_plan_keeps_chunks_within_limits():
         assert 1 <= p["n_chunks"] <= bn_triton.MAX_CHUNKS
         assert p["a_per"] % p["BLOCK_A"] == 0 and p["BLOCK_A"] * p["BLOCK_B"] == bn_triton.TILE
         assert (p["n_chunks"] - 1) * p["a_per"] < p["A"] <= p["n_chunks"] * p["a_per"]
+
+
+@pytest.mark.parametrize("strided", ["var", "mean", "both"])
+def test_running_stats_written_back_when_only_one_buffer_is_strided(strided):
+    # Each buffer that is not contiguous is updated through a copy and written back on its own: a
+    # contiguous running_mean beside a strided running_var once left the variance at its old value.
+    args = make((3, 7, 5, 4))
+    y, x, dt, rm, rv, w, b = args
+
+    def maybe_strided(t, which):
+        if strided not in (which, "both"):
+            return t.clone()
+        holder = torch.full((2 * t.numel(),), -7.0, dtype=t.dtype)
+        holder[::2] = t
+        return holder[::2]  # stride 2: not contiguous
+
+    rm_t, rv_t = maybe_strided(rm, "mean"), maybe_strided(rv, "var")
+    rm_r, rv_r = rm.clone(), rv.clone()
+    op(y, x, dt, rm_t, rv_t, w, b, True, 0.1, 1e-5, True)
+    reference.batch_norm_residual_update(y, x, dt, rm_r, rv_r, w, b, True, 0.1, 1e-5, True)
+    assert not torch.equal(rv_r, rv) and not torch.equal(rm_r, rm)  # the step does move both
+    torch.testing.assert_close(rm_t, rm_r, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rv_t, rv_r, atol=1e-6, rtol=1e-6)

@@ -223,3 +223,33 @@ def test_fused_op_kernel_counts(backend):
         assert count_kernels(fwd) > 1 and count_kernels(bwd_only) > 1
     else:
         assert (count_kernels(fwd), count_kernels(bwd_only)) == (1, 1)
+
+
+def test_triton_backward_grid_within_cuda_limits_at_many_channels(monkeypatch):
+    """The Triton backward's (sample, channel tile) programs lie on grid axis 0 (up to 2^31 - 1): with
+    the tiles on axis 1 (at most 65535), C > 131,070 could not launch. The kernels are replaced by
+    recorders here (the interpreter would take minutes over 2^17 channels); the grid is the launcher's."""
+    if not tsc_kernels.backend.TRITON_INTERPRET:
+        pytest.skip("the Triton launchers run on CPU tensors only under TRITON_INTERPRET=1")
+    ms = pytest.importorskip("tsc_kernels._triton.multistep_update")
+    grids = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            grids.append((self.name, tuple(grid)))
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(ms, "multistep_bwd_kernel", Recorder("bwd"))
+    monkeypatch.setattr(ms, "multistep_finalize_kernel", Recorder("finalize"))
+    C = 140_001  # contiguous planes (S = 2): PLANES_TILE's 2 channels per program, 70,001 tiles > 65535
+    u, up, f = (torch.zeros(2, C, 2) for _ in range(3))
+    ms.multistep_update_backward_triton(torch.zeros(2, C, 2), u, up, f, torch.tensor([0.3]), torch.ones(C),
+                                        torch.ones(2), None)
+    bwd = [g for name, g in grids if name == "bwd"]
+    assert ms.PLANES_TILE[0] == 2
+    assert bwd == [(2 * -(-C // ms.PLANES_TILE[0]),)]  # every (sample, channel tile) gets a program
+    for _, grid in grids:
+        assert grid[0] < 2**31 and all(d <= 65535 for d in grid[1:]), grid

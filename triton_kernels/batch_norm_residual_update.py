@@ -387,8 +387,11 @@ def batch_norm_residual_update_triton(
         y, x, out, dt, w, b, mean_src, var_src, save_mean, save_invstd, p["A"], p["C"], p["inner"], p["a_per"],
         eps_hi, eps_lo, EVAL=not training, HAS_W=weight is not None, HAS_B=bias is not None, RELU=relu,
         **tiles, num_warps=NUM_WARPS)
-    if has_running and rm is not running_mean:  # a non-contiguous buffer was updated through a copy
+    # A non-contiguous buffer was updated through a contiguous copy: write each back on its own
+    # (one may be contiguous and the other not).
+    if has_running and rm is not running_mean:
         running_mean.copy_(rm)
+    if has_running and rv is not running_var:
         running_var.copy_(rv)
     return out, save_mean, save_invstd
 

@@ -65,9 +65,13 @@ def multistep_bwd_kernel(g_ptr, u_ptr, p_ptr, f_ptr, o_ptr, k_ptr, dt_ptr, keep_
                          pk_ptr, pf_ptr, C, S, sc, ss,
                          HAS_DT: tl.constexpr, HAS_KEEP: tl.constexpr, RELU: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program (n, j) owns channels [j·BLOCK_C, (j+1)·BLOCK_C) of sample n, all its positions in order."""
-    n = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+    """Program n·cdiv(C, BLOCK_C) + j owns channels [j·BLOCK_C, (j+1)·BLOCK_C) of sample n, all its
+    positions in order. (sample, channel tile) is flattened onto grid axis 0 (up to 2^31 - 1): on
+    axis 1 (at most 65535) the channel tiles stopped launching past C = 131,070."""
+    n_tiles = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0).to(tl.int64)
+    n = pid // n_tiles
+    cols = (pid % n_tiles) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     cmask = cols < C
     acc_ty = k_ptr.dtype.element_ty
     k = tl.load(k_ptr)
@@ -180,7 +184,7 @@ def multistep_update_backward_triton(
     flags = dict(HAS_DT=dt is not None, HAS_KEEP=keep is not None)
     if u.numel():
         block_c, block_s = ROWS_TILE if cl or S == 1 else PLANES_TILE
-        multistep_bwd_kernel[(N, triton.cdiv(C, block_c))](
+        multistep_bwd_kernel[(N * triton.cdiv(C, block_c),)](
             g, u, u_prev, f, o, k, k if dt is None else dt, k if keep is None else keep, du, dp, df, pk, pf,
             C, S, 1 if cl else S, C if cl else 1, RELU=relu, BLOCK_C=block_c, BLOCK_S=block_s, **flags)
     else:
