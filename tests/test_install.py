@@ -154,3 +154,12 @@ def test_every_documented_install_line_builds_without_isolation():
                 if installs_us and "--no-build-isolation" not in cmd:
                     offenders.append(f"{path.name}: {cmd}")
     assert not offenders, offenders
+
+
+def test_every_subpackage_is_listed_for_the_wheel():
+    """pyproject.toml lists packages by hand (triton_kernels/ installs as tsc_kernels._triton): a
+    subpackage missing there works in the editable checkout and is absent from a built wheel."""
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "tsc_kernels").rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)
+    assert "tsc_kernels._triton" in listed
