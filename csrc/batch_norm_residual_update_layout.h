@@ -78,6 +78,9 @@ inline BnBackwardArgs prepare_bn_backward(const at::Tensor& grad_in, const at::T
   const bool relu = relu_out.has_value();
   TORCH_CHECK(!relu || (relu_out->sizes() == x_in.sizes() && relu_out->scalar_type() == x_in.scalar_type()),
               "tsc::batch_norm_residual_update_backward: relu_out must have x's shape and dtype");
+  // A host pointer handed to a CUDA kernel kills the context: every tensor the kernels read is on x's device.
+  TORCH_CHECK(!relu || relu_out->device() == x_in.device(),
+              "tsc::batch_norm_residual_update_backward: relu_out must be on x's device, got ", relu_out->device());
   const bool cl = is_channels_last_like(x_in);
   BnBackwardArgs a;
   a.x = to_layout(x_in, cl);

@@ -83,6 +83,10 @@ inline MultistepBackwardArgs prepare_multistep_backward(const at::Tensor& grad, 
   TORCH_CHECK(grad.sizes() == u.sizes() && grad.scalar_type() == u.scalar_type(),
               "tsc::multistep_update_backward: grad must have u's shape and dtype");
   TORCH_CHECK(!relu_out || relu_out->sizes() == u.sizes(), "tsc::multistep_update_backward: relu_out must have u's shape");
+  // A host pointer handed to a CUDA kernel kills the context: grad and relu_out must be on u's device.
+  TORCH_CHECK(grad.device() == u.device(), "tsc::multistep_update_backward: grad must be on u's device, got ", grad.device());
+  TORCH_CHECK(!relu_out || relu_out->device() == u.device(),
+              "tsc::multistep_update_backward: relu_out must be on u's device, got ", relu_out->device());
   const bool cl = is_channels_last_like(u);
   MultistepBackwardArgs a;
   a.g = to_layout(grad, cl);
