@@ -7,6 +7,7 @@ random labels) mean nothing; what is tested is that the runs are wired right and
 Subprocesses run with one thread; in-process runs get one thread through a fixture.
 """
 import csv
+import importlib.util
 import json
 import os
 import pickle
@@ -110,7 +111,11 @@ def val_logits(model, dataset):
 def test_cifar_run_writes_every_output(datasets, tmp_path, one_thread):
     out = tmp_path / "run"
     assert main(cifar_args(datasets, out)) == 0
-    assert {"metrics.csv", "last.pt", "best.pt", "report.json", "folded.pt", "step_sizes.png"} <= set(os.listdir(out))
+    expected = {"metrics.csv", "last.pt", "best.pt", "report.json", "folded.pt"}
+    # The Δt plot needs matplotlib (optional: the oldest-torch venv of make test-compat has none).
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert expected | ({"step_sizes.png"} if has_matplotlib else set()) <= set(os.listdir(out))
+    assert has_matplotlib or "step_sizes.png" not in os.listdir(out)
     rows = metric_rows(out)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert list(rows[0]) == ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
