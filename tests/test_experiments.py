@@ -65,7 +65,7 @@ def test_all_quick_writes_json_and_plots(tmp_path, one_thread):
         assert field in report, field
     assert torch.__version__.startswith(report["versions"]["torch"].split("+")[0])
     assert report["machine"]["torch_threads"] == 1
-    assert set(report["results"]) == {"accuracy", "noise", "depth", "stepsizes", "ode"}
+    assert set(report["results"]) == {"accuracy", "noise", "depth", "stepsizes", "trajectory", "ode"}
     acc = report["results"]["accuracy"]["digits"]
     assert acc["model"] == "cifar_resnet8" and acc["epochs"] == 1
     assert list(acc["variants"]) == ["plain", "tsc_lstm", "dt=0.01"]
@@ -94,7 +94,7 @@ def test_all_quick_writes_json_and_plots(tmp_path, one_thread):
     assert list(consistency["runs"][0]["variants"]) == ["plain", "tsc_lstm", "dt=0.01"]
     # factor 1 is the model itself, and the depth experiment's model of the same depth and epochs (reused)
     assert consistency["runs"][0]["variants"]["plain"][0]["mean"] == depth["variants"]["plain"][0]["test_acc"]["mean"]
-    pngs = ["accuracy.png", "depth.png", "noise.png", "ode.png", "stepsizes.png"]
+    pngs = ["accuracy.png", "depth.png", "noise.png", "ode.png", "stepsizes.png", "trajectory.png"]
     assert sorted(p.name for p in out.iterdir()) == pngs
     for p in out.iterdir():
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -140,7 +140,7 @@ def test_report_merges_runs_of_different_datasets():
 
 def test_registry_holds_the_subcommands_and_rejects_duplicates():
     subs = cli.discover()
-    assert list(subs) == ["accuracy", "noise", "depth", "stepsizes", "ode"]
+    assert list(subs) == ["accuracy", "noise", "depth", "stepsizes", "trajectory", "ode"]
     with pytest.raises(ValueError, match="already registered"):
         registry.register(registry.Subcommand("accuracy", "again", lambda ctx: {}))
     with pytest.raises(ValueError, match="reserved"):
@@ -159,6 +159,10 @@ def test_registry_holds_the_subcommands_and_rejects_duplicates():
     (["noise", "--epochs", "two"], "positive integer"),
     (["accuracy", "--arch", "vgg"], "invalid choice"),
     (["accuracy", "--arch", "densenet"], "needs --datasets digits"),
+    (["accuracy", "--arch", "densenet", "--datasets", "digits,mnist1d_hard"], "needs --datasets digits"),
+    (["accuracy", "--recipe", "adam"], "invalid choice: 'adam'"),
+    (["all", "--skip", "ode,nope"], "unknown subcommand 'nope'"),
+    (["accuracy", "--skip", "ode"], "unrecognized arguments: --skip"),
 ])
 def test_cli_rejects_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -178,6 +182,16 @@ def test_bad_dataset_and_variant_names():
         training.build_model("digits", "plain", 8, arch="vgg")
     with pytest.raises(ValueError, match="digits only"):
         training.build_model("mnist1d", "plain", 8, arch="lm_resnet")
+    with pytest.raises(ValueError, match="digits only"):
+        training.build_model("mnist1d_hard", "plain", 8, arch="densenet")
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        data.family("mnist2d")
+    with pytest.raises(ValueError, match="needs an MNIST-1D data set"):
+        data.mnist1d_args("digits_small")
+    with pytest.raises(ValueError, match="recipe must be one of paper, ctrl_nowd"):
+        training.param_groups(models.cifar_resnet(8, in_channels=1), "no_wd")
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        training.param_groups([torch.zeros(1)])
 
 
 @pytest.mark.parametrize("arch, cls, depth", [("lm_resnet", "CIFARLMResNet", 8), ("densenet", "CIFARDenseNet", 40)])
@@ -428,3 +442,192 @@ def test_fit_calls_on_step_once_per_optimiser_step(one_thread):
     seen = []
     losses = training.fit(model, ds, 2, 64, 0, on_step=lambda m, x, y: seen.append((m is model, len(x), len(y))))
     assert len(losses) == 2 and seen == [(True, 64, 64), (True, 64, 64), (True, 2, 2)] * 2
+
+
+# --------------------------------------------------------------------------------------------------
+# issue 24: the Δt = 0.5 control, harder data, paired statistics, Δt trajectories, the recipe variant
+# --------------------------------------------------------------------------------------------------
+def test_paired_statistics_on_a_hand_worked_example():
+    """Differences 1, 2, 3, 4, 5: mean 3, sd sqrt(2.5), se sqrt(0.5), t = 3 / sqrt(0.5) = 4.2426; with
+    t_0.975(4) = 2.7764 (tables) the 95 % interval is 3 ± 1.9632; two-sided p = 0.01324."""
+    from tsc_kernels.experiments.stats import paired
+
+    b = [0.5, -1.0, 2.0, 0.0, 10.0]  # any b: only the differences matter
+    a = [x + d for x, d in zip(b, [1, 2, 3, 4, 5])]
+    c = paired(a, {"values": b})  # a summary dict works too
+    assert c["n"] == 5 and c["wins"] == 5 and c["diff"]["values"] == pytest.approx([1, 2, 3, 4, 5])
+    assert c["diff"]["mean"] == pytest.approx(3.0) and c["diff"]["std"] == pytest.approx(math.sqrt(2.5))
+    assert c["t"] == pytest.approx(4.242641, rel=1e-6)
+    assert c["ci_t"] == pytest.approx([3 - 1.963243, 3 + 1.963243], abs=1e-5)
+    assert c["p"] == pytest.approx(0.013236, abs=1e-5)
+    lo, hi = c["ci_boot"]  # resampled means of five values in 1..5: inside the t interval here, around 3
+    assert 1.0 <= lo < 3.0 < hi <= 5.0 and c["ci_boot"] == paired(a, b)["ci_boot"]  # seeded: repeatable
+    noisy = [0.013, -0.002, 0.021, 0.007, 0.004]  # seeded: another seed resamples differently
+    assert paired(noisy, [0] * 5, seed=1)["ci_boot"] != paired(noisy, [0] * 5)["ci_boot"]
+    flipped = paired(b, a)
+    assert flipped["t"] == pytest.approx(-c["t"]) and flipped["p"] == pytest.approx(c["p"]) and flipped["wins"] == 0
+    assert flipped["ci_t"] == pytest.approx([-c["ci_t"][1], -c["ci_t"][0]])
+    # no spread: no t statistic, a degenerate bootstrap interval; one seed: nothing but the difference
+    same = paired([0.9, 0.8, 0.7], [0.8, 0.7, 0.6])
+    assert same["t"] is same["p"] is same["ci_t"] is None and same["ci_boot"] == pytest.approx([0.1, 0.1])
+    one = paired([0.9], [0.8])
+    assert one["diff"]["mean"] == pytest.approx(0.1) and one["ci_boot"] is one["ci_t"] is None
+    json.dumps(same, allow_nan=False)  # JSON-safe
+    with pytest.raises(ValueError, match="paired by seed"):
+        paired([1, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="paired by seed"):
+        paired([], [])
+    with pytest.raises(ValueError, match="confidence"):
+        paired([1, 2], [0, 0], confidence=95)
+    with pytest.raises(ValueError, match="n_boot"):
+        paired([1, 2], [0, 0], n_boot=0)
+    with pytest.raises(TypeError, match="sequences of numbers"):
+        paired(3, [1])
+
+
+def test_comparisons_take_the_pairs_present():
+    from tsc_kernels.experiments.stats import comparisons
+
+    values = {"plain": [0.9, 0.8], "tsc_lstm": [0.95, 0.82], "dt=0.5": [0.9, 0.81]}
+    c = comparisons(values)
+    assert list(c) == ["tsc_lstm - plain", "tsc_lstm - dt=0.5", "dt=0.5 - plain"]  # no tsc_indp: its pair is left out
+    assert c["tsc_lstm - plain"]["diff"]["values"] == pytest.approx([0.05, 0.02])
+
+
+def test_harder_data_passes_the_generator_arguments_through(monkeypatch):
+    import mnist1d.data
+
+    seen = []
+
+    def fake_make_dataset(args):
+        seen.append(dict(vars(args)) if not isinstance(args, dict) else dict(args))
+        n_train = int(args.num_samples * args.train_split)
+        x = torch.randn(args.num_samples, 40).numpy()
+        y = (torch.arange(args.num_samples) % 10).numpy()
+        return {"x": x[:n_train], "x_test": x[n_train:], "y": y[:n_train], "y_test": y[n_train:]}
+
+    data.load.cache_clear()
+    monkeypatch.setattr(mnist1d.data, "make_dataset", fake_make_dataset)
+    try:
+        hard = data.load("mnist1d_hard")
+    finally:
+        data.load.cache_clear()  # later tests must get the real data
+    assert len(seen) == 1
+    for k, v in data.MNIST1D_ARGS["mnist1d_hard"].items():
+        assert seen[0][k] == v, k
+    assert seen[0]["seed"] == 42 and seen[0]["final_seq_length"] == 40  # the package's defaults elsewhere
+    assert hard.family == "mnist1d" and hard.max_shift == 2
+    assert data.spec("mnist1d_hard")["args"]["iid_noise_scale"] == data.MNIST1D_ARGS["mnist1d_hard"]["iid_noise_scale"]
+    # the hard setting is harder than the default on every argument it changes
+    default = data.mnist1d_args("mnist1d")
+    over = data.MNIST1D_ARGS["mnist1d_hard"]
+    assert over["num_samples"] * over["train_split"] < default["num_samples"] * default["train_split"]
+    assert all(over[k] > default[k] for k in ("iid_noise_scale", "corr_noise_scale", "shear_scale") if k in over)
+
+
+def test_harder_data_sizes():
+    small = data.load("digits_small")
+    assert (len(small.x_train), len(small.x_test)) == (359, 1438) and small.family == "digits"
+    assert set(small.y_train.tolist()) == set(range(10))  # stratified: every class in the small training set
+    hard = data.load("mnist1d_hard")
+    n = data.MNIST1D_ARGS["mnist1d_hard"]["num_samples"]
+    assert len(hard.x_train) == round(n * data.MNIST1D_ARGS["mnist1d_hard"]["train_split"]) and \
+        len(hard.x_train) + len(hard.x_test) == n
+    assert hard.x_train.shape[1:] == (1, 40)
+    assert training.model_name("mnist1d_hard", 20).startswith("resnet1d20")
+    assert isinstance(training.build_model("digits_small", "plain", 8), models.CIFARResNet)
+
+
+def test_fixed_half_has_no_controller_parameters_and_dt_exactly_half():
+    torch.manual_seed(0)
+    half = training.build_model("digits", "dt=0.5", 8)
+    plain = training.build_model("digits", "plain", 8)
+    assert training.controller_parameters(half) == [] and n_params(half) == n_params(plain)
+    assert [g["name"] for g in training.param_groups(half, "ctrl_nowd")] == ["network"]
+    dts = diagnostics.step_sizes(half)
+    assert len(dts) == 3 and all(torch.equal(d, torch.full_like(d, 0.5)) for d in dts.values())
+    assert "dt=0.5" in cli.build_parser(cli.discover()).parse_args(["depth"]).variants
+    from tsc_kernels.experiments import depth as depth_exp
+    assert depth_exp.DEPTH_VARIANTS == ("plain", "tsc_lstm", "dt=0.5", "tsc_indp")
+
+
+@pytest.mark.parametrize("variant", ["tsc_lstm", "tsc_indp"])
+def test_ctrl_nowd_takes_weight_decay_off_the_controller_only(variant):
+    torch.manual_seed(0)
+    model = training.build_model("digits", variant, 8)
+    ctrl = {id(p) for p in model.tsc_controller.parameters()}
+    assert ctrl
+    for recipe, ctrl_wd in (("paper", 1e-4), ("ctrl_nowd", 0.0)):
+        groups = training.make_optimizer(model, 0.1, recipe).param_groups
+        assert [g["name"] for g in groups] == ["network", "controller"]
+        assert {id(p) for p in groups[1]["params"]} == ctrl
+        assert [id(p) for g in groups for p in g["params"]] == [id(p) for p in model.parameters()] or \
+            sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in model.parameters())
+        assert groups[0]["weight_decay"] == 1e-4 and groups[1]["weight_decay"] == ctrl_wd
+    # and the optimiser really applies it: one step with zero gradients moves only decayed parameters
+    for recipe in ("paper", "ctrl_nowd"):
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.fill_(1.0)
+        opt = training.make_optimizer(m, 0.1, recipe)
+        for p in m.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        c = next(iter(m.tsc_controller.parameters()))
+        conv = m.layer1[0].conv1.weight
+        assert torch.allclose(conv, torch.full_like(conv, 1 - 0.1 * 1e-4 * 1.9))  # Nesterov: lr·wd·(1 + momentum)
+        expected = 1.0 if recipe == "ctrl_nowd" else 1 - 0.1 * 1e-4 * 1.9
+        assert torch.allclose(c, torch.full_like(c, expected)), recipe
+
+
+def test_dt_trajectory_is_recorded_every_epoch(one_thread):
+    key = training.RunKey("digits", "tsc_indp", 8, 0, 3, 130, 64)
+    run = training.train(key)
+    traj = run.dt_trajectory
+    assert traj["blocks"] == ["layer1.0", "layer2.0", "layer3.0"]
+    assert len(traj["mean"]) == len(traj["std"]) == 4 and all(len(row) == 3 for row in traj["mean"])  # init + 3 epochs
+    assert traj["mean"][0] == [0.5, 0.5, 0.5]  # indp: θ = 0 at initialisation
+    final = diagnostics.step_sizes(run.model)
+    assert traj["mean"][-1] == pytest.approx([float(d.double().mean()) for d in final.values()])
+    assert traj["mean"][1] != traj["mean"][0]  # it is read after each epoch, not copied
+    assert training.train(training.RunKey("digits", "plain", 8, 0, 1, 130, 64)).dt_trajectory is None
+    nowd = training.train(training.RunKey("digits", "tsc_indp", 8, 0, 3, 130, 64, recipe="ctrl_nowd"))
+    assert nowd.dt_trajectory["mean"][0] == traj["mean"][0] and nowd.dt_trajectory["mean"][-1] != traj["mean"][-1]
+
+
+def test_quick_run_of_the_controls_on_harder_data(tmp_path, one_thread):
+    """accuracy, noise, depth and trajectory with the issue-24 controls on digits_small, 2 seeds: every
+    comparison is there, paired by seed, and the report prints the tables."""
+    path = tmp_path / "r.json"
+    assert cli.main(["all", "--quick", "--skip", "ode,stepsizes", "--seeds", "2", "--epochs", "1", "--datasets",
+                     "digits_small", "--variants", "plain,tsc_lstm,tsc_indp,dt=0.5", "--json", str(path),
+                     "--no-progress"]) == 0
+    report = json.loads(path.read_text())
+    res = report["results"]
+    assert list(res) == ["accuracy", "noise", "depth", "trajectory"] and report["recipe"] == "paper"
+    acc = res["accuracy"]["digits_small"]
+    assert acc["train_size"] == 359 and acc["test_size"] == 1438 and acc["data"]["test_size"] == 0.8
+    cmp = acc["comparisons"]["test_acc"]
+    assert list(cmp) == ["tsc_lstm - plain", "tsc_lstm - dt=0.5", "tsc_lstm - tsc_indp", "dt=0.5 - plain"]
+    v = acc["variants"]
+    for pair, c in cmp.items():
+        a, b = pair.split(" - ")
+        assert c["diff"]["values"] == pytest.approx([x - y for x, y in zip(v[a]["test_acc"]["values"],
+                                                                            v[b]["test_acc"]["values"])])
+    assert len(v["tsc_lstm"]["dt_trajectories"]) == 2 and "dt_trajectories" not in v["plain"]
+    depth = res["depth"]["digits_small"]
+    assert list(depth["variants"]) == ["plain", "tsc_lstm", "dt=0.5", "tsc_indp"] and len(depth["comparisons"]) == 1
+    assert len(res["noise"]["digits_small"]["comparisons"]) == len(res["noise"]["digits_small"]["sigmas"])
+    traj = res["trajectory"]["digits_small"]
+    assert list(traj["variants"]) == ["tsc_lstm", "tsc_indp"]
+    for by_recipe in traj["variants"].values():
+        assert list(by_recipe) == ["paper", "ctrl_nowd"]
+        assert len(by_recipe["paper"]["mean"]) == 2 and len(by_recipe["paper"]["per_seed"]) == 2  # init + 1 epoch
+    # the paper-recipe trajectory is the accuracy experiment's run (shared), seed by seed
+    assert traj["variants"]["tsc_lstm"]["paper"]["per_seed"] == v["tsc_lstm"]["dt_trajectories"]
+    assert list(traj["comparisons"]["tsc_indp"]) == ["ctrl_nowd - paper"]
+    text = report_mod.markdown(report)
+    for needle in ("| `tsc_lstm - dt=0.5` |", "95 % CI (t)", "### trajectory", "| `tsc_indp` | ctrl_nowd |",
+                   "test_size=0.8", "| 8 | `dt=0.5 - plain` |"):
+        assert needle in text, needle

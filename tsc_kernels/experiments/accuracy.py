@@ -1,9 +1,12 @@
 """accuracy: test accuracy of plain, TSC_LSTM, TSC_2fc, TSC_indp and fixed Δt = 1 / 0.01 (paper Table 2's
-ablation and Fig. 4's baselines), mean ± std over seeds, on both data sets."""
+ablation and Fig. 4's baselines) and Δt = 0.5 (the controllers' initial value, issue 24), mean ± std over
+seeds, on every data set; paired comparisons by seed (stats.COMPARISONS: difference, paired t-test,
+t and bootstrap intervals)."""
 from __future__ import annotations
 
 from .registry import Subcommand, register
-from .stats import summary
+from .data import load, spec
+from .stats import comparisons, summary
 from .training import model_name
 
 
@@ -21,9 +24,16 @@ def run(ctx) -> dict:
                 "params": sum(p.numel() for p in rs[0].model.parameters()),
                 "train_loss_curves": [r.train_loss for r in rs],
             }
+            if rs[0].dt_trajectory is not None:
+                rows[variant]["dt_trajectories"] = [r.dt_trajectory for r in rs]
         depth = ctx.key(dataset, "plain", 0).depth
         out[dataset] = {"model": model_name(dataset, depth, ctx.arch), "epochs": ctx.budget.epochs[dataset],
-                        "seeds": ctx.budget.seeds, "variants": rows}
+                        "seeds": ctx.budget.seeds, "recipe": ctx.recipe, "data": spec(dataset),
+                        "train_size": len(load(dataset).x_train[:ctx.budget.train_subset[dataset]]),
+                        "test_size": len(load(dataset).x_test),
+                        "variants": rows,
+                        "comparisons": {"test_acc": comparisons({v: row["test_acc"] for v, row in rows.items()}),
+                                        "test_loss": comparisons({v: row["test_loss"] for v, row in rows.items()})}}
     return out
 
 

@@ -16,7 +16,8 @@ import torch
 from . import budget as budget_mod
 from .data import DATASETS
 from .registry import SUBCOMMANDS
-from .training import ARCHS, VARIANTS, Context
+from .data import family
+from .training import ARCHS, RECIPES, VARIANTS, Context
 
 
 def discover() -> dict:
@@ -55,13 +56,18 @@ def build_parser(subcommands: dict) -> argparse.ArgumentParser:
     common.add_argument("--json", metavar="PATH", help="write results, budget, machine and versions as JSON")
     common.add_argument("--out", metavar="DIR", help="write PNG plots into DIR")
     common.add_argument("--datasets", type=_name_list(DATASETS, "dataset"), default=list(DATASETS),
-                        help=f"comma-separated, from {', '.join(DATASETS)} (default: both)")
+                        help=f"comma-separated, from {', '.join(DATASETS)} (default: all; digits_small and "
+                             "mnist1d_hard are the harder settings, docs/experiments.md)")
     common.add_argument("--variants", type=_name_list(list(VARIANTS), "variant"), default=list(VARIANTS),
                         help=f"comma-separated, from {', '.join(VARIANTS)} (default: all)")
     common.add_argument("--arch", choices=ARCHS, default="resnet",
                         help="architecture of the accuracy, noise and stepsizes runs on digits (depth and ode study "
                              "ResNets): resnet (cifar_resnet), lm_resnet (cifar_lm_resnet, stochastic depth), "
                              "densenet (cifar_densenet40, k=12)")
+    common.add_argument("--recipe", choices=list(RECIPES), default="paper",
+                        help="training recipe of every run (default paper: weight decay 1e-4 on every parameter); "
+                             "ctrl_nowd: no weight decay on the Δt controller's parameters. The trajectory "
+                             "subcommand trains both whatever this says")
     common.add_argument("--seeds", type=_positive, help="number of seeds (overrides the budget)")
     common.add_argument("--epochs", type=_positive, help="epochs of every training run (overrides the budget)")
     common.add_argument("--threads", type=_positive, default=1,
@@ -74,7 +80,9 @@ def build_parser(subcommands: dict) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=s.help)
         if s.add_arguments is not None:
             s.add_arguments(p)
-    sub.add_parser("all", parents=[common], help="every subcommand above, in order, sharing trained models")
+    all_parser = sub.add_parser("all", parents=[common], help="every subcommand above, in order, sharing trained models")
+    all_parser.add_argument("--skip", type=_name_list(list(subcommands), "subcommand"), default=[],
+                            help=f"comma-separated subcommands to leave out of all (from {', '.join(subcommands)})")
     return parser
 
 
@@ -99,8 +107,8 @@ def main(argv=None) -> int:
     subcommands = discover()
     parser = build_parser(subcommands)
     args = parser.parse_args(argv)
-    if args.arch != "resnet" and args.datasets != ["digits"]:
-        parser.error(f"--arch {args.arch} needs --datasets digits (mnist1d trains 1-D ResNets)")
+    if args.arch != "resnet" and any(family(d) != "digits" for d in args.datasets):
+        parser.error(f"--arch {args.arch} needs --datasets digits or digits_small (mnist1d trains 1-D ResNets)")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -114,10 +122,11 @@ def _run(args, subcommands: dict, argv) -> int:
 
     budget = (budget_mod.QUICK if args.quick else budget_mod.FULL).with_overrides(args.seeds, args.epochs)
     ctx = Context(args, budget, progress=not args.no_progress)
-    chosen = list(subcommands) if args.command == "all" else [args.command]
+    skip = getattr(args, "skip", [])
+    chosen = [n for n in subcommands if n not in skip] if args.command == "all" else [args.command]
     report = {"command": ["tsc-experiment", *(sys.argv[1:] if argv is None else argv)], "quick": args.quick,
               **environment(), "backend": backend.get_backend(), "datasets": args.datasets, "arch": args.arch,
-              "variants": args.variants, "budget": budget.to_json(), "results": {}, "plots": [], "wall_s": {}}
+              "variants": args.variants, "recipe": args.recipe, "budget": budget.to_json(), "results": {}, "plots": [], "wall_s": {}}
     for name in chosen:
         start = time.perf_counter()
         result = subcommands[name].run(ctx)
@@ -136,10 +145,20 @@ def _run(args, subcommands: dict, argv) -> int:
 
 def summary_text(name: str, result: dict) -> str:
     """A few human-readable lines per subcommand (the JSON has everything)."""
-    from .stats import fmt
+    from .stats import fmt, fmt_paired
 
     lines = [f"== {name}"]
     for dataset, res in result.items():
+        compared = res.get("comparisons", {})
+        if name == "accuracy":
+            compared = {"": compared["test_acc"]}
+        elif name in ("noise", "depth"):  # one set per σ / depth
+            labels = res["sigmas"] if name == "noise" else res["depths"]
+            compared = {f"{'σ=' if name == 'noise' else 'depth '}{x:g} ": c for x, c in zip(labels, compared)}
+        for where, cs in compared.items():
+            for pair, c in cs.items():
+                diff, ci, p, _, wins = fmt_paired(c)
+                lines.append(f"{dataset:12s} {where}{pair}: {diff} points, 95% CI {ci}, p {p}, wins {wins}")
         for v, row in res.get("variants", {}).items():
             if name == "accuracy":
                 lines.append(f"{dataset:8s} {v:9s} acc {fmt(row['test_acc'])} %  loss {fmt(row['test_loss'], 1, 3)}")

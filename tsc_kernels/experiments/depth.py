@@ -1,12 +1,15 @@
 """depth: plain vs TSC_LSTM at growing depth (paper Fig. 5): CIFAR ResNets (basic blocks) on digits,
-1-D ResNets on MNIST-1D."""
+1-D ResNets on MNIST-1D; with the controls of issue 24, a fixed Δt = 0.5 (the controller's initial
+value: is it the scale, not the controller, that keeps deep networks trainable?) and TSC_indp (a
+learned per-block, per-channel Δt without a controller reading the weights), paired by seed at every
+depth (stats.COMPARISONS)."""
 from __future__ import annotations
 
 from .registry import Subcommand, register
-from .stats import summary
+from .stats import comparisons, summary
 from .training import model_name
 
-DEPTH_VARIANTS = ("plain", "tsc_lstm")
+DEPTH_VARIANTS = ("plain", "tsc_lstm", "dt=0.5", "tsc_indp")
 
 
 def run(ctx) -> dict:
@@ -24,7 +27,9 @@ def run(ctx) -> dict:
                         "test_loss": summary(runs[(d, v, depth, s)].test_loss for s in range(b.depth_seeds)),
                         "train_s": summary(runs[(d, v, depth, s)].train_s for s in range(b.depth_seeds))}
                        for depth in b.depths[d]]
-        out[d] = {"depths": list(b.depths[d]), "epochs": b.depth_epochs[d], "seeds": b.depth_seeds, "variants": rows}
+        compared = [comparisons({v: rows[v][i]["test_acc"] for v in variants}) for i in range(len(b.depths[d]))]
+        out[d] = {"depths": list(b.depths[d]), "epochs": b.depth_epochs[d], "seeds": b.depth_seeds, "recipe": ctx.recipe,
+                  "variants": rows, "comparisons": compared}
     return out
 
 
@@ -47,4 +52,4 @@ def plot(result: dict, out_dir: str) -> list[str]:
     return [save(fig, out_dir, "depth.png")]
 
 
-register(Subcommand("depth", "plain vs TSC_LSTM accuracy at growing depth (paper Fig. 5)", run, plot, order=30))
+register(Subcommand("depth", "plain, TSC_LSTM, Δt = 0.5 and TSC_indp accuracy at growing depth (paper Fig. 5)", run, plot, order=30))

@@ -1,4 +1,5 @@
-"""noise: the accuracy experiment's models under Gaussian input noise of growing σ (paper Fig. 4).
+"""noise: the accuracy experiment's models under Gaussian input noise of growing σ (paper Fig. 4), with
+the paired comparisons of stats.COMPARISONS at every σ.
 
 σ is in units of the data's standard deviation (inputs are standardised). The noise is drawn from a
 generator seeded per σ, so every model sees the same noisy test set.
@@ -9,7 +10,7 @@ import torch
 
 from . import data as data_mod
 from .registry import Subcommand, register
-from .stats import summary
+from .stats import comparisons, summary
 from .training import evaluate
 
 
@@ -30,7 +31,10 @@ def run(ctx) -> dict:
                 accs.append(summary(a for a, _ in scores))
                 losses.append(summary(loss for _, loss in scores))
             rows[variant] = {"test_acc": accs, "test_loss": losses}
-        out[dataset] = {"sigmas": list(ctx.budget.noise_sigmas), "variants": rows}
+        # paired by seed at every σ (the same noisy test set for every model)
+        compared = [comparisons({v: row["test_acc"][i] for v, row in rows.items()})
+                    for i in range(len(ctx.budget.noise_sigmas))]
+        out[dataset] = {"sigmas": list(ctx.budget.noise_sigmas), "variants": rows, "comparisons": compared}
     return out
 
 

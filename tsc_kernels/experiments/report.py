@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 
-from .stats import fmt
+from .stats import fmt, fmt_paired
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -17,13 +17,37 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
+PAIRED_HEADER = ["Δ points", "95 % CI (t)", "p (paired t)", "95 % CI (bootstrap)", "seeds a > b"]
+
+
+def comparison_table(compared: dict, first: list[str] | None = None) -> list[list[str]]:
+    """Rows of paired comparisons {"a - b": stats.paired(...)}, optionally after leading cells."""
+    return [(first or []) + [f"`{pair}`"] + fmt_paired(c) for pair, c in compared.items()]
+
+
+def _data_line(r: dict) -> str:
+    """The data set's generator arguments / split, as the accuracy JSON records them (older JSON: none)."""
+    d = r.get("data")
+    if not d:
+        return ""
+    sizes = f"{r['train_size']} train / {r['test_size']} test; " if "train_size" in r else ""
+    args = d.get("args") or {k: v for k, v in d.items() if k != "source"}
+    text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in args.items())
+    return f" ({sizes}`{d['source']}`: {text})"
+
+
 def accuracy(res: dict) -> str:
     out = []
     for dataset, r in res.items():
         rows = [[f"`{v}`", fmt(row["test_acc"]), fmt(row["test_loss"], 1, 3), f"{row['params']:,}",
                  f"{row['train_s']['mean']:.0f}"] for v, row in r["variants"].items()]
-        out.append(f"**{dataset}**: {r['model']}, {r['epochs']} epochs, {r['seeds']} seeds\n\n"
+        recipe = f", recipe {r['recipe']}" if r.get("recipe", "paper") != "paper" else ""
+        out.append(f"**{dataset}**: {r['model']}, {r['epochs']} epochs, {r['seeds']} seeds{recipe}{_data_line(r)}\n\n"
                    + _table(["variant", "test accuracy %", "test loss", "params (training)", "train s / run"], rows))
+        compared = r.get("comparisons", {}).get("test_acc")
+        if compared:
+            out.append(f"**{dataset}**, test accuracy, paired by seed (a − b)\n\n"
+                       + _table(["a − b"] + PAIRED_HEADER, comparison_table(compared)))
     return "\n\n".join(out)
 
 
@@ -36,6 +60,10 @@ def noise(res: dict) -> str:
         loss = [[f"`{v}`"] + [f"{a['mean']:.3f}" for a in row["test_loss"]] for v, row in r["variants"].items()]
         out.append(f"**{dataset}**, test accuracy % (mean ± std over seeds)\n\n" + _table(header, acc)
                    + f"\n\n**{dataset}**, test loss (mean over seeds)\n\n" + _table(header, loss))
+        if r.get("comparisons"):
+            rows = [row for s, c in zip(r["sigmas"], r["comparisons"]) for row in comparison_table(c, [f"{s:g}"])]
+            out.append(f"**{dataset}**, test accuracy under noise, paired by seed (a − b)\n\n"
+                       + _table(["σ", "a − b"] + PAIRED_HEADER, rows))
     return "\n\n".join(out)
 
 
@@ -46,6 +74,10 @@ def depth(res: dict) -> str:
         rows = [[f"`{v}`"] + [fmt(x["test_acc"]) for x in row] for v, row in r["variants"].items()]
         out.append(f"**{dataset}**, test accuracy % by depth ({r['epochs']} epochs, {r['seeds']} seed(s))\n\n"
                    + _table(header, rows))
+        if r.get("comparisons"):
+            rows = [row for d, c in zip(r["depths"], r["comparisons"]) for row in comparison_table(c, [str(d)])]
+            out.append(f"**{dataset}**, test accuracy by depth, paired by seed (a − b)\n\n"
+                       + _table(["depth", "a − b"] + PAIRED_HEADER, rows))
     return "\n\n".join(out)
 
 
@@ -90,7 +122,29 @@ def ode(res: dict) -> str:
     return "\n\n".join(out)
 
 
-SECTIONS = {"accuracy": accuracy, "noise": noise, "depth": depth, "stepsizes": stepsizes, "ode": ode}
+def trajectory(res: dict) -> str:
+    out = []
+    for dataset, r in res.items():
+        rows = []
+        for v, by_recipe in r["variants"].items():
+            for recipe, row in by_recipe.items():
+                first, last = row["mean"][0], row["mean"][-1]
+                rows.append([f"`{v}`", recipe, f"{min(first):.3f}–{max(first):.3f}", f"{min(last):.3f}–{max(last):.3f}",
+                             fmt(row["moved_mean"], 1, 3), fmt(row["moved_max"], 1, 3), fmt(row["test_acc"])])
+        out.append(f"**{dataset}**, Δt per block (channel mean; range over blocks, mean over seeds) at initialisation "
+                   f"and after {r['epochs']} epochs; |Δt_final − Δt_0| mean / max over blocks; {r['seeds']} seeds\n\n"
+                   + _table(["variant", "recipe", "Δt at init", "Δt at end", "moved (mean)", "moved (max)",
+                             "test accuracy %"], rows))
+        rows = [row for v, cs in r["comparisons"].items() for pair, c in cs.items()
+                for row in ([[f"`{v}`", f"`{pair}`", "test accuracy"] + fmt_paired(c["test_acc"])]
+                            + [[f"`{v}`", f"`{pair}`", "Δt moved (mean)"] + fmt_paired(c["moved_mean"], 1, 3)])]
+        out.append(f"**{dataset}**, recipe variant against the paper's, paired by seed\n\n"
+                   + _table(["variant", "a − b", "what"] + PAIRED_HEADER, rows))
+    return "\n\n".join(out)
+
+
+SECTIONS = {"accuracy": accuracy, "noise": noise, "depth": depth, "stepsizes": stepsizes, "trajectory": trajectory,
+            "ode": ode}
 
 
 def markdown(report: dict) -> str:

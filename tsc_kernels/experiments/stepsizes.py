@@ -14,7 +14,7 @@ from .registry import Subcommand, register
 from .stats import summary
 from .training import TSC_VARIANTS
 
-BOUND_VARIANTS = TSC_VARIANTS + ("dt=1", "dt=0.01")
+BOUND_VARIANTS = TSC_VARIANTS + ("dt=1", "dt=0.5", "dt=0.01")
 
 
 def run(ctx) -> dict:

@@ -1,11 +1,18 @@
 """Models, the training recipe and the cache of trained models shared by the subcommands.
 
 Recipe (the paper's CIFAR recipe, scaled down): SGD with Nesterov momentum 0.9, weight decay 1e-4
-(on every parameter, the controllers' too), learning rate 0.1 divided by 10 at 50 % and 75 % of
+(on every parameter, the controllers' too: recipe "paper"), learning rate 0.1 divided by 10 at 50 % and 75 % of
 the epochs, batch 64 (digits) / 128 (mnist1d), cross-entropy, random-shift augmentation (data.py). Deterministic: the
 model's initialisation comes from ``torch.manual_seed(seed)`` and the shuffling / augmentation from
 a generator seeded with ``seed``, so one seed gives the same conv initialisation to every variant
 (the variants of one seed are paired).
+
+Recipe "ctrl_nowd" (issue 24, ``--recipe``): the same, except that the Δt controller's parameters
+(``model.tsc_controller``) get no weight decay. Weight decay pulls the controller's weights (indp: θ)
+towards 0, where its sigmoid outputs exactly 0.5, Δt's initial value; this recipe tests whether that
+pull is what keeps the learned Δt at 0.5.
+
+Every run of a TSC network records Δt per block after every epoch (``TrainedRun.dt_trajectory``).
 """
 from __future__ import annotations
 
@@ -28,6 +35,14 @@ VARIANTS: dict[str, dict] = {
     "tsc_indp": {"tsc": "indp"},
     "dt=1": {"tsc": "fixed", "dt": 1.0},
     "dt=0.01": {"tsc": "fixed", "dt": 0.01},
+    # the controllers' initial value as a constant (issue 24): does the learned Δt beat its own start?
+    "dt=0.5": {"tsc": "fixed", "dt": 0.5},
+}
+WEIGHT_DECAY = 1e-4
+# training recipe -> weight decay of the controller's parameters (every other parameter: WEIGHT_DECAY)
+RECIPES: dict[str, dict] = {
+    "paper": {"controller_weight_decay": WEIGHT_DECAY},
+    "ctrl_nowd": {"controller_weight_decay": 0.0},
 }
 TSC_VARIANTS = ("tsc_lstm", "tsc_2fc", "tsc_indp")  # learned step sizes
 MNIST1D_WIDTH = 16  # 1-D ResNet width (stages 16/32/64 channels, as the CIFAR ResNets)
@@ -43,7 +58,7 @@ LM_SURVIVAL = 0.8
 
 
 def model_name(dataset: str, depth: int, arch: str = "resnet") -> str:
-    if dataset == "mnist1d":
+    if data_mod.family(dataset) == "mnist1d":
         return f"resnet1d{depth}(width {MNIST1D_WIDTH})"
     return {"resnet": f"cifar_resnet{depth}", "lm_resnet": f"cifar_lm_resnet{depth}(survival {LM_SURVIVAL})",
             "densenet": f"cifar_densenet{depth}(k=12)"}[arch]
@@ -56,7 +71,8 @@ def build_model(dataset: str, variant: str, depth: int, num_classes: int = 10, a
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
-    if arch != "resnet" and dataset != "digits":
+    fam = data_mod.family(dataset)
+    if arch != "resnet" and fam != "digits":
         raise ValueError(f"arch {arch!r} is built for digits only (mnist1d uses 1-D ResNets), got dataset {dataset!r}")
     kwargs = VARIANTS[variant]
     if arch == "lm_resnet":
@@ -64,11 +80,9 @@ def build_model(dataset: str, variant: str, depth: int, num_classes: int = 10, a
                                       stochastic_depth=LM_SURVIVAL, **kwargs)
     if arch == "densenet":
         return models.cifar_densenet(depth, 12, num_classes=num_classes, in_channels=1, **kwargs)
-    if dataset == "digits":
+    if fam == "digits":
         return models.cifar_resnet(depth, num_classes=num_classes, in_channels=1, bottleneck=False, **kwargs)
-    if dataset == "mnist1d":
-        return models.resnet1d(depth, num_classes=num_classes, in_channels=1, width=MNIST1D_WIDTH, **kwargs)
-    raise ValueError(f"dataset must be one of {', '.join(data_mod.DATASETS)}, got {dataset!r}")
+    return models.resnet1d(depth, num_classes=num_classes, in_channels=1, width=MNIST1D_WIDTH, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -81,6 +95,7 @@ class RunKey:
     train_subset: int | None = None  # None: the whole training set
     batch_size: int = 64
     arch: str = "resnet"
+    recipe: str = "paper"
 
 
 @dataclass
@@ -91,6 +106,9 @@ class TrainedRun:
     test_loss: float
     train_loss: list[float] = field(default_factory=list)  # mean loss per epoch
     train_s: float = 0.0
+    # TSC networks: {"blocks": [name, ...], "mean": [[Δt channel mean per block] per epoch],
+    # "std": (same, channel std)}, epoch 0 = initialisation, so epochs + 1 rows; None for plain networks
+    dt_trajectory: dict | None = None
 
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 500) -> tuple[float, float]:
@@ -105,12 +123,38 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 50
     return correct / len(x), loss / len(x)
 
 
+def controller_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The Δt controller's parameters (``model.tsc_controller``; none for plain and fixed-Δt networks)."""
+    ctrl = getattr(model, "tsc_controller", None)
+    return [] if ctrl is None else list(ctrl.parameters())
+
+
+def param_groups(model: nn.Module, recipe: str = "paper") -> list[dict]:
+    """SGD parameter groups of ``recipe``: the network's parameters at WEIGHT_DECAY, then (if it has any)
+    the controller's at the recipe's controller weight decay. Empty groups are left out."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+    ctrl = {id(p) for p in controller_parameters(model)}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ctrl], "weight_decay": WEIGHT_DECAY,
+               "name": "network"},
+              {"params": [p for p in model.parameters() if id(p) in ctrl],
+               "weight_decay": RECIPES[recipe]["controller_weight_decay"], "name": "controller"}]
+    return [g for g in groups if g["params"]]
+
+
+def make_optimizer(model: nn.Module, lr: float = 0.1, recipe: str = "paper") -> torch.optim.SGD:
+    return torch.optim.SGD(param_groups(model, recipe), lr=lr, momentum=0.9, nesterov=True)
+
+
 def fit(model: nn.Module, ds: "data_mod.Dataset", epochs: int, batch_size: int, seed: int, lr: float = 0.1,
-        on_step=None) -> list[float]:
-    """Train ``model`` in place with the recipe (module docstring); the batch order and augmentation
+        on_step=None, recipe: str = "paper", on_epoch=None) -> list[float]:
+    """Train ``model`` in place with ``recipe`` (module docstring); the batch order and augmentation
     come from a generator seeded with ``seed``. ``on_step(model, x, y)`` runs after every optimiser
-    step (the ODE experiment's step adaptation). Returns the mean training loss per epoch."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    step (the ODE experiment's step adaptation), ``on_epoch(model, epoch)`` after every epoch
+    (epoch = 1, 2, ...). Returns the mean training loss per epoch."""
+    opt = make_optimizer(model, lr, recipe)
     milestones = sorted({max(1, round(epochs * 0.5)), max(1, round(epochs * 0.75))})
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
     gen = torch.Generator().manual_seed(seed)
@@ -135,20 +179,47 @@ def fit(model: nn.Module, ds: "data_mod.Dataset", epochs: int, batch_size: int, 
             count += len(idx)
         sched.step()
         losses.append(total / max(count, 1))
+        if on_epoch is not None:
+            on_epoch(model, len(losses))
     return losses
+
+
+class DtRecorder:
+    """``on_epoch`` callback of ``fit``: Δt per block (channel mean and std) of a TSC network, read from
+    its weights (diagnostics.step_sizes); call it once before training for the initial row."""
+
+    def __init__(self):
+        self.blocks: list[str] = []
+        self.mean: list[list[float]] = []
+        self.std: list[list[float]] = []
+
+    def __call__(self, model: nn.Module, epoch: int = 0) -> None:
+        from .. import diagnostics
+
+        dts = diagnostics.step_sizes(model)
+        self.blocks = list(dts)
+        self.mean.append([float(d.double().mean()) for d in dts.values()])
+        self.std.append([float(d.double().std()) if d.numel() > 1 else 0.0 for d in dts.values()])
+
+    def to_json(self) -> dict:
+        return {"blocks": self.blocks, "mean": self.mean, "std": self.std}
 
 
 def train(key: RunKey, lr: float = 0.1) -> TrainedRun:
     ds = data_mod.load(key.dataset).subset(key.train_subset, None)
     torch.manual_seed(key.seed)
     model = build_model(key.dataset, key.variant, key.depth, ds.num_classes, key.arch)
+    recorder = DtRecorder() if models.is_tsc_network(model) else None
+    if recorder is not None:
+        recorder(model, 0)  # the initial Δt (outside the timed training)
     start = time.perf_counter()
-    losses = fit(model, ds, key.epochs, key.batch_size, key.seed, lr)
+    losses = fit(model, ds, key.epochs, key.batch_size, key.seed, lr, recipe=key.recipe, on_epoch=recorder)
     train_s = time.perf_counter() - start
     acc, test_loss = evaluate(model, ds.x_test, ds.y_test)
     if not math.isfinite(test_loss):
         test_loss = float("inf")
-    return TrainedRun(key, model, acc, test_loss, losses, train_s)
+    return TrainedRun(key, model, acc, test_loss, losses, train_s,
+                      None if recorder is None else recorder.to_json())
 
 
 class Context:
@@ -169,21 +240,29 @@ class Context:
     def arch(self) -> str:
         return getattr(self.args, "arch", "resnet")
 
-    def key(self, dataset: str, variant: str, seed: int, depth: int | None = None, epochs: int | None = None) -> RunKey:
-        """The run of the budget's accuracy setting (with --arch), or a ResNet of another depth / epoch count."""
+    @property
+    def recipe(self) -> str:
+        return getattr(self.args, "recipe", "paper")
+
+    def key(self, dataset: str, variant: str, seed: int, depth: int | None = None, epochs: int | None = None,
+            recipe: str | None = None) -> RunKey:
+        """The run of the budget's accuracy setting (with --arch), or a ResNet of another depth / epoch count;
+        trained with ``recipe`` (default: --recipe)."""
         b = self.budget
+        recipe = self.recipe if recipe is None else recipe
         if depth is not None:
             return RunKey(dataset, variant, depth, seed, b.epochs[dataset] if epochs is None else epochs,
-                          b.train_subset[dataset], b.batch_size[dataset])
+                          b.train_subset[dataset], b.batch_size[dataset], recipe=recipe)
         return RunKey(dataset, variant, ARCH_DEPTH.get(self.arch, b.depth[dataset]), seed,
                       b.epochs[dataset] if epochs is None else epochs, b.train_subset[dataset], b.batch_size[dataset],
-                      self.arch)
+                      self.arch, recipe)
 
-    def accuracy_runs(self, variants) -> dict:
+    def accuracy_runs(self, variants, recipe: str | None = None) -> dict:
         """{dataset: {variant: [TrainedRun per seed]}} of the accuracy setting (trained once, shared)."""
-        keys = [self.key(d, v, s) for d in self.args.datasets for v in variants for s in range(self.budget.seeds)]
+        keys = [self.key(d, v, s, recipe=recipe) for d in self.args.datasets for v in variants
+                for s in range(self.budget.seeds)]
         runs = dict(zip(keys, self.train_all(keys, "train")))
-        return {d: {v: [runs[self.key(d, v, s)] for s in range(self.budget.seeds)] for v in variants}
+        return {d: {v: [runs[self.key(d, v, s, recipe=recipe)] for s in range(self.budget.seeds)] for v in variants}
                 for d in self.args.datasets}
 
     def train_all(self, keys: list[RunKey], desc: str) -> list[TrainedRun]:
