@@ -8,7 +8,7 @@ a.json b.json --merged``), on a machine partly shared with builds: inside the 45
 The issue-24 budget (5 seeds, four data sets, the Δt = 0.5 / indp controls, trajectory; depths 20 and 56)
 is estimated at ~40-45 minutes per process as two one-thread processes (``--datasets digits,mnist1d_hard``
 and ``--datasets mnist1d,digits_small``, ``all --skip ode``) from the previous run's per-run times; not yet
-recorded. --quick runs the whole suite in well under 3 minutes (34 s from a clean clone): a smoke test of every
+recorded. --quick runs the whole suite in well under 3 minutes (71 s on a shared 2-core machine, with 2 seeds so the paired statistics run): a smoke test of every
 path and a first look, not evidence.
 """
 from __future__ import annotations
