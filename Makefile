@@ -67,7 +67,7 @@ fuzz: build/.built
 # The main job: TSC's overhead against the plain network, eager and compiled (tsc-bench; CIFAR ResNet-56,
 # batch 32, CPU); each run appends its rows to bench/results/history.csv.
 bench: build/.built
-	$(VENV)/bin/tsc-bench --compile --steps 40 --json build/tsc-bench.json --history bench/results/history.csv
+	$(VENV)/bin/tsc-bench --compile --steps 40 --host --json build/tsc-bench.json --history bench/results/history.csv
 
 # Per-op pytest-benchmark suites (fused vs eager vs torch.compile vs bandwidth), JSON in build/, and
 # each suite's ratio table (bench/ratios.py).

@@ -30,6 +30,20 @@ With --compile three more rows run the same step under torch.compile (plain-c, t
 reference compiled, tsc-auto-c: the default backend compiled, which picks per op whether inductor
 sees the reference math or the fused op); their kernels are not counted (inductor's kernels are
 not profiler ops) and their inference is the eager rows'. --history appends the rows to a CSV.
+
+--host adds the host's share of a step (--host-only runs it alone): on a GPU a CIFAR-size step is
+bound by the host (Python, dispatcher, autograd: 10-20 us per op), not by the device, so whatever
+TSC adds on the host is what it costs there. The same step at batch 2 on 8x8 inputs (--host-batch,
+--host-image-size; 32x32 for 224-pixel models) with one thread, where compute vanishes; variants
+  plain        the network without TSC
+  tsc-fused    TSC_LSTM on `auto` (the fused ops)
+  tsc-fixed    tsc="fixed": a constant Δt, no controller (the fused BatchNorm tail only)
+  tsc-ref      TSC_LSTM on the torch backend (the reference)
+and, with --compile, plain-c, tsc-auto-c and tsc-ref-c compiled; --host-steps interleaved rounds.
+Columns: ops (operator calls of one eager step under torch.profiler, every dispatcher pass counted),
+top (those called from Python or the autograd engine, not by another op),
+the medians of the step and of its forward (zero_grad, forward, loss), backward and optimizer
+parts, and each against the plain row of its mode as the median of per-round ratios.
 """
 from __future__ import annotations
 
@@ -49,7 +63,7 @@ from . import backend as backend_mod
 from . import models
 from .convert import convert
 from .fold import fold
-from .profiling import count_kernels
+from .profiling import count_kernels, count_ops, quiet_profiler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (name, backend: None for the plain network, compiled): the eager rows, then with --compile the
@@ -137,7 +151,7 @@ def peak_memory_mb(fn, device: torch.device) -> float:
         return (torch.cuda.max_memory_allocated(device) - base) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # Each event's own allocations minus frees ("[memory]" events: frees outside any op), in
     # start order: the running sum is the live tensor memory; an op's net change counts at its start.
@@ -156,20 +170,22 @@ def median_iqr(times: list[float]) -> tuple[float, float]:
 class Variant:
     """One network variant, ready to train: its model, data, optimizer and backend."""
 
-    def __init__(self, args, name: str, tsc: str | None, backend_name: str, compiled: bool = False):
+    def __init__(self, args, name: str, tsc: str | None, backend_name: str, compiled: bool = False,
+                 batch: int | None = None, image_size: int | None = None):
         self.name, self.tsc, self.backend_name, self.compiled = name, tsc, backend_name, compiled
         self.device, dtype = torch.device(args.device), DTYPES[args.dtype]
         torch.manual_seed(0)
         model, size = build_model(args.model, tsc, args.num_classes)
-        size = args.image_size or size
+        size = image_size or args.image_size or size
+        batch = batch or args.batch
         memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
         self.model = model.to(self.device).to(memory_format=memory_format)
-        self.x = torch.randn(args.batch, 3, size, size, device=self.device).to(memory_format=memory_format)
+        self.x = torch.randn(batch, 3, size, size, device=self.device).to(memory_format=memory_format)
         head = getattr(self.model, "fc", None) or getattr(self.model, "classifier", None)  # ResNets / DenseNets
         if head is None:
             head = self.model.get_classifier()  # timm
         classes = head.out_features
-        self.target = torch.randint(0, classes, (args.batch,), device=self.device)
+        self.target = torch.randint(0, classes, (batch,), device=self.device)
         # foreach: one multi-tensor update for all parameters, PyTorch's default on a GPU (on a CPU it
         # would loop per parameter, and the kernel count would mostly measure the optimizer)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
@@ -244,6 +260,132 @@ def measure(args, progress) -> list[Row]:
     return [v.report(args) for v in variants]
 
 
+# --------------------------------------------------------------------------------------------------
+# --host: the host's share of a step (tiny tensors, one thread)
+# --------------------------------------------------------------------------------------------------
+# (name, tsc mode, backend, compiled)
+HOST_VARIANTS = (("plain", None, "auto", False), ("tsc-fused", "lstm", "auto", False),
+                 ("tsc-fixed", "fixed", "auto", False), ("tsc-ref", "lstm", "torch", False))
+HOST_COMPILED_VARIANTS = (("plain-c", None, "auto", True), ("tsc-auto-c", "lstm", "auto", True),
+                          ("tsc-ref-c", "lstm", "torch", True))
+PHASES = ("step", "fwd", "bwd", "opt")
+
+
+@dataclass
+class HostRow:
+    variant: str
+    backend: str
+    mode: str  # "eager" / "compiled"
+    ops: int | None  # operator calls of one step (eager rows): every dispatcher pass
+    top_ops: int | None  # those called from Python or the autograd engine, not by another op
+    ms: dict  # phase -> median ms
+    overhead_pct: dict = field(default_factory=dict)  # phase -> median per-round ratio - 1, vs plain of the mode
+    times_ms: dict = field(default_factory=dict)  # phase -> per-round ms
+
+
+class HostVariant(Variant):
+    """A Variant at the host configuration whose timed step records its parts: forward (zero_grad,
+    forward, loss), backward, optimizer."""
+
+    def __init__(self, args, name, tsc, backend_name, compiled):
+        super().__init__(args, name, tsc, backend_name, compiled, batch=args.host_batch, image_size=host_image_size(args))
+        self.parts = {p: [] for p in PHASES}
+
+    def timed_step(self) -> None:
+        with backend_mod.use_backend(self.backend_name):
+            _sync(self.device)
+            t0 = time.perf_counter()
+            self.opt.zero_grad(set_to_none=True)
+            with self.autocast:
+                loss = nn.functional.cross_entropy(self.forward(self.x), self.target)
+            _sync(self.device)
+            t1 = time.perf_counter()
+            loss.backward()
+            _sync(self.device)
+            t2 = time.perf_counter()
+            self.opt.step()
+            _sync(self.device)
+            t3 = time.perf_counter()
+        for p, t in zip(PHASES, (t3 - t0, t1 - t0, t2 - t1, t3 - t2)):
+            self.parts[p].append(t * 1e3)
+
+    def host_row(self) -> HostRow:
+        with backend_mod.use_backend(self.backend_name):
+            resolved = backend_mod.resolve(self.device) if self.tsc is not None else "-"
+            ops, top = (None, None) if self.compiled else count_ops(self.step)
+        return HostRow(self.name, resolved, "compiled" if self.compiled else "eager", ops, top,
+                       {p: statistics.median(t) for p, t in self.parts.items()}, times_ms=self.parts)
+
+
+def host_image_size(args) -> int:
+    """--host-image-size, else 8 for the 32-pixel CIFAR models and 32 for 224-pixel ones (8x8 would
+    pool a ResNet-50's or a DenseNet-121's map away before its last stage)."""
+    return args.host_image_size or (8 if args.model.startswith("cifar_") else 32)
+
+
+def host_variant_specs(args) -> tuple:
+    return HOST_VARIANTS + (HOST_COMPILED_VARIANTS if args.compile else ())
+
+
+def measure_host(args, progress=None) -> list[HostRow]:
+    """The host rows: every host variant's step, interleaved round by round, on one thread.
+    Compiled variants compile during their warm-up steps (after torch._dynamo.reset(): the compute
+    rows' graphs, built for other shapes, would otherwise make dynamo mark the sizes dynamic)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        if args.compile:
+            torch._dynamo.reset()
+        variants = [HostVariant(args, name, tsc, b, compiled) for name, tsc, b, compiled in host_variant_specs(args)]
+        for v in variants:
+            with backend_mod.use_backend(v.backend_name):
+                for _ in range(max(args.warmup, 3 if v.compiled else 1)):
+                    v.step()
+        for _ in range(args.host_steps):
+            for v in variants:
+                v.timed_step()
+                if progress is not None:
+                    progress.update(1)
+        rows = [v.host_row() for v in variants]
+    finally:
+        torch.set_num_threads(threads)
+    plain = {r.mode: r for r in rows if r.backend == "-"}
+    for r in rows:
+        base = plain[r.mode]
+        if r is not base:
+            r.overhead_pct = {p: paired_overhead_pct(r.times_ms[p], base.times_ms[p]) for p in PHASES}
+    return rows
+
+
+def format_host_table(rows: list[HostRow]) -> str:
+    head = (f"{'variant':10s} {'backend':7s} {'ops':>6s} {'top':>5s} {'step ms':>8s} {'fwd ms':>7s} {'bwd ms':>7s} {'opt ms':>7s}"
+            f"  {'step':>7s} {'fwd':>7s} {'bwd':>7s} {'opt':>7s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ops = "-" if r.ops is None else str(r.ops)
+        top = "-" if r.top_ops is None else str(r.top_ops)
+        over = "  ".join(f"{r.overhead_pct[p]:+6.1f}%" if r.overhead_pct else f"{'':7s}" for p in PHASES)
+        lines.append(f"{r.variant:10s} {r.backend:7s} {ops:>6s} {top:>5s} {r.ms['step']:8.2f} {r.ms['fwd']:7.2f} {r.ms['bwd']:7.2f} "
+                     f"{r.ms['opt']:7.2f}  {over}")
+    return "\n".join(lines)
+
+
+def host_summary(rows: list[HostRow]) -> list[str]:
+    by = {r.variant: r for r in rows}
+    lines = []
+    if "tsc-fused" in by:
+        lines.append(f"host eager:    tsc-fused vs plain {by['tsc-fused'].overhead_pct['step']:+.1f}%, "
+                     f"tsc-fixed vs plain {by['tsc-fixed'].overhead_pct['step']:+.1f}%, "
+                     f"tsc-ref vs plain {by['tsc-ref'].overhead_pct['step']:+.1f}%")
+    if "tsc-auto-c" in by:
+        lines.append(f"host compiled: tsc-auto-c vs plain-c {by['tsc-auto-c'].overhead_pct['step']:+.1f}%, "
+                     f"tsc-ref-c vs plain-c {by['tsc-ref-c'].overhead_pct['step']:+.1f}%")
+    if lines:
+        lines.append("(host: the step's host cost, tensors so small that compute vanishes; "
+                     "% = median of per-round ratios against plain of the same mode)")
+    return lines
+
+
 def format_table(rows: list[Row]) -> str:
     head = (f"{'variant':10s} {'backend':7s} {'params train':>12s} {'params infer':>12s} {'GMAC train':>10s} "
             f"{'GMAC infer':>10s} {'step ms':>9s} {'±':>6s} {'kernels':>8s} {'peak MB':>8s} {'infer ms':>9s} {'overhead':>18s}")
@@ -303,8 +445,9 @@ HISTORY_FIELDS = ("date", "commit", "machine", "torch", "model", "batch", "devic
                   "backend", "step_ms", "kernels")
 
 
-def append_history(path: str, args, rows: list[Row]) -> None:
-    """Append one CSV row per variant (the results history, bench/results/)."""
+def append_history(path: str, args, rows: list[Row], host_rows: list[HostRow] = ()) -> None:
+    """Append one CSV row per variant (the results history, bench/results/); host rows have mode
+    host-eager / host-compiled, batch --host-batch and their operator calls in the kernels column."""
     import csv
     import datetime
     import os
@@ -328,6 +471,9 @@ def append_history(path: str, args, rows: list[Row]) -> None:
         for r in rows:
             w.writerow([date, commit, machine, torch.__version__, args.model, args.batch, args.device, args.dtype,
                         r.mode, r.variant, r.backend, f"{r.step_ms:.2f}", "" if r.kernels is None else r.kernels])
+        for r in host_rows:
+            w.writerow([date, commit, machine, torch.__version__, args.model, args.host_batch, args.device, args.dtype,
+                        f"host-{r.mode}", r.variant, r.backend, f"{r.ms['step']:.3f}", "" if r.ops is None else r.ops])
 
 
 def machine_info(device: str) -> dict:
@@ -363,10 +509,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also the three variants under torch.compile, interleaved with the eager ones")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     p.add_argument("--history", default=None, help="append one CSV row per variant to this file")
+    p.add_argument("--host", action="store_true",
+                   help="also the host's share of a step (batch 2, 8x8, one thread: plain, tsc-fused, tsc-fixed, tsc-ref; "
+                        "with --compile also compiled)")
+    p.add_argument("--host-only", action="store_true", help="only the --host measurement")
+    p.add_argument("--host-steps", type=int, default=60, help="interleaved rounds of the --host measurement")
+    p.add_argument("--host-batch", type=int, default=2)
+    p.add_argument("--host-image-size", type=int, default=None, help="default 8 for CIFAR models, 32 otherwise")
     args = p.parse_args(argv)
+    args.host = args.host or args.host_only
     if args.quick:
         args.steps, args.warmup = min(args.steps, 4), min(args.warmup, 1)
-    for name in ("batch", "steps"):
+    if args.quick:
+        args.host_steps = min(args.host_steps, 4)
+    for name in ("batch", "steps", "host_steps", "host_batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -378,19 +534,32 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm import tqdm
 
-    total = args.steps * len(variant_specs(args))
+    rows: list[Row] = []
+    host_rows: list[HostRow] = []
+    total = (0 if args.host_only else args.steps * len(variant_specs(args))) + (args.host_steps * len(host_variant_specs(args))
+                                                                               if args.host else 0)
     with tqdm(total=total, desc=f"tsc-bench {args.model}", unit="step", file=sys.stderr) as progress:
-        rows = measure(args, progress)
-    add_overheads(rows)
-    print(f"tsc-bench: {args.model}, batch {args.batch}, {args.device}, {args.dtype}"
-          f"{', channels_last' if args.channels_last else ''}; {args.steps} timed steps per variant, interleaved")
-    print(format_table(rows))
-    print("\n".join(summary(rows)))
+        if not args.host_only:
+            rows = measure(args, progress)
+        if args.host:
+            host_rows = measure_host(args, progress)
+    if rows:
+        add_overheads(rows)
+        print(f"tsc-bench: {args.model}, batch {args.batch}, {args.device}, {args.dtype}"
+              f"{', channels_last' if args.channels_last else ''}; {args.steps} timed steps per variant, interleaved")
+        print(format_table(rows))
+        print("\n".join(summary(rows)))
+    if host_rows:
+        size = host_image_size(args)
+        print(f"\ntsc-bench --host: {args.model}, batch {args.host_batch}, {size}x{size}, {args.device}, 1 thread; "
+              f"{args.host_steps} rounds, interleaved")
+        print(format_host_table(host_rows))
+        print("\n".join(host_summary(host_rows)))
     if args.history:
-        append_history(args.history, args, rows)
+        append_history(args.history, args, rows, host_rows)
     if args.json_path:
         payload = {"config": {k: v for k, v in vars(args).items()}, "machine": machine_info(args.device),
-                   "rows": [asdict(r) for r in rows]}
+                   "rows": [asdict(r) for r in rows], "host_rows": [asdict(r) for r in host_rows]}
         with open(args.json_path, "w") as fh:
             json.dump(payload, fh, indent=2)
     return 0

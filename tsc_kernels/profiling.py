@@ -15,10 +15,46 @@ per optimizer step.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable
+import os
+import re
+import sys
+import tempfile
+from typing import Callable, Iterator
 
 from torch.profiler import ProfilerActivity, profile
+
+# Kineto's own log lines ("USDT:2026-12-06 03:49:05 7862:7862 SyncActivityProfilerHandler.cpp:39]
+# profiler_start", "ERROR:... DeviceProperties.cpp:56] gpuGetDeviceCount failed" on a machine
+# without a GPU): written by C++ straight to file descriptor 2, two or three per profiled call.
+_KINETO_LINE = re.compile(rb"^(USDT|INFO|WARNING|ERROR):\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \d+:\d+ \S+\.cpp:\d+\]")
+
+
+@contextlib.contextmanager
+def quiet_profiler() -> Iterator[None]:
+    """Silence kineto's log lines while torch.profiler runs (``make bench`` profiles every variant:
+    hundreds of ``USDT: ... profiler_start/stop`` lines scrolled past before). File descriptor 2 goes
+    to a temporary file for the block; afterwards every line that is not a kineto log line (a
+    Python warning, an error message) is written back to stderr, so nothing else is lost."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr replaced by an object without a descriptor (pytest capture)
+        fd = 2
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [line for line in tmp.read().splitlines(keepends=True) if not _KINETO_LINE.match(line)]
+            if kept:
+                os.write(fd, b"".join(kept))
 
 # Ops that only allocate, alias or describe tensors (docs/performance.md's list and their close relatives).
 METADATA_OPS = frozenset(
@@ -125,7 +161,7 @@ def kernel_names(fn: Callable[[], object]) -> dict[str, int]:
     counted; this function itself runs fn exactly once.
     """
     # shapes: the per-tensor sizes of multi-tensor ops
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
     return _counted(prof.events())
 
@@ -133,3 +169,24 @@ def kernel_names(fn: Callable[[], object]) -> dict[str, int]:
 def count_kernels(fn: Callable[[], object]) -> int:
     """The number of kernels of one call of ``fn()``: the sum of ``kernel_names(fn)``."""
     return sum(kernel_names(fn).values())
+
+
+def _under_op(event) -> bool:
+    p = event.cpu_parent
+    while p is not None:
+        if _is_op(p.name):
+            return True
+        p = p.cpu_parent
+    return False
+
+
+def count_ops(fn: Callable[[], object]) -> tuple[int, int]:
+    """(all, top) operator calls of one call of ``fn()``: every ``namespace::op`` event the profiler
+    records, metadata ops and ops called by other ops included (each is a pass through the
+    dispatcher), and the top-level ones among them, called from Python or by the autograd engine
+    rather than by another op (where most of the host's cost per op is paid; ``tsc-bench --host``).
+    Call fn once before, as for kernel_names."""
+    with quiet_profiler(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    ops = [e for e in prof.events() if _is_op(e.name)]
+    return len(ops), sum(1 for e in ops if not _under_op(e))

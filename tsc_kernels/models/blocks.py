@@ -13,6 +13,7 @@ from torchvision.ops import SqueezeExcitation
 
 from .. import _checks
 from ..ops.batch_norm_residual_update import batch_norm_residual_update
+from ..ops.registry import eager_op
 from ..ops.residual_update import residual_update
 
 # Tails the fused BatchNorm tail replaces exactly: plain BatchNorm (not SyncBatchNorm, whose
@@ -20,22 +21,72 @@ from ..ops.residual_update import residual_update
 FUSABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+# The input dims each fusable norm accepts (its _check_input_dim), checked before the fused op.
+_NORM_DIMS = {nn.BatchNorm1d: (2, 3), nn.BatchNorm2d: (4,), nn.BatchNorm3d: (5,)}
+
+
 def batch_norm_tail(bn: nn.modules.batchnorm._BatchNorm, shortcut: torch.Tensor, x: torch.Tensor, dt: torch.Tensor,
                     relu: bool) -> torch.Tensor:
     """``relu?(shortcut + dt * bn(x))`` in one fused op, with ``nn.BatchNorm*.forward``'s exact
     bookkeeping: training/eval, ``momentum=None`` (cumulative average), ``track_running_stats``
-    and ``num_batches_tracked``."""
-    bn._check_input_dim(x)
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        if bn.momentum is None:  # cumulative moving average
-            factor = 1.0 / float(bn.num_batches_tracked)
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
-    track = not bn.training or bn.track_running_stats
-    return batch_norm_residual_update(
-        shortcut, x, dt, bn.running_mean if track else None, bn.running_var if track else None,
-        bn.weight, bn.bias, use_batch_stats, factor, bn.eps, relu)
+    and ``num_batches_tracked``.
+
+    A block's own call: like ``nn.BatchNorm2d.forward`` calling ``F.batch_norm``, it goes straight
+    to the op (one Python frame, the backend looked up in dispatch's cache). On the cpu / cuda
+    backends the argument checks of the public ``batch_norm_residual_update`` run only when the op
+    fails, to name the argument: what the block passes (shapes fixed at construction, dtypes it
+    produced) cannot fail them, and what a caller can get wrong (Δt's shape, dtype or device, say)
+    fails the C++ op, which checks every shape, dtype and device first. The Triton launchers and
+    the reference do not, so on those backends the checks run before the op, as before.
+    """
+    if x.dim() not in _NORM_DIMS.get(type(bn), ()):
+        bn._check_input_dim(x)
+    # the module's buffers and parameters read from its dicts: nn.Module.__getattr__ is a Python
+    # call per attribute (they are None where the module has none, as its attributes)
+    buffers, params = bn._buffers, bn._parameters
+    training = bn.training
+    momentum = bn.momentum
+    factor = 0.0 if momentum is None else momentum
+    running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+    if training and bn.track_running_stats:
+        tracked = buffers["num_batches_tracked"]
+        if tracked is not None:
+            tracked.add_(1)
+            if momentum is None:  # cumulative moving average
+                factor = 1.0 / float(tracked)
+    use_batch_stats = training or (running_mean is None and running_var is None)
+    if training and not bn.track_running_stats:
+        running_mean = running_var = None
+    eps = bn.eps
+    args = (shortcut, x, dt, running_mean, running_var, params["weight"], params["bias"], use_batch_stats,
+            float(factor), float(eps), relu)
+    if torch.compiler.is_compiling():
+        return batch_norm_residual_update(*args)
+    op, kernel_checks = eager_op("batch_norm_residual_update", x.device)
+    if not (kernel_checks and 0.0 <= factor <= 1.0 and eps > 0.0):  # what the C++ op does not check
+        _checks.batch_norm_residual_update_args(*args)
+    try:
+        out = op(*args)
+    except Exception:
+        # the message that names the argument, from the public op's checks; else the op's own error
+        _checks.batch_norm_residual_update_args(*args)
+        raise
+    return out[0] if isinstance(out, tuple) else out  # the fused ops also return their saved statistics
+
+
+def residual_tail(shortcut: torch.Tensor, out: torch.Tensor, dt: torch.Tensor, relu: bool) -> torch.Tensor:
+    """``relu?(shortcut + out * dt)`` for a block: residual_update straight to the op, its checks
+    only when the op fails (as batch_norm_tail)."""
+    if torch.compiler.is_compiling():
+        return residual_update(shortcut, out, dt, relu=relu)
+    op, kernel_checks = eager_op("residual_update", out.device)
+    if not kernel_checks:
+        _checks.residual_update_args(shortcut, out, dt, relu)
+    try:
+        return op(shortcut, out, dt, relu)
+    except Exception:
+        _checks.residual_update_args(shortcut, out, dt, relu)
+        raise
 
 # --------------------------------------------------------------------------------------------------
 # Plain blocks this module adds (torchvision has BasicBlock and Bottleneck)
@@ -151,8 +202,7 @@ class _TSCBlock:
             raise RuntimeError(
                 f"{type(self).__name__} needs its step sizes: call the whole TSC network (it runs the "
                 "controller and passes every block its Δt), or call block(x, dt) with dt of shape (C,)")
-        _checks.tensor(dt, "dt")
-        tail = getattr(self, self.tail_name, None)
+        tail = self._modules.get(self.tail_name)  # the tail is a submodule (nn.Module.__getattr__ would look here)
         fused_tail = self.fused_bn_tail and type(tail) in FUSABLE_NORMS
         # with a plain BatchNorm tail, F stops before it: the tail runs fused with ⊗Δt and the update
         shortcut, out = self._branch_before_tail(x) if fused_tail else self._branch(x)
@@ -162,11 +212,13 @@ class _TSCBlock:
             # dtype, as torchvision's `out += identity` does, instead of failing residual_update's
             # same-dtype check.
             shortcut = shortcut.to(out.dtype)
-        # residual_update takes fp32 Δt (fp64 with fp64 activations) whatever the controller's dtype
-        dt = dt.to(torch.float64 if out.dtype == torch.float64 else torch.float32)
+        # the update takes fp32 Δt (fp64 with fp64 activations) whatever the controller's dtype
+        acc = torch.float64 if out.dtype == torch.float64 else torch.float32
+        if not (isinstance(dt, torch.Tensor) and dt.dtype == acc):
+            dt = _checks.tensor(dt, "dt").to(acc)
         if fused_tail:
             return batch_norm_tail(tail, shortcut, out, dt, self.post_activation)
-        return residual_update(shortcut, out, dt, relu=self.post_activation)
+        return residual_tail(shortcut, out, dt, self.post_activation)
 
     # Blocks whose F ends with its tail BatchNorm (tail_name) set this and define
     # _branch_before_tail(x) -> (shortcut, input of the tail); _branch then follows from it.

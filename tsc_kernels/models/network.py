@@ -8,9 +8,15 @@ from typing import Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
-from ..nn import NetworkController, TSCController
+from ..nn import NetworkController, TSCController, _autocast_off
+from ..ops.lstm_controller import NetworkPlan
 from . import blocks as _blocks
+
+# TSCController.lstm_params() as paths in the controller's submodules (its fast form, below)
+_LSTM_PARAM_PATHS = (("fc_in", "weight"), ("fc_in", "bias"), ("lstm", "weight_ih"), ("lstm", "weight_hh"),
+                     ("lstm", "bias_ih"), ("lstm", "bias_hh"), ("fc_out", "weight"), ("fc_out", "bias"))
 
 # --------------------------------------------------------------------------------------------------
 # TSC networks
@@ -63,13 +69,89 @@ class _TSCNetwork:
             self._tsc_cache = cache
         return cache[1]
 
+    def block_step_sizes(self) -> list[Sequence[torch.Tensor]]:
+        """Every block's Δt for this forward pass, stage by stage: ``[[(C_s,) per block] per stage]``.
+
+        A training step (autograd on, not compiling) takes the fast path: the network's
+        ``NetworkPlan`` (checked once, reused while the conv weights and controller parameters are
+        the same tensors) runs the controller in two launches and splits Δt into the blocks' views
+        in one op, whose backward is one cat (per-stage tensors unbound per block cost a view, an
+        unbind and a stack per stage). Otherwise (eval without autograd: cached; under
+        torch.compile: traced once) the per-stage tensors of ``stage_step_sizes`` unbound.
+        """
+        if (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling():
+            dts = self._planned_step_sizes()
+            if dts is not None:
+                return dts
+        # unbind, not dts[d]: its backward is one stack per stage, where L indexings would cost
+        # a zeros + copy + add per block in the backward pass
+        return [dts.unbind(0) for dts in self.stage_step_sizes()]
+
+    def _controller_tensors(self):
+        """(conv weights, lstm parameters) that ``controller_inputs()`` and the stages'
+        ``lstm_params()`` return, flat, read straight from the modules' parameter dicts (a tenth of
+        the time); None where a block, a controller or a hook asks for the general path."""
+        ctrl = self._modules.get("tsc_controller")
+        # the fast path stands for NetworkController.forward: not where the controller's forward is
+        # replaced (a subclass, an instance attribute) or hooked
+        if (type(ctrl) is not NetworkController or "forward" in ctrl.__dict__ or ctrl._forward_hooks
+                or ctrl._forward_pre_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks):
+            return None
+        try:
+            blocks = [block for stage in self.tsc_stages() for block in stage._modules.values()]
+            # blocks whose tsc_weights() is _TSCBlock's (their controller_convs' weights): another
+            # may compute anything. One set, not a call per block (the host cost stays O(1) calls).
+            if {type(block).tsc_weights for block in blocks} != _DEFAULT_TSC_WEIGHTS:
+                return None
+            weights = [block._modules[n]._parameters["weight"] for block in blocks for n in type(block).controller_convs]
+            params = [c._modules[m]._parameters[p] for c in ctrl._modules["stages"]._modules.values() if c.mode == "lstm"
+                      for m, p in _LSTM_PARAM_PATHS]
+        except (KeyError, AttributeError):  # a parametrized conv (no "weight" parameter), another stage kind
+            return None
+        return ctrl, weights, params
+
+    def _planned_step_sizes(self) -> list[Sequence[torch.Tensor]] | None:
+        tensors = self._controller_tensors()
+        if tensors is None:
+            return None
+        ctrl, weights, params = tensors
+        # the plan lives with the controller (fold, which drops the controller, drops it too)
+        plan = ctrl.__dict__.get("_plan")
+        if plan is _MIXED:  # some stages are 2fc / indp, or mix modes: network_dt every step
+            return None
+        if plan is None or not plan.matches(weights, params):
+            # network_dt's checks, with their messages, then the plan (None: mixed controller modes)
+            plan = NetworkPlan.build(self.controller_inputs(), list(ctrl.stages))
+            ctrl.__dict__["_plan"] = _MIXED if plan is None else plan
+            if plan is None:
+                return None
+        try:
+            if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+                with _autocast_off():  # the controller runs fp32 (NetworkController.forward)
+                    dts = plan.run(weights, params)
+            else:
+                dts = plan.run(weights, params)
+        except Exception:
+            # a weight changed dtype, device or shape in place: network_dt's checks name it
+            ctrl.__dict__["_plan"] = None
+            return None
+        out, start = [], 0
+        for L in plan.blocks:
+            out.append(dts[start:start + L])
+            start += L
+        return out
+
     def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
-        for stage, dts in zip(self.tsc_stages(), self.stage_step_sizes()):
-            # unbind, not dts[d]: its backward is one stack per stage, where L indexings would cost
-            # a zeros + copy + add per block in the backward pass
-            for block, dt in zip(stage, dts.unbind(0)):
+        for stage, dts in zip(self.tsc_stages(), self.block_step_sizes()):
+            for block, dt in zip(stage, dts):
                 x = block(x, dt)
         return x
+
+
+_MIXED = object()  # the plan of a controller whose stages NetworkPlan does not cover
+
+
+_DEFAULT_TSC_WEIGHTS = {_blocks._TSCBlock.tsc_weights}
 
 
 # plain network class -> its TSC subclass; every model family adds to it (register_network)

@@ -31,13 +31,14 @@ Ops:
 """
 from __future__ import annotations
 
+from operator import is_
 from typing import Sequence
 
 import torch
 
 from .. import _checks, reference
 from . import weight_mean as _weight_mean
-from .registry import OpDef, define, dispatch
+from .registry import OpDef, define, dispatch, eager_op
 
 PARAMS_PER_STAGE = 8
 SAVED_PER_UNIT = 7  # x, i, f, g, o, c, h per hidden unit and block
@@ -146,6 +147,42 @@ def network_dt(weights: Sequence[Sequence[Sequence[torch.Tensor]]], controllers:
     Returns:
         one (L_s, C_s) Δt tensor per stage.
     """
+    flat, lengths, first = _validated(weights, controllers)
+    lstm = [s for s, c in enumerate(controllers) if c.mode == "lstm"]
+    acc = reference.accumulation_dtype(first.dtype)
+    out: list[torch.Tensor | None] = [None] * len(controllers)
+    for s, ctrl in enumerate(controllers):  # constant Δt: no weight_mean, no controller launch
+        if ctrl.mode == "fixed":
+            out[s] = ctrl.fixed_step_sizes(lengths[s][0], first.new_empty(0, dtype=acc))
+    if not flat:  # every stage is fixed
+        return out
+    params_of = _check_lstm_params(controllers, lengths, first)
+    # One launch for every block's w̄ (validated above); stage s's (L_s, D_s) rows follow stage s-1's
+    # (fixed stages skipped).
+    wbar_all = dispatch("weight_mean", first.device)(flat)
+    read = [s for s, c in enumerate(controllers) if c.mode != "fixed"]
+    wbars: dict[int, torch.Tensor] = {}  # each stage's (L_s, D_s) w̄, needed when some stage is not lstm
+    if len(lstm) != len(read):
+        pieces = torch.split(wbar_all, [lengths[s][0] * lengths[s][1] for s in read])
+        wbars = {s: w.view(lengths[s]) for s, w in zip(read, pieces)}
+    if lstm:
+        params = [p for s in lstm for p in params_of[s]]
+        # All-lstm networks (the default) pass the packed w̄ as it is; mixed ones gather the lstm stages.
+        wbar_lstm = torch.cat([wbars[s].reshape(-1) for s in lstm]) if wbars else wbar_all
+        blocks = [lengths[s][0] for s in lstm]
+        dt_packed = _run(wbar_lstm, blocks, params)
+        sizes = [lengths[s][0] * controllers[s].channels for s in lstm]
+        for s, dt in zip(lstm, torch.split(dt_packed, sizes)):
+            out[s] = dt.view(lengths[s][0], controllers[s].channels)
+    for s, ctrl in enumerate(controllers):
+        if out[s] is None:
+            out[s] = ctrl(wbars[s])
+    return out
+
+
+def _validated(weights, controllers) -> tuple[list, list, torch.Tensor]:
+    """network_dt's checks of weights against controllers: (flat list of the weights the non-fixed
+    stages read, [(L_s, D_s)] per stage, the network's first conv weight)."""
     if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
         raise TypeError(f"weights must be a list (stages) of lists (blocks) of lists of conv weights, got {type(weights).__name__}")
     if len(weights) != len(controllers):
@@ -172,37 +209,89 @@ def network_dt(weights: Sequence[Sequence[Sequence[torch.Tensor]]], controllers:
         if ctrl.mode != "lstm" and len(blocks) != ctrl.num_blocks:
             raise ValueError(f"weights[{s}] has {len(blocks)} blocks but stage {s}'s {ctrl.mode!r} controller has num_blocks={ctrl.num_blocks}")
         lengths.append((len(blocks), ctrl.in_features))
-    lstm = [s for s, c in enumerate(controllers) if c.mode == "lstm"]
+    return flat, lengths, first
+
+
+def _check_lstm_params(controllers, lengths: list, first: torch.Tensor) -> dict:
+    """The lstm stages' parameters against their w̄ (dtype, device, shapes), before any launch:
+    {stage: its 8 parameters}."""
     acc = reference.accumulation_dtype(first.dtype)
-    out: list[torch.Tensor | None] = [None] * len(controllers)
-    for s, ctrl in enumerate(controllers):  # constant Δt: no weight_mean, no controller launch
-        if ctrl.mode == "fixed":
-            out[s] = ctrl.fixed_step_sizes(lengths[s][0], first.new_empty(0, dtype=acc))
-    if not flat:  # every stage is fixed
-        return out
-    params_of = {s: controllers[s].lstm_params() for s in lstm}
-    for s in lstm:  # parameters against the stage's w̄ (dtype, device, shapes) before any launch
-        if not _checks.lstm_params_like(params_of[s], lengths[s][1], acc, first.device):
+    params_of = {s: c.lstm_params() for s, c in enumerate(controllers) if c.mode == "lstm"}
+    for s, params in params_of.items():
+        if not _checks.lstm_params_like(params, lengths[s][1], acc, first.device):
             stand_in = first.new_empty(1, dtype=acc).as_strided(lengths[s], (0, 0))  # w̄'s shape, no data
-            _checks.lstm_controller_args(stand_in, params_of[s])
-    # One launch for every block's w̄ (validated above); stage s's (L_s, D_s) rows follow stage s-1's
-    # (fixed stages skipped).
-    wbar_all = dispatch("weight_mean", first.device)(flat)
-    read = [s for s, c in enumerate(controllers) if c.mode != "fixed"]
-    wbars: dict[int, torch.Tensor] = {}  # each stage's (L_s, D_s) w̄, needed when some stage is not lstm
-    if len(lstm) != len(read):
-        pieces = torch.split(wbar_all, [lengths[s][0] * lengths[s][1] for s in read])
-        wbars = {s: w.view(lengths[s]) for s, w in zip(read, pieces)}
-    if lstm:
-        params = [p for s in lstm for p in params_of[s]]
-        # All-lstm networks (the default) pass the packed w̄ as it is; mixed ones gather the lstm stages.
-        wbar_lstm = torch.cat([wbars[s].reshape(-1) for s in lstm]) if wbars else wbar_all
-        blocks = [lengths[s][0] for s in lstm]
-        dt_packed = _run(wbar_lstm, blocks, params)
-        sizes = [lengths[s][0] * controllers[s].channels for s in lstm]
-        for s, dt in zip(lstm, torch.split(dt_packed, sizes)):
-            out[s] = dt.view(lengths[s][0], controllers[s].channels)
-    for s, ctrl in enumerate(controllers):
-        if out[s] is None:
-            out[s] = ctrl(wbars[s])
-    return out
+            _checks.lstm_controller_args(stand_in, params)
+    return params_of
+
+
+class NetworkPlan:
+    """network_dt's work for one network, checked once and reused every step while the network's
+    conv weights and controller parameters are the same tensors (``matches``): the flat weight list,
+    the stages' block counts, the controller parameters in the op's order and the per-block split.
+
+    ``run`` does a training step's controller work in the fewest ops: one weight_mean launch for
+    every conv, one controller launch for every stage, one split of the packed Δt into the blocks'
+    (C_s,) views (its backward: one cat); "fixed" networks one fill and the split. No per-step
+    argument checks: the fused ops check shapes, dtypes and devices in C++, and a caller whose
+    ``run`` fails runs network_dt, whose checks name the argument. Networks whose stages are all
+    "lstm" or all "fixed" have a plan (``build`` returns None otherwise: network_dt runs every step).
+    """
+
+    def __init__(self, weights: list, params: list, controllers: Sequence[torch.nn.Module], lengths: list):
+        self.weights, self.params = tuple(weights), tuple(params)
+        self.fixed = controllers[0].mode == "fixed"
+        self.blocks = [L for L, _ in lengths]
+        self.channels = [c.channels for c in controllers]
+        # Δt of block d of stage s: (C_s,) at its offset of the packed (Σ L_s C_s,) output
+        self.block_sizes = [C for L, C in zip(self.blocks, self.channels) for _ in range(L)]
+        self.dtype, self.device = self.weights[0].dtype, self.weights[0].device
+        self.acc = reference.accumulation_dtype(self.dtype)
+        self.numel = sum(self.block_sizes)
+        self.fixed_values = [c.dt for c in controllers] if self.fixed else None
+        self.meta = self._meta(list(self.weights) + list(self.params))
+
+    @classmethod
+    def build(cls, weights: Sequence[Sequence[Sequence[torch.Tensor]]], controllers: Sequence[torch.nn.Module]) -> "NetworkPlan | None":
+        """The plan of network_dt(weights, controllers), after network_dt's checks (raising as it does)."""
+        flat, lengths, first = _validated(weights, controllers)
+        modes = {c.mode for c in controllers}
+        if modes == {"fixed"}:  # reads no weights; all of them identify the network's structure
+            return cls([w for blocks in weights for ws in blocks for w in ws], [], controllers, lengths)
+        if modes != {"lstm"}:
+            return None
+        params = [p for c in controllers for p in c.lstm_params()]
+        _check_lstm_params(controllers, lengths, first)
+        return cls(flat, params, controllers, lengths)
+
+    def matches(self, weights: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> bool:
+        """Whether the plan still describes these tensors (the same objects in the same order, the
+        first weight's dtype and device unchanged)."""
+        return (len(weights) == len(self.weights) and len(params) == len(self.params)
+                and all(map(is_, weights, self.weights)) and all(map(is_, params, self.params))
+                and weights[0].dtype == self.dtype and weights[0].device == self.device)
+
+    def run(self, weights: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Every block's Δt, (C_s,) each, in block order: the views of one packed tensor. Eager
+        only (the ops come from eager_op; under torch.compile network_dt is traced instead)."""
+        if self.fixed:  # the fill of every stage's (L_s, C_s) in one
+            if len(set(self.fixed_values)) == 1:
+                packed = torch.full((self.numel,), self.fixed_values[0], dtype=self.acc, device=self.device)
+            else:
+                packed = torch.cat([torch.full((L * C,), v, dtype=self.acc, device=self.device)
+                                    for v, L, C in zip(self.fixed_values, self.blocks, self.channels)])
+            return torch.split_with_sizes(packed, self.block_sizes)
+        weights = weights if isinstance(weights, list) else list(weights)
+        params = params if isinstance(params, list) else list(params)
+        weight_mean, checks = eager_op("weight_mean", self.device)
+        controller, controller_checks = eager_op("lstm_controller", self.device)
+        if not (checks and controller_checks) and self._meta(weights + params) != self.meta:
+            # The Triton launchers and the reference do not check every dtype and shape (a kernel
+            # would read another dtype's bytes): a tensor changed in place since the plan's checks
+            raise ValueError("the network's conv weights or controller parameters changed dtype, device or shape")
+        wbar = weight_mean(weights)
+        out = controller(wbar, self.blocks, params)
+        return torch.split_with_sizes(out[0] if isinstance(out, tuple) else out, self.block_sizes)
+
+    @staticmethod
+    def _meta(tensors: list) -> list:
+        return [(t.dtype, t.device, t.shape) for t in tensors]

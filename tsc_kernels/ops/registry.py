@@ -214,3 +214,24 @@ def dispatch(name: str, device: torch.device):
     if not torch.compiler.is_compiling():
         _RESOLVED[(name, device, setting)] = found
     return found
+
+
+def eager_op(name: str, device: torch.device):
+    """``(op, checks)`` for a caller that knows it is not being compiled (it checked
+    ``torch.compiler.is_compiling()``): dispatch(name, device)'s op as its default overload's C++
+    entry point (what ``OpOverload.__call__`` calls, without that Python frame), and whether the op
+    checks its arguments itself (the C++ ops of the cpu / cuda backends: every shape, dtype and
+    device, TORCH_CHECK before any work). A caller that skips the Python checks must run them when
+    ``checks`` is False (the Triton launchers and the reference do not check everything)."""
+    key = (name, device, backend._current)
+    hit = _EAGER.get(key)
+    if hit is None:
+        found = dispatch(name, device)
+        hit = (found.default._op, found is OPS[name].op())
+        if _RESOLVED.get(key) is not found:  # not cached by dispatch (auto's reference on CUDA warns)
+            return hit
+        _EAGER[key] = hit
+    return hit
+
+
+_EAGER: dict = {}
