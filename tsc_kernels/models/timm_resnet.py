@@ -118,15 +118,16 @@ class TSCTimmResNet(_TSCNetwork, ResNet):
     plain_class = ResNet
     stage_names = ("layer1", "layer2", "layer3", "layer4")
 
-    def _run_stage(self, stage: nn.Sequential, dts: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _run_stage(self, stage: nn.Sequential, dts, x: torch.Tensor) -> torch.Tensor:
+        """The stage's blocks on x; dts: each block's Δt (one entry of block_step_sizes())."""
         checkpoint = self.grad_checkpointing and not torch.jit.is_scripting()
-        for block, dt in zip(stage, dts.unbind(0)):
+        for block, dt in zip(stage, dts):
             # timm's set_grad_checkpointing: recompute each block in the backward pass, as timm does
             x = torch.utils.checkpoint.checkpoint(block, x, dt, use_reentrant=False) if checkpoint else block(x, dt)
         return x
 
     def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
-        for stage, dts in zip(self.tsc_stages(), self.stage_step_sizes()):
+        for stage, dts in zip(self.tsc_stages(), self.block_step_sizes()):
             x = self._run_stage(stage, dts, x)
         return x
 
@@ -147,7 +148,7 @@ class TSCTimmResNet(_TSCNetwork, ResNet):
         if 0 in take_indices:
             intermediates.append(x)
         x = self.maxpool(x)
-        stages = list(zip(self.tsc_stages(), self.stage_step_sizes()))
+        stages = list(zip(self.tsc_stages(), self.block_step_sizes()))
         if stop_early:
             stages = stages[:max_index]
         for index, (stage, dts) in enumerate(stages, start=1):

@@ -231,7 +231,8 @@ class NetworkPlan:
 
     ``run`` does a training step's controller work in the fewest ops: one weight_mean launch for
     every conv, one controller launch for every stage, one split of the packed Δt into the blocks'
-    (C_s,) views (its backward: one cat); "fixed" networks one fill and the split. No per-step
+    (C_s,) views (its backward: one cat); "fixed" networks no op (their constant Δt, filled once,
+    are kept while the controllers' ``dt`` stays the same; nothing writes to them). No per-step
     argument checks: the fused ops check shapes, dtypes and devices in C++, and a caller whose
     ``run`` fails runs network_dt, whose checks name the argument. Networks whose stages are all
     "lstm" or all "fixed" have a plan (``build`` returns None otherwise: network_dt runs every step).
@@ -247,7 +248,8 @@ class NetworkPlan:
         self.dtype, self.device = self.weights[0].dtype, self.weights[0].device
         self.acc = reference.accumulation_dtype(self.dtype)
         self.numel = sum(self.block_sizes)
-        self.fixed_values = [c.dt for c in controllers] if self.fixed else None
+        self.controllers = tuple(controllers) if self.fixed else ()
+        self.fixed_values, self.fixed_dts = None, None
         self.meta = self._meta(list(self.weights) + list(self.params))
 
     @classmethod
@@ -273,13 +275,20 @@ class NetworkPlan:
     def run(self, weights: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Every block's Δt, (C_s,) each, in block order: the views of one packed tensor. Eager
         only (the ops come from eager_op; under torch.compile network_dt is traced instead)."""
-        if self.fixed:  # the fill of every stage's (L_s, C_s) in one
-            if len(set(self.fixed_values)) == 1:
-                packed = torch.full((self.numel,), self.fixed_values[0], dtype=self.acc, device=self.device)
-            else:
-                packed = torch.cat([torch.full((L * C,), v, dtype=self.acc, device=self.device)
-                                    for v, L, C in zip(self.fixed_values, self.blocks, self.channels)])
-            return torch.split_with_sizes(packed, self.block_sizes)
+        if self.fixed:  # constants: filled once (one fill, one split), kept while the step sizes are the same
+            values = [c.dt for c in self.controllers]
+            if values != self.fixed_values or self.fixed_dts is None:
+                self.fixed_values = values
+                if len(set(values)) == 1:
+                    packed = torch.full((self.numel,), values[0], dtype=self.acc, device=self.device)
+                else:
+                    packed = torch.cat([torch.full((L * C,), v, dtype=self.acc, device=self.device)
+                                        for v, L, C in zip(values, self.blocks, self.channels)])
+                dts = torch.split_with_sizes(packed, self.block_sizes)
+                if torch.is_inference_mode_enabled():  # inference tensors: never saved for a backward
+                    return dts
+                self.fixed_dts = dts
+            return self.fixed_dts
         weights = weights if isinstance(weights, list) else list(weights)
         params = params if isinstance(params, list) else list(params)
         weight_mean, checks = eager_op("weight_mean", self.device)
