@@ -142,3 +142,12 @@ def randomize(model, scale=0.5):
             for p in model.tsc_controller.parameters():
                 p.normal_(0, scale)
     return model
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one intra-op thread (as tsc-experiment and tsc-train's tests do); restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -42,15 +42,6 @@ def randomise_batchnorm(model, seed=0):
     return model
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models run fastest on one intra-op thread (as tsc-experiment does); restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --------------------------------------------------------------------------------------------------
 # CLI plumbing
 # --------------------------------------------------------------------------------------------------

@@ -55,14 +55,6 @@ def datasets(tmp_path_factory):
     return {"cifar": str(root / "cifar"), "folder": str(folder)}
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cifar_args(datasets, out, *extra, model="cifar_resnet20"):
     return ["--dataset", "cifar10", "--data", datasets["cifar"], "--model", model, "--epochs", "2",
             "--batch", "16", "--workers", "0", "--no-progress", "--out", str(out), *extra]

@@ -98,13 +98,18 @@ def _is_foreach(name: str) -> bool:
     return name.startswith("aten::_foreach_")
 
 
-def _under_foreach(event) -> bool:
+def _has_ancestor(event, predicate: Callable[[str], bool]) -> bool:
+    """Whether an event that encloses ``event`` (its CPU parent, or theirs) has a name ``predicate`` accepts."""
     p = event.cpu_parent
     while p is not None:
-        if _is_foreach(p.name):
+        if predicate(p.name):
             return True
         p = p.cpu_parent
     return False
+
+
+def _under_foreach(event) -> bool:
+    return _has_ancestor(event, _is_foreach)
 
 
 def multi_tensor_launches(numels: list[int], depth: int) -> int:
@@ -172,12 +177,7 @@ def count_kernels(fn: Callable[[], object]) -> int:
 
 
 def _under_op(event) -> bool:
-    p = event.cpu_parent
-    while p is not None:
-        if _is_op(p.name):
-            return True
-        p = p.cpu_parent
-    return False
+    return _has_ancestor(event, _is_op)
 
 
 def count_ops(fn: Callable[[], object]) -> tuple[int, int]:
