@@ -16,7 +16,8 @@ import torch
 from . import _extension, backend
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
+    """The installed version of distribution `dist`, or None when it is not installed."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -52,7 +53,7 @@ def info() -> dict:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "torch_cuda": torch.version.cuda,
-            "triton": _version("triton"),
+            "triton": package_version("triton"),
         },
         "extension": {
             "loaded": _extension.has_cpp_ops(),

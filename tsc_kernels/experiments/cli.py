@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.metadata
 import json
 import os
 import pkgutil
@@ -18,6 +17,7 @@ from .data import DATASETS
 from .registry import SUBCOMMANDS
 from .data import family
 from .training import ARCHS, RECIPES, VARIANTS, Context
+from .._info import package_version as _version
 
 
 def discover() -> dict:
@@ -84,13 +84,6 @@ def build_parser(subcommands: dict) -> argparse.ArgumentParser:
     all_parser.add_argument("--skip", type=_name_list(list(subcommands), "subcommand"), default=[],
                             help=f"comma-separated subcommands to leave out of all (from {', '.join(subcommands)})")
     return parser
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 def environment() -> dict:
