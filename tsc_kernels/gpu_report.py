@@ -7,8 +7,11 @@
 2. The CUDA kernels' ptxas figures (registers, spills, shared memory per kernel and arch) from the
    extension build log (`make build` keeps it in build/build.log; nvcc runs with -Xptxas -v).
 3. Per op, the bytes the fused kernels move against the minimum of docs/ops.md, at a reference shape.
+4. Per op and GPU backend, the launch plans of tsc_kernels.launch_rules' table of real shapes
+   (docs/gpu.md, launch plans): launches, the fewest blocks of a launch moving >= 8 MB, the longest
+   dependent chain, the smallest request of a big launch, the most shared memory, rule violations.
 Must run without TRITON_INTERPRET=1. Exits 1 when a Triton kernel fails to compile or spills (beyond
-the explained entries of aot.KNOWN_SPILLS).
+the explained entries of aot.KNOWN_SPILLS), or a plan breaks a rule.
 """
 from __future__ import annotations
 
@@ -65,6 +68,44 @@ def residual_traffic(shape=(8, 256, 56, 56), elem_bytes=4) -> list[dict]:
     ]
 
 
+def launch_plan_summary() -> list[dict]:
+    """One row per (op, backend) over every case of launch_rules' table; `error` where a plan fails."""
+    from . import launch_rules
+    from ._launch_plan import BACKENDS, launch_plan
+
+    rows: dict = {}
+    for _, op, args in launch_rules.cases():
+        for backend in BACKENDS:
+            r = rows.setdefault((op, backend), dict(op=op, backend=backend, cases=0, launches=0, min_big_blocks=None,
+                                                    max_chain=0, min_big_request=None, max_smem=0, violations=[]))
+            r["cases"] += 1
+            try:
+                plan = launch_plan(op, *args, backend=backend, sms=launch_rules.SMS)
+            except Exception as e:  # a planner that fails is reported, not hidden
+                r["violations"].append(f"no plan: {type(e).__name__}: {e}")
+                continue
+            r["launches"] += len(plan)
+            for launch in plan:
+                r["max_chain"] = max(r["max_chain"], launch["chain"])
+                r["max_smem"] = max(r["max_smem"], launch["smem"])
+                if launch["bytes"] >= launch_rules.BIG:
+                    blocks = launch["grid"][0] * launch["grid"][1] * launch["grid"][2]
+                    r["min_big_blocks"] = min(blocks, r["min_big_blocks"] or blocks)
+                    r["min_big_request"] = min(launch["request_bytes"], r["min_big_request"] or launch["request_bytes"])
+            r["violations"] += launch_rules.violations(op, args, plan)
+    return list(rows.values())
+
+
+def format_launch_plans(rows: list[dict]) -> str:
+    lines = [f"  {'op':28s} {'backend':7s} {'cases':>5s} {'launches':>8s} {'min blocks':>10s} {'max chain':>9s} "
+             f"{'min request':>11s} {'max smem':>8s}  violations"]
+    for r in rows:
+        lines.append(f"  {r['op']:28s} {r['backend']:7s} {r['cases']:5d} {r['launches']:8d} {r['min_big_blocks']!s:>10s} "
+                     f"{r['max_chain']:9d} {r['min_big_request']!s:>11s} {r['max_smem']:8d}  {len(r['violations'])}")
+        lines += [f"      {v}" for v in r["violations"][:3]]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--build-log", default=os.path.join("build", "build.log"))
@@ -85,11 +126,16 @@ def main(argv=None) -> int:
     print("\nBytes moved per call at (8, 256, 56, 56) fp32")
     for t in traffic:
         print(f"  {t['op']:34s} fused {t['fused'] / 2**20:8.1f} MiB  minimum {t['minimum'] / 2**20:8.1f} MiB  ({t['note']})")
+    plans = launch_plan_summary()
+    print("\nLaunch plans at the real shapes of tsc_kernels.launch_rules (sms=132; blocks and requests of"
+          " launches moving >= 8 MB; chain: dependent steps in one thread or program)")
+    print(format_launch_plans(plans))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(triton=triton_rows, triton_uncovered=missing, triton_known_spills=aot.KNOWN_SPILLS,
-                           cuda=cuda_rows, traffic=traffic), fh, indent=1)
+                           cuda=cuda_rows, traffic=traffic, launch_plans=plans), fh, indent=1)
     bad = [r for r in triton_rows if aot.is_bad(r)] + [r for r in cuda_rows if r["spills"]]
+    bad += [r for r in plans if r["violations"]]
     return 1 if bad or missing else 0
 
 

@@ -12,6 +12,10 @@ launches they make on a GPU, not the per-tensor ops of the CPU's loop: on a GPU 
 elements; on a CPU the same op loops over the tensors, one ``add_`` (and for a scalar operand one
 scalar-wrapping ``copy_``) per tensor, which would count every parameter of the model three times
 per optimizer step.
+
+``launch_plan(op, *args, backend, sms=132)`` (tsc_kernels/_launch_plan.py, docs/gpu.md) is the
+other half of the GPU proxy: the grids, chains and request sizes of the kernels an op launches on a
+GPU, from the launchers' own planning code.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ import tempfile
 from typing import Callable, Iterator
 
 from torch.profiler import ProfilerActivity, profile
+
+from ._launch_plan import launch_plan  # noqa: F401  (public: tsc_kernels.profiling.launch_plan)
 
 # Kineto's own log lines ("USDT:2026-12-06 03:49:05 7862:7862 SyncActivityProfilerHandler.cpp:39]
 # profiler_start", "ERROR:... DeviceProperties.cpp:56] gpuGetDeviceCount failed" on a machine
