@@ -1,9 +1,10 @@
 """The Triton fused BatchNorm tail (tsc_kernels._triton.batch_norm_residual_update) vs
 tsc_kernels.reference, run on CPU tensors under the Triton interpreter.
 
-Under the interpreter the launchers use 32-element tiles, 8-channel row tiles and at most 3 chunks
-per channel, so these small odd shapes run several chunks per channel, several tiles per chunk and
-partial tiles: the deterministic partial-sum + fixed-order finalize path the GPU runs.
+The `small_sizes` fixture (every test here) makes the launchers use 32-element tiles, 8-channel row
+tiles, at most 3 chunks per channel and merges of 2-chunk tiles (bn_triton.SMALL, _reduce), so these
+small odd shapes run several chunks per channel, several tiles per chunk, partial tiles and merges
+over several chunk tiles: the deterministic partial-sum + fixed-order finalize path the GPU runs.
 """
 import os
 
@@ -19,11 +20,19 @@ import tsc_kernels  # noqa: E402
 from tsc_kernels import reference  # noqa: E402
 from conftest import TOLERANCES, count_triton_launches  # noqa: E402
 import tsc_kernels._triton.batch_norm_residual_update as bn_triton  # noqa: E402  (registers the tsc::*_triton ops)
+import tsc_kernels._triton._reduce as reduce_triton  # noqa: E402
 
 op = torch.ops.tsc.batch_norm_residual_update_triton
 bwd_op = torch.ops.tsc.batch_norm_residual_update_backward_triton
 
 SHAPES = [(3, 7, 5, 4), (2, 5, 9), (2, 3, 2, 3, 5), (5, 6)]
+
+
+@pytest.fixture(autouse=True)
+def small_sizes(monkeypatch):
+    monkeypatch.setattr(bn_triton, "RUN", bn_triton.SMALL)
+    monkeypatch.setattr(reduce_triton, "BLOCK_K", 2)
+    monkeypatch.setattr(reduce_triton, "BLOCK_C", 4)
 CL_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
@@ -352,15 +361,16 @@ def test_public_api_dispatches_to_triton():
 
 
 def test_plan_keeps_chunks_within_limits():
-    # the chunking rule (at this run's tile sizes) on network-sized shapes: chunks on grid axis 1
+    # the chunking rule (GPU and test sizes) on network-sized shapes: chunks on grid axis 1
     # <= MAX_CHUNKS <= 65535, every chunk a whole number of tiles, the chunks covering the rows exactly
-    assert bn_triton.MAX_CHUNKS <= 65535
-    for shape, cl in [((256, 64, 56, 56), False), ((256, 2048, 7, 7), False), ((256, 64, 56, 56), True), ((4096, 3), False)]:
-        t = torch.empty(shape, device="meta")
-        p = bn_triton._plan(t.to(memory_format=torch.channels_last) if cl else t, cl)
-        assert 1 <= p["n_chunks"] <= bn_triton.MAX_CHUNKS
-        assert p["a_per"] % p["BLOCK_A"] == 0 and p["BLOCK_A"] * p["BLOCK_B"] == bn_triton.TILE
-        assert (p["n_chunks"] - 1) * p["a_per"] < p["A"] <= p["n_chunks"] * p["a_per"]
+    for sizes in (bn_triton.GPU, bn_triton.SMALL):
+        assert sizes.MAX_CHUNKS <= 65535
+        for shape, cl in [((256, 64, 56, 56), False), ((256, 2048, 7, 7), False), ((256, 64, 56, 56), True), ((4096, 3), False)]:
+            t = torch.empty(shape, device="meta")
+            p = bn_triton._plan(t.to(memory_format=torch.channels_last) if cl else t, cl, sizes)
+            assert 1 <= p["n_chunks"] <= sizes.MAX_CHUNKS
+            assert p["a_per"] % p["BLOCK_A"] == 0 and p["BLOCK_A"] * p["BLOCK_B"] == sizes.TILE
+            assert (p["n_chunks"] - 1) * p["a_per"] < p["A"] <= p["n_chunks"] * p["a_per"]
 
 
 @pytest.mark.parametrize("strided", ["var", "mean", "both"])

@@ -109,3 +109,46 @@ class DeviceTableCache:
                     break
             else:
                 return  # everything left is referenced by a captured graph
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch plans (tsc_kernels/_launch_plan.py; fields in docs/gpu.md): each op module's
+# `launch_plan(*forward_args, sms)` builds its launches from the same planning function its
+# launchers call, with these helpers for the fields that are estimates.
+# ---------------------------------------------------------------------------------------------
+WARP = 32
+# Triton's coalescing pass gives a thread at most 16 contiguous bytes per load instruction, so one
+# warp's load covers at most 32 x 16 = 512 contiguous bytes.
+MAX_WARP_REQUEST = WARP * 16
+
+
+def request_bytes(run: int, elem: int) -> int:
+    """Contiguous bytes one warp's main load covers when its lanes walk `run` adjacent elements of
+    `elem` bytes (run = 1: lanes a stride apart, one element each)."""
+    return max(elem, min(run * elem, MAX_WARP_REQUEST))
+
+
+def reduce_smem(outputs: int, warps: int, elem: int) -> int:
+    """Shared memory of a tl.sum whose values span the warps (the one estimate of every Triton plan):
+    Triton combines the warps' partials through a scratch buffer of one slot per (output, warp);
+    0 for a single warp. `outputs` = values the reduction yields (1 for a full sum)."""
+    return outputs * warps * elem if warps > 1 else 0
+
+
+def launch(kernel: str, phase: str, grid, warps: int, *, bytes: int, chain: int, request_bytes: int,
+           smem: int) -> dict:
+    """One launch-plan entry: grid padded to 3 dimensions, threads = num_warps * 32."""
+    g = tuple(int(x) for x in grid) + (1,) * (3 - len(grid))
+    return dict(kernel=kernel, phase=phase, grid=g, threads=warps * WARP, bytes=int(bytes), chain=int(chain),
+                request_bytes=int(request_bytes), smem=int(smem))
+
+
+def tile_request_bytes(block_cols: int, valid_cols: int, elem: int, rows_adjacent: bool) -> int:
+    """request_bytes of a 2-D tile load whose columns are contiguous in memory: Triton spreads a warp
+    over ceil(32 / lanes per row) rows of the tile, each lane holding up to 16 contiguous bytes. When
+    the rows follow each other in memory (row stride == valid_cols), the warp's rows form one run."""
+    vec = max(1, min(16 // elem, block_cols))
+    lanes_per_row = max(1, min(WARP, block_cols // vec))
+    rows_per_warp = WARP // lanes_per_row
+    run = valid_cols * rows_per_warp if rows_adjacent else min(valid_cols, lanes_per_row * vec)
+    return request_bytes(run, elem)

@@ -20,9 +20,8 @@ Arithmetic runs in the accumulation dtype (fp32; fp64 for fp64 inputs), the dtyp
 """
 from __future__ import annotations
 
-import os
 import struct
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -33,20 +32,39 @@ from tsc_kernels.ops._layout import channel_view, is_channels_last_like, to_layo
 from tsc_kernels.ops.registry import triton_backward, triton_forward
 from tsc_kernels.reference import accumulation_dtype
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# TILE: elements per tile (BLOCK_A * BLOCK_B); ROWS_BLOCK_C: channels per tile of the rows layout;
-# MIN_CHUNK: elements a program walks at least (amortises its per-channel loads and its partial);
-# MAX_CHUNKS: bound of the chunks per channel (the partial buffers and the finalize loops);
-# FINAL_BLOCK: channels per finalize program. The GPU sizes compile spill-free for sm_80 / sm_90
-# (aot.py); under the interpreter small tiles make the tiny test shapes run several chunks, several
-# tiles per chunk and partial tiles, so the tests cover every path of the GPU chunking.
-if _INTERPRET:
-    TILE, ROWS_BLOCK_C, MIN_CHUNK, MAX_CHUNKS, FINAL_BLOCK, NUM_WARPS = 32, 8, 16, 3, 4, 1
-else:
-    TILE, ROWS_BLOCK_C, MIN_CHUNK, MAX_CHUNKS, FINAL_BLOCK, NUM_WARPS = 1024, 64, 16384, 1024, 128, 4
-# The backward reduction holds two 1024-element accumulators: at 4 warps its aligned (JIT) fp32 rows
-# variant spilled 16 B on sm_80 (tests/test_triton_aot.py); 8 warps halve the registers per thread.
-REDUCE_WARPS = NUM_WARPS if _INTERPRET else 8
+from . import _launch
+from ._reduce import chunk_sum, log2
+
+class Sizes(NamedTuple):
+    """Tile and chunk sizes. TILE: elements per tile (BLOCK_A * BLOCK_B); ROWS_BLOCK_C: channels per
+    tile of the rows layout; MIN_CHUNK: elements a program walks at least (amortises its per-channel
+    loads and its partial); MAX_CHUNKS: bound of the chunks per channel (the partial buffers and the
+    merges); FINAL_BLOCK: channels per finalize program, FINAL_BLOCK_K: chunks per tile of its merge
+    (_reduce.chunk_sum); NUM_WARPS of every kernel but the backward reduction's REDUCE_WARPS."""
+    TILE: int
+    ROWS_BLOCK_C: int
+    MIN_CHUNK: int
+    MAX_CHUNKS: int
+    FINAL_BLOCK: int
+    FINAL_BLOCK_K: int
+    NUM_WARPS: int
+    REDUCE_WARPS: int
+
+
+# The GPU sizes compile spill-free for sm_80 / sm_90 (aot.py). The backward reduction holds two
+# 1024-element accumulators: at 4 warps its aligned (JIT) fp32 rows variant spilled 16 B on sm_80
+# (tests/test_triton_aot.py); 8 warps halve the registers per thread. The finalize merges a
+# (64 chunks, 32 channels) tile per step: <= 1024 chunks take 16 steps per pass and a 6-deep tree.
+GPU = Sizes(TILE=1024, ROWS_BLOCK_C=64, MIN_CHUNK=16384, MAX_CHUNKS=1024, FINAL_BLOCK=32, FINAL_BLOCK_K=64,
+            NUM_WARPS=4, REDUCE_WARPS=8)
+# Small sizes for tests under the interpreter (tests/test_batch_norm_residual_update_triton.py sets
+# RUN = SMALL): tiny shapes then run several chunks, several tiles per chunk and partial tiles, and
+# the finalize several chunk tiles (2 chunks each, the last one partial): every path of the GPU chunking.
+SMALL = Sizes(TILE=32, ROWS_BLOCK_C=8, MIN_CHUNK=16, MAX_CHUNKS=3, FINAL_BLOCK=4, FINAL_BLOCK_K=2,
+              NUM_WARPS=1, REDUCE_WARPS=1)
+# The sizes the launchers and launch_plan use (read at call time): the GPU's, also under the
+# interpreter, so that a launch plan is both what the launchers launch and what a GPU runs.
+RUN = GPU
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,26 +165,34 @@ def bn_stats_kernel(x_ptr, part_ptr, A, C, inner, a_per, n_chunks,
 
 @triton.jit
 def bn_stats_finalize_kernel(part_ptr, mean_ptr, invstd_ptr, rm_ptr, rv_ptr, A, C, inner, a_per, n_chunks,
-                             mom_hi, mom_lo, eps_hi, eps_lo, HAS_RUNNING: tl.constexpr, BLOCK: tl.constexpr):
-    """Program j: channels j*BLOCK..; merges the chunks' (mean, M2) in chunk order (Chan et al.),
-    writes save_mean / save_invstd and updates the running statistics (in their own dtype)."""
+                             mom_hi, mom_lo, eps_hi, eps_lo, HAS_RUNNING: tl.constexpr, BLOCK: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    """Program j: channels j*BLOCK..; merges the chunks' (mean, M2) (Chan et al.) without a serial
+    chain: every chunk but the last holds n = a_per * inner values, so with d_k = mean_k - mean_0
+        mean = mean_0 + (n Σ_k d_k + (n_last - n) d_last) / total
+        M2   = Σ_k M2_k + n Σ_k e_k² + (n_last - n) e_last²,   e_k = mean_k - mean
+    three fixed-order tile sums (_reduce.chunk_sum) and one weighted term for the short last chunk.
+    Writes save_mean / save_invstd and updates the running statistics (in their own dtype)."""
     c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     cmask = c < C
     acc_ty = mean_ptr.dtype.element_ty
-    mean = tl.zeros([BLOCK], dtype=acc_ty)
-    m2 = tl.zeros([BLOCK], dtype=acc_ty)
-    for k in range(0, n_chunks):
-        k64 = k + tl.zeros([], dtype=tl.int64)
-        n_before = (k64 * a_per * inner).to(acc_ty)
-        n_k = ((tl.minimum(k64 * a_per + a_per, A) - k64 * a_per) * inner).to(acc_ty)
-        n_tot = n_before + n_k
-        mean_k = tl.load(part_ptr + k64 * C + c, mask=cmask, other=0.0)
-        m2_k = tl.load(part_ptr + (n_chunks + k64) * C + c, mask=cmask, other=0.0)
-        delta = mean_k - mean
-        mean += delta * (n_k / n_tot)
-        m2 += m2_k + delta * delta * (n_before * (n_k / n_tot))
+    last = (n_chunks - 1) + tl.zeros([], dtype=tl.int64)
+    n = (a_per * inner + tl.zeros([], dtype=tl.int64)).to(acc_ty)
+    n_last = ((A - last * a_per) * inner).to(acc_ty)
     total = ((tl.zeros([], dtype=tl.int64) + A) * inner).to(acc_ty)
-    var = m2 / total
+    m2_ptr = part_ptr + n_chunks * C
+    mean0 = tl.load(part_ptr + c, mask=cmask, other=0.0)
+    d_sum = chunk_sum(part_ptr, C, n_chunks, c, cmask, mean0, part_ptr, SHIFTED=True, SQUARE=False, WEIGHTED=False,
+                      BLOCK_K=BLOCK_K)
+    d_last = tl.load(part_ptr + last * C + c, mask=cmask, other=0.0) - mean0
+    mean = mean0 + (n * d_sum + (n_last - n) * d_last) / total
+    e_sum = chunk_sum(part_ptr, C, n_chunks, c, cmask, mean, part_ptr, SHIFTED=True, SQUARE=True, WEIGHTED=False,
+                      BLOCK_K=BLOCK_K)
+    m2_sum = chunk_sum(m2_ptr, C, n_chunks, c, cmask, mean, part_ptr, SHIFTED=False, SQUARE=False, WEIGHTED=False,
+                       BLOCK_K=BLOCK_K)
+    e_last = tl.load(part_ptr + last * C + c, mask=cmask, other=0.0) - mean
+    m2 = m2_sum + n * e_sum + (n_last - n) * (e_last * e_last)
+    var = tl.maximum(m2, 0.0) / total
     eps = _as_acc(eps_hi, eps_lo, acc_ty)
     tl.store(mean_ptr + c, mean, mask=cmask)
     tl.store(invstd_ptr + c, _invstd(var + eps, acc_ty), mask=cmask)
@@ -264,19 +290,19 @@ def bn_bwd_reduce_kernel(g_ptr, x_ptr, out_ptr, dt_ptr, w_ptr, mean_ptr, invstd_
 @triton.jit
 def bn_bwd_finalize_kernel(part_ptr, dt_ptr, w_ptr, b_ptr, invstd_ptr, ddt_ptr, dw_ptr, db_ptr, coef_ptr,
                            total, C, n_chunks,
-                           TRAINING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr):
-    """Program j: channels j*BLOCK..; S1, S2 summed over the chunks in order; ddt = γ S2 + β S1,
+                           TRAINING: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    """Program j: channels j*BLOCK..; S1, S2 summed over the chunks in a fixed order (_reduce.chunk_sum:
+    tiles of BLOCK_K chunks, then a tree); ddt = γ S2 + β S1,
     dweight = dt S2, dbias = dt S1; training: the dx coefficients coef[0] = a S1 / M and
     coef[1] = a invstd S2 / M (a = dt γ invstd), dx = a g' - coef[0] - coef[1] (x - μ)."""
     c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     cmask = c < C
     acc_ty = dt_ptr.dtype.element_ty
-    s1 = tl.zeros([BLOCK], dtype=acc_ty)
-    s2 = tl.zeros([BLOCK], dtype=acc_ty)
-    for k in range(0, n_chunks):
-        k64 = k + tl.zeros([], dtype=tl.int64)
-        s1 += tl.load(part_ptr + k64 * C + c, mask=cmask, other=0.0)
-        s2 += tl.load(part_ptr + (n_chunks + k64) * C + c, mask=cmask, other=0.0)
+    s1 = chunk_sum(part_ptr, C, n_chunks, c, cmask, part_ptr, part_ptr, SHIFTED=False, SQUARE=False, WEIGHTED=False,
+                   BLOCK_K=BLOCK_K)
+    s2 = chunk_sum(part_ptr + n_chunks * C, C, n_chunks, c, cmask, part_ptr, part_ptr, SHIFTED=False, SQUARE=False,
+                   WEIGHTED=False, BLOCK_K=BLOCK_K)
     invstd = tl.load(invstd_ptr + c, mask=cmask, other=0.0)
     s2 = s2 * invstd  # Σ g' x̂
     dt = tl.load(dt_ptr + c, mask=cmask, other=0.0)
@@ -328,25 +354,72 @@ def _split(v: float) -> tuple[float, float]:
     return hi, struct.unpack("f", struct.pack("f", v - hi))[0]
 
 
-def _plan(t: torch.Tensor, cl: bool) -> dict:
-    """Tile shape and chunking of `t` (already in its kernel layout): a function of the shape only."""
+def _plan(t: torch.Tensor, cl: bool, sizes: Optional[Sizes] = None) -> dict:
+    """Tile shape and chunking of `t` (already in its kernel layout; a meta tensor is fine): a function
+    of the shape and `sizes` (default RUN) only; the launchers and launch_plan both call it."""
+    sizes = RUN if sizes is None else sizes
     outer, C, inner = channel_view(t, cl)
     planes = inner > 1
     if planes:
-        block_b = min(max(triton.next_power_of_2(inner), 2), TILE)
+        block_b = min(max(triton.next_power_of_2(inner), 2), sizes.TILE)
         row_len = inner  # values of one channel per row a
         ctiles = C
     else:
-        block_b = ROWS_BLOCK_C
+        block_b = sizes.ROWS_BLOCK_C
         row_len = block_b
         ctiles = triton.cdiv(C, block_b)
-    block_a = TILE // block_b
+    block_a = sizes.TILE // block_b
     steps = triton.cdiv(outer, block_a)
-    per_chunk = max(triton.cdiv(steps, MAX_CHUNKS), triton.cdiv(MIN_CHUNK, block_a * row_len), 1)
+    per_chunk = max(triton.cdiv(steps, sizes.MAX_CHUNKS), triton.cdiv(sizes.MIN_CHUNK, block_a * row_len), 1)
     a_per = per_chunk * block_a
     n_chunks = triton.cdiv(outer, a_per) if outer else 0
     return dict(A=outer, C=C, inner=inner, a_per=a_per, n_chunks=n_chunks, ctiles=ctiles,
-                PLANES=planes, BLOCK_A=block_a, BLOCK_B=block_b)
+                PLANES=planes, BLOCK_A=block_a, BLOCK_B=block_b, final_grid=(triton.cdiv(C, sizes.FINAL_BLOCK),),
+                sizes=sizes)
+
+
+def launch_plan(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu,
+                sms: int = 132) -> list[dict]:
+    """Launches of the forward and the backward for these forward arguments (meta tensors are fine),
+    from the same _plan as the launchers."""
+    cl = is_channels_last_like(y)
+    p = _plan(y, cl)
+    sz = p["sizes"]
+    if p["C"] == 0:
+        return []
+    numel, elem, acc = y.numel(), y.element_size(), dt.element_size()
+    C, chunks, w = p["C"], p["n_chunks"], sz.NUM_WARPS
+    grid = (p["ctiles"], max(chunks, 1))
+    if p["PLANES"]:  # lanes along a channel's plane (inner contiguous values), one channel per program
+        request = _launch.request_bytes(min(p["inner"], p["BLOCK_B"]), elem)
+    else:  # lanes along BLOCK_B channels of a row, rows C values apart
+        request = _launch.tile_request_bytes(p["BLOCK_B"], min(C, p["BLOCK_B"]), elem, rows_adjacent=C <= p["BLOCK_B"])
+    outs = 1 if p["PLANES"] else p["BLOCK_B"]  # values one tile reduction yields
+    tree = log2(p["BLOCK_A"]) + (log2(p["BLOCK_B"]) if p["PLANES"] else 0)
+    part = 2 * chunks * C * acc
+    merge_chain = lambda passes: passes * (triton.cdiv(max(chunks, 1), sz.FINAL_BLOCK_K) + log2(sz.FINAL_BLOCK_K))  # noqa: E731
+    final_smem = _launch.reduce_smem(sz.FINAL_BLOCK, w, acc)
+
+    def tiled(kernel, phase, moved, warps=w, chain=1, smem=0):
+        return _launch.launch(kernel, phase, grid, warps, bytes=moved * numel * elem + part + 4 * C * acc, chain=chain,
+                              request_bytes=request, smem=smem)
+
+    def final(kernel, phase, chain, moved_c):
+        return _launch.launch(kernel, phase, p["final_grid"], w, bytes=part + moved_c * C * acc, chain=chain,
+                              request_bytes=_launch.request_bytes(min(C, sz.FINAL_BLOCK), acc), smem=final_smem)
+
+    plan = []
+    if training:
+        plan += [tiled("bn_stats_kernel", "forward", 1, chain=1 + tree, smem=_launch.reduce_smem(outs, w, acc)),
+                 final("bn_stats_finalize_kernel", "forward", merge_chain(2) + 3, 6)]
+    plan.append(tiled("bn_apply_kernel", "forward", 3))
+    rw = sz.REDUCE_WARPS
+    plan.append(tiled("bn_bwd_reduce_kernel", "backward", (3 if relu else 2) + (1 if relu else 0) + (0 if training else 1),
+                      warps=rw, chain=1 + tree, smem=2 * _launch.reduce_smem(outs, rw, acc)))
+    plan.append(final("bn_bwd_finalize_kernel", "backward", merge_chain(1), 8))
+    if training:
+        plan.append(tiled("bn_bwd_dx_kernel", "backward", 3))
+    return plan
 
 
 @triton_forward("batch_norm_residual_update")
@@ -362,6 +435,7 @@ def batch_norm_residual_update_triton(
     save_mean = x.new_empty(x.shape[1], dtype=acc)
     save_invstd = x.new_empty(x.shape[1], dtype=acc)
     p = _plan(y, cl)
+    sz = p["sizes"]
     if training and p["A"] * p["inner"] <= 1:
         raise ValueError(f"training needs more than 1 value per channel (N * spatial), got input shape {tuple(y.shape)}")
     if p["C"] == 0:
@@ -375,10 +449,11 @@ def batch_norm_residual_update_triton(
     if training:
         part = torch.empty((2, p["n_chunks"], p["C"]), dtype=acc, device=x.device)
         bn_stats_kernel[(p["ctiles"], p["n_chunks"])](
-            x, part, p["A"], p["C"], p["inner"], p["a_per"], p["n_chunks"], **tiles, num_warps=NUM_WARPS)
-        bn_stats_finalize_kernel[(triton.cdiv(p["C"], FINAL_BLOCK),)](
+            x, part, p["A"], p["C"], p["inner"], p["a_per"], p["n_chunks"], **tiles, num_warps=sz.NUM_WARPS)
+        bn_stats_finalize_kernel[p["final_grid"]](
             part, save_mean, save_invstd, rm, rv, p["A"], p["C"], p["inner"], p["a_per"], p["n_chunks"],
-            *_split(momentum), eps_hi, eps_lo, HAS_RUNNING=has_running, BLOCK=FINAL_BLOCK, num_warps=NUM_WARPS)
+            *_split(momentum), eps_hi, eps_lo, HAS_RUNNING=has_running, BLOCK=sz.FINAL_BLOCK,
+            BLOCK_K=sz.FINAL_BLOCK_K, num_warps=sz.NUM_WARPS)
         mean_src, var_src = save_mean, save_invstd
     else:
         mean_src, var_src = rm, rv
@@ -386,7 +461,7 @@ def batch_norm_residual_update_triton(
     bn_apply_kernel[(p["ctiles"], max(p["n_chunks"], 1))](
         y, x, out, dt, w, b, mean_src, var_src, save_mean, save_invstd, p["A"], p["C"], p["inner"], p["a_per"],
         eps_hi, eps_lo, EVAL=not training, HAS_W=weight is not None, HAS_B=bias is not None, RELU=relu,
-        **tiles, num_warps=NUM_WARPS)
+        **tiles, num_warps=sz.NUM_WARPS)
     # A non-contiguous buffer was updated through a contiguous copy: write each back on its own
     # (one may be contiguous and the other not).
     if has_running and rm is not running_mean:
@@ -418,6 +493,7 @@ def batch_norm_residual_update_backward_triton(
     w = weight.contiguous() if weight is not None else dt  # unused pointers without affine
     b = bias.contiguous() if bias is not None else dt
     p = _plan(x, cl)
+    sz = p["sizes"]
     if p["C"]:
         tiles = dict(PLANES=p["PLANES"], BLOCK_A=p["BLOCK_A"], BLOCK_B=p["BLOCK_B"])
         part = torch.empty((2, p["n_chunks"], p["C"]), dtype=acc, device=x.device)
@@ -426,16 +502,16 @@ def batch_norm_residual_update_backward_triton(
             bn_bwd_reduce_kernel[(p["ctiles"], p["n_chunks"])](
                 g, x, out, dt, w, save_mean, save_invstd, dy if relu else dx, dx, part,
                 p["A"], p["C"], p["inner"], p["a_per"], p["n_chunks"],
-                RELU=relu, EVAL=not training, HAS_W=weight is not None, **tiles, num_warps=REDUCE_WARPS)
-        bn_bwd_finalize_kernel[(triton.cdiv(p["C"], FINAL_BLOCK),)](
+                RELU=relu, EVAL=not training, HAS_W=weight is not None, **tiles, num_warps=sz.REDUCE_WARPS)
+        bn_bwd_finalize_kernel[p["final_grid"]](
             part, dt, w, b, save_invstd, ddt, dw if weight is not None else ddt, db if bias is not None else ddt,
             coef, p["A"] * p["inner"], p["C"], p["n_chunks"],
-            TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=FINAL_BLOCK,
-            num_warps=NUM_WARPS)
+            TRAINING=training, HAS_W=weight is not None, HAS_B=bias is not None, BLOCK=sz.FINAL_BLOCK,
+            BLOCK_K=sz.FINAL_BLOCK_K, num_warps=sz.NUM_WARPS)
         if training and p["n_chunks"]:
             bn_bwd_dx_kernel[(p["ctiles"], p["n_chunks"])](
                 dy if relu else g, x, dt, w, save_mean, save_invstd, coef, dx, p["A"], p["C"], p["inner"], p["a_per"],
-                HAS_W=weight is not None, **tiles, num_warps=NUM_WARPS)
+                HAS_W=weight is not None, **tiles, num_warps=sz.NUM_WARPS)
     if relu and is_channels_last_like(relu_out) != cl and x.dim() > 2:
         dy = to_layout(dy, is_channels_last_like(relu_out))  # dy keeps relu_out's layout (the fake's rule)
     return dy, dx, ddt, dw, db
@@ -448,12 +524,12 @@ def batch_norm_residual_update_backward_triton(
 # maps) in fp32; the apply and reduce kernels with ReLU + training and no ReLU + eval (every flag
 # value per dtype and layout). fp32 statistics and affine parameters.
 # ---------------------------------------------------------------------------------------------
-_LAYOUTS = (("planes_long", True, TILE), ("rows", False, ROWS_BLOCK_C), ("planes_short", True, 64))
+_LAYOUTS = (("planes_long", True, GPU.TILE), ("rows", False, GPU.ROWS_BLOCK_C), ("planes_short", True, 64))
 _TILE_SIG = {"A": "i64", "C": "i32", "inner": "i32", "a_per": "i64"}
 
 
 def _tiles(planes: bool, block_b: int) -> dict:
-    return {"PLANES": planes, "BLOCK_A": TILE // block_b, "BLOCK_B": block_b}
+    return {"PLANES": planes, "BLOCK_A": GPU.TILE // block_b, "BLOCK_B": block_b}
 
 
 def _aot_configs() -> list[dict]:
@@ -463,15 +539,17 @@ def _aot_configs() -> list[dict]:
         dict(kernel=bn_stats_finalize_kernel, name=f"batch_norm_stats_finalize_running{int(r)}",
              signature={"part_ptr": "*fp32", "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "rm_ptr": "*fp32", "rv_ptr": "*fp32",
                         **_TILE_SIG, "n_chunks": "i32", "mom_hi": "fp32", "mom_lo": "fp32", "eps_hi": "fp32", "eps_lo": "fp32",
-                        **const(("HAS_RUNNING", "BLOCK"))},
-             constexprs={"HAS_RUNNING": r, "BLOCK": FINAL_BLOCK}, num_warps=NUM_WARPS)
+                        **const(("HAS_RUNNING", "BLOCK", "BLOCK_K"))},
+             constexprs={"HAS_RUNNING": r, "BLOCK": GPU.FINAL_BLOCK, "BLOCK_K": GPU.FINAL_BLOCK_K}, num_warps=GPU.NUM_WARPS)
         for r in (False, True)
     ] + [
         dict(kernel=bn_bwd_finalize_kernel, name=f"batch_norm_bwd_finalize_training{int(t)}",
              signature={"part_ptr": "*fp32", "dt_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "invstd_ptr": "*fp32",
                         "ddt_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "coef_ptr": "*fp32",
-                        "total": "i64", "C": "i32", "n_chunks": "i32", **const(("TRAINING", "HAS_W", "HAS_B", "BLOCK"))},
-             constexprs={"TRAINING": t, "HAS_W": True, "HAS_B": True, "BLOCK": FINAL_BLOCK}, num_warps=NUM_WARPS)
+                        "total": "i64", "C": "i32", "n_chunks": "i32",
+                        **const(("TRAINING", "HAS_W", "HAS_B", "BLOCK", "BLOCK_K"))},
+             constexprs={"TRAINING": t, "HAS_W": True, "HAS_B": True, "BLOCK": GPU.FINAL_BLOCK,
+                         "BLOCK_K": GPU.FINAL_BLOCK_K}, num_warps=GPU.NUM_WARPS)
         for t in (False, True)
     ]
     for dtype in ("fp32", "fp16", "bf16"):
@@ -482,13 +560,13 @@ def _aot_configs() -> list[dict]:
             cfgs.append(dict(
                 kernel=bn_stats_kernel, name=f"batch_norm_stats_{dtype}_{lname}",
                 signature={"x_ptr": f"*{dtype}", "part_ptr": "*fp32", **_TILE_SIG, "n_chunks": "i32", **const(tile_c)},
-                constexprs=tiles, num_warps=NUM_WARPS))
+                constexprs=tiles, num_warps=GPU.NUM_WARPS))
             cfgs.append(dict(
                 kernel=bn_bwd_dx_kernel, name=f"batch_norm_bwd_dx_{dtype}_{lname}",
                 signature={"g_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "dt_ptr": "*fp32", "w_ptr": "*fp32", "mean_ptr": "*fp32",
                            "invstd_ptr": "*fp32", "coef_ptr": "*fp32", "dx_ptr": f"*{dtype}", **_TILE_SIG,
                            **const(("HAS_W",) + tile_c)},
-                constexprs={"HAS_W": True, **tiles}, num_warps=NUM_WARPS))
+                constexprs={"HAS_W": True, **tiles}, num_warps=GPU.NUM_WARPS))
             for relu, training in ((True, True), (False, False)):
                 tag = f"{dtype}_{lname}_relu{int(relu)}_{'train' if training else 'eval'}"
                 cfgs.append(dict(
@@ -498,14 +576,14 @@ def _aot_configs() -> list[dict]:
                                "save_mean_ptr": "*fp32", "save_invstd_ptr": "*fp32", **_TILE_SIG,
                                "eps_hi": "fp32", "eps_lo": "fp32", **const(("EVAL", "HAS_W", "HAS_B", "RELU") + tile_c)},
                     constexprs={"EVAL": not training, "HAS_W": True, "HAS_B": True, "RELU": relu, **tiles},
-                    num_warps=NUM_WARPS))
+                    num_warps=GPU.NUM_WARPS))
                 cfgs.append(dict(
                     kernel=bn_bwd_reduce_kernel, name=f"batch_norm_bwd_reduce_{tag}",
                     signature={"g_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
                                "w_ptr": "*fp32", "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "dy_ptr": f"*{dtype}",
                                "dx_ptr": f"*{dtype}", "part_ptr": "*fp32", **_TILE_SIG, "n_chunks": "i32",
                                **const(("RELU", "EVAL", "HAS_W") + tile_c)},
-                    constexprs={"RELU": relu, "EVAL": not training, "HAS_W": True, **tiles}, num_warps=REDUCE_WARPS))
+                    constexprs={"RELU": relu, "EVAL": not training, "HAS_W": True, **tiles}, num_warps=GPU.REDUCE_WARPS))
     return cfgs
 
 

@@ -6,13 +6,15 @@ kernels take the two strides (sc, ss) so one kernel serves both. Arithmetic runs
 fp64 for fp64 inputs).
   forward    1 launch: reads u, u_prev, f; writes out
   backward   1 launch, one program per (sample, block of channels), looping over the spatial
-             positions: writes du, du_prev, df and the (N, C) partial-sum tables; then a one-program
-             finalize launch reduces them into dk, ddt, dkeep in a fixed order (deterministic).
+             positions in (BLOCK_C, BLOCK_S) tiles sized from the shape (backward_tile): writes du,
+             du_prev, df and the (N, C) partial-sum tables; then the finalize (one program per tile of
+             channels: ddt and a share of dk; one per tile of samples: dkeep) and _reduce's merge of
+             the dk shares, all in a fixed order (deterministic) and without a long serial chain.
+`launch_plan` is built from the same forward_grid / backward_tile / finalize_plan as the launchers.
 """
 from __future__ import annotations
 
-import os
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -22,17 +24,59 @@ from tsc_kernels.ops import multistep_update as _declaration  # noqa: F401  (dec
 from tsc_kernels.ops._layout import is_channels_last_like, to_layout
 from tsc_kernels.ops.registry import triton_backward, triton_forward
 
-from . import _launch
+from . import _launch, _reduce
+from ._reduce import chunk_sum, log2
 
 FWD_BLOCK = 1024
-# (BLOCK_C, BLOCK_S) tiles of the backward: channel-first planes are long along s, channels-last rows along c.
+
+
+class Sizes(NamedTuple):
+    """Backward tiles: TILE elements per (BLOCK_C, BLOCK_S) tile, BLOCK_S (planes: positions, the
+    contiguous axis) between MIN_S and MAX_S; FIN_BLOCK channels (or samples) per finalize program,
+    FIN_BLOCK_K samples (or channels) per step of its merge."""
+    TILE: int
+    MIN_S: int
+    MAX_S: int
+    ROWS_MAX_C: int
+    FIN_BLOCK: int
+    FIN_BLOCK_K: int
+
+
 # 512-element tiles: with 5 loads, 3 stores and 2 accumulators per element (int64 offsets), 1024-element
-# tiles need ~255 registers and spilled on sm_90 (tests/test_triton_aot.py).
-GPU_PLANES_TILE, GPU_ROWS_TILE = (2, 256), (32, 16)
-PLANES_TILE, ROWS_TILE = GPU_PLANES_TILE, GPU_ROWS_TILE
-FIN_BLOCK_N, FIN_BLOCK_C = 32, 64
-if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the interpreter's cost is per tile step: small tiles on tiny shapes
-    PLANES_TILE, ROWS_TILE, FIN_BLOCK_N, FIN_BLOCK_C = (2, 16), (16, 4), 4, 16
+# tiles need ~255 registers and spilled on sm_90 (tests/test_triton_aot.py). The tile is cut from the
+# shape (finding 2 of issue 22: a fixed (2, 256) planes tile idles 81 % of its lanes at S = 49).
+# The finalize merges (64 x 32) tiles: C = 2048 channels of a sample take 32 steps and a 6-deep tree.
+GPU = Sizes(TILE=512, MIN_S=2, MAX_S=256, ROWS_MAX_C=32, FIN_BLOCK=32, FIN_BLOCK_K=64)
+# Small sizes for tests under the interpreter (they set RUN = SMALL): several tile steps and several
+# finalize tiles on tiny shapes.
+SMALL = Sizes(TILE=32, MIN_S=4, MAX_S=16, ROWS_MAX_C=8, FIN_BLOCK=4, FIN_BLOCK_K=2)
+# The sizes the launchers and launch_plan use (read at call time): the GPU's, also under the interpreter.
+RUN = GPU
+
+
+def backward_tile(C: int, S: int, cl: bool, sizes: Optional[Sizes] = None) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_S) of multistep_bwd_kernel. Planes (channel-first, S > 1): BLOCK_S covers a
+    channel's S positions (a power of two in [MIN_S, MAX_S]), BLOCK_C the rest of the tile; rows
+    (channels-last or S == 1): BLOCK_C covers up to ROWS_MAX_C channels, BLOCK_S the rest."""
+    sizes = RUN if sizes is None else sizes
+    if cl or S == 1:
+        block_c = min(max(triton.next_power_of_2(max(C, 1)), 2), sizes.ROWS_MAX_C)
+        return block_c, sizes.TILE // block_c
+    block_s = min(max(triton.next_power_of_2(S), sizes.MIN_S), sizes.MAX_S)
+    block_c = max(min(sizes.TILE // block_s, triton.next_power_of_2(max(C, 1))), 2)
+    return block_c, block_s
+
+
+def finalize_plan(N: int, C: int, sizes: Optional[Sizes] = None) -> dict:
+    """Programs of multistep_finalize_kernel: ctiles channel tiles (ddt, dk shares) then ntiles sample
+    tiles (dkeep); its BLOCK and BLOCK_K."""
+    sizes = RUN if sizes is None else sizes
+    return dict(ctiles=triton.cdiv(C, sizes.FIN_BLOCK), ntiles=triton.cdiv(N, sizes.FIN_BLOCK),
+                BLOCK=sizes.FIN_BLOCK, BLOCK_K=sizes.FIN_BLOCK_K)
+
+
+def forward_grid(numel: int) -> tuple[int]:
+    return (triton.cdiv(numel, FWD_BLOCK),)
 
 
 @triton.jit
@@ -104,40 +148,32 @@ def multistep_bwd_kernel(g_ptr, u_ptr, p_ptr, f_ptr, o_ptr, k_ptr, dt_ptr, keep_
 
 
 @triton.jit
-def multistep_finalize_kernel(pk_ptr, pf_ptr, dt_ptr, keep_ptr, dk_ptr, ddt_ptr, dkeep_ptr, N, C,
-                              HAS_DT: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """One program: dk = Σ pk; ddt[c] = Σ_n keep[n]·pf[n, c]; dkeep[n] = Σ_c dt[c]·pf[n, c]."""
-    acc_ty = dk_ptr.dtype.element_ty
-    rows = tl.arange(0, BLOCK_N).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C).to(tl.int64)
-    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=acc_ty)
-    for n0 in range(0, N, BLOCK_N):
-        for c0 in range(0, C, BLOCK_C):
-            m = ((n0 + rows) < N)[:, None] & ((c0 + cols) < C)[None, :]
-            acc += tl.load(pk_ptr + (n0 + rows)[:, None] * C + (c0 + cols)[None, :], mask=m, other=0.0)
-    tl.store(dk_ptr, tl.sum(tl.sum(acc, axis=1), axis=0))
-    if HAS_DT:
-        for c0 in range(0, C, BLOCK_C):
-            cm = (c0 + cols) < C
-            acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=acc_ty)
-            for n0 in range(0, N, BLOCK_N):
-                nm = (n0 + rows) < N
-                v = tl.load(pf_ptr + (n0 + rows)[:, None] * C + (c0 + cols)[None, :], mask=nm[:, None] & cm[None, :], other=0.0)
-                if HAS_KEEP:
-                    v = v * tl.load(keep_ptr + n0 + rows, mask=nm, other=0.0)[:, None]
-                acc += v
-            tl.store(ddt_ptr + c0 + cols, tl.sum(acc, axis=0), mask=cm)
-    if HAS_KEEP:
-        for n0 in range(0, N, BLOCK_N):
-            nm = (n0 + rows) < N
-            acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=acc_ty)
-            for c0 in range(0, C, BLOCK_C):
-                cm = (c0 + cols) < C
-                v = tl.load(pf_ptr + (n0 + rows)[:, None] * C + (c0 + cols)[None, :], mask=nm[:, None] & cm[None, :], other=0.0)
-                if HAS_DT:
-                    v = v * tl.load(dt_ptr + c0 + cols, mask=cm, other=0.0)[None, :]
-                acc += v
-            tl.store(dkeep_ptr + n0 + rows, tl.sum(acc, axis=1), mask=nm)
+def multistep_finalize_kernel(pk_ptr, pf_ptr, dt_ptr, keep_ptr, dkp_ptr, ddt_ptr, dkeep_ptr, N, C,
+                              HAS_DT: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Programs j < cdiv(C, BLOCK): channels j*BLOCK..: ddt[c] = Σ_n keep[n]·pf[n, c] and
+    dkp[j] = Σ_{n, c in tile} pk[n, c] (dk = Σ_j dkp[j], merged by _reduce). Programs after them:
+    samples (j - cdiv(C, BLOCK))*BLOCK..: dkeep[n] = Σ_c dt[c]·pf[n, c]. Every sum is a fixed-order
+    _reduce.chunk_sum (tiles of BLOCK_K, then a tree)."""
+    ctiles = tl.cdiv(C, BLOCK)
+    pid = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK).to(tl.int64)
+    if pid < ctiles:
+        cols = pid * BLOCK + lanes
+        cm = cols < C
+        colk = chunk_sum(pk_ptr, C, N, cols, cm, pk_ptr, pk_ptr, SHIFTED=False, SQUARE=False, WEIGHTED=False,
+                         BLOCK_K=BLOCK_K)
+        tl.store(dkp_ptr + pid, tl.sum(colk, axis=0))
+        if HAS_DT:
+            ddt = chunk_sum(pf_ptr, C, N, cols, cm, pf_ptr, keep_ptr, SHIFTED=False, SQUARE=False, WEIGHTED=HAS_KEEP,
+                            BLOCK_K=BLOCK_K)
+            tl.store(ddt_ptr + cols, ddt, mask=cm)
+    else:
+        if HAS_KEEP:
+            rows = (pid - ctiles) * BLOCK + lanes
+            rm = rows < N
+            dkeep = chunk_sum(pf_ptr, 1, C, rows * C, rm, pf_ptr, dt_ptr, SHIFTED=False, SQUARE=False,
+                              WEIGHTED=HAS_DT, BLOCK_K=BLOCK_K)
+            tl.store(dkeep_ptr + rows, dkeep, mask=rm)
 
 
 def _shape(t: torch.Tensor, cl: bool) -> tuple[int, int, int, bool]:
@@ -145,6 +181,36 @@ def _shape(t: torch.Tensor, cl: bool) -> tuple[int, int, int, bool]:
     n, c = t.shape[0], t.shape[1]
     s = t.numel() // (n * c) if n * c else 0
     return n, c, s, cl and t.dim() > 2
+
+
+def launch_plan(u, u_prev, f, k, dt, keep, relu, sms: int = 132) -> list[dict]:
+    """Launches of the forward and the backward for these forward arguments (meta tensors are fine),
+    from forward_grid, backward_tile and finalize_plan, as the launchers."""
+    N, C, S, cl = _shape(u, is_channels_last_like(u))
+    numel, elem, acc = u.numel(), u.element_size(), k.element_size()
+    plan = []
+    if numel:
+        plan.append(_launch.launch("multistep_fwd_kernel", "forward", forward_grid(numel), 4,
+                                   bytes=4 * numel * elem + (C + N + 1) * acc, chain=1,
+                                   request_bytes=_launch.request_bytes(FWD_BLOCK, elem), smem=0))
+        block_c, block_s = backward_tile(C, S, cl)
+        rows = cl or S == 1  # lanes along c (contiguous, rows S·... apart) or along s (channels S apart)
+        request = (_launch.tile_request_bytes(block_c, min(C, block_c), elem, rows_adjacent=C <= block_c) if rows
+                   else _launch.tile_request_bytes(block_s, min(S, block_s), elem, rows_adjacent=S <= block_s))
+        plan.append(_launch.launch("multistep_bwd_kernel", "backward", (N * triton.cdiv(C, block_c),), 4,
+                                   bytes=(8 if relu else 7) * numel * elem + (2 * N * C + C + N + 1) * acc,
+                                   chain=1 + log2(block_s),  # streaming loop, then the tree over BLOCK_S
+                                   request_bytes=request, smem=2 * _launch.reduce_smem(block_c, 4, acc)))
+    fin = finalize_plan(N, C)
+    if fin["ctiles"] + fin["ntiles"]:
+        steps = max(triton.cdiv(N, fin["BLOCK_K"]), triton.cdiv(C, fin["BLOCK_K"]))
+        plan.append(_launch.launch("multistep_finalize_kernel", "backward", (fin["ctiles"] + fin["ntiles"],), 4,
+                                   bytes=(3 * N * C + 2 * (N + C) + fin["ctiles"]) * acc,
+                                   chain=steps + log2(fin["BLOCK_K"]) + log2(fin["BLOCK"]),
+                                   request_bytes=_launch.request_bytes(min(C, fin["BLOCK"]), acc),
+                                   smem=_launch.reduce_smem(fin["BLOCK"], 4, acc)))
+        plan.append(_reduce.merge_launch("backward", fin["ctiles"], 1, acc))
+    return plan
 
 
 @triton_forward("multistep_update")
@@ -155,7 +221,7 @@ def multistep_update_triton(u: torch.Tensor, u_prev: torch.Tensor, f: torch.Tens
     out = torch.empty_like(u)
     N, C, S, cl = _shape(u, cl)
     if u.numel():
-        multistep_fwd_kernel[(triton.cdiv(u.numel(), FWD_BLOCK),)](
+        multistep_fwd_kernel[forward_grid(u.numel())](
             u, u_prev, f, k, k if dt is None else dt.contiguous(), k if keep is None else keep.contiguous(), out,
             u.numel(), C, 1 if cl else S, C * S, HAS_DT=dt is not None, HAS_KEEP=keep is not None, RELU=relu, BLOCK=FWD_BLOCK,
             INDEX_64=_launch.index_64(u.numel(), FWD_BLOCK))
@@ -183,16 +249,22 @@ def multistep_update_backward_triton(
     pf = k.new_empty(N * C)
     flags = dict(HAS_DT=dt is not None, HAS_KEEP=keep is not None)
     if u.numel():
-        block_c, block_s = ROWS_TILE if cl or S == 1 else PLANES_TILE
+        block_c, block_s = backward_tile(C, S, cl)
         multistep_bwd_kernel[(N * triton.cdiv(C, block_c),)](
             g, u, u_prev, f, o, k, k if dt is None else dt, k if keep is None else keep, du, dp, df, pk, pf,
             C, S, 1 if cl else S, C if cl else 1, RELU=relu, BLOCK_C=block_c, BLOCK_S=block_s, **flags)
     else:
         pk.zero_()
         pf.zero_()
-    multistep_finalize_kernel[(1,)](pk, pf, k if dt is None else dt, k if keep is None else keep, dk,
-                                    k if dt is None else ddt, k if keep is None else dkeep, N, C,
-                                    BLOCK_N=FIN_BLOCK_N, BLOCK_C=FIN_BLOCK_C, **flags)
+    fin = finalize_plan(N, C)
+    if fin["ctiles"] + fin["ntiles"]:
+        dkp = k.new_empty(fin["ctiles"], 1)  # each channel tile's share of dk
+        multistep_finalize_kernel[(fin["ctiles"] + fin["ntiles"],)](
+            pk, pf, k if dt is None else dt, k if keep is None else keep, dkp, k if dt is None else ddt,
+            k if keep is None else dkeep, N, C, BLOCK=fin["BLOCK"], BLOCK_K=fin["BLOCK_K"], **flags)
+        _reduce.sum_chunks(dkp, dk)
+    else:  # N = C = 0: nothing to sum
+        dk.zero_()
     return du, dp, df, dk, ddt, dkeep
 
 
@@ -212,13 +284,22 @@ def _bwd_sig(dtype: str) -> dict:
     return sig
 
 
-_FIN_SIG = {"pk_ptr": "*fp32", "pf_ptr": "*fp32", "dt_ptr": "*fp32", "keep_ptr": "*fp32", "dk_ptr": "*fp32",
+_FIN_SIG = {"pk_ptr": "*fp32", "pf_ptr": "*fp32", "dt_ptr": "*fp32", "keep_ptr": "*fp32", "dkp_ptr": "*fp32",
             "ddt_ptr": "*fp32", "dkeep_ptr": "*fp32", "N": "i64", "C": "i64",
-            "HAS_DT": "constexpr", "HAS_KEEP": "constexpr", "BLOCK_N": "constexpr", "BLOCK_C": "constexpr"}
+            "HAS_DT": "constexpr", "HAS_KEEP": "constexpr", "BLOCK": "constexpr", "BLOCK_K": "constexpr"}
+
+# Every backward tile backward_tile can pick on a GPU: planes for S = 2 .. 256 and beyond, rows for
+# C = 2 .. 32 and beyond.
+_PLANES_TILES = sorted({backward_tile(4096, 2**e, False, GPU) for e in range(1, 10)})
+_ROWS_TILES = sorted({backward_tile(2**e, 1, True, GPU) for e in range(1, 7)})
+# the tiles at the largest S and C (the fixed tiles before issue 22)
+GPU_PLANES_TILE, GPU_ROWS_TILE = backward_tile(2, GPU.MAX_S, False, GPU), backward_tile(GPU.ROWS_MAX_C, 1, True, GPU)
+PLANES_TILE, ROWS_TILE = GPU_PLANES_TILE, GPU_ROWS_TILE
+_WORST = ("bf16", True, True, True)  # every tile in this flag set; the two largest-S / widest tiles in all
 
 # Ahead-of-time compile configurations (triton_kernels/aot.py): every activation dtype and ReLU
-# setting with dt and keep given (the LM-ResNet training case), plus fp32 without either; both
-# backward tiles (the launcher's GPU sizes).
+# setting with dt and keep given (the LM-ResNet training case), plus fp32 without either; the
+# backward's tiles (the launcher's GPU sizes).
 _FLAG_SETS = [(dtype, relu, True, True) for dtype in ("fp32", "fp16", "bf16") for relu in (False, True)] + [("fp32", False, False, False)]
 AOT_CONFIGS = [
     cfg
@@ -235,7 +316,13 @@ AOT_CONFIGS = [
         for tile_name, tile in (("planes", GPU_PLANES_TILE), ("rows", GPU_ROWS_TILE))
     ]
 ] + [
+    dict(kernel=multistep_bwd_kernel, name=f"multistep_bwd_{tile_name}{tile[0]}x{tile[1]}_{_WORST[0]}_relu1_dt1_keep1",
+         signature=_bwd_sig(_WORST[0]),
+         constexprs={"HAS_DT": True, "HAS_KEEP": True, "RELU": True, "BLOCK_C": tile[0], "BLOCK_S": tile[1]})
+    for tile_name, tiles, known in (("planes", _PLANES_TILES, GPU_PLANES_TILE), ("rows", _ROWS_TILES, GPU_ROWS_TILE))
+    for tile in tiles if tile != known
+] + [
     dict(kernel=multistep_finalize_kernel, name=f"multistep_finalize_dt{int(f)}_keep{int(f)}", signature=_FIN_SIG,
-         constexprs={"HAS_DT": f, "HAS_KEEP": f, "BLOCK_N": 32, "BLOCK_C": 64})
+         constexprs={"HAS_DT": f, "HAS_KEEP": f, "BLOCK": GPU.FIN_BLOCK, "BLOCK_K": GPU.FIN_BLOCK_K})
     for f in (True, False)
 ]

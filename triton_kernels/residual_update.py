@@ -7,8 +7,11 @@ channels-last inputs. Arithmetic runs in dt's dtype (fp32, or fp64 for fp64 inpu
   backward, inner > 1     grid (C, sample chunks): reads grad, f (+ out with the ReLU); writes df
                           (+ dy with the ReLU) and one partial sum of ddt[c] per chunk
   backward, inner == 1    grid (channel tiles, row chunks), the same per tile of channels
-  then, with > 1 chunk    1 small launch adding the chunks' partials in order (planes_grid/rows_grid)
-Both backward reductions run in a fixed order: ddt is deterministic. Launches run on the tensors'
+  then, with > 1 chunk    1 small launch adding the chunks' partials in a fixed order (_reduce.py: a
+                          (chunks x channels) tile tree, not a chunk-by-chunk chain)
+Both backward reductions run in a fixed order: ddt is deterministic. `backward_plan` picks the
+backward's kernel, grid and chunks for the launcher and for `launch_plan` (the launch plan of
+tsc_kernels._launch_plan) alike. Launches run on the tensors'
 device (the registry wraps every launcher in _launch.on_device); every index product that can pass 2^31 is int64
 (per-element indices only for tensors that need it: INDEX_64, _launch.index_64).
 """
@@ -24,7 +27,7 @@ from tsc_kernels.ops._layout import channel_view, is_channels_last_like, to_layo
 from tsc_kernels.ops import residual_update as _declaration  # noqa: F401  (declares the op first)
 from tsc_kernels.ops.registry import triton_backward, triton_forward
 
-from . import _launch
+from . import _launch, _reduce
 
 FWD_BLOCK = 1024
 BWD_BLOCK = 1024
@@ -54,7 +57,7 @@ def residual_fwd_kernel(y_ptr, f_ptr, dt_ptr, out_ptr, numel, C, inner, RELU: tl
 def residual_bwd_planes_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, partial_ptr, N, C, inner, n_per_chunk,
                                RELU: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     """Program (c, k) owns channel c of samples [k*n_per_chunk, (k+1)*n_per_chunk): writes their df (dy)
-    and partial[k, c], its share of ddt[c], summed in a fixed order (finalised by residual_sum_chunks_kernel).
+    and partial[k, c], its share of ddt[c], summed in a fixed order (merged by _reduce.sum_chunks).
     Indices are int64 when the tensor needs it (INDEX_64), else int32 like the divisions."""
     c = tl.program_id(0)
     k = tl.program_id(1)
@@ -111,17 +114,6 @@ def residual_bwd_rows_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, part
     tl.store(partial_ptr + k * C + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
-@triton.jit
-def residual_sum_chunks_kernel(partial_ptr, ddt_ptr, chunks, C, BLOCK: tl.constexpr):
-    """ddt[c] = sum_k partial[k, c], k ascending: the fixed order that keeps ddt deterministic."""
-    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = cols < C
-    acc = tl.zeros([BLOCK], dtype=ddt_ptr.dtype.element_ty)
-    for k in range(0, chunks):
-        acc += tl.load(partial_ptr + k * C + cols, mask=m, other=0.0)  # chunks * C <= TARGET_PROGRAMS * 64: int32
-    tl.store(ddt_ptr + cols, acc, mask=m)
-
-
 # Work split of the backward reductions. A GPU has 108-132 SMs: one program per channel (16-64 for
 # CIFAR widths) leaves most of them idle, so the sample (or row) axis is split into chunks as well,
 # aiming at TARGET_PROGRAMS programs; the chunk count depends on the shape only, so the partial sums
@@ -131,7 +123,6 @@ def residual_sum_chunks_kernel(partial_ptr, ddt_ptr, chunks, C, BLOCK: tl.conste
 TARGET_PROGRAMS = 1024
 MIN_CHUNK_ELEMS = 16384
 MAX_GRID_Y = 65535
-SUM_BLOCK = 256
 
 
 def planes_grid(N: int, C: int, inner: int) -> tuple[tuple[int, int], int]:
@@ -151,6 +142,54 @@ def rows_grid(R: int, C: int) -> tuple[tuple[int, int], int]:
     return (tiles, triton.cdiv(R, per)), per
 
 
+def backward_plan(outer: int, C: int, inner: int) -> dict:
+    """The backward's split for the launcher and the launch plan: planes (inner > 1: the planes kernel,
+    else the rows kernel), grid, per (samples or rows per chunk) and chunks (> 1: the partials are
+    merged by _reduce)."""
+    planes = inner > 1
+    grid, per = planes_grid(outer, C, inner) if planes else rows_grid(outer, C)
+    return dict(planes=planes, grid=grid, per=per, chunks=grid[1])
+
+
+def chunk_launches(phase: str, kernel: str, p: dict, C: int, inner: int, numel: int, elem: int, acc: int,
+                   moved: int, rows_adjacent: bool = True) -> list[dict]:
+    """Plan of the chunked reduction `kernel` (this module's or scale_concat's, split by backward_plan)
+    moving `moved` tensors of numel values, and of the merge of its partials when there are several.
+    rows_adjacent: whether the rows kernel's tensors have row stride C (scale_concat's grad has not)."""
+    if p["planes"]:  # lanes walk a channel's plane (inner contiguous values) BWD_BLOCK at a time
+        warps, chain = BWD_WARPS, 1 + _reduce.log2(BWD_BLOCK)
+        request, smem = _launch.request_bytes(min(inner, BWD_BLOCK), elem), _launch.reduce_smem(1, BWD_WARPS, acc)
+    else:  # (ROWS_BLOCK_R, ROWS_BLOCK_C) tiles, rows C values apart, reduced over the rows
+        warps, chain = 4, 1 + _reduce.log2(ROWS_BLOCK_R)
+        request = _launch.tile_request_bytes(ROWS_BLOCK_C, min(C, ROWS_BLOCK_C), elem,
+                                                  rows_adjacent=rows_adjacent and C <= ROWS_BLOCK_C)
+        smem = _launch.reduce_smem(ROWS_BLOCK_C, 4, acc)
+    plan = [_launch.launch(kernel, phase, p["grid"], warps, bytes=moved * numel * elem + (p["chunks"] + 1) * C * acc,
+                           chain=chain, request_bytes=request, smem=smem)]
+    if p["chunks"] > 1:
+        plan.append(_reduce.merge_launch(phase, p["chunks"], C, acc))
+    return plan
+
+
+def launch_plan(y, f, dt, relu, sms: int = 132) -> list[dict]:
+    """Launches of residual_update (forward) and its backward for these forward arguments (meta
+    tensors are fine): built from forward_grid and backward_plan, as the launchers."""
+    cl = is_channels_last_like(y)
+    outer, C, inner = channel_view(y, cl)
+    numel, elem, acc = y.numel(), y.element_size(), dt.element_size()
+    if numel == 0:
+        return []
+    fwd = _launch.launch("residual_fwd_kernel", "forward", forward_grid(numel), 4, bytes=3 * numel * elem + C * acc,
+                         chain=1, request_bytes=_launch.request_bytes(FWD_BLOCK, elem), smem=0)
+    p = backward_plan(outer, C, inner)
+    kernel = "residual_bwd_planes_kernel" if p["planes"] else "residual_bwd_rows_kernel"
+    return [fwd] + chunk_launches("backward", kernel, p, C, inner, numel, elem, acc, moved=5 if relu else 3)
+
+
+def forward_grid(numel: int) -> tuple[int]:
+    return (triton.cdiv(numel, FWD_BLOCK),)
+
+
 @triton_forward("residual_update")
 def residual_update_triton(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, relu: bool) -> torch.Tensor:
     cl = is_channels_last_like(y)
@@ -158,7 +197,7 @@ def residual_update_triton(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, r
     out = torch.empty_like(y)
     outer, C, inner = channel_view(y, cl)
     if y.numel():
-        residual_fwd_kernel[(triton.cdiv(y.numel(), FWD_BLOCK),)](
+        residual_fwd_kernel[forward_grid(y.numel())](
             y, f, dt, out, y.numel(), C, inner, RELU=relu, BLOCK=FWD_BLOCK, INDEX_64=_launch.index_64(y.numel(), FWD_BLOCK))
     return out
 
@@ -179,19 +218,20 @@ def residual_update_backward_triton(
     if f.numel() == 0:
         return dy, df, ddt
     dy_arg = dy if relu else df  # unused pointer when relu is off
-    grid, per = planes_grid(outer, C, inner) if inner > 1 else rows_grid(outer, C)
+    p = backward_plan(outer, C, inner)
+    grid, per = p["grid"], p["per"]
     # One chunk: the kernel's partial row is ddt itself (one launch); else a (chunks, C) buffer from
-    # the caching allocator (capture-safe) and the fixed-order sum.
-    partial = ddt if grid[1] == 1 else torch.empty((grid[1], C), dtype=dt.dtype, device=dt.device)
-    if inner > 1:
+    # the caching allocator (capture-safe) and the fixed-order merge.
+    partial = ddt if p["chunks"] == 1 else torch.empty((p["chunks"], C), dtype=dt.dtype, device=dt.device)
+    if p["planes"]:
         residual_bwd_planes_kernel[grid](g, f, out, dt, dy_arg, df, partial, outer, C, inner, per,
                                          RELU=relu, BLOCK=BWD_BLOCK, INDEX_64=_launch.index_64(f.numel(), BWD_BLOCK),
                                          num_warps=BWD_WARPS)
     else:
         residual_bwd_rows_kernel[grid](g, f, out, dt, dy_arg, df, partial, outer, C, per,
                                        RELU=relu, BLOCK_R=ROWS_BLOCK_R, BLOCK_C=ROWS_BLOCK_C)
-    if grid[1] > 1:
-        residual_sum_chunks_kernel[(triton.cdiv(C, SUM_BLOCK),)](partial, ddt, grid[1], C, BLOCK=SUM_BLOCK)
+    if p["chunks"] > 1:
+        _reduce.sum_chunks(partial, ddt)
     return dy, df, ddt
 
 
@@ -223,6 +263,4 @@ AOT_CONFIGS = [
              signature={**_bwd_sig(dtype), "R": "i64", "C": "i64", "rows_per_chunk": "i64", "RELU": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
              constexprs={"RELU": relu, "BLOCK_R": ROWS_BLOCK_R, "BLOCK_C": ROWS_BLOCK_C}),
     )
-] + [dict(kernel=residual_sum_chunks_kernel, name="residual_sum_chunks_fp32",
-          signature={"partial_ptr": "*fp32", "ddt_ptr": "*fp32", "chunks": "i64", "C": "i64", "BLOCK": "constexpr"},
-          constexprs={"BLOCK": SUM_BLOCK})]
+] + _reduce.AOT_CONFIGS  # the merge of the partials (shared with scale_concat and ode_combine)

@@ -9,8 +9,9 @@ csrc/scale_concat_math.h): out's row o is x's row o followed by f's row o scaled
   backward, inner == 1    one program per (block of 64 channels, chunk of rows)
 The chunks split the sample / row axis so that a GPU's SMs have work even when k (the growth rate,
 12-48) is small: the split, its partial sums and their fixed-order finalisation are the residual
-update's (residual_update.py planes_grid / rows_grid / residual_sum_chunks_kernel); one chunk is
-one launch, more add the small ordered sum. ddt is deterministic. dx is a view of grad (no kernel).
+update's (residual_update.py backward_plan; the merge is _reduce.py's fixed-order tile tree); one
+chunk is one launch, more add the small ordered merge. `launch_plan` is built from the same
+forward_grid / backward_plan the launchers call. ddt is deterministic. dx is a view of grad (no kernel).
 """
 from __future__ import annotations
 
@@ -22,9 +23,9 @@ from tsc_kernels.ops._layout import is_channels_last_like, to_layout
 from tsc_kernels.ops import scale_concat as _declaration
 from tsc_kernels.ops.registry import triton_backward, triton_forward
 
-from . import _launch
-from . import residual_update as _ru  # the work split and the ordered sum of the partials (read at call time)
-from .residual_update import BWD_BLOCK, BWD_WARPS, ROWS_BLOCK_C, ROWS_BLOCK_R, SUM_BLOCK, residual_sum_chunks_kernel
+from . import _launch, _reduce
+from . import residual_update as _ru  # the work split of the backward (read at call time)
+from .residual_update import BWD_BLOCK, BWD_WARPS, ROWS_BLOCK_C, ROWS_BLOCK_R
 
 FWD_BLOCK = 1024
 
@@ -111,6 +112,30 @@ def _view(t: torch.Tensor, cl: bool) -> tuple[int, int]:
     return (t.shape[0] * spatial, 1) if cl else (t.shape[0], spatial)
 
 
+def forward_grid(numel: int) -> tuple[int]:
+    return (triton.cdiv(numel, FWD_BLOCK),)
+
+
+def launch_plan(x, f, dt, sms: int = 132) -> list[dict]:
+    """Launches of scale_concat and its backward for these forward arguments (meta tensors are fine)."""
+    cl = is_channels_last_like(x)
+    numel = x.numel() + f.numel()
+    elem, acc = x.element_size(), dt.element_size()
+    if numel == 0:
+        return []
+    k = f.shape[1]
+    plan = [_launch.launch("scale_concat_fwd_kernel", "forward", forward_grid(numel), 4,
+                           bytes=2 * numel * elem + k * acc, chain=1,
+                           request_bytes=_launch.request_bytes(FWD_BLOCK, elem), smem=0)]
+    if f.numel() == 0:
+        return plan
+    outer, inner = _view(x, cl)
+    p = _ru.backward_plan(outer, k, inner)
+    kernel = "scale_concat_bwd_planes_kernel" if p["planes"] else "scale_concat_bwd_rows_kernel"
+    return plan + _ru.chunk_launches("backward", kernel, p, k, inner, f.numel(), elem, acc, moved=3,
+                                     rows_adjacent=False)
+
+
 @triton_forward("scale_concat")
 def scale_concat_triton(x: torch.Tensor, f: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     cl = is_channels_last_like(x)
@@ -118,7 +143,7 @@ def scale_concat_triton(x: torch.Tensor, f: torch.Tensor, dt: torch.Tensor) -> t
     out = _declaration.empty_in_layout(x, x.shape[1] + f.shape[1])
     _, inner = _view(x, cl)
     if out.numel():
-        scale_concat_fwd_kernel[(triton.cdiv(out.numel(), FWD_BLOCK),)](
+        scale_concat_fwd_kernel[forward_grid(out.numel())](
             x, f, dt, out, out.numel(), x.shape[1], f.shape[1], inner, BLOCK=FWD_BLOCK,
             INDEX_64=_launch.index_64(out.numel(), FWD_BLOCK))
     return out
@@ -136,17 +161,18 @@ def scale_concat_backward_triton(grad: torch.Tensor, f: torch.Tensor, dt: torch.
     if f.numel() == 0:
         return df, ddt
     outer, inner = _view(g, cl)
-    grid, per = _ru.planes_grid(outer, k, inner) if inner > 1 else _ru.rows_grid(outer, k)
-    # one chunk: the partial row is ddt itself; else a (chunks, k) buffer and the fixed-order sum
-    partial = ddt if grid[1] == 1 else torch.empty((grid[1], k), dtype=dt.dtype, device=dt.device)
-    if inner > 1:
+    p = _ru.backward_plan(outer, k, inner)
+    grid, per = p["grid"], p["per"]
+    # one chunk: the partial row is ddt itself; else a (chunks, k) buffer and the fixed-order merge
+    partial = ddt if p["chunks"] == 1 else torch.empty((p["chunks"], k), dtype=dt.dtype, device=dt.device)
+    if p["planes"]:
         scale_concat_bwd_planes_kernel[grid](g, f, dt, df, partial, outer, cx, k, inner, per, BLOCK=BWD_BLOCK,
                                              INDEX_64=_launch.index_64(g.numel(), BWD_BLOCK), num_warps=BWD_WARPS)
     else:
         scale_concat_bwd_rows_kernel[grid](g, f, dt, df, partial, outer, cx, k, per, BLOCK_R=_ru.ROWS_BLOCK_R,
                                            BLOCK_C=_ru.ROWS_BLOCK_C)
-    if grid[1] > 1:
-        residual_sum_chunks_kernel[(triton.cdiv(k, SUM_BLOCK),)](partial, ddt, grid[1], k, BLOCK=SUM_BLOCK)
+    if p["chunks"] > 1:
+        _reduce.sum_chunks(partial, ddt)
     return df, ddt
 
 

@@ -18,7 +18,6 @@ which contiguous and channels-last weights both do; any other layout is made con
 from __future__ import annotations
 
 import math
-import os
 from typing import List
 
 import torch
@@ -28,6 +27,7 @@ import triton.language as tl
 from tsc_kernels.reference import accumulation_dtype  # fp32 for fp16/bf16/fp32 weights, fp64 for fp64
 from tsc_kernels.ops import weight_mean as _declaration  # noqa: F401  (declares the op first)
 from tsc_kernels.ops.registry import triton_backward, triton_forward
+from tsc_kernels._triton import _launch
 from tsc_kernels._triton._launch import DeviceTableCache
 
 # Columns of the per-weight table (int64: the first one is a data pointer).
@@ -82,11 +82,11 @@ def weight_mean_bwd_kernel(tab_ptr, grad_ptr, out_ptr, BLOCK: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Forward: a BLOCK_J outputs x BLOCK_I input-channels tile per C_in step; backward: BLOCK elements
-# of dW per program. The GPU sizes compile spill-free for sm_80/sm_90 (aot.py); under the
-# interpreter smaller tiles make the small test weights run several (partial) tiles.
-FWD_BLOCK_J, FWD_BLOCK_I, BWD_BLOCK, NUM_WARPS = (16, 8, 64, 1) if _INTERPRET else (32, 32, 1024, 4)
+# of dW per program. The GPU sizes compile spill-free for sm_80/sm_90 (aot.py); the launchers and
+# launch_plan read them at call time, also under the interpreter (the test weights still run several
+# and partial tiles: C_out * K and C_in are rarely multiples of 32).
+FWD_BLOCK_J, FWD_BLOCK_I, BWD_BLOCK, NUM_WARPS = 32, 32, 1024, 4
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
 
@@ -144,6 +144,28 @@ def _check(op: str, weights) -> None:
 def fwd_grid(weights) -> tuple[int, int]:
     """(output tiles of the largest weight, weights)."""
     return triton.cdiv(max(w.shape[0] * math.prod(w.shape[2:]) for w in weights), FWD_BLOCK_J), len(weights)
+
+
+def launch_plan(weights, sms: int = 132) -> list[dict]:
+    """Launches of the forward and the backward for these weights (meta tensors are fine), from the
+    launchers' fwd_grid and _offsets. The forward's lanes run along C_in (BLOCK_I per row of the
+    tile) at stride si: contiguous only where si == 1 (1x1 convolutions)."""
+    _check("weight_mean launch_plan", weights)
+    block_j, block_i, bwd_block, warps = FWD_BLOCK_J, FWD_BLOCK_I, BWD_BLOCK, NUM_WARPS
+    _, total = _offsets(weights)
+    if total == 0:
+        return []
+    elem, acc = weights[0].element_size(), (8 if weights[0].dtype == torch.float64 else 4)
+    views = [_view3(w) or _view3(w.contiguous()) for w in weights]
+    request = min(_launch.request_bytes(min(v[1], block_i) if v[4] == 1 else 1, elem) for v in views)
+    read = sum(w.numel() for w in weights) * elem
+    return [
+        _launch.launch("weight_mean_fwd_kernel", "forward", fwd_grid(weights), warps,
+                       bytes=read + total * acc + len(weights) * 64, chain=1 + (block_i.bit_length() - 1),
+                       request_bytes=request, smem=_launch.reduce_smem(block_j, warps, acc)),
+        _launch.launch("weight_mean_bwd_kernel", "backward", (len(weights),), warps, bytes=2 * total * acc + len(weights) * 64,
+                       chain=1, request_bytes=_launch.request_bytes(bwd_block, acc), smem=0),
+    ]
 
 
 @triton_forward("weight_mean")
