@@ -24,7 +24,7 @@ from tsc_kernels.ops.registry import OPS
 CASES = cases()
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[1]}-{c[0]}" for c in CASES])
 def test_plan_meets_the_rules(case, backend):
     _, op, args = case
     plan = launch_plan(op, *args, backend=backend, sms=SMS)
