@@ -111,6 +111,70 @@ def test_controller_empty_stage_gets_zero_gradients():
     assert all(g.abs().sum() > 0 for g in grads[:2])
 
 
+# Issue 22's split (products over every block of every stage; the recurrent cell per stage): blocks
+# 3, 5, 2 and feature sizes 7 / 13 (not powers of two, tiles of 16 cut mid-row), several stages'
+# jobs in one products launch. (L, D, C, H)
+SPLIT_STAGES = [(3, 13, 7, 13), (5, 7, 13, 7), (2, 13, 13, 17)]
+
+
+def test_split_launches_match_reference_forward_and_backward():
+    wbars, params = make_network(SPLIT_STAGES)
+    wbar = packed(wbars)
+    dt, _ = ctrl_op(wbar, blocks_of(SPLIT_STAGES), params)
+    ref = reference_dt(wbars, params)
+    torch.testing.assert_close(dt, ref, atol=1e-6, rtol=1e-5)
+    grad = torch.randn_like(ref)
+    got = torch.autograd.grad(dt, [wbar] + params, grad)
+    want = torch.autograd.grad(ref, wbars + params, grad)
+    torch.testing.assert_close(got[0], packed(want[: len(wbars)]), atol=1e-5, rtol=1e-5)
+    for k, (g, w) in enumerate(zip(got[1:], want[len(wbars):])):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda m: f"params[{k}]: {m}")
+
+
+def test_split_launches_gradcheck_fp64():
+    stages = [(3, 7, 5, 3), (2, 5, 7, 2)]
+    wbars, params = make_network(stages, torch.float64)
+
+    def fn(wbar, *params):
+        return ctrl_op(wbar, blocks_of(stages), list(params))[0]
+
+    assert torch.autograd.gradcheck(fn, (packed(wbars).detach().requires_grad_(), *params), fast_mode=True)
+
+
+class _Spy:
+    """A @triton.jit kernel that records (name, grid) of every launch before running it."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.log.append((self.name, tuple(grid)))
+            return launch(*args, **kwargs)
+        return run
+
+
+def test_launchers_run_the_plan(monkeypatch):
+    # launch_plan is _plan at the GPU's tiles; the launchers run _plan at theirs: the launches they
+    # make are _plan's, forward then backward, 4 each whatever the number of stages.
+    mod = tsc_kernels._triton.lstm_controller
+    log = []
+    for name in ("lstm_controller_products_kernel", "lstm_controller_cell_fwd_kernel", "lstm_controller_cell_bwd_kernel"):
+        monkeypatch.setattr(mod, name, _Spy(getattr(mod, name), name, log))
+    wbars, params = make_network(SPLIT_STAGES)
+    wbar = packed(wbars)
+    dt, _ = ctrl_op(wbar, blocks_of(SPLIT_STAGES), params)
+    torch.autograd.grad(dt.sum(), [wbar] + params)
+    dims = mod._dims("test", wbar, blocks_of(SPLIT_STAGES), params)
+    plan = mod._plan(tuple(dims), (mod.BLOCK_R, mod.BLOCK_K, mod.NUM_WARPS))
+    assert log == [(st.kernel, (st.programs,)) for st in plan]
+    assert [st.phase for st in plan] == ["forward"] * 4 + ["backward"] * 4
+    gpu = mod.launch_plan(wbar.detach(), blocks_of(SPLIT_STAGES), [p.detach() for p in params])
+    assert [l["kernel"] for l in gpu] == [st.kernel for st in plan]
+
+
 @pytest.mark.skipif(not _extension.has_kernel("lstm_controller", "CPU"),
                     reason="the C++ extension (tsc::lstm_controller CPU kernel) is not built")
 def test_saved_layout_is_the_cpp_ops():
