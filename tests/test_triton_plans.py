@@ -134,7 +134,7 @@ def test_merge_chain_formula():
 @pytest.mark.parametrize("S", [49, 196, 784, 3136, 2, 9])
 def test_multistep_planes_tile_uses_its_lanes(S):
     # the old fixed (2, 256) planes tile used 49 of 256 lanes per row at S = 49 (19 %)
-    block_c, block_s = ms.backward_tile(2048, S, False, ms.GPU)
+    block_c, block_s = ms.backward_tile(2048, S, False, sizes=ms.GPU)
     assert block_c * block_s == ms.GPU.TILE
     assert min(S, block_s) / block_s >= 0.5, (block_c, block_s)
 
@@ -147,10 +147,30 @@ def test_multistep_last_stage_plan():
     assert fin["grid"][0] > 1 and fin["chain"] <= 64  # was one program walking N x C
 
 
+def test_multistep_rows_tile_requests_128_bytes_in_bf16():
+    # channels-last bf16 at LM-ResNet-50's last stage: 32 channels x 2 B = 64-byte requests before
+    plan = plan_of("multistep_update", (64, 2048, 7, 7), True, torch.bfloat16)
+    bwd = next(launch for launch in plan if launch["kernel"] == "multistep_bwd_kernel")
+    assert bwd["request_bytes"] >= 128
+    assert ms.backward_tile(2048, 49, True, 2, ms.GPU, N=64) == (64, 8)
+    # ... unless the wider tiles leave too few programs: (64, 256, 56, 56) keeps 512 of 32 channels
+    assert ms.backward_tile(256, 3136, True, 2, ms.GPU, N=64) == (32, 16)
+
+
+@pytest.mark.parametrize("op", ["residual_update", "batch_norm_residual_update"])
+@pytest.mark.parametrize("cl", [False, True])
+@pytest.mark.parametrize("shape", [(128, 16, 32, 32), (128, 64, 8, 8)])
+def test_cifar_backward_reductions_fill_the_gpu(op, cl, shape):
+    # CIFAR widths: 8-40 MB reductions ran on 128-256 programs (MIN_CHUNK 16384, 32-row tiles)
+    for launch in plan_of(op, shape, cl, torch.float32):
+        if launch["bytes"] >= 8 << 20:
+            assert launch["grid"][0] * launch["grid"][1] >= 2 * SMS, launch
+
+
 @pytest.mark.parametrize("C,S,cl", [(3, 49, False), (5, 2, False), (3, 1, False), (19, 7, True), (2, 300, False)])
 def test_multistep_tiles_within_bounds(C, S, cl):
     for sizes in (ms.GPU, ms.SMALL):
-        block_c, block_s = ms.backward_tile(C, S, cl, sizes)
+        block_c, block_s = ms.backward_tile(C, S, cl, sizes=sizes)
         assert block_c >= 2 and block_s >= 1 and block_c * block_s <= sizes.TILE
         assert block_c & (block_c - 1) == 0 and block_s & (block_s - 1) == 0
 

@@ -54,13 +54,24 @@ SMALL = Sizes(TILE=32, MIN_S=4, MAX_S=16, ROWS_MAX_C=8, FIN_BLOCK=4, FIN_BLOCK_K
 RUN = GPU
 
 
-def backward_tile(C: int, S: int, cl: bool, sizes: Optional[Sizes] = None) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_S) of multistep_bwd_kernel. Planes (channel-first, S > 1): BLOCK_S covers a
-    channel's S positions (a power of two in [MIN_S, MAX_S]), BLOCK_C the rest of the tile; rows
-    (channels-last or S == 1): BLOCK_C covers up to ROWS_MAX_C channels, BLOCK_S the rest."""
+# Programs (sample, channel tile) below which 2-byte rows keep ROWS_MAX_C channels rather than
+# 128 bytes of them: more programs beat longer requests there (a shape rule: never the SM count).
+MIN_ROWS_PROGRAMS = 512
+
+
+def backward_tile(C: int, S: int, cl: bool, elem: int = 4, sizes: Optional[Sizes] = None,
+                  N: Optional[int] = None) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_S) of multistep_bwd_kernel for `elem`-byte activations and N samples. Planes
+    (channel-first, S > 1): BLOCK_S covers a channel's S positions (a power of two in [MIN_S, MAX_S]),
+    BLOCK_C the rest of the tile; rows (channels-last or S == 1): BLOCK_C covers up to ROWS_MAX_C
+    4-byte channels (as many bytes for 2-byte ones, a warp's row request >= 128 B, unless that leaves
+    N * channel tiles < MIN_ROWS_PROGRAMS), BLOCK_S the rest."""
     sizes = RUN if sizes is None else sizes
     if cl or S == 1:
-        block_c = min(max(triton.next_power_of_2(max(C, 1)), 2), sizes.ROWS_MAX_C)
+        cap = sizes.ROWS_MAX_C * max(1, 4 // elem)
+        if N is not None and N * triton.cdiv(C, cap) < MIN_ROWS_PROGRAMS:
+            cap = sizes.ROWS_MAX_C
+        block_c = min(max(triton.next_power_of_2(max(C, 1)), 2), cap)
         return block_c, sizes.TILE // block_c
     block_s = min(max(triton.next_power_of_2(S), sizes.MIN_S), sizes.MAX_S)
     block_c = max(min(sizes.TILE // block_s, triton.next_power_of_2(max(C, 1))), 2)
@@ -193,7 +204,7 @@ def launch_plan(u, u_prev, f, k, dt, keep, relu, sms: int = 132) -> list[dict]:
         plan.append(_launch.launch("multistep_fwd_kernel", "forward", forward_grid(numel), 4,
                                    bytes=4 * numel * elem + (C + N + 1) * acc, chain=1,
                                    request_bytes=_launch.request_bytes(FWD_BLOCK, elem), smem=0))
-        block_c, block_s = backward_tile(C, S, cl)
+        block_c, block_s = backward_tile(C, S, cl, elem, N=N)
         rows = cl or S == 1  # lanes along c (contiguous, rows S·... apart) or along s (channels S apart)
         request = (_launch.tile_request_bytes(block_c, min(C, block_c), elem, rows_adjacent=C <= block_c) if rows
                    else _launch.tile_request_bytes(block_s, min(S, block_s), elem, rows_adjacent=S <= block_s))
@@ -249,7 +260,7 @@ def multistep_update_backward_triton(
     pf = k.new_empty(N * C)
     flags = dict(HAS_DT=dt is not None, HAS_KEEP=keep is not None)
     if u.numel():
-        block_c, block_s = backward_tile(C, S, cl)
+        block_c, block_s = backward_tile(C, S, cl, u.element_size(), N=N)
         multistep_bwd_kernel[(N * triton.cdiv(C, block_c),)](
             g, u, u_prev, f, o, k, k if dt is None else dt, k if keep is None else keep, du, dp, df, pk, pf,
             C, S, 1 if cl else S, C if cl else 1, RELU=relu, BLOCK_C=block_c, BLOCK_S=block_s, **flags)
@@ -290,10 +301,10 @@ _FIN_SIG = {"pk_ptr": "*fp32", "pf_ptr": "*fp32", "dt_ptr": "*fp32", "keep_ptr":
 
 # Every backward tile backward_tile can pick on a GPU: planes for S = 2 .. 256 and beyond, rows for
 # C = 2 .. 32 and beyond.
-_PLANES_TILES = sorted({backward_tile(4096, 2**e, False, GPU) for e in range(1, 10)})
-_ROWS_TILES = sorted({backward_tile(2**e, 1, True, GPU) for e in range(1, 7)})
+_PLANES_TILES = sorted({backward_tile(4096, 2**e, False, 4, GPU) for e in range(1, 10)})
+_ROWS_TILES = sorted({backward_tile(2**e, 1, True, elem, GPU) for e in range(1, 8) for elem in (2, 4)})
 # the tiles at the largest S and C (the fixed tiles before issue 22)
-GPU_PLANES_TILE, GPU_ROWS_TILE = backward_tile(2, GPU.MAX_S, False, GPU), backward_tile(GPU.ROWS_MAX_C, 1, True, GPU)
+GPU_PLANES_TILE, GPU_ROWS_TILE = backward_tile(2, GPU.MAX_S, False, 4, GPU), backward_tile(GPU.ROWS_MAX_C, 1, True, 4, GPU)
 PLANES_TILE, ROWS_TILE = GPU_PLANES_TILE, GPU_ROWS_TILE
 _WORST = ("bf16", True, True, True)  # every tile in this flag set; the two largest-S / widest tiles in all
 

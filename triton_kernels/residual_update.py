@@ -32,7 +32,7 @@ from . import _launch, _reduce
 FWD_BLOCK = 1024
 BWD_BLOCK = 1024
 BWD_WARPS = 8  # with 4 warps the bf16 ReLU variant spills on sm_80 (16 B): 1024 lanes over 256 threads do not
-ROWS_BLOCK_R, ROWS_BLOCK_C = 32, 64
+ROWS_BLOCK_R, ROWS_BLOCK_C = 16, 64
 
 
 @triton.jit
@@ -120,8 +120,11 @@ def residual_bwd_rows_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, part
 # and their fixed-order finalisation give bit-identical ddt from run to run. Grid axis 1 is limited
 # to 65535 (axis 0 to 2^31 - 1): channels go on axis 0, chunks on axis 1. A chunk holds at least
 # MIN_CHUNK_ELEMS values, so small tensors stay one launch (a chunk's partial row is ddt itself).
+# 1024 (one BWD_BLOCK) and 16-row tiles: CIFAR's (128, 64, 8, 8) backward, 10 MB, has 512 programs
+# (>= 2 per SM, tests/test_launch_plans.py); with 16384 it had 32 (planes) or 128 (rows). The merge of
+# up to TARGET_PROGRAMS chunks stays a short tree (_reduce).
 TARGET_PROGRAMS = 1024
-MIN_CHUNK_ELEMS = 16384
+MIN_CHUNK_ELEMS = 1024
 MAX_GRID_Y = 65535
 
 
