@@ -5,15 +5,16 @@
 //   1. bn_stats_kernel, grid (channel tiles, chunks): each block reduces one chunk of the M values of
 //      its channel(s) to Welford moments (per-thread Welford, then a fixed-order tree merge) and
 //      writes them to a partial buffer. Chunks split every channel, so a small C still fills the GPU.
-//   2. bn_forward_channels_kernel, one thread per channel: merges the chunks in order (Chan's formula;
-//      deterministic), writes save_mean / save_invstd, updates the running statistics in their dtype
+//   2. bn_forward_channels_kernel, a warp per channel: merges the chunks in a fixed lane-then-tree order
+//      (Chan's formula; deterministic, ceil(chunks / 32) + 5 dependent merges), writes save_mean / save_invstd, updates the running statistics in their dtype
 //      and computes the apply coefficients (scale, shift). Eval starts here, from the running statistics.
 //   3. bn_apply_kernel: the grid-stride elementwise pass writing out.
 // Backward, three launches: per-chunk sums S1, S2c (same chunks, fixed-order tree), the per-channel
-// pass (ordered sum of the chunks; ddt, dweight, dbias and the dx coefficients), then dx (and dy).
+// pass (a warp per channel, fixed-order fold of the chunks; ddt, dweight, dbias and the dx coefficients), then dx (and dy).
 // Layouts: the (outer, C, inner) block of residual_layout.h. Chunks enumerate the flattened
 // m = outer_index * inner + inner_index of one channel: threads advance (outer, inner) incrementally,
-// so there is no per-element division in the reductions; all indices are int64.
+// so there is no per-element division in the reductions; all indices are int64. The grids are
+// planned by batch_norm_residual_update_plan.h (host code, also behind tsc::cuda_launch_plan).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -24,64 +25,13 @@
 #include "batch_norm_residual_update_math.h"
 #include "cuda_elementwise.cuh"
 #include "cuda_grid.cuh"
+#include "launch_geometry.h"
 
 namespace tsc {
 namespace {
 
 constexpr int kThreads = 256;
-// Block shapes of the reductions: (channel lanes, value lanes). Planes (inner > 1): 1 x 256 threads
-// along one channel's contiguous values; channels-last rows: 32 channels x 8 rows (coalesced rows).
-constexpr int kRowLanes = 32, kRowValueLanes = 8;
-// About this many reduction blocks (fixed, not the SM count, so results do not depend on the GPU),
-// each chunk at least 4 values per thread, and at most 65535 chunks (grid y limit).
-constexpr int64_t kTargetBlocks = 1024, kMinValuesPerThread = 4, kMaxChunks = 65535;
-
-struct Reduction {
-  dim3 block, grid;
-  int64_t chunk;   // values per chunk (the last one may be shorter)
-  int64_t chunks;  // chunks per channel (grid.y)
-};
-
-Reduction plan_reduction(const ChannelView& v) {
-  const bool rows = v.inner == 1;
-  const int lanes = rows ? kRowLanes : 1, value_lanes = rows ? kRowValueLanes : kThreads;
-  const int64_t M = v.outer * v.inner;
-  const int64_t tiles = (v.channels + lanes - 1) / lanes;
-  int64_t chunks = std::max<int64_t>(1, kTargetBlocks / std::max<int64_t>(tiles, 1));
-  chunks = std::min(chunks, std::max<int64_t>(1, M / (value_lanes * kMinValuesPerThread)));
-  chunks = std::min(chunks, kMaxChunks);
-  const int64_t chunk = std::max<int64_t>(1, (M + chunks - 1) / chunks);
-  chunks = std::max<int64_t>(1, (M + chunk - 1) / chunk);
-  return {dim3(lanes, value_lanes), dim3(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks)), chunk, chunks};
-}
-
-// Walks the values of channel c with index m in [m0, m1), stepping `step`: calls f(element index).
-// (n, s) = (m / inner, m % inner) is advanced incrementally.
-template <typename F>
-__device__ __forceinline__ void for_channel_values(int64_t m0, int64_t m1, int64_t step, int64_t c, int64_t C, int64_t inner, F f) {
-  int64_t n = m0 / inner, s = m0 % inner;
-  const int64_t step_n = step / inner, step_s = step % inner;
-  for (int64_t m = m0; m < m1; m += step) {
-    f((n * C + c) * inner + s);
-    n += step_n;
-    s += step_s;
-    if (s >= inner) {
-      s -= inner;
-      ++n;
-    }
-  }
-}
-
-// Fixed-order tree over the value lanes (threadIdx.y) of a block: afterwards lane 0 holds the total.
-template <typename T, typename Merge>
-__device__ __forceinline__ void tree_reduce(T* shared, Merge merge) {
-  const int lane = threadIdx.x, t = threadIdx.y, lanes = blockDim.x;
-  for (int half = blockDim.y / 2; half > 0; half /= 2) {
-    __syncthreads();
-    if (t < half) merge(shared[t * lanes + lane], shared[(t + half) * lanes + lane]);
-  }
-  __syncthreads();
-}
+constexpr int kChannelWarps = static_cast<int>(kFoldWarps);  // per-channel kernels: a warp per channel
 
 // partial[j][c] = Welford moments of chunk j of channel c; partial is (3, chunks, C): count, mean, m2.
 template <typename scalar_t, typename acc_t>
@@ -92,7 +42,8 @@ __global__ void bn_stats_kernel(const scalar_t* __restrict__ x, acc_t* __restric
   const int64_t m0 = blockIdx.y * chunk, m1 = min(M, m0 + chunk);
   Moments<acc_t> mom{acc_t(0), acc_t(0), acc_t(0)};
   if (c < C)
-    for_channel_values(m0 + threadIdx.y, m1, blockDim.y, c, C, inner, [&](int64_t i) { push_moment(mom, static_cast<acc_t>(x[i])); });
+    for_channel_values(m0 + threadIdx.y, m1, blockDim.y, inner,
+                       [&](int64_t o, int64_t s) { push_moment(mom, static_cast<acc_t>(x[(o * C + c) * inner + s])); });
   shared[threadIdx.y * blockDim.x + threadIdx.x] = mom;
   tree_reduce(shared, [](Moments<acc_t>& a, const Moments<acc_t>& b) { merge_moments(a, b); });
   if (threadIdx.y == 0 && c < C) {
@@ -104,20 +55,38 @@ __global__ void bn_stats_kernel(const scalar_t* __restrict__ x, acc_t* __restric
   }
 }
 
-// Per channel: statistics (merged chunks in training, running ones in eval), running update, apply
-// coefficients coef = (scale, shift) as (2, C).
+// Shuffle-down tree step of a warp's moments: lane l merges lane l + off (batch_norm_residual_update_math.h
+// merge_chunks_like_gpu is the host twin of this order).
+template <typename acc_t>
+__device__ __forceinline__ Moments<acc_t> warp_merge_moments(Moments<acc_t> m) {
+  for (int off = 16; off > 0; off >>= 1) {
+    const Moments<acc_t> b{__shfl_down_sync(0xffffffffu, m.count, off), __shfl_down_sync(0xffffffffu, m.mean, off),
+                           __shfl_down_sync(0xffffffffu, m.m2, off)};
+    merge_moments(m, b);
+  }
+  return m;
+}
+
+// A warp per channel: statistics (the chunks merged in a fixed lane-then-tree order in training,
+// the running ones in eval), running update, apply coefficients coef = (scale, shift) as (2, C).
+// Chain: ceil(chunks / 32) + 5 merges (was one thread merging all chunks in a row: up to 1024).
 template <typename acc_t, typename running_t>
 __global__ void bn_forward_channels_kernel(const acc_t* __restrict__ partial, int64_t chunks, int64_t C, int64_t M, const acc_t* __restrict__ dt,
                                            const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, running_t* running_mean,
                                            running_t* running_var, int64_t running_stride, bool training, acc_t momentum, acc_t eps,
                                            acc_t* __restrict__ save_mean, acc_t* __restrict__ save_invstd, acc_t* __restrict__ coef) {
-  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (c >= C) return;
+  const int64_t c = blockIdx.x * (int64_t)kChannelWarps + threadIdx.x / 32;
+  if (c >= C) return;  // whole warps leave: c is uniform in a warp
+  Moments<acc_t> m{acc_t(0), acc_t(0), acc_t(0)};
+  if (training) {
+    m = lane_moments<acc_t>(threadIdx.x % 32, chunks, [&](int64_t j) {
+      return Moments<acc_t>{partial[j * C + c], partial[(chunks + j) * C + c], partial[(2 * chunks + j) * C + c]};
+    });
+    m = warp_merge_moments(m);
+  }
+  if (threadIdx.x % 32 != 0) return;
   acc_t mean, invstd;
   if (training) {
-    Moments<acc_t> m{acc_t(0), acc_t(0), acc_t(0)};
-    for (int64_t j = 0; j < chunks; ++j)
-      merge_moments(m, Moments<acc_t>{partial[j * C + c], partial[(chunks + j) * C + c], partial[(2 * chunks + j) * C + c]});
     mean = m.mean;
     invstd = bn_invstd(m.m2 / static_cast<acc_t>(M), eps);
     if (running_mean) {
@@ -168,7 +137,8 @@ __global__ void bn_backward_sums_kernel(const scalar_t* __restrict__ g, const sc
   Sums sums{acc_t(0), acc_t(0)};
   if (c < C) {
     const acc_t mu = mean[c];
-    for_channel_values(m0 + threadIdx.y, m1, blockDim.y, c, C, inner, [&](int64_t i) {
+    for_channel_values(m0 + threadIdx.y, m1, blockDim.y, inner, [&](int64_t o, int64_t s) {
+      const int64_t i = (o * C + c) * inner + s;
       acc_t gi = static_cast<acc_t>(g[i]);
       if (relu_out) gi = relu_backward(gi, static_cast<acc_t>(relu_out[i]));
       sums.s1 += gi;
@@ -187,19 +157,18 @@ __global__ void bn_backward_sums_kernel(const scalar_t* __restrict__ g, const sc
   }
 }
 
-// Per channel: S1, S2c summed over the chunks in order; gradients of dt, weight, bias; coef (3, C) = k1, k2, k3.
+// A warp per channel: S1, S2c folded over the chunks in a fixed order (warp_fold_sum: ceil(chunks / 32) + 5
+// dependent adds); gradients of dt, weight, bias; coef (3, C) = k1, k2, k3.
 template <typename acc_t>
 __global__ void bn_backward_channels_kernel(const acc_t* __restrict__ partial, int64_t chunks, int64_t C, int64_t M,
                                             const acc_t* __restrict__ dt, const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
                                             const acc_t* __restrict__ invstd, bool training, acc_t* __restrict__ ddt, acc_t* __restrict__ dweight,
                                             acc_t* __restrict__ dbias, acc_t* __restrict__ coef) {
-  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  acc_t s1 = 0, s2c = 0;
-  for (int64_t j = 0; j < chunks; ++j) {
-    s1 += partial[j * C + c];
-    s2c += partial[(chunks + j) * C + c];
-  }
+  const int64_t c = blockIdx.x * (int64_t)kChannelWarps + threadIdx.x / 32;
+  if (c >= C) return;  // whole warps leave
+  const acc_t s1 = warp_fold_sum<acc_t>(chunks, [&](int64_t j) { return partial[j * C + c]; });
+  const acc_t s2c = warp_fold_sum<acc_t>(chunks, [&](int64_t j) { return partial[(chunks + j) * C + c]; });
+  if (threadIdx.x % 32 != 0) return;
   const BnBackward<acc_t> r = bn_backward_coefficients(dt[c], weight ? weight[c] : acc_t(1), bias ? bias[c] : acc_t(0), invstd[c], s1, s2c,
                                                        static_cast<acc_t>(M), training);
   ddt[c] = r.ddt;
@@ -243,7 +212,7 @@ const T* maybe_ptr(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-unsigned channel_blocks(int64_t C) { return static_cast<unsigned>((C + kThreads - 1) / kThreads); }
+unsigned channel_blocks(int64_t C) { return static_cast<unsigned>(fold_blocks(C)); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cuda(
     const at::Tensor& y_in, const at::Tensor& x_in, const at::Tensor& dt_in, const std::optional<at::Tensor>& running_mean,
@@ -258,13 +227,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cuda(
   const auto acc = bn_acc_type(a.y);
   const at::Tensor w = channel_param(weight, acc), b = channel_param(bias, acc);
   const at::Tensor coef = at::empty({2, C}, a.dt.options());
-  const Reduction plan = plan_reduction(v);
+  const ChannelReduction plan = plan_channel_reduction(v);
   const at::Tensor partial = training ? at::empty({3, plan.chunks, C}, a.dt.options()) : at::Tensor();
   const auto running_type = running_mean.has_value() ? running_mean->scalar_type() : acc;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "tsc_batch_norm_residual_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (training) {
-      bn_stats_kernel<scalar_t, acc_t><<<plan.grid, plan.block, 0, stream>>>(a.x.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(),
+      bn_stats_kernel<scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(a.x.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(),
                                                                               C, v.inner, a.count, plan.chunk);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -309,13 +278,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   const at::Tensor w = channel_param(weight, acc), b = channel_param(bias, acc);
   const at::Tensor coef = at::empty({3, C}, a.dt.options());
   const bool any = a.x.numel() > 0;
-  const Reduction plan = plan_reduction(v);
+  const ChannelReduction plan = plan_channel_reduction(v);
   const at::Tensor partial = any ? at::empty({2, plan.chunks, C}, a.dt.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "tsc_batch_norm_residual_update_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* outp = a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr;
     if (any) {
-      bn_backward_sums_kernel<scalar_t, acc_t><<<plan.grid, plan.block, 0, stream>>>(
+      bn_backward_sums_kernel<scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
           a.g.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), outp, a.save_mean.const_data_ptr<acc_t>(),
           partial.mutable_data_ptr<acc_t>(), C, v.inner, a.count, plan.chunk);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

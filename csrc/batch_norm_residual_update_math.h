@@ -102,4 +102,27 @@ TSC_HD T bn_backward_dx(T g, T x, T mean, T k1, T k2, T k3) {
   return g * k1 + ((x - mean) * k3 + k2);
 }
 
+// The fixed order of the CUDA per-channel merge of `chunks` chunks' moments (a warp per channel,
+// batch_norm_residual_update_cuda.cu): lane l merges chunks l, l + 32, ... in order (this
+// function); then the lanes merge pairwise, lane l taking lane l + off for off = 16, 8, 4, 2, 1
+// (merge_lane_tree on the host, shuffles on the GPU). ceil(chunks / 32) + 5 dependent merges
+// instead of `chunks`. load(j) gives chunk j's moments.
+template <typename T, typename Load>
+TSC_HD Moments<T> lane_moments(int lane, int64_t chunks, Load load) {
+  Moments<T> m{T(0), T(0), T(0)};
+  for (int64_t j = lane; j < chunks; j += 32) merge_moments(m, load(j));
+  return m;
+}
+
+// Host twin of the GPU's shuffle tree over 32 lanes' moments (merge order identical), so the CPU
+// tests check the merged statistics the GPU computes (tsc::_bn_merge_chunks, tests/test_cuda_plans.py).
+template <typename T, typename Load>
+Moments<T> merge_chunks_like_gpu(int64_t chunks, Load load) {
+  Moments<T> lanes[32];
+  for (int l = 0; l < 32; ++l) lanes[l] = lane_moments<T>(l, chunks, load);
+  for (int off = 16; off > 0; off >>= 1)
+    for (int l = 0; l < off; ++l) merge_moments(lanes[l], lanes[l + off]);
+  return lanes[0];
+}
+
 }  // namespace tsc

@@ -3,9 +3,12 @@
 //
 // Forward: one grid-stride pass (reads u, u_prev, f; writes out). k, dt and keep are read on the
 // device (k is a 0-d device tensor: no host sync).
-// Backward: one launch with a block per (sample, 32 channels): it writes du, du_prev, df and the
-// (N, C) partial sums of g'(u_prev - u) and g'f (each summed by one block in a fixed order), then a
-// one-block finalize launch reduces the tables into dk, ddt and dkeep in a fixed order: deterministic.
+// Backward: one launch with a block per (sample, position chunk, channel tile) (multistep_update_plan.h: warps
+// along a plane's positions for channel-first tensors, lanes on adjacent channels for channels-last
+// ones): it writes du, du_prev, df and the (N, C) partial sums of g'(u_prev - u) and g'f; then
+// multistep_fold_kernel (a warp per channel: dk's column sums and ddt; a block per sample: dkeep)
+// and multistep_dk_kernel (one block: dk) reduce the tables in a fixed order: deterministic, every
+// chain ceil(n / 32) + 5 or ceil(n / 256) + 10 long instead of N * C / 256, N or C.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -14,12 +17,13 @@
 #include "cuda_elementwise.cuh"
 #include "multistep_layout.h"
 #include "multistep_update_math.h"
+#include "multistep_update_plan.h"
 
 namespace tsc {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTileC = 32, kTileS = 8;  // backward block: 32 channels x 8 positions
+constexpr int kLanes = static_cast<int>(multistep_plan::kLanes), kRows = static_cast<int>(multistep_plan::kRows);
 
 template <typename T>
 const T* optional_ptr(const at::Tensor& t) {
@@ -45,26 +49,28 @@ __global__ void multistep_forward_kernel(const scalar_t* __restrict__ u, const s
   });
 }
 
-// grid = (N, ceil(C / 32)), block = (32, 8): channel tile x positions of one sample.
-// Channel-first (sc = S, ss = 1) or channels-last (sc = 1, ss = C) offsets within the sample.
-template <typename scalar_t, typename acc_t>
+// grid = N * chunks * tiles (row = sample * chunks + chunk major, multistep_update_plan.h), block =
+// (32, 8); a block covers positions [chunk * per, (chunk + 1) * per) of its sample. kPlanes (channel-first, index (n C + c) S + s):
+// warp y owns channel tile * 8 + y, its lanes positions x, x + 32, ...; channels-last (index
+// (n S + s) C + c): lanes own channels tile * 32 + x, the 8 rows positions y, y + 8, ...
+template <bool kPlanes, typename scalar_t, typename acc_t>
 __global__ void multistep_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ u,
                                           const scalar_t* __restrict__ up, const scalar_t* __restrict__ f,
                                           const scalar_t* __restrict__ relu_out, const acc_t* __restrict__ kp,
                                           const acc_t* __restrict__ dt, const acc_t* __restrict__ keep,
                                           scalar_t* __restrict__ du, scalar_t* __restrict__ dup, scalar_t* __restrict__ df,
-                                          acc_t* __restrict__ pk, acc_t* __restrict__ pf, int64_t C, int64_t S,
-                                          int64_t sc, int64_t ss) {
-  __shared__ acc_t shared_k[kTileS][kTileC];
-  __shared__ acc_t shared_f[kTileS][kTileC];
-  const int64_t n = blockIdx.x;
-  const int64_t c = blockIdx.y * (int64_t)kTileC + threadIdx.x;
+                                          acc_t* __restrict__ pk, acc_t* __restrict__ pf, int64_t C, int64_t S, int64_t tiles,
+                                          int64_t chunks, int64_t per) {
+  const int64_t row = blockIdx.x / tiles, tile = blockIdx.x % tiles;
+  const int64_t n = row / chunks, s1 = min(S, (row % chunks + 1) * per);
+  const int64_t c = kPlanes ? tile * kRows + threadIdx.y : tile * kLanes + threadIdx.x;
+  const int64_t s0 = (row % chunks) * per + (kPlanes ? threadIdx.x : threadIdx.y), ds = kPlanes ? kLanes : kRows;
   acc_t sk = 0, sf = 0;
   if (c < C) {
     const acc_t k = *kp;
     const acc_t scale = multistep_scale(dt, keep, n, c);
-    const int64_t base = n * C * S + c * sc;
-    for (int64_t s = threadIdx.y; s < S; s += kTileS) {
+    const int64_t base = kPlanes ? (n * C + c) * S : n * C * S + c, ss = kPlanes ? 1 : C;
+    for (int64_t s = s0; s < s1; s += ds) {
       const int64_t i = base + s * ss;
       acc_t gi = static_cast<acc_t>(g[i]);
       if (relu_out) gi = relu_backward(gi, static_cast<acc_t>(relu_out[i]));
@@ -76,47 +82,68 @@ __global__ void multistep_backward_kernel(const scalar_t* __restrict__ g, const 
       sf += r.gf_term;
     }
   }
-  shared_k[threadIdx.y][threadIdx.x] = sk;
-  shared_f[threadIdx.y][threadIdx.x] = sf;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int j = 1; j < kTileS; ++j) {
-      sk += shared_k[j][threadIdx.x];
-      sf += shared_f[j][threadIdx.x];
+  if constexpr (kPlanes) {
+    sk = warp_sum(sk);  // c is uniform in a warp: every lane takes part
+    sf = warp_sum(sf);
+    if (threadIdx.x == 0 && c < C) {
+      pk[row * C + c] = sk;
+      pf[row * C + c] = sf;
     }
-    pk[n * C + c] = sk;
-    pf[n * C + c] = sf;
+  } else {
+    __shared__ acc_t shared_k[kRows][kLanes];
+    __shared__ acc_t shared_f[kRows][kLanes];
+    shared_k[threadIdx.y][threadIdx.x] = sk;
+    shared_f[threadIdx.y][threadIdx.x] = sf;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < C) {
+      for (int j = 1; j < kRows; ++j) {
+        sk += shared_k[j][threadIdx.x];
+        sf += shared_f[j][threadIdx.x];
+      }
+      pk[row * C + c] = sk;
+      pf[row * C + c] = sf;
+    }
   }
 }
 
-// One block: dk = Σ pk (strided per thread, then a fixed tree), ddt[c] and dkeep[n] one thread each.
+// Tables of R = N * chunks rows (row = n * chunks + chunk). Blocks [0, fold_blocks(C)): a warp per
+// channel c: colk[c] = sum_row pk[row, c] and, with dt, ddt[c] = sum_row keep[n] pf[row, c]
+// (warp_fold_sum over the rows). Blocks after: one per sample n (only with keep): dkeep[n] =
+// sum over its chunks' rows and c of dt[c] pf[row, c] (threads stride the contiguous chunks x C
+// values, coalesced; then block_sum). Fixed order.
 template <typename acc_t>
-__global__ void multistep_finalize_kernel(const acc_t* __restrict__ pk, const acc_t* __restrict__ pf,
-                                          const acc_t* __restrict__ dt, const acc_t* __restrict__ keep,
-                                          acc_t* __restrict__ dk, acc_t* __restrict__ ddt, acc_t* __restrict__ dkeep,
-                                          int64_t N, int64_t C) {
-  __shared__ acc_t shared[kThreads];
-  acc_t s = 0;
-  for (int64_t i = threadIdx.x; i < N * C; i += blockDim.x) s += pk[i];
-  shared[threadIdx.x] = s;
-  __syncthreads();
-  for (int width = kThreads / 2; width > 0; width >>= 1) {
-    if (threadIdx.x < width) shared[threadIdx.x] += shared[threadIdx.x + width];
-    __syncthreads();
+__global__ void multistep_fold_kernel(const acc_t* __restrict__ pk, const acc_t* __restrict__ pf, const acc_t* __restrict__ dt,
+                                      const acc_t* __restrict__ keep, acc_t* __restrict__ colk, acc_t* __restrict__ ddt,
+                                      acc_t* __restrict__ dkeep, int64_t N, int64_t C, int64_t chunks, int64_t channel_blocks) {
+  if (blockIdx.x >= channel_blocks) {
+    __shared__ acc_t shared[kThreads / 32];
+    const int64_t n = blockIdx.x - channel_blocks;
+    const acc_t* p = pf + n * chunks * C;
+    acc_t s = 0;
+    for (int64_t j = threadIdx.x; j < chunks * C; j += blockDim.x) s += (dt ? dt[j % C] : acc_t(1)) * p[j];
+    s = block_sum(s, shared);
+    if (threadIdx.x == 0) dkeep[n] = s;
+    return;
   }
-  if (threadIdx.x == 0) *dk = shared[0];
-  if (ddt)
-    for (int64_t c = threadIdx.x; c < C; c += blockDim.x) {
-      acc_t sum = 0;
-      for (int64_t n = 0; n < N; ++n) sum += (keep ? keep[n] : acc_t(1)) * pf[n * C + c];
-      ddt[c] = sum;
-    }
-  if (dkeep)
-    for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
-      acc_t sum = 0;
-      for (int64_t c = 0; c < C; ++c) sum += (dt ? dt[c] : acc_t(1)) * pf[n * C + c];
-      dkeep[n] = sum;
-    }
+  const int64_t c = blockIdx.x * kFoldWarps + threadIdx.x / 32;
+  if (c >= C) return;  // whole warps leave
+  const int64_t rows = N * chunks;
+  const acc_t sk = warp_fold_sum<acc_t>(rows, [&](int64_t r) { return pk[r * C + c]; });
+  if (threadIdx.x % 32 == 0) colk[c] = sk;
+  if (ddt) {
+    const acc_t sf = warp_fold_sum<acc_t>(rows, [&](int64_t r) { return (keep ? keep[r / chunks] : acc_t(1)) * pf[r * C + c]; });
+    if (threadIdx.x % 32 == 0) ddt[c] = sf;
+  }
+}
+
+// One block: dk = sum_c colk[c] (threads stride c, then block_sum): fixed order.
+template <typename acc_t>
+__global__ void multistep_dk_kernel(const acc_t* __restrict__ colk, acc_t* __restrict__ dk, int64_t C) {
+  __shared__ acc_t shared[kThreads / 32];
+  acc_t s = 0;
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) s += colk[c];
+  s = block_sum(s, shared);
+  if (threadIdx.x == 0) *dk = s;
 }
 
 at::Tensor multistep_update_cuda(const at::Tensor& u_in, const at::Tensor& u_prev_in, const at::Tensor& f_in, const at::Tensor& k_in,
@@ -147,27 +174,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::CUDAGuard guard(u_in.device());
   MultistepBackwardArgs a = prepare_multistep_backward(grad_in, u_in, u_prev_in, f_in, k_in, dt_in, keep_in, relu_out);
   const MultistepView v = a.view;
-  TORCH_CHECK((v.C + kTileC - 1) / kTileC <= 65535, "tsc::multistep_update_backward (CUDA): at most 65535*32 channels, got ", v.C);
+  const multistep_plan::BackwardSplit split = multistep_plan::backward_split(v);
+  const int64_t tiles = split.tiles, blocks = multistep_plan::backward_blocks(v);
+  TORCH_CHECK(blocks < (int64_t{1} << 31), "tsc::multistep_update_backward (CUDA): N * channel tiles must be below 2^31, got ", blocks);
+  const int64_t channel_blocks = fold_blocks(v.C), fold_grid = multistep_plan::fold_grid(v, a.keep.defined());
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.u.scalar_type(), "tsc_multistep_update_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor tables = at::empty({2, v.N * v.C}, a.k.options());
+    at::Tensor tables = at::empty({2, v.N * split.chunks * v.C}, a.k.options());
+    at::Tensor colk = at::empty({v.C}, a.k.options());
     if (a.u.numel() > 0) {
-      const dim3 grid(v.N, (v.C + kTileC - 1) / kTileC);
-      multistep_backward_kernel<scalar_t, acc_t><<<grid, dim3(kTileC, kTileS), 0, stream>>>(
-          a.g.const_data_ptr<scalar_t>(), a.u.const_data_ptr<scalar_t>(), a.u_prev.const_data_ptr<scalar_t>(),
-          a.f.const_data_ptr<scalar_t>(), a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr, a.k.const_data_ptr<acc_t>(),
-          optional_ptr<acc_t>(a.dt), optional_ptr<acc_t>(a.keep), a.du.mutable_data_ptr<scalar_t>(),
-          a.du_prev.mutable_data_ptr<scalar_t>(), a.df.mutable_data_ptr<scalar_t>(), tables[0].mutable_data_ptr<acc_t>(),
-          tables[1].mutable_data_ptr<acc_t>(), v.C, v.S, v.channels_last ? 1 : v.S, v.channels_last ? v.C : 1);
+      const auto launch = [&](auto kernel) {
+        kernel<<<static_cast<unsigned>(blocks), dim3(kLanes, kRows), 0, stream>>>(
+            a.g.const_data_ptr<scalar_t>(), a.u.const_data_ptr<scalar_t>(), a.u_prev.const_data_ptr<scalar_t>(),
+            a.f.const_data_ptr<scalar_t>(), a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr, a.k.const_data_ptr<acc_t>(),
+            optional_ptr<acc_t>(a.dt), optional_ptr<acc_t>(a.keep), a.du.mutable_data_ptr<scalar_t>(),
+            a.du_prev.mutable_data_ptr<scalar_t>(), a.df.mutable_data_ptr<scalar_t>(), tables[0].mutable_data_ptr<acc_t>(),
+            tables[1].mutable_data_ptr<acc_t>(), v.C, v.S, tiles, split.chunks, split.per);
+      };
+      if (v.channels_last) launch(multistep_backward_kernel<false, scalar_t, acc_t>);
+      else launch(multistep_backward_kernel<true, scalar_t, acc_t>);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       tables.zero_();
     }
-    multistep_finalize_kernel<acc_t><<<1, kThreads, 0, stream>>>(
-        tables[0].const_data_ptr<acc_t>(), tables[1].const_data_ptr<acc_t>(), optional_ptr<acc_t>(a.dt), optional_ptr<acc_t>(a.keep),
-        a.dk.mutable_data_ptr<acc_t>(), a.dt.defined() ? a.ddt.mutable_data_ptr<acc_t>() : nullptr,
-        a.keep.defined() ? a.dkeep.mutable_data_ptr<acc_t>() : nullptr, v.N, v.C);
+    if (fold_grid > 0) {
+      multistep_fold_kernel<acc_t><<<static_cast<unsigned>(fold_grid), kThreads, 0, stream>>>(
+          tables[0].const_data_ptr<acc_t>(), tables[1].const_data_ptr<acc_t>(), optional_ptr<acc_t>(a.dt), optional_ptr<acc_t>(a.keep),
+          colk.mutable_data_ptr<acc_t>(), a.dt.defined() ? a.ddt.mutable_data_ptr<acc_t>() : nullptr,
+          a.keep.defined() ? a.dkeep.mutable_data_ptr<acc_t>() : nullptr, v.N, v.C, split.chunks, channel_blocks);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    multistep_dk_kernel<acc_t><<<1, kThreads, 0, stream>>>(colk.const_data_ptr<acc_t>(), a.dk.mutable_data_ptr<acc_t>(), v.C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {a.du, a.du_prev, a.df, a.dk, a.ddt, a.dkeep};

@@ -6,8 +6,9 @@
 // coefficients are read from device memory, so a step size that changes between iterations is
 // just a new value in that small tensor (no host sync, no recompilation).
 // Forward: one grid-stride pass. Backward: one grid-stride pass writing every dk_i and per-block
-// partial sums of g * k_i (g read once); a second one-block kernel adds the partials in block order. The grid of
-// the backward depends on numel only (not on the GPU), so dc is bitwise reproducible.
+// partial sums of g * k_i (g read once); a second one-block kernel adds the partials, a warp per
+// stage in a fixed order (ceil(blocks / 32) + 5 dependent adds). The grid of the backward depends on
+// numel only (not on the GPU; ode_combine_plan.h), so dc is bitwise reproducible.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,13 +18,13 @@
 
 #include "ode_combine_layout.h"
 #include "ode_combine_math.h"
+#include "ode_combine_plan.h"
 #include "cuda_grid.cuh"
 
 namespace tsc {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxBackwardBlocks = 1024;
+constexpr int kThreads = static_cast<int>(ode_plan::kThreads);
 
 template <typename scalar_t>
 struct StagePtrs {
@@ -78,19 +79,13 @@ __global__ void ode_combine_backward_kernel(const scalar_t* __restrict__ g, Stag
   }
 }
 
+// dc[s] = sum over blocks of partial[b, s]: warp s folds the blocks (warp_fold_sum, fixed order).
 template <typename acc_t>
 __global__ void ode_combine_sum_partials_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ dc, int64_t blocks, int S) {
-  const int s = threadIdx.x;
-  if (s >= S) return;
-  acc_t sum = 0;
-  for (int64_t b = 0; b < blocks; ++b) sum += partial[b * S + s];
-  dc[s] = sum;
-}
-
-int forward_grid(int64_t numel) {
-  const int64_t blocks = (numel + kThreads - 1) / kThreads;
-  const int64_t cap = 32LL * at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  return static_cast<int>(std::max<int64_t>(1, std::min(blocks, cap)));
+  const int s = threadIdx.x / 32;
+  if (s >= S) return;  // whole warps leave
+  const acc_t sum = warp_fold_sum<acc_t>(blocks, [&](int64_t b) { return partial[b * S + s]; });
+  if (threadIdx.x % 32 == 0) dc[s] = sum;
 }
 
 at::Tensor ode_combine_cuda(const at::Tensor& z_in, at::TensorList stages_in, const at::Tensor& coeffs_in) {
@@ -105,7 +100,7 @@ at::Tensor ode_combine_cuda(const at::Tensor& z_in, at::TensorList stages_in, co
     using acc_t = at::opmath_type<scalar_t>;
     StagePtrs<scalar_t> k{};
     for (int s = 0; s < S; ++s) k.k[s] = a.stages[s].const_data_ptr<scalar_t>();
-    ode_combine_forward_kernel<scalar_t, acc_t><<<forward_grid(numel), kThreads, 0, stream>>>(
+    ode_combine_forward_kernel<scalar_t, acc_t><<<elementwise_grid(numel, kThreads), kThreads, 0, stream>>>(
         a.z.const_data_ptr<scalar_t>(), k, a.coeffs.const_data_ptr<acc_t>(), out.mutable_data_ptr<scalar_t>(), numel, S);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -123,7 +118,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> ode_combine_backward_cuda(const 
   if (numel == 0) return {dk, at::zeros_like(a.coeffs)};
   at::Tensor dc = at::empty_like(a.coeffs);
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>(kMaxBackwardBlocks, (numel + 4 * kThreads - 1) / (4 * kThreads)));
+  const int64_t blocks = ode_plan::backward_blocks(numel);
   at::Tensor partial = at::empty({blocks, S}, a.coeffs.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.z.scalar_type(), "tsc_ode_combine_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -136,7 +131,7 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> ode_combine_backward_cuda(const 
     ode_combine_backward_kernel<scalar_t, acc_t><<<static_cast<int>(blocks), kThreads, 0, stream>>>(
         a.z.const_data_ptr<scalar_t>(), k, d, a.coeffs.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>(), numel, S);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    ode_combine_sum_partials_kernel<acc_t><<<1, 32, 0, stream>>>(partial.const_data_ptr<acc_t>(), dc.mutable_data_ptr<acc_t>(), blocks, S);
+    ode_combine_sum_partials_kernel<acc_t><<<1, 32 * S, 0, stream>>>(partial.const_data_ptr<acc_t>(), dc.mutable_data_ptr<acc_t>(), blocks, S);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dk, dc};

@@ -4,11 +4,12 @@
 //
 // Forward: one grid-stride pass (reads y, f; writes out) in 16-byte packs with 32-bit index math
 // where possible (cuda_elementwise.cuh).
-// Backward: channel-first tensors: grid (C, sample chunks): block (c, k) reads grad and f of
-// channel c's planes in samples chunk k, writes df and a partial sum of ddt[c] (one block per
-// channel alone would leave most of a 108-132 SM GPU idle at CIFAR widths, C = 16-64).
-// Channels-last tensors: tiles of (32 channels x rows) write per-chunk partial sums. With more than
-// one chunk a second small kernel adds the chunks in order: deterministic, shape-only split.
+// Backward: one per-channel reduction grid planned by launch_geometry.h's plan_channel_reduction
+// (the grid tsc::cuda_launch_plan reports, residual_update_plan.cpp): about 1024 blocks of chunks
+// of a channel's values, samples and positions flattened (channel-first: 256 threads along the
+// values, all busy on a 7x7 map; channels-last: 32 adjacent channels x 8 rows). Each block writes
+// dy / df and a partial sum of ddt[c]; with more than one chunk fold_chunks_kernel adds the chunks,
+// a warp per channel in a fixed order: deterministic, shape-only split.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -40,62 +41,22 @@ __global__ void residual_forward_kernel(const scalar_t* __restrict__ y, const sc
   });
 }
 
-// grid = (C, chunks): block (c, k) owns channel c in samples [k * per, (k + 1) * per) and writes
-// partial[k * C + c] (partial is ddt itself when there is one chunk).
+// grid (tiles, chunks), block (lanes, value lanes) of plan_channel_reduction: block (tile, j) walks
+// chunk j (values m0 <= m < m1, m = sample-or-row * inner + position) of its channel(s), writes dy
+// (with the ReLU) and df, and partial[j * C + c] (partial is ddt itself when there is one chunk).
 template <typename scalar_t, typename acc_t>
-__global__ void residual_backward_planes_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ f,
-                                                const scalar_t* __restrict__ relu_out, const acc_t* __restrict__ dt,
-                                                scalar_t* __restrict__ dy, scalar_t* __restrict__ df,
-                                                acc_t* __restrict__ partial, int64_t N, int64_t C, int64_t S, int64_t per) {
-  __shared__ acc_t shared[kThreads / 32];
-  const int64_t c = blockIdx.x;
-  const int64_t n0 = blockIdx.y * per, n1 = min(N, n0 + per);
-  const acc_t d = dt[c];
-  acc_t sum = 0;
-  for (int64_t n = n0; n < n1; ++n) {
-    const int64_t base = (n * C + c) * S;
-    for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
-      const int64_t i = base + s;
-      acc_t gi = static_cast<acc_t>(g[i]);
-      if (relu_out) {
-        gi = relu_backward(gi, static_cast<acc_t>(relu_out[i]));
-        dy[i] = static_cast<scalar_t>(gi);
-      }
-      df[i] = static_cast<scalar_t>(gi * d);
-      sum += gi * static_cast<acc_t>(f[i]);
-    }
-  }
-  sum = block_sum(sum, shared);
-  if (threadIdx.x == 0) partial[blockIdx.y * C + c] = sum;
-}
-
-// Sample chunks of the planes backward: about kTargetBlocks blocks in all, each chunk at least
-// kMinChunkElems values, at most 65535 chunks (grid.y); depends on the shape only (deterministic).
-// The same rule as triton_kernels/residual_update.py planes_grid.
-constexpr int64_t kTargetBlocks = 1024, kMinChunkElems = 16384, kMaxGridY = 65535;
-int64_t samples_per_chunk(int64_t N, int64_t C, int64_t S) {
-  const int64_t by_work = std::max<int64_t>(1, N * S / kMinChunkElems);
-  const int64_t chunks = std::max<int64_t>(1, std::min({N, kMaxGridY, by_work, (kTargetBlocks + C - 1) / C}));
-  return (N + chunks - 1) / chunks;
-}
-
-constexpr int kTileC = 32, kTileRows = 8, kRowChunks = 64;
-
-// grid = (ceil(C / 32), chunks), block = (32, 8): partial[chunk, c] = sum over the chunk's rows.
-template <typename scalar_t, typename acc_t>
-__global__ void residual_backward_rows_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ f,
-                                              const scalar_t* __restrict__ relu_out, const acc_t* __restrict__ dt,
-                                              scalar_t* __restrict__ dy, scalar_t* __restrict__ df,
-                                              acc_t* __restrict__ partial,
-                                              int64_t R, int64_t C, int64_t rows_per_chunk) {
-  __shared__ acc_t shared[kTileRows][kTileC];
-  const int64_t c = blockIdx.x * (int64_t)kTileC + threadIdx.x;
-  const int64_t r0 = blockIdx.y * rows_per_chunk, r1 = min(R, r0 + rows_per_chunk);
+__global__ void residual_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ f,
+                                         const scalar_t* __restrict__ relu_out, const acc_t* __restrict__ dt,
+                                         scalar_t* __restrict__ dy, scalar_t* __restrict__ df, acc_t* __restrict__ partial,
+                                         int64_t C, int64_t inner, int64_t M, int64_t chunk) {
+  __shared__ acc_t shared[kThreads];
+  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  const int64_t m0 = blockIdx.y * chunk, m1 = min(M, m0 + chunk);
   acc_t sum = 0;
   if (c < C) {
     const acc_t d = dt[c];
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kTileRows) {
-      const int64_t i = r * C + c;
+    for_channel_values(m0 + threadIdx.y, m1, blockDim.y, inner, [&](int64_t o, int64_t s) {
+      const int64_t i = (o * C + c) * inner + s;
       acc_t gi = static_cast<acc_t>(g[i]);
       if (relu_out) {
         gi = relu_backward(gi, static_cast<acc_t>(relu_out[i]));
@@ -103,23 +64,11 @@ __global__ void residual_backward_rows_kernel(const scalar_t* __restrict__ g, co
       }
       df[i] = static_cast<scalar_t>(gi * d);
       sum += gi * static_cast<acc_t>(f[i]);
-    }
+    });
   }
-  shared[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < C) {
-    for (int k = 1; k < kTileRows; ++k) sum += shared[k][threadIdx.x];
-    partial[blockIdx.y * C + c] = sum;
-  }
-}
-
-template <typename acc_t>
-__global__ void sum_chunks_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ ddt, int64_t chunks, int64_t C) {
-  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (c >= C) return;
-  acc_t sum = 0;
-  for (int64_t k = 0; k < chunks; ++k) sum += partial[k * C + c];
-  ddt[c] = sum;
+  shared[threadIdx.y * blockDim.x + threadIdx.x] = sum;
+  tree_reduce(shared, [](acc_t& a, const acc_t& b) { a += b; });
+  if (threadIdx.y == 0 && c < C) partial[blockIdx.y * C + c] = shared[threadIdx.x];
 }
 
 int grid_for(int64_t numel) { return elementwise_grid(numel, kThreads); }
@@ -159,30 +108,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* outp = relu ? out.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dyp = relu ? dy.mutable_data_ptr<scalar_t>() : nullptr;
-    if (v.inner > 1) {
-      const int64_t per = samples_per_chunk(v.outer, v.channels, v.inner);
-      const int64_t chunks = (v.outer + per - 1) / per;
-      at::Tensor partial = chunks == 1 ? ddt : at::empty({chunks, v.channels}, dt.options());
-      residual_backward_planes_kernel<scalar_t, acc_t><<<dim3(v.channels, chunks), kThreads, 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), outp, dt.const_data_ptr<acc_t>(), dyp,
-          df.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), v.outer, v.channels, v.inner, per);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      if (chunks > 1) {
-        sum_chunks_kernel<acc_t><<<(v.channels + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-            partial.const_data_ptr<acc_t>(), ddt.mutable_data_ptr<acc_t>(), chunks, v.channels);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      }
-    } else {
-      const int64_t rows_per_chunk = std::max<int64_t>(kTileRows, (v.outer + kRowChunks - 1) / kRowChunks);
-      const int64_t chunks = (v.outer + rows_per_chunk - 1) / rows_per_chunk;
-      at::Tensor partial = at::empty({chunks, v.channels}, dt.options());
-      const dim3 grid((v.channels + kTileC - 1) / kTileC, chunks);
-      residual_backward_rows_kernel<scalar_t, acc_t><<<grid, dim3(kTileC, kTileRows), 0, stream>>>(
-          g.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), outp, dt.const_data_ptr<acc_t>(), dyp,
-          df.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), v.outer, v.channels, rows_per_chunk);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      sum_chunks_kernel<acc_t><<<(v.channels + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-          partial.const_data_ptr<acc_t>(), ddt.mutable_data_ptr<acc_t>(), chunks, v.channels);
+    const ChannelReduction plan = plan_channel_reduction(v);
+    at::Tensor partial = plan.chunks == 1 ? ddt : at::empty({plan.chunks, v.channels}, dt.options());
+    residual_backward_kernel<scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
+        g.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), outp, dt.const_data_ptr<acc_t>(), dyp,
+        df.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), v.channels, v.inner, v.outer * v.inner, plan.chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (plan.chunks > 1) {
+      fold_chunks_kernel<acc_t><<<static_cast<unsigned>(fold_blocks(v.channels)), kThreads, 0, stream>>>(
+          partial.const_data_ptr<acc_t>(), ddt.mutable_data_ptr<acc_t>(), plan.chunks, v.channels);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -3,10 +3,11 @@
 // the functions the CPU kernels run, so the CPU tests cover them.
 //
 // Forward: one grid-stride pass over out (each element copied from x or scaled from f).
-// Backward (df, ddt): per-chunk partial sums of ddt, then a small kernel adding the chunks in
-// order (two launches, deterministic). Channel-first tensors: block (c, chunk) walks the planes of
-// channel c in its chunk of samples. Channels-last: tiles of (32 channels x 8 rows) over chunks of
-// rows, so a warp reads 32 consecutive channels of a row (coalesced).
+// Backward (df, ddt): per-chunk partial sums of ddt over the grid of launch_geometry.h's
+// plan_channel_reduction (about 1024 blocks; channel-first: 256 threads along a channel's values,
+// samples and positions flattened; channels-last: 32 adjacent channels x 8 rows, coalesced), then
+// fold_chunks_kernel adds the chunks, a warp per channel in a fixed order (deterministic).
+// scale_concat_plan.cpp reports the same grids (tsc::cuda_launch_plan).
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -21,7 +22,6 @@ namespace tsc {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kTileC = 32, kTileRows = 8, kChunks = 64;
 
 // index_t: uint32_t below 2^31 elements (magic-number divisions), else int64_t (dispatch_index).
 template <typename index_t, typename scalar_t, typename acc_t>
@@ -38,60 +38,29 @@ __global__ void scale_concat_forward_kernel(const scalar_t* __restrict__ x, cons
   });
 }
 
-// grid = (k, chunks): block (c, chunk) owns channel c of samples [chunk * per, (chunk + 1) * per).
+// grid (tiles, chunks), block (lanes, value lanes) of plan_channel_reduction over f's (outer, k, inner)
+// view: block (tile, j) walks chunk j of its channel(s)' values (m = o * inner + position), writes df
+// and partial[j * k + c] (partial is ddt itself when there is one chunk).
 template <typename scalar_t, typename acc_t>
-__global__ void scale_concat_backward_planes_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ f,
-                                                    const acc_t* __restrict__ dt, scalar_t* __restrict__ df,
-                                                    acc_t* __restrict__ partial, ScaleConcatShape s, int64_t per) {
-  __shared__ acc_t shared[kThreads / 32];
-  const int64_t c = blockIdx.x;
-  const acc_t d = dt[c];
-  acc_t sum = 0;
-  const int64_t o1 = min(s.outer, (blockIdx.y + 1) * per);
-  for (int64_t o = blockIdx.y * per; o < o1; ++o) {
-    const int64_t gbase = scale_concat_grad_index(o, c, 0, s), fbase = (o * s.k + c) * s.inner;
-    for (int64_t sp = threadIdx.x; sp < s.inner; sp += blockDim.x) {
-      const acc_t gi = static_cast<acc_t>(g[gbase + sp]);
-      df[fbase + sp] = static_cast<scalar_t>(scale_concat_df(gi, d));
-      sum += scale_concat_ddt_term(gi, static_cast<acc_t>(f[fbase + sp]));
-    }
-  }
-  sum = block_sum(sum, shared);
-  if (threadIdx.x == 0) partial[blockIdx.y * s.k + c] = sum;
-}
-
-// grid = (ceil(k / 32), chunks), block = (32, 8): partial[chunk, c] over the chunk's rows (inner == 1).
-template <typename scalar_t, typename acc_t>
-__global__ void scale_concat_backward_rows_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ f,
-                                                  const acc_t* __restrict__ dt, scalar_t* __restrict__ df,
-                                                  acc_t* __restrict__ partial, ScaleConcatShape s, int64_t per) {
-  __shared__ acc_t shared[kTileRows][kTileC];
-  const int64_t c = blockIdx.x * (int64_t)kTileC + threadIdx.x;
-  const int64_t r0 = blockIdx.y * per, r1 = min(s.outer, r0 + per);
+__global__ void scale_concat_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ f,
+                                             const acc_t* __restrict__ dt, scalar_t* __restrict__ df,
+                                             acc_t* __restrict__ partial, ScaleConcatShape s, int64_t chunk) {
+  __shared__ acc_t shared[kThreads];
+  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  const int64_t M = s.outer * s.inner, m0 = blockIdx.y * chunk, m1 = min(M, m0 + chunk);
   acc_t sum = 0;
   if (c < s.k) {
     const acc_t d = dt[c];
-    for (int64_t r = r0 + threadIdx.y; r < r1; r += kTileRows) {
-      const acc_t gi = static_cast<acc_t>(g[scale_concat_grad_index(r, c, 0, s)]);
-      df[r * s.k + c] = static_cast<scalar_t>(scale_concat_df(gi, d));
-      sum += scale_concat_ddt_term(gi, static_cast<acc_t>(f[r * s.k + c]));
-    }
+    for_channel_values(m0 + threadIdx.y, m1, blockDim.y, s.inner, [&](int64_t o, int64_t sp) {
+      const acc_t gi = static_cast<acc_t>(g[scale_concat_grad_index(o, c, sp, s)]);
+      const int64_t i = (o * s.k + c) * s.inner + sp;
+      df[i] = static_cast<scalar_t>(scale_concat_df(gi, d));
+      sum += scale_concat_ddt_term(gi, static_cast<acc_t>(f[i]));
+    });
   }
-  shared[threadIdx.y][threadIdx.x] = sum;
-  __syncthreads();
-  if (threadIdx.y == 0 && c < s.k) {
-    for (int j = 1; j < kTileRows; ++j) sum += shared[j][threadIdx.x];
-    partial[blockIdx.y * s.k + c] = sum;
-  }
-}
-
-template <typename acc_t>
-__global__ void scale_concat_sum_chunks_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ ddt, int64_t chunks, int64_t k) {
-  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (c >= k) return;
-  acc_t sum = 0;
-  for (int64_t j = 0; j < chunks; ++j) sum += partial[j * k + c];
-  ddt[c] = sum;
+  shared[threadIdx.y * blockDim.x + threadIdx.x] = sum;
+  tree_reduce(shared, [](acc_t& a, const acc_t& b) { a += b; });
+  if (threadIdx.y == 0 && c < s.k) partial[blockIdx.y * s.k + c] = shared[threadIdx.x];
 }
 
 at::Tensor scale_concat_cuda(const at::Tensor& x_in, const at::Tensor& f_in, const at::Tensor& dt_in) {
@@ -121,28 +90,20 @@ std::tuple<at::Tensor, at::Tensor> scale_concat_backward_cuda(const at::Tensor& 
   const ScaleConcatShape s = a.shape;
   if (a.f.numel() == 0) return {a.df, a.ddt};
   const auto stream = at::cuda::getCurrentCUDAStream();
-  // Rows (samples for planes, pixels for channels-last) per chunk: at most kChunks chunks (grid y).
-  const int64_t per = std::max<int64_t>(s.inner > 1 ? 1 : kTileRows, (s.outer + kChunks - 1) / kChunks);
-  const int64_t chunks = (s.outer + per - 1) / per;
-  at::Tensor partial = at::empty({chunks, s.k}, a.dt.options());
+  const ChannelReduction plan = plan_channel_reduction(scale_concat_f_view(s));
+  at::Tensor partial = plan.chunks == 1 ? a.ddt : at::empty({plan.chunks, s.k}, a.dt.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.f.scalar_type(), "tsc_scale_concat_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = a.g.const_data_ptr<scalar_t>();
-    const scalar_t* fp = a.f.const_data_ptr<scalar_t>();
-    const acc_t* dtp = a.dt.const_data_ptr<acc_t>();
-    scalar_t* dfp = a.df.mutable_data_ptr<scalar_t>();
     acc_t* pp = partial.mutable_data_ptr<acc_t>();
-    if (s.inner > 1) {
-      // grid.x = k (up to 2^31 - 1), grid.y = chunks <= kChunks
-      scale_concat_backward_planes_kernel<scalar_t, acc_t><<<dim3(s.k, chunks), kThreads, 0, stream>>>(gp, fp, dtp, dfp, pp, s, per);
-    } else {
-      scale_concat_backward_rows_kernel<scalar_t, acc_t><<<dim3((s.k + kTileC - 1) / kTileC, chunks), dim3(kTileC, kTileRows), 0, stream>>>(
-          gp, fp, dtp, dfp, pp, s, per);
+    scale_concat_backward_kernel<scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
+        a.g.const_data_ptr<scalar_t>(), a.f.const_data_ptr<scalar_t>(), a.dt.const_data_ptr<acc_t>(), a.df.mutable_data_ptr<scalar_t>(), pp, s,
+        plan.chunk);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (plan.chunks > 1) {
+      fold_chunks_kernel<acc_t><<<static_cast<unsigned>(fold_blocks(s.k)), kThreads, 0, stream>>>(pp, a.ddt.mutable_data_ptr<acc_t>(),
+                                                                                                   plan.chunks, s.k);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    scale_concat_sum_chunks_kernel<acc_t><<<(s.k + kThreads - 1) / kThreads, kThreads, 0, stream>>>(
-        pp, a.ddt.mutable_data_ptr<acc_t>(), chunks, s.k);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {a.df, a.ddt};
 }

@@ -44,6 +44,10 @@ inline void check_scale_concat_args(const char* op, const at::Tensor& x, const a
   TORCH_CHECK(x.device() == f.device() && x.device() == dt.device(), op, ": all tensors must be on one device");
 }
 
+// f's (outer, k, inner) block as a ChannelView: the view the CUDA ddt reduction is planned on
+// (launch_geometry.h plan_channel_reduction).
+inline ChannelView scale_concat_f_view(const ScaleConcatShape& s) { return ChannelView{s.outer, s.k, s.inner}; }
+
 struct ScaleConcatForward {
   at::Tensor x, f, dt, out;
   ScaleConcatShape shape;

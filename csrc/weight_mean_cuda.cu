@@ -19,12 +19,13 @@
 #include "cuda_meta_batch.cuh"
 #include "weight_mean_layout.h"
 #include "weight_mean_math.h"
+#include "weight_mean_plan.h"
 
 namespace tsc {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
+constexpr int kThreads = static_cast<int>(weight_mean_plan::kThreads);
+constexpr int kWarps = static_cast<int>(weight_mean_plan::kWarps);
 
 struct WeightMeta {
   int64_t ptr;                // the weight's data pointer (forward only)
@@ -32,7 +33,7 @@ struct WeightMeta {
   int64_t C_out, C_in, K, so, si, sk;
 };
 
-constexpr int kMaxWeights = 48;  // 48 * 64 B + 24 B < 4 KiB of kernel parameters
+constexpr int kMaxWeights = static_cast<int>(weight_mean_plan::kMaxWeights);  // 48 * 64 B + 24 B < 4 KiB of kernel parameters
 using WeightBatch = MetaBatch<WeightMeta, kMaxWeights>;
 static_assert(sizeof(WeightBatch) + 64 <= 4096, "kernel parameters must stay under 4 KiB");
 
@@ -71,17 +72,18 @@ __global__ void weight_mean_backward_kernel(const __grid_constant__ WeightBatch 
   }
 }
 
-// Splits `meta` into batches of at most kMaxWeights and calls launch(batch) for each; the work
-// range of a batch is [its first record's start, the next batch's first start or `total`).
+// Calls launch(batch) for each launch of weight_mean_plan::weight_batches (the split the planner reports).
 template <int64_t WeightMeta::*start, typename F>
 void for_each_weight_batch(const std::vector<WeightMeta>& meta, int64_t total, F&& launch) {
-  for (size_t j0 = 0; j0 < meta.size(); j0 += kMaxWeights) {
+  std::vector<int64_t> starts;
+  for (const WeightMeta& m : meta) starts.push_back(m.*start);
+  for (const weight_mean_plan::WeightBatchRange& r : weight_mean_plan::weight_batches(starts, total)) {
     WeightBatch b{};
-    b.n = static_cast<int64_t>(std::min<size_t>(kMaxWeights, meta.size() - j0));
-    for (int64_t k = 0; k < b.n; ++k) b.m[k] = meta[j0 + k];
-    b.begin = meta[j0].*start;
-    b.end = j0 + b.n < meta.size() ? meta[j0 + b.n].*start : total;
-    if (b.end > b.begin) launch(b);
+    b.n = r.n;
+    for (int64_t k = 0; k < b.n; ++k) b.m[k] = meta[r.first + k];
+    b.begin = r.begin;
+    b.end = r.end;
+    launch(b);
   }
 }
 

@@ -1,0 +1,237 @@
+"""CUDA launch plans of residual_update, scale_concat, the BatchNorm tail, multistep_update,
+ode_combine and weight_mean (issue 22, CUDA side), checked on the CPU.
+
+The plans come from the host code the CUDA launchers run (csrc/launch_geometry.h, csrc/*_plan.h,
+answered by tsc::cuda_launch_plan), so each finding of the issue is a property of a plan here:
+  1. per-channel merges / chunk sums / partial sums are fixed-order folds of at most 64 dependent steps;
+  2. the contiguous multistep backward reads 32 adjacent positions per warp (>= 128-byte requests);
+  3. the planes kernels flatten (sample, position): every warp full on a 7x7 map;
+  4. the channels-last rows kernels get ~1024 blocks (>= 2 * SMs), not a fixed 64 chunks.
+The fixed merge order of the BatchNorm statistics runs on the host too (tsc::_bn_merge_chunks) and
+is compared with the statistics of the data. No GPU is needed: tensors live on the meta device.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import tsc_kernels  # noqa: F401  (loads tsc_kernels._C: the planners and tsc::cuda_launch_plan)
+from tsc_kernels._launch_plan import launch_plan
+from tsc_kernels.launch_rules import (MAX_CHAIN, batch_norm_args, meta_tensor, multistep_args, ode_args, residual_args,
+                                      scale_concat_args)
+
+SMS = 132
+
+
+def flatten(args):
+    """launch_plan.h's flattening of forward arguments given in schema order, by Python type (here
+    rather than through launch_plan, whose schema-based flattening does not take Tensor? yet)."""
+    tensors, ints, floats = [], [], []
+    for a in args:
+        if isinstance(a, list):
+            ints.append(len(a))
+            tensors.extend(a)
+        elif a is None or isinstance(a, torch.Tensor):
+            tensors.append(a)
+        elif isinstance(a, (bool, int)):
+            ints.append(int(a))
+        else:
+            floats.append(float(a))
+    return tensors, ints, floats
+
+
+def plan_of(case, sms=SMS):
+    op, args = case
+    names, f = torch.ops.tsc.cuda_launch_plan(op, *flatten(args), sms)
+    return [dict(kernel=n.split(":", 1)[1], phase=n.split(":", 1)[0], grid=tuple(f[8 * i:8 * i + 3]), threads=f[8 * i + 3],
+                 bytes=f[8 * i + 4], chain=f[8 * i + 5], request_bytes=f[8 * i + 6], smem=f[8 * i + 7]) for i, n in enumerate(names)]
+
+
+def test_launch_plan_answers_with_the_cuda_planner():
+    case = residual_args((64, 32, 56, 56), torch.bfloat16, True)
+    assert launch_plan(case[0], *case[1], backend="cuda", sms=SMS) == plan_of(case)
+
+
+def launch(plan, kernel):
+    found = [p for p in plan if p["kernel"] == kernel]
+    assert len(found) == 1, f"{kernel} expected once in {[p['kernel'] for p in plan]}"
+    return found[0]
+
+
+def blocks(p):
+    return math.prod(p["grid"])
+
+
+# -- finding 4: channels-last rows kernels fill the GPU ---------------------------------------------
+ROWS = [
+    ("residual", residual_args((64, 32, 56, 56), torch.bfloat16, True), "residual_backward_kernel"),
+    ("resnet18", residual_args((64, 64, 56, 56), torch.bfloat16, True), "residual_backward_kernel"),
+    ("densenet40-k12", scale_concat_args((64, 148, 32, 32), (64, 12, 32, 32), torch.bfloat16, True), "scale_concat_backward_kernel"),
+    ("densenet121-k32", scale_concat_args((64, 224, 56, 56), (64, 32, 56, 56), torch.bfloat16, True), "scale_concat_backward_kernel"),
+]
+
+
+@pytest.mark.parametrize("case,kernel", [r[1:] for r in ROWS], ids=[r[0] for r in ROWS])
+def test_rows_kernels_fill_the_gpu(case, kernel):
+    """A fixed 64 chunks gave DenseNet's k = 12-32 64 blocks and ResNet-18's C = 64 128 blocks on 132 SMs."""
+    p = launch(plan_of(case), kernel)
+    assert p["threads"] == 256 and p["grid"][0] * 32 >= case[1][1].shape[1]
+    assert blocks(p) >= 2 * SMS, p
+
+
+# -- finding 3: planes kernels keep every lane busy on small maps -----------------------------------
+PLANES = [
+    ("residual-7x7", residual_args((256, 2048, 7, 7), torch.float32, False), "residual_backward_kernel"),
+    ("densenet121-block4", scale_concat_args((64, 992, 7, 7), (64, 32, 7, 7), torch.float32, False), "scale_concat_backward_kernel"),
+    ("cifar-8x8", residual_args((128, 64, 8, 8), torch.float32, False), "residual_backward_kernel"),
+]
+
+
+@pytest.mark.parametrize("case,kernel", [r[1:] for r in PLANES], ids=[r[0] for r in PLANES])
+def test_planes_kernels_flatten_samples_and_positions(case, kernel):
+    """Walking one 7x7 plane per step left 207 of 256 threads idle and a 17-lane warp (68-byte requests)."""
+    p = launch(plan_of(case), kernel)
+    assert p["request_bytes"] >= 128, p
+    assert p["chain"] <= MAX_CHAIN
+
+
+# -- finding 1: parallel, fixed-order finalizes ---------------------------------------------------
+FOLDS = [
+    # (id, case, the reduction whose chunks are folded, the fold)
+    ("bn-forward-cl-bf16", batch_norm_args((64, 32, 56, 56), torch.bfloat16, True), "bn_stats_kernel", "bn_forward_channels_kernel"),
+    ("bn-backward-cl", batch_norm_args((64, 256, 56, 56), torch.float32, True), "bn_backward_sums_kernel", "bn_backward_channels_kernel"),
+    ("bn-planes-c12", batch_norm_args((128, 12, 32, 32), torch.float32, False), "bn_stats_kernel", "bn_forward_channels_kernel"),
+    ("residual-cl", residual_args((64, 256, 56, 56), torch.float32, True), "residual_backward_kernel", "fold_chunks_kernel"),
+    ("residual-cl-c32", residual_args((64, 32, 56, 56), torch.bfloat16, True), "residual_backward_kernel", "fold_chunks_kernel"),
+    ("scale-concat-cl", scale_concat_args((64, 148, 32, 32), (64, 12, 32, 32), torch.float32, True), "scale_concat_backward_kernel",
+     "fold_chunks_kernel"),
+    ("ode", ode_args((64, 256, 56, 56), torch.float32, False), "ode_combine_backward_kernel", "ode_combine_sum_partials_kernel"),
+]
+
+
+@pytest.mark.parametrize("case,reduction,fold", [f[1:] for f in FOLDS], ids=[f[0] for f in FOLDS])
+def test_folds_are_short_chains(case, reduction, fold):
+    """Many chunks (> 64, so a thread walking them in a row would break the rule), folded in <= 64 steps."""
+    plan = plan_of(case)
+    r, f = launch(plan, reduction), launch(plan, fold)
+    chunks = r["grid"][1] if fold != "ode_combine_sum_partials_kernel" else r["grid"][0]
+    assert chunks > MAX_CHAIN, r
+    assert f["chain"] == math.ceil(chunks / 32) + 5 <= MAX_CHAIN, f
+    assert r["chain"] <= MAX_CHAIN
+
+
+@pytest.mark.parametrize("shape", [(64, 256, 56, 56), (256, 2048, 7, 7), (64, 2048, 7, 7)])
+def test_multistep_finalize_is_parallel(shape):
+    """The one-block finalize walked N * C / 256 values (dk), N (ddt) and C (dkeep) in a row."""
+    plan = plan_of(multistep_args(shape, torch.float32, False))
+    N, C = shape[:2]
+    fold, dk = launch(plan, "multistep_fold_kernel"), launch(plan, "multistep_dk_kernel")
+    assert blocks(fold) == math.ceil(C / 8) + N  # a warp per channel, a block per sample (keep given)
+    assert max(fold["chain"], dk["chain"]) <= MAX_CHAIN
+    assert max(fold["chain"], dk["chain"]) < min(N * C // 256, C)
+
+
+# -- finding 2: coalesced multistep backward for contiguous tensors --------------------------------
+@pytest.mark.parametrize("cl", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(64, 256, 56, 56), (64, 2048, 7, 7)])
+def test_multistep_backward_coalesced(shape, cl):
+    p = launch(plan_of(multistep_args(shape, torch.float32, cl)), "multistep_backward_kernel")
+    assert p["request_bytes"] >= 128, p  # lanes S elements apart gave 4-byte requests
+    assert blocks(p) >= 2 * SMS
+
+
+@pytest.mark.parametrize("shape,cl", [((64, 32, 56, 56), True), ((16, 2048, 7, 7), False), ((8, 64, 56, 56), True)])
+def test_multistep_backward_fills_the_gpu_at_small_n_c(shape, cl):
+    """A block per (sample, 32 channels) gave (64, 32, 56, 56) channels-last 64 blocks: positions are
+    split into chunks when N * channel tiles is small (shape-only), and the fold covers every chunk's row."""
+    plan = plan_of(multistep_args(shape, torch.bfloat16, cl))
+    p, fold = launch(plan, "multistep_backward_kernel"), launch(plan, "multistep_fold_kernel")
+    assert blocks(p) >= 2 * SMS, p
+    assert fold["chain"] <= MAX_CHAIN
+
+
+def test_multistep_backward_grid_has_no_65535_cap():
+    """(sample, channel tile) flattened on grid x: C = 2^20 channel-first needs 131072 tiles."""
+    p = launch(plan_of(multistep_args((2, 1 << 20, 3, 3), torch.float32, False)), "multistep_backward_kernel")
+    assert p["grid"][0] == 2 * (1 << 20) // 8 and p["grid"][1:] == (1, 1)
+
+
+# -- determinism: reductions' partitions do not depend on the SM count ----------------------------
+ALL = [residual_args((64, 256, 56, 56), torch.float32, True), residual_args((128, 16, 32, 32), torch.float32, False),
+       batch_norm_args((64, 64, 56, 56), torch.bfloat16, True), scale_concat_args((64, 148, 32, 32), (64, 12, 32, 32), torch.float32, False),
+       multistep_args((64, 256, 56, 56), torch.float32, False), ode_args((128, 64, 8, 8), torch.float32, False)]
+ELEMENTWISE = {"residual_forward_kernel", "bn_apply_kernel", "bn_backward_apply_kernel", "scale_concat_forward_kernel",
+               "multistep_forward_kernel", "ode_combine_forward_kernel"}
+
+
+@pytest.mark.parametrize("case", ALL, ids=[c[0] for c in ALL])
+def test_only_elementwise_grids_follow_the_sm_count(case):
+    small, large = plan_of(case, sms=20), plan_of(case, sms=SMS)
+    assert [p["kernel"] for p in small] == [p["kernel"] for p in large]
+    for a, b in zip(small, large):
+        if a["kernel"] in ELEMENTWISE:
+            assert blocks(a) <= 32 * 20 < blocks(b), (a, b)  # grid-stride caps: 32 blocks per SM
+        else:
+            assert a == b
+
+
+# -- the BatchNorm merge order, run on the host ---------------------------------------------------
+def chunk_moments(x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    out = []
+    for part in torch.split(x, sizes):
+        mean = part.mean() if len(part) else torch.tensor(0.0, dtype=x.dtype)
+        out.append(torch.stack([torch.tensor(float(len(part)), dtype=x.dtype), mean, ((part - mean) ** 2).sum()]))
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("chunks", [1, 5, 33, 100, 1000])
+def test_bn_merge_tree_matches_the_statistics(chunks, dtype):
+    """Chunks of uneven sizes (some empty), far from zero mean: the lane-then-tree Chan merge the
+    CUDA per-channel kernel runs gives the data's count, mean and M2."""
+    g = torch.Generator().manual_seed(chunks)
+    sizes = torch.randint(0, 37, (chunks,), generator=g).tolist()
+    sizes[0] = max(sizes[0], 2)
+    x = (torch.randn(sum(sizes), generator=g, dtype=torch.float64) * 3 + 100).to(dtype)
+    merged = torch.ops.tsc._bn_merge_chunks(chunk_moments(x, sizes))
+    x64 = x.double()
+    expected = torch.tensor([float(len(x)), x64.mean().item(), ((x64 - x64.mean()) ** 2).sum().item()], dtype=torch.float64)
+    tol = dict(rtol=1e-5, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(merged.double(), expected, **tol)
+
+
+def test_bn_merge_tree_bad_input():
+    with pytest.raises(RuntimeError, match="partial must be"):
+        torch.ops.tsc._bn_merge_chunks(torch.zeros(2, 4))
+
+
+# -- tsc::cuda_launch_plan itself -----------------------------------------------------------------
+def test_cuda_launch_plan_bad_input():
+    y = meta_tensor(2, 3, 4, 4)
+    with pytest.raises(RuntimeError, match="no CUDA planner for op 'nope'"):
+        torch.ops.tsc.cuda_launch_plan("nope", [y], [], [], SMS)
+    with pytest.raises(RuntimeError, match="sms must be positive"):
+        torch.ops.tsc.cuda_launch_plan("residual_update", [y, y, meta_tensor(3)], [1], [], 0)
+    with pytest.raises(RuntimeError, match="expected 3 tensors"):
+        torch.ops.tsc.cuda_launch_plan("residual_update", [y, y], [1], [], SMS)
+    with pytest.raises(RuntimeError, match="dt must be"):  # the launcher's own checks run on the arguments
+        torch.ops.tsc.cuda_launch_plan("residual_update", [y, y, meta_tensor(4)], [1], [], SMS)
+
+
+def test_planner_is_host_code():
+    """The planners run without a GPU (here, and in the CPU-only compat build): meta tensors, any SM count."""
+    for case in ALL:
+        plan = plan_of(case, sms=1)
+        assert plan and all(p["phase"] in ("forward", "backward") for p in plan)
+        assert all(p["smem"] <= 48 * 1024 and p["threads"] in (32, 64, 96, 128, 256) for p in plan)
+
+
+def test_weight_mean_batches():
+    """48 weights per launch (the kernel parameter holds their metadata): 100 weights -> 3 launches each phase."""
+    weights = [meta_tensor(5 + i % 3, 4, 3, 3) for i in range(100)]
+    plan = plan_of(("weight_mean", (weights,)))
+    assert [p["kernel"] for p in plan] == ["weight_mean_kernel"] * 3 + ["weight_mean_backward_kernel"] * 3
+    items = [sum(w.shape[0] * 9 for w in weights[i:i + 48]) for i in (0, 48, 96)]
+    assert [p["grid"][0] for p in plan[:3]] == [min(math.ceil(n / 8), 32 * SMS) for n in items]
