@@ -1,23 +1,29 @@
 """One command that proves the CUDA and Triton backends on a real GPU (docs/gpu.md).
 
-    python -m tsc_kernels.gpu_check [--out build/gpu_check] [--skip-build] [--quick]
+    python -m tsc_kernels.gpu_check [--out build/gpu_check] [--skip-build] [--quick] [--full]
     make gpu-check            (PY=python3: the machine's own PyTorch >= 2.11, Triton >= 3.6 and nvcc)
 
-Steps (each recorded as passed / failed / skipped with its numbers; one failing step never hides
-the others):
+Steps (each recorded as passed / failed / skipped with its numbers and its time against the
+estimate below; one failing step never hides the others):
   build        the extension for the local GPU arch only, all cores (MAX_JOBS), no venv, no registry
   tests        pytest with TSC_TEST_DEVICE=cuda: tests/test_gpu_ready.py (device, 2-GPU, > 2^31
                elements, 8192 x 8192 weight) and the op test files
-  sync_debug   torch.cuda.set_sync_debug_mode("error") around a whole TSC training step, per backend
-  cuda_graph   capture + replay of a whole training step, compared with the same step run eagerly
+  sync_debug   torch.cuda.set_sync_debug_mode("error") around a whole TSC training step, per network
+               and backend (tsc_kernels/gpu_check_networks.py NETWORKS: ResNet-20, LM-ResNet-56,
+               DenseNet-40, an RK4 ODE net, ResNet-50 channels_last under bf16 autocast)
+  cuda_graph   capture + replay of a whole training step of each of those networks, per backend,
+               compared with the same steps run eagerly
   reduce_overhead  torch.compile(mode="reduce-overhead") (CUDA graphs through inductor) of the TSC
-               network: losses match eager, no recompile after warm-up, and the host time per step
+               ResNet-20: losses match eager, no recompile after warm-up, and the host time per step
                of eager, reduce-overhead and a hand-captured replay (docs/gpu.md: the way to take the
                host's share of a step to zero)
-  bandwidth    residual update fwd / bwd vs a copy_ of the same bytes, (64,256,56,56) bf16,
-               contiguous and channels_last (target >= 80 % of copy bandwidth)
-  bench        tsc-bench --device cuda, ResNet-50 bf16 channels_last batch 128 (eager, and
-               --compile when the bench has it)
+  ops          every registered op x {contiguous, channels_last} x {fp32, bf16}, forward and
+               forward+backward on the cuda and triton backends against a copy_ of the op's minimum
+               bytes, at the largest shapes of ResNet-50, DenseNet-121, an RK4 block and ResNet-50's
+               controller, in one table; below 70 % of copy_ bandwidth is flagged LOW and fails
+               (tsc_kernels/gpu_check_ops.py, gpu_check_cases.py)
+  bench        tsc-bench --device cuda, ResNet-50 bf16 channels_last batch 128 (eager; with --full
+               also its torch.compile rows, --compile: three inductor builds of ResNet-50, minutes)
 Writes <out>/gpu_check.json and <out>/gpu_check.txt. Exit status: 0 all passed, 1 a step failed,
 2 no CUDA device (nothing to prove here).
 """
@@ -32,17 +38,29 @@ import time
 import traceback
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from . import gpu_check_networks, gpu_check_ops
+from .gpu_check_cases import ROOT
+
 NO_GPU = "no CUDA device: gpu-check proves the GPU backends and needs one (CPU CI is `make test`)"
 # Run with TSC_TEST_DEVICE=cuda (tests/conftest.py): every op's tests on CUDA tensors, on the cuda,
 # triton and torch backends (weight_mean is tested in test_lstm_controller.py).
 TEST_FILES = ("tests/test_gpu_ready.py", "tests/test_residual_update.py", "tests/test_lstm_controller.py",
               "tests/test_batch_norm_residual_update.py", "tests/test_scale_concat.py", "tests/test_multistep_update.py",
               "tests/test_ode_combine.py", "tests/test_mixed_precision.py")
-BANDWIDTH_TARGET = 0.8
 # The whole check should fit in 8 minutes on one H100/H200. The report states the total against it;
 # an overrun is reported (a slow step to trim), not a failed proof.
 BUDGET_SECONDS = 480
+# Estimated seconds per step on one H100 with 16 cores (never measured: the report prints each
+# step's time beside its estimate). build: nvcc for one arch, 16 jobs. tests: the op test files on
+# CUDA, mostly Triton JIT compiles at the tests' shapes. sync_debug: 5 networks x 2 backends, a model
+# build and two steps each, carrying the Triton JIT of the networks' shapes (cuda_graph then reuses
+# it: two models, 3 warm-up steps, a capture and 3 replays + 3 eager steps each). reduce_overhead:
+# two inductor builds of ResNet-20. ops: ~75 rows, dominated by ~130 Triton JIT compiles (dtype x
+# layout x shape specialisations); the timing itself is < 10 s (10 calls of <= 3 ms each way).
+# bench: the eager rows of tsc-bench (three variants, profiler, fold). Total ~ 480 s with the build,
+# ~ 340 s with --skip-build; --full adds ~ 150-200 s of inductor builds (ResNet-50, three variants).
+ESTIMATE_SECONDS = {"build": 150, "tests": 90, "sync_debug": 60, "cuda_graph": 20, "reduce_overhead": 60,
+                    "ops": 70, "bench": 30}
 
 
 def write_report(results: list[dict], out_dir: Path, info: dict) -> tuple[Path, Path]:
@@ -57,11 +75,23 @@ def write_report(results: list[dict], out_dir: Path, info: dict) -> tuple[Path, 
     lines = [f"tsc-kernels gpu-check: {status.upper()}", *(f"  {k}: {v}" for k, v in info.items()),
              f"  total: {total:.1f} s of a {BUDGET_SECONDS} s budget{over}", ""]
     for r in results:
-        lines.append(f"[{r['status']:>7}] {r['name']:<12} {r['seconds']:7.1f} s  {r.get('reason', '')}")
+        est = ESTIMATE_SECONDS.get(r["name"])
+        est = f" (est. {est} s)" if est else ""
+        lines.append(f"[{r['status']:>7}] {r['name']:<15} {r['seconds']:7.1f} s{est}  {r.get('reason', '')}")
         for k, v in r.get("numbers", {}).items():
-            lines.append(f"            {k}: {v}")
+            lines += _number_lines(k, v)
     t.write_text("\n".join(lines) + "\n")
     return j, t
+
+
+def _number_lines(key: str, value) -> list[str]:
+    """A step's number as report lines: a list of strings (a table) line by line, a list of dicts
+    (its rows) only in the JSON, anything else as `key: value`."""
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return [f"            {key}:"] + [f"              {v}" for v in value]
+    if isinstance(value, list):
+        return [f"            {key}: {len(value)} entries in gpu_check.json"]
+    return [f"            {key}: {value}"]
 
 
 def run_step(name: str, fn, results: list[dict]) -> None:
@@ -104,172 +134,48 @@ def step_tests():
     return ("passed" if p.returncode == 0 else "failed", {"summary": tail}, "" if p.returncode == 0 else p.stdout[-3000:])
 
 
-def _training_step(backend: str, batch: int = 8, compile_mode: str | None = None):
-    """(model, step) of a TSC CIFAR ResNet-20 on the GPU: step() runs forward, backward, SGD; with
-    compile_mode, the forward is torch.compile(model, mode=compile_mode). The same seed each call:
-    the same weights and data."""
-    import torch
-    import tsc_kernels
-    from tsc_kernels import models
-
-    torch.manual_seed(0)
-    model = models.cifar_resnet(20, num_classes=10, tsc="lstm").cuda()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x = torch.randn(batch, 3, 32, 32, device="cuda")
-    target = torch.randint(0, 10, (batch,), device="cuda")
-    forward = model if compile_mode is None else torch.compile(model, mode=compile_mode)
-
-    def step():
-        with tsc_kernels.use_backend(backend):
-            opt.zero_grad(set_to_none=False)
-            loss = torch.nn.functional.cross_entropy(forward(x), target)
-            loss.backward()
-            opt.step()
-        return loss
-    return model, step
-
-
 def _backends() -> list[str]:
     import tsc_kernels
     return [b for b in ("cuda", "triton") if b in tsc_kernels.available_backends("cuda")]
 
 
 def step_sync_debug():
-    import torch
-    numbers = {}
-    for be in _backends():
-        _, step = _training_step(be)
-        step()  # first call: table builds, autotuning, lazy init outside the checked region
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            step()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        numbers[be] = "no sync"
-    return ("passed" if numbers else "skipped", numbers, "" if numbers else "no fused CUDA backend available")
+    return gpu_check_networks.per_network(gpu_check_networks.check_no_sync, _backends(), "cuda")
 
 
 def step_cuda_graph():
-    import torch
-    numbers = {}
-    for be in _backends():
-        model, step = _training_step(be)
-        eager_model, eager_step = _training_step(be)
-        eager_model.load_state_dict(model.state_dict())
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):  # warm-up on a side stream, as torch.cuda.graphs requires
-            for _ in range(3):
-                step(), eager_step()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_loss = step()
-        for _ in range(3):
-            graph.replay()
-            want = eager_step()
-            torch.testing.assert_close(static_loss, want, rtol=1e-4, atol=1e-5)
-        diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), eager_model.parameters()))
-        assert diff < 1e-3, f"{be}: parameters after replay differ from eager by {diff}"
-        numbers[be] = f"replay == eager (max param diff {diff:.2e})"
-    return ("passed" if numbers else "skipped", numbers, "" if numbers else "no fused CUDA backend available")
-
-
-def _host_ms(fn, reps: int = 20) -> float:
-    """Wall time per call of fn() with the device drained before and after (ms)."""
-    import torch
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps * 1e3
+    return gpu_check_networks.per_network(gpu_check_networks.check_graph_replay, _backends(), "cuda")
 
 
 def step_reduce_overhead():
-    """torch.compile(mode="reduce-overhead") of a TSC training step against eager and a hand-captured
-    CUDA graph of the same step: the three ways to run it, their host time per step at batch 8."""
-    import torch
-    from torch._dynamo.utils import counters
-    numbers = {}
-    for be in _backends():
-        torch._dynamo.reset()
-        _, compiled_step = _training_step(be, compile_mode="reduce-overhead")
-        _, eager_step = _training_step(be)
-        for _ in range(3):  # warm-up: compile, record the CUDA graphs
-            compiled_step(), eager_step()
-        frames = counters["frames"]["ok"]
-        for _ in range(3):
-            got, want = compiled_step(), eager_step()
-            torch.testing.assert_close(got.detach(), want.detach(), rtol=1e-3, atol=1e-3)
-        assert counters["frames"]["ok"] == frames, f"{be}: reduce-overhead recompiled after warm-up"
-        # the hand-captured graph of the eager step (step_cuda_graph checks its numbers)
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                eager_step()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            eager_step()
-        numbers[be] = (f"host ms per step: eager {_host_ms(eager_step):.2f}, reduce-overhead "
-                       f"{_host_ms(compiled_step):.2f}, captured replay {_host_ms(graph.replay):.2f}; no recompile")
-    torch._dynamo.reset()
-    return ("passed" if numbers else "skipped", numbers, "" if numbers else "no fused CUDA backend available")
+    # ResNet-20 only: an inductor build per network and backend would not fit the budget
+    nets = (gpu_check_networks.network("resnet20"),)
+    return gpu_check_networks.per_network(gpu_check_networks.check_reduce_overhead, _backends(), "cuda", networks=nets)
 
 
-def _time(fn, reps: int = 20) -> float:
-    import torch
-    fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps / 1e3
+def step_ops():
+    backends = _backends()
+    if not backends:
+        return "skipped", {}, "no fused CUDA backend available"
+    rows = gpu_check_ops.run_table("cuda", backends)
+    status, reason = gpu_check_ops.summary(rows)
+    return status, {"table": gpu_check_ops.render(rows), "rows": rows}, reason
 
 
-def step_bandwidth():
-    import torch
-    import tsc_kernels
-    numbers, ok = {}, True
-    shape = (64, 256, 56, 56)
-    for fmt in ("contiguous", "channels_last"):
-        mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-        y = torch.randn(shape, device="cuda", dtype=torch.bfloat16).to(memory_format=mf)
-        f, g = torch.randn_like(y), torch.randn_like(y)
-        dt = torch.rand(shape[1], device="cuda")
-        dst = torch.empty_like(y)
-        copy_s = _time(lambda: dst.copy_(y))  # reads N, writes N: 2N bytes
-        copy_bw = 2 * y.nbytes / copy_s
-        for be in _backends():
-            fwd_op = torch.ops.tsc.residual_update if be == "cuda" else torch.ops.tsc.residual_update_triton
-            bwd_op = torch.ops.tsc.residual_update_backward if be == "cuda" else torch.ops.tsc.residual_update_backward_triton
-            with tsc_kernels.use_backend(be):
-                fwd_s = _time(lambda: fwd_op(y, f, dt, False))
-                bwd_s = _time(lambda: bwd_op(g, f, dt, None))
-            for kind, sec in (("fwd", fwd_s), ("bwd", bwd_s)):
-                frac = (3 * y.nbytes / sec) / copy_bw  # 3N bytes each way (docs/ops.md)
-                numbers[f"{be} {kind} {fmt}"] = f"{frac:.0%} of copy_ ({3 * y.nbytes / sec / 1e9:.0f} GB/s, copy {copy_bw / 1e9:.0f} GB/s)"
-                ok &= frac >= BANDWIDTH_TARGET
-    return ("passed" if ok else "failed", numbers, "" if ok else f"below {BANDWIDTH_TARGET:.0%} of copy bandwidth")
-
-
-def step_bench(quick: bool):
-    help_text = subprocess.run([sys.executable, "-m", "tsc_kernels.bench", "--help"], capture_output=True, text=True).stdout
-    numbers = {}
-    modes = [[]] + ([["--compile"]] if "--compile" in help_text else [])
-    for extra in modes:
-        cmd = [sys.executable, "-m", "tsc_kernels.bench", "--device", "cuda", "--model", "resnet50", "--dtype", "bf16",
-               "--channels-last", "--batch", "128", *extra, *(["--quick"] if quick else [])]
-        p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-        if p.returncode:
-            return "failed", numbers, p.stderr[-2000:]
-        numbers[" ".join(extra) or "eager"] = p.stdout.strip()
-    if len(modes) == 1:
+def step_bench(quick: bool, full: bool):
+    """tsc-bench's eager rows; with `full` one run with --compile instead (the eager rows and the
+    compiled ones: the same eager rows are not measured twice)."""
+    extra = []
+    if full:
+        help_text = subprocess.run([sys.executable, "-m", "tsc_kernels.bench", "--help"], capture_output=True, text=True).stdout
+        extra = ["--compile"] if "--compile" in help_text else []
+    cmd = [sys.executable, "-m", "tsc_kernels.bench", "--device", "cuda", "--model", "resnet50", "--dtype", "bf16",
+           "--channels-last", "--batch", "128", *extra, *(["--quick"] if quick else [])]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if p.returncode:
+        return "failed", {}, p.stderr[-2000:]
+    numbers = {" ".join(extra) or "eager": p.stdout.strip()}
+    if full and not extra:
         numbers["compiled"] = "skipped: tsc-bench has no --compile flag"
     return "passed", numbers, ""
 
@@ -292,6 +198,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "build" / "gpu_check"))
     parser.add_argument("--skip-build", action="store_true", help="use the extension as installed")
     parser.add_argument("--quick", action="store_true", help="fewer bench steps")
+    parser.add_argument("--full", action="store_true", help="also tsc-bench's torch.compile rows (minutes over the budget)")
     args = parser.parse_args(argv)
     import torch
     if not torch.cuda.is_available():
@@ -304,8 +211,8 @@ def main(argv=None) -> int:
     run_step("sync_debug", step_sync_debug, results)
     run_step("cuda_graph", step_cuda_graph, results)
     run_step("reduce_overhead", step_reduce_overhead, results)
-    run_step("bandwidth", step_bandwidth, results)
-    run_step("bench", lambda: step_bench(args.quick), results)
+    run_step("ops", step_ops, results)
+    run_step("bench", lambda: step_bench(args.quick, args.full), results)
     j, t = write_report(results, Path(args.out), machine_info())
     print(t.read_text())
     print(f"report: {j} and {t}")
