@@ -50,21 +50,22 @@ def _flatten(op: str, values: list) -> tuple[list, list[int], list[float]]:
     ints: list[int] = []
     floats: list[float] = []
     for p, v in zip(_arguments(op), values):
-        kind = str(p.type)
-        if kind.startswith("Tensor") and kind.endswith("[]"):
+        t = p.type.getElementType() if isinstance(p.type, torch.OptionalType) else p.type
+        item = t.getElementType() if isinstance(t, torch.ListType) else None
+        if isinstance(item, torch.TensorType):
             ints.append(len(v))
             tensors.extend(v)
-        elif kind.startswith("Tensor"):
+        elif isinstance(t, torch.TensorType):
             tensors.append(v)
-        elif kind in ("int", "bool", "SymInt"):
+        elif isinstance(t, (torch.IntType, torch.BoolType)):
             ints.append(int(v))
-        elif kind in ("int[]", "SymInt[]"):
+        elif isinstance(item, torch.IntType):
             ints.append(len(v))
             ints.extend(int(x) for x in v)
-        elif kind == "float":
+        elif isinstance(t, torch.FloatType):
             floats.append(float(v))
         else:  # pragma: no cover - a schema type no op uses yet
-            raise NotImplementedError(f"launch_plan: argument type {kind} of {op}")
+            raise NotImplementedError(f"launch_plan: argument type {p.type} of {op}")
     return tensors, ints, floats
 
 
