@@ -6,9 +6,9 @@ docs/experiments.md) took 24 minutes for digits and 33 for mnist1d, as two one-t
 (``--datasets digits`` / ``--datasets mnist1d``, joined by ``python -m tsc_kernels.experiments.report
 a.json b.json --merged``), on a machine partly shared with builds: inside the 45-minute target on 2 cores.
 The issue-24 budget (5 seeds, four data sets, the Δt = 0.5 / indp controls, trajectory; depths 20 and 56)
-is estimated at ~40-45 minutes per process as two one-thread processes (``--datasets digits,mnist1d_hard``
-and ``--datasets mnist1d,digits_small``, ``all --skip ode``) from the previous run's per-run times; not yet
-recorded. --quick runs the whole suite in well under 3 minutes (71 s on a shared 2-core machine, with 2 seeds so the paired statistics run): a smoke test of every
+was recorded on 2026-12-06 as two one-thread processes (``--datasets digits,mnist1d_hard`` and ``--datasets
+mnist1d,digits_small``, ``all --skip ode``): 29.1 and 30.8 minutes of CPU each (56 / 58 minutes of wall time on a
+machine shared with builds; about 31 minutes on an idle 2-core machine). --quick runs the whole suite in well under 3 minutes (71 s on a shared 2-core machine, with 2 seeds so the paired statistics run): a smoke test of every
 path and a first look, not evidence.
 """
 from __future__ import annotations
