@@ -92,10 +92,12 @@ gpu-report: build/.built
 	env -u TRITON_INTERPRET $(PY) -m tsc_kernels.gpu_report --json build/gpu_report.json
 
 # On a machine WITH a GPU: build for the local arch, run the CUDA/Triton tests, sync-debug and CUDA-graph
-# checks, bandwidth vs copy_ and tsc-bench (docs/gpu.md). Uses the machine's own Python (no venv,
-# no registry); the report lands in build/gpu_check/. Exit 2 when there is no CUDA device.
+# checks of five networks (ResNet-20, LM-ResNet-56, DenseNet-40, an RK4 ODE net, ResNet-50 channels_last
+# bf16), every op's fwd+bwd against copy_ on both backends in one table, and tsc-bench (docs/gpu.md).
+# Uses the machine's own Python (no venv, no registry); the report lands in build/gpu_check/. Exit 2
+# without a CUDA device. GPU_CHECK_ARGS=--full adds tsc-bench's torch.compile rows (over the budget).
 gpu-check:
-	$(PYTHON) -m tsc_kernels.gpu_check --out build/gpu_check
+	$(PYTHON) -m tsc_kernels.gpu_check --out build/gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build tsc_kernels/_C*.so tsc_kernels/_build_info.py *.egg-info
