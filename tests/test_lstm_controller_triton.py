@@ -157,8 +157,8 @@ class _Spy:
 
 
 def test_launchers_run_the_plan(monkeypatch):
-    # launch_plan is _plan at the GPU's tiles; the launchers run _plan at theirs: the launches they
-    # make are _plan's, forward then backward, 4 each whatever the number of stages.
+    # The launchers run _plan, and launch_plan reports it: the launches they make are _plan's,
+    # forward then backward, 4 each whatever the number of stages.
     mod = tsc_kernels._triton.lstm_controller
     log = []
     for name in ("lstm_controller_products_kernel", "lstm_controller_cell_fwd_kernel", "lstm_controller_cell_bwd_kernel"):
@@ -172,7 +172,7 @@ def test_launchers_run_the_plan(monkeypatch):
     assert log == [(st.kernel, (st.programs,)) for st in plan]
     assert [st.phase for st in plan] == ["forward"] * 4 + ["backward"] * 4
     gpu = mod.launch_plan(wbar.detach(), blocks_of(SPLIT_STAGES), [p.detach() for p in params])
-    assert [l["kernel"] for l in gpu] == [st.kernel for st in plan]
+    assert [(l["kernel"], l["grid"][0]) for l in gpu] == [(st.kernel, st.programs) for st in plan]
 
 
 @pytest.mark.skipif(not _extension.has_kernel("lstm_controller", "CPU"),

@@ -335,7 +335,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Tiles (BLOCK_R, BLOCK_K, num_warps). On a GPU, 32 x 64 fp32 tiles over 8 warps (8 values per thread
 # per tile) keep every kernel spill-free on sm_80 and sm_90 (aot.py). Under the interpreter the cost
 # is per Python-level tile step, and tests use small odd shapes: 16 x 16 still makes every loop run
-# several (partial) tiles there. launch_plan describes the GPU's tiles.
+# several (partial) tiles there. launch_plan describes the launchers' tiles.
 GPU_TILES = (32, 64, 8)
 BLOCK_R, BLOCK_K, NUM_WARPS = (16, 16, 1) if _INTERPRET else GPU_TILES
 _PER_STAGE = 8
@@ -607,11 +607,12 @@ def _step_launch(st: _Step, dims, tiles, elem: int) -> dict:
 
 def launch_plan(wbar_packed: torch.Tensor, blocks: List[int], params: List[torch.Tensor], sms: int = 132) -> list[dict]:
     """The launches of lstm_controller_triton and its backward for these arguments (tensors may be on
-    `meta`), forward then backward, at the GPU's tiles: `_plan`, which the launchers run. `sms` is
-    unused: no grid depends on the GPU (fixed-order sums over blocks)."""
+    `meta`), forward then backward, at the launchers' tiles (the GPU's unless interpreting): `_plan`,
+    which the launchers run. `sms` is unused: no grid depends on the GPU (fixed-order sums over blocks)."""
     dims = _dims("tsc::lstm_controller_triton", wbar_packed, list(blocks), list(params))
     elem = wbar_packed.element_size()
-    return [_step_launch(st, dims, GPU_TILES, elem) for st in _plan(tuple(dims), GPU_TILES)]
+    tiles = (BLOCK_R, BLOCK_K, NUM_WARPS)
+    return [_step_launch(st, dims, tiles, elem) for st in _plan(tuple(dims), tiles)]
 
 
 # Ahead-of-time compile configurations (triton_kernels/aot.py). Sizes, offsets and pointers are
