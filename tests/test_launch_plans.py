@@ -17,16 +17,19 @@ import pytest
 import torch
 
 from tsc_kernels._launch_plan import BACKENDS, launch_plan
-from tsc_kernels.launch_rules import (BIG, SMS, batch_norm_args, cases, controller_args, meta_tensor, multistep_args,
-                                      ode_args, residual_args, scale_concat_args, violations)
+from tsc_kernels.launch_rules import (BIG, KNOWN_VIOLATIONS, SMS, batch_norm_args, cases, controller_args, meta_tensor,
+                                      multistep_args, ode_args, residual_args, scale_concat_args, violations)
 from tsc_kernels.ops.registry import OPS
 
 CASES = cases()
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[1]}-{c[0]}" for c in CASES])
-def test_plan_meets_the_rules(case, backend):
-    _, op, args = case
+def test_plan_meets_the_rules(case, backend, request):
+    case_id, op, args = case
+    known = KNOWN_VIOLATIONS.get((op, backend, case_id))
+    if known:  # a defect still open (issue 22): strict, so the fix fails here until its entry goes
+        request.applymarker(pytest.mark.xfail(strict=True, reason=known))
     plan = launch_plan(op, *args, backend=backend, sms=SMS)
     phases = {launch["phase"] for launch in plan}
     assert phases == {"forward", "backward"}, f"{op} plans {phases}: forward and backward launches expected"
@@ -74,7 +77,8 @@ SMALL = [
     residual_args((3, 5, 7, 6), torch.float32, False), residual_args((3, 5, 7, 6), torch.float32, True),
     batch_norm_args((3, 5, 7, 6), torch.float32, False), batch_norm_args((3, 5, 7, 6), torch.float32, True),
     multistep_args((3, 5, 7, 6), torch.float32, False), multistep_args((3, 5, 7, 6), torch.float32, True),
-    scale_concat_args((3, 5, 7, 6), (3, 4, 7, 6), torch.float32, False), scale_concat_args((3, 5, 7, 6), (3, 4, 7, 6), torch.float32, True),
+    scale_concat_args((3, 5, 7, 6), (3, 4, 7, 6), torch.float32, False),
+    scale_concat_args((3, 5, 7, 6), (3, 4, 7, 6), torch.float32, True),
     ode_args((3, 5, 7, 6), torch.float32, False),
     ("weight_mean", ([meta_tensor(6, 5, 3, 3), meta_tensor(7, 6, 1, 1), meta_tensor(3, 2, 3, 3)],)),
     controller_args("cifar_resnet8"),

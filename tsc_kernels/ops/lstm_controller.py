@@ -6,7 +6,8 @@ Schemas (csrc/ops.cpp and the declaration below, tsc_kernels/ops/registry.py):
     tsc::lstm_controller_backward(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks,
                                   Tensor[] params, Tensor saved) -> (Tensor, Tensor[])
 
-Every stage s of the network in one launch (one program / thread block per stage), S = len(blocks):
+Every stage s of the network in one op (GPU backends: 4 launches over every stage, the recurrent cell one
+program / thread block per stage; docs/ops.md), S = len(blocks):
   blocks[s] = L_s, the stage's number of blocks (>= 0).
   params: 8 tensors per stage, stage after stage, in this order (nn.Linear / nn.LSTMCell layouts):
       fc_in.weight (H, D), fc_in.bias (H), weight_ih (4H, H), weight_hh (4H, H), bias_ih (4H),
