@@ -33,7 +33,7 @@ def test_report_end_to_end(tmp_path):
 def test_cuda_kernels_have_ptxas_figures_for_both_archs():
     rows = gpu_report.cuda_ptxas_figures(BUILD_LOG)
     kernels = {r["kernel"].split("<")[0] for r in rows}
-    assert {"tsc::residual_forward_kernel", "tsc::residual_backward_planes_kernel"} <= kernels
+    assert {"tsc::residual_forward_kernel", "tsc::residual_backward_kernel", "tsc::lstm_controller_recurrent_kernel"} <= kernels
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     assert all(r["registers"] is not None and r["spills"] == 0 for r in rows), [r for r in rows if r["spills"]]
 
