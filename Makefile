@@ -8,7 +8,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export MAX_JOBS ?= 2
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 
-.PHONY: venv build test test-compat fuzz bench bench-ops gpu-report gpu-check clean
+.PHONY: venv build lint test test-compat fuzz bench bench-ops gpu-report gpu-check clean
 
 $(VENV)/.deps: requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ build/.built: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*)
 	touch $@
 
 build: build/.built
+
+# Static checks (ruff, configured in pyproject.toml); .ci/run runs them before the tests.
+lint: $(VENV)/.deps
+	$(VENV)/bin/ruff check .
 
 # The whole suite on the CPU, the Triton kernels under the interpreter.
 # Inductor's cache lives in the build folder: its key ignores custom-op schemas, so a cache shared

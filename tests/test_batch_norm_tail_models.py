@@ -92,7 +92,7 @@ def test_other_tails_keep_the_two_op_path():
     """SyncBatchNorm, SE blocks and pre-activation blocks are not fused (docs/backends.md)."""
     model = models.cifar_resnet(8)
     model.layer1[0].bn2 = nn.SyncBatchNorm(16)
-    assert not (type(model.layer1[0].bn2) in blocks.FUSABLE_NORMS)
+    assert type(model.layer1[0].bn2) not in blocks.FUSABLE_NORMS
     pre = models.cifar_resnet(8, preact=True)
     with tsc_kernels.use_backend("cpu"):
         names = kernel_names(lambda: pre(torch.randn(2, 3, 8, 8)))
