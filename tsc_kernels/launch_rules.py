@@ -5,8 +5,8 @@ conv weights and controllers of real networks (ResNet-18/50/152 at batch 64 and 
 at batch 128 up to depth 1202, DenseNet-40 k=12 and DenseNet-121 k=32), both layouts, fp32 and
 bf16, plus a huge channel count and a tensor past 2**31 elements for the grid limits; all tensors on
 the ``meta`` device. ``violations(op, args, plan)`` lists where a plan breaks the rules.
-tests/test_launch_plans.py asserts none at every case for both GPU backends; ``make gpu-report``
-prints the table.
+tests/test_launch_plans.py asserts none at every case for both GPU backends, except the open defects
+of ``KNOWN_VIOLATIONS`` (strict xfail); ``make gpu-report`` prints the table.
 """
 from __future__ import annotations
 
