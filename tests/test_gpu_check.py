@@ -87,9 +87,14 @@ def test_module_entry_point_exit_status_without_gpu():
 
 
 def test_gpu_tests_cover_every_op():
-    """gpu-check runs each registered op's test file on CUDA tensors (TSC_TEST_DEVICE=cuda)."""
-    files = {f"tests/test_{name}.py" for name in OPS if name != "weight_mean"}  # weight_mean: test_lstm_controller.py
+    """gpu-check runs each registered op's test file on CUDA tensors (TSC_TEST_DEVICE=cuda), and
+    every file it names exists."""
+    files = {f"tests/test_{name}.py" for name in OPS if name not in gpu_check.TESTED_WITH}
+    files |= {f"tests/test_{other}.py" for other in gpu_check.TESTED_WITH.values()}
     assert files <= set(gpu_check.TEST_FILES), files - set(gpu_check.TEST_FILES)
+    assert set(gpu_check.TESTED_WITH) <= set(OPS), "TESTED_WITH names an op that is not registered"
+    assert [f for f in gpu_check.TEST_FILES if not (gpu_check.ROOT / f).is_file()] == []
+    assert {"tests/test_gpu_ready.py", "tests/test_mixed_precision.py"} <= set(gpu_check.TEST_FILES)
 
 
 @pytest.mark.parametrize("device, message", [

@@ -6,15 +6,18 @@ interpreter can show runs here; the GPU cases skip with the reason "needs a CUDA
 `make gpu-check`.
 """
 import contextlib
+import importlib
 import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import tsc_kernels
-from tsc_kernels import reference
+from tsc_kernels import gpu_check_cases, reference
+from tsc_kernels.ops.registry import OPS
 
 ROOT = Path(__file__).resolve().parents[1]
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -27,9 +30,7 @@ from tsc_kernels._triton import _launch  # noqa: E402
 from tsc_kernels._triton import residual_update as tru  # noqa: E402
 from tsc_kernels._triton import weight_mean as twm  # noqa: E402
 from tsc_kernels._triton import lstm_controller as tlc  # noqa: E402
-from tsc_kernels._triton import batch_norm_residual_update as tbn  # noqa: E402
 from tsc_kernels._triton import multistep_update as tms  # noqa: E402
-from tsc_kernels._triton import ode_combine as toc  # noqa: E402
 from tsc_kernels._triton import scale_concat as tsc_  # noqa: E402
 
 
@@ -56,27 +57,8 @@ def test_on_device_selects_cuda_device_only_for_cuda_tensors(monkeypatch):
     assert seen == [torch.device("cuda", 1)]
 
 
-@needs_interpreter
-@pytest.mark.parametrize("call", [
-    lambda: torch.ops.tsc.residual_update_triton(torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.rand(3), True),
-    lambda: torch.ops.tsc.residual_update_backward_triton(torch.randn(2, 3, 5), torch.randn(2, 3, 5), torch.rand(3), torch.rand(2, 3, 5)),
-    lambda: torch.ops.tsc.weight_mean_triton([torch.randn(4, 3, 3, 3), torch.randn(2, 4, 1, 1)]),
-    lambda: torch.ops.tsc.weight_mean_backward_triton(torch.randn(4 * 9 + 2), [torch.randn(4, 3, 3, 3), torch.randn(2, 4, 1, 1)]),
-    lambda: torch.ops.tsc.lstm_controller_triton(torch.randn(2 * 5), [2], stage_params(5, 3, 2)),
-])
-def test_every_triton_launch_runs_under_on_device(monkeypatch, call):
-    """Each launcher runs inside on_device(its first tensor) (on CUDA: that tensor's device), entered
-    by the registry's wrapper (tsc_kernels/ops/registry.py, on_tensors_device)."""
-    entered = []
-    real = _launch.on_device
-
-    def recording(t):
-        entered.append(t.device)
-        return real(t)
-
-    monkeypatch.setattr(_launch, "on_device", recording)
-    call()
-    assert entered == [torch.device("cpu")]
+# test_every_triton_launcher_checks_devices_and_launches_on_the_tensors_device (section 7) runs every
+# registered op's launchers, forward and backward, through the dispatcher and directly.
 
 
 @needs_2_cuda
@@ -261,35 +243,103 @@ def test_triton_launchers_reject_tensors_on_another_device():
         raw(twm.weight_mean_backward_triton)(torch.empty(36, device="meta"), [torch.randn(4, 3, 3, 3)])
 
 
-# Every Triton op, the ones written after the device review included: each launcher is wrapped by
-# the registry (on_tensors_device), so it checks devices and launches under on_device(first tensor).
-_x = lambda *shape: torch.randn(*shape)  # noqa: E731
-_meta = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
-NEWER_LAUNCHES = {
-    "scale_concat": lambda f: raw(tsc_.scale_concat_triton)(_x(2, 3, 4), f, _x(2)),
-    "scale_concat_backward": lambda f: raw(tsc_.scale_concat_backward_triton)(_x(2, 5, 4), f, _x(2)),
-    "multistep_update": lambda f: raw(tms.multistep_update_triton)(_x(2, 3, 4), _x(2, 3, 4), f, torch.tensor(-0.05), None, None, False),
-    "multistep_update_backward": lambda f: raw(tms.multistep_update_backward_triton)(
-        _x(2, 3, 4), _x(2, 3, 4), _x(2, 3, 4), f, torch.tensor(-0.05), None, None, None),
-    "ode_combine": lambda f: raw(toc.ode_combine_triton)(_x(2, 3, 4), [_x(2, 3, 4), f], torch.rand(2)),
-    "ode_combine_backward": lambda f: raw(toc.ode_combine_backward_triton)(_x(2, 3, 4), [f], torch.rand(1)),
-    "batch_norm_residual_update": lambda f: raw(tbn.batch_norm_residual_update_triton)(
-        _x(2, 3, 4), f, torch.rand(3), None, None, None, None, True, 0.1, 1e-5, True),
-}
-NEWER_SHAPES = {"scale_concat": (2, 2, 4), "ode_combine_backward": (2, 3, 4), "ode_combine": (2, 3, 4)}
+SUFFIXES = ("_triton", "_backward_triton")
+
+
+def triton_launchers(ops=None) -> list[str]:
+    """tsc::<op>_triton and tsc::<op>_backward_triton of every op of `ops` (default: the registry,
+    read now): derived, so a new op's launchers are checked without naming them here."""
+    return [name + suffix for name in (OPS if ops is None else ops) for suffix in SUFFIXES]
+
+
+def _op_and_suffix(launcher: str) -> tuple[str, str]:
+    return next((launcher.removesuffix(s), s) for s in SUFFIXES[::-1] if launcher.endswith(s))
+
+
+def launcher_call(launcher: str) -> tuple[object, tuple]:
+    """(the custom op, its CPU arguments) of one Triton launcher. The forward's arguments are the
+    op's gpu-check case at its first tiny spec (fp32, contiguous: tsc_kernels/gpu_check_cases.py,
+    one per registered op); the backward's are the ones the op's autograd formula passes it after
+    that forward, recorded at the dispatcher."""
+    name, suffix = _op_and_suffix(launcher)
+    case = gpu_check_cases.case_of(name)
+    with torch.device("cpu"):
+        args = case.build(case.tiny[0], torch.float32, False)
+    op = OPS[name]
+    custom = getattr(importlib.import_module(op.module), launcher)
+    if suffix == "_triton":
+        return custom, args
+    recorded = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, a=(), kw=None):
+            if func._schema.name == f"tsc::{launcher}":
+                recorded.append(a)
+            return func(*a, **(kw or {}))
+
+    out = op.op("_triton")(*args)
+    first = out[0] if isinstance(out, (tuple, list)) else out
+    leaves = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])
+              if isinstance(t, torch.Tensor) and t.requires_grad]
+    with Record():
+        torch.autograd.grad(first, leaves, torch.randn_like(first), allow_unused=True)
+    assert len(recorded) == 1, f"{launcher} ran {len(recorded)} times in one backward"
+    return custom, recorded[0]
+
+
+def optional_tensor_args(schema: str) -> list[int]:
+    """Positions of the `Tensor?` arguments of a schema "(...) -> ..."."""
+    args = torch._C.parse_schema(f"tsc::x{schema}").arguments
+    return [i for i, a in enumerate(args)
+            if isinstance(a.type, torch.OptionalType) and isinstance(a.type.getElementType(), torch.TensorType)]
+
+
+def test_some_launchers_take_optional_tensors():
+    """The None variant below is not vacuous: some forward takes absent optional tensors."""
+    assert optional_tensor_args("(Tensor a, Tensor? b, Tensor[] c, Tensor?[] d, int? e) -> Tensor") == [1]
+    assert any(optional_tensor_args(op.schema) for op in OPS.values())
+
+
+def _last_tensor_on_meta(args: tuple) -> tuple:
+    """args with the last tensor (or the last tensor of the last list holding one) moved to meta."""
+    args = list(args)
+    for i in reversed(range(len(args))):
+        a = args[i]
+        if isinstance(a, torch.Tensor):
+            args[i] = torch.empty_like(a, device="meta")
+            return tuple(args)
+        if isinstance(a, (list, tuple)) and any(isinstance(t, torch.Tensor) for t in a):
+            k = max(j for j, t in enumerate(a) if isinstance(t, torch.Tensor))
+            args[i] = [*a[:k], torch.empty_like(a[k], device="meta"), *a[k + 1:]]
+            return tuple(args)
+    raise AssertionError("no tensor argument")
 
 
 @needs_interpreter
-@pytest.mark.parametrize("name", list(NEWER_LAUNCHES))
-def test_newer_triton_launchers_check_devices_and_launch_on_the_tensors_device(monkeypatch, name):
-    shape = NEWER_SHAPES.get(name, (2, 3, 4))
-    with pytest.raises(ValueError, match="must be on cpu, got meta"):
-        NEWER_LAUNCHES[name](_meta(*shape))
+@pytest.mark.parametrize("launcher", triton_launchers())
+def test_every_triton_launcher_checks_devices_and_launches_on_the_tensors_device(monkeypatch, launcher):
+    """Each launcher is wrapped by the registry (tsc_kernels/ops/registry.py, on_tensors_device):
+    called directly, a tensor on another device is a ValueError naming it; through the dispatcher
+    and directly, it runs inside on_device(its first tensor) (on CUDA: that tensor's device)."""
+    custom, args = launcher_call(launcher)
+    name, _ = _op_and_suffix(launcher)
+    tensors = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a]) if isinstance(t, torch.Tensor)]
+    assert len(tensors) >= 2, "the device check needs a second tensor to compare"
+    with pytest.raises(ValueError, match=rf"^tsc::{launcher}: \S+ must be on cpu, got meta$"):
+        raw(custom)(*_last_tensor_on_meta(args))
     entered = []
     real = _launch.on_device
     monkeypatch.setattr(_launch, "on_device", lambda t: entered.append(t.device) or real(t))
-    NEWER_LAUNCHES[name](_x(*shape))
+    raw(custom)(*args)
     assert entered == [torch.device("cpu")]
+    getattr(torch.ops.tsc, launcher)(*args)
+    assert entered == [torch.device("cpu")] * 2
+    # The device check skips absent optional tensors: the forward with every `Tensor?` argument None
+    # (multistep_update's dt and keep, the BatchNorm tail's running statistics, weight and bias).
+    optional = optional_tensor_args(OPS[name].schema)
+    if launcher == f"{name}_triton" and optional:
+        raw(custom)(*(None if i in optional else a for i, a in enumerate(args)))
+        assert entered == [torch.device("cpu")] * 3
 
 
 @needs_cuda

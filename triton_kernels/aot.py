@@ -10,7 +10,9 @@ launchers pick their GPU tile sizes only when not interpreting (the configs belo
 KERNELS is collected from the op modules: each exposes `AOT_CONFIGS`, a list of
     dict(kernel=<@triton.jit fn>, name=str, signature={arg: "*fp32" | "i32" | ... | "constexpr"},
          constexprs={arg: value}, num_warps=int (optional, default 4), num_stages=int (optional, default 3))
-so a new op module only needs its name in MODULES. The exit status is 1 when a compile fails,
+MODULES is derived from the op registry (every registered op's Triton module, tsc_kernels/ops/registry.py)
+plus the shared helper modules that hold kernels of their own (HELPER_MODULES), so a new op's module is
+picked up without naming it here (tests/test_op_list.py). The exit status is 1 when a compile fails,
 spills, or a @triton.jit function named *_kernel has no config (uncovered_kernels).
 
 Registers and spills come from ptxas itself: CompiledKernel.n_regs / n_spills are only filled in
@@ -27,13 +29,32 @@ import re
 import subprocess
 import tempfile
 
-MODULES = ("residual_update", "weight_mean", "lstm_controller", "batch_norm_residual_update", "scale_concat",
-           "multistep_update", "ode_combine")
+# Not ops, but modules with @triton.jit kernels of their own that the op modules launch: _reduce's
+# fixed-order merge of partial sums (residual_update, scale_concat, multistep_update, ode_combine).
+# Named so that uncovered_kernels also scans them (a kernel added there without a config is found).
+HELPER_MODULES = ("_reduce",)
 
 
-def _collect() -> list[dict]:
-    kernels = []
-    for name in MODULES:
+def modules(ops=None) -> tuple[str, ...]:
+    """The Triton modules (names under tsc_kernels._triton) whose kernels are compiled: each op's of
+    `ops` (default: the registry, read now: tsc_kernels.ops.registry.OPS), in declaration order,
+    then HELPER_MODULES."""
+    import tsc_kernels  # noqa: F401  (declares every op)
+    from tsc_kernels.ops import registry
+
+    ops = registry.OPS if ops is None else ops
+    names = [op.module.rsplit(".", 1)[1] for op in ops.values()]
+    return tuple(dict.fromkeys([*names, *HELPER_MODULES]))
+
+
+MODULES = modules()
+
+
+def _collect(names=None) -> list[dict]:
+    """Every AOT config of the modules `names` (default MODULES), each once: a helper's configs that
+    an op module re-exports (residual_update's list carries _reduce's) keep that op module's name."""
+    kernels, seen = [], set()
+    for name in MODULES if names is None else names:
         try:
             mod = importlib.import_module(f"tsc_kernels._triton.{name}")  # the installed name (pyproject.toml)
         except ModuleNotFoundError as exc:
@@ -41,7 +62,10 @@ def _collect() -> list[dict]:
                 continue  # that op has no Triton module (yet); anything else failing inside is a real error
             raise
         for cfg in getattr(mod, "AOT_CONFIGS", []):
-            kernels.append(dict(module=name, **cfg))
+            key = (id(cfg["kernel"]), cfg["name"])
+            if key not in seen:
+                seen.add(key)
+                kernels.append(dict(module=name, **cfg))
     return kernels
 
 

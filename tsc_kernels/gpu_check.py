@@ -42,11 +42,33 @@ from . import gpu_check_networks, gpu_check_ops
 from .gpu_check_cases import ROOT
 
 NO_GPU = "no CUDA device: gpu-check proves the GPU backends and needs one (CPU CI is `make test`)"
+# Ops whose tests live in another op's file (tests/test_<that op>.py): weight_mean's are in
+# test_lstm_controller.py (the controller's first kernel; its tests build the same networks).
+TESTED_WITH = {"weight_mean": "lstm_controller"}
+# Not per op: the GPU-readiness tests (devices, streams, > 2^31 elements, grid limits) before the op
+# files, the TSC models under autocast (bf16 activations, fp32 controller) after them.
+TEST_FILES_BEFORE_OPS = ("tests/test_gpu_ready.py",)
+TEST_FILES_AFTER_OPS = ("tests/test_mixed_precision.py",)
+
+
+def op_test_file(name: str) -> str:
+    """tests/test_<op>.py of a registered op (TESTED_WITH: the file its tests live in)."""
+    return f"tests/test_{TESTED_WITH.get(name, name)}.py"
+
+
+def test_files(ops=None) -> tuple[str, ...]:
+    """The files step `tests` runs: every op's of `ops` (default: the registry, read now), once each,
+    between the ones that are not per op. Derived, never written by hand: a new op's tests run on
+    the GPU without naming them here (tests/test_op_list.py checks each file exists)."""
+    from .ops import registry
+
+    ops = registry.OPS if ops is None else ops
+    return tuple(dict.fromkeys([*TEST_FILES_BEFORE_OPS, *(op_test_file(name) for name in ops), *TEST_FILES_AFTER_OPS]))
+
+
 # Run with TSC_TEST_DEVICE=cuda (tests/conftest.py): every op's tests on CUDA tensors, on the cuda,
-# triton and torch backends (weight_mean is tested in test_lstm_controller.py).
-TEST_FILES = ("tests/test_gpu_ready.py", "tests/test_residual_update.py", "tests/test_lstm_controller.py",
-              "tests/test_batch_norm_residual_update.py", "tests/test_scale_concat.py", "tests/test_multistep_update.py",
-              "tests/test_ode_combine.py", "tests/test_mixed_precision.py")
+# triton and torch backends.
+TEST_FILES = test_files()
 # The whole check should fit in 8 minutes on one H100/H200. The report states the total against it;
 # an overrun is reported (a slow step to trim), not a failed proof.
 BUDGET_SECONDS = 480
