@@ -14,7 +14,7 @@ import torch
 from torchvision.models.resnet import BasicBlock
 
 import tsc_kernels
-from tsc_kernels import models
+from tsc_kernels import models, reference
 from tsc_kernels.profiling import count_ops
 
 pytestmark = pytest.mark.cpu_only
@@ -96,6 +96,30 @@ def test_the_controller_costs_the_same_python_calls_at_any_depth(nets, mode):
     assert ours(b) <= 13, {k: v for k, v in b.items() if k[0].startswith(TSC_DIR)}
     _, top = count_ops(deep.block_step_sizes)
     assert top <= (3 if mode == "lstm" else 2), top  # weight_mean + lstm_controller + split; fixed: full + split
+
+
+def test_the_controller_backward_makes_no_op_per_weight(nets):
+    """weight_mean's backward (C++ autograd) hands each conv weight its dW as an alias of one packed
+    buffer, not as narrow + view + expand ops (162 top-level ops of a ResNet-56 step): the same ops
+    at depth 20 and 56. The gradients stay the reference's, also with create_graph (there the views
+    are ops, so they stay differentiable)."""
+    _, _, lstm, deep = nets
+    counts = []
+    for net in (lstm, deep):
+        weights = [w for s in net.controller_inputs() for ws in s for w in ws]
+        wbar = tsc_kernels.weight_mean(weights)
+        grad = torch.randn_like(wbar)
+        _, top = count_ops(lambda: torch.autograd.grad(wbar, weights, grad, retain_graph=True))
+        counts.append(top)
+        got = torch.autograd.grad(wbar, weights, grad, retain_graph=True)
+        want = torch.autograd.grad(reference.weight_mean(weights), weights, grad)
+        for g, w in zip(got, want):
+            assert g.stride(1) == 0
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        graph = torch.autograd.grad(wbar, weights, grad, create_graph=True)
+        for g, w in zip(graph, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert counts[0] == counts[1] <= 3, counts
 
 
 def test_the_controller_fast_path_gives_the_checked_path_s_step_sizes(nets):
