@@ -87,3 +87,29 @@ def test_overhead_is_the_median_of_per_round_ratios():
     assert rows[1].overhead_time_pct == pytest.approx(1.0) and rows[1].overhead_kernels_pct == pytest.approx(20.0)
     with pytest.raises(ValueError, match="must pair up round by round"):
         bench.paired_overhead_pct(tsc[:4], plain)
+
+
+def test_host_rows_and_the_weight_passes(capsys):
+    """--host-only: every host variant, interleaved; plain+pass is the plain step plus the passes
+    TSC's controller makes over the conv weights (w̄ before the forward, each w̄ gradient added
+    into its weight's gradient after the backward), on the weights the TSC network reads."""
+    assert bench.main(["--model", "cifar_resnet8", "--host-only", "--host-steps", "2", "--quick"]) == 0
+    out = capsys.readouterr().out
+    for variant in ("plain", "tsc-fused", "tsc-fixed", "tsc-ref", "plain+pass"):
+        assert f"\n{variant} " in out
+    assert "tsc-fused vs plain+pass" in out
+
+    args = bench.parse_args(["--model", "cifar_resnet8", "--host-only"])
+    v = bench.HostVariant(args, "plain+pass", None, "auto", False)
+    tsc_model, _ = bench.build_model("cifar_resnet8", "lstm", None)
+    names = {id(p): n for n, p in v.model.named_parameters()}
+    want = [n for n, p in tsc_model.named_parameters()
+            if any(p is w for s in tsc_model.controller_inputs() for ws in s for w in ws)]
+    assert [names[id(w)] for w in v.passes] == want and len(want) == 6
+    for w in v.passes:
+        w.grad = torch.randn_like(w)
+    before = [w.grad.clone() for w in v.passes]
+    v._weight_pass()
+    v._gradient_pass()
+    for w, g in zip(v.passes, before):
+        torch.testing.assert_close(w.grad, g + w.mean(1, keepdim=True).expand_as(w))

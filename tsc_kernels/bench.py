@@ -39,6 +39,10 @@ TSC adds on the host is what it costs there. The same step at batch 2 on 8x8 inp
   tsc-fused    TSC_LSTM on `auto` (the fused ops)
   tsc-fixed    tsc="fixed": a constant Δt, no controller (the fused BatchNorm tail only)
   tsc-ref      TSC_LSTM on the torch backend (the reference)
+  plain+pass   plain, plus the passes TSC's controller makes over the conv weights (their w̄, and
+               each w̄ gradient added into the weight's gradient), without the controller: real
+               work on this CPU (MBs per step), microseconds on a GPU; tsc-fused against it is
+               the host cost TSC adds beyond them
 and, with --compile, plain-c, tsc-auto-c and tsc-ref-c compiled; --host-steps interleaved rounds.
 Columns: ops (operator calls of one eager step under torch.profiler, every dispatcher pass counted),
 top (those called from Python or the autograd engine, not by another op),
@@ -49,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import re
 import statistics
@@ -63,6 +68,7 @@ from . import backend as backend_mod
 from . import models
 from .convert import convert
 from .fold import fold
+from .ops.registry import dispatch
 from .profiling import count_kernels, count_ops, quiet_profiler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -265,7 +271,8 @@ def measure(args, progress) -> list[Row]:
 # --------------------------------------------------------------------------------------------------
 # (name, tsc mode, backend, compiled)
 HOST_VARIANTS = (("plain", None, "auto", False), ("tsc-fused", "lstm", "auto", False),
-                 ("tsc-fixed", "fixed", "auto", False), ("tsc-ref", "lstm", "torch", False))
+                 ("tsc-fixed", "fixed", "auto", False), ("tsc-ref", "lstm", "torch", False),
+                 ("plain+pass", None, "auto", False))
 HOST_COMPILED_VARIANTS = (("plain-c", None, "auto", True), ("tsc-auto-c", "lstm", "auto", True),
                           ("tsc-ref-c", "lstm", "torch", True))
 PHASES = ("step", "fwd", "bwd", "opt")
@@ -290,22 +297,55 @@ class HostVariant(Variant):
     def __init__(self, args, name, tsc, backend_name, compiled):
         super().__init__(args, name, tsc, backend_name, compiled, batch=args.host_batch, image_size=host_image_size(args))
         self.parts = {p: [] for p in PHASES}
+        # plain+pass: the plain step plus the memory traffic TSC's controller adds over the conv
+        # weights, without the controller: w̄ of the weights TSC reads (weight_mean, before the
+        # forward) and each weight's w̄ gradient added into its gradient (after the backward, as
+        # autograd accumulates it). On this CPU those passes are real work (several MB per step);
+        # on a GPU they are microseconds of device time. tsc-fused against this row is the host
+        # cost TSC adds beyond them.
+        self.passes = controller_weights(args, self.model) if name == "plain+pass" else None
+        if self.passes is not None:
+            # w̄ lands in one buffer whose per-weight expanded views are made once: per step the
+            # passes cost weight_mean, a copy and an add per weight, as TSC's autograd adds them
+            sizes = [w.shape[0] * math.prod(w.shape[2:]) for w in self.passes]
+            self.wbar = torch.empty(sum(sizes), dtype=self.passes[0].dtype, device=self.device)
+            self.wbar_views = [piece.view(w.shape[0], 1, *w.shape[2:]).expand(w.shape)
+                               for w, piece in zip(self.passes, self.wbar.split(sizes))]
+
+    def step(self, mark=lambda: None) -> None:
+        """One training step; ``mark()`` after the forward (zero_grad, forward, loss) and the backward."""
+        self.opt.zero_grad(set_to_none=True)
+        self._weight_pass()
+        with self.autocast:
+            loss = nn.functional.cross_entropy(self.forward(self.x), self.target)
+        mark()
+        loss.backward()
+        self._gradient_pass()
+        mark()
+        self.opt.step()
+
+    def _weight_pass(self) -> None:
+        if self.passes is not None:
+            with torch.no_grad():
+                self.wbar.copy_(dispatch("weight_mean", self.device)(self.passes))
+
+    def _gradient_pass(self) -> None:
+        if self.passes is not None:
+            with torch.no_grad():
+                for w, view in zip(self.passes, self.wbar_views):
+                    w.grad.add_(view)
 
     def timed_step(self) -> None:
+        def mark():
+            _sync(self.device)
+            times.append(time.perf_counter())
+
         with backend_mod.use_backend(self.backend_name):
             _sync(self.device)
-            t0 = time.perf_counter()
-            self.opt.zero_grad(set_to_none=True)
-            with self.autocast:
-                loss = nn.functional.cross_entropy(self.forward(self.x), self.target)
-            _sync(self.device)
-            t1 = time.perf_counter()
-            loss.backward()
-            _sync(self.device)
-            t2 = time.perf_counter()
-            self.opt.step()
-            _sync(self.device)
-            t3 = time.perf_counter()
+            times = [time.perf_counter()]
+            self.step(mark)
+            mark()
+        t0, t1, t2, t3 = times
         for p, t in zip(PHASES, (t3 - t0, t1 - t0, t2 - t1, t3 - t2)):
             self.parts[p].append(t * 1e3)
 
@@ -315,6 +355,15 @@ class HostVariant(Variant):
             ops, top = (None, None) if self.compiled else count_ops(self.step)
         return HostRow(self.name, resolved, "compiled" if self.compiled else "eager", ops, top,
                        {p: statistics.median(t) for p, t in self.parts.items()}, times_ms=self.parts)
+
+
+def controller_weights(args, plain: nn.Module) -> list:
+    """The conv weights of the plain network ``plain`` that TSC's controller reads: those the TSC
+    network of the same model reads, found by parameter name."""
+    tsc_model, _ = build_model(args.model, "lstm", args.num_classes)
+    names = {id(p): n for n, p in tsc_model.named_parameters()}
+    params = dict(plain.named_parameters())
+    return [params[names[id(w)]] for stage in tsc_model.controller_inputs() for ws in stage for w in ws]
 
 
 def host_image_size(args) -> int:
@@ -349,7 +398,7 @@ def measure_host(args, progress=None) -> list[HostRow]:
         rows = [v.host_row() for v in variants]
     finally:
         torch.set_num_threads(threads)
-    plain = {r.mode: r for r in rows if r.backend == "-"}
+    plain = {r.mode: r for r in rows if r.variant in ("plain", "plain-c")}
     for r in rows:
         base = plain[r.mode]
         if r is not base:
@@ -377,6 +426,10 @@ def host_summary(rows: list[HostRow]) -> list[str]:
         lines.append(f"host eager:    tsc-fused vs plain {by['tsc-fused'].overhead_pct['step']:+.1f}%, "
                      f"tsc-fixed vs plain {by['tsc-fixed'].overhead_pct['step']:+.1f}%, "
                      f"tsc-ref vs plain {by['tsc-ref'].overhead_pct['step']:+.1f}%")
+    if "plain+pass" in by:
+        beyond = paired_overhead_pct(by["tsc-fused"].times_ms["step"], by["plain+pass"].times_ms["step"])
+        lines.append(f"host eager:    plain+pass vs plain {by['plain+pass'].overhead_pct['step']:+.1f}% (the controller's "
+                     f"passes over the conv weights alone), tsc-fused vs plain+pass {beyond:+.1f}% (TSC's host cost beyond them)")
     if "tsc-auto-c" in by:
         lines.append(f"host compiled: tsc-auto-c vs plain-c {by['tsc-auto-c'].overhead_pct['step']:+.1f}%, "
                      f"tsc-ref-c vs plain-c {by['tsc-ref-c'].overhead_pct['step']:+.1f}%")
@@ -413,7 +466,7 @@ def paired_overhead_pct(times: list[float], base_times: list[float]) -> float:
 
 def add_overheads(rows: list[Row]) -> None:
     """Each TSC row's step time (paired per round) and kernels against the plain row of the same mode (eager / compiled)."""
-    plain = {r.mode: r for r in rows if r.backend == "-"}
+    plain = {r.mode: r for r in rows if r.variant in ("plain", "plain-c")}
     for r in rows:
         base = plain[r.mode]
         if r is base:
@@ -432,6 +485,10 @@ def summary(rows: list[Row]) -> list[str]:
         f = by["tsc-fused"]
         lines.append(f"eager:    tsc-fused vs plain {f.overhead_time_pct:+.1f}% time"
                      + (f", {f.kernels - by['plain'].kernels:+d} kernels" if f.kernels is not None else ""))
+    if "plain+pass" in by:
+        beyond = paired_overhead_pct(by["tsc-fused"].times_ms["step"], by["plain+pass"].times_ms["step"])
+        lines.append(f"host eager:    plain+pass vs plain {by['plain+pass'].overhead_pct['step']:+.1f}% (the controller's "
+                     f"passes over the conv weights alone), tsc-fused vs plain+pass {beyond:+.1f}% (TSC's host cost beyond them)")
     if "tsc-auto-c" in by:
         a, ref = by["tsc-auto-c"], by["tsc-ref-c"]
         lines.append(f"compiled: tsc-auto-c vs plain-c {a.overhead_time_pct:+.1f}% time, "
