@@ -11,9 +11,10 @@
 //   3. bn_apply_kernel: the grid-stride elementwise pass writing out.
 // Backward, three launches: per-chunk sums S1, S2c (same chunks, fixed-order tree), the per-channel
 // pass (a warp per channel, fixed-order fold of the chunks; ddt, dweight, dbias and the dx coefficients), then dx (and dy).
-// Layouts: the (outer, C, inner) block of residual_layout.h. Chunks enumerate the flattened
-// m = outer_index * inner + inner_index of one channel: threads advance (outer, inner) incrementally,
-// so there is no per-element division in the reductions; all indices are int64. The grids are
+// Layouts: the (outer, C, inner) block of residual_layout.h. Chunks enumerate the flattened items
+// of one channel (walk_reduction_items, launch_geometry.h: bf16 / half pairs, 4-byte loads and
+// 128-byte warp requests): threads advance (sample, item) incrementally, so there is no per-element
+// division in the reductions; all indices are int64. The grids are
 // planned by batch_norm_residual_update_plan.h (host code, also behind tsc::cuda_launch_plan).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -34,24 +35,41 @@ constexpr int kThreads = 256;
 constexpr int kChannelWarps = static_cast<int>(kFoldWarps);  // per-channel kernels: a warp per channel
 
 // partial[j][c] = Welford moments of chunk j of channel c; partial is (3, chunks, C): count, mean, m2.
-template <typename scalar_t, typename acc_t>
-__global__ void bn_stats_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ partial, int64_t C, int64_t inner, int64_t M,
-                                int64_t chunk) {
-  __shared__ Moments<acc_t> shared[kThreads];
-  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  const int64_t m0 = blockIdx.y * chunk, m1 = min(M, m0 + chunk);
-  Moments<acc_t> mom{acc_t(0), acc_t(0), acc_t(0)};
-  if (c < C)
-    for_channel_values(m0 + threadIdx.y, m1, blockDim.y, inner,
-                       [&](int64_t o, int64_t s) { push_moment(mom, static_cast<acc_t>(x[(o * C + c) * inner + s])); });
+// Block (tile, j) walks chunk j's items (walk_reduction_items: bf16 / half pairs, 4-byte loads);
+// W: channel slots per thread and widest item; Vec: items loaded as W-element vectors.
+template <int W, bool Vec, typename scalar_t, typename acc_t>
+__global__ void bn_stats_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ partial, ChannelReduction r) {
+  __shared__ Slots<Moments<acc_t>, W> shared[kThreads];
+  const int64_t C = r.channels, inner = r.inner;
+  const int64_t c = reduction_channel(r, blockIdx.x, threadIdx.x);
+  Slots<Moments<acc_t>, W> mom{};
+  if (c < C) {
+    auto body = [&]<int P>(int64_t o, int64_t s) {
+      const Pack<scalar_t, P> xv = load_items<P, Vec>(x + (o * C + c) * inner + s);
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        if (r.rows) push_moment(mom.v[j], static_cast<acc_t>(xv.v[j]));
+        else push_moment(mom.v[0], static_cast<acc_t>(xv.v[j]));
+      }
+    };
+    walk_reduction_items(r, c, blockIdx.y, threadIdx.y, [&](int64_t o, int64_t s, int64_t n) { reduction_item<W>(o, s, n, body); });
+  }
   shared[threadIdx.y * blockDim.x + threadIdx.x] = mom;
-  tree_reduce(shared, [](Moments<acc_t>& a, const Moments<acc_t>& b) { merge_moments(a, b); });
+  tree_reduce(shared, [](Slots<Moments<acc_t>, W>& a, const Slots<Moments<acc_t>, W>& b) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) merge_moments(a.v[j], b.v[j]);
+  });
   if (threadIdx.y == 0 && c < C) {
-    const Moments<acc_t> total = shared[threadIdx.x];
-    const int64_t chunks = gridDim.y, o = blockIdx.y * C + c;
-    partial[o] = total.count;
-    partial[chunks * C + o] = total.mean;
-    partial[2 * chunks * C + o] = total.m2;
+    const int64_t chunks = gridDim.y;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      if (j > 0 && !(r.rows && j < r.pack)) continue;
+      const Moments<acc_t> total = shared[threadIdx.x].v[j];
+      const int64_t o = blockIdx.y * C + c + j;
+      partial[o] = total.count;
+      partial[chunks * C + o] = total.mean;
+      partial[2 * chunks * C + o] = total.m2;
+    }
   }
 }
 
@@ -123,37 +141,61 @@ __global__ void bn_apply_kernel(const scalar_t* __restrict__ y, const scalar_t* 
   });
 }
 
-// partial (2, chunks, C): S1 = Σ g', S2c = Σ g' (x - mean) of chunk j of channel c.
-template <typename scalar_t, typename acc_t>
+// partial (2, chunks, C): S1 = Σ g', S2c = Σ g' (x - mean) of chunk j of channel c; the items of
+// bn_stats_kernel (W, Vec: its template parameters).
+template <typename acc_t>
+struct Sums {
+  acc_t s1, s2;
+};
+
+template <int W, bool Vec, typename scalar_t, typename acc_t>
 __global__ void bn_backward_sums_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, const scalar_t* __restrict__ relu_out,
-                                        const acc_t* __restrict__ mean, acc_t* __restrict__ partial, int64_t C, int64_t inner, int64_t M,
-                                        int64_t chunk) {
-  struct Sums {
-    acc_t s1, s2;
-  };
-  __shared__ Sums shared[kThreads];
-  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  const int64_t m0 = blockIdx.y * chunk, m1 = min(M, m0 + chunk);
-  Sums sums{acc_t(0), acc_t(0)};
+                                        const acc_t* __restrict__ mean, acc_t* __restrict__ partial, ChannelReduction r) {
+  __shared__ Slots<Sums<acc_t>, W> shared[kThreads];
+  const int64_t C = r.channels, inner = r.inner;
+  const int64_t c = reduction_channel(r, blockIdx.x, threadIdx.x);
+  Slots<Sums<acc_t>, W> sums{};
   if (c < C) {
-    const acc_t mu = mean[c];
-    for_channel_values(m0 + threadIdx.y, m1, blockDim.y, inner, [&](int64_t o, int64_t s) {
+    acc_t mu[W];
+#pragma unroll
+    for (int j = 0; j < W; ++j) mu[j] = mean[r.rows && c + j < C ? c + j : c];
+    auto body = [&]<int P>(int64_t o, int64_t s) {
       const int64_t i = (o * C + c) * inner + s;
-      acc_t gi = static_cast<acc_t>(g[i]);
-      if (relu_out) gi = relu_backward(gi, static_cast<acc_t>(relu_out[i]));
-      sums.s1 += gi;
-      sums.s2 += gi * (static_cast<acc_t>(x[i]) - mu);
-    });
+      const Pack<scalar_t, P> gv = load_items<P, Vec>(g + i), xv = load_items<P, Vec>(x + i);
+      Pack<scalar_t, P> ov;
+      if (relu_out) ov = load_items<P, Vec>(relu_out + i);
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        acc_t gi = static_cast<acc_t>(gv.v[j]);
+        if (relu_out) gi = relu_backward(gi, static_cast<acc_t>(ov.v[j]));
+        if (r.rows) {
+          sums.v[j].s1 += gi;
+          sums.v[j].s2 += gi * (static_cast<acc_t>(xv.v[j]) - mu[j]);
+        } else {  // planes: every value is of channel c
+          sums.v[0].s1 += gi;
+          sums.v[0].s2 += gi * (static_cast<acc_t>(xv.v[j]) - mu[0]);
+        }
+      }
+    };
+    walk_reduction_items(r, c, blockIdx.y, threadIdx.y, [&](int64_t o, int64_t s, int64_t n) { reduction_item<W>(o, s, n, body); });
   }
   shared[threadIdx.y * blockDim.x + threadIdx.x] = sums;
-  tree_reduce(shared, [](Sums& a, const Sums& b) {
-    a.s1 += b.s1;
-    a.s2 += b.s2;
+  tree_reduce(shared, [](Slots<Sums<acc_t>, W>& a, const Slots<Sums<acc_t>, W>& b) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      a.v[j].s1 += b.v[j].s1;
+      a.v[j].s2 += b.v[j].s2;
+    }
   });
   if (threadIdx.y == 0 && c < C) {
-    const int64_t chunks = gridDim.y, o = blockIdx.y * C + c;
-    partial[o] = shared[threadIdx.x].s1;
-    partial[chunks * C + o] = shared[threadIdx.x].s2;
+    const int64_t chunks = gridDim.y;
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      if (j > 0 && !(r.rows && j < r.pack)) continue;
+      const int64_t o = blockIdx.y * C + c + j;
+      partial[o] = shared[threadIdx.x].v[j].s1;
+      partial[chunks * C + o] = shared[threadIdx.x].v[j].s2;
+    }
   }
 }
 
@@ -227,15 +269,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cuda(
   const auto acc = bn_acc_type(a.y);
   const at::Tensor w = channel_param(weight, acc), b = channel_param(bias, acc);
   const at::Tensor coef = at::empty({2, C}, a.dt.options());
-  const ChannelReduction plan = plan_channel_reduction(v);
+  const ChannelReduction plan = plan_channel_reduction(v, a.y.element_size());
   const at::Tensor partial = training ? at::empty({3, plan.chunks, C}, a.dt.options()) : at::Tensor();
   const auto running_type = running_mean.has_value() ? running_mean->scalar_type() : acc;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "tsc_batch_norm_residual_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (training) {
-      bn_stats_kernel<scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(a.x.const_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(),
-                                                                              C, v.inner, a.count, plan.chunk);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+      dispatch_reduction<scalar_t>(plan, {xp}, true, [&]<int W, bool Vec>() {
+        bn_stats_kernel<W, Vec, scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
+            xp, partial.mutable_data_ptr<acc_t>(), plan);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_type, "tsc_batch_norm_residual_update_cuda_channels", [&] {
       using running_t = scalar_t;
@@ -278,16 +323,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   const at::Tensor w = channel_param(weight, acc), b = channel_param(bias, acc);
   const at::Tensor coef = at::empty({3, C}, a.dt.options());
   const bool any = a.x.numel() > 0;
-  const ChannelReduction plan = plan_channel_reduction(v);
+  const ChannelReduction plan = plan_channel_reduction(v, a.x.element_size());
   const at::Tensor partial = any ? at::empty({2, plan.chunks, C}, a.dt.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "tsc_batch_norm_residual_update_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* outp = a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr;
     if (any) {
-      bn_backward_sums_kernel<scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
-          a.g.const_data_ptr<scalar_t>(), a.x.const_data_ptr<scalar_t>(), outp, a.save_mean.const_data_ptr<acc_t>(),
-          partial.mutable_data_ptr<acc_t>(), C, v.inner, a.count, plan.chunk);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const scalar_t *gp = a.g.const_data_ptr<scalar_t>(), *xp = a.x.const_data_ptr<scalar_t>();
+      dispatch_reduction<scalar_t>(plan, {gp, xp, outp}, true, [&]<int W, bool Vec>() {
+        bn_backward_sums_kernel<W, Vec, scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
+            gp, xp, outp, a.save_mean.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>(), plan);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     }
     // No values: zero chunks, so the per-channel pass writes zero gradients.
     bn_backward_channels_kernel<acc_t><<<channel_blocks(C), kThreads, 0, stream>>>(

@@ -33,7 +33,7 @@ std::vector<Launch> plan_batch_norm_residual_update(const PlanArgs& p) {
   const int64_t C = v.channels, numel = a.y.numel(), es = a.y.element_size(), acc = acc_size(es);
   std::vector<Launch> plan;
   if (C == 0) return plan;
-  const ChannelReduction r = plan_channel_reduction(v);
+  const ChannelReduction r = plan_channel_reduction(v, es);
   if (training) plan.push_back(reduction_launch("bn_stats_kernel", "forward", r, v, es, 1, 3, 3 * acc));
   // per channel: partials (training) or running statistics, dt / weight / bias, running update, save_* and coef
   plan.push_back(channel_fold_launch("bn_forward_channels_kernel", "forward", C, training ? r.chunks : 0, 3, acc, 11 * C * acc));

@@ -37,6 +37,30 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, W>& x) {
   *reinterpret_cast<Pack<T, W>*>(p) = x;
 }
 
+// P adjacent elements at p: one P-element vector access when Vec (p must be P-element aligned),
+// else P scalar ones (a misaligned view walking the same items: same values, same order).
+template <int P, bool Vec, typename T>
+__device__ __forceinline__ Pack<T, P> load_items(const T* p) {
+  if constexpr (Vec || P == 1) {
+    return load_pack<P>(p);
+  } else {
+    Pack<T, P> x;
+#pragma unroll
+    for (int j = 0; j < P; ++j) x.v[j] = p[j];
+    return x;
+  }
+}
+
+template <int P, bool Vec, typename T>
+__device__ __forceinline__ void store_items(T* p, const Pack<T, P>& x) {
+  if constexpr (Vec || P == 1) {
+    store_pack<P>(p, x);
+  } else {
+#pragma unroll
+    for (int j = 0; j < P; ++j) p[j] = x.v[j];
+  }
+}
+
 // Channel and sample of flat element i of N samples of C channels: c = (i / inner) % C and
 // n = i / per_sample (inner = prod(spatial), per_sample = C * inner for channel-first tensors;
 // inner = 1, per_sample = C * prod(spatial) for channels-last ones).

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 #include "launch_geometry.h"
 
@@ -57,24 +58,44 @@ __device__ acc_t warp_fold_sum(int64_t n, Load load) {
   return s;
 }
 
-// Walks the values m in [m0, m1), stepping `step`, of one channel of an (outer, C, inner) block,
-// calling f(o, s) with (o, s) = (m / inner, m % inner) advanced incrementally (no per-value
-// division): a block's threads cover consecutive m, so samples and positions are flattened and
-// every lane is busy even when inner (the spatial size) is below the block size.
-template <typename F>
-__device__ __forceinline__ void for_channel_values(int64_t m0, int64_t m1, int64_t step, int64_t inner, F f) {
-  int64_t o = m0 / inner, s = m0 % inner;
-  const int64_t step_o = step / inner, step_s = step % inner;
-  for (int64_t m = m0; m < m1; m += step) {
-    f(o, s);
-    o += step_o;
-    s += step_s;
-    if (s >= inner) {
-      s -= inner;
-      ++o;
-    }
+// Launches a per-channel reduction kernel planned by plan_channel_reduction (launch_geometry.h):
+// launch.template operator()<W, Vec>() with W = reduction_pack(sizeof(scalar_t)) (the kernel's
+// channel slots per thread and widest item) and Vec = whether its items may be loaded as W-element
+// vectors: the plan pairs (pack > 1), every (non-null) pointer is W-element aligned and `offsets`
+// (the kernel's other index offsets, e.g. scale_concat's gradient rows) keep pairs aligned. A
+// misaligned view runs Vec = false: the same items with scalar accesses, the same sums.
+template <typename scalar_t, typename Launch>
+void dispatch_reduction(const ChannelReduction& r, std::initializer_list<const void*> ptrs, bool offsets, Launch&& launch) {
+  constexpr int W = static_cast<int>(reduction_pack(sizeof(scalar_t)));
+  if constexpr (W == 1) {
+    launch.template operator()<1, true>();
+  } else {
+    bool vec = offsets && r.pack == W;
+    for (const void* p : ptrs) vec = vec && reinterpret_cast<std::uintptr_t>(p) % (W * sizeof(scalar_t)) == 0;
+    if (vec) launch.template operator()<W, true>();
+    else launch.template operator()<W, false>();
   }
 }
+
+// Calls body.template operator()<P>(o, s) for one item of walk_reduction_items: P = W when the item
+// holds W elements, else 1 (a plane's single head or tail value, or rows that do not pair).
+template <int W, typename Body>
+__device__ __forceinline__ void reduction_item(int64_t o, int64_t s, int64_t n, Body& body) {
+  if constexpr (W > 1) {
+    if (n == W) {
+      body.template operator()<W>(o, s);
+      return;
+    }
+  }
+  body.template operator()<1>(o, s);
+}
+
+// A thread's sums of a reduction: one slot per channel of its item (rows: pack channels; planes:
+// slot 0 only, every value is of one channel).
+template <typename T, int W>
+struct Slots {
+  T v[W];
+};
 
 // Fixed-order tree over the value lanes (threadIdx.y) of a block of (lanes, value lanes) threads,
 // shared[y * lanes + x] holding each thread's value: afterwards value lane 0 holds the total.

@@ -8,6 +8,7 @@
 
 #include "launch_plan.h"      // Launch (the planners' answer)
 #include "residual_layout.h"  // ChannelView
+#include "tsc_hd.h"           // TSC_HD: the reduction walk runs on the host and the device
 
 namespace tsc {
 
@@ -39,41 +40,109 @@ inline int64_t fold_chain(int64_t n, int64_t lanes) { return ceil_div(std::max<i
 // Per-channel reductions over an (outer, C, inner) block (residual_layout.h), shared by the
 // BatchNorm tail's statistics and sums, and the ddt reductions of residual_update and scale_concat.
 // Blocks are (lanes, value_lanes) threads: planes (inner > 1): 1 x 256 along one channel's values,
-// samples and positions flattened (m = o * inner + s, so a 7x7 map keeps all 256 lanes busy);
-// channels-last rows (inner == 1): 32 adjacent channels x 8 rows (coalesced rows). Each channel's
-// M = outer * inner values are split into `chunks` chunks of `chunk` values: about kTargetBlocks
+// samples and positions flattened (so a 7x7 map keeps all 256 lanes busy); channels-last rows
+// (inner == 1): 32 lanes on adjacent channels x 8 rows (coalesced rows).
+//
+// Items: a lane loads `pack` adjacent elements at once, so a warp's request is 32 x pack x the
+// element size: pack = 2 for 2-byte types (bf16x2 / half2 pairs: 4-byte loads, 128-byte warp
+// requests, was 64), 1 for fp32 / fp64. Rows: an item is `pack` adjacent channels of one row (a
+// tile is 32 x pack channels; rows pair only when C % pack == 0, so every row starts at a pack
+// boundary: else pack = 1). Planes: an item is up to `pack` adjacent positions of one (sample,
+// channel) plane, never straddling two planes: the plane starting at element b = (o C + c) inner
+// has head h = b % pack; item k covers positions [max(0, k pack - h), min(inner, k pack + pack - h)).
+// With pack <= 2 every plane has ceil(inner / pack) items (inner even: b is even, inner / 2 pairs;
+// inner odd: (inner - 1) / 2 pairs and one single value, the head when b is odd, else the tail), so
+// items still flatten over (sample, item). Pairs start at even elements: 4-byte aligned when the
+// tensors are (the launchers check; a misaligned view walks the same items with scalar loads, so
+// the order of every sum, and the result, depends on the shape only).
+//
+// Each channel's `items` items are split into `chunks` chunks of `chunk` items: about kTargetBlocks
 // blocks in all (a fixed number, not the SM count, so results do not depend on the GPU), at least
-// kMinValuesPerThread values per thread, at most kTargetBlocks chunks: the per-channel merge of the
+// kMinValuesPerThread items per thread, at most kTargetBlocks chunks: the per-channel merge of the
 // chunks (a warp each, fold_chain) is then at most 32 + 5 steps long.
 struct ChannelReduction {
   int64_t lanes, value_lanes;  // block (x, y)
-  int64_t tiles;               // grid x: channel tiles of `lanes` channels
+  int64_t tiles;               // grid x: channel tiles of `lanes` x `pack` (rows) or 1 (planes) channels
   int64_t chunks;              // grid y: chunks per channel
-  int64_t chunk;               // values per chunk (the last one may be shorter)
+  int64_t chunk;               // items per chunk (the last one may be shorter)
+  int64_t channels, inner;     // the (outer, C, inner) view
+  int64_t pack;                // elements per item: 2 (2-byte types) or 1
+  int64_t per_plane;           // items per plane: ceil(inner / pack) (planes), 1 (rows)
+  int64_t items;               // items per channel: outer * per_plane
+  bool rows;                   // channels-last rows (inner == 1)
 };
 
 constexpr int64_t kReductionThreads = 256, kRowLanes = 32, kTargetBlocks = 1024, kMinValuesPerThread = 4;
 
-inline ChannelReduction plan_channel_reduction(const ChannelView& v) {
+// Elements per item of a reduction over element_size-byte values: 4-byte loads for 2-byte types.
+constexpr int64_t reduction_pack(int64_t element_size) { return element_size == 2 ? 2 : 1; }
+
+inline ChannelReduction plan_channel_reduction(const ChannelView& v, int64_t element_size) {
   const bool rows = v.inner == 1;
+  int64_t pack = reduction_pack(element_size);
+  if (rows && v.channels % pack != 0) pack = 1;
   const int64_t lanes = rows ? kRowLanes : 1, value_lanes = kReductionThreads / lanes;
-  const int64_t M = v.outer * v.inner;
-  const int64_t tiles = std::max<int64_t>(1, ceil_div(v.channels, lanes));
+  const int64_t per_plane = rows ? 1 : ceil_div(v.inner, pack), M = v.outer * per_plane;
+  const int64_t tiles = std::max<int64_t>(1, ceil_div(v.channels, rows ? lanes * pack : 1));
   int64_t chunks = std::max<int64_t>(1, kTargetBlocks / tiles);
   chunks = std::min(chunks, std::max<int64_t>(1, M / (value_lanes * kMinValuesPerThread)));
   const int64_t chunk = std::max<int64_t>(1, ceil_div(M, chunks));
   chunks = std::max<int64_t>(1, ceil_div(M, chunk));
-  return {lanes, value_lanes, tiles, chunks, chunk};
+  return {lanes, value_lanes, tiles, chunks, chunk, v.channels, v.inner, pack, per_plane, M, rows};
+}
+
+// Item k of a plane of `inner` values starting at element `base` (pack 1 or 2): its first position
+// and count (1 or pack): [max(0, k pack - h), min(inner, k pack + pack - h)) with h = base % pack.
+struct PlaneItem {
+  int64_t first, count;
+};
+TSC_HD PlaneItem plane_item(int64_t k, int64_t base, int64_t inner, int64_t pack) {
+  const int64_t h = base & (pack - 1);  // pack is 1 or 2
+  const int64_t lo = k * pack - h, hi = k * pack + pack - h;
+  const int64_t first = lo > 0 ? lo : 0, last = hi < inner ? hi : inner;
+  return {first, last - first};
+}
+
+// First channel of thread x of channel tile `tile` (its `pack` channels in rows, its one in planes).
+TSC_HD int64_t reduction_channel(const ChannelReduction& r, int64_t tile, int64_t x) {
+  return r.rows ? (tile * r.lanes + x) * r.pack : tile;
+}
+
+// The items thread (x, y) of block (tile, j) walks, in order, for its channel c = reduction_channel:
+// f(o, s, n) for the n (1 <= n <= pack) adjacent elements starting at (o C + c) inner + s (rows:
+// o is the row, s = 0, n = pack channels c .. c + n - 1; planes: o the sample, s the position, n
+// values of channel c). (o, item) advance incrementally: no division per item. Host and device:
+// the CUDA kernels run it, tsc::_channel_reduction_walk runs it on the host for the tests.
+template <typename F>
+TSC_HD void walk_reduction_items(const ChannelReduction& r, int64_t c, int64_t j, int64_t y, F&& f) {
+  const int64_t q0 = j * r.chunk + y, end = (j + 1) * r.chunk, q1 = end < r.items ? end : r.items, step = r.value_lanes;
+  if (r.rows) {
+    for (int64_t q = q0; q < q1; q += step) f(q, int64_t{0}, r.pack);
+    return;
+  }
+  const int64_t K = r.per_plane, P = r.pack, step_o = step / K, step_k = step % K;
+  int64_t o = q0 / K, k = q0 % K;
+  for (int64_t q = q0; q < q1; q += step) {
+    const PlaneItem it = plane_item(k, (o * r.channels + c) * r.inner, r.inner, P);
+    f(o, it.first, it.count);
+    o += step_o;
+    k += step_k;
+    if (k >= K) {
+      k -= K;
+      ++o;
+    }
+  }
 }
 
 // Chain of a reduction block: its streaming loop (1) and the fixed tree over its value lanes.
 inline int64_t channel_reduction_chain(const ChannelReduction& r) { return 1 + tree_depth(r.value_lanes); }
 
-// Contiguous bytes of a reduction block's narrowest busy warp: rows: min(C, 32) adjacent channels;
-// planes: 32 consecutive values of a plane (flattened over samples, so every warp is full when M >= 256).
-inline int64_t channel_reduction_request(const ChannelReduction& r, const ChannelView& v, int64_t element_size) {
-  const int64_t lanes = r.lanes > 1 ? std::min<int64_t>(v.channels, r.lanes) : std::min<int64_t>(32, v.inner);
-  return lanes * element_size;
+// Contiguous bytes of a reduction block's narrowest busy warp: rows: min(C, 32 pack) adjacent
+// channels; planes: 32 items of a plane, min(32 pack, inner) values (flattened over samples, so
+// every warp is full when there are >= 256 items).
+inline int64_t channel_reduction_request(const ChannelReduction& r, int64_t element_size) {
+  const int64_t values = r.rows ? std::min<int64_t>(r.channels, r.lanes * r.pack) : std::min<int64_t>(32 * r.pack, r.inner);
+  return values * element_size;
 }
 
 // --- Planner helpers (launch_plan.h's Launch from the geometry above) ---
@@ -82,22 +151,29 @@ inline int64_t channel_reduction_request(const ChannelReduction& r, const Channe
 // element_size bytes each, plus extra_bytes (per-channel vectors): 16-byte packs when `packs`
 // (cuda_elementwise.cuh; the launchers pass numel / W + 1 items), else one element per thread.
 // Chain 1 (independent loads), lanes adjacent: a warp covers 32 packs or 32 elements.
-inline Launch elementwise_launch(const char* kernel, const char* phase, int64_t numel, int64_t element_size, int64_t tensors,
-                                 int64_t extra_bytes, int64_t sms, bool packs) {
-  const int64_t per = packs ? 16 / element_size : 1;
-  const int64_t items = packs ? numel / per + 1 : numel;
+// packed_launch: the same with packs of `per` elements (the launchers pass numel / per + 1 items).
+inline Launch packed_launch(const char* kernel, const char* phase, int64_t numel, int64_t element_size, int64_t tensors,
+                            int64_t extra_bytes, int64_t sms, int64_t per) {
+  const int64_t items = per > 1 ? numel / per + 1 : numel;
   return Launch{kernel, phase, {elementwise_blocks(items, 256, sms), 1, 1}, 256, numel * element_size * tensors + extra_bytes, 1,
                 warp_request(per * element_size), 0};
 }
 
-// A per-channel reduction block grid (plan_channel_reduction) reading `tensors` tensors, writing
-// `written` of them and `partials` acc-typed (chunks, C) tables; smem = shared_per_thread per thread.
+inline Launch elementwise_launch(const char* kernel, const char* phase, int64_t numel, int64_t element_size, int64_t tensors,
+                                 int64_t extra_bytes, int64_t sms, bool packs) {
+  return packed_launch(kernel, phase, numel, element_size, tensors, extra_bytes, sms, packs ? 16 / element_size : 1);
+}
+
+// A per-channel reduction block grid (plan_channel_reduction) reading and writing `tensors` tensors
+// and `partials` acc-typed (chunks, C) tables; smem = shared_per_thread per channel slot of a thread
+// (the kernels keep a slot per element of a pack: pack slots, only the first used in planes).
 inline Launch reduction_launch(const char* kernel, const char* phase, const ChannelReduction& r, const ChannelView& v, int64_t element_size,
                                int64_t tensors, int64_t partials, int64_t shared_per_thread) {
   const int64_t numel = v.outer * v.channels * v.inner, acc = acc_size(element_size);
   return Launch{kernel, phase, {r.tiles, r.chunks, 1}, r.lanes * r.value_lanes,
                 numel * element_size * tensors + partials * r.chunks * v.channels * acc + v.channels * acc,
-                channel_reduction_chain(r), channel_reduction_request(r, v, element_size), r.lanes * r.value_lanes * shared_per_thread};
+                channel_reduction_chain(r), channel_reduction_request(r, element_size),
+                r.lanes * r.value_lanes * shared_per_thread * reduction_pack(element_size)};
 }
 
 // Kernels folding per-chunk partials run a warp per channel (or per output), kFoldWarps per block.

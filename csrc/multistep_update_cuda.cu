@@ -5,7 +5,7 @@
 // device (k is a 0-d device tensor: no host sync).
 // Backward: one launch with a block per (sample, position chunk, channel tile) (multistep_update_plan.h: warps
 // along a plane's positions for channel-first tensors, lanes on adjacent channels for channels-last
-// ones): it writes du, du_prev, df and the (N, C) partial sums of g'(u_prev - u) and g'f; then
+// ones; bf16 / half lanes move pairs: 4-byte loads): it writes du, du_prev, df and the (N, C) partial sums of g'(u_prev - u) and g'f; then
 // multistep_fold_kernel (a warp per channel: dk's column sums and ddt; a block per sample: dkeep)
 // and multistep_dk_kernel (one block: dk) reduce the tables in a fixed order: deterministic, every
 // chain ceil(n / 32) + 5 or ceil(n / 256) + 10 long instead of N * C / 256, N or C.
@@ -50,58 +50,86 @@ __global__ void multistep_forward_kernel(const scalar_t* __restrict__ u, const s
 }
 
 // grid = N * chunks * tiles (row = sample * chunks + chunk major, multistep_update_plan.h), block =
-// (32, 8); a block covers positions [chunk * per, (chunk + 1) * per) of its sample. kPlanes (channel-first, index (n C + c) S + s):
-// warp y owns channel tile * 8 + y, its lanes positions x, x + 32, ...; channels-last (index
-// (n S + s) C + c): lanes own channels tile * 32 + x, the 8 rows positions y, y + 8, ...
-template <bool kPlanes, typename scalar_t, typename acc_t>
+// (32, 8); a block covers items [chunk * per, (chunk + 1) * per) of its sample. kPlanes (channel-first,
+// index (n C + c) S + s): warp y owns channel tile * 8 + y, its lanes items x, x + 32, ... of the
+// plane (plane_item: bf16 / half pairs, the plane's odd head or tail value alone); channels-last
+// (index (n S + s) C + c): lanes own the `pack` channels (tile * 32 + x) * pack.., the 8 rows positions
+// y, y + 8, ... W: channel slots per thread and widest item; Vec: items loaded as W-element vectors.
+template <bool kPlanes, int W, bool Vec, typename scalar_t, typename acc_t>
 __global__ void multistep_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ u,
                                           const scalar_t* __restrict__ up, const scalar_t* __restrict__ f,
                                           const scalar_t* __restrict__ relu_out, const acc_t* __restrict__ kp,
                                           const acc_t* __restrict__ dt, const acc_t* __restrict__ keep,
                                           scalar_t* __restrict__ du, scalar_t* __restrict__ dup, scalar_t* __restrict__ df,
-                                          acc_t* __restrict__ pk, acc_t* __restrict__ pf, int64_t C, int64_t S, int64_t tiles,
-                                          int64_t chunks, int64_t per) {
-  const int64_t row = blockIdx.x / tiles, tile = blockIdx.x % tiles;
-  const int64_t n = row / chunks, s1 = min(S, (row % chunks + 1) * per);
-  const int64_t c = kPlanes ? tile * kRows + threadIdx.y : tile * kLanes + threadIdx.x;
-  const int64_t s0 = (row % chunks) * per + (kPlanes ? threadIdx.x : threadIdx.y), ds = kPlanes ? kLanes : kRows;
-  acc_t sk = 0, sf = 0;
+                                          acc_t* __restrict__ pk, acc_t* __restrict__ pf, int64_t C, int64_t S,
+                                          multistep_plan::BackwardSplit split) {
+  const int64_t row = blockIdx.x / split.tiles, tile = blockIdx.x % split.tiles;
+  const int64_t n = row / split.chunks, chunk = row % split.chunks;
+  const int64_t end = (chunk + 1) * split.per, q1 = end < split.items ? end : split.items;
+  const int64_t c = kPlanes ? tile * kRows + threadIdx.y : (tile * kLanes + threadIdx.x) * split.pack;
+  const int64_t q0 = chunk * split.per + (kPlanes ? threadIdx.x : threadIdx.y), dq = kPlanes ? kLanes : kRows;
+  Slots<acc_t, W> sk{}, sf{};
   if (c < C) {
     const acc_t k = *kp;
-    const acc_t scale = multistep_scale(dt, keep, n, c);
-    const int64_t base = kPlanes ? (n * C + c) * S : n * C * S + c, ss = kPlanes ? 1 : C;
-    for (int64_t s = s0; s < s1; s += ds) {
-      const int64_t i = base + s * ss;
-      acc_t gi = static_cast<acc_t>(g[i]);
-      if (relu_out) gi = relu_backward(gi, static_cast<acc_t>(relu_out[i]));
-      const auto r = multistep_backward(gi, static_cast<acc_t>(u[i]), static_cast<acc_t>(up[i]), static_cast<acc_t>(f[i]), k, scale);
-      du[i] = static_cast<scalar_t>(r.du);
-      dup[i] = static_cast<scalar_t>(r.du_prev);
-      df[i] = static_cast<scalar_t>(r.df);
-      sk += r.dk_term;
-      sf += r.gf_term;
+    acc_t scale[W];
+#pragma unroll
+    for (int j = 0; j < W; ++j) scale[j] = multistep_scale(dt, keep, n, !kPlanes && c + j < C ? c + j : c);
+    auto body = [&]<int P>(int64_t i, int64_t) {
+      const Pack<scalar_t, P> gv = load_items<P, Vec>(g + i), uv = load_items<P, Vec>(u + i), pv = load_items<P, Vec>(up + i),
+                              fv = load_items<P, Vec>(f + i);
+      Pack<scalar_t, P> ov, duv, dpv, dfv;
+      if (relu_out) ov = load_items<P, Vec>(relu_out + i);
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        acc_t gi = static_cast<acc_t>(gv.v[j]);
+        if (relu_out) gi = relu_backward(gi, static_cast<acc_t>(ov.v[j]));
+        const int slot = kPlanes ? 0 : j;
+        const auto r = multistep_backward(gi, static_cast<acc_t>(uv.v[j]), static_cast<acc_t>(pv.v[j]), static_cast<acc_t>(fv.v[j]), k,
+                                          scale[slot]);
+        duv.v[j] = static_cast<scalar_t>(r.du);
+        dpv.v[j] = static_cast<scalar_t>(r.du_prev);
+        dfv.v[j] = static_cast<scalar_t>(r.df);
+        sk.v[slot] += r.dk_term;
+        sf.v[slot] += r.gf_term;
+      }
+      store_items<P, Vec>(du + i, duv);
+      store_items<P, Vec>(dup + i, dpv);
+      store_items<P, Vec>(df + i, dfv);
+    };
+    for (int64_t q = q0; q < q1; q += dq) {
+      if constexpr (kPlanes) {
+        const int64_t base = (n * C + c) * S;
+        const PlaneItem it = plane_item(q, base, S, split.pack);
+        reduction_item<W>(base + it.first, 0, it.count, body);
+      } else {
+        reduction_item<W>((n * S + q) * C + c, 0, split.pack, body);
+      }
     }
   }
   if constexpr (kPlanes) {
-    sk = warp_sum(sk);  // c is uniform in a warp: every lane takes part
-    sf = warp_sum(sf);
+    const acc_t tk = warp_sum(sk.v[0]), tf = warp_sum(sf.v[0]);  // c is uniform in a warp: every lane takes part
     if (threadIdx.x == 0 && c < C) {
-      pk[row * C + c] = sk;
-      pf[row * C + c] = sf;
+      pk[row * C + c] = tk;
+      pf[row * C + c] = tf;
     }
   } else {
-    __shared__ acc_t shared_k[kRows][kLanes];
-    __shared__ acc_t shared_f[kRows][kLanes];
+    __shared__ Slots<acc_t, W> shared_k[kRows][kLanes];
+    __shared__ Slots<acc_t, W> shared_f[kRows][kLanes];
     shared_k[threadIdx.y][threadIdx.x] = sk;
     shared_f[threadIdx.y][threadIdx.x] = sf;
     __syncthreads();
     if (threadIdx.y == 0 && c < C) {
-      for (int j = 1; j < kRows; ++j) {
-        sk += shared_k[j][threadIdx.x];
-        sf += shared_f[j][threadIdx.x];
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        if (j > 0 && j >= split.pack) break;
+        acc_t tk = sk.v[j], tf = sf.v[j];
+        for (int y = 1; y < kRows; ++y) {
+          tk += shared_k[y][threadIdx.x].v[j];
+          tf += shared_f[y][threadIdx.x].v[j];
+        }
+        pk[row * C + c + j] = tk;
+        pf[row * C + c + j] = tf;
       }
-      pk[row * C + c] = sk;
-      pf[row * C + c] = sf;
     }
   }
 }
@@ -174,8 +202,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const c10::cuda::CUDAGuard guard(u_in.device());
   MultistepBackwardArgs a = prepare_multistep_backward(grad_in, u_in, u_prev_in, f_in, k_in, dt_in, keep_in, relu_out);
   const MultistepView v = a.view;
-  const multistep_plan::BackwardSplit split = multistep_plan::backward_split(v);
-  const int64_t tiles = split.tiles, blocks = multistep_plan::backward_blocks(v);
+  const multistep_plan::BackwardSplit split = multistep_plan::backward_split(v, a.u.element_size());
+  const int64_t blocks = multistep_plan::backward_blocks(v, a.u.element_size());
   TORCH_CHECK(blocks < (int64_t{1} << 31), "tsc::multistep_update_backward (CUDA): N * channel tiles must be below 2^31, got ", blocks);
   const int64_t channel_blocks = fold_blocks(v.C), fold_grid = multistep_plan::fold_grid(v, a.keep.defined());
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -184,16 +212,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     at::Tensor tables = at::empty({2, v.N * split.chunks * v.C}, a.k.options());
     at::Tensor colk = at::empty({v.C}, a.k.options());
     if (a.u.numel() > 0) {
+      const scalar_t *gp = a.g.const_data_ptr<scalar_t>(), *uptr = a.u.const_data_ptr<scalar_t>(), *pp = a.u_prev.const_data_ptr<scalar_t>(),
+                     *fp = a.f.const_data_ptr<scalar_t>(), *op = a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t *dup = a.du.mutable_data_ptr<scalar_t>(), *dpp = a.du_prev.mutable_data_ptr<scalar_t>(), *dfp = a.df.mutable_data_ptr<scalar_t>();
+      constexpr int W = static_cast<int>(reduction_pack(sizeof(scalar_t)));
+      bool vec = split.pack == W;
+      for (const void* p : {static_cast<const void*>(gp), static_cast<const void*>(uptr), static_cast<const void*>(pp),
+                            static_cast<const void*>(fp), static_cast<const void*>(op), static_cast<const void*>(dup),
+                            static_cast<const void*>(dpp), static_cast<const void*>(dfp)})
+        vec = vec && reinterpret_cast<std::uintptr_t>(p) % (W * sizeof(scalar_t)) == 0;
       const auto launch = [&](auto kernel) {
         kernel<<<static_cast<unsigned>(blocks), dim3(kLanes, kRows), 0, stream>>>(
-            a.g.const_data_ptr<scalar_t>(), a.u.const_data_ptr<scalar_t>(), a.u_prev.const_data_ptr<scalar_t>(),
-            a.f.const_data_ptr<scalar_t>(), a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr, a.k.const_data_ptr<acc_t>(),
-            optional_ptr<acc_t>(a.dt), optional_ptr<acc_t>(a.keep), a.du.mutable_data_ptr<scalar_t>(),
-            a.du_prev.mutable_data_ptr<scalar_t>(), a.df.mutable_data_ptr<scalar_t>(), tables[0].mutable_data_ptr<acc_t>(),
-            tables[1].mutable_data_ptr<acc_t>(), v.C, v.S, tiles, split.chunks, split.per);
+            gp, uptr, pp, fp, op, a.k.const_data_ptr<acc_t>(), optional_ptr<acc_t>(a.dt), optional_ptr<acc_t>(a.keep), dup, dpp, dfp,
+            tables[0].mutable_data_ptr<acc_t>(), tables[1].mutable_data_ptr<acc_t>(), v.C, v.S, split);
       };
-      if (v.channels_last) launch(multistep_backward_kernel<false, scalar_t, acc_t>);
-      else launch(multistep_backward_kernel<true, scalar_t, acc_t>);
+      // Vec = false only where pairs exist (W > 1): a misaligned view walks the same items with scalar accesses
+      if (v.channels_last) {
+        if (vec) launch(multistep_backward_kernel<false, W, true, scalar_t, acc_t>);
+        else launch(multistep_backward_kernel<false, W, W == 1, scalar_t, acc_t>);
+      } else {
+        if (vec) launch(multistep_backward_kernel<true, W, true, scalar_t, acc_t>);
+        else launch(multistep_backward_kernel<true, W, W == 1, scalar_t, acc_t>);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       tables.zero_();

@@ -5,9 +5,10 @@
 // Kernels and how their fields are counted:
 //   multistep_forward_kernel (elementwise_launch): reads u, u_prev, f, writes out, 16-byte packs.
 //   multistep_backward_kernel: reads grad, u, u_prev, f (relu_out), writes du, du_prev, df and the
-//     two (N, C) tables. Each thread streams its positions (chain 1), then channel-first: a warp
-//     sum (5 shuffles), a warp reading 32 adjacent positions of a plane; channels-last: 7 serial adds
-//     over the 8 rows in shared memory (2 x 8 x 32 acc), a warp reading min(C, 32) adjacent channels.
+//     two (N, C) tables. Each thread streams its items (chain 1), then channel-first: a warp
+//     sum (5 shuffles), a warp reading 32 adjacent items (min(S, 32 pack) values) of a plane;
+//     channels-last: 7 serial adds over the 8 rows in shared memory (2 x 8 x 32 x pack-slot acc), a
+//     warp reading min(C, 32 pack) adjacent channels (pack = 2 for bf16 / half: 4-byte loads).
 //   multistep_fold_kernel: a warp per channel folds the N * chunks rows of the tables
 //     (fold_chain(rows, 32)); with keep, a block per sample folds its chunks x C values
 //     (ceil(chunks * C / 256), then block_sum's 10 shuffle levels).
@@ -33,14 +34,15 @@ std::vector<Launch> plan_multistep_update(const PlanArgs& p) {
   std::vector<Launch> plan;
   if (numel > 0) plan.push_back(elementwise_launch("multistep_forward_kernel", "forward", numel, es, 4, (v.C + v.N) * acc, p.sms, true));
   // Backward of a gradient shaped like out (and out as relu_out).
-  const multistep_plan::BackwardSplit split = multistep_plan::backward_split(v);
+  const multistep_plan::BackwardSplit split = multistep_plan::backward_split(v, es);
   const int64_t rows = v.N * split.chunks, table = 2 * rows * v.C * acc;
   if (numel > 0) {
-    const int64_t lanes = v.channels_last ? std::min<int64_t>(v.C, 32) : std::min<int64_t>(v.S, 32);
-    plan.push_back(Launch{"multistep_backward_kernel", "backward", {multistep_plan::backward_blocks(v), 1, 1},
+    // a warp's 32 items: 32 pack adjacent channels of a row, or 32 pack values of a plane
+    const int64_t values = std::min<int64_t>(v.channels_last ? v.C : v.S, multistep_plan::kLanes * split.pack);
+    plan.push_back(Launch{"multistep_backward_kernel", "backward", {multistep_plan::backward_blocks(v, es), 1, 1},
                           multistep_plan::kLanes * multistep_plan::kRows, numel * es * (relu ? 8 : 7) + table,
-                          1 + (v.channels_last ? multistep_plan::kRows - 1 : tree_depth(32)), lanes * es,
-                          v.channels_last ? 2 * multistep_plan::kRows * multistep_plan::kLanes * acc : 0});
+                          1 + (v.channels_last ? multistep_plan::kRows - 1 : tree_depth(32)), values * es,
+                          v.channels_last ? 2 * multistep_plan::kRows * multistep_plan::kLanes * acc * reduction_pack(es) : 0});
   }
   const int64_t fold = multistep_plan::fold_grid(v, keep);
   if (fold > 0) {

@@ -11,36 +11,42 @@
 namespace tsc {
 namespace multistep_plan {
 
-// Backward block: 32 x 8 threads. Channels-last: lanes on 32 adjacent channels, 8 positions (a row
-// of channels is contiguous); channel-first: a warp per channel (8 channels), lanes on 32 adjacent
-// positions of its plane, so a warp reads 32 consecutive elements either way (was: 32 channels one
+// Backward block: 32 x 8 threads. Channels-last: lanes on 32 adjacent channel items, 8 positions (a
+// row of channels is contiguous); channel-first: a warp per channel (8 channels), lanes on 32 adjacent
+// position items of its plane, so a warp reads 32 consecutive items either way (was: 32 channels one
 // plane apart, S elements, for channel-first tensors too).
 constexpr int64_t kLanes = 32, kRows = 8;
 
-// Channel tiles of one sample.
-inline int64_t channel_tiles(const MultistepView& v) { return ceil_div(v.C, v.channels_last ? kLanes : kRows); }
-
-// Positions of a sample are split into `chunks` chunks of `per` positions when N * tiles alone would
+// Positions of a sample are split into `chunks` chunks of `per` items when N * tiles alone would
 // leave the GPU idle (a small batch of a late stage, a channels-last C = 32: N blocks): about
-// kTargetBlocks blocks in all, each chunk at least kMinPositions positions. Shape-only (deterministic).
+// kTargetBlocks blocks in all, each chunk at least kMinPositions items. Shape-only (deterministic).
 // Blocks: (sample, chunk, tile) flattened on grid.x (< 2^31: no 65535 cap); the tables have
 // N * chunks rows (row = sample * chunks + chunk) of C partial sums.
+// Items (bf16 / half: pack = 2, 4-byte loads, 128-byte warp requests; else 1): channel-first, up to
+// `pack` adjacent positions of a plane (launch_geometry.h plane_item: a plane starting at an odd
+// element has its first value alone, an even one of odd size its last), ceil(S / pack) per plane;
+// channels-last, `pack` adjacent channels of a position (when C % pack == 0, else pack = 1), a
+// tile being 32 x pack channels, S items (positions) per sample.
 constexpr int64_t kMinPositions = 64;
 
 struct BackwardSplit {
-  int64_t tiles, chunks, per;
+  int64_t tiles, chunks, per;  // channel tiles, chunks per sample, items per chunk
+  int64_t pack, items;         // elements per item, items per sample (per channel or channel tile)
 };
 
-inline BackwardSplit backward_split(const MultistepView& v) {
-  const int64_t tiles = channel_tiles(v);
+inline BackwardSplit backward_split(const MultistepView& v, int64_t element_size) {
+  int64_t pack = reduction_pack(element_size);
+  if (v.channels_last && v.C % pack != 0) pack = 1;
+  const int64_t tiles = ceil_div(v.C, v.channels_last ? kLanes * pack : kRows);
+  const int64_t items = v.channels_last ? v.S : ceil_div(v.S, pack);
   const int64_t by_blocks = ceil_div(kTargetBlocks, std::max<int64_t>(1, v.N * tiles));
-  const int64_t by_work = std::max<int64_t>(1, v.S / kMinPositions);
-  const int64_t per = std::max<int64_t>(1, ceil_div(v.S, std::max<int64_t>(1, std::min(by_blocks, by_work))));
-  return {tiles, std::max<int64_t>(1, ceil_div(v.S, per)), per};
+  const int64_t by_work = std::max<int64_t>(1, items / kMinPositions);
+  const int64_t per = std::max<int64_t>(1, ceil_div(items, std::max<int64_t>(1, std::min(by_blocks, by_work))));
+  return {tiles, std::max<int64_t>(1, ceil_div(items, per)), per, pack, items};
 }
 
-inline int64_t backward_blocks(const MultistepView& v) {
-  const BackwardSplit b = backward_split(v);
+inline int64_t backward_blocks(const MultistepView& v, int64_t element_size) {
+  const BackwardSplit b = backward_split(v, element_size);
   return v.N * b.chunks * b.tiles;
 }
 

@@ -19,5 +19,9 @@ inline int64_t backward_blocks(int64_t numel) {
   return std::max<int64_t>(1, std::min<int64_t>(kMaxBackwardBlocks, ceil_div(numel, 4 * kThreads)));
 }
 
+// Elements per item of the backward pass: bf16 / half pairs (4-byte loads, 128-byte warp requests),
+// else one. The blocks above stay 4 elements per thread (two pairs): the grid is unchanged.
+constexpr int64_t pack(int64_t element_size) { return reduction_pack(element_size); }
+
 }  // namespace ode_plan
 }  // namespace tsc

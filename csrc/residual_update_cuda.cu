@@ -7,7 +7,8 @@
 // Backward: one per-channel reduction grid planned by launch_geometry.h's plan_channel_reduction
 // (the grid tsc::cuda_launch_plan reports, residual_update_plan.cpp): about 1024 blocks of chunks
 // of a channel's values, samples and positions flattened (channel-first: 256 threads along the
-// values, all busy on a 7x7 map; channels-last: 32 adjacent channels x 8 rows). Each block writes
+// values, all busy on a 7x7 map; channels-last: 32 lanes on adjacent channels x 8 rows); bf16 /
+// half lanes move pairs (4-byte loads: 128-byte warp requests). Each block writes
 // dy / df and a partial sum of ddt[c]; with more than one chunk fold_chunks_kernel adds the chunks,
 // a warp per channel in a fixed order: deterministic, shape-only split.
 #include <ATen/OpMathType.h>
@@ -42,33 +43,59 @@ __global__ void residual_forward_kernel(const scalar_t* __restrict__ y, const sc
 }
 
 // grid (tiles, chunks), block (lanes, value lanes) of plan_channel_reduction: block (tile, j) walks
-// chunk j (values m0 <= m < m1, m = sample-or-row * inner + position) of its channel(s), writes dy
-// (with the ReLU) and df, and partial[j * C + c] (partial is ddt itself when there is one chunk).
-template <typename scalar_t, typename acc_t>
+// chunk j of its channel(s)' items (walk_reduction_items: pairs of bf16 / half values, 4-byte
+// loads), writes dy (with the ReLU) and df, and partial[j * C + c] (ddt itself with one chunk).
+// W: channel slots per thread and widest item; Vec: items loaded as W-element vectors.
+template <int W, bool Vec, typename scalar_t, typename acc_t>
 __global__ void residual_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ f,
                                          const scalar_t* __restrict__ relu_out, const acc_t* __restrict__ dt,
                                          scalar_t* __restrict__ dy, scalar_t* __restrict__ df, acc_t* __restrict__ partial,
-                                         int64_t C, int64_t inner, int64_t M, int64_t chunk) {
-  __shared__ acc_t shared[kThreads];
-  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  const int64_t m0 = blockIdx.y * chunk, m1 = min(M, m0 + chunk);
-  acc_t sum = 0;
+                                         ChannelReduction r) {
+  __shared__ Slots<acc_t, W> shared[kThreads];
+  const int64_t C = r.channels, inner = r.inner;
+  const int64_t c = reduction_channel(r, blockIdx.x, threadIdx.x);
+  Slots<acc_t, W> sum{};
   if (c < C) {
-    const acc_t d = dt[c];
-    for_channel_values(m0 + threadIdx.y, m1, blockDim.y, inner, [&](int64_t o, int64_t s) {
+    acc_t d[W];
+#pragma unroll
+    for (int j = 0; j < W; ++j) d[j] = dt[r.rows && c + j < C ? c + j : c];
+    auto body = [&]<int P>(int64_t o, int64_t s) {
       const int64_t i = (o * C + c) * inner + s;
-      acc_t gi = static_cast<acc_t>(g[i]);
-      if (relu_out) {
-        gi = relu_backward(gi, static_cast<acc_t>(relu_out[i]));
-        dy[i] = static_cast<scalar_t>(gi);
+      const Pack<scalar_t, P> gv = load_items<P, Vec>(g + i), fv = load_items<P, Vec>(f + i);
+      Pack<scalar_t, P> ov, dyv, dfv;
+      if (relu_out) ov = load_items<P, Vec>(relu_out + i);
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        acc_t gi = static_cast<acc_t>(gv.v[j]);
+        if (relu_out) {
+          gi = relu_backward(gi, static_cast<acc_t>(ov.v[j]));
+          dyv.v[j] = static_cast<scalar_t>(gi);
+        }
+        const acc_t term = gi * static_cast<acc_t>(fv.v[j]);
+        if (r.rows) {
+          dfv.v[j] = static_cast<scalar_t>(gi * d[j]);
+          sum.v[j] += term;
+        } else {
+          dfv.v[j] = static_cast<scalar_t>(gi * d[0]);
+          sum.v[0] += term;
+        }
       }
-      df[i] = static_cast<scalar_t>(gi * d);
-      sum += gi * static_cast<acc_t>(f[i]);
-    });
+      if (relu_out) store_items<P, Vec>(dy + i, dyv);
+      store_items<P, Vec>(df + i, dfv);
+    };
+    walk_reduction_items(r, c, blockIdx.y, threadIdx.y, [&](int64_t o, int64_t s, int64_t n) { reduction_item<W>(o, s, n, body); });
   }
   shared[threadIdx.y * blockDim.x + threadIdx.x] = sum;
-  tree_reduce(shared, [](acc_t& a, const acc_t& b) { a += b; });
-  if (threadIdx.y == 0 && c < C) partial[blockIdx.y * C + c] = shared[threadIdx.x];
+  tree_reduce(shared, [](Slots<acc_t, W>& a, const Slots<acc_t, W>& b) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) a.v[j] += b.v[j];
+  });
+  if (threadIdx.y == 0 && c < C) {
+    const Slots<acc_t, W> total = shared[threadIdx.x];
+#pragma unroll
+    for (int j = 0; j < W; ++j)
+      if (j == 0 || (r.rows && j < r.pack)) partial[blockIdx.y * C + c + j] = total.v[j];
+  }
 }
 
 int grid_for(int64_t numel) { return elementwise_grid(numel, kThreads); }
@@ -108,12 +135,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* outp = relu ? out.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dyp = relu ? dy.mutable_data_ptr<scalar_t>() : nullptr;
-    const ChannelReduction plan = plan_channel_reduction(v);
+    const ChannelReduction plan = plan_channel_reduction(v, f.element_size());
     at::Tensor partial = plan.chunks == 1 ? ddt : at::empty({plan.chunks, v.channels}, dt.options());
-    residual_backward_kernel<scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
-        g.const_data_ptr<scalar_t>(), f.const_data_ptr<scalar_t>(), outp, dt.const_data_ptr<acc_t>(), dyp,
-        df.mutable_data_ptr<scalar_t>(), partial.mutable_data_ptr<acc_t>(), v.channels, v.inner, v.outer * v.inner, plan.chunk);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t *gp = g.const_data_ptr<scalar_t>(), *fp = f.const_data_ptr<scalar_t>();
+    scalar_t* dfp = df.mutable_data_ptr<scalar_t>();
+    dispatch_reduction<scalar_t>(plan, {gp, fp, outp, dyp, dfp}, true, [&]<int W, bool Vec>() {
+      residual_backward_kernel<W, Vec, scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
+          gp, fp, outp, dt.const_data_ptr<acc_t>(), dyp, dfp, partial.mutable_data_ptr<acc_t>(), plan);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
     if (plan.chunks > 1) {
       fold_chunks_kernel<acc_t><<<static_cast<unsigned>(fold_blocks(v.channels)), kThreads, 0, stream>>>(
           partial.const_data_ptr<acc_t>(), ddt.mutable_data_ptr<acc_t>(), plan.chunks, v.channels);

@@ -8,6 +8,8 @@
 //     and a (chunks, C) partial table; each thread streams its values (chain 1), then a fixed tree
 //     over the value lanes (8 levels for 256, 3 for 8); smem: one acc per thread.
 //   fold_chunks_kernel (channel_fold_launch, only with more than one chunk): a warp per channel.
+#include <torch/library.h>
+
 #include "launch_geometry.h"
 #include "residual_layout.h"
 
@@ -25,10 +27,36 @@ std::vector<Launch> plan_residual_update(const PlanArgs& p) {
   if (numel == 0) return plan;
   plan.push_back(elementwise_launch("residual_forward_kernel", "forward", numel, es, 3, v.channels * acc, p.sms, true));
   // Backward of a gradient shaped like out (and out as relu_out).
-  const ChannelReduction r = plan_channel_reduction(v);
+  const ChannelReduction r = plan_channel_reduction(v, es);
   plan.push_back(reduction_launch("residual_backward_kernel", "backward", r, v, es, relu ? 5 : 3, 1, acc));
   if (r.chunks > 1) plan.push_back(channel_fold_launch("fold_chunks_kernel", "backward", v.channels, r.chunks, 1, acc, v.channels * acc));
   return plan;
+}
+
+// Test hook (tests/test_cuda_plans.py): the items every thread of a per-channel reduction over an
+// (outer, C, inner) view of element_size-byte values walks, by the very walk_reduction_items the
+// CUDA kernels run: rows (tile, chunk, x, y, first channel, first element, count) in walk order,
+// and the plan (lanes, value_lanes, tiles, chunks, chunk, pack, per_plane, items, rows).
+std::tuple<at::Tensor, at::Tensor> channel_reduction_walk(int64_t outer, int64_t C, int64_t inner, int64_t element_size) {
+  TORCH_CHECK(outer > 0 && C > 0 && inner > 0 && outer * C * inner <= (int64_t{1} << 24),
+              "tsc::_channel_reduction_walk: a small positive (outer, C, inner), got ", outer, ", ", C, ", ", inner);
+  const ChannelReduction r = plan_channel_reduction(ChannelView{outer, C, inner}, element_size);
+  std::vector<int64_t> rows;
+  for (int64_t tile = 0; tile < r.tiles; ++tile)
+    for (int64_t j = 0; j < r.chunks; ++j)
+      for (int64_t x = 0; x < r.lanes; ++x)
+        for (int64_t y = 0; y < r.value_lanes; ++y) {
+          const int64_t c = reduction_channel(r, tile, x);
+          if (c >= C) continue;  // the kernels' idle lanes
+          walk_reduction_items(r, c, j, y, [&](int64_t o, int64_t s, int64_t n) {
+            rows.insert(rows.end(), {tile, j, x, y, c, (o * C + c) * inner + s, n});
+          });
+        }
+  const int64_t n = static_cast<int64_t>(rows.size()) / 7;
+  at::Tensor walk = at::tensor(rows, at::kLong).reshape({n, 7});
+  at::Tensor plan = at::tensor(std::vector<int64_t>{r.lanes, r.value_lanes, r.tiles, r.chunks, r.chunk, r.pack, r.per_plane, r.items,
+                                                    r.rows ? 1 : 0}, at::kLong);
+  return {walk, plan};
 }
 
 }  // namespace
@@ -36,3 +64,7 @@ std::vector<Launch> plan_residual_update(const PlanArgs& p) {
 TSC_REGISTER_CUDA_PLANNER(residual_update, plan_residual_update);
 
 }  // namespace tsc
+
+TORCH_LIBRARY_FRAGMENT(tsc, m) {
+  m.def("_channel_reduction_walk(int outer, int C, int inner, int element_size) -> (Tensor, Tensor)", &tsc::channel_reduction_walk);
+}

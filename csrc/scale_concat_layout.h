@@ -44,6 +44,17 @@ inline void check_scale_concat_args(const char* op, const at::Tensor& x, const a
   TORCH_CHECK(x.device() == f.device() && x.device() == dt.device(), op, ": all tensors must be on one device");
 }
 
+// Elements per thread of the CUDA forward (scale_concat_cuda.cu, planned by scale_concat_plan.cpp):
+// 16-byte packs (16 / element_size), else 4-byte ones for 2-byte types (bf16 / half pairs), else 1,
+// the widest W dividing both x's and f's share of an out row (cx inner and k inner): then x's rows
+// and f's rows of out start at multiples of W, so a pack never straddles x and f and its source run
+// is W-aligned when the pointers are (the launcher checks them: else W = 1).
+inline int64_t scale_concat_pack(const ScaleConcatShape& s, int64_t element_size) {
+  for (const int64_t w : {16 / element_size, element_size == 2 ? int64_t{2} : int64_t{1}})
+    if (w > 1 && (s.cx * s.inner) % w == 0 && (s.k * s.inner) % w == 0) return w;
+  return 1;
+}
+
 // f's (outer, k, inner) block as a ChannelView: the view the CUDA ddt reduction is planned on
 // (launch_geometry.h plan_channel_reduction).
 inline ChannelView scale_concat_f_view(const ScaleConcatShape& s) { return ChannelView{s.outer, s.k, s.inner}; }

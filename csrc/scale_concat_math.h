@@ -52,6 +52,16 @@ TSC_HD bool scale_concat_source(index_t i, const Divider& row, const Divider& in
   return false;
 }
 
+// The next value of f along a row of f: position pos + 1 of channel c, or position 0 of channel
+// c + 1 past the plane's end (the CUDA forward's packs cross planes of odd sizes this way).
+template <typename index_t>
+TSC_HD void scale_concat_next_position(index_t& c, index_t& pos, index_t inner) {
+  if (++pos == inner) {
+    pos = 0;
+    ++c;
+  }
+}
+
 // Index of f's element (o, c, s) in the gradient of out (grad has Cx + k channels).
 TSC_HD int64_t scale_concat_grad_index(int64_t o, int64_t c, int64_t sp, const ScaleConcatShape& s) {
   return (o * (s.cx + s.k) + s.cx + c) * s.inner + sp;

@@ -88,8 +88,35 @@ def test_scale_concat_forward_divides_in_32_bits(sass):
 
     found = set()
     for name, body in sass:
-        m = re.search(r"scale_concat_forward_kernelI([jl])", name)
+        m = re.search(r"scale_concat_forward_kernelILi(\d+)E([jl])", name)
         if m:
-            found.add(m.group(1))
-            assert (DIVISION in body) == (m.group(1) == "l"), name
+            found.add(m.group(2))
+            assert (DIVISION in body) == (m.group(2) == "l"), name
+            if int(m.group(1)) * 2 == 16:  # bf16 / half 16-byte packs (W = 8)
+                assert "LDG.E.128" in body and "STG.E.128" in body, f"{name}: the packed variant has no 16-byte loads/stores"
     assert found == {"j", "l"}, found
+
+
+# The reductions whose bf16 / half lanes load pairs (issue 22, finding 8; csrc/launch_geometry.h
+# walk_reduction_items): instantiations <..., W = 2, Vec, ...> with Vec = 1 (aligned pointers) and 0.
+PAIR_KERNELS = ("residual_backward_kernel", "bn_stats_kernel", "bn_backward_sums_kernel", "scale_concat_backward_kernel",
+                "multistep_backward_kernel", "ode_combine_backward_kernel")
+
+
+@pytest.mark.parametrize("kernel", PAIR_KERNELS)
+@needs_cuda_build
+def test_half_precision_reductions_load_pairs(sass, kernel):
+    """In the compiled SASS of the bf16 instantiations: the pair variant (Vec = 1) loads with more
+    32-bit LDG.E than the scalar-access one (Vec = 0, a misaligned view: 2-byte LDG.E.U16 only, besides
+    its fp32 per-channel values), and fewer 2-byte loads."""
+    import re
+
+    counts = {}
+    for name, body in sass:
+        m = re.search(kernel + r"I(?:Lb[01]E)?Li2ELb([01])EN3c108BFloat16", name)
+        if m:
+            wide, narrow = len(re.findall(r"LDG\.E(?:\.CONSTANT)? ", body)), len(re.findall(r"LDG\.E\.U16", body))
+            counts.setdefault(m.group(1), []).append((wide, narrow))
+    assert set(counts) == {"0", "1"}, f"{kernel}: bf16 pair instantiations missing ({counts})"
+    for (w1, n1), (w0, n0) in zip(counts["1"], counts["0"]):
+        assert w1 > w0 and n1 < n0, (kernel, counts)

@@ -6,7 +6,10 @@ answered by tsc::cuda_launch_plan), so each finding of the issue is a property o
   1. per-channel merges / chunk sums / partial sums are fixed-order folds of at most 64 dependent steps;
   2. the contiguous multistep backward reads 32 adjacent positions per warp (>= 128-byte requests);
   3. the planes kernels flatten (sample, position): every warp full on a 7x7 map;
-  4. the channels-last rows kernels get ~1024 blocks (>= 2 * SMs), not a fixed 64 chunks.
+  4. the channels-last rows kernels get ~1024 blocks (>= 2 * SMs), not a fixed 64 chunks;
+  8. bf16 / half reductions load pairs (4-byte lanes, 128-byte requests); their walk over items (a
+     plane's odd head or tail value alone) runs on the host too (tsc::_channel_reduction_walk) and is
+     compared with a twin written out in Python over odd sizes.
 The fixed merge order of the BatchNorm statistics runs on the host too (tsc::_bn_merge_chunks) and
 is compared with the statistics of the data. No GPU is needed: tensors live on the meta device.
 """
@@ -77,7 +80,7 @@ ROWS = [
 def test_rows_kernels_fill_the_gpu(case, kernel):
     """A fixed 64 chunks gave DenseNet's k = 12-32 64 blocks and ResNet-18's C = 64 128 blocks on 132 SMs."""
     p = launch(plan_of(case), kernel)
-    assert p["threads"] == 256 and p["grid"][0] * 32 >= case[1][1].shape[1]
+    assert p["threads"] == 256 and p["grid"][0] * 32 * 2 >= case[1][1].shape[1]  # 32 lanes of bf16 channel pairs
     assert blocks(p) >= 2 * SMS, p
 
 
@@ -158,10 +161,100 @@ def test_multistep_backward_grid_has_no_65535_cap():
     assert p["grid"][0] == 2 * (1 << 20) // 8 and p["grid"][1:] == (1, 1)
 
 
+# -- finding 8: bf16 / half reductions load pairs (4-byte lanes, 128-byte warp requests) ----------
+PAIRS = [
+    ("residual-nchw", residual_args((64, 256, 56, 56), torch.bfloat16, False), "residual_backward_kernel"),
+    ("residual-cl", residual_args((64, 64, 56, 56), torch.bfloat16, True), "residual_backward_kernel"),
+    ("bn-stats-nchw", batch_norm_args((128, 16, 32, 32), torch.bfloat16, False), "bn_stats_kernel"),
+    ("bn-stats-cl", batch_norm_args((256, 2048, 7, 7), torch.bfloat16, True), "bn_stats_kernel"),
+    ("bn-sums-nchw", batch_norm_args((64, 64, 56, 56), torch.bfloat16, False), "bn_backward_sums_kernel"),
+    ("bn-sums-cl", batch_norm_args((64, 256, 56, 56), torch.bfloat16, True), "bn_backward_sums_kernel"),
+    ("scale-concat-nchw", scale_concat_args((64, 224, 56, 56), (64, 32, 56, 56), torch.bfloat16, False), "scale_concat_backward_kernel"),
+]
+
+
+@pytest.mark.parametrize("case,kernel", [p[1:] for p in PAIRS], ids=[p[0] for p in PAIRS])
+def test_half_precision_reductions_load_pairs(case, kernel):
+    """One 2-byte value per lane gave 64-byte warp requests; pairs give 128 (fp32's), with a shared
+    slot per channel of a pair (twice fp32's shared memory per thread, one acc type)."""
+    op, args = case
+    p = launch(plan_of(case), kernel)
+    assert p["request_bytes"] == 128, p
+    fp32 = launch(plan_of((op, tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype == torch.bfloat16 else a
+                                      for a in args))), kernel)
+    assert fp32["request_bytes"] == 128 and p["smem"] == 2 * fp32["smem"]
+    assert p["chain"] <= MAX_CHAIN and blocks(p) >= 2 * SMS
+
+
+def walk_twin(outer, C, inner, es, chunk, value_lanes, lanes, tiles, chunks):
+    """launch_geometry.h's walk_reduction_items written out directly: for every thread of the grid
+    (tile, chunk, x, y, in the order tsc::_channel_reduction_walk lists them), its items in order:
+    (first channel, first element, count)."""
+    rows = inner == 1
+    pack = 2 if es == 2 and (not rows or C % 2 == 0) else 1
+    per_plane = 1 if rows else -(-inner // pack)
+    items = outer * per_plane
+    out = []
+    for tile in range(tiles):
+        for j in range(chunks):
+            for x in range(lanes):
+                for y in range(value_lanes):
+                    c = (tile * lanes + x) * pack if rows else tile
+                    if c >= C:
+                        continue
+                    for q in range(j * chunk + y, min(items, (j + 1) * chunk), value_lanes):
+                        if rows:
+                            out.append((tile, j, x, y, c, q * C + c, pack))
+                            continue
+                        o, k = divmod(q, per_plane)
+                        base = (o * C + c) * inner
+                        head = base % pack
+                        lo, hi = max(0, k * pack - head), min(inner, k * pack + pack - head)
+                        out.append((tile, j, x, y, c, base + lo, hi - lo))
+    return out, pack, per_plane, items
+
+
+WALKS = [  # (outer, C, inner, element size): planes of odd sizes (7x7, 3x3: planes start at odd elements), a
+    # plane longer than the 256 value lanes, even planes; rows of an odd C (no pairs), a partial 64-channel tile
+    (200, 3, 49, 2), (64, 5, 9, 2), (3, 2, 1025, 2), (7, 4, 56, 2), (1, 3, 3, 2),
+    (300, 130, 1, 2), (3000, 6, 1, 2), (500, 7, 1, 2), (40, 3, 49, 4), (300, 70, 1, 4), (50, 3, 49, 8),
+]
+
+
+@pytest.mark.parametrize("outer,C,inner,es", WALKS, ids=["x".join(map(str, w)) for w in WALKS])
+def test_reduction_walk_pairs_cover_every_value_once(outer, C, inner, es):
+    """The items the CUDA reduction kernels walk (run on the host by the same walk_reduction_items):
+    every value of the (outer, C, inner) view exactly once, an item never straddles two planes or
+    channels, pairs (2-byte types) start at even elements (4-byte aligned loads), and the walk is
+    the one written out in walk_twin (a wrong head / tail split or chunk boundary differs there)."""
+    walk, plan = torch.ops.tsc._channel_reduction_walk(outer, C, inner, es)
+    lanes, value_lanes, tiles, chunks, chunk, pack, per_plane, items, rows = plan.tolist()
+    twin, t_pack, t_per_plane, t_items = walk_twin(outer, C, inner, es, chunk, value_lanes, lanes, tiles, chunks)
+    assert (pack, per_plane, items, rows) == (t_pack, t_per_plane, t_items, int(inner == 1))
+    assert [tuple(r) for r in walk.tolist()] == twin
+    c, first, n = walk[:, 4], walk[:, 5], walk[:, 6]
+    assert bool(((n >= 1) & (n <= pack)).all()) and pack == (2 if es == 2 and (inner > 1 or C % 2 == 0) else 1)
+    assert bool((first[n == 2] % 2 == 0).all())  # pairs start at even elements
+    last = first + n - 1
+    if inner > 1:  # one plane, channel c, per item
+        assert bool((first // inner == last // inner).all()) and bool(((first // inner) % C == c).all())
+    else:  # the item's channels are the thread's c .. c + n - 1 of one row
+        assert bool((first % C == c).all()) and bool((first // C == last // C).all())
+    covered = torch.cat([first + k for k in range(pack)])[torch.cat([n > k for k in range(pack)])]
+    assert torch.equal(covered.sort().values, torch.arange(outer * C * inner))
+    if es == 2 and inner > 1:
+        assert int((n == 1).sum()) == (outer * C if inner % 2 else 0)  # one single value per odd plane
+
+
+def test_reduction_walk_bad_input():
+    with pytest.raises(RuntimeError, match="small positive"):
+        torch.ops.tsc._channel_reduction_walk(0, 3, 49, 2)
+
+
 # -- determinism: reductions' partitions do not depend on the SM count ----------------------------
 ALL = [residual_args((64, 256, 56, 56), torch.float32, True), residual_args((128, 16, 32, 32), torch.float32, False),
        batch_norm_args((64, 64, 56, 56), torch.bfloat16, True), scale_concat_args((64, 148, 32, 32), (64, 12, 32, 32), torch.float32, False),
-       multistep_args((64, 256, 56, 56), torch.float32, False), ode_args((128, 64, 8, 8), torch.float32, False)]
+       multistep_args((64, 256, 56, 56), torch.float32, False), ode_args((64, 256, 56, 56), torch.float32, False)]
 ELEMENTWISE = {"residual_forward_kernel", "bn_apply_kernel", "bn_backward_apply_kernel", "scale_concat_forward_kernel",
                "multistep_forward_kernel", "ode_combine_forward_kernel"}
 

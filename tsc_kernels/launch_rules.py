@@ -139,13 +139,14 @@ def _iter_cases():
 # tests/test_launch_plans.py marks them xfail(strict=True), so a fix fails there until its entry is
 # removed; make gpu-report prints them apart from new violations. Every one is a request-size or
 # block-count shortfall at a bandwidth-bound launch (none breaks a grid limit, a chain or smem).
-_CUDA_SCALAR_2_BYTE = ("CUDA bf16: the reductions (BN stats and sums, residual / scale_concat / multistep "
-                       "backward), the scale_concat and ode_combine passes and weight_mean load one 2-byte value "
-                       "per lane: 64-byte warp requests; 16-byte packs are finding 8, not done")
+_CUDA_NARROW_PLANES_BF16 = ("CUDA bf16 planes of 49 values ((256, 2048, 7, 7), LM-ResNet-50's (64, 2048, 7, 7)): lanes "
+                            "load bf16 pairs (finding 8), but a plane is only 98 contiguous bytes (the sample's next "
+                            "plane of the channel is C planes away); a block over adjacent channels' planes would reach 128")
 _CUDA_C_2_20 = ("CUDA at C = 2^20 with 3x3 maps: a block walks planes of 9 values (36 / 18-byte requests; several "
                 "adjacent channels per block would reach 128) and the per-channel merge reads the (chunks, C) partials "
                 "one 4-byte value per lane")
-_CUDA_NARROW_ROWS = "CUDA channels-last rows of C = 16 fp32: 16 lanes per row, 64-byte requests"
+_CUDA_NARROW_ROWS = ("CUDA channels-last rows of C = 16: 16 lanes per row in fp32 (64-byte requests), 8 lanes of bf16 "
+                     "pairs (32 bytes); a warp over several rows would reach 128")
 _NARROW_PLANES = ("Triton planes of < 32 values ((256, 2048, 7, 7) bf16: 98 B; C = 2^20 with 3x3 maps: 36 / 18 B): a "
                   "program walks one channel's plane; a tile of adjacent channels per program would reach 128")
 _TRITON_BN_FINALIZE = ("Triton BatchNorm finalize, channels-last at C = 2048: 64 programs over the (chunks, C) "
@@ -165,51 +166,21 @@ KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {
     ("batch_norm_residual_update", "cuda", "C=2^20-cl-float32"): _CUDA_C_2_20,
     ("batch_norm_residual_update", "triton", "past-2^31-cl-float32"): _TRITON_BN_FINALIZE,
     ("weight_mean", "triton", "cifar_resnet1202-float32"): _WEIGHT_MEAN_LANES,
-    ("residual_update", "cuda", "resnet50-stage1-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("batch_norm_residual_update", "cuda", "resnet50-stage1-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("residual_update", "cuda", "resnet50-stage4-b256-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
+    ("residual_update", "cuda", "resnet50-stage4-b256-nchw-bfloat16"): _CUDA_NARROW_PLANES_BF16,
     ("residual_update", "triton", "resnet50-stage4-b256-nchw-bfloat16"): _NARROW_PLANES,
-    ("batch_norm_residual_update", "cuda", "resnet50-stage4-b256-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
+    ("batch_norm_residual_update", "cuda", "resnet50-stage4-b256-nchw-bfloat16"): _CUDA_NARROW_PLANES_BF16,
     ("batch_norm_residual_update", "triton", "resnet50-stage4-b256-nchw-bfloat16"): _NARROW_PLANES,
-    ("residual_update", "cuda", "resnet18-stage1-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("batch_norm_residual_update", "cuda", "resnet18-stage1-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("residual_update", "cuda", "cifar-stage1-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("batch_norm_residual_update", "cuda", "cifar-stage1-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
     ("residual_update", "cuda", "C=2^20-nchw-bfloat16"): _CUDA_C_2_20,
     ("residual_update", "triton", "C=2^20-nchw-bfloat16"): _NARROW_PLANES,
     ("batch_norm_residual_update", "cuda", "C=2^20-nchw-bfloat16"): _CUDA_C_2_20,
     ("batch_norm_residual_update", "triton", "C=2^20-nchw-bfloat16"): _NARROW_PLANES,
-    ("residual_update", "cuda", "past-2^31-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("batch_norm_residual_update", "cuda", "past-2^31-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("multistep_update", "cuda", "lm-resnet50-stage4-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("multistep_update", "cuda", "lm-resnet50-stage1-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("scale_concat", "cuda", "densenet40-k12-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("scale_concat", "cuda", "densenet121-k32-block1-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("scale_concat", "cuda", "densenet121-k32-block4-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("ode_combine", "cuda", "ode-cifar-4stages-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("ode_combine", "cuda", "ode-resnet50-4stages-nchw-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("residual_update", "cuda", "resnet50-stage1-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("batch_norm_residual_update", "cuda", "resnet50-stage1-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("residual_update", "cuda", "resnet50-stage4-b256-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("batch_norm_residual_update", "cuda", "resnet50-stage4-b256-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
+    ("multistep_update", "cuda", "lm-resnet50-stage4-nchw-bfloat16"): _CUDA_NARROW_PLANES_BF16,
     ("batch_norm_residual_update", "triton", "resnet50-stage4-b256-cl-bfloat16"): _TRITON_BN_FINALIZE,
-    ("residual_update", "cuda", "resnet18-stage1-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("batch_norm_residual_update", "cuda", "resnet18-stage1-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("residual_update", "cuda", "cifar-stage1-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("batch_norm_residual_update", "cuda", "cifar-stage1-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("residual_update", "cuda", "C=2^20-cl-bfloat16"): _CUDA_C_2_20,
+    ("residual_update", "cuda", "cifar-stage1-cl-bfloat16"): _CUDA_NARROW_ROWS,
+    ("batch_norm_residual_update", "cuda", "cifar-stage1-cl-bfloat16"): _CUDA_NARROW_ROWS,
     ("batch_norm_residual_update", "cuda", "C=2^20-cl-bfloat16"): _CUDA_C_2_20,
-    ("residual_update", "cuda", "past-2^31-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("batch_norm_residual_update", "cuda", "past-2^31-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
     ("batch_norm_residual_update", "triton", "past-2^31-cl-bfloat16"): _TRITON_BN_FINALIZE,
-    ("multistep_update", "cuda", "lm-resnet50-stage4-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("multistep_update", "cuda", "lm-resnet50-stage1-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
     ("multistep_update", "triton", "lm-resnet50-stage1-cl-bfloat16"): _TRITON_MULTISTEP_CL_BF16,
-    ("scale_concat", "cuda", "densenet40-k12-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("scale_concat", "cuda", "densenet121-k32-block1-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("scale_concat", "cuda", "densenet121-k32-block4-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("ode_combine", "cuda", "ode-cifar-4stages-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
-    ("ode_combine", "cuda", "ode-resnet50-4stages-cl-bfloat16"): _CUDA_SCALAR_2_BYTE,
     ("weight_mean", "cuda", "resnet50-bfloat16"): _WEIGHT_MEAN_LANES,
     ("weight_mean", "triton", "resnet50-bfloat16"): _WEIGHT_MEAN_LANES,
     ("weight_mean", "cuda", "resnet152-bfloat16"): _WEIGHT_MEAN_LANES,
