@@ -10,9 +10,10 @@ import torch
 import torchvision
 
 import tsc_kernels
-from tsc_kernels import models, reference
+from tsc_kernels import gpu_check_cases, models, reference
 from tsc_kernels._checks import LSTM_PARAM_NAMES
 from tsc_kernels.nn import NetworkController, TSCController
+from tsc_kernels.ops.registry import OPS
 from conftest import TEST_BACKENDS, TOLERANCES
 
 def _lstm_params(D=7, H=3, C=5, dtype=torch.float32):
@@ -400,38 +401,56 @@ def _rss_bytes():
         return int(fh.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.parametrize("op", ["residual_update", "weight_mean", "lstm_controller"])
+RSS_TOLERANCE = 4 * 2**20
+
+
+def _memory_case(op):
+    """The C++ op's forward arguments for the leak test: its gpu-check case (tsc_kernels/gpu_check_cases.py,
+    one per op of the registry) at a (4, 16, 8, 8) activation, 4096 values, or, for the controller ops,
+    whose cases are whole networks (the tiny one's largest tensor is 0.7-1.5 KB: a leak of it per
+    call would stay within RSS_TOLERANCE), weights and a controller whose largest tensors are >= 16 KB."""
+    if op == "weight_mean":
+        return ([torch.randn(256, 2, 3, 3, requires_grad=True), torch.randn(256, 2, 3, 3, requires_grad=True)],)
+    if op == "lstm_controller":
+        return (torch.randn(8 * 512, requires_grad=True), [8], [p.requires_grad_() for p in _lstm_params(512, 16, 64)])
+    case = gpu_check_cases.case_of(op)
+    spec = case.tiny[0]
+    if isinstance(spec, str):
+        raise AssertionError(f"{op}: its gpu-check case builds a network ({spec!r}); give the leak test inputs "
+                             "whose largest tensor is >= 16 KB in _memory_case")
+    shape = (4, 16, 8, 8)
+    return case.build((shape, spec[1]) if case.extra else shape, torch.float32, False)
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
 def test_cpp_op_memory_is_flat(op):
     """1,000 forward+backward calls of a C++ op: RSS after 1,000 within 4 MB of RSS after 100.
 
-    Every call allocates >= 16 KB of outputs (4096-float tensors), so leaking one of them per call
-    would add >= 14 MB over the 900 calls, well above the tolerance.
+    The inputs make every call allocate a tensor of >= 16 KB (4096 floats; checked below), so leaking
+    it on every call would add >= 14 MB over the 900 calls, well above the tolerance.
     """
     if "cpu" not in TEST_BACKENDS:
         pytest.skip("the C++ extension tsc_kernels._C is not built: no C++ op to test")
-    if op == "residual_update":
-        y, f = (torch.randn(4, 16, 8, 8, requires_grad=True) for _ in range(2))
-        dt = torch.rand(16, requires_grad=True)
-        args = (y, f, dt)
-        call = lambda: tsc_kernels.residual_update(y, f, dt, relu=True)  # noqa: E731
-    elif op == "weight_mean":
-        ws = [torch.randn(64, 8, 3, 3, requires_grad=True), torch.randn(64, 8, 3, 3, requires_grad=True)]
-        args = tuple(ws)
-        call = lambda: tsc_kernels.weight_mean(ws)  # noqa: E731
-    else:
-        wbar = torch.randn(8, 512, requires_grad=True)
-        params = [p.requires_grad_() for p in _lstm_params(512, 16, 64)]
-        args = (wbar, *params)
-        call = lambda: tsc_kernels.lstm_controller(wbar, *params)  # noqa: E731
+    args = _memory_case(op)
+    leaves = [t for a in args for t in (a if isinstance(a, (list, tuple)) else [a])
+              if isinstance(t, torch.Tensor) and t.requires_grad]
+    cpp_op = OPS[op].op()
+
+    def call():
+        out = cpp_op(*args)  # the fused ops return their saved state too: the gradient flows from the first output
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]
+        return outs + list(torch.autograd.grad(outs[0], leaves, torch.ones_like(outs[0])))
+
+    largest = max(t.untyped_storage().nbytes() for t in call())
+    assert 900 * largest > 3 * RSS_TOLERANCE, f"{op}: the largest tensor a call makes ({largest} B) is too small to see leaking"
 
     def run(n):
         for _ in range(n):
-            out = call()
-            torch.autograd.grad(out, args, torch.ones_like(out))
+            call()
 
     with tsc_kernels.use_backend("cpu"):
         run(100)
         after_100 = _rss_bytes()
         run(900)
         after_1000 = _rss_bytes()
-    assert after_1000 - after_100 < 4 * 2**20, f"RSS grew {(after_1000 - after_100) / 2**20:.1f} MB over 900 calls"
+    assert after_1000 - after_100 < RSS_TOLERANCE, f"RSS grew {(after_1000 - after_100) / 2**20:.1f} MB over 900 calls"

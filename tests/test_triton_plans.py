@@ -25,6 +25,7 @@ import tsc_kernels._triton.residual_update  # noqa: E402,F401
 import tsc_kernels._triton.scale_concat  # noqa: E402,F401
 import tsc_kernels._triton.weight_mean  # noqa: E402,F401
 import tsc_kernels  # noqa: E402
+from tsc_kernels.ops.registry import OPS as REGISTRY  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton kernels run on CPU only under TRITON_INTERPRET=1")
@@ -55,10 +56,29 @@ def forward_args(op, shape, cl, dtype):
         return (x, meta(shape, cl, dtype), meta(shape, cl, dtype), vec(1), vec(C), vec(shape[0]), True)
     if op == "ode_combine":
         return (x, [meta(shape, cl, dtype) for _ in range(4)], vec(4))
-    raise AssertionError(op)
+    raise AssertionError(f"{op}: add its forward arguments at an activation shape to forward_args, or name it in "
+                         "NOT_ON_ACTIVATIONS with the test that checks its plans")
 
 
-OPS = ["residual_update", "scale_concat", "batch_norm_residual_update", "multistep_update", "ode_combine"]
+# The ops whose arguments are activations, planned here at the activation shapes below: every op of
+# the registry but these, whose arguments are a network's weights and controller, not an activation
+NOT_ON_ACTIVATIONS = {
+    "weight_mean": "a list of conv weights: test_weight_mean_plan below",
+    "lstm_controller": "a network's controller parameters: tests/test_controller_plans.py",
+}
+OPS = [name for name in REGISTRY if name not in NOT_ON_ACTIVATIONS]
+
+
+def test_ops_are_the_registry():
+    """Every op of the registry is planned here or named as an exception; each planned op has its
+    forward arguments and its merge kernels (MERGES) listed."""
+    assert set(NOT_ON_ACTIVATIONS) <= set(REGISTRY), "an exception the registry does not declare"
+    assert set(OPS) | set(NOT_ON_ACTIVATIONS) == set(REGISTRY)
+    for op in OPS:
+        assert len(forward_args(op, (2, 3, 5, 7), False, torch.float32)) > 0, op
+    assert set(OPS) <= set(MERGES), "ops whose per-chunk merges are not named in MERGES"
+
+
 # the brief's shapes: ResNet-50 stage 1 both layouts, its last stage, a CIFAR-width bf16 channels-last block
 SHAPES = [((64, 256, 56, 56), False, torch.float32), ((64, 256, 56, 56), True, torch.float32),
           ((256, 2048, 7, 7), False, torch.float32), ((256, 2048, 7, 7), True, torch.float32),
@@ -106,6 +126,7 @@ MERGES = {"residual_update": "sum_chunks_kernel", "scale_concat": "sum_chunks_ke
 def test_merge_chains_are_short_where_chunks_are_many(op):
     # (64, 256, 56, 56) channels-last: 784 BatchNorm chunks, 251 residual chunks (the old merges: a
     # chain of 784 / 251 dependent steps); CIFAR-width bf16: 392 / 784 chunks in one program
+    assert op in MERGES, f"{op}: name the kernels that merge its per-chunk partials in MERGES"
     for shape, cl, dtype in [((64, 256, 56, 56), True, torch.float32), ((64, 32, 56, 56), True, torch.bfloat16)]:
         merges = [launch for launch in plan_of(op, shape, cl, dtype) if launch["kernel"] in MERGES[op]]
         assert merges, f"{op} plans no merge at {shape}"
