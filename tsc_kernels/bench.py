@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import re
 import statistics
@@ -297,43 +296,27 @@ class HostVariant(Variant):
     def __init__(self, args, name, tsc, backend_name, compiled):
         super().__init__(args, name, tsc, backend_name, compiled, batch=args.host_batch, image_size=host_image_size(args))
         self.parts = {p: [] for p in PHASES}
-        # plain+pass: the plain step plus the memory traffic TSC's controller adds over the conv
-        # weights, without the controller: w̄ of the weights TSC reads (weight_mean, before the
-        # forward) and each weight's w̄ gradient added into its gradient (after the backward, as
-        # autograd accumulates it). On this CPU those passes are real work (several MB per step);
-        # on a GPU they are microseconds of device time. tsc-fused against this row is the host
-        # cost TSC adds beyond them.
+        # plain+pass: the plain step plus the passes TSC's controller makes over the conv weights,
+        # without the controller: w̄ of the weights TSC reads (weight_mean, before the forward) and,
+        # in the same backward, weight_mean's backward with a zero gradient, which adds each
+        # weight's w̄ gradient into its conv gradient as in a TSC step (the same op and autograd).
+        # On this CPU those passes are real work (several MB per step); on a GPU microseconds of
+        # device time. tsc-fused against this row is the cost TSC adds beyond them.
         self.passes = controller_weights(args, self.model) if name == "plain+pass" else None
-        if self.passes is not None:
-            # w̄ lands in one buffer whose per-weight expanded views are made once: per step the
-            # passes cost weight_mean, a copy and an add per weight, as TSC's autograd adds them
-            sizes = [w.shape[0] * math.prod(w.shape[2:]) for w in self.passes]
-            self.wbar = torch.empty(sum(sizes), dtype=self.passes[0].dtype, device=self.device)
-            self.wbar_views = [piece.view(w.shape[0], 1, *w.shape[2:]).expand(w.shape)
-                               for w, piece in zip(self.passes, self.wbar.split(sizes))]
 
     def step(self, mark=lambda: None) -> None:
         """One training step; ``mark()`` after the forward (zero_grad, forward, loss) and the backward."""
         self.opt.zero_grad(set_to_none=True)
-        self._weight_pass()
+        wbar = None if self.passes is None else dispatch("weight_mean", self.device)(self.passes)
         with self.autocast:
             loss = nn.functional.cross_entropy(self.forward(self.x), self.target)
         mark()
-        loss.backward()
-        self._gradient_pass()
+        if wbar is None:
+            loss.backward()
+        else:
+            torch.autograd.backward((loss, wbar), (None, torch.zeros_like(wbar)))
         mark()
         self.opt.step()
-
-    def _weight_pass(self) -> None:
-        if self.passes is not None:
-            with torch.no_grad():
-                self.wbar.copy_(dispatch("weight_mean", self.device)(self.passes))
-
-    def _gradient_pass(self) -> None:
-        if self.passes is not None:
-            with torch.no_grad():
-                for w, view in zip(self.passes, self.wbar_views):
-                    w.grad.add_(view)
 
     def timed_step(self) -> None:
         def mark():
