@@ -4,9 +4,10 @@
 //
 // Kernels and how their fields are counted:
 //   bn_stats_kernel / bn_backward_sums_kernel (reduction_launch): each thread streams its values
-//     (chain 1), then a fixed tree over the block's value lanes (log2 of 256 or 8 steps); smem = the
-//     per-thread Moments (3 acc) / Sums (2 acc) array; a warp reads 32 adjacent values of a plane or
-//     min(C, 32) adjacent channels of a row.
+//     (chain 1), then a fixed tree over the block's value lanes (log2 of 256 / lanes steps); smem = the
+//     per-thread Moments (3 acc) / Sums (2 acc) slots (one per channel of a bf16 / half pair); a warp
+//     reads 32 adjacent items of a plane or 32 / lanes rows of min(C, 32 pack) adjacent channels
+//     (launch_geometry.h channel_reduction_request).
 //   bn_forward_channels_kernel / bn_backward_channels_kernel (channel_fold_launch): a warp per
 //     channel, lanes merge chunks j = lane, lane + 32, ... then a 5-level shuffle tree.
 //   bn_apply_kernel / bn_backward_apply_kernel (elementwise_launch): 16-byte packs.

@@ -41,7 +41,8 @@ inline int64_t fold_chain(int64_t n, int64_t lanes) { return ceil_div(std::max<i
 // BatchNorm tail's statistics and sums, and the ddt reductions of residual_update and scale_concat.
 // Blocks are (lanes, value_lanes) threads: planes (inner > 1): 1 x 256 along one channel's values,
 // samples and positions flattened (so a 7x7 map keeps all 256 lanes busy); channels-last rows
-// (inner == 1): 32 lanes on adjacent channels x 8 rows (coalesced rows).
+// (inner == 1): 32 lanes on adjacent channels x 8 rows (coalesced rows), or, for a narrow row,
+// the power of two of lanes covering it x 256 / lanes rows, so a warp reads several whole rows.
 //
 // Items: a lane loads `pack` adjacent elements at once, so a warp's request is 32 x pack x the
 // element size: pack = 2 for 2-byte types (bf16x2 / half2 pairs: 4-byte loads, 128-byte warp
@@ -81,7 +82,12 @@ inline ChannelReduction plan_channel_reduction(const ChannelView& v, int64_t ele
   const bool rows = v.inner == 1;
   int64_t pack = reduction_pack(element_size);
   if (rows && v.channels % pack != 0) pack = 1;
-  const int64_t lanes = rows ? kRowLanes : 1, value_lanes = kReductionThreads / lanes;
+  // rows: lanes per row = the pack items of a row rounded up to a power of two, at most 32; a warp then
+  // covers 32 / lanes whole adjacent rows (C = 16: 8 lanes of bf16 pairs x 4 rows, 128 contiguous bytes)
+  int64_t lanes = 1;
+  if (rows)
+    while (lanes < kRowLanes && lanes * pack < v.channels) lanes *= 2;
+  const int64_t value_lanes = kReductionThreads / lanes;
   const int64_t per_plane = rows ? 1 : ceil_div(v.inner, pack), M = v.outer * per_plane;
   const int64_t tiles = std::max<int64_t>(1, ceil_div(v.channels, rows ? lanes * pack : 1));
   int64_t chunks = std::max<int64_t>(1, kTargetBlocks / tiles);
@@ -137,11 +143,13 @@ TSC_HD void walk_reduction_items(const ChannelReduction& r, int64_t c, int64_t j
 // Chain of a reduction block: its streaming loop (1) and the fixed tree over its value lanes.
 inline int64_t channel_reduction_chain(const ChannelReduction& r) { return 1 + tree_depth(r.value_lanes); }
 
-// Contiguous bytes of a reduction block's narrowest busy warp: rows: min(C, 32 pack) adjacent
-// channels; planes: 32 items of a plane, min(32 pack, inner) values (flattened over samples, so
-// every warp is full when there are >= 256 items).
+// Contiguous bytes of a reduction block's narrowest busy warp: rows: 32 / lanes rows of
+// min(C, lanes pack) adjacent channels (whole rows, so adjacent in memory, when lanes < 32); planes:
+// 32 items of a plane, min(32 pack, inner) values (flattened over samples, so every warp is full
+// when there are >= 256 items).
 inline int64_t channel_reduction_request(const ChannelReduction& r, int64_t element_size) {
-  const int64_t values = r.rows ? std::min<int64_t>(r.channels, r.lanes * r.pack) : std::min<int64_t>(32 * r.pack, r.inner);
+  const int64_t values = r.rows ? kRowLanes / r.lanes * std::min<int64_t>(r.channels, r.lanes * r.pack)
+                                : std::min<int64_t>(32 * r.pack, r.inner);
   return values * element_size;
 }
 

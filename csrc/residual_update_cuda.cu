@@ -7,7 +7,7 @@
 // Backward: one per-channel reduction grid planned by launch_geometry.h's plan_channel_reduction
 // (the grid tsc::cuda_launch_plan reports, residual_update_plan.cpp): about 1024 blocks of chunks
 // of a channel's values, samples and positions flattened (channel-first: 256 threads along the
-// values, all busy on a 7x7 map; channels-last: 32 lanes on adjacent channels x 8 rows); bf16 /
+// values, all busy on a 7x7 map; channels-last: 32 lanes on adjacent channels x 8 rows, fewer lanes x more rows for a narrow row); bf16 /
 // half lanes move pairs (4-byte loads: 128-byte warp requests). Each block writes
 // dy / df and a partial sum of ddt[c]; with more than one chunk fold_chunks_kernel adds the chunks,
 // a warp per channel in a fixed order: deterministic, shape-only split.

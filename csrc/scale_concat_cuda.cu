@@ -6,7 +6,7 @@
 // scale_concat_pack elements (16 bytes, or bf16 / half pairs) that never straddle x and f.
 // Backward (df, ddt): per-chunk partial sums of ddt over the grid of launch_geometry.h's
 // plan_channel_reduction (about 1024 blocks; channel-first: 256 threads along a channel's values,
-// samples and positions flattened; channels-last: 32 lanes on adjacent channels x 8 rows, coalesced;
+// samples and positions flattened; channels-last: 32 lanes on adjacent channels x 8 rows, coalesced, or fewer lanes x more rows for a narrow row;
 // bf16 / half lanes move pairs: 4-byte loads), then
 // fold_chunks_kernel adds the chunks, a warp per channel in a fixed order (deterministic).
 // scale_concat_plan.cpp reports the same grids (tsc::cuda_launch_plan).

@@ -170,6 +170,9 @@ PAIRS = [
     ("bn-sums-nchw", batch_norm_args((64, 64, 56, 56), torch.bfloat16, False), "bn_backward_sums_kernel"),
     ("bn-sums-cl", batch_norm_args((64, 256, 56, 56), torch.bfloat16, True), "bn_backward_sums_kernel"),
     ("scale-concat-nchw", scale_concat_args((64, 224, 56, 56), (64, 32, 56, 56), torch.bfloat16, False), "scale_concat_backward_kernel"),
+    # rows of C = 16 (CIFAR's first stage, channels-last): 8 lanes of pairs x 4 rows per warp (fp32: 16 x 2)
+    ("residual-cl-c16", residual_args((128, 16, 32, 32), torch.bfloat16, True), "residual_backward_kernel"),
+    ("bn-sums-cl-c16", batch_norm_args((128, 16, 32, 32), torch.bfloat16, True), "bn_backward_sums_kernel"),
 ]
 
 
@@ -184,6 +187,27 @@ def test_half_precision_reductions_load_pairs(case, kernel):
                                       for a in args))), kernel)
     assert fp32["request_bytes"] == 128 and p["smem"] == 2 * fp32["smem"]
     assert p["chain"] <= MAX_CHAIN and blocks(p) >= 2 * SMS
+
+
+SCALE_CONCAT_PACKS = [  # (x, f, layout, dtype, elements per thread expected)
+    ((64, 148, 32, 32), (64, 12, 32, 32), False, torch.bfloat16, 8),
+    ((64, 992, 7, 7), (64, 32, 7, 7), False, torch.bfloat16, 8),   # 7x7 planes: 992 * 49 and 32 * 49 are multiples of 8
+    ((64, 148, 32, 32), (64, 12, 32, 32), True, torch.bfloat16, 2),  # rows of 148 + 12: 16-byte packs would straddle
+    ((64, 148, 32, 32), (64, 12, 32, 32), True, torch.float32, 4),
+    ((8, 3, 7, 7), (8, 5, 7, 7), False, torch.bfloat16, 1),         # odd shares of a row: one element at a time
+    ((8, 3, 7, 7), (8, 5, 7, 7), False, torch.float32, 1),
+]
+
+
+@pytest.mark.parametrize("x,f,cl,dtype,per", SCALE_CONCAT_PACKS)
+def test_scale_concat_forward_packs_never_straddle(x, f, cl, dtype, per):
+    """The forward's packs (scale_concat_pack): the widest of 16 bytes, a bf16 / half pair or one element
+    dividing both x's and f's share of an out row, so no pack holds values of both; a warp moves 32 packs."""
+    p = launch(plan_of(scale_concat_args(x, f, dtype, cl)), "scale_concat_forward_kernel")
+    es = torch.empty((), dtype=dtype).element_size()
+    assert p["request_bytes"] == 32 * per * es, p
+    inner = 1 if cl else math.prod(x[2:])
+    assert (x[1] * inner) % per == 0 and (f[1] * inner) % per == 0
 
 
 def walk_twin(outer, C, inner, es, chunk, value_lanes, lanes, tiles, chunks):

@@ -145,8 +145,6 @@ _CUDA_NARROW_PLANES_BF16 = ("CUDA bf16 planes of 49 values ((256, 2048, 7, 7), L
 _CUDA_C_2_20 = ("CUDA at C = 2^20 with 3x3 maps: a block walks planes of 9 values (36 / 18-byte requests; several "
                 "adjacent channels per block would reach 128) and the per-channel merge reads the (chunks, C) partials "
                 "one 4-byte value per lane")
-_CUDA_NARROW_ROWS = ("CUDA channels-last rows of C = 16: 16 lanes per row in fp32 (64-byte requests), 8 lanes of bf16 "
-                     "pairs (32 bytes); a warp over several rows would reach 128")
 _NARROW_PLANES = ("Triton planes of < 32 values ((256, 2048, 7, 7) bf16: 98 B; C = 2^20 with 3x3 maps: 36 / 18 B): a "
                   "program walks one channel's plane; a tile of adjacent channels per program would reach 128")
 _TRITON_BN_FINALIZE = ("Triton BatchNorm finalize, channels-last at C = 2048: 64 programs over the (chunks, C) "
@@ -161,8 +159,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {
     ("batch_norm_residual_update", "cuda", "C=2^20-nchw-float32"): _CUDA_C_2_20,
     ("batch_norm_residual_update", "triton", "C=2^20-nchw-float32"): _NARROW_PLANES,
     ("batch_norm_residual_update", "triton", "resnet50-stage4-b256-cl-float32"): _TRITON_BN_FINALIZE,
-    ("residual_update", "cuda", "cifar-stage1-cl-float32"): _CUDA_NARROW_ROWS,
-    ("batch_norm_residual_update", "cuda", "cifar-stage1-cl-float32"): _CUDA_NARROW_ROWS,
     ("batch_norm_residual_update", "cuda", "C=2^20-cl-float32"): _CUDA_C_2_20,
     ("batch_norm_residual_update", "triton", "past-2^31-cl-float32"): _TRITON_BN_FINALIZE,
     ("weight_mean", "triton", "cifar_resnet1202-float32"): _WEIGHT_MEAN_LANES,
@@ -176,8 +172,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {
     ("batch_norm_residual_update", "triton", "C=2^20-nchw-bfloat16"): _NARROW_PLANES,
     ("multistep_update", "cuda", "lm-resnet50-stage4-nchw-bfloat16"): _CUDA_NARROW_PLANES_BF16,
     ("batch_norm_residual_update", "triton", "resnet50-stage4-b256-cl-bfloat16"): _TRITON_BN_FINALIZE,
-    ("residual_update", "cuda", "cifar-stage1-cl-bfloat16"): _CUDA_NARROW_ROWS,
-    ("batch_norm_residual_update", "cuda", "cifar-stage1-cl-bfloat16"): _CUDA_NARROW_ROWS,
     ("batch_norm_residual_update", "cuda", "C=2^20-cl-bfloat16"): _CUDA_C_2_20,
     ("batch_norm_residual_update", "triton", "past-2^31-cl-bfloat16"): _TRITON_BN_FINALIZE,
     ("multistep_update", "triton", "lm-resnet50-stage1-cl-bfloat16"): _TRITON_MULTISTEP_CL_BF16,
