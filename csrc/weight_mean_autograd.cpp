@@ -10,6 +10,9 @@
 #include <torch/all.h>
 #include <torch/autograd.h>
 
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+
+#include <typeinfo>
 #include <vector>
 
 namespace tsc {
@@ -49,6 +52,13 @@ at::Tensor expanded_alias(const at::Tensor& scaled, int64_t offset, c10::IntArra
   return view;
 }
 
+// A dense tensor of the base TensorImpl class (no wrapper or Python subclass) with real storage.
+bool plain_tensor(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  return typeid(*impl) == typeid(c10::TensorImpl) && !impl->is_python_dispatch() && t.has_storage() &&
+         (t.is_cpu() || t.is_cuda());
+}
+
 class WeightMeanFunction : public torch::autograd::Function<WeightMeanFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, at::TensorList weights) {
@@ -71,7 +81,10 @@ class WeightMeanFunction : public torch::autograd::Function<WeightMeanFunction> 
     // Without create_graph the gradients are plain data: each is made as an alias of `scaled`'s
     // storage without a dispatcher call (three ops per weight before: narrow, view, expand; 162
     // of a CIFAR ResNet-56 step's top-level ops). With create_graph they stay differentiable ops.
-    const bool differentiable = at::GradMode::is_enabled();
+    // Only for plain tensors outside any dispatch mode: a tracer's tensors (fake, functional,
+    // functorch wrappers, Python subclasses) and modes must see every tensor made as an op.
+    const bool as_ops =
+        at::GradMode::is_enabled() || !plain_tensor(scaled) || c10::impl::TorchDispatchModeTLS::any_modes_set();
     int64_t offset = 0;
     for (size_t j = 0; j < weights.size(); ++j) {
       const at::Tensor& w = weights[j];
@@ -79,8 +92,8 @@ class WeightMeanFunction : public torch::autograd::Function<WeightMeanFunction> 
       shape[1] = 1;
       const int64_t n = w.size(0) * c10::multiply_integers(shape.begin() + 2, shape.end());
       if (ctx->needs_input_grad(j))
-        out[j] = differentiable ? scaled.narrow(0, offset, n).view(shape).expand(w.sizes())
-                                : expanded_alias(scaled, offset, w.sizes());
+        out[j] = as_ops ? scaled.narrow(0, offset, n).view(shape).expand(w.sizes())
+                        : expanded_alias(scaled, offset, w.sizes());
       offset += n;
     }
     return out;
