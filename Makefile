@@ -48,7 +48,7 @@ test: build/.built
 # (timm, scikit-learn/mnist1d experiments).
 COMPAT_VENV ?= .venv-compat
 COMPAT_SRC := build/compat/src
-COMPAT_SKIP := --ignore=tests/test_cuda_build.py --ignore=tests/test_timm.py --ignore=tests/test_experiments.py
+COMPAT_SKIP := --ignore=tests/tooling/test_cuda_build.py --ignore=tests/models/test_timm.py --ignore=tests/models/test_experiments.py
 
 $(COMPAT_VENV)/.deps: requirements-compat.txt
 	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
@@ -66,7 +66,7 @@ test-compat: $(COMPAT_VENV)/.deps
 
 # Many more property-test examples than `make test` runs (hypothesis; every backend vs the reference).
 fuzz: build/.built
-	TRITON_INTERPRET=1 TSC_FUZZ_EXAMPLES=2000 $(VENV)/bin/pytest -q tests/test_properties.py
+	TRITON_INTERPRET=1 TSC_FUZZ_EXAMPLES=2000 $(VENV)/bin/pytest -q tests/ops/test_properties.py
 
 # The main job: TSC's overhead against the plain network, eager and compiled (tsc-bench; CIFAR ResNet-56,
 # batch 32, CPU); each run appends its rows to bench/results/history.csv.
@@ -91,7 +91,7 @@ define newline
 endef
 
 # The suites are every bench/bench_<op>.py (a glob, never a hand list: a new op's suite runs once its
-# file exists; tests/test_op_list.py checks every registered op has one or is benchmarked in another's).
+# file exists; tests/tooling/test_op_list.py checks every registered op has one or is benchmarked in another's).
 # The controller's suite (weight_mean + lstm_controller) is the exception named here: it runs with
 # pytest-benchmark's default rounds and prints its own table (kernel counts) instead of ratios.py's.
 BENCH_OWN_TABLE := lstm_controller

@@ -6,12 +6,23 @@ takes CUDA tensors (cuda, triton, torch). Tests that count CPU ops or interprete
 marked ``cpu_only`` and skip there with that reason. Default: cpu.
 """
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import tsc_kernels
+
+# tests/ops (one test_<op>.py per registered op and the suites common to every op), tests/models (the
+# networks, training, experiments) and tests/tooling (gpu-check, benches, plans, install, registry):
+# test modules import each other by basename (`import test_residual_update`), so every folder is on
+# sys.path whichever files pytest collects. No __init__.py: basenames stay unique across the folders.
+TEST_DIRS = tuple(Path(__file__).resolve().parent / d for d in ("ops", "models", "tooling"))
+for _d in TEST_DIRS:
+    if str(_d) not in sys.path:
+        sys.path.insert(0, str(_d))
 
 TEST_DEVICE = os.environ.get("TSC_TEST_DEVICE", "cpu")
 if TEST_DEVICE not in ("cpu", "cuda"):

@@ -6,7 +6,7 @@
 Steps (each recorded as passed / failed / skipped with its numbers and its time against the
 estimate below; one failing step never hides the others):
   build        the extension for the local GPU arch only, all cores (MAX_JOBS), no venv, no registry
-  tests        pytest with TSC_TEST_DEVICE=cuda: tests/test_gpu_ready.py (device, 2-GPU, > 2^31
+  tests        pytest with TSC_TEST_DEVICE=cuda: tests/tooling/test_gpu_ready.py (device, 2-GPU, > 2^31
                elements, 8192 x 8192 weight) and the op test files
   sync_debug   torch.cuda.set_sync_debug_mode("error") around a whole TSC training step, per network
                and backend (tsc_kernels/gpu_check_networks.py NETWORKS: ResNet-20, LM-ResNet-56,
@@ -42,24 +42,24 @@ from . import gpu_check_networks, gpu_check_ops
 from .gpu_check_cases import ROOT
 
 NO_GPU = "no CUDA device: gpu-check proves the GPU backends and needs one (CPU CI is `make test`)"
-# Ops whose tests live in another op's file (tests/test_<that op>.py): weight_mean's are in
-# test_lstm_controller.py (the controller's first kernel; its tests build the same networks).
-TESTED_WITH = {"weight_mean": "lstm_controller"}
+# Every registered op has its own tests/ops/test_<op>.py (weight_mean's included); TESTED_WITH maps an
+# op whose tests live in another op's file to that op (none today: kept for the derivation's tests).
+TESTED_WITH: dict[str, str] = {}
 # Not per op: the GPU-readiness tests (devices, streams, > 2^31 elements, grid limits) before the op
 # files, the TSC models under autocast (bf16 activations, fp32 controller) after them.
-TEST_FILES_BEFORE_OPS = ("tests/test_gpu_ready.py",)
-TEST_FILES_AFTER_OPS = ("tests/test_mixed_precision.py",)
+TEST_FILES_BEFORE_OPS = ("tests/tooling/test_gpu_ready.py",)
+TEST_FILES_AFTER_OPS = ("tests/models/test_mixed_precision.py",)
 
 
 def op_test_file(name: str) -> str:
-    """tests/test_<op>.py of a registered op (TESTED_WITH: the file its tests live in)."""
-    return f"tests/test_{TESTED_WITH.get(name, name)}.py"
+    """tests/ops/test_<op>.py of a registered op (TESTED_WITH: the file its tests live in)."""
+    return f"tests/ops/test_{TESTED_WITH.get(name, name)}.py"
 
 
 def test_files(ops=None) -> tuple[str, ...]:
     """The files step `tests` runs: every op's of `ops` (default: the registry, read now), once each,
     between the ones that are not per op. Derived, never written by hand: a new op's tests run on
-    the GPU without naming them here (tests/test_op_list.py checks each file exists)."""
+    the GPU without naming them here (tests/tooling/test_op_list.py checks each file exists)."""
     from .ops import registry
 
     ops = registry.OPS if ops is None else ops

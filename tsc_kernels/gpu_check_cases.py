@@ -2,7 +2,7 @@
 shape (on a device, never meta), the minimum bytes its forward and backward must move, and the
 shapes it is timed at (tsc_kernels/gpu_check_ops.py times them; docs/gpu.md).
 
-The elementwise ops take their inputs from the op tests' own builders (tests/test_<op>.py
+The elementwise ops take their inputs from the op tests' own builders (tests/ops/test_<op>.py
 ``make_inputs``: imported, so gpu-check times exactly what the tests check), created on the device
 through torch's default device; weight_mean and lstm_controller take a TSC network's real conv
 weights and controller (ResNet-50 on the GPU). gpu-check runs from a checkout (it builds it and runs
@@ -47,12 +47,15 @@ NO_LAYOUT = "-"  # ops whose tensors have no channel layout (2-D / 1-D: the cont
 
 
 def tests_module(name: str):
-    """tests/<name>.py of this checkout (its builders; its conftest comes with it)."""
+    """tests/<folder>/<name>.py of this checkout (ops/, models/, tooling/: its builders; its
+    conftest comes with it, and puts the three folders on sys.path for the modules' own imports)."""
     tests = ROOT / "tests"
-    if not (tests / f"{name}.py").exists():
-        raise FileNotFoundError(f"gpu-check's op table builds its inputs with {tests / name}.py: run it from a checkout")
-    if str(tests) not in sys.path:
-        sys.path.append(str(tests))  # appended: nothing of the package's own imports is shadowed
+    found = sorted(tests.glob(f"*/{name}.py"))
+    if not found:
+        raise FileNotFoundError(f"gpu-check's op table builds its inputs with tests/*/{name}.py: run it from a checkout")
+    for folder in (tests, *(d for d in sorted(tests.iterdir()) if d.is_dir() and d.name != "__pycache__")):
+        if str(folder) not in sys.path:
+            sys.path.append(str(folder))  # appended: nothing of the package's own imports is shadowed
     return importlib.import_module(name)
 
 

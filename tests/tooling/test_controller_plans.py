@@ -2,7 +2,7 @@
 ResNet-152 and CIFAR ResNet-1202 (meta tensors: no memory, no GPU), and the CUDA launcher's plan run
 on CPU tensors against the C++ kernels.
 
-The rules are docs/gpu.md's (tests/test_launch_plans.py checks every op over its table). The one
+The rules are docs/gpu.md's (tests/tooling/test_launch_plans.py checks every op over its table). The one
 exception, named here with its reason: RECURRENT_CELL kernels run the LSTM recurrence over the blocks
 of a stage, which is sequential (block d needs h_{d-1} and c_{d-1}), so their chain is the number of
 blocks of the longest stage (200 at CIFAR-1202) and cannot be cut. Only the recurrent cell sits in
@@ -132,7 +132,7 @@ def test_only_the_cell_sits_in_the_recurrent_launches(controller, backend):
 def test_cuda_plan_names_the_launchers_kernels():
     wbar, blocks, params = controller_args("resnet50")
     plan = _launch_plan.launch_plan("lstm_controller", wbar, blocks, params, backend="cuda")
-    source = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "lstm_controller_cuda.cu")).read()
+    source = open(os.path.join(os.path.dirname(__file__), "..", "..", "csrc", "lstm_controller_cuda.cu")).read()
     for kernel in {l["kernel"] for l in plan}:
         assert f" {kernel}(" in source, kernel
 

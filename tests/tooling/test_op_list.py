@@ -3,8 +3,8 @@ OPS) or from a glob over files named after ops, never written by hand, and the C
 (csrc/ops.cpp) are the registry's. docs/adding_an_op.md lists the files a new op needs.
 
 The derived lists: the Triton modules the AOT compile covers (triton_kernels/aot.py MODULES, and so
-tests/test_triton_aot.py), gpu-check's test files (tsc_kernels/gpu_check.py TEST_FILES) and its op
-table (gpu_check_ops.run_table), the launchers tests/test_gpu_ready.py checks (triton_launchers),
+tests/tooling/test_triton_aot.py), gpu-check's test files (tsc_kernels/gpu_check.py TEST_FILES) and its op
+table (gpu_check_ops.run_table), the launchers tests/tooling/test_gpu_ready.py checks (triton_launchers),
 and the Makefile's bench-ops suites (bench/bench_<op>.py). A dummy op in a temporary registry shows
 each of them picks a new op up.
 """
@@ -67,7 +67,7 @@ def aot():
 
 @pytest.fixture
 def gpu_ready():
-    """tests/test_gpu_ready.py as a module, imported with the real registry (skips without Triton)."""
+    """tests/tooling/test_gpu_ready.py as a module, imported with the real registry (skips without Triton)."""
     return gpu_check_cases.tests_module("test_gpu_ready")
 
 
@@ -88,12 +88,15 @@ def test_aot_modules_pick_up_a_new_op(aot, dummy_registry):
     assert aot.modules(ops) == ("a", "shared_kernels", *aot.HELPER_MODULES)
 
 
-def test_gpu_check_test_files_pick_up_a_new_op(dummy_registry):
-    assert gpu_check.test_files() == (*gpu_check.TEST_FILES_BEFORE_OPS, "tests/test_dummy_op.py",
+def test_gpu_check_test_files_pick_up_a_new_op(dummy_registry, monkeypatch):
+    assert gpu_check.test_files() == (*gpu_check.TEST_FILES_BEFORE_OPS, "tests/ops/test_dummy_op.py",
                                       *gpu_check.TEST_FILES_AFTER_OPS)
     ops = {"weight_mean": _dummy("weight_mean"), "lstm_controller": _dummy("lstm_controller")}
     assert [f for f in gpu_check.test_files(ops) if "test_gpu_ready" not in f and "mixed" not in f] == [
-        "tests/test_lstm_controller.py"]  # weight_mean's tests are in the controller's file: named once
+        "tests/ops/test_weight_mean.py", "tests/ops/test_lstm_controller.py"]  # one file per op
+    monkeypatch.setattr(gpu_check, "TESTED_WITH", {"weight_mean": "lstm_controller"})
+    assert [f for f in gpu_check.test_files(ops) if "test_gpu_ready" not in f and "mixed" not in f] == [
+        "tests/ops/test_lstm_controller.py"]  # an op tested in another's file: that file named once
 
 
 def test_gpu_check_op_table_picks_up_a_new_op(dummy_registry):

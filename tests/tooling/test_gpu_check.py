@@ -89,12 +89,12 @@ def test_module_entry_point_exit_status_without_gpu():
 def test_gpu_tests_cover_every_op():
     """gpu-check runs each registered op's test file on CUDA tensors (TSC_TEST_DEVICE=cuda), and
     every file it names exists."""
-    files = {f"tests/test_{name}.py" for name in OPS if name not in gpu_check.TESTED_WITH}
-    files |= {f"tests/test_{other}.py" for other in gpu_check.TESTED_WITH.values()}
+    files = {f"tests/ops/test_{name}.py" for name in OPS if name not in gpu_check.TESTED_WITH}
+    files |= {f"tests/ops/test_{other}.py" for other in gpu_check.TESTED_WITH.values()}
     assert files <= set(gpu_check.TEST_FILES), files - set(gpu_check.TEST_FILES)
     assert set(gpu_check.TESTED_WITH) <= set(OPS), "TESTED_WITH names an op that is not registered"
     assert [f for f in gpu_check.TEST_FILES if not (gpu_check.ROOT / f).is_file()] == []
-    assert {"tests/test_gpu_ready.py", "tests/test_mixed_precision.py"} <= set(gpu_check.TEST_FILES)
+    assert {"tests/tooling/test_gpu_ready.py", "tests/models/test_mixed_precision.py"} <= set(gpu_check.TEST_FILES)
 
 
 @pytest.mark.parametrize("device, message", [
@@ -109,7 +109,7 @@ def test_test_device_is_checked_before_any_test_runs(device, message):
     import sys
 
     env = dict(os.environ, TSC_TEST_DEVICE=device)
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/test_registry.py", "-p", "no:cacheprovider"],
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/tooling/test_registry.py", "-p", "no:cacheprovider"],
                          env=env, capture_output=True, text=True, timeout=300, cwd=gpu_check.ROOT)
     assert res.returncode != 0 and message in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
 

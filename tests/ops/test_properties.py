@@ -649,7 +649,7 @@ INTERPRETER_EXAMPLES = {"lstm_controller": FUZZ or 3}
 
 def _run_cases(op, backend, check, examples=EXAMPLES):
     if op not in PROPERTIES or op not in STRATEGIES:
-        pytest.fail(f"op {op!r} has no property strategy or checks: add them to tests/test_properties.py")
+        pytest.fail(f"op {op!r} has no property strategy or checks: add them to tests/ops/test_properties.py")
 
     @_settings(backend, INTERPRETER_EXAMPLES.get(op, TRITON_EXAMPLES), examples)
     @given(STRATEGIES[op](small=backend == "triton"))

@@ -16,7 +16,7 @@ import torch
 import tsc_kernels
 from tsc_kernels import _extension, _info, backend
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 # Makes `import tsc_kernels._C` fail the way a _C built against torch 2.14 fails under torch 2.11.
 _BREAK_C = """

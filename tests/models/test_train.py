@@ -22,7 +22,7 @@ import torch
 from tsc_kernels.train import checkpoint, cli, load_folded, loop, main
 from tsc_kernels.train import data as data_mod
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMING = ("seconds", "images_per_s")  # the only columns that may differ between two runs
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from tsc_kernels import _extension, gpu_report
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD_LOG = os.path.join(ROOT, "build", "build.log")
 
 

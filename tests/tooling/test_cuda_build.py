@@ -5,7 +5,9 @@ import shutil
 import pytest
 import torch
 
+import tsc_kernels  # noqa: F401  (declares every op)
 from tsc_kernels import _extension
+from tsc_kernels.ops.registry import OPS
 
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
 HAS_NVCC = torch.version.cuda is not None and (
@@ -16,8 +18,9 @@ BUILT_WITHOUT_CUDA = os.environ.get("TSC_BUILD_CUDA") == "0"
 
 @pytest.mark.skipif(not HAS_NVCC, reason="no nvcc / CUDA torch on this machine: the CUDA kernels cannot be built")
 @pytest.mark.skipif(BUILT_WITHOUT_CUDA, reason="TSC_BUILD_CUDA=0 asked for a build without CUDA kernels")
-@pytest.mark.parametrize("op", ["residual_update", "residual_update_backward"])
+@pytest.mark.parametrize("op", sorted(name + suffix for name in OPS for suffix in ("", "_backward")))
 def test_extension_carries_cuda_kernels(op):
+    """Every registered op (tsc_kernels.ops.registry.OPS) and its backward: a CPU and a CUDA kernel."""
     assert _extension.has_cpp_ops(), _extension.LOAD_ERROR
     assert _extension.has_kernel(op, "CUDA"), f"tsc::{op} has no CUDA kernel: was _C built with nvcc?"
     assert _extension.has_kernel(op, "CPU")

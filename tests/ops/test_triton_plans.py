@@ -3,7 +3,7 @@
 Each triton_kernels/<op>.py has `launch_plan(*forward_args, sms)`, built from the planning
 functions its launchers call; the plans are asked here at network shapes on the meta device (no
 memory, no data touched). Launchers and plans use the GPU sizes, also under the interpreter
-(tests/test_launch_plans.py compares the two). The merges of per-chunk partials (finding 1) and the
+(tests/tooling/test_launch_plans.py compares the two). The merges of per-chunk partials (finding 1) and the
 multistep backward tile (finding 2) are checked on the plans, and their kernels run under the
 interpreter with small sizes (the `small_sizes` fixture) on small odd shapes whose chunk counts
 exceed one merge tile and whose last chunk is short.
@@ -64,7 +64,7 @@ def forward_args(op, shape, cl, dtype):
 # the registry but these, whose arguments are a network's weights and controller, not an activation
 NOT_ON_ACTIVATIONS = {
     "weight_mean": "a list of conv weights: test_weight_mean_plan below",
-    "lstm_controller": "a network's controller parameters: tests/test_controller_plans.py",
+    "lstm_controller": "a network's controller parameters: tests/tooling/test_controller_plans.py",
 }
 OPS = [name for name in REGISTRY if name not in NOT_ON_ACTIVATIONS]
 
