@@ -186,10 +186,6 @@ class _TSCBlock:
     def branch_convs(self) -> list[nn.Conv2d]:
         return [getattr(self, n) for n in self.branch_conv_names]
 
-    def tsc_channels(self) -> int:
-        """Length of this block's Δt: its output channels."""
-        return getattr(self, self.branch_conv_names[-1]).out_channels
-
     # fold hooks (tsc_kernels.fold), for blocks whose F reads the tail's output again (attention)
     def tsc_fold_check(self, name: str, dt: torch.Tensor) -> None:
         """Raise if fold cannot fold ``dt`` into this block; called before fold changes anything."""

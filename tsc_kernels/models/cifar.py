@@ -7,7 +7,8 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
 
 from .. import _checks
 from .blocks import PreActBasicBlock, PreActBottleneck
-from .network import _TSCNetwork, finish, register_network
+from .conversion import convert_if_requested
+from .network import _TSCNetwork, register_network
 
 class CIFARResNet(nn.Module):
     """CIFAR ResNet (He et al. 2016a/b): 3x3 stem conv with 16 channels, three stages of widths
@@ -97,4 +98,4 @@ def cifar_resnet(depth: int, num_classes: int = 10, preact: bool = False, tsc: s
     n = (depth - 2) // (9 if bottleneck else 6)
     block = {(False, False): BasicBlock, (True, False): Bottleneck,
              (False, True): PreActBasicBlock, (True, True): PreActBottleneck}[(bottleneck, preact)]
-    return finish(CIFARResNet(block, n, num_classes, in_channels), tsc, reduction, dt)
+    return convert_if_requested(CIFARResNet(block, n, num_classes, in_channels), tsc, reduction, dt)

@@ -37,7 +37,8 @@ from torchvision.models.densenet import DenseNet, _DenseBlock, _DenseLayer, _Tra
 from .. import _checks
 from ..ops.scale_concat import scale_concat
 from .blocks import PLAIN_TO_TSC_BLOCK, _TSCBlock, register_block
-from .network import _TSCNetwork, build_controller, finish, register_network
+from .conversion import convert_if_requested
+from .network import _TSCNetwork, build_controller, register_network
 
 
 # --------------------------------------------------------------------------------------------------
@@ -252,7 +253,7 @@ def cifar_densenet(depth: int = 40, growth_rate: int = 12, bc: bool = False, num
         raise ValueError(f"depth must be {3 * per_layer}n+4 with n >= 1 for a CIFAR DenseNet{'-BC' if bc else ''}, got {depth}")
     if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"drop_rate must be a float in [0, 1), got {drop_rate!r}")
-    return finish(CIFARDenseNet(depth, growth_rate, bc, num_classes, float(drop_rate), in_channels), tsc, reduction, dt)
+    return convert_if_requested(CIFARDenseNet(depth, growth_rate, bc, num_classes, float(drop_rate), in_channels), tsc, reduction, dt)
 
 
 def _torchvision_densenet(name: str, tsc: str | None, reduction: int | None, kwargs: dict) -> nn.Module:
@@ -261,7 +262,7 @@ def _torchvision_densenet(name: str, tsc: str | None, reduction: int | None, kwa
     _checks.tsc_mode(tsc, "tsc", allow_none=True)
     _checks.reduction(reduction)
     kwargs.setdefault("weights", None)
-    return finish(getattr(torchvision.models, name)(**kwargs), tsc, reduction)
+    return convert_if_requested(getattr(torchvision.models, name)(**kwargs), tsc, reduction)
 
 
 def densenet121(tsc: str | None = "lstm", reduction: int | None = None, **kwargs) -> nn.Module:

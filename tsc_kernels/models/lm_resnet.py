@@ -33,7 +33,8 @@ from .. import _checks
 from ..ops.multistep_update import multistep_update
 from .blocks import PLAIN_TO_TSC_BLOCK, PreActBasicBlock, PreActBottleneck
 from .cifar import CIFARResNet
-from .network import _TSCNetwork, finish, register_network
+from .conversion import convert_if_requested
+from .network import _TSCNetwork, register_network
 
 
 def survival_probabilities(num_blocks: int, last: float | None) -> tuple[float, ...]:
@@ -178,7 +179,7 @@ def cifar_lm_resnet(depth: int, preact: bool = True, stochastic_depth: float | N
     n = (depth - 2) // (9 if bottleneck else 6)
     block = {(False, False): torchvision.models.resnet.BasicBlock, (True, False): torchvision.models.resnet.Bottleneck,
              (False, True): PreActBasicBlock, (True, True): PreActBottleneck}[(bottleneck, preact)]
-    return finish(CIFARLMResNet(block, n, num_classes, stochastic_depth, in_channels), tsc, reduction, dt)
+    return convert_if_requested(CIFARLMResNet(block, n, num_classes, stochastic_depth, in_channels), tsc, reduction, dt)
 
 
 def _lm_torchvision(builder, tsc, reduction, stochastic_depth, kwargs) -> nn.Module:
@@ -191,7 +192,7 @@ def _lm_torchvision(builder, tsc, reduction, stochastic_depth, kwargs) -> nn.Mod
         raise TypeError(f"{builder.__name__} must build a torchvision ResNet, got {type(model).__name__}")
     model.__class__ = LMResNet  # same submodules and weights: only the stages' forward changes
     _init_lm(model, stochastic_depth)
-    return finish(model, tsc, reduction)
+    return convert_if_requested(model, tsc, reduction)
 
 
 def lm_resnet18(tsc: str | None = None, reduction: int | None = None, stochastic_depth: float | None = None, **kwargs) -> nn.Module:

@@ -24,7 +24,7 @@ _LSTM_PARAM_PATHS = (("fc_in", "weight"), ("fc_in", "bias"), ("lstm", "weight_ih
 class _TSCNetwork:
     """Mixin of TSC networks: runs ``self.tsc_controller`` once per forward and feeds every block its Δt.
 
-    Made by ``tsc_kernels.convert`` (class swap of a plain network), which sets ``tsc_controller``,
+    Made by ``tsc_kernels.convert`` (models/conversion.py: class swap of a plain network), which sets ``tsc_controller``,
     ``tsc_mode`` and ``_tsc_cache``.
     """
 
@@ -203,13 +203,3 @@ def build_controller(model: nn.Module, stage_names: Sequence[str], mode: str, re
         controllers.append(TSCController(in_features, channels, reduction=r, mode=mode, num_blocks=num_blocks, dt=dt))
     ref = _stage_blocks(model.get_submodule(stage_names[0]))[0].conv1.weight
     return NetworkController(controllers).to(device=ref.device, dtype=ref.dtype)
-
-
-
-def finish(model: nn.Module, tsc: str | None, reduction: int | None, dt: float | None = None) -> nn.Module:
-    """The builders' last step: ``model`` as it is (tsc=None) or converted to TSC in place."""
-    if tsc is None:
-        return model
-    from ..convert import convert  # convert imports this package
-
-    return convert(model, mode=tsc, reduction=reduction, dt=dt)

@@ -8,7 +8,8 @@ from torchvision.models.resnet import ResNet
 
 from .. import _checks
 from .blocks import SEBottleneck
-from .network import _TSCNetwork, finish, register_network
+from .conversion import convert_if_requested
+from .network import _TSCNetwork, register_network
 
 class TSCResNet(_TSCNetwork, ResNet):
     """torchvision ResNet / ResNeXt / Wide ResNet (or SE-ResNet) with TSC blocks and a controller."""
@@ -30,7 +31,7 @@ def _torchvision(builder, tsc, reduction, kwargs):
     _checks.reduction(reduction)
     dt = _checks.fixed_dt(kwargs.pop("dt", None), tsc)  # tsc="fixed" only; the rest go to torchvision
     kwargs.setdefault("weights", None)
-    return finish(builder(**kwargs), tsc, reduction, dt)
+    return convert_if_requested(builder(**kwargs), tsc, reduction, dt)
 
 
 def resnet18(tsc: str | None = "lstm", reduction: int | None = None, **kwargs) -> nn.Module:
@@ -71,7 +72,7 @@ def _se_resnet(layers, tsc, reduction, kwargs):
     _checks.tsc_mode(tsc, "tsc", allow_none=True)
     _checks.reduction(reduction)
     dt = _checks.fixed_dt(kwargs.pop("dt", None), tsc)
-    return finish(ResNet(SEBottleneck, layers, **kwargs), tsc, reduction, dt)
+    return convert_if_requested(ResNet(SEBottleneck, layers, **kwargs), tsc, reduction, dt)
 
 
 def se_resnet50(tsc: str | None = "lstm", reduction: int | None = None, **kwargs) -> nn.Module:

@@ -13,7 +13,8 @@ from torch import nn
 
 from .. import _checks
 from .blocks import _TSCBlock, register_block
-from .network import _TSCNetwork, finish, register_network
+from .conversion import convert_if_requested
+from .network import _TSCNetwork, register_network
 
 
 def conv3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv1d:
@@ -112,4 +113,4 @@ def resnet1d(depth: int, num_classes: int = 10, in_channels: int = 1, width: int
     _checks.cifar_depth(depth, False)
     for value, name in ((num_classes, "num_classes"), (in_channels, "in_channels"), (width, "width")):
         _checks.positive_int(value, name)
-    return finish(ResNet1d((depth - 2) // 6, num_classes, in_channels, width), tsc, reduction, dt)
+    return convert_if_requested(ResNet1d((depth - 2) // 6, num_classes, in_channels, width), tsc, reduction, dt)

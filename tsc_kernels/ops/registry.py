@@ -14,6 +14,19 @@ autograd formula, the Triton module that implements it and what ``auto`` runs un
   tsc::<name>_torch                     the reference (tsc_kernels.reference), CompositeImplicitAutograd:
                                         PyTorch differentiates it and inductor can fuse it
 
+Autograd formulas: an op's formula is its OpDef's ``setup_context`` / ``backward`` (Python), which
+``define`` and ``triton_backward`` register for every backend. An op declared ``cpp_autograd=True``
+has the same formula a second time, in C++ (csrc/<name>_autograd.cpp, the Autograd kernel of
+tsc::<name>, run once per block without a Python call). Which one is canonical depends on the backend:
+
+  cpu, cuda (tsc::<name>)               the C++ formula; ``define`` registers no Python one
+  triton (tsc::<name>_triton)           the Python formula (setup_context / backward)
+  torch (tsc::<name>_torch)             PyTorch's autograd of the reference (neither formula)
+
+The two formulas must agree bitwise: tests/ops/test_autograd_formulas.py drives the Python formula
+with the cpu backend's backward op and compares it with autograd through the C++ formula, for every
+op in ``OPS`` with cpp_autograd=True. A change to one formula is a change to both.
+
 ``dispatch(name, device)`` returns the op the current backend selection runs, and the tests
 (tests/test_registry.py) read ``OPS`` to check every backend of every op against its declaration.
 Every other list of ops is derived from ``OPS`` too, read when it is built (triton_kernels/aot.py
@@ -48,10 +61,13 @@ class OpDef:
     reference: Callable  # implementation of tsc::<name>_torch
     fake: Callable  # register_fake of the forward (fused backends)
     fake_backward: Callable
+    # The Python autograd formula: canonical for the triton backend, and for cpu/cuda unless cpp_autograd
     setup_context: Callable  # register_autograd's setup_context
     backward: Callable  # backward(backward_op, ctx, *grads) -> gradients of the forward's inputs
     reference_schema: str | None = None  # when the reference returns less than the fused op (no saved state)
-    cpp_autograd: bool = False  # the C++ op registers its autograd formula itself (Autograd dispatch key)
+    # The C++ op registers its autograd formula itself (Autograd dispatch key, csrc/<name>_autograd.cpp):
+    # canonical for cpu/cuda, bitwise equal to setup_context/backward (tests/ops/test_autograd_formulas.py)
+    cpp_autograd: bool = False
     mutates_args: tuple[str, ...] = ()
     triton_module: str | None = None  # tsc_kernels._triton.<module>; default: the op's name
     when_compiling: str = "fused"

@@ -10,6 +10,8 @@ import argparse
 import os
 import sys
 
+from .common import RESUME_KEYS, UsageError, world  # noqa: F401  (RESUME_KEYS: cli's name too)
+
 PROG = "tsc-train"
 
 # The paper's recipes (docs/training.md). Every field is overridden by its flag. ``batch`` is the
@@ -20,12 +22,6 @@ RECIPES: dict[str, dict] = {
     "paper-imagenet": {"dataset": "imagefolder", "model": "resnet50", "epochs": 100, "batch": 256, "lr": 0.1,
                        "momentum": 0.9, "nesterov": True, "wd": 1e-4, "milestones": "every:30", "gamma": 0.1},
 }
-RESUME_KEYS = ("dataset", "model", "tsc", "dt", "epochs", "batch", "lr", "momentum", "nesterov", "wd", "milestones",
-               "gamma", "seed", "amp", "image_size")  # a resumed run must agree on these with its checkpoint
-
-
-class UsageError(Exception):
-    """Bad command-line input: reported as ``tsc-train: error: <message>``, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -102,12 +98,6 @@ def parse_milestones(spec: str, epochs: int) -> list[int]:
                 raise ValueError(f"milestones: epochs must be >= 1, got {item!r}")
             out.add(e)
     return sorted(out)
-
-
-def world() -> tuple[int, int, int]:
-    """(rank, local rank, world size) from torchrun's environment; (0, 0, 1) without torchrun."""
-    env = os.environ
-    return int(env.get("RANK", "0")), int(env.get("LOCAL_RANK", "0")), int(env.get("WORLD_SIZE", "1"))
 
 
 def resolve(argv: list[str] | None) -> argparse.Namespace:

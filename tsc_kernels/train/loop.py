@@ -35,7 +35,7 @@ from . import checkpoint as ckpt
 from . import data as data_mod
 from . import models as models_mod
 from . import outputs
-from .cli import RESUME_KEYS, UsageError, world
+from .common import RESUME_KEYS, UsageError, world
 
 _SUMS = 3  # running sums of a training epoch: loss * n, top-1 correct, n
 
