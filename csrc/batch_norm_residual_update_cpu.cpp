@@ -263,6 +263,59 @@ void write_channels(const at::Tensor& t, const std::vector<acc_t>& v) {
   });
 }
 
+// Training statistics of x per channel: moments per chunk (a sum pass, then M2 around the chunk's
+// mean), merged per channel in chunk order; fills mean, invstd and the unbiased variance.
+template <typename scalar_t, typename acc_t>
+void batch_statistics(const ChannelView& v, const scalar_t* xp, int64_t count, acc_t eps, std::vector<acc_t>& mean,
+                      std::vector<acc_t>& invstd, std::vector<acc_t>& unbiased) {
+  const int64_t C = v.channels;
+  const ChunkPlan plan(v);
+  std::vector<Moments<acc_t>> partial(plan.slots());
+  const std::vector<acc_t> zeros(plan.by_rows() ? C : 1, acc_t(0));
+  at::parallel_for(0, plan.chunks, 1, [&](int64_t q0, int64_t q1) {
+    const int64_t lanes = plan.by_rows() ? C : 1;
+    std::vector<acc_t> sum(lanes), chunk_mean(lanes), m2(lanes);
+    for (int64_t q = q0; q < q1; ++q) {
+      std::fill(sum.begin(), sum.end(), acc_t(0));
+      std::fill(m2.begin(), m2.end(), acc_t(0));
+      plan.for_each_run(q, [&](auto per_lane, int64_t o, int64_t n, int64_t, int64_t) {
+        constexpr bool kPerLane = decltype(per_lane)::value;
+        accumulate_run<kPerLane, false>(xp + o, n, PerChannel<kPerLane, acc_t>{zeros.data()}, sum.data());
+      });
+      const acc_t chunk_count = static_cast<acc_t>(plan.chunk_count(q));
+      for (int64_t l = 0; l < lanes; ++l) chunk_mean[l] = sum[l] / chunk_count;
+      plan.for_each_run(q, [&](auto per_lane, int64_t o, int64_t n, int64_t, int64_t) {
+        constexpr bool kPerLane = decltype(per_lane)::value;
+        accumulate_run<kPerLane, true>(xp + o, n, PerChannel<kPerLane, acc_t>{chunk_mean.data()}, m2.data());
+      });
+      const int64_t first = plan.by_rows() ? q * C : q;
+      for (int64_t l = 0; l < lanes; ++l) partial[first + l] = {chunk_count, chunk_mean[l], m2[l]};
+    }
+  });
+  for (int64_t c = 0; c < C; ++c) {
+    Moments<acc_t> m{acc_t(0), acc_t(0), acc_t(0)};
+    for (int64_t j = 0, J = plan.chunks_per_channel(); j < J; ++j) merge_moments(m, partial[plan.slot(c, j)]);
+    mean[c] = m.mean;
+    invstd[c] = bn_invstd(m.m2 / static_cast<acc_t>(count), eps);
+    unbiased[c] = m.m2 / static_cast<acc_t>(count - 1);
+  }
+}
+
+// running = (1 - momentum) running + momentum batch, for the mean and the unbiased variance, in place.
+template <typename acc_t>
+void update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var, const std::vector<acc_t>& mean,
+                          const std::vector<acc_t>& unbiased, double momentum) {
+  const int64_t C = static_cast<int64_t>(mean.size());
+  const acc_t mom = static_cast<acc_t>(momentum);
+  std::vector<acc_t> rm = read_channels<acc_t>(running_mean, C, 0), rv = read_channels<acc_t>(running_var, C, 0);
+  for (int64_t c = 0; c < C; ++c) {
+    rm[c] = running_update(rm[c], mean[c], mom);
+    rv[c] = running_update(rv[c], unbiased[c], mom);
+  }
+  write_channels(running_mean, rm);
+  write_channels(running_var, rv);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cpu(
     const at::Tensor& y_in, const at::Tensor& x_in, const at::Tensor& dt_in, const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
@@ -275,48 +328,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cpu(
     const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
     std::vector<acc_t> mean(C), invstd(C);
     if (training) {
-      // Statistics: per-chunk moments, then an ordered per-channel merge.
-      const ChunkPlan plan(v);
-      std::vector<Moments<acc_t>> partial(plan.slots());
-      const std::vector<acc_t> zeros(plan.by_rows() ? C : 1, acc_t(0));
-      at::parallel_for(0, plan.chunks, 1, [&](int64_t q0, int64_t q1) {
-        const int64_t lanes = plan.by_rows() ? C : 1;
-        std::vector<acc_t> sum(lanes), chunk_mean(lanes), m2(lanes);
-        for (int64_t q = q0; q < q1; ++q) {
-          std::fill(sum.begin(), sum.end(), acc_t(0));
-          std::fill(m2.begin(), m2.end(), acc_t(0));
-          plan.for_each_run(q, [&](auto per_lane, int64_t o, int64_t n, int64_t, int64_t) {
-            constexpr bool kPerLane = decltype(per_lane)::value;
-            accumulate_run<kPerLane, false>(xp + o, n, PerChannel<kPerLane, acc_t>{zeros.data()}, sum.data());
-          });
-          const acc_t count = static_cast<acc_t>(plan.chunk_count(q));
-          for (int64_t l = 0; l < lanes; ++l) chunk_mean[l] = sum[l] / count;
-          plan.for_each_run(q, [&](auto per_lane, int64_t o, int64_t n, int64_t, int64_t) {
-            constexpr bool kPerLane = decltype(per_lane)::value;
-            accumulate_run<kPerLane, true>(xp + o, n, PerChannel<kPerLane, acc_t>{chunk_mean.data()}, m2.data());
-          });
-          const int64_t first = plan.by_rows() ? q * C : q;
-          for (int64_t l = 0; l < lanes; ++l) partial[first + l] = {count, chunk_mean[l], m2[l]};
-        }
-      });
       std::vector<acc_t> unbiased(C);
-      for (int64_t c = 0; c < C; ++c) {
-        Moments<acc_t> m{acc_t(0), acc_t(0), acc_t(0)};
-        for (int64_t j = 0, J = plan.chunks_per_channel(); j < J; ++j) merge_moments(m, partial[plan.slot(c, j)]);
-        mean[c] = m.mean;
-        invstd[c] = bn_invstd(m.m2 / static_cast<acc_t>(a.count), static_cast<acc_t>(eps));
-        unbiased[c] = m.m2 / static_cast<acc_t>(a.count - 1);
-      }
-      if (running_mean.has_value()) {
-        const acc_t mom = static_cast<acc_t>(momentum);
-        std::vector<acc_t> rm = read_channels<acc_t>(running_mean, C, 0), rv = read_channels<acc_t>(running_var, C, 0);
-        for (int64_t c = 0; c < C; ++c) {
-          rm[c] = running_update(rm[c], mean[c], mom);
-          rv[c] = running_update(rv[c], unbiased[c], mom);
-        }
-        write_channels(*running_mean, rm);
-        write_channels(*running_var, rv);
-      }
+      batch_statistics(v, xp, a.count, static_cast<acc_t>(eps), mean, invstd, unbiased);
+      if (running_mean.has_value()) update_running_stats(*running_mean, *running_var, mean, unbiased, momentum);
     } else {
       mean = read_channels<acc_t>(running_mean, C, 0);
       const std::vector<acc_t> var = read_channels<acc_t>(running_var, C, 0);

@@ -11,7 +11,7 @@
 //   3. bn_apply_kernel: the grid-stride elementwise pass writing out.
 // Backward, three launches: per-chunk sums S1, S2c (same chunks, fixed-order tree), the per-channel
 // pass (a warp per channel, fixed-order fold of the chunks; ddt, dweight, dbias and the dx coefficients), then dx (and dy).
-// Layouts: the (outer, C, inner) block of residual_layout.h. Chunks enumerate the flattened items
+// Layouts: the (outer, C, inner) block of channel_layout.h. Chunks enumerate the flattened items
 // of one channel (walk_reduction_items, launch_geometry.h: bf16 / half pairs, 4-byte loads and
 // 128-byte warp requests): threads advance (sample, item) incrementally, so there is no per-element
 // division in the reductions; all indices are int64. The grids are

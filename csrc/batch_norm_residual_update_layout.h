@@ -1,6 +1,6 @@
 // Host-side argument checks and layout logic of the fused BatchNorm tail, shared by the CPU and
 // CUDA ops. The elementwise passes read every activation as the contiguous (outer, C, inner) block of
-// residual_layout.h: the forward in y's layout (x follows it; out has y's layout), the backward in
+// channel_layout.h: the forward in y's layout (x follows it; out has y's layout), the backward in
 // x's layout (grad and relu_out follow it; dx has x's layout, dy relu_out's).
 #pragma once
 
@@ -8,7 +8,7 @@
 
 #include <optional>
 
-#include "residual_layout.h"
+#include "residual_update_layout.h"
 
 namespace tsc {
 

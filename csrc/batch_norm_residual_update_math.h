@@ -11,7 +11,7 @@
 
 #include <cmath>
 
-#include "residual_math.h"
+#include "elementwise_math.h"
 
 namespace tsc {
 

@@ -7,8 +7,8 @@
 #include <cstdint>
 
 #include "launch_plan.h"      // Launch (the planners' answer)
-#include "residual_layout.h"  // ChannelView
-#include "tsc_hd.h"           // TSC_HD: the reduction walk runs on the host and the device
+#include "channel_layout.h"  // ChannelView
+#include "host_device.h"           // TSC_HD: the reduction walk runs on the host and the device
 
 namespace tsc {
 
@@ -37,7 +37,7 @@ inline int64_t tree_depth(int64_t n) {
 // the chain of a fixed-order warp (lanes = 32) or block fold.
 inline int64_t fold_chain(int64_t n, int64_t lanes) { return ceil_div(std::max<int64_t>(n, 1), lanes) + tree_depth(lanes); }
 
-// Per-channel reductions over an (outer, C, inner) block (residual_layout.h), shared by the
+// Per-channel reductions over an (outer, C, inner) block (channel_layout.h), shared by the
 // BatchNorm tail's statistics and sums, and the ddt reductions of residual_update and scale_concat.
 // Blocks are (lanes, value_lanes) threads: planes (inner > 1): 1 x 256 along one channel's values,
 // samples and positions flattened (so a 7x7 map keeps all 256 lanes busy); channels-last rows

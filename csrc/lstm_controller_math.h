@@ -8,7 +8,7 @@
 
 #include <math.h>
 
-#include "residual_math.h"  // TSC_HD, relu_forward, relu_backward
+#include "elementwise_math.h"  // TSC_HD, relu_forward, relu_backward
 
 namespace tsc {
 

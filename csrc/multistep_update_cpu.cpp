@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "cpu_vec.h"
-#include "multistep_layout.h"
+#include "multistep_update_layout.h"
 #include "multistep_update_math.h"
 
 namespace tsc {
@@ -147,6 +147,106 @@ at::Tensor multistep_update_cpu(const at::Tensor& u_in, const at::Tensor& u_prev
   return a.out;
 }
 
+// One backward call's pointers and factors, read by both layouts' passes below.
+template <typename scalar_t>
+struct BackwardPass {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t *g, *u, *up, *f, *out;  // out: the forward output with the fused ReLU, else null
+  scalar_t *du, *dup, *df;
+  acc_t k;
+  const acc_t* scales;  // scale_table's (N, C)
+  int64_t N, C, S;
+  bool stream;
+};
+
+// Channels-last: one task per sample, its rows (n, s) of C channels in order, into row n of the
+// partial tables pk (sums of g'(u_prev - u)) and pf (sums of g' f).
+template <typename scalar_t>
+void backward_channels_last(const BackwardPass<scalar_t>& b, at::opmath_type<scalar_t>* pk, at::opmath_type<scalar_t>* pf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t C = b.C, S = b.S;
+  at::parallel_for(0, b.N, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, C * S)), [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      acc_t* rk = pk + n * C;
+      acc_t* rf = pf + n * C;
+      auto sum = [rk, rf](int64_t c, acc_t dk, acc_t gf) {
+        rk[c] += dk;
+        rf[c] += gf;
+      };
+      auto vec_sum = [rk, rf](int64_t c, const Vec& k0, const Vec& k1, const Vec& f0, const Vec& f1) {
+        (Vec::loadu(rk + c) + k0).store(rk + c);
+        (Vec::loadu(rk + c + Vec::size()) + k1).store(rk + c + Vec::size());
+        (Vec::loadu(rf + c) + f0).store(rf + c);
+        (Vec::loadu(rf + c + Vec::size()) + f1).store(rf + c + Vec::size());
+      };
+      for (int64_t s = 0; s < S; ++s) {
+        const int64_t o = (n * S + s) * C;
+        backward_run<true>(b.g + o, b.u + o, b.up + o, b.f + o, offset_or_null(b.out, o), b.k, Scale<true, acc_t>{b.scales + n * C},
+                           b.du + o, b.dup + o, b.df + o, C, b.stream, sum, vec_sum);
+      }
+    }
+    stream_fence(b.stream);
+  });
+}
+
+// Channel-first: one plane (n, c) of S elements per iteration, its sums into pk[p] and pf[p].
+template <typename scalar_t>
+void backward_planes(const BackwardPass<scalar_t>& b, at::opmath_type<scalar_t>* pk, at::opmath_type<scalar_t>* pf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  const int64_t S = b.S;
+  at::parallel_for(0, b.N * b.C, std::max<int64_t>(1, kGrain / S), [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      acc_t tk = 0, tf = 0;
+      Vec k0(acc_t(0)), k1(acc_t(0)), f0(acc_t(0)), f1(acc_t(0));
+      auto sum = [&](int64_t, acc_t dk, acc_t gf) {
+        tk += dk;
+        tf += gf;
+      };
+      auto vec_sum = [&](int64_t, const Vec& a0, const Vec& a1, const Vec& b0, const Vec& b1) {
+        k0 = k0 + a0;
+        k1 = k1 + a1;
+        f0 = f0 + b0;
+        f1 = f1 + b1;
+      };
+      const int64_t o = p * S;
+      backward_run<false>(b.g + o, b.u + o, b.up + o, b.f + o, offset_or_null(b.out, o), b.k, Scale<false, acc_t>{b.scales + p}, b.du + o,
+                          b.dup + o, b.df + o, S, b.stream, sum, vec_sum);
+      auto add = [](Vec& x, Vec& y) { return x + y; };
+      pk[p] = at::vec::vec_reduce_all<acc_t>(add, k0 + k1) + tk;
+      pf[p] = at::vec::vec_reduce_all<acc_t>(add, f0 + f1) + tf;
+    }
+    stream_fence(b.stream);
+  });
+}
+
+// Fixed-order reduction of the (N, C) tables (the same order as the CUDA and Triton finalize
+// kernels): dk = sum of pk, ddt[c] = sum_n keep[n] pf[n, c], dkeep[n] = sum_c dt[c] pf[n, c].
+template <typename acc_t>
+void reduce_partials(const std::vector<acc_t>& pk, const std::vector<acc_t>& pf, const acc_t* dtp, const acc_t* keepp, int64_t N,
+                     int64_t C, MultistepBackwardArgs& a) {
+  acc_t dk = 0;
+  for (int64_t i = 0; i < N * C; ++i) dk += pk[i];
+  *a.dk.mutable_data_ptr<acc_t>() = dk;
+  if (dtp) {
+    acc_t* ddt = a.ddt.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      acc_t sum = 0;
+      for (int64_t n = 0; n < N; ++n) sum += (keepp ? keepp[n] : acc_t(1)) * pf[n * C + c];
+      ddt[c] = sum;
+    }
+  }
+  if (keepp) {
+    acc_t* dkeep = a.dkeep.mutable_data_ptr<acc_t>();
+    for (int64_t n = 0; n < N; ++n) {
+      acc_t sum = 0;
+      for (int64_t c = 0; c < C; ++c) sum += (dtp ? dtp[c] : acc_t(1)) * pf[n * C + c];
+      dkeep[n] = sum;
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multistep_update_backward_cpu(
     const at::Tensor& grad_in, const at::Tensor& u_in, const at::Tensor& u_prev_in, const at::Tensor& f_in, const at::Tensor& k_in,
     const std::optional<at::Tensor>& dt_in, const std::optional<at::Tensor>& keep_in, const std::optional<at::Tensor>& relu_out) {
@@ -154,93 +254,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const MultistepView v = a.view;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.u.scalar_type(), "tsc_multistep_update_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    using Vec = Vectorized<acc_t>;
-    const bool stream = Lanes<scalar_t>::kCanStream && a.u.nbytes() >= kStreamBytes;
-    const scalar_t* gp = a.g.const_data_ptr<scalar_t>();
-    const scalar_t* up = a.u.const_data_ptr<scalar_t>();
-    const scalar_t* pp = a.u_prev.const_data_ptr<scalar_t>();
-    const scalar_t* fp = a.f.const_data_ptr<scalar_t>();
-    const scalar_t* outp = a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr;
     const acc_t* dtp = optional_ptr<acc_t>(a.dt);
     const acc_t* keepp = optional_ptr<acc_t>(a.keep);
-    const acc_t k = *a.k.const_data_ptr<acc_t>();
-    scalar_t* dup = a.du.mutable_data_ptr<scalar_t>();
-    scalar_t* dpp = a.du_prev.mutable_data_ptr<scalar_t>();
-    scalar_t* dfp = a.df.mutable_data_ptr<scalar_t>();
-    const int64_t N = v.N, C = v.C, S = v.S;
+    const int64_t N = v.N, C = v.C;
     const std::vector<acc_t> scales = scale_table(dtp, keepp, N, C);
+    const BackwardPass<scalar_t> b{a.g.const_data_ptr<scalar_t>(),
+                                   a.u.const_data_ptr<scalar_t>(),
+                                   a.u_prev.const_data_ptr<scalar_t>(),
+                                   a.f.const_data_ptr<scalar_t>(),
+                                   a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr,
+                                   a.du.mutable_data_ptr<scalar_t>(),
+                                   a.du_prev.mutable_data_ptr<scalar_t>(),
+                                   a.df.mutable_data_ptr<scalar_t>(),
+                                   *a.k.const_data_ptr<acc_t>(),
+                                   scales.data(),
+                                   N,
+                                   C,
+                                   v.S,
+                                   Lanes<scalar_t>::kCanStream && a.u.nbytes() >= kStreamBytes};
     // partial[n*C + c]: sums over s of g'(u_prev - u) (pk) and g' f (pf)
     std::vector<acc_t> pk(N * C, acc_t(0)), pf(N * C, acc_t(0));
     if (a.u.numel() > 0) {
-      if (v.channels_last) {  // one task per sample: its rows, in order, into row n of the tables
-        at::parallel_for(0, N, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, C * S)), [&](int64_t n0, int64_t n1) {
-          for (int64_t n = n0; n < n1; ++n) {
-            acc_t* rk = pk.data() + n * C;
-            acc_t* rf = pf.data() + n * C;
-            auto sum = [rk, rf](int64_t c, acc_t dk, acc_t gf) {
-              rk[c] += dk;
-              rf[c] += gf;
-            };
-            auto vec_sum = [rk, rf](int64_t c, const Vec& k0, const Vec& k1, const Vec& f0, const Vec& f1) {
-              (Vec::loadu(rk + c) + k0).store(rk + c);
-              (Vec::loadu(rk + c + Vec::size()) + k1).store(rk + c + Vec::size());
-              (Vec::loadu(rf + c) + f0).store(rf + c);
-              (Vec::loadu(rf + c + Vec::size()) + f1).store(rf + c + Vec::size());
-            };
-            for (int64_t s = 0; s < S; ++s) {
-              const int64_t o = (n * S + s) * C;
-              backward_run<true>(gp + o, up + o, pp + o, fp + o, offset_or_null(outp, o), k, Scale<true, acc_t>{scales.data() + n * C},
-                                 dup + o, dpp + o, dfp + o, C, stream, sum, vec_sum);
-            }
-          }
-          stream_fence(stream);
-        });
-      } else {  // one plane (n, c) per iteration
-        at::parallel_for(0, N * C, std::max<int64_t>(1, kGrain / S), [&](int64_t p0, int64_t p1) {
-          for (int64_t p = p0; p < p1; ++p) {
-            acc_t tk = 0, tf = 0;
-            Vec k0(acc_t(0)), k1(acc_t(0)), f0(acc_t(0)), f1(acc_t(0));
-            auto sum = [&](int64_t, acc_t dk, acc_t gf) {
-              tk += dk;
-              tf += gf;
-            };
-            auto vec_sum = [&](int64_t, const Vec& a0, const Vec& a1, const Vec& b0, const Vec& b1) {
-              k0 = k0 + a0;
-              k1 = k1 + a1;
-              f0 = f0 + b0;
-              f1 = f1 + b1;
-            };
-            const int64_t o = p * S;
-            backward_run<false>(gp + o, up + o, pp + o, fp + o, offset_or_null(outp, o), k, Scale<false, acc_t>{scales.data() + p}, dup + o,
-                                dpp + o, dfp + o, S, stream, sum, vec_sum);
-            auto add = [](Vec& x, Vec& y) { return x + y; };
-            pk[p] = at::vec::vec_reduce_all<acc_t>(add, k0 + k1) + tk;
-            pf[p] = at::vec::vec_reduce_all<acc_t>(add, f0 + f1) + tf;
-          }
-          stream_fence(stream);
-        });
-      }
+      if (v.channels_last)
+        backward_channels_last(b, pk.data(), pf.data());
+      else
+        backward_planes(b, pk.data(), pf.data());
     }
-    // Fixed-order reduction of the tables (the same order as the CUDA and Triton finalize kernels).
-    acc_t dk = 0;
-    for (int64_t i = 0; i < N * C; ++i) dk += pk[i];
-    *a.dk.mutable_data_ptr<acc_t>() = dk;
-    if (dtp) {
-      acc_t* ddt = a.ddt.mutable_data_ptr<acc_t>();
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t sum = 0;
-        for (int64_t n = 0; n < N; ++n) sum += (keepp ? keepp[n] : acc_t(1)) * pf[n * C + c];
-        ddt[c] = sum;
-      }
-    }
-    if (keepp) {
-      acc_t* dkeep = a.dkeep.mutable_data_ptr<acc_t>();
-      for (int64_t n = 0; n < N; ++n) {
-        acc_t sum = 0;
-        for (int64_t c = 0; c < C; ++c) sum += (dtp ? dtp[c] : acc_t(1)) * pf[n * C + c];
-        dkeep[n] = sum;
-      }
-    }
+    reduce_partials(pk, pf, dtp, keepp, N, C, a);
   });
   return {a.du, a.du_prev, a.df, a.dk, a.ddt, a.dkeep};
 }

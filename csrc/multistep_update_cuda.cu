@@ -15,7 +15,7 @@
 #include <torch/all.h>
 
 #include "cuda_elementwise.cuh"
-#include "multistep_layout.h"
+#include "multistep_update_layout.h"
 #include "multistep_update_math.h"
 #include "multistep_update_plan.h"
 

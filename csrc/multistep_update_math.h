@@ -4,7 +4,7 @@
 // Everything is evaluated in the accumulation type (fp32 for fp32/fp16/bf16, fp64 for fp64).
 #pragma once
 
-#include "residual_math.h"  // TSC_HD, relu_forward, relu_backward
+#include "elementwise_math.h"  // TSC_HD, relu_forward, relu_backward
 
 namespace tsc {
 

@@ -6,7 +6,7 @@
 #include <cstdint>
 
 #include "launch_geometry.h"
-#include "multistep_layout.h"
+#include "multistep_update_layout.h"
 
 namespace tsc {
 namespace multistep_plan {

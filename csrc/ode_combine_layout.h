@@ -1,7 +1,7 @@
 // Host-side argument handling of tsc::ode_combine, shared by the CPU and CUDA ops.
 //
 // The op is elementwise with one scalar coefficient per stage, so every tensor is read as a flat
-// array in one common layout: z's (channels-last-like z keeps it, see residual_layout.h; anything
+// array in one common layout: z's (channels-last-like z keeps it, see channel_layout.h; anything
 // else becomes contiguous). Stages in another layout are copied into it.
 #pragma once
 
@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "ode_combine_math.h"
-#include "residual_layout.h"
+#include "channel_layout.h"
 
 namespace tsc {
 

@@ -5,7 +5,7 @@
 
 #include <cstdint>
 
-#include "tsc_hd.h"
+#include "host_device.h"
 
 namespace tsc {
 

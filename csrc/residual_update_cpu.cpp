@@ -19,8 +19,8 @@
 #include <vector>
 
 #include "cpu_vec.h"
-#include "residual_layout.h"
-#include "residual_math.h"
+#include "residual_update_layout.h"
+#include "residual_update_math.h"
 
 namespace tsc {
 namespace {

@@ -1,5 +1,5 @@
 // CUDA kernels of the fused residual update (docs/ops.md), registered for the CUDA dispatch key.
-// The arithmetic is tsc::residual_forward / relu_forward / relu_backward from residual_math.h,
+// The arithmetic is tsc::residual_forward / relu_forward / relu_backward from residual_update_math.h,
 // the same functions the CPU kernels run, so the CPU tests cover it.
 //
 // Forward: one grid-stride pass (reads y, f; writes out) in 16-byte packs with 32-bit index math
@@ -18,8 +18,8 @@
 
 #include "cuda_elementwise.cuh"
 #include "cuda_grid.cuh"
-#include "residual_layout.h"
-#include "residual_math.h"
+#include "residual_update_layout.h"
+#include "residual_update_math.h"
 
 namespace tsc {
 namespace {

@@ -11,7 +11,7 @@
 #include <torch/library.h>
 
 #include "launch_geometry.h"
-#include "residual_layout.h"
+#include "residual_update_layout.h"
 
 namespace tsc {
 namespace {

@@ -1,5 +1,5 @@
 // Host-side layout logic of scale_concat (docs/ops.md, scale_concat), shared by the CPU and CUDA ops.
-// The output follows x's layout: channels-last when x is channels-last-like (residual_layout.h),
+// The output follows x's layout: channels-last when x is channels-last-like (channel_layout.h),
 // else contiguous; f is brought to that layout. The backward works in grad's layout.
 #pragma once
 
@@ -7,7 +7,7 @@
 
 #include <vector>
 
-#include "residual_layout.h"
+#include "channel_layout.h"
 #include "scale_concat_math.h"
 
 namespace tsc {

@@ -2,7 +2,7 @@
 // shared by the CPU and CUDA kernels so the CPU tests cover the arithmetic and indexing the GPU runs.
 // Arithmetic in the accumulation type acc_t (fp32 for fp32/fp16/bf16, fp64 for fp64).
 //
-// Every tensor is read as a contiguous (outer, channels, inner) block (residual_layout.h): for
+// Every tensor is read as a contiguous (outer, channels, inner) block (channel_layout.h): for
 // NC(spatial)-contiguous tensors outer = N, inner = prod(spatial); for channels-last ones
 // outer = N * prod(spatial), inner = 1. out is (outer, Cx + k, inner), x (outer, Cx, inner),
 // f (outer, k, inner), so one row `o` of out is x's row o followed by f's row o.
@@ -10,7 +10,7 @@
 
 #include <cstdint>
 
-#include "tsc_hd.h"
+#include "host_device.h"
 
 namespace tsc {
 

@@ -2,14 +2,14 @@
 //
 // Tensors are (N, C, *spatial), read as one contiguous block per sample: channel-first
 // (index (n*C + c)*S + s) or channels-last (index (n*S + s)*C + c), S = prod(spatial), chosen from u
-// (residual_layout.h's rule); the output keeps u's layout. Reductions go through a (N, C) table of
+// (channel_layout.h's rule); the output keeps u's layout. Reductions go through a (N, C) table of
 // partial sums (sum over s of g (u_prev - u) and of g f), which is then reduced in a fixed order:
 // dk = sum of the first table, ddt[c] = sum_n keep[n] P[n, c], dkeep[n] = sum_c dt[c] P[n, c].
 #pragma once
 
 #include <torch/all.h>
 
-#include "residual_layout.h"
+#include "channel_layout.h"
 
 namespace tsc {
 
@@ -106,11 +106,6 @@ inline MultistepBackwardArgs prepare_multistep_backward(const at::Tensor& grad, 
   a.dkeep = keep ? at::empty_like(a.keep) : at::empty({0}, k.options());
   a.view = multistep_view(a.u, cl);
   return a;
-}
-
-// Element offset of (n, c, s) in the per-sample block layout.
-inline int64_t multistep_offset(const MultistepView& v, int64_t n, int64_t c, int64_t s) {
-  return v.channels_last ? (n * v.S + s) * v.C + c : (n * v.C + c) * v.S + s;
 }
 
 }  // namespace tsc
