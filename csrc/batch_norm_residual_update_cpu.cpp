@@ -420,6 +420,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
 
 }  // namespace
 
+// The schemas of tsc::batch_norm_residual_update and its backward, the same text as the OpDef in
+// tsc_kernels/ops/batch_norm_residual_update.py (tests/test_op_list.py compares them, parsed).
+TORCH_LIBRARY_FRAGMENT(tsc, m) {
+  // Fused BatchNorm tail (docs/ops.md): out = relu?(y + dt[c] * batch_norm(x)), returns (out,
+  // save_mean, save_invstd); running statistics updated in place in training, as F.batch_norm.
+  m.def("batch_norm_residual_update(Tensor y, Tensor x, Tensor dt, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+        "Tensor? weight, Tensor? bias, bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  // Backward: one per-channel reduction and one elementwise pass: (dy, dx, ddt, dweight, dbias);
+  // dy is empty without the fused ReLU (it is grad itself), dweight / dbias empty without affine.
+  m.def("batch_norm_residual_update_backward(Tensor grad, Tensor x, Tensor dt, Tensor? weight, Tensor? bias, "
+        "Tensor save_mean, Tensor save_invstd, Tensor? relu_out, bool training) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(tsc, CPU, m) {
   m.impl("batch_norm_residual_update", &batch_norm_residual_update_cpu);
   m.impl("batch_norm_residual_update_backward", &batch_norm_residual_update_backward_cpu);

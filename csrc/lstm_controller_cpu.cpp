@@ -260,6 +260,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> lstm_controller_backward_cpu(
 
 }  // namespace
 
+// The schemas of tsc::lstm_controller and its backward, the same text as the OpDef in
+// tsc_kernels/ops/lstm_controller.py (tests/test_op_list.py compares them, parsed).
+TORCH_LIBRARY_FRAGMENT(tsc, m) {
+  // Batched TSC_LSTM controller: every stage in one launch. wbar_packed: 1-D, stage s's (L_s, D_s)
+  // rows back to back; blocks: L_s; params: 8 per stage (fc_in.weight, fc_in.bias, weight_ih,
+  // weight_hh, bias_ih, bias_hh, fc_out.weight, fc_out.bias). Returns dt_packed (1-D, stage s's
+  // (L_s, C_s) rows back to back) and saved (x, gates, c, h per stage, for backward).
+  m.def("lstm_controller(Tensor wbar_packed, int[] blocks, Tensor[] params) -> (Tensor, Tensor)");
+  // BPTT over every stage in one launch: (grad of wbar_packed, grads of params in params' order).
+  m.def("lstm_controller_backward(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks, Tensor[] params, Tensor saved) -> (Tensor, Tensor[])");
+}
+
 TORCH_LIBRARY_IMPL(tsc, CPU, m) {
   m.impl("lstm_controller", &lstm_controller_cpu);
   m.impl("lstm_controller_backward", &lstm_controller_backward_cpu);

@@ -287,6 +287,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 }  // namespace
 
+// The schemas of tsc::multistep_update and its backward, the same text as the OpDef in
+// tsc_kernels/ops/multistep_update.py (tests/test_op_list.py compares them, parsed).
+TORCH_LIBRARY_FRAGMENT(tsc, m) {
+  // Linear multi-step update (docs/ops.md, multistep_update): out = relu?((1 - k) u + k u_prev + keep[n] dt[c] f),
+  // k a 0-d tensor, dt (C,) and keep (N,) optional (1 when absent).
+  m.def("multistep_update(Tensor u, Tensor u_prev, Tensor f, Tensor k, Tensor? dt, Tensor? keep, bool relu) -> Tensor");
+  // Backward in one pass + a fixed-order reduction: (du, du_prev, df, dk, ddt, dkeep); ddt / dkeep are
+  // empty (0,) tensors when dt / keep are absent; relu_out is the forward output when the ReLU was fused.
+  m.def("multistep_update_backward(Tensor grad, Tensor u, Tensor u_prev, Tensor f, Tensor k, Tensor? dt, Tensor? keep, "
+        "Tensor? relu_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(tsc, CPU, m) {
   m.impl("multistep_update", &multistep_update_cpu);
   m.impl("multistep_update_backward", &multistep_update_backward_cpu);

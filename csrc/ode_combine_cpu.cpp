@@ -124,6 +124,17 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> ode_combine_backward_cpu(const a
 
 }  // namespace
 
+// The schemas of tsc::ode_combine and its backward, the same text as the OpDef in
+// tsc_kernels/ops/ode_combine.py (tests/test_op_list.py compares them, parsed).
+TORCH_LIBRARY_FRAGMENT(tsc, m) {
+  // ODE stage combination (docs/ode.md): out = z + sum_i coeffs[i] * stages[i], 1 to 8 stages of
+  // z's shape and dtype, coeffs fp32 (fp64 for fp64) of shape (len(stages),), one pass.
+  m.def("ode_combine(Tensor z, Tensor[] stages, Tensor coeffs) -> Tensor");
+  // Backward in one pass: (dstages, dcoeffs), dstages[i] = coeffs[i] * grad, dcoeffs[i] = sum(grad *
+  // stages[i]) (deterministic); dz is grad itself.
+  m.def("ode_combine_backward(Tensor grad, Tensor[] stages, Tensor coeffs) -> (Tensor[], Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(tsc, CPU, m) {
   m.impl("ode_combine", &ode_combine_cpu);
   m.impl("ode_combine_backward", &ode_combine_backward_cpu);

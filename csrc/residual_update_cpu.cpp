@@ -199,6 +199,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cpu(
 
 }  // namespace
 
+// The schemas of tsc::residual_update and its backward, the same text as the OpDef in
+// tsc_kernels/ops/residual_update.py (tests/test_op_list.py compares them, parsed).
+TORCH_LIBRARY_FRAGMENT(tsc, m) {
+  // Residual update (docs/ops.md): out = y + f * dt[c], ReLU fused when relu.
+  m.def("residual_update(Tensor y, Tensor f, Tensor dt, bool relu) -> Tensor");
+  // Backward in one pass: (dy, df, ddt). relu_out is the forward output when the ReLU was fused;
+  // then dy is the gradient masked by the ReLU. Without it dy is the incoming gradient itself, so
+  // the op returns an empty (0,) tensor there instead of copying it.
+  m.def("residual_update_backward(Tensor grad, Tensor f, Tensor dt, Tensor? relu_out) -> (Tensor, Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(tsc, CPU, m) {
   m.impl("residual_update", &residual_update_cpu);
   m.impl("residual_update_backward", &residual_update_backward_cpu);

@@ -97,6 +97,16 @@ std::tuple<at::Tensor, at::Tensor> scale_concat_backward_cpu(const at::Tensor& g
 
 }  // namespace
 
+// The schemas of tsc::scale_concat and its backward, the same text as the OpDef in
+// tsc_kernels/ops/scale_concat.py (tests/test_op_list.py compares them, parsed).
+TORCH_LIBRARY_FRAGMENT(tsc, m) {
+  // scale_concat (docs/ops.md, scale_concat): out = cat([x, f * dt[c]], dim=1), TSC-DenseNet's
+  // concatenation of a layer's scaled new features; out follows x's layout.
+  m.def("scale_concat(Tensor x, Tensor f, Tensor dt) -> Tensor");
+  // Backward in one pass over grad's last k channels: (df, ddt); dx is the view grad[:, :Cx].
+  m.def("scale_concat_backward(Tensor grad, Tensor f, Tensor dt) -> (Tensor, Tensor)");
+}
+
 TORCH_LIBRARY_IMPL(tsc, CPU, m) {
   m.impl("scale_concat", &scale_concat_cpu);
   m.impl("scale_concat_backward", &scale_concat_backward_cpu);

@@ -193,6 +193,17 @@ at::Tensor weight_mean_backward_cpu(const at::Tensor& grad_in, at::TensorList we
 
 }  // namespace
 
+// The schemas of tsc::weight_mean and its backward, the same text as the OpDef in
+// tsc_kernels/ops/weight_mean.py (tests/test_op_list.py compares them, parsed).
+TORCH_LIBRARY_FRAGMENT(tsc, m) {
+  // Weight-mean projection (docs/tsc.md): every given conv weight (C_out, C_in, *k) averaged over
+  // C_in, flattened, concatenated into one 1-D tensor (fp32; fp64 for fp64 weights), one launch.
+  m.def("weight_mean(Tensor[] weights) -> Tensor");
+  // dw̄ / C_in of every weight, packed like w̄, one launch (weights are read for C_in only); the
+  // autograd formula expands each slice over C_in (a stride-0 view): dW is never materialised.
+  m.def("weight_mean_backward(Tensor grad, Tensor[] weights) -> Tensor");
+}
+
 TORCH_LIBRARY_IMPL(tsc, CPU, m) {
   m.impl("weight_mean", &weight_mean_cpu);
   m.impl("weight_mean_backward", &weight_mean_backward_cpu);
