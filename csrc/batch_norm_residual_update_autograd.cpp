@@ -8,54 +8,43 @@
 // incoming gradient itself without the fused ReLU. The running statistics are mutated below
 // autograd (never differentiated), exactly as the Python autograd.Function did. register_fake
 // stays on the Python side, so torch.compile traces this formula like a built-in op's.
-#include <torch/all.h>
-#include <torch/autograd.h>
+#include "autograd_util.h"
 
 namespace tsc {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-using OptTensor = std::optional<at::Tensor>;
 using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Forward call_forward(const at::Tensor& y, const at::Tensor& x, const at::Tensor& dt, const OptTensor& running_mean,
                      const OptTensor& running_var, const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
                      double eps, bool relu) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tsc::batch_norm_residual_update", "")
-                       .typed<Forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                                      const OptTensor&, const OptTensor&, bool, double, double, bool)>();
+  static const auto op = typed_op<Forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                          const OptTensor&, const OptTensor&, bool, double, double, bool)>(
+      "tsc::batch_norm_residual_update");
   return op.call(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu);
 }
 
 Backward call_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dt, const OptTensor& weight, const OptTensor& bias,
                        const at::Tensor& save_mean, const at::Tensor& save_invstd, const OptTensor& relu_out, bool training) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tsc::batch_norm_residual_update_backward", "")
-                       .typed<Backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                                       const at::Tensor&, const at::Tensor&, const OptTensor&, bool)>();
+  static const auto op = typed_op<Backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                                           const at::Tensor&, const at::Tensor&, const OptTensor&, bool)>(
+      "tsc::batch_norm_residual_update_backward");
   return op.call(grad, x, dt, weight, bias, save_mean, save_invstd, relu_out, training);
 }
-
-OptTensor optional(const at::Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 class BatchNormResidualUpdateFunction : public torch::autograd::Function<BatchNormResidualUpdateFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& x, const at::Tensor& dt,
                                const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& weight,
                                const OptTensor& bias, bool training, double momentum, double eps, bool relu) {
-    Forward result;
-    {
-      at::AutoDispatchBelowAutograd guard;  // like the Python autograd.Function: the op mutates the running stats
-      result = call_forward(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu);
-    }
-    auto& [out, save_mean, save_invstd] = result;
+    // Below Autograd only (ADInplaceOrView stays), like the Python autograd.Function: the op mutates the running stats
+    auto [out, save_mean, save_invstd] = below_autograd<at::AutoDispatchBelowAutograd>(
+        [&] { return call_forward(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu); });
     ctx->set_materialize_grads(false);  // save_mean / save_invstd are internal outputs: no zero grads
     ctx->mark_non_differentiable({save_mean, save_invstd});
     ctx->saved_data["training"] = training;
-    ctx->save_for_backward({x, dt, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), save_mean, save_invstd,
+    ctx->save_for_backward({x, dt, to_saved(weight), to_saved(bias), save_mean, save_invstd,
                             relu ? out : at::Tensor()});
     return {out, save_mean, save_invstd};
   }
@@ -66,7 +55,7 @@ class BatchNormResidualUpdateFunction : public torch::autograd::Function<BatchNo
     at::Tensor grad = grads[0];
     if (!grad.defined()) grad = at::zeros_like(relu_out.defined() ? relu_out : x);
     auto [dy, dx, ddt, dw, db] =
-        call_backward(grad, x, dt, optional(weight), optional(bias), s[4], s[5], optional(relu_out), ctx->saved_data["training"].toBool());
+        call_backward(grad, x, dt, from_saved(weight), from_saved(bias), s[4], s[5], from_saved(relu_out), ctx->saved_data["training"].toBool());
     const at::Tensor none;
     return {relu_out.defined() ? dy : grad, dx, ddt, none, none, weight.defined() ? dw : none, bias.defined() ? db : none,
             none, none, none, none};

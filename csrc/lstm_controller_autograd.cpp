@@ -7,42 +7,33 @@
 // The formula is tsc_kernels/ops/lstm_controller.py's (docs/ops.md): the backward op does BPTT
 // over every stage at once from the saved activations; `saved` is internal state, not
 // differentiable. register_fake stays on the Python side.
-#include <torch/all.h>
-#include <torch/autograd.h>
-
 #include <tuple>
 #include <vector>
+
+#include "autograd_util.h"
 
 namespace tsc {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
+using Forward = std::tuple<at::Tensor, at::Tensor>;
+using Backward = std::tuple<at::Tensor, std::vector<at::Tensor>>;
 
-std::tuple<at::Tensor, at::Tensor> call_forward(const at::Tensor& wbar, at::IntArrayRef blocks, at::TensorList params) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tsc::lstm_controller", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, at::IntArrayRef, at::TensorList)>();
+Forward call_forward(const at::Tensor& wbar, at::IntArrayRef blocks, at::TensorList params) {
+  static const auto op = typed_op<Forward(const at::Tensor&, at::IntArrayRef, at::TensorList)>("tsc::lstm_controller");
   return op.call(wbar, blocks, params);
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>> call_backward(const at::Tensor& grad, const at::Tensor& dt, const at::Tensor& wbar,
-                                                              at::IntArrayRef blocks, at::TensorList params, const at::Tensor& saved) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tsc::lstm_controller_backward", "")
-                       .typed<std::tuple<at::Tensor, std::vector<at::Tensor>>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                              at::IntArrayRef, at::TensorList, const at::Tensor&)>();
+Backward call_backward(const at::Tensor& grad, const at::Tensor& dt, const at::Tensor& wbar, at::IntArrayRef blocks, at::TensorList params,
+                       const at::Tensor& saved) {
+  static const auto op = typed_op<Backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::TensorList,
+                                           const at::Tensor&)>("tsc::lstm_controller_backward");
   return op.call(grad, dt, wbar, blocks, params, saved);
 }
 
 class LstmControllerFunction : public torch::autograd::Function<LstmControllerFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& wbar, at::IntArrayRef blocks, at::TensorList params) {
-    at::Tensor dt, saved;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(dt, saved) = call_forward(wbar, blocks, params);
-    }
+    auto [dt, saved] = below_autograd([&] { return call_forward(wbar, blocks, params); });
     ctx->mark_non_differentiable({saved});
     // grad of `saved` is never used: do not materialise zeros for it (nor for an unused Δt)
     ctx->set_materialize_grads(false);
@@ -67,7 +58,7 @@ class LstmControllerFunction : public torch::autograd::Function<LstmControllerFu
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> lstm_controller_autograd(const at::Tensor& wbar, at::IntArrayRef blocks, at::TensorList params) {
+Forward lstm_controller_autograd(const at::Tensor& wbar, at::IntArrayRef blocks, at::TensorList params) {
   const variable_list out = LstmControllerFunction::apply(wbar, blocks, params);
   return {out[0], out[1]};
 }

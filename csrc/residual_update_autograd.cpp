@@ -7,39 +7,29 @@
 // returning (dy, df, ddt), dy being the incoming gradient itself without the fused ReLU.
 // The Python side keeps register_fake for both ops (tsc_kernels/ops/residual_update.py), so
 // torch.compile traces this formula like any built-in op's.
-#include <torch/all.h>
-#include <torch/autograd.h>
+#include "autograd_util.h"
 
 namespace tsc {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
 at::Tensor call_forward(const at::Tensor& y, const at::Tensor& f, const at::Tensor& dt, bool relu) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tsc::residual_update", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>();
+  static const auto op =
+      typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>("tsc::residual_update");
   return op.call(y, f, dt, relu);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> call_backward(const at::Tensor& grad, const at::Tensor& f, const at::Tensor& dt,
-                                                             const std::optional<at::Tensor>& relu_out) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tsc::residual_update_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                                             const std::optional<at::Tensor>&)>();
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+
+Grads call_backward(const at::Tensor& grad, const at::Tensor& f, const at::Tensor& dt, const OptTensor& relu_out) {
+  static const auto op = typed_op<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&)>(
+      "tsc::residual_update_backward");
   return op.call(grad, f, dt, relu_out);
 }
 
 class ResidualUpdateFunction : public torch::autograd::Function<ResidualUpdateFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& f, const at::Tensor& dt, bool relu) {
-    at::Tensor out;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      out = call_forward(y, f, dt, relu);
-    }
+    at::Tensor out = below_autograd([&] { return call_forward(y, f, dt, relu); });
     ctx->saved_data["relu"] = relu;
     // The ReLU mask is read from the output; f and dt give df and ddt.
     ctx->save_for_backward({f, dt, relu ? out : at::Tensor()});
@@ -50,7 +40,7 @@ class ResidualUpdateFunction : public torch::autograd::Function<ResidualUpdateFu
     const auto saved = ctx->get_saved_variables();
     const bool relu = ctx->saved_data["relu"].toBool();
     const at::Tensor& grad = grads[0];
-    auto [dy, df, ddt] = call_backward(grad, saved[0], saved[1], relu ? std::optional<at::Tensor>(saved[2]) : std::nullopt);
+    auto [dy, df, ddt] = call_backward(grad, saved[0], saved[1], relu ? OptTensor(saved[2]) : std::nullopt);
     return {relu ? dy : grad, df, ddt, at::Tensor()};
   }
 };

@@ -7,30 +7,23 @@
 // dw̄ / C_in packed like w̄, and each weight's gradient is its slice viewed as (C_out, 1, *k) and
 // expanded over C_in (stride 0), so autograd adds it into the conv's own gradient without a
 // full-size dW ever being written. register_fake stays on the Python side.
-#include <torch/all.h>
-#include <torch/autograd.h>
-
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <typeinfo>
 #include <vector>
 
+#include "autograd_util.h"
+
 namespace tsc {
 namespace {
 
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
 at::Tensor call_forward(at::TensorList weights) {
-  static auto op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("tsc::weight_mean", "").typed<at::Tensor(at::TensorList)>();
+  static const auto op = typed_op<at::Tensor(at::TensorList)>("tsc::weight_mean");
   return op.call(weights);
 }
 
 at::Tensor call_backward(const at::Tensor& grad, at::TensorList weights) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("tsc::weight_mean_backward", "")
-                       .typed<at::Tensor(const at::Tensor&, at::TensorList)>();
+  static const auto op = typed_op<at::Tensor(const at::Tensor&, at::TensorList)>("tsc::weight_mean_backward");
   return op.call(grad, weights);
 }
 
@@ -62,11 +55,7 @@ bool plain_tensor(const at::Tensor& t) {
 class WeightMeanFunction : public torch::autograd::Function<WeightMeanFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, at::TensorList weights) {
-    at::Tensor out;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      out = call_forward(weights);
-    }
+    at::Tensor out = below_autograd([&] { return call_forward(weights); });
     // backward reads the weights' shapes only (and C_in through the backward op)
     ctx->save_for_backward(weights.vec());
     return out;
