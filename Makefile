@@ -27,9 +27,11 @@ build/.built: $(VENV)/.deps setup.py pyproject.toml $(wildcard csrc/*)
 
 build: build/.built
 
-# Static checks (ruff, configured in pyproject.toml); .ci/run runs them before the tests.
+# Static checks (ruff, configured in pyproject.toml; clang-format, .clang-format, on csrc/); .ci/run runs them
+# before the tests. `$(VENV)/bin/clang-format -i csrc/*` applies the C++ format.
 lint: $(VENV)/.deps
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*
 
 # The whole suite on the CPU, the Triton kernels under the interpreter.
 # Inductor's cache lives in the build folder: its key ignores custom-op schemas, so a cache shared

@@ -17,19 +17,22 @@ using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 Forward call_forward(const at::Tensor& y, const at::Tensor& x, const at::Tensor& dt, const OptTensor& running_mean,
-                     const OptTensor& running_var, const OptTensor& weight, const OptTensor& bias, bool training, double momentum,
-                     double eps, bool relu) {
-  static const auto op = typed_op<Forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                                          const OptTensor&, const OptTensor&, bool, double, double, bool)>(
-      "tsc::batch_norm_residual_update");
+                     const OptTensor& running_var, const OptTensor& weight, const OptTensor& bias, bool training,
+                     double momentum, double eps, bool relu) {
+  static const auto op =
+      typed_op<Forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                       const OptTensor&, const OptTensor&, bool, double, double, bool)>(
+          "tsc::batch_norm_residual_update");
   return op.call(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu);
 }
 
-Backward call_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dt, const OptTensor& weight, const OptTensor& bias,
-                       const at::Tensor& save_mean, const at::Tensor& save_invstd, const OptTensor& relu_out, bool training) {
-  static const auto op = typed_op<Backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
-                                           const at::Tensor&, const at::Tensor&, const OptTensor&, bool)>(
-      "tsc::batch_norm_residual_update_backward");
+Backward call_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& dt, const OptTensor& weight,
+                       const OptTensor& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                       const OptTensor& relu_out, bool training) {
+  static const auto op =
+      typed_op<Backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const OptTensor&, const OptTensor&,
+                        const at::Tensor&, const at::Tensor&, const OptTensor&, bool)>(
+          "tsc::batch_norm_residual_update_backward");
   return op.call(grad, x, dt, weight, bias, save_mean, save_invstd, relu_out, training);
 }
 
@@ -44,8 +47,8 @@ class BatchNormResidualUpdateFunction : public torch::autograd::Function<BatchNo
     ctx->set_materialize_grads(false);  // save_mean / save_invstd are internal outputs: no zero grads
     ctx->mark_non_differentiable({save_mean, save_invstd});
     ctx->saved_data["training"] = training;
-    ctx->save_for_backward({x, dt, to_saved(weight), to_saved(bias), save_mean, save_invstd,
-                            relu ? out : at::Tensor()});
+    ctx->save_for_backward(
+        {x, dt, to_saved(weight), to_saved(bias), save_mean, save_invstd, relu ? out : at::Tensor()});
     return {out, save_mean, save_invstd};
   }
 
@@ -54,25 +57,25 @@ class BatchNormResidualUpdateFunction : public torch::autograd::Function<BatchNo
     const at::Tensor &x = s[0], &dt = s[1], &weight = s[2], &bias = s[3], &relu_out = s[6];
     at::Tensor grad = grads[0];
     if (!grad.defined()) grad = at::zeros_like(relu_out.defined() ? relu_out : x);
-    auto [dy, dx, ddt, dw, db] =
-        call_backward(grad, x, dt, from_saved(weight), from_saved(bias), s[4], s[5], from_saved(relu_out), ctx->saved_data["training"].toBool());
+    auto [dy, dx, ddt, dw, db] = call_backward(grad, x, dt, from_saved(weight), from_saved(bias), s[4], s[5],
+                                               from_saved(relu_out), ctx->saved_data["training"].toBool());
     const at::Tensor none;
-    return {relu_out.defined() ? dy : grad, dx, ddt, none, none, weight.defined() ? dw : none, bias.defined() ? db : none,
-            none, none, none, none};
+    return {relu_out.defined() ? dy : grad, dx,   ddt,  none, none, weight.defined() ? dw : none,
+            bias.defined() ? db : none,     none, none, none, none};
   }
 };
 
-Forward batch_norm_residual_update_autograd(const at::Tensor& y, const at::Tensor& x, const at::Tensor& dt, const OptTensor& running_mean,
-                                            const OptTensor& running_var, const OptTensor& weight, const OptTensor& bias, bool training,
+Forward batch_norm_residual_update_autograd(const at::Tensor& y, const at::Tensor& x, const at::Tensor& dt,
+                                            const OptTensor& running_mean, const OptTensor& running_var,
+                                            const OptTensor& weight, const OptTensor& bias, bool training,
                                             double momentum, double eps, bool relu) {
-  auto r = BatchNormResidualUpdateFunction::apply(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu);
+  auto r = BatchNormResidualUpdateFunction::apply(y, x, dt, running_mean, running_var, weight, bias, training, momentum,
+                                                  eps, relu);
   return {r[0], r[1], r[2]};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tsc, Autograd, m) {
-  m.impl("batch_norm_residual_update", &batch_norm_residual_update_autograd);
-}
+TORCH_LIBRARY_IMPL(tsc, Autograd, m) { m.impl("batch_norm_residual_update", &batch_norm_residual_update_autograd); }
 
 }  // namespace tsc

@@ -69,7 +69,8 @@ struct ChunkPlan {
   void for_each_run(int64_t q, F&& run) const {
     if (by_rows()) {
       const int64_t C = v.channels;
-      for (int64_t r = q * rows, r1 = std::min(v.outer, (q + 1) * rows); r < r1; ++r) run(std::true_type{}, r * C, C, int64_t(0), q * C);
+      for (int64_t r = q * rows, r1 = std::min(v.outer, (q + 1) * rows); r < r1; ++r)
+        run(std::true_type{}, r * C, C, int64_t(0), q * C);
     } else {
       const int64_t p = q / per_plane, s0 = (q % per_plane) * piece, s1 = std::min(v.inner, s0 + piece);
       run(std::false_type{}, p * v.inner + s0, s1 - s0, p % v.channels, q);
@@ -108,7 +109,8 @@ acc_t reduce_lanes(const Vectorized<acc_t>& a) {
 // acc[lane] += d or d² (kSquare) with d = x - mean, over a run of n elements; without per-lane
 // channels every element adds to acc[0].
 template <bool kPerLane, bool kSquare, typename scalar_t>
-void accumulate_run(const scalar_t* x, int64_t n, PerChannel<kPerLane, at::opmath_type<scalar_t>> mean, at::opmath_type<scalar_t>* acc) {
+void accumulate_run(const scalar_t* x, int64_t n, PerChannel<kPerLane, at::opmath_type<scalar_t>> mean,
+                    at::opmath_type<scalar_t>* acc) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
@@ -130,15 +132,19 @@ void accumulate_run(const scalar_t* x, int64_t n, PerChannel<kPerLane, at::opmat
   }
   for (; i < n; ++i) {
     const acc_t v = value(static_cast<acc_t>(x[i]) - mean.at(i));
-    if constexpr (kPerLane) acc[i] += v; else tail += v;
+    if constexpr (kPerLane)
+      acc[i] += v;
+    else
+      tail += v;
   }
   if constexpr (!kPerLane) acc[0] += reduce_lanes(s0 + s1) + tail;
 }
 
 // s1[lane] += g', s2[lane] += g' (x - mean), g' = grad masked by the fused ReLU (out; null without it).
 template <bool kPerLane, typename scalar_t>
-void backward_sums_run(const scalar_t* g, const scalar_t* x, const scalar_t* out, PerChannel<kPerLane, at::opmath_type<scalar_t>> mean,
-                       int64_t n, at::opmath_type<scalar_t>* s1, at::opmath_type<scalar_t>* s2) {
+void backward_sums_run(const scalar_t* g, const scalar_t* x, const scalar_t* out,
+                       PerChannel<kPerLane, at::opmath_type<scalar_t>> mean, int64_t n, at::opmath_type<scalar_t>* s1,
+                       at::opmath_type<scalar_t>* s2) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
@@ -182,14 +188,15 @@ void backward_sums_run(const scalar_t* g, const scalar_t* x, const scalar_t* out
 
 // out = relu?(y + (x - mean) * scale + shift) over a run.
 template <bool kPerLane, typename scalar_t>
-void apply_run(const scalar_t* y, const scalar_t* x, const at::opmath_type<scalar_t>* const* coef, scalar_t* out, int64_t n, bool relu,
-               bool stream) {
+void apply_run(const scalar_t* y, const scalar_t* x, const at::opmath_type<scalar_t>* const* coef, scalar_t* out,
+               int64_t n, bool relu, bool stream) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
   const PerChannel<kPerLane, acc_t> mean{coef[0]}, scale{coef[1]}, shift{coef[2]};
   auto scalar = [&](int64_t i) {
-    const acc_t o = bn_residual_forward(static_cast<acc_t>(y[i]), static_cast<acc_t>(x[i]), mean.at(i), scale.at(i), shift.at(i));
+    const acc_t o =
+        bn_residual_forward(static_cast<acc_t>(y[i]), static_cast<acc_t>(x[i]), mean.at(i), scale.at(i), shift.at(i));
     out[i] = static_cast<scalar_t>(relu ? relu_forward(o) : o);
   };
   int64_t i = 0;
@@ -212,8 +219,9 @@ void apply_run(const scalar_t* y, const scalar_t* x, const at::opmath_type<scala
 
 // dx = k1 g' + k3 (x - mean) + k2 and dy = g' (only with the fused ReLU) over a run.
 template <bool kPerLane, typename scalar_t>
-void backward_apply_run(const scalar_t* g, const scalar_t* x, const scalar_t* out, const at::opmath_type<scalar_t>* const* coef,
-                        scalar_t* dy, scalar_t* dx, int64_t n, bool stream) {
+void backward_apply_run(const scalar_t* g, const scalar_t* x, const scalar_t* out,
+                        const at::opmath_type<scalar_t>* const* coef, scalar_t* dy, scalar_t* dx, int64_t n,
+                        bool stream) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
@@ -224,7 +232,8 @@ void backward_apply_run(const scalar_t* g, const scalar_t* x, const scalar_t* ou
       gi = relu_backward(gi, static_cast<acc_t>(out[i]));
       dy[i] = static_cast<scalar_t>(gi);
     }
-    dx[i] = static_cast<scalar_t>(bn_backward_dx(gi, static_cast<acc_t>(x[i]), mean.at(i), k1.at(i), k2.at(i), k3.at(i)));
+    dx[i] =
+        static_cast<scalar_t>(bn_backward_dx(gi, static_cast<acc_t>(x[i]), mean.at(i), k1.at(i), k2.at(i), k3.at(i)));
   };
   int64_t i = 0;
   for (const int64_t head = L::aligned_prefix(dx, n, stream); i < head; ++i) scalar(i);
@@ -317,45 +326,47 @@ void update_running_stats(const at::Tensor& running_mean, const at::Tensor& runn
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cpu(
-    const at::Tensor& y_in, const at::Tensor& x_in, const at::Tensor& dt_in, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    bool training, double momentum, double eps, bool relu) {
+    const at::Tensor& y_in, const at::Tensor& x_in, const at::Tensor& dt_in,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training, double momentum,
+    double eps, bool relu) {
   BnForwardArgs a = prepare_bn_forward(y_in, x_in, dt_in, running_mean, running_var, weight, bias, training);
   const ChannelView v = a.view;
   const int64_t C = v.channels;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "tsc_batch_norm_residual_update_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
-    std::vector<acc_t> mean(C), invstd(C);
-    if (training) {
-      std::vector<acc_t> unbiased(C);
-      batch_statistics(v, xp, a.count, static_cast<acc_t>(eps), mean, invstd, unbiased);
-      if (running_mean.has_value()) update_running_stats(*running_mean, *running_var, mean, unbiased, momentum);
-    } else {
-      mean = read_channels<acc_t>(running_mean, C, 0);
-      const std::vector<acc_t> var = read_channels<acc_t>(running_var, C, 0);
-      for (int64_t c = 0; c < C; ++c) invstd[c] = bn_invstd(var[c], static_cast<acc_t>(eps));
-    }
-    std::copy(mean.begin(), mean.end(), a.save_mean.mutable_data_ptr<acc_t>());
-    std::copy(invstd.begin(), invstd.end(), a.save_invstd.mutable_data_ptr<acc_t>());
-    if (a.y.numel() == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.y.scalar_type(), "tsc_batch_norm_residual_update_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+        std::vector<acc_t> mean(C), invstd(C);
+        if (training) {
+          std::vector<acc_t> unbiased(C);
+          batch_statistics(v, xp, a.count, static_cast<acc_t>(eps), mean, invstd, unbiased);
+          if (running_mean.has_value()) update_running_stats(*running_mean, *running_var, mean, unbiased, momentum);
+        } else {
+          mean = read_channels<acc_t>(running_mean, C, 0);
+          const std::vector<acc_t> var = read_channels<acc_t>(running_var, C, 0);
+          for (int64_t c = 0; c < C; ++c) invstd[c] = bn_invstd(var[c], static_cast<acc_t>(eps));
+        }
+        std::copy(mean.begin(), mean.end(), a.save_mean.mutable_data_ptr<acc_t>());
+        std::copy(invstd.begin(), invstd.end(), a.save_invstd.mutable_data_ptr<acc_t>());
+        if (a.y.numel() == 0) return;
 
-    const std::vector<acc_t> dt = read_channels<acc_t>(a.dt, C, 0), gamma = read_channels<acc_t>(weight, C, 1),
-                             beta = read_channels<acc_t>(bias, C, 0);
-    std::vector<acc_t> scale(C), shift(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const BnApply<acc_t> k = bn_apply_coefficients(dt[c], gamma[c], beta[c], invstd[c]);
-      scale[c] = k.scale;
-      shift[c] = k.shift;
-    }
-    const bool stream = Lanes<scalar_t>::kCanStream && a.y.nbytes() >= kStreamBytes;
-    const scalar_t* yp = a.y.const_data_ptr<scalar_t>();
-    scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
-    parallel_runs(v, stream, [&](auto per_lane, int64_t o, int64_t n, int64_t c) {
-      const acc_t* coef[3] = {mean.data() + c, scale.data() + c, shift.data() + c};
-      apply_run<decltype(per_lane)::value>(yp + o, xp + o, coef, op + o, n, relu, stream);
-    });
-  });
+        const std::vector<acc_t> dt = read_channels<acc_t>(a.dt, C, 0), gamma = read_channels<acc_t>(weight, C, 1),
+                                 beta = read_channels<acc_t>(bias, C, 0);
+        std::vector<acc_t> scale(C), shift(C);
+        for (int64_t c = 0; c < C; ++c) {
+          const BnApply<acc_t> k = bn_apply_coefficients(dt[c], gamma[c], beta[c], invstd[c]);
+          scale[c] = k.scale;
+          shift[c] = k.shift;
+        }
+        const bool stream = Lanes<scalar_t>::kCanStream && a.y.nbytes() >= kStreamBytes;
+        const scalar_t* yp = a.y.const_data_ptr<scalar_t>();
+        scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
+        parallel_runs(v, stream, [&](auto per_lane, int64_t o, int64_t n, int64_t c) {
+          const acc_t* coef[3] = {mean.data() + c, scale.data() + c, shift.data() + c};
+          apply_run<decltype(per_lane)::value>(yp + o, xp + o, coef, op + o, n, relu, stream);
+        });
+      });
   return {a.out, a.save_mean, a.save_invstd};
 }
 
@@ -366,55 +377,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   BnBackwardArgs a = prepare_bn_backward(grad_in, x_in, dt_in, weight, bias, save_mean, save_invstd, relu_out);
   const ChannelView v = a.view;
   const int64_t C = v.channels;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "tsc_batch_norm_residual_update_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* gp = a.g.const_data_ptr<scalar_t>();
-    const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
-    const scalar_t* outp = a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr;
-    const acc_t* mean = a.save_mean.const_data_ptr<acc_t>();
-    const acc_t* invstd = a.save_invstd.const_data_ptr<acc_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.x.scalar_type(), "tsc_batch_norm_residual_update_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* gp = a.g.const_data_ptr<scalar_t>();
+        const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+        const scalar_t* outp = a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr;
+        const acc_t* mean = a.save_mean.const_data_ptr<acc_t>();
+        const acc_t* invstd = a.save_invstd.const_data_ptr<acc_t>();
 
-    // Reduction: S1, S2c per chunk (zeroed slots), then summed per channel in chunk order.
-    const ChunkPlan plan(v);
-    std::vector<acc_t> p1(plan.slots(), acc_t(0)), p2(plan.slots(), acc_t(0));
-    at::parallel_for(0, plan.chunks, 1, [&](int64_t q0, int64_t q1) {
-      for (int64_t q = q0; q < q1; ++q)
-        plan.for_each_run(q, [&](auto per_lane, int64_t o, int64_t n, int64_t c, int64_t slot) {
-          constexpr bool kPerLane = decltype(per_lane)::value;
-          backward_sums_run<kPerLane>(gp + o, xp + o, offset_or_null(outp, o), PerChannel<kPerLane, acc_t>{mean + c}, n, &p1[slot], &p2[slot]);
+        // Reduction: S1, S2c per chunk (zeroed slots), then summed per channel in chunk order.
+        const ChunkPlan plan(v);
+        std::vector<acc_t> p1(plan.slots(), acc_t(0)), p2(plan.slots(), acc_t(0));
+        at::parallel_for(0, plan.chunks, 1, [&](int64_t q0, int64_t q1) {
+          for (int64_t q = q0; q < q1; ++q)
+            plan.for_each_run(q, [&](auto per_lane, int64_t o, int64_t n, int64_t c, int64_t slot) {
+              constexpr bool kPerLane = decltype(per_lane)::value;
+              backward_sums_run<kPerLane>(gp + o, xp + o, offset_or_null(outp, o),
+                                          PerChannel<kPerLane, acc_t>{mean + c}, n, &p1[slot], &p2[slot]);
+            });
         });
-    });
-    const std::vector<acc_t> dt = read_channels<acc_t>(a.dt, C, 0), gamma = read_channels<acc_t>(weight, C, 1),
-                             beta = read_channels<acc_t>(bias, C, 0);
-    std::vector<acc_t> k1(C), k2(C), k3(C);
-    acc_t* ddt = a.ddt.mutable_data_ptr<acc_t>();
-    acc_t* dw = weight.has_value() ? a.dweight.mutable_data_ptr<acc_t>() : nullptr;
-    acc_t* db = bias.has_value() ? a.dbias.mutable_data_ptr<acc_t>() : nullptr;
-    for (int64_t c = 0; c < C; ++c) {
-      acc_t s1 = 0, s2c = 0;
-      for (int64_t j = 0, J = plan.chunks_per_channel(); j < J; ++j) {
-        s1 += p1[plan.slot(c, j)];
-        s2c += p2[plan.slot(c, j)];
-      }
-      const BnBackward<acc_t> r =
-          bn_backward_coefficients(dt[c], gamma[c], beta[c], invstd[c], s1, s2c, static_cast<acc_t>(a.count), training);
-      k1[c] = r.k1;
-      k2[c] = r.k2;
-      k3[c] = r.k3;
-      ddt[c] = r.ddt;
-      if (dw) dw[c] = r.dweight;
-      if (db) db[c] = r.dbias;
-    }
-    if (a.x.numel() == 0) return;
+        const std::vector<acc_t> dt = read_channels<acc_t>(a.dt, C, 0), gamma = read_channels<acc_t>(weight, C, 1),
+                                 beta = read_channels<acc_t>(bias, C, 0);
+        std::vector<acc_t> k1(C), k2(C), k3(C);
+        acc_t* ddt = a.ddt.mutable_data_ptr<acc_t>();
+        acc_t* dw = weight.has_value() ? a.dweight.mutable_data_ptr<acc_t>() : nullptr;
+        acc_t* db = bias.has_value() ? a.dbias.mutable_data_ptr<acc_t>() : nullptr;
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t s1 = 0, s2c = 0;
+          for (int64_t j = 0, J = plan.chunks_per_channel(); j < J; ++j) {
+            s1 += p1[plan.slot(c, j)];
+            s2c += p2[plan.slot(c, j)];
+          }
+          const BnBackward<acc_t> r = bn_backward_coefficients(dt[c], gamma[c], beta[c], invstd[c], s1, s2c,
+                                                               static_cast<acc_t>(a.count), training);
+          k1[c] = r.k1;
+          k2[c] = r.k2;
+          k3[c] = r.k3;
+          ddt[c] = r.ddt;
+          if (dw) dw[c] = r.dweight;
+          if (db) db[c] = r.dbias;
+        }
+        if (a.x.numel() == 0) return;
 
-    const bool stream = Lanes<scalar_t>::kCanStream && a.x.nbytes() >= kStreamBytes;
-    scalar_t* dxp = a.dx.mutable_data_ptr<scalar_t>();
-    scalar_t* dyp = a.relu ? a.dy.mutable_data_ptr<scalar_t>() : nullptr;
-    parallel_runs(v, stream, [&](auto per_lane, int64_t o, int64_t n, int64_t c) {
-      const acc_t* coef[4] = {mean + c, k1.data() + c, k2.data() + c, k3.data() + c};
-      backward_apply_run<decltype(per_lane)::value>(gp + o, xp + o, offset_or_null(outp, o), coef, offset_or_null(dyp, o), dxp + o, n, stream);
-    });
-  });
+        const bool stream = Lanes<scalar_t>::kCanStream && a.x.nbytes() >= kStreamBytes;
+        scalar_t* dxp = a.dx.mutable_data_ptr<scalar_t>();
+        scalar_t* dyp = a.relu ? a.dy.mutable_data_ptr<scalar_t>() : nullptr;
+        parallel_runs(v, stream, [&](auto per_lane, int64_t o, int64_t n, int64_t c) {
+          const acc_t* coef[4] = {mean + c, k1.data() + c, k2.data() + c, k3.data() + c};
+          backward_apply_run<decltype(per_lane)::value>(gp + o, xp + o, offset_or_null(outp, o), coef,
+                                                        offset_or_null(dyp, o), dxp + o, n, stream);
+        });
+      });
   return {bn_dy_in_layout(a.dy, a.dy_channels_last), a.dx, a.ddt, a.dweight, a.dbias};
 }
 
@@ -425,12 +439,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
 TORCH_LIBRARY_FRAGMENT(tsc, m) {
   // Fused BatchNorm tail (docs/ops.md): out = relu?(y + dt[c] * batch_norm(x)), returns (out,
   // save_mean, save_invstd); running statistics updated in place in training, as F.batch_norm.
-  m.def("batch_norm_residual_update(Tensor y, Tensor x, Tensor dt, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
-        "Tensor? weight, Tensor? bias, bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_residual_update(Tensor y, Tensor x, Tensor dt, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor? weight, Tensor? bias, bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)");
   // Backward: one per-channel reduction and one elementwise pass: (dy, dx, ddt, dweight, dbias);
   // dy is empty without the fused ReLU (it is grad itself), dweight / dbias empty without affine.
-  m.def("batch_norm_residual_update_backward(Tensor grad, Tensor x, Tensor dt, Tensor? weight, Tensor? bias, "
-        "Tensor save_mean, Tensor save_invstd, Tensor? relu_out, bool training) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_residual_update_backward(Tensor grad, Tensor x, Tensor dt, Tensor? weight, Tensor? bias, "
+      "Tensor save_mean, Tensor save_invstd, Tensor? relu_out, bool training) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tsc, CPU, m) {

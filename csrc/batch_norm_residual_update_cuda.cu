@@ -6,16 +6,16 @@
 //      its channel(s) to Welford moments (per-thread Welford, then a fixed-order tree merge) and
 //      writes them to a partial buffer. Chunks split every channel, so a small C still fills the GPU.
 //   2. bn_forward_channels_kernel, a warp per channel: merges the chunks in a fixed lane-then-tree order
-//      (Chan's formula; deterministic, ceil(chunks / 32) + 5 dependent merges), writes save_mean / save_invstd, updates the running statistics in their dtype
-//      and computes the apply coefficients (scale, shift). Eval starts here, from the running statistics.
+//      (Chan's formula; deterministic, ceil(chunks / 32) + 5 dependent merges), writes save_mean / save_invstd, updates
+//      the running statistics in their dtype and computes the apply coefficients (scale, shift). Eval starts here, from
+//      the running statistics.
 //   3. bn_apply_kernel: the grid-stride elementwise pass writing out.
 // Backward, three launches: per-chunk sums S1, S2c (same chunks, fixed-order tree), the per-channel
-// pass (a warp per channel, fixed-order fold of the chunks; ddt, dweight, dbias and the dx coefficients), then dx (and dy).
-// Layouts: the (outer, C, inner) block of channel_layout.h. Chunks enumerate the flattened items
-// of one channel (walk_reduction_items, launch_geometry.h: bf16 / half pairs, 4-byte loads and
-// 128-byte warp requests): threads advance (sample, item) incrementally, so there is no per-element
-// division in the reductions; all indices are int64. The grids are
-// planned by batch_norm_residual_update_plan.h (host code, also behind tsc::cuda_launch_plan).
+// pass (a warp per channel, fixed-order fold of the chunks; ddt, dweight, dbias and the dx coefficients), then dx (and
+// dy). Layouts: the (outer, C, inner) block of channel_layout.h. Chunks enumerate the flattened items of one channel
+// (walk_reduction_items, launch_geometry.h: bf16 / half pairs, 4-byte loads and 128-byte warp requests): threads
+// advance (sample, item) incrementally, so there is no per-element division in the reductions; all indices are int64.
+// The grids are planned by batch_norm_residual_update_plan.h (host code, also behind tsc::cuda_launch_plan).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -48,11 +48,14 @@ __global__ void bn_stats_kernel(const scalar_t* __restrict__ x, acc_t* __restric
       const Pack<scalar_t, P> xv = load_items<P, Vec>(x + (o * C + c) * inner + s);
 #pragma unroll
       for (int j = 0; j < P; ++j) {
-        if (r.rows) push_moment(mom.v[j], static_cast<acc_t>(xv.v[j]));
-        else push_moment(mom.v[0], static_cast<acc_t>(xv.v[j]));
+        if (r.rows)
+          push_moment(mom.v[j], static_cast<acc_t>(xv.v[j]));
+        else
+          push_moment(mom.v[0], static_cast<acc_t>(xv.v[j]));
       }
     };
-    walk_reduction_items(r, c, blockIdx.y, threadIdx.y, [&](int64_t o, int64_t s, int64_t n) { reduction_item<W>(o, s, n, body); });
+    walk_reduction_items(r, c, blockIdx.y, threadIdx.y,
+                         [&](int64_t o, int64_t s, int64_t n) { reduction_item<W>(o, s, n, body); });
   }
   shared[threadIdx.y * blockDim.x + threadIdx.x] = mom;
   tree_reduce(shared, [](Slots<Moments<acc_t>, W>& a, const Slots<Moments<acc_t>, W>& b) {
@@ -89,10 +92,12 @@ __device__ __forceinline__ Moments<acc_t> warp_merge_moments(Moments<acc_t> m) {
 // the running ones in eval), running update, apply coefficients coef = (scale, shift) as (2, C).
 // Chain: ceil(chunks / 32) + 5 merges (was one thread merging all chunks in a row: up to 1024).
 template <typename acc_t, typename running_t>
-__global__ void bn_forward_channels_kernel(const acc_t* __restrict__ partial, int64_t chunks, int64_t C, int64_t M, const acc_t* __restrict__ dt,
-                                           const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, running_t* running_mean,
-                                           running_t* running_var, int64_t running_stride, bool training, acc_t momentum, acc_t eps,
-                                           acc_t* __restrict__ save_mean, acc_t* __restrict__ save_invstd, acc_t* __restrict__ coef) {
+__global__ void bn_forward_channels_kernel(const acc_t* __restrict__ partial, int64_t chunks, int64_t C, int64_t M,
+                                           const acc_t* __restrict__ dt, const acc_t* __restrict__ weight,
+                                           const acc_t* __restrict__ bias, running_t* running_mean,
+                                           running_t* running_var, int64_t running_stride, bool training,
+                                           acc_t momentum, acc_t eps, acc_t* __restrict__ save_mean,
+                                           acc_t* __restrict__ save_invstd, acc_t* __restrict__ coef) {
   const int64_t c = blockIdx.x * (int64_t)kChannelWarps + threadIdx.x / 32;
   if (c >= C) return;  // whole warps leave: c is uniform in a warp
   Moments<acc_t> m{acc_t(0), acc_t(0), acc_t(0)};
@@ -119,22 +124,25 @@ __global__ void bn_forward_channels_kernel(const acc_t* __restrict__ partial, in
   }
   save_mean[c] = mean;
   save_invstd[c] = invstd;
-  const BnApply<acc_t> k = bn_apply_coefficients(dt[c], weight ? weight[c] : acc_t(1), bias ? bias[c] : acc_t(0), invstd);
+  const BnApply<acc_t> k =
+      bn_apply_coefficients(dt[c], weight ? weight[c] : acc_t(1), bias ? bias[c] : acc_t(0), invstd);
   coef[c] = k.scale;
   coef[C + c] = k.shift;
 }
 
 template <int W, typename index_t, typename scalar_t, typename acc_t>
-__global__ void bn_apply_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ x, const acc_t* __restrict__ mean,
-                                const acc_t* __restrict__ coef, scalar_t* __restrict__ out, index_t numel, int64_t C,
-                                ChannelIndex<index_t> ci, bool relu) {
+__global__ void bn_apply_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ x,
+                                const acc_t* __restrict__ mean, const acc_t* __restrict__ coef,
+                                scalar_t* __restrict__ out, index_t numel, int64_t C, ChannelIndex<index_t> ci,
+                                bool relu) {
   for_each_pack<W>(numel, [&]<int P>(index_t i) {
     const Pack<scalar_t, P> yv = load_pack<P>(y + i), xv = load_pack<P>(x + i);
     Pack<scalar_t, P> o;
 #pragma unroll
     for (int j = 0; j < P; ++j) {
       const index_t c = ci.channel(i + j);
-      const acc_t r = bn_residual_forward(static_cast<acc_t>(yv.v[j]), static_cast<acc_t>(xv.v[j]), mean[c], coef[c], coef[C + c]);
+      const acc_t r =
+          bn_residual_forward(static_cast<acc_t>(yv.v[j]), static_cast<acc_t>(xv.v[j]), mean[c], coef[c], coef[C + c]);
       o.v[j] = static_cast<scalar_t>(relu ? relu_forward(r) : r);
     }
     store_pack<P>(out + i, o);
@@ -149,8 +157,9 @@ struct Sums {
 };
 
 template <int W, bool Vec, typename scalar_t, typename acc_t>
-__global__ void bn_backward_sums_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, const scalar_t* __restrict__ relu_out,
-                                        const acc_t* __restrict__ mean, acc_t* __restrict__ partial, ChannelReduction r) {
+__global__ void bn_backward_sums_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
+                                        const scalar_t* __restrict__ relu_out, const acc_t* __restrict__ mean,
+                                        acc_t* __restrict__ partial, ChannelReduction r) {
   __shared__ Slots<Sums<acc_t>, W> shared[kThreads];
   const int64_t C = r.channels, inner = r.inner;
   const int64_t c = reduction_channel(r, blockIdx.x, threadIdx.x);
@@ -177,7 +186,8 @@ __global__ void bn_backward_sums_kernel(const scalar_t* __restrict__ g, const sc
         }
       }
     };
-    walk_reduction_items(r, c, blockIdx.y, threadIdx.y, [&](int64_t o, int64_t s, int64_t n) { reduction_item<W>(o, s, n, body); });
+    walk_reduction_items(r, c, blockIdx.y, threadIdx.y,
+                         [&](int64_t o, int64_t s, int64_t n) { reduction_item<W>(o, s, n, body); });
   }
   shared[threadIdx.y * blockDim.x + threadIdx.x] = sums;
   tree_reduce(shared, [](Slots<Sums<acc_t>, W>& a, const Slots<Sums<acc_t>, W>& b) {
@@ -203,16 +213,17 @@ __global__ void bn_backward_sums_kernel(const scalar_t* __restrict__ g, const sc
 // dependent adds); gradients of dt, weight, bias; coef (3, C) = k1, k2, k3.
 template <typename acc_t>
 __global__ void bn_backward_channels_kernel(const acc_t* __restrict__ partial, int64_t chunks, int64_t C, int64_t M,
-                                            const acc_t* __restrict__ dt, const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
-                                            const acc_t* __restrict__ invstd, bool training, acc_t* __restrict__ ddt, acc_t* __restrict__ dweight,
+                                            const acc_t* __restrict__ dt, const acc_t* __restrict__ weight,
+                                            const acc_t* __restrict__ bias, const acc_t* __restrict__ invstd,
+                                            bool training, acc_t* __restrict__ ddt, acc_t* __restrict__ dweight,
                                             acc_t* __restrict__ dbias, acc_t* __restrict__ coef) {
   const int64_t c = blockIdx.x * (int64_t)kChannelWarps + threadIdx.x / 32;
   if (c >= C) return;  // whole warps leave
   const acc_t s1 = warp_fold_sum<acc_t>(chunks, [&](int64_t j) { return partial[j * C + c]; });
   const acc_t s2c = warp_fold_sum<acc_t>(chunks, [&](int64_t j) { return partial[(chunks + j) * C + c]; });
   if (threadIdx.x % 32 != 0) return;
-  const BnBackward<acc_t> r = bn_backward_coefficients(dt[c], weight ? weight[c] : acc_t(1), bias ? bias[c] : acc_t(0), invstd[c], s1, s2c,
-                                                       static_cast<acc_t>(M), training);
+  const BnBackward<acc_t> r = bn_backward_coefficients(dt[c], weight ? weight[c] : acc_t(1), bias ? bias[c] : acc_t(0),
+                                                       invstd[c], s1, s2c, static_cast<acc_t>(M), training);
   ddt[c] = r.ddt;
   if (dweight) dweight[c] = r.dweight;
   if (dbias) dbias[c] = r.dbias;
@@ -222,23 +233,27 @@ __global__ void bn_backward_channels_kernel(const acc_t* __restrict__ partial, i
 }
 
 template <int W, typename index_t, typename scalar_t, typename acc_t>
-__global__ void bn_backward_apply_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, const scalar_t* __restrict__ relu_out,
-                                         const acc_t* __restrict__ mean, const acc_t* __restrict__ coef, scalar_t* __restrict__ dy,
-                                         scalar_t* __restrict__ dx, index_t numel, int64_t C, ChannelIndex<index_t> ci) {
+__global__ void bn_backward_apply_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
+                                         const scalar_t* __restrict__ relu_out, const acc_t* __restrict__ mean,
+                                         const acc_t* __restrict__ coef, scalar_t* __restrict__ dy,
+                                         scalar_t* __restrict__ dx, index_t numel, int64_t C,
+                                         ChannelIndex<index_t> ci) {
   for_each_pack<W>(numel, [&]<int P>(index_t i) {
     Pack<scalar_t, P> gv = load_pack<P>(g + i);
     const Pack<scalar_t, P> xv = load_pack<P>(x + i);
     if (relu_out) {
       const Pack<scalar_t, P> ov = load_pack<P>(relu_out + i);
 #pragma unroll
-      for (int j = 0; j < P; ++j) gv.v[j] = static_cast<scalar_t>(relu_backward(static_cast<acc_t>(gv.v[j]), static_cast<acc_t>(ov.v[j])));
+      for (int j = 0; j < P; ++j)
+        gv.v[j] = static_cast<scalar_t>(relu_backward(static_cast<acc_t>(gv.v[j]), static_cast<acc_t>(ov.v[j])));
       store_pack<P>(dy + i, gv);
     }
     Pack<scalar_t, P> d;
 #pragma unroll
     for (int j = 0; j < P; ++j) {
       const index_t c = ci.channel(i + j);
-      d.v[j] = static_cast<scalar_t>(bn_backward_dx(static_cast<acc_t>(gv.v[j]), static_cast<acc_t>(xv.v[j]), mean[c], coef[c], coef[C + c], coef[2 * C + c]));
+      d.v[j] = static_cast<scalar_t>(bn_backward_dx(static_cast<acc_t>(gv.v[j]), static_cast<acc_t>(xv.v[j]), mean[c],
+                                                    coef[c], coef[C + c], coef[2 * C + c]));
     }
     store_pack<P>(dx + i, d);
   });
@@ -257,9 +272,10 @@ const T* maybe_ptr(const at::Tensor& t) {
 unsigned channel_blocks(int64_t C) { return static_cast<unsigned>(fold_blocks(C)); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cuda(
-    const at::Tensor& y_in, const at::Tensor& x_in, const at::Tensor& dt_in, const std::optional<at::Tensor>& running_mean,
-    const std::optional<at::Tensor>& running_var, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    bool training, double momentum, double eps, bool relu) {
+    const at::Tensor& y_in, const at::Tensor& x_in, const at::Tensor& dt_in,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training, double momentum,
+    double eps, bool relu) {
   const c10::cuda::CUDAGuard guard(y_in.device());
   BnForwardArgs a = prepare_bn_forward(y_in, x_in, dt_in, running_mean, running_var, weight, bias, training);
   const ChannelView v = a.view;
@@ -272,40 +288,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cuda(
   const ChannelReduction plan = plan_channel_reduction(v, a.y.element_size());
   const at::Tensor partial = training ? at::empty({3, plan.chunks, C}, a.dt.options()) : at::Tensor();
   const auto running_type = running_mean.has_value() ? running_mean->scalar_type() : acc;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.y.scalar_type(), "tsc_batch_norm_residual_update_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    if (training) {
-      const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
-      dispatch_reduction<scalar_t>(plan, {xp}, true, [&]<int W, bool Vec>() {
-        bn_stats_kernel<W, Vec, scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
-            xp, partial.mutable_data_ptr<acc_t>(), plan);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.y.scalar_type(), "tsc_batch_norm_residual_update_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        if (training) {
+          const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
+          dispatch_reduction<scalar_t>(plan, {xp}, true, [&]<int W, bool Vec>() {
+            bn_stats_kernel<W, Vec, scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
+                xp, partial.mutable_data_ptr<acc_t>(), plan);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        }
+        AT_DISPATCH_FLOATING_TYPES_AND2(
+            at::kHalf, at::kBFloat16, running_type, "tsc_batch_norm_residual_update_cuda_channels", [&] {
+              using running_t = scalar_t;
+              running_t* rm = running_mean.has_value() ? running_mean->mutable_data_ptr<running_t>() : nullptr;
+              running_t* rv = running_var.has_value() ? running_var->mutable_data_ptr<running_t>() : nullptr;
+              TORCH_CHECK(!running_mean.has_value() || running_mean->stride(0) == running_var->stride(0),
+                          "tsc::batch_norm_residual_update: running_mean and running_var must have one stride");
+              const int64_t rstride = running_mean.has_value() ? running_mean->stride(0) : 0;
+              bn_forward_channels_kernel<acc_t, running_t><<<channel_blocks(C), kThreads, 0, stream>>>(
+                  training ? partial.const_data_ptr<acc_t>() : nullptr, plan.chunks, C, a.count,
+                  a.dt.const_data_ptr<acc_t>(), maybe_ptr<acc_t>(w), maybe_ptr<acc_t>(b), rm, rv, rstride, training,
+                  static_cast<acc_t>(momentum), static_cast<acc_t>(eps), a.save_mean.mutable_data_ptr<acc_t>(),
+                  a.save_invstd.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>());
+              C10_CUDA_KERNEL_LAUNCH_CHECK();
+            });
+        if (a.y.numel() == 0) return;
+        const scalar_t *yp = a.y.const_data_ptr<scalar_t>(), *xp = a.x.const_data_ptr<scalar_t>();
+        scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
+        const int64_t numel = a.y.numel();
+        dispatch_elementwise<scalar_t>(numel, {yp, xp, op}, [&]<int W, typename index_t>() {
+          bn_apply_kernel<W, index_t, scalar_t, acc_t>
+              <<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(
+                  yp, xp, a.save_mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(), op,
+                  static_cast<index_t>(numel), C, ChannelIndex<index_t>(v.inner, C, v.inner * C), relu);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
-    }
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_type, "tsc_batch_norm_residual_update_cuda_channels", [&] {
-      using running_t = scalar_t;
-      running_t* rm = running_mean.has_value() ? running_mean->mutable_data_ptr<running_t>() : nullptr;
-      running_t* rv = running_var.has_value() ? running_var->mutable_data_ptr<running_t>() : nullptr;
-      TORCH_CHECK(!running_mean.has_value() || running_mean->stride(0) == running_var->stride(0),
-                  "tsc::batch_norm_residual_update: running_mean and running_var must have one stride");
-      const int64_t rstride = running_mean.has_value() ? running_mean->stride(0) : 0;
-      bn_forward_channels_kernel<acc_t, running_t><<<channel_blocks(C), kThreads, 0, stream>>>(
-          training ? partial.const_data_ptr<acc_t>() : nullptr, plan.chunks, C, a.count, a.dt.const_data_ptr<acc_t>(), maybe_ptr<acc_t>(w),
-          maybe_ptr<acc_t>(b), rm, rv, rstride, training, static_cast<acc_t>(momentum), static_cast<acc_t>(eps),
-          a.save_mean.mutable_data_ptr<acc_t>(), a.save_invstd.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-    if (a.y.numel() == 0) return;
-    const scalar_t *yp = a.y.const_data_ptr<scalar_t>(), *xp = a.x.const_data_ptr<scalar_t>();
-    scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
-    const int64_t numel = a.y.numel();
-    dispatch_elementwise<scalar_t>(numel, {yp, xp, op}, [&]<int W, typename index_t>() {
-      bn_apply_kernel<W, index_t, scalar_t, acc_t><<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(
-          yp, xp, a.save_mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(), op, static_cast<index_t>(numel), C,
-          ChannelIndex<index_t>(v.inner, C, v.inner * C), relu);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
   return {a.out, a.save_mean, a.save_invstd};
 }
 
@@ -325,36 +345,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   const bool any = a.x.numel() > 0;
   const ChannelReduction plan = plan_channel_reduction(v, a.x.element_size());
   const at::Tensor partial = any ? at::empty({2, plan.chunks, C}, a.dt.options()) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.x.scalar_type(), "tsc_batch_norm_residual_update_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* outp = a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr;
-    if (any) {
-      const scalar_t *gp = a.g.const_data_ptr<scalar_t>(), *xp = a.x.const_data_ptr<scalar_t>();
-      dispatch_reduction<scalar_t>(plan, {gp, xp, outp}, true, [&]<int W, bool Vec>() {
-        bn_backward_sums_kernel<W, Vec, scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
-            gp, xp, outp, a.save_mean.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>(), plan);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.x.scalar_type(), "tsc_batch_norm_residual_update_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const scalar_t* outp = a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr;
+        if (any) {
+          const scalar_t *gp = a.g.const_data_ptr<scalar_t>(), *xp = a.x.const_data_ptr<scalar_t>();
+          dispatch_reduction<scalar_t>(plan, {gp, xp, outp}, true, [&]<int W, bool Vec>() {
+            bn_backward_sums_kernel<W, Vec, scalar_t, acc_t>
+                <<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
+                    gp, xp, outp, a.save_mean.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>(), plan);
+            C10_CUDA_KERNEL_LAUNCH_CHECK();
+          });
+        }
+        // No values: zero chunks, so the per-channel pass writes zero gradients.
+        bn_backward_channels_kernel<acc_t><<<channel_blocks(C), kThreads, 0, stream>>>(
+            any ? partial.const_data_ptr<acc_t>() : nullptr, any ? plan.chunks : 0, C, a.count,
+            a.dt.const_data_ptr<acc_t>(), maybe_ptr<acc_t>(w), maybe_ptr<acc_t>(b),
+            a.save_invstd.const_data_ptr<acc_t>(), training, a.ddt.mutable_data_ptr<acc_t>(),
+            weight.has_value() ? a.dweight.mutable_data_ptr<acc_t>() : nullptr,
+            bias.has_value() ? a.dbias.mutable_data_ptr<acc_t>() : nullptr, coef.mutable_data_ptr<acc_t>());
         C10_CUDA_KERNEL_LAUNCH_CHECK();
+        if (!any) return;
+        const scalar_t *gp = a.g.const_data_ptr<scalar_t>(), *xp = a.x.const_data_ptr<scalar_t>();
+        scalar_t* dyp = a.relu ? a.dy.mutable_data_ptr<scalar_t>() : nullptr;
+        scalar_t* dxp = a.dx.mutable_data_ptr<scalar_t>();
+        const int64_t numel = a.x.numel();
+        dispatch_elementwise<scalar_t>(numel, {gp, xp, outp, dyp, dxp}, [&]<int W, typename index_t>() {
+          bn_backward_apply_kernel<W, index_t, scalar_t, acc_t>
+              <<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(
+                  gp, xp, outp, a.save_mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(), dyp, dxp,
+                  static_cast<index_t>(numel), C, ChannelIndex<index_t>(v.inner, C, v.inner * C));
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
       });
-    }
-    // No values: zero chunks, so the per-channel pass writes zero gradients.
-    bn_backward_channels_kernel<acc_t><<<channel_blocks(C), kThreads, 0, stream>>>(
-        any ? partial.const_data_ptr<acc_t>() : nullptr, any ? plan.chunks : 0, C, a.count, a.dt.const_data_ptr<acc_t>(), maybe_ptr<acc_t>(w),
-        maybe_ptr<acc_t>(b), a.save_invstd.const_data_ptr<acc_t>(), training, a.ddt.mutable_data_ptr<acc_t>(),
-        weight.has_value() ? a.dweight.mutable_data_ptr<acc_t>() : nullptr, bias.has_value() ? a.dbias.mutable_data_ptr<acc_t>() : nullptr,
-        coef.mutable_data_ptr<acc_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (!any) return;
-    const scalar_t *gp = a.g.const_data_ptr<scalar_t>(), *xp = a.x.const_data_ptr<scalar_t>();
-    scalar_t* dyp = a.relu ? a.dy.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dxp = a.dx.mutable_data_ptr<scalar_t>();
-    const int64_t numel = a.x.numel();
-    dispatch_elementwise<scalar_t>(numel, {gp, xp, outp, dyp, dxp}, [&]<int W, typename index_t>() {
-      bn_backward_apply_kernel<W, index_t, scalar_t, acc_t><<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(
-          gp, xp, outp, a.save_mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(), dyp, dxp, static_cast<index_t>(numel), C,
-          ChannelIndex<index_t>(v.inner, C, v.inner * C));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  });
   return {bn_dy_in_layout(a.dy, a.dy_channels_last), a.dx, a.ddt, a.dweight, a.dbias};
 }
 

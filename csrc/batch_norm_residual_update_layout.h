@@ -12,13 +12,16 @@
 
 namespace tsc {
 
-inline at::ScalarType bn_acc_type(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+inline at::ScalarType bn_acc_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 inline void check_bn_channel_tensor(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), "tsc::batch_norm_residual_update: ", name, " must be (C,) with C = ", x.size(1),
-              ", got ", t->sizes());
-  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "tsc::batch_norm_residual_update: ", name, " must be a floating tensor");
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), "tsc::batch_norm_residual_update: ", name,
+              " must be (C,) with C = ", x.size(1), ", got ", t->sizes());
+  TORCH_CHECK(at::isFloatingType(t->scalar_type()), "tsc::batch_norm_residual_update: ", name,
+              " must be a floating tensor");
   TORCH_CHECK(t->device() == x.device(), "tsc::batch_norm_residual_update: ", name, " must be on x's device");
 }
 
@@ -32,12 +35,15 @@ struct BnForwardArgs {
 };
 
 inline BnForwardArgs prepare_bn_forward(const at::Tensor& y_in, const at::Tensor& x_in, const at::Tensor& dt_in,
-                                        const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
-                                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, bool training) {
+                                        const std::optional<at::Tensor>& running_mean,
+                                        const std::optional<at::Tensor>& running_var,
+                                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                        bool training) {
   check_residual_args(y_in, x_in, dt_in);
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
               "tsc::batch_norm_residual_update: running_mean and running_var must both be given or both be None");
-  TORCH_CHECK(training || running_mean.has_value(), "tsc::batch_norm_residual_update: training=False needs running statistics");
+  TORCH_CHECK(training || running_mean.has_value(),
+              "tsc::batch_norm_residual_update: training=False needs running statistics");
   check_bn_channel_tensor(running_mean, "running_mean", y_in);
   check_bn_channel_tensor(running_var, "running_var", y_in);
   TORCH_CHECK(!running_mean.has_value() || running_mean->scalar_type() == running_var->scalar_type(),
@@ -45,7 +51,8 @@ inline BnForwardArgs prepare_bn_forward(const at::Tensor& y_in, const at::Tensor
   check_bn_channel_tensor(weight, "weight", y_in);
   check_bn_channel_tensor(bias, "bias", y_in);
   const int64_t count = bn_count(y_in);
-  TORCH_CHECK(!training || count > 1, "tsc::batch_norm_residual_update: training needs more than 1 value per channel, got input ",
+  TORCH_CHECK(!training || count > 1,
+              "tsc::batch_norm_residual_update: training needs more than 1 value per channel, got input ",
               y_in.sizes());
   const bool cl = is_channels_last_like(y_in);
   BnForwardArgs a{to_layout(y_in, cl), to_layout(x_in, cl), dt_in.contiguous(), {}, {}, {}, {}, count};
@@ -65,15 +72,17 @@ struct BnBackwardArgs {
 };
 
 inline BnBackwardArgs prepare_bn_backward(const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& dt_in,
-                                          const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                                          const at::Tensor& save_mean, const at::Tensor& save_invstd,
-                                          const std::optional<at::Tensor>& relu_out) {
+                                          const std::optional<at::Tensor>& weight,
+                                          const std::optional<at::Tensor>& bias, const at::Tensor& save_mean,
+                                          const at::Tensor& save_invstd, const std::optional<at::Tensor>& relu_out) {
   check_residual_args(x_in, grad_in, dt_in);
   check_bn_channel_tensor(weight, "weight", x_in);
   check_bn_channel_tensor(bias, "bias", x_in);
   for (const auto* t : {&save_mean, &save_invstd}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == x_in.size(1) && t->scalar_type() == dt_in.scalar_type() && t->device() == x_in.device(),
-                "tsc::batch_norm_residual_update_backward: save_mean / save_invstd must be (C,) ", dt_in.scalar_type(), " on x's device");
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == x_in.size(1) && t->scalar_type() == dt_in.scalar_type() &&
+                    t->device() == x_in.device(),
+                "tsc::batch_norm_residual_update_backward: save_mean / save_invstd must be (C,) ", dt_in.scalar_type(),
+                " on x's device");
   }
   const bool relu = relu_out.has_value();
   TORCH_CHECK(!relu || (relu_out->sizes() == x_in.sizes() && relu_out->scalar_type() == x_in.scalar_type()),

@@ -26,10 +26,11 @@ std::optional<at::Tensor> opt(const at::Tensor& t) { return t.defined() ? std::o
 // Forward arguments (launch_plan.h order): tensors y, x, dt, running_mean, running_var, weight,
 // bias; ints training, relu; floats momentum, eps.
 std::vector<Launch> plan_batch_norm_residual_update(const PlanArgs& p) {
-  TORCH_CHECK(p.tensors.size() == 7 && p.ints.size() == 2, "batch_norm_residual_update planner: expected 7 tensors and 2 ints");
+  TORCH_CHECK(p.tensors.size() == 7 && p.ints.size() == 2,
+              "batch_norm_residual_update planner: expected 7 tensors and 2 ints");
   const bool training = p.ints[0] != 0, relu = p.ints[1] != 0;
-  const BnForwardArgs a = prepare_bn_forward(p.tensors[0], p.tensors[1], p.tensors[2], opt(p.tensors[3]), opt(p.tensors[4]),
-                                             opt(p.tensors[5]), opt(p.tensors[6]), training);
+  const BnForwardArgs a = prepare_bn_forward(p.tensors[0], p.tensors[1], p.tensors[2], opt(p.tensors[3]),
+                                             opt(p.tensors[4]), opt(p.tensors[5]), opt(p.tensors[6]), training);
   const ChannelView v = a.view;
   const int64_t C = v.channels, numel = a.y.numel(), es = a.y.element_size(), acc = acc_size(es);
   std::vector<Launch> plan;
@@ -37,26 +38,35 @@ std::vector<Launch> plan_batch_norm_residual_update(const PlanArgs& p) {
   const ChannelReduction r = plan_channel_reduction(v, es);
   if (training) plan.push_back(reduction_launch("bn_stats_kernel", "forward", r, v, es, 1, 3, 3 * acc));
   // per channel: partials (training) or running statistics, dt / weight / bias, running update, save_* and coef
-  plan.push_back(channel_fold_launch("bn_forward_channels_kernel", "forward", C, training ? r.chunks : 0, 3, acc, 11 * C * acc));
+  plan.push_back(
+      channel_fold_launch("bn_forward_channels_kernel", "forward", C, training ? r.chunks : 0, 3, acc, 11 * C * acc));
   if (!training) plan.back().chain = 1;
-  if (numel > 0) plan.push_back(elementwise_launch("bn_apply_kernel", "forward", numel, es, 3, 3 * C * acc, p.sms, true));
+  if (numel > 0)
+    plan.push_back(elementwise_launch("bn_apply_kernel", "forward", numel, es, 3, 3 * C * acc, p.sms, true));
   // Backward of a gradient shaped like out, with the saved statistics (and out as relu_out).
-  if (numel > 0) plan.push_back(reduction_launch("bn_backward_sums_kernel", "backward", r, v, es, relu ? 3 : 2, 2, 2 * acc));
-  plan.push_back(channel_fold_launch("bn_backward_channels_kernel", "backward", C, numel > 0 ? r.chunks : 0, 2, acc, 11 * C * acc));
-  if (numel > 0) plan.push_back(elementwise_launch("bn_backward_apply_kernel", "backward", numel, es, relu ? 5 : 3, 4 * C * acc, p.sms, true));
+  if (numel > 0)
+    plan.push_back(reduction_launch("bn_backward_sums_kernel", "backward", r, v, es, relu ? 3 : 2, 2, 2 * acc));
+  plan.push_back(channel_fold_launch("bn_backward_channels_kernel", "backward", C, numel > 0 ? r.chunks : 0, 2, acc,
+                                     11 * C * acc));
+  if (numel > 0)
+    plan.push_back(
+        elementwise_launch("bn_backward_apply_kernel", "backward", numel, es, relu ? 5 : 3, 4 * C * acc, p.sms, true));
   return plan;
 }
 
 // partial: (3, chunks) count, mean, m2 of each chunk -> (3,) merged as the CUDA per-channel kernel merges them.
 at::Tensor bn_merge_chunks(const at::Tensor& partial) {
-  TORCH_CHECK(partial.dim() == 2 && partial.size(0) == 3, "tsc::_bn_merge_chunks: partial must be (3, chunks), got ", partial.sizes());
-  TORCH_CHECK(partial.device().is_cpu() && at::isFloatingType(partial.scalar_type()), "tsc::_bn_merge_chunks: partial must be a CPU float tensor");
+  TORCH_CHECK(partial.dim() == 2 && partial.size(0) == 3, "tsc::_bn_merge_chunks: partial must be (3, chunks), got ",
+              partial.sizes());
+  TORCH_CHECK(partial.device().is_cpu() && at::isFloatingType(partial.scalar_type()),
+              "tsc::_bn_merge_chunks: partial must be a CPU float tensor");
   const at::Tensor p = partial.to(at::kDouble).contiguous();
   const auto q = p.accessor<double, 2>();
   at::Tensor out = at::empty({3}, p.options());
   AT_DISPATCH_FLOATING_TYPES(partial.scalar_type(), "tsc_bn_merge_chunks", [&] {
     const Moments<scalar_t> m = merge_chunks_like_gpu<scalar_t>(p.size(1), [&](int64_t j) {
-      return Moments<scalar_t>{static_cast<scalar_t>(q[0][j]), static_cast<scalar_t>(q[1][j]), static_cast<scalar_t>(q[2][j])};
+      return Moments<scalar_t>{static_cast<scalar_t>(q[0][j]), static_cast<scalar_t>(q[1][j]),
+                               static_cast<scalar_t>(q[2][j])};
     });
     out[0] = static_cast<double>(m.count);
     out[1] = static_cast<double>(m.mean);

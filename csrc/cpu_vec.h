@@ -126,7 +126,9 @@ template <bool kPerLane, typename acc_t>
 struct PerChannel {
   const acc_t* p;
   acc_t at(int64_t i) const { return kPerLane ? p[i] : p[0]; }
-  Vectorized<acc_t> vec(int64_t i) const { return kPerLane ? Vectorized<acc_t>::loadu(p + i) : Vectorized<acc_t>(p[0]); }
+  Vectorized<acc_t> vec(int64_t i) const {
+    return kPerLane ? Vectorized<acc_t>::loadu(p + i) : Vectorized<acc_t>(p[0]);
+  }
 };
 
 // y[i] += alpha * x[i].

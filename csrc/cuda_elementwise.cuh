@@ -68,7 +68,9 @@ template <typename index_t>
 struct ChannelIndex {
   at::cuda::detail::IntDivider<index_t> inner, C, per_sample;
   ChannelIndex(int64_t inner_, int64_t C_, int64_t per_sample_)
-      : inner(static_cast<index_t>(inner_)), C(static_cast<index_t>(C_)), per_sample(static_cast<index_t>(per_sample_)) {}
+      : inner(static_cast<index_t>(inner_)),
+        C(static_cast<index_t>(C_)),
+        per_sample(static_cast<index_t>(per_sample_)) {}
   __device__ __forceinline__ index_t channel(index_t i) const { return C.mod(inner.div(i)); }
   __device__ __forceinline__ index_t sample(index_t i) const { return per_sample.div(i); }
 };
@@ -93,8 +95,10 @@ constexpr int kPack = 16 / sizeof(scalar_t);
 // launch.template operator()<index_t>(): uint32_t below 2^31 elements, else int64_t.
 template <typename Launch>
 void dispatch_index(int64_t numel, Launch&& launch) {
-  if (numel <= std::numeric_limits<int32_t>::max()) launch.template operator()<uint32_t>();
-  else launch.template operator()<int64_t>();
+  if (numel <= std::numeric_limits<int32_t>::max())
+    launch.template operator()<uint32_t>();
+  else
+    launch.template operator()<int64_t>();
 }
 
 // launch.template operator()<W, index_t>(): W = kPack<scalar_t> when every (non-null) pointer is
@@ -104,8 +108,10 @@ void dispatch_elementwise(int64_t numel, std::initializer_list<const void*> ptrs
   bool aligned = true;
   for (const void* p : ptrs) aligned = aligned && reinterpret_cast<std::uintptr_t>(p) % 16 == 0;
   dispatch_index(numel, [&]<typename index_t>() {
-    if (aligned) launch.template operator()<kPack<scalar_t>, index_t>();
-    else launch.template operator()<1, index_t>();
+    if (aligned)
+      launch.template operator()<kPack<scalar_t>, index_t>();
+    else
+      launch.template operator()<1, index_t>();
   });
 }
 

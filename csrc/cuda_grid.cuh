@@ -17,12 +17,17 @@ namespace tsc {
 // The device properties are cached by ATen: no host-device synchronisation.
 // (launch_geometry.h's elementwise_blocks with this device's SM count, which the planners take as `sms`.)
 inline int elementwise_grid(int64_t numel, int threads) {
-  return static_cast<int>(elementwise_blocks(numel, threads, at::cuda::getCurrentDeviceProperties()->multiProcessorCount));
+  return static_cast<int>(
+      elementwise_blocks(numel, threads, at::cuda::getCurrentDeviceProperties()->multiProcessorCount));
 }
 
 // Grid and block of a per-channel reduction planned by launch_geometry.h's plan_channel_reduction.
-inline dim3 reduction_block(const ChannelReduction& r) { return dim3(static_cast<unsigned>(r.lanes), static_cast<unsigned>(r.value_lanes)); }
-inline dim3 reduction_grid(const ChannelReduction& r) { return dim3(static_cast<unsigned>(r.tiles), static_cast<unsigned>(r.chunks)); }
+inline dim3 reduction_block(const ChannelReduction& r) {
+  return dim3(static_cast<unsigned>(r.lanes), static_cast<unsigned>(r.value_lanes));
+}
+inline dim3 reduction_grid(const ChannelReduction& r) {
+  return dim3(static_cast<unsigned>(r.tiles), static_cast<unsigned>(r.chunks));
+}
 
 // Sum of v over the warp, in every lane.
 template <typename T>
@@ -65,15 +70,18 @@ __device__ acc_t warp_fold_sum(int64_t n, Load load) {
 // (the kernel's other index offsets, e.g. scale_concat's gradient rows) keep pairs aligned. A
 // misaligned view runs Vec = false: the same items with scalar accesses, the same sums.
 template <typename scalar_t, typename Launch>
-void dispatch_reduction(const ChannelReduction& r, std::initializer_list<const void*> ptrs, bool offsets, Launch&& launch) {
+void dispatch_reduction(const ChannelReduction& r, std::initializer_list<const void*> ptrs, bool offsets,
+                        Launch&& launch) {
   constexpr int W = static_cast<int>(reduction_pack(sizeof(scalar_t)));
   if constexpr (W == 1) {
     launch.template operator()<1, true>();
   } else {
     bool vec = offsets && r.pack == W;
     for (const void* p : ptrs) vec = vec && reinterpret_cast<std::uintptr_t>(p) % (W * sizeof(scalar_t)) == 0;
-    if (vec) launch.template operator()<W, true>();
-    else launch.template operator()<W, false>();
+    if (vec)
+      launch.template operator()<W, true>();
+    else
+      launch.template operator()<W, false>();
   }
 }
 
@@ -112,7 +120,8 @@ __device__ __forceinline__ void tree_reduce(T* shared, Merge merge) {
 // ddt[c] = sum over chunks of partial[j * C + c], a warp per channel (kFoldWarps per block,
 // fold_blocks(C) blocks): fixed order, ceil(chunks / 32) + 5 dependent adds.
 template <typename acc_t>
-__global__ void fold_chunks_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ out, int64_t chunks, int64_t C) {
+__global__ void fold_chunks_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ out, int64_t chunks,
+                                   int64_t C) {
   const int64_t c = blockIdx.x * kFoldWarps + threadIdx.x / 32;
   if (c >= C) return;  // whole warps leave: c is uniform in a warp
   const acc_t s = warp_fold_sum<acc_t>(chunks, [&](int64_t j) { return partial[j * C + c]; });

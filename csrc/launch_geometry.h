@@ -6,9 +6,9 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "launch_plan.h"      // Launch (the planners' answer)
+#include "launch_plan.h"     // Launch (the planners' answer)
 #include "channel_layout.h"  // ChannelView
-#include "host_device.h"           // TSC_HD: the reduction walk runs on the host and the device
+#include "host_device.h"     // TSC_HD: the reduction walk runs on the host and the device
 
 namespace tsc {
 
@@ -35,7 +35,9 @@ inline int64_t tree_depth(int64_t n) {
 
 // Serial steps of one lane folding `n` values strided by `lanes`, then the tree over the lanes:
 // the chain of a fixed-order warp (lanes = 32) or block fold.
-inline int64_t fold_chain(int64_t n, int64_t lanes) { return ceil_div(std::max<int64_t>(n, 1), lanes) + tree_depth(lanes); }
+inline int64_t fold_chain(int64_t n, int64_t lanes) {
+  return ceil_div(std::max<int64_t>(n, 1), lanes) + tree_depth(lanes);
+}
 
 // Per-channel reductions over an (outer, C, inner) block (channel_layout.h), shared by the
 // BatchNorm tail's statistics and sums, and the ddt reductions of residual_update and scale_concat.
@@ -163,24 +165,34 @@ inline int64_t channel_reduction_request(const ChannelReduction& r, int64_t elem
 inline Launch packed_launch(const char* kernel, const char* phase, int64_t numel, int64_t element_size, int64_t tensors,
                             int64_t extra_bytes, int64_t sms, int64_t per) {
   const int64_t items = per > 1 ? numel / per + 1 : numel;
-  return Launch{kernel, phase, {elementwise_blocks(items, 256, sms), 1, 1}, 256, numel * element_size * tensors + extra_bytes, 1,
-                warp_request(per * element_size), 0};
+  return Launch{kernel,
+                phase,
+                {elementwise_blocks(items, 256, sms), 1, 1},
+                256,
+                numel * element_size * tensors + extra_bytes,
+                1,
+                warp_request(per * element_size),
+                0};
 }
 
-inline Launch elementwise_launch(const char* kernel, const char* phase, int64_t numel, int64_t element_size, int64_t tensors,
-                                 int64_t extra_bytes, int64_t sms, bool packs) {
+inline Launch elementwise_launch(const char* kernel, const char* phase, int64_t numel, int64_t element_size,
+                                 int64_t tensors, int64_t extra_bytes, int64_t sms, bool packs) {
   return packed_launch(kernel, phase, numel, element_size, tensors, extra_bytes, sms, packs ? 16 / element_size : 1);
 }
 
 // A per-channel reduction block grid (plan_channel_reduction) reading and writing `tensors` tensors
 // and `partials` acc-typed (chunks, C) tables; smem = shared_per_thread per channel slot of a thread
 // (the kernels keep a slot per element of a pack: pack slots, only the first used in planes).
-inline Launch reduction_launch(const char* kernel, const char* phase, const ChannelReduction& r, const ChannelView& v, int64_t element_size,
-                               int64_t tensors, int64_t partials, int64_t shared_per_thread) {
+inline Launch reduction_launch(const char* kernel, const char* phase, const ChannelReduction& r, const ChannelView& v,
+                               int64_t element_size, int64_t tensors, int64_t partials, int64_t shared_per_thread) {
   const int64_t numel = v.outer * v.channels * v.inner, acc = acc_size(element_size);
-  return Launch{kernel, phase, {r.tiles, r.chunks, 1}, r.lanes * r.value_lanes,
+  return Launch{kernel,
+                phase,
+                {r.tiles, r.chunks, 1},
+                r.lanes * r.value_lanes,
                 numel * element_size * tensors + partials * r.chunks * v.channels * acc + v.channels * acc,
-                channel_reduction_chain(r), channel_reduction_request(r, element_size),
+                channel_reduction_chain(r),
+                channel_reduction_request(r, element_size),
                 r.lanes * r.value_lanes * shared_per_thread * reduction_pack(element_size)};
 }
 
@@ -190,10 +202,16 @@ inline int64_t fold_blocks(int64_t outputs) { return ceil_div(outputs, kFoldWarp
 
 // A warp per channel folding `chunks` partials of `partials` (chunks, C) tables (warp_fold_sum or
 // the BatchNorm moments merge), 8 warps a block; lanes read chunks C apart (acc bytes each, adjacent when C == 1).
-inline Launch channel_fold_launch(const char* kernel, const char* phase, int64_t C, int64_t chunks, int64_t partials, int64_t acc,
-                                  int64_t extra_bytes) {
-  return Launch{kernel, phase, {fold_blocks(C), 1, 1}, 32 * kFoldWarps, partials * chunks * C * acc + extra_bytes, fold_chain(chunks, 32),
-                C == 1 ? warp_request(acc) : acc, 0};
+inline Launch channel_fold_launch(const char* kernel, const char* phase, int64_t C, int64_t chunks, int64_t partials,
+                                  int64_t acc, int64_t extra_bytes) {
+  return Launch{kernel,
+                phase,
+                {fold_blocks(C), 1, 1},
+                32 * kFoldWarps,
+                partials * chunks * C * acc + extra_bytes,
+                fold_chain(chunks, 32),
+                C == 1 ? warp_request(acc) : acc,
+                0};
 }
 
 }  // namespace tsc

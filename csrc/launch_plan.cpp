@@ -34,7 +34,8 @@ std::tuple<std::vector<std::string>, std::vector<int64_t>> cuda_launch_plan(
   std::vector<int64_t> fields;
   for (const Launch& l : it->second(args)) {
     names.push_back(l.phase + ":" + l.kernel);
-    fields.insert(fields.end(), {l.grid[0], l.grid[1], l.grid[2], l.threads, l.bytes, l.chain, l.request_bytes, l.smem});
+    fields.insert(fields.end(),
+                  {l.grid[0], l.grid[1], l.grid[2], l.threads, l.bytes, l.chain, l.request_bytes, l.smem});
   }
   return {names, fields};
 }

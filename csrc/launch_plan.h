@@ -43,4 +43,5 @@ bool register_cuda_planner(const char* op, Planner fn);
 
 }  // namespace tsc
 
-#define TSC_REGISTER_CUDA_PLANNER(op, fn) static const bool tsc_cuda_planner_##op = ::tsc::register_cuda_planner(#op, fn)
+#define TSC_REGISTER_CUDA_PLANNER(op, fn) \
+  static const bool tsc_cuda_planner_##op = ::tsc::register_cuda_planner(#op, fn)

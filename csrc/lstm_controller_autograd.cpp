@@ -23,16 +23,17 @@ Forward call_forward(const at::Tensor& wbar, at::IntArrayRef blocks, at::TensorL
   return op.call(wbar, blocks, params);
 }
 
-Backward call_backward(const at::Tensor& grad, const at::Tensor& dt, const at::Tensor& wbar, at::IntArrayRef blocks, at::TensorList params,
-                       const at::Tensor& saved) {
-  static const auto op = typed_op<Backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef, at::TensorList,
-                                           const at::Tensor&)>("tsc::lstm_controller_backward");
+Backward call_backward(const at::Tensor& grad, const at::Tensor& dt, const at::Tensor& wbar, at::IntArrayRef blocks,
+                       at::TensorList params, const at::Tensor& saved) {
+  static const auto op = typed_op<Backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::IntArrayRef,
+                                           at::TensorList, const at::Tensor&)>("tsc::lstm_controller_backward");
   return op.call(grad, dt, wbar, blocks, params, saved);
 }
 
 class LstmControllerFunction : public torch::autograd::Function<LstmControllerFunction> {
  public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& wbar, at::IntArrayRef blocks, at::TensorList params) {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& wbar, at::IntArrayRef blocks,
+                               at::TensorList params) {
     auto [dt, saved] = below_autograd([&] { return call_forward(wbar, blocks, params); });
     ctx->mark_non_differentiable({saved});
     // grad of `saved` is never used: do not materialise zeros for it (nor for an unused Δt)
@@ -65,8 +66,6 @@ Forward lstm_controller_autograd(const at::Tensor& wbar, at::IntArrayRef blocks,
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tsc, Autograd, m) {
-  m.impl("lstm_controller", &lstm_controller_autograd);
-}
+TORCH_LIBRARY_IMPL(tsc, Autograd, m) { m.impl("lstm_controller", &lstm_controller_autograd); }
 
 }  // namespace tsc

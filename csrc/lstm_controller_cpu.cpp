@@ -50,7 +50,8 @@ void weighted_rows(const T* a, int64_t a_stride, const T* rows, int64_t row_stri
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     Vec acc(T(0));
-    for (int64_t d = 0; d < L; ++d) acc = at::vec::fmadd(Vec(a[d * a_stride]), Vec::loadu(rows + d * row_stride + i), acc);
+    for (int64_t d = 0; d < L; ++d)
+      acc = at::vec::fmadd(Vec(a[d * a_stride]), Vec::loadu(rows + d * row_stride + i), acc);
     acc.store(out + i);
   }
   for (; i < n; ++i) {
@@ -76,8 +77,8 @@ struct StageParams {
 template <typename T>
 StageParams<T> stage_params(const std::vector<at::Tensor>& p, int64_t s) {
   const at::Tensor* q = p.data() + kParamsPerStage * s;
-  return {q[kFcInW].const_data_ptr<T>(), q[kFcInB].const_data_ptr<T>(), q[kWih].const_data_ptr<T>(),
-          q[kWhh].const_data_ptr<T>(), q[kBih].const_data_ptr<T>(), q[kBhh].const_data_ptr<T>(),
+  return {q[kFcInW].const_data_ptr<T>(),  q[kFcInB].const_data_ptr<T>(), q[kWih].const_data_ptr<T>(),
+          q[kWhh].const_data_ptr<T>(),    q[kBih].const_data_ptr<T>(),   q[kBhh].const_data_ptr<T>(),
           q[kFcOutW].const_data_ptr<T>(), q[kFcOutB].const_data_ptr<T>()};
 }
 
@@ -95,19 +96,17 @@ void par(int64_t n, int64_t cost, const F& fn) {
 // Column blocks for the transposed products (W^T v): each thread owns a slice of the output.
 constexpr int64_t kCols = 64;
 
-int64_t col_blocks(int64_t n) {
-  return (n + kCols - 1) / kCols;
-}
+int64_t col_blocks(int64_t n) { return (n + kCols - 1) / kCols; }
 
 // Stages run one after the other; the products inside a stage are split across threads (the
 // largest stage holds most of the work: ResNet-50's last stage is ~60% of it).
 template <typename T>
 void stage_forward(const StageDims& s, const StageParams<T>& p, const T* wbar, T* dt, T* saved) {
   const int64_t L = s.L, D = s.D, H = s.H, C = s.C;
-  T* x = saved;                 // (L, H)
-  T* gates = x + L * H;         // (L, 4H)
-  T* c = gates + 4 * L * H;     // (L, H)
-  T* h = c + L * H;             // (L, H)
+  T* x = saved;              // (L, H)
+  T* gates = x + L * H;      // (L, 4H)
+  T* c = gates + 4 * L * H;  // (L, H)
+  T* h = c + L * H;          // (L, H)
   // Every weight row is read from memory once: the products that do not depend on the recurrence
   // (fc_in, the input half of the gates, fc_out) loop over a row's blocks while the row is in L1.
   par(H, L * D, [&](int64_t j0, int64_t j1) {
@@ -212,7 +211,8 @@ void stage_backward(const StageDims& s, const StageParams<T>& p, const StageGrad
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> lstm_controller_cpu(const at::Tensor& wbar_in, at::IntArrayRef blocks, at::TensorList params_in) {
+std::tuple<at::Tensor, at::Tensor> lstm_controller_cpu(const at::Tensor& wbar_in, at::IntArrayRef blocks,
+                                                       at::TensorList params_in) {
   const ControllerDims dims = controller_dims("tsc::lstm_controller", wbar_in, blocks, params_in);
   TORCH_CHECK(wbar_in.device().is_cpu(), "tsc::lstm_controller: CPU kernel got a ", wbar_in.device(), " tensor");
   const at::Tensor wbar = wbar_in.contiguous();
@@ -236,7 +236,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> lstm_controller_backward_cpu(
     at::TensorList params_in, const at::Tensor& saved_in) {
   const ControllerDims dims =
       controller_backward_dims("tsc::lstm_controller_backward", grad_in, dt_in, wbar_in, blocks, params_in, saved_in);
-  const at::Tensor wbar = wbar_in.contiguous(), grad = grad_in.contiguous(), dt = dt_in.contiguous(), saved = saved_in.contiguous();
+  const at::Tensor wbar = wbar_in.contiguous(), grad = grad_in.contiguous(), dt = dt_in.contiguous(),
+                   saved = saved_in.contiguous();
   const std::vector<at::Tensor> params = contiguous_all(params_in);
   at::Tensor dwbar = at::empty({dims.wbar_numel}, wbar.options());
   std::vector<at::Tensor> grads;
@@ -247,8 +248,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> lstm_controller_backward_cpu(
     for (size_t s = 0; s < dims.stages.size(); ++s) {
       const StageDims& st = dims.stages[s];
       at::Tensor* g = grads.data() + kParamsPerStage * s;
-      const StageGrads<T> gr{g[kFcInW].mutable_data_ptr<T>(), g[kFcInB].mutable_data_ptr<T>(), g[kWih].mutable_data_ptr<T>(),
-                             g[kWhh].mutable_data_ptr<T>(), g[kBih].mutable_data_ptr<T>(), g[kBhh].mutable_data_ptr<T>(),
+      const StageGrads<T> gr{g[kFcInW].mutable_data_ptr<T>(),  g[kFcInB].mutable_data_ptr<T>(),
+                             g[kWih].mutable_data_ptr<T>(),    g[kWhh].mutable_data_ptr<T>(),
+                             g[kBih].mutable_data_ptr<T>(),    g[kBhh].mutable_data_ptr<T>(),
                              g[kFcOutW].mutable_data_ptr<T>(), g[kFcOutB].mutable_data_ptr<T>()};
       stage_backward(st, stage_params<T>(params, s), gr, wbar.const_data_ptr<T>() + st.wbar_off,
                      grad.const_data_ptr<T>() + st.dt_off, dt.const_data_ptr<T>() + st.dt_off,
@@ -269,7 +271,8 @@ TORCH_LIBRARY_FRAGMENT(tsc, m) {
   // (L_s, C_s) rows back to back) and saved (x, gates, c, h per stage, for backward).
   m.def("lstm_controller(Tensor wbar_packed, int[] blocks, Tensor[] params) -> (Tensor, Tensor)");
   // BPTT over every stage in one launch: (grad of wbar_packed, grads of params in params' order).
-  m.def("lstm_controller_backward(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks, Tensor[] params, Tensor saved) -> (Tensor, Tensor[])");
+  m.def(
+      "lstm_controller_backward(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks, Tensor[] params, Tensor saved) -> (Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(tsc, CPU, m) {

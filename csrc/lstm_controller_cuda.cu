@@ -76,7 +76,8 @@ using CellBatch = MetaBatch<CellMeta<T>, kMaxStages>;
 // launch), this adds h_{d-1} W_hh^T (a warp per gate row, W_hh rows read coalesced) and runs the
 // cell; the activated gates overwrite the pre-activations.
 template <typename T>
-__global__ void __launch_bounds__(kBlock) lstm_controller_recurrent_kernel(const __grid_constant__ CellBatch<T> batch, T* __restrict__ saved_all) {
+__global__ void __launch_bounds__(kBlock)
+    lstm_controller_recurrent_kernel(const __grid_constant__ CellBatch<T> batch, T* __restrict__ saved_all) {
   const CellMeta<T>& m = batch.m[blockIdx.x];
   const int64_t L = m.L, H = m.H;
   T* gates = saved_all + m.saved_off + L * H;
@@ -104,8 +105,9 @@ __global__ void __launch_bounds__(kBlock) lstm_controller_recurrent_kernel(const
 // through the cell; writes dpre (L, 4H) for the products after it. A thread owns hidden unit j in
 // both loops (dnext[j], dc[j]), W_hh read along its rows by adjacent threads.
 template <typename T>
-__global__ void __launch_bounds__(kBlock) lstm_controller_bptt_kernel(const __grid_constant__ CellBatch<T> batch, const T* __restrict__ saved_all,
-                                                                      T* __restrict__ ws_all) {
+__global__ void __launch_bounds__(kBlock)
+    lstm_controller_bptt_kernel(const __grid_constant__ CellBatch<T> batch, const T* __restrict__ saved_all,
+                                T* __restrict__ ws_all) {
   const CellMeta<T>& m = batch.m[blockIdx.x];
   const int64_t L = m.L, H = m.H;
   const T* gates = saved_all + m.saved_off + L * H;
@@ -120,8 +122,8 @@ __global__ void __launch_bounds__(kBlock) lstm_controller_bptt_kernel(const __gr
     T* dp = dpre + d * 4 * H;
     for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
       const T c_prev = d > 0 ? c[(d - 1) * H + j] : T(0);
-      dc[j] = lstm_cell_backward(dh[d * H + j] + dnext[j], dc[j], gd[j], gd[H + j], gd[2 * H + j], gd[3 * H + j], c[d * H + j], c_prev,
-                                 dp[j], dp[H + j], dp[2 * H + j], dp[3 * H + j]);
+      dc[j] = lstm_cell_backward(dh[d * H + j] + dnext[j], dc[j], gd[j], gd[H + j], gd[2 * H + j], gd[3 * H + j],
+                                 c[d * H + j], c_prev, dp[j], dp[H + j], dp[2 * H + j], dp[3 * H + j]);
     }
     __syncthreads();
     if (d == 0) break;  // nothing flows to h_{-1}
@@ -156,12 +158,14 @@ CellBatch<T> cell_batch(const Step& st, const ControllerDims& dims, const std::v
   for (int64_t k = 0; k < st.nstages; ++k) {
     const int64_t s = st.stage0 + k;
     const StageDims& sd = dims.stages[s];
-    batch.m[k] = CellMeta<T>{params[kParamsPerStage * s + kWhh].const_data_ptr<T>(), sd.L, sd.H, sd.saved_off, ws_layout(sd, ws[s])};
+    batch.m[k] = CellMeta<T>{params[kParamsPerStage * s + kWhh].const_data_ptr<T>(), sd.L, sd.H, sd.saved_off,
+                             ws_layout(sd, ws[s])};
   }
   return batch;
 }
 
-std::tuple<at::Tensor, at::Tensor> lstm_controller_cuda(const at::Tensor& wbar_in, at::IntArrayRef blocks, at::TensorList params_in) {
+std::tuple<at::Tensor, at::Tensor> lstm_controller_cuda(const at::Tensor& wbar_in, at::IntArrayRef blocks,
+                                                        at::TensorList params_in) {
   const ControllerDims dims = controller_dims("tsc::lstm_controller", wbar_in, blocks, params_in);
   const c10::cuda::CUDAGuard guard(wbar_in.device());
   const at::Tensor wbar = wbar_in.contiguous();
@@ -180,7 +184,8 @@ std::tuple<at::Tensor, at::Tensor> lstm_controller_cuda(const at::Tensor& wbar_i
       if (!st.jobs.empty()) {
         launch_products(st, b, stream);
       } else {
-        lstm_controller_recurrent_kernel<scalar_t><<<static_cast<unsigned>(st.nstages), kBlock, 0, stream>>>(cell_batch<scalar_t>(st, dims, params), b.saved);
+        lstm_controller_recurrent_kernel<scalar_t>
+            <<<static_cast<unsigned>(st.nstages), kBlock, 0, stream>>>(cell_batch<scalar_t>(st, dims, params), b.saved);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
@@ -194,7 +199,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> lstm_controller_backward_cuda(
   const ControllerDims dims =
       controller_backward_dims("tsc::lstm_controller_backward", grad_in, dt_in, wbar_in, blocks, params_in, saved_in);
   const c10::cuda::CUDAGuard guard(wbar_in.device());
-  const at::Tensor wbar = wbar_in.contiguous(), grad = grad_in.contiguous(), dt = dt_in.contiguous(), saved = saved_in.contiguous();
+  const at::Tensor wbar = wbar_in.contiguous(), grad = grad_in.contiguous(), dt = dt_in.contiguous(),
+                   saved = saved_in.contiguous();
   const std::vector<at::Tensor> params = contiguous_all(params_in);
   at::Tensor dwbar = at::empty({dims.wbar_numel}, wbar.options());
   std::vector<at::Tensor> grads;
@@ -218,8 +224,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> lstm_controller_backward_cuda(
       if (!st.jobs.empty()) {
         launch_products(st, b, stream);
       } else {
-        lstm_controller_bptt_kernel<scalar_t><<<static_cast<unsigned>(st.nstages), kBlock, 0, stream>>>(cell_batch<scalar_t>(st, dims, params),
-                                                                                                  b.saved, b.ws);
+        lstm_controller_bptt_kernel<scalar_t><<<static_cast<unsigned>(st.nstages), kBlock, 0, stream>>>(
+            cell_batch<scalar_t>(st, dims, params), b.saved, b.ws);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }

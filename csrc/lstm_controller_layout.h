@@ -32,23 +32,31 @@ struct ControllerDims {
 };
 
 // Checks the packed arguments against each other and computes every stage's offsets.
-inline ControllerDims controller_dims(const char* op, const at::Tensor& wbar, at::IntArrayRef blocks, at::TensorList params) {
+inline ControllerDims controller_dims(const char* op, const at::Tensor& wbar, at::IntArrayRef blocks,
+                                      at::TensorList params) {
   const int64_t S = static_cast<int64_t>(blocks.size());
-  TORCH_CHECK(static_cast<int64_t>(params.size()) == kParamsPerStage * S, op, ": params must hold 8 tensors per stage (", kParamsPerStage * S, " for ", S, " stages), got ", params.size());
+  TORCH_CHECK(static_cast<int64_t>(params.size()) == kParamsPerStage * S, op,
+              ": params must hold 8 tensors per stage (", kParamsPerStage * S, " for ", S, " stages), got ",
+              params.size());
   TORCH_CHECK(wbar.dim() == 1, op, ": wbar_packed must be 1-D, got ", wbar.sizes());
-  TORCH_CHECK(wbar.scalar_type() == at::kFloat || wbar.scalar_type() == at::kDouble, op, ": wbar_packed must be float32 or float64, got ", wbar.scalar_type());
+  TORCH_CHECK(wbar.scalar_type() == at::kFloat || wbar.scalar_type() == at::kDouble, op,
+              ": wbar_packed must be float32 or float64, got ", wbar.scalar_type());
   ControllerDims dims;
   for (int64_t s = 0; s < S; ++s) {
     const at::Tensor* p = params.data() + kParamsPerStage * s;
     for (int64_t k = 0; k < kParamsPerStage; ++k) {
-      TORCH_CHECK(p[k].scalar_type() == wbar.scalar_type(), op, ": params[", kParamsPerStage * s + k, "] must have wbar_packed's dtype ", wbar.scalar_type(), ", got ", p[k].scalar_type());
-      TORCH_CHECK(p[k].device() == wbar.device(), op, ": params[", kParamsPerStage * s + k, "] must be on wbar_packed's device");
+      TORCH_CHECK(p[k].scalar_type() == wbar.scalar_type(), op, ": params[", kParamsPerStage * s + k,
+                  "] must have wbar_packed's dtype ", wbar.scalar_type(), ", got ", p[k].scalar_type());
+      TORCH_CHECK(p[k].device() == wbar.device(), op, ": params[", kParamsPerStage * s + k,
+                  "] must be on wbar_packed's device");
     }
     TORCH_CHECK(blocks[s] >= 0, op, ": blocks[", s, "] must be >= 0, got ", blocks[s]);
-    TORCH_CHECK(p[kFcInW].dim() == 2 && p[kFcOutW].dim() == 2, op, ": stage ", s, ": fc_in.weight and fc_out.weight must be 2-D");
+    TORCH_CHECK(p[kFcInW].dim() == 2 && p[kFcOutW].dim() == 2, op, ": stage ", s,
+                ": fc_in.weight and fc_out.weight must be 2-D");
     const int64_t H = p[kFcInW].size(0), D = p[kFcInW].size(1), C = p[kFcOutW].size(0);
     auto expect = [&](int64_t k, std::vector<int64_t> shape) {
-      TORCH_CHECK(p[k].sizes() == at::IntArrayRef(shape), op, ": stage ", s, ": params[", kParamsPerStage * s + k, "] must have shape ", shape, ", got ", p[k].sizes());
+      TORCH_CHECK(p[k].sizes() == at::IntArrayRef(shape), op, ": stage ", s, ": params[", kParamsPerStage * s + k,
+                  "] must have shape ", shape, ", got ", p[k].sizes());
     };
     expect(kFcInB, {H});
     expect(kWih, {4 * H, H});
@@ -63,23 +71,31 @@ inline ControllerDims controller_dims(const char* op, const at::Tensor& wbar, at
     dims.dt_numel += L * C;
     dims.saved_numel += kSavedPerUnit * L * H;
   }
-  TORCH_CHECK(wbar.numel() == dims.wbar_numel, op, ": wbar_packed must hold sum(L_s * D_s) = ", dims.wbar_numel, " values, got ", wbar.numel());
+  TORCH_CHECK(wbar.numel() == dims.wbar_numel, op, ": wbar_packed must hold sum(L_s * D_s) = ", dims.wbar_numel,
+              " values, got ", wbar.numel());
   return dims;
 }
 
 // Every tensor of ts contiguous (the kernels index params as dense row-major arrays).
 // The backward's dims, after checking its extra arguments (grad, dt_packed, saved) against the
 // forward's: sizes, dtype and device, the same checks on every backend.
-inline ControllerDims controller_backward_dims(const char* op, const at::Tensor& grad, const at::Tensor& dt, const at::Tensor& wbar,
-                                              at::IntArrayRef blocks, at::TensorList params, const at::Tensor& saved) {
+inline ControllerDims controller_backward_dims(const char* op, const at::Tensor& grad, const at::Tensor& dt,
+                                               const at::Tensor& wbar, at::IntArrayRef blocks, at::TensorList params,
+                                               const at::Tensor& saved) {
   const ControllerDims dims = controller_dims(op, wbar, blocks, params);
-  TORCH_CHECK(grad.numel() == dims.dt_numel && dt.numel() == dims.dt_numel, op, ": grad and dt must hold ", dims.dt_numel, " values");
-  TORCH_CHECK(saved.numel() == dims.saved_numel, op, ": saved must hold ", dims.saved_numel, " values, got ", saved.numel());
-  TORCH_CHECK(grad.scalar_type() == wbar.scalar_type() && dt.scalar_type() == wbar.scalar_type() && saved.scalar_type() == wbar.scalar_type(),
+  TORCH_CHECK(grad.numel() == dims.dt_numel && dt.numel() == dims.dt_numel, op, ": grad and dt must hold ",
+              dims.dt_numel, " values");
+  TORCH_CHECK(saved.numel() == dims.saved_numel, op, ": saved must hold ", dims.saved_numel, " values, got ",
+              saved.numel());
+  TORCH_CHECK(grad.scalar_type() == wbar.scalar_type() && dt.scalar_type() == wbar.scalar_type() &&
+                  saved.scalar_type() == wbar.scalar_type(),
               op, ": grad, dt and saved must have wbar_packed's dtype");
-  TORCH_CHECK(grad.device() == wbar.device(), op, ": grad must be on wbar_packed's device ", wbar.device(), ", got ", grad.device());
-  TORCH_CHECK(dt.device() == wbar.device(), op, ": dt_packed must be on wbar_packed's device ", wbar.device(), ", got ", dt.device());
-  TORCH_CHECK(saved.device() == wbar.device(), op, ": saved must be on wbar_packed's device ", wbar.device(), ", got ", saved.device());
+  TORCH_CHECK(grad.device() == wbar.device(), op, ": grad must be on wbar_packed's device ", wbar.device(), ", got ",
+              grad.device());
+  TORCH_CHECK(dt.device() == wbar.device(), op, ": dt_packed must be on wbar_packed's device ", wbar.device(), ", got ",
+              dt.device());
+  TORCH_CHECK(saved.device() == wbar.device(), op, ": saved must be on wbar_packed's device ", wbar.device(), ", got ",
+              saved.device());
   return dims;
 }
 

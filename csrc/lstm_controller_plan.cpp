@@ -66,7 +66,8 @@ void run_cells_forward(const StageDims& sd, const T* whh, T* saved) {
     if (d > 0)
       for (int64_t k = 0; k < 4 * H; ++k) gd[k] += row_dot(whh + k * H, h + (d - 1) * H, H);
     for (int64_t j = 0; j < H; ++j)
-      lstm_cell_forward(gd[j], gd[H + j], gd[2 * H + j], gd[3 * H + j], d > 0 ? c[(d - 1) * H + j] : T(0), c[d * H + j], h[d * H + j]);
+      lstm_cell_forward(gd[j], gd[H + j], gd[2 * H + j], gd[3 * H + j], d > 0 ? c[(d - 1) * H + j] : T(0), c[d * H + j],
+                        h[d * H + j]);
   }
 }
 
@@ -81,8 +82,9 @@ void run_cells_backward(const StageDims& sd, const lstm_plan::WsLayout& w, const
     const T* gd = gates + d * 4 * H;
     T* dp = dpre + d * 4 * H;
     for (int64_t j = 0; j < H; ++j)
-      dc[j] = lstm_cell_backward(dh[d * H + j] + dnext[j], dc[j], gd[j], gd[H + j], gd[2 * H + j], gd[3 * H + j], c[d * H + j],
-                                 d > 0 ? c[(d - 1) * H + j] : T(0), dp[j], dp[H + j], dp[2 * H + j], dp[3 * H + j]);
+      dc[j] = lstm_cell_backward(dh[d * H + j] + dnext[j], dc[j], gd[j], gd[H + j], gd[2 * H + j], gd[3 * H + j],
+                                 c[d * H + j], d > 0 ? c[(d - 1) * H + j] : T(0), dp[j], dp[H + j], dp[2 * H + j],
+                                 dp[3 * H + j]);
     for (int64_t j = 0; j < H && d > 0; ++j) {
       T s = 0;
       for (int64_t k = 0; k < 4 * H; ++k) s += dp[k] * whh[k * H + j];
@@ -91,10 +93,13 @@ void run_cells_backward(const StageDims& sd, const lstm_plan::WsLayout& w, const
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> plan_on_cpu(const at::Tensor& wbar_in, at::IntArrayRef blocks,
-                                                                                   at::TensorList params_in, const at::Tensor& grad_in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> plan_on_cpu(const at::Tensor& wbar_in,
+                                                                                    at::IntArrayRef blocks,
+                                                                                    at::TensorList params_in,
+                                                                                    const at::Tensor& grad_in) {
   const ControllerDims dims = controller_dims("tsc::_lstm_controller_cuda_plan_on_cpu", wbar_in, blocks, params_in);
-  TORCH_CHECK(wbar_in.device().is_cpu() && grad_in.numel() == dims.dt_numel, "_lstm_controller_cuda_plan_on_cpu: CPU tensors, grad like dt");
+  TORCH_CHECK(wbar_in.device().is_cpu() && grad_in.numel() == dims.dt_numel,
+              "_lstm_controller_cuda_plan_on_cpu: CPU tensors, grad like dt");
   const at::Tensor wbar = wbar_in.contiguous(), grad = grad_in.to(wbar.scalar_type()).contiguous();
   const std::vector<at::Tensor> params = contiguous_all(params_in);
   at::Tensor dt = at::empty({dims.dt_numel}, wbar.options()), saved = at::empty({dims.saved_numel}, wbar.options());
@@ -125,8 +130,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> plan_on_
     for (const lstm_plan::Step& st : lstm_plan::backward_steps(dims)) {
       if (!st.jobs.empty()) run_products(st, b);
       for (int64_t s = st.stage0; s < st.stage0 + st.nstages; ++s)
-        run_cells_backward(dims.stages[s], lstm_plan::ws_layout(dims.stages[s], ws_off[s]), params[kParamsPerStage * s + kWhh].const_data_ptr<T>(),
-                           b.saved, b.ws);
+        run_cells_backward(dims.stages[s], lstm_plan::ws_layout(dims.stages[s], ws_off[s]),
+                           params[kParamsPerStage * s + kWhh].const_data_ptr<T>(), b.saved, b.ws);
     }
   });
   return {dt, saved, dwbar, grads};
@@ -138,9 +143,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> plan_on_
 TORCH_LIBRARY_FRAGMENT(tsc, m) {
   // Test support (tests/test_controller_plans.py): the CUDA launcher's plan of lstm_controller and
   // its backward, run on CPU tensors (host executor above). Not a public op.
-  m.def("_lstm_controller_cuda_plan_on_cpu(Tensor wbar_packed, int[] blocks, Tensor[] params, Tensor grad) -> (Tensor, Tensor, Tensor, Tensor[])");
+  m.def(
+      "_lstm_controller_cuda_plan_on_cpu(Tensor wbar_packed, int[] blocks, Tensor[] params, Tensor grad) -> (Tensor, Tensor, Tensor, Tensor[])");
 }
 
-TORCH_LIBRARY_IMPL(tsc, CPU, m) {
-  m.impl("_lstm_controller_cuda_plan_on_cpu", &tsc::plan_on_cpu);
-}
+TORCH_LIBRARY_IMPL(tsc, CPU, m) { m.impl("_lstm_controller_cuda_plan_on_cpu", &tsc::plan_on_cpu); }

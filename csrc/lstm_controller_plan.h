@@ -104,7 +104,8 @@ inline Operand op(Ref r, int64_t outer, int64_t inner, int64_t kind = kPlain) { 
 inline Operand one() { return Operand{Ref{}, kOne, 0, 0}; }
 
 // Y (rows, cols) = A (rows, K) B (cols, K)^T, both contiguous in k: a warp per output.
-inline Job dot_job(int64_t rows, int64_t cols, int64_t K, Operand a, Operand b, Ref y, int64_t epilogue, Ref bias1 = {}, Ref bias2 = {}) {
+inline Job dot_job(int64_t rows, int64_t cols, int64_t K, Operand a, Operand b, Ref y, int64_t epilogue, Ref bias1 = {},
+                   Ref bias2 = {}) {
   return Job{kDot, rows, cols, K, a, b, y, Ref{}, bias1, bias2, Ref{}, epilogue};
 }
 
@@ -129,7 +130,8 @@ inline void add_products(std::vector<Step>& steps, const char* phase, const std:
 
 inline void add_recurrent(std::vector<Step>& steps, const char* kernel, const char* phase, const ControllerDims& dims) {
   const int64_t S = static_cast<int64_t>(dims.stages.size());
-  for (int64_t s0 = 0; s0 < S; s0 += kMaxStages) steps.push_back(Step{kernel, phase, {}, s0, std::min(kMaxStages, S - s0)});
+  for (int64_t s0 = 0; s0 < S; s0 += kMaxStages)
+    steps.push_back(Step{kernel, phase, {}, s0, std::min(kMaxStages, S - s0)});
 }
 
 inline std::vector<Step> forward_steps(const ControllerDims& dims) {
@@ -138,14 +140,14 @@ inline std::vector<Step> forward_steps(const ControllerDims& dims) {
     const StageDims& st = dims.stages[s];
     const int64_t L = st.L, D = st.D, H = st.H, C = st.C;
     // x = relu(w̄ W_in^T + b_in)
-    fc_in.push_back(dot_job(L, H, D, op(buf(kWbar, st.wbar_off), D, 1), op(param(s, kFcInW), D, 1), buf(kSaved, saved_x(st)), kRelu,
-                            param(s, kFcInB)));
+    fc_in.push_back(dot_job(L, H, D, op(buf(kWbar, st.wbar_off), D, 1), op(param(s, kFcInW), D, 1),
+                            buf(kSaved, saved_x(st)), kRelu, param(s, kFcInB)));
     // gates' input half, x W_ih^T + b_ih + b_hh, into the gates of `saved` (the cell adds h W_hh^T)
-    gates.push_back(dot_job(L, 4 * H, H, op(buf(kSaved, saved_x(st)), H, 1), op(param(s, kWih), H, 1), buf(kSaved, saved_gates(st)),
-                            kLinear, param(s, kBih), param(s, kBhh)));
+    gates.push_back(dot_job(L, 4 * H, H, op(buf(kSaved, saved_x(st)), H, 1), op(param(s, kWih), H, 1),
+                            buf(kSaved, saved_gates(st)), kLinear, param(s, kBih), param(s, kBhh)));
     // Δt = sigmoid(h W_out^T + b_out)
-    fc_out.push_back(dot_job(L, C, H, op(buf(kSaved, saved_h(st)), H, 1), op(param(s, kFcOutW), H, 1), buf(kDt, st.dt_off), kSigmoid,
-                             param(s, kFcOutB)));
+    fc_out.push_back(dot_job(L, C, H, op(buf(kSaved, saved_h(st)), H, 1), op(param(s, kFcOutW), H, 1),
+                             buf(kDt, st.dt_off), kSigmoid, param(s, kFcOutB)));
   }
   std::vector<Step> steps;
   add_products(steps, "forward", fc_in);
@@ -173,7 +175,8 @@ inline std::vector<Step> backward_steps(const ControllerDims& dims) {
     dx.epilogue = kReluBwd;
     dx.aux = buf(kSaved, saved_x(st));
     mid.push_back(dx);
-    mid.push_back(axpy_job(4 * H, H, L, op(buf(kWs, w.dpre), 1, 4 * H), op(buf(kSaved, saved_x(st)), 1, H), param_grad(s, kWih)));
+    mid.push_back(
+        axpy_job(4 * H, H, L, op(buf(kWs, w.dpre), 1, 4 * H), op(buf(kSaved, saved_x(st)), 1, H), param_grad(s, kWih)));
     mid.push_back(axpy_job(4 * H, H, std::max<int64_t>(L - 1, 0), op(buf(kWs, w.dpre + 4 * H), 1, 4 * H),
                            op(buf(kSaved, saved_h(st)), 1, H), param_grad(s, kWhh)));
     Job db = axpy_job(1, 4 * H, L, one(), op(buf(kWs, w.dpre), 1, 4 * H), param_grad(s, kBih));
@@ -299,9 +302,12 @@ TSC_HD void store_output(const JobPtrs<T>& j, int64_t r, int64_t c, T s) {
   if (j.bias1) s += j.bias1[c];
   if (j.bias2) s += j.bias2[c];
   const int64_t e = r * j.cols + c;
-  if (j.epilogue == kRelu) s = relu_forward(s);
-  else if (j.epilogue == kSigmoid) s = sigmoid(s);
-  else if (j.epilogue == kReluBwd) s = relu_backward(s, j.aux[e]);
+  if (j.epilogue == kRelu)
+    s = relu_forward(s);
+  else if (j.epilogue == kSigmoid)
+    s = sigmoid(s);
+  else if (j.epilogue == kReluBwd)
+    s = relu_backward(s, j.aux[e]);
   j.y[e] = s;
   if (j.y2) j.y2[e] = s;
 }
@@ -316,26 +322,36 @@ struct Buffers {
 
   T* at(const Ref& r) const {
     switch (r.buf) {
-      case kWbar: return const_cast<T*>(wbar) + r.off;
-      case kDt: return (dt ? dt : const_cast<T*>(dt_in)) + r.off;
-      case kGradDt: return const_cast<T*>(grad) + r.off;
-      case kSaved: return saved + r.off;
-      case kWs: return ws + r.off;
-      case kDwbar: return dwbar + r.off;
-      case kParam: return const_cast<T*>((*params)[r.index].template const_data_ptr<T>());
-      case kParamGrad: return (*grads)[r.index].template mutable_data_ptr<T>();
-      default: return nullptr;
+      case kWbar:
+        return const_cast<T*>(wbar) + r.off;
+      case kDt:
+        return (dt ? dt : const_cast<T*>(dt_in)) + r.off;
+      case kGradDt:
+        return const_cast<T*>(grad) + r.off;
+      case kSaved:
+        return saved + r.off;
+      case kWs:
+        return ws + r.off;
+      case kDwbar:
+        return dwbar + r.off;
+      case kParam:
+        return const_cast<T*>((*params)[r.index].template const_data_ptr<T>());
+      case kParamGrad:
+        return (*grads)[r.index].template mutable_data_ptr<T>();
+      default:
+        return nullptr;
     }
   }
 
   JobOperand<T> operand(const Operand& o) const {
     // kSigmoidBwd reads grad at ref and dt at the same offset
-    return JobOperand<T>{at(o.ref), o.kind == kSigmoidBwd ? at(Ref{kDt, 0, o.ref.off}) : nullptr, o.kind, o.outer, o.inner};
+    return JobOperand<T>{at(o.ref), o.kind == kSigmoidBwd ? at(Ref{kDt, 0, o.ref.off}) : nullptr, o.kind, o.outer,
+                         o.inner};
   }
 
   JobPtrs<T> job(const Job& j, int64_t block0) const {
     return JobPtrs<T>{operand(j.a), operand(j.b), at(j.y), at(j.y2), at(j.bias1), at(j.bias2), at(j.aux),
-                      j.form, j.rows, j.cols, j.K, j.epilogue, block0};
+                      j.form,       j.rows,       j.cols,  j.K,      j.epilogue,  block0};
   }
 };
 

@@ -12,8 +12,8 @@
 namespace tsc {
 namespace {
 
-at::Tensor call_forward(const at::Tensor& u, const at::Tensor& u_prev, const at::Tensor& f, const at::Tensor& k, const OptTensor& dt,
-                        const OptTensor& keep, bool relu) {
+at::Tensor call_forward(const at::Tensor& u, const at::Tensor& u_prev, const at::Tensor& f, const at::Tensor& k,
+                        const OptTensor& dt, const OptTensor& keep, bool relu) {
   static const auto op = typed_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                              const OptTensor&, const OptTensor&, bool)>("tsc::multistep_update");
   return op.call(u, u_prev, f, k, dt, keep, relu);
@@ -21,10 +21,11 @@ at::Tensor call_forward(const at::Tensor& u, const at::Tensor& u_prev, const at:
 
 using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Grads call_backward(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& u_prev, const at::Tensor& f, const at::Tensor& k,
-                    const OptTensor& dt, const OptTensor& keep, const OptTensor& relu_out) {
-  static const auto op = typed_op<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                        const OptTensor&, const OptTensor&, const OptTensor&)>("tsc::multistep_update_backward");
+Grads call_backward(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& u_prev, const at::Tensor& f,
+                    const at::Tensor& k, const OptTensor& dt, const OptTensor& keep, const OptTensor& relu_out) {
+  static const auto op =
+      typed_op<Grads(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                     const OptTensor&, const OptTensor&, const OptTensor&)>("tsc::multistep_update_backward");
   return op.call(grad, u, u_prev, f, k, dt, keep, relu_out);
 }
 
@@ -40,20 +41,20 @@ class MultistepUpdateFunction : public torch::autograd::Function<MultistepUpdate
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto s = ctx->get_saved_variables();
     const at::Tensor &dt = s[4], &keep = s[5];
-    auto [du, du_prev, df, dk, ddt, dkeep] = call_backward(grads[0], s[0], s[1], s[2], s[3], from_saved(dt), from_saved(keep), from_saved(s[6]));
-    return {du, du_prev, df, dk, dt.defined() ? ddt : at::Tensor(), keep.defined() ? dkeep : at::Tensor(), at::Tensor()};
+    auto [du, du_prev, df, dk, ddt, dkeep] =
+        call_backward(grads[0], s[0], s[1], s[2], s[3], from_saved(dt), from_saved(keep), from_saved(s[6]));
+    return {du,          du_prev, df, dk, dt.defined() ? ddt : at::Tensor(), keep.defined() ? dkeep : at::Tensor(),
+            at::Tensor()};
   }
 };
 
-at::Tensor multistep_update_autograd(const at::Tensor& u, const at::Tensor& u_prev, const at::Tensor& f, const at::Tensor& k,
-                                     const OptTensor& dt, const OptTensor& keep, bool relu) {
+at::Tensor multistep_update_autograd(const at::Tensor& u, const at::Tensor& u_prev, const at::Tensor& f,
+                                     const at::Tensor& k, const OptTensor& dt, const OptTensor& keep, bool relu) {
   return MultistepUpdateFunction::apply(u, u_prev, f, k, dt, keep, relu);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tsc, Autograd, m) {
-  m.impl("multistep_update", &multistep_update_autograd);
-}
+TORCH_LIBRARY_IMPL(tsc, Autograd, m) { m.impl("multistep_update", &multistep_update_autograd); }
 
 }  // namespace tsc

@@ -52,7 +52,8 @@ void forward_run(const scalar_t* u, const scalar_t* up, const scalar_t* f, at::o
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
   auto scalar = [&](int64_t i) {
-    const acc_t o = multistep_forward(static_cast<acc_t>(u[i]), static_cast<acc_t>(up[i]), static_cast<acc_t>(f[i]), k, scale.at(i));
+    const acc_t o = multistep_forward(static_cast<acc_t>(u[i]), static_cast<acc_t>(up[i]), static_cast<acc_t>(f[i]), k,
+                                      scale.at(i));
     out[i] = static_cast<scalar_t>(relu ? relu_forward(o) : o);
   };
   const Vec kv(k);
@@ -63,7 +64,8 @@ void forward_run(const scalar_t* u, const scalar_t* up, const scalar_t* f, at::o
     L::load(u + i, u0, u1);
     L::load(up + i, p0, p1);
     L::load(f + i, f0, f1);
-    Vec o0 = multistep_forward(u0, p0, f0, kv, scale.vec(i)), o1 = multistep_forward(u1, p1, f1, kv, scale.vec(i + Vec::size()));
+    Vec o0 = multistep_forward(u0, p0, f0, kv, scale.vec(i)),
+        o1 = multistep_forward(u1, p1, f1, kv, scale.vec(i + Vec::size()));
     if (relu) {
       o0 = cpu::relu_forward(o0);
       o1 = cpu::relu_forward(o1);
@@ -78,15 +80,16 @@ void forward_run(const scalar_t* u, const scalar_t* up, const scalar_t* f, at::o
 // `sum(i, dk_term, gf_term)` / `vec_sum(i, dk0, dk1, gf0, gf1)`.
 template <bool kPerLane, typename scalar_t, typename Sum, typename VecSum>
 void backward_run(const scalar_t* g, const scalar_t* u, const scalar_t* up, const scalar_t* f, const scalar_t* out,
-                  at::opmath_type<scalar_t> k, Scale<kPerLane, at::opmath_type<scalar_t>> scale, scalar_t* du, scalar_t* dup,
-                  scalar_t* df, int64_t n, bool stream, Sum sum, VecSum vec_sum) {
+                  at::opmath_type<scalar_t> k, Scale<kPerLane, at::opmath_type<scalar_t>> scale, scalar_t* du,
+                  scalar_t* dup, scalar_t* df, int64_t n, bool stream, Sum sum, VecSum vec_sum) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
   auto scalar = [&](int64_t i) {
     acc_t gi = static_cast<acc_t>(g[i]);
     if (out) gi = relu_backward(gi, static_cast<acc_t>(out[i]));
-    const auto r = multistep_backward(gi, static_cast<acc_t>(u[i]), static_cast<acc_t>(up[i]), static_cast<acc_t>(f[i]), k, scale.at(i));
+    const auto r = multistep_backward(gi, static_cast<acc_t>(u[i]), static_cast<acc_t>(up[i]), static_cast<acc_t>(f[i]),
+                                      k, scale.at(i));
     du[i] = static_cast<scalar_t>(r.du);
     dup[i] = static_cast<scalar_t>(r.du_prev);
     df[i] = static_cast<scalar_t>(r.df);
@@ -111,8 +114,9 @@ void backward_run(const scalar_t* g, const scalar_t* u, const scalar_t* up, cons
   for (; i < n; ++i) scalar(i);
 }
 
-at::Tensor multistep_update_cpu(const at::Tensor& u_in, const at::Tensor& u_prev_in, const at::Tensor& f_in, const at::Tensor& k_in,
-                                const std::optional<at::Tensor>& dt_in, const std::optional<at::Tensor>& keep_in, bool relu) {
+at::Tensor multistep_update_cpu(const at::Tensor& u_in, const at::Tensor& u_prev_in, const at::Tensor& f_in,
+                                const at::Tensor& k_in, const std::optional<at::Tensor>& dt_in,
+                                const std::optional<at::Tensor>& keep_in, bool relu) {
   MultistepForwardArgs a = prepare_multistep_forward(u_in, u_prev_in, f_in, k_in, dt_in, keep_in);
   const MultistepView v = a.view;
   if (a.u.numel() == 0) return a.out;
@@ -130,7 +134,8 @@ at::Tensor multistep_update_cpu(const at::Tensor& u_in, const at::Tensor& u_prev
       at::parallel_for(0, v.N * S, std::max<int64_t>(1, kGrain / C), [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t o = r * C;
-          forward_run<true>(up + o, pp + o, fp + o, k, Scale<true, acc_t>{scales.data() + (r / S) * C}, op + o, C, relu, stream);
+          forward_run<true>(up + o, pp + o, fp + o, k, Scale<true, acc_t>{scales.data() + (r / S) * C}, op + o, C, relu,
+                            stream);
         }
         stream_fence(stream);
       });
@@ -138,7 +143,8 @@ at::Tensor multistep_update_cpu(const at::Tensor& u_in, const at::Tensor& u_prev
       at::parallel_for(0, v.N * C, std::max<int64_t>(1, kGrain / S), [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t o = p * S;
-          forward_run<false>(up + o, pp + o, fp + o, k, Scale<false, acc_t>{scales.data() + p}, op + o, S, relu, stream);
+          forward_run<false>(up + o, pp + o, fp + o, k, Scale<false, acc_t>{scales.data() + p}, op + o, S, relu,
+                             stream);
         }
         stream_fence(stream);
       });
@@ -162,7 +168,8 @@ struct BackwardPass {
 // Channels-last: one task per sample, its rows (n, s) of C channels in order, into row n of the
 // partial tables pk (sums of g'(u_prev - u)) and pf (sums of g' f).
 template <typename scalar_t>
-void backward_channels_last(const BackwardPass<scalar_t>& b, at::opmath_type<scalar_t>* pk, at::opmath_type<scalar_t>* pf) {
+void backward_channels_last(const BackwardPass<scalar_t>& b, at::opmath_type<scalar_t>* pk,
+                            at::opmath_type<scalar_t>* pf) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   const int64_t C = b.C, S = b.S;
@@ -182,8 +189,9 @@ void backward_channels_last(const BackwardPass<scalar_t>& b, at::opmath_type<sca
       };
       for (int64_t s = 0; s < S; ++s) {
         const int64_t o = (n * S + s) * C;
-        backward_run<true>(b.g + o, b.u + o, b.up + o, b.f + o, offset_or_null(b.out, o), b.k, Scale<true, acc_t>{b.scales + n * C},
-                           b.du + o, b.dup + o, b.df + o, C, b.stream, sum, vec_sum);
+        backward_run<true>(b.g + o, b.u + o, b.up + o, b.f + o, offset_or_null(b.out, o), b.k,
+                           Scale<true, acc_t>{b.scales + n * C}, b.du + o, b.dup + o, b.df + o, C, b.stream, sum,
+                           vec_sum);
       }
     }
     stream_fence(b.stream);
@@ -211,8 +219,8 @@ void backward_planes(const BackwardPass<scalar_t>& b, at::opmath_type<scalar_t>*
         f1 = f1 + b1;
       };
       const int64_t o = p * S;
-      backward_run<false>(b.g + o, b.u + o, b.up + o, b.f + o, offset_or_null(b.out, o), b.k, Scale<false, acc_t>{b.scales + p}, b.du + o,
-                          b.dup + o, b.df + o, S, b.stream, sum, vec_sum);
+      backward_run<false>(b.g + o, b.u + o, b.up + o, b.f + o, offset_or_null(b.out, o), b.k,
+                          Scale<false, acc_t>{b.scales + p}, b.du + o, b.dup + o, b.df + o, S, b.stream, sum, vec_sum);
       auto add = [](Vec& x, Vec& y) { return x + y; };
       pk[p] = at::vec::vec_reduce_all<acc_t>(add, k0 + k1) + tk;
       pf[p] = at::vec::vec_reduce_all<acc_t>(add, f0 + f1) + tf;
@@ -224,8 +232,8 @@ void backward_planes(const BackwardPass<scalar_t>& b, at::opmath_type<scalar_t>*
 // Fixed-order reduction of the (N, C) tables (the same order as the CUDA and Triton finalize
 // kernels): dk = sum of pk, ddt[c] = sum_n keep[n] pf[n, c], dkeep[n] = sum_c dt[c] pf[n, c].
 template <typename acc_t>
-void reduce_partials(const std::vector<acc_t>& pk, const std::vector<acc_t>& pf, const acc_t* dtp, const acc_t* keepp, int64_t N,
-                     int64_t C, MultistepBackwardArgs& a) {
+void reduce_partials(const std::vector<acc_t>& pk, const std::vector<acc_t>& pf, const acc_t* dtp, const acc_t* keepp,
+                     int64_t N, int64_t C, MultistepBackwardArgs& a) {
   acc_t dk = 0;
   for (int64_t i = 0; i < N * C; ++i) dk += pk[i];
   *a.dk.mutable_data_ptr<acc_t>() = dk;
@@ -248,40 +256,42 @@ void reduce_partials(const std::vector<acc_t>& pk, const std::vector<acc_t>& pf,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multistep_update_backward_cpu(
-    const at::Tensor& grad_in, const at::Tensor& u_in, const at::Tensor& u_prev_in, const at::Tensor& f_in, const at::Tensor& k_in,
-    const std::optional<at::Tensor>& dt_in, const std::optional<at::Tensor>& keep_in, const std::optional<at::Tensor>& relu_out) {
+    const at::Tensor& grad_in, const at::Tensor& u_in, const at::Tensor& u_prev_in, const at::Tensor& f_in,
+    const at::Tensor& k_in, const std::optional<at::Tensor>& dt_in, const std::optional<at::Tensor>& keep_in,
+    const std::optional<at::Tensor>& relu_out) {
   MultistepBackwardArgs a = prepare_multistep_backward(grad_in, u_in, u_prev_in, f_in, k_in, dt_in, keep_in, relu_out);
   const MultistepView v = a.view;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.u.scalar_type(), "tsc_multistep_update_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* dtp = optional_ptr<acc_t>(a.dt);
-    const acc_t* keepp = optional_ptr<acc_t>(a.keep);
-    const int64_t N = v.N, C = v.C;
-    const std::vector<acc_t> scales = scale_table(dtp, keepp, N, C);
-    const BackwardPass<scalar_t> b{a.g.const_data_ptr<scalar_t>(),
-                                   a.u.const_data_ptr<scalar_t>(),
-                                   a.u_prev.const_data_ptr<scalar_t>(),
-                                   a.f.const_data_ptr<scalar_t>(),
-                                   a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr,
-                                   a.du.mutable_data_ptr<scalar_t>(),
-                                   a.du_prev.mutable_data_ptr<scalar_t>(),
-                                   a.df.mutable_data_ptr<scalar_t>(),
-                                   *a.k.const_data_ptr<acc_t>(),
-                                   scales.data(),
-                                   N,
-                                   C,
-                                   v.S,
-                                   Lanes<scalar_t>::kCanStream && a.u.nbytes() >= kStreamBytes};
-    // partial[n*C + c]: sums over s of g'(u_prev - u) (pk) and g' f (pf)
-    std::vector<acc_t> pk(N * C, acc_t(0)), pf(N * C, acc_t(0));
-    if (a.u.numel() > 0) {
-      if (v.channels_last)
-        backward_channels_last(b, pk.data(), pf.data());
-      else
-        backward_planes(b, pk.data(), pf.data());
-    }
-    reduce_partials(pk, pf, dtp, keepp, N, C, a);
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.u.scalar_type(), "tsc_multistep_update_backward_cpu", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        const acc_t* dtp = optional_ptr<acc_t>(a.dt);
+        const acc_t* keepp = optional_ptr<acc_t>(a.keep);
+        const int64_t N = v.N, C = v.C;
+        const std::vector<acc_t> scales = scale_table(dtp, keepp, N, C);
+        const BackwardPass<scalar_t> b{a.g.const_data_ptr<scalar_t>(),
+                                       a.u.const_data_ptr<scalar_t>(),
+                                       a.u_prev.const_data_ptr<scalar_t>(),
+                                       a.f.const_data_ptr<scalar_t>(),
+                                       a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr,
+                                       a.du.mutable_data_ptr<scalar_t>(),
+                                       a.du_prev.mutable_data_ptr<scalar_t>(),
+                                       a.df.mutable_data_ptr<scalar_t>(),
+                                       *a.k.const_data_ptr<acc_t>(),
+                                       scales.data(),
+                                       N,
+                                       C,
+                                       v.S,
+                                       Lanes<scalar_t>::kCanStream && a.u.nbytes() >= kStreamBytes};
+        // partial[n*C + c]: sums over s of g'(u_prev - u) (pk) and g' f (pf)
+        std::vector<acc_t> pk(N * C, acc_t(0)), pf(N * C, acc_t(0));
+        if (a.u.numel() > 0) {
+          if (v.channels_last)
+            backward_channels_last(b, pk.data(), pf.data());
+          else
+            backward_planes(b, pk.data(), pf.data());
+        }
+        reduce_partials(pk, pf, dtp, keepp, N, C, a);
+      });
   return {a.du, a.du_prev, a.df, a.dk, a.ddt, a.dkeep};
 }
 
@@ -295,8 +305,9 @@ TORCH_LIBRARY_FRAGMENT(tsc, m) {
   m.def("multistep_update(Tensor u, Tensor u_prev, Tensor f, Tensor k, Tensor? dt, Tensor? keep, bool relu) -> Tensor");
   // Backward in one pass + a fixed-order reduction: (du, du_prev, df, dk, ddt, dkeep); ddt / dkeep are
   // empty (0,) tensors when dt / keep are absent; relu_out is the forward output when the ReLU was fused.
-  m.def("multistep_update_backward(Tensor grad, Tensor u, Tensor u_prev, Tensor f, Tensor k, Tensor? dt, Tensor? keep, "
-        "Tensor? relu_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "multistep_update_backward(Tensor grad, Tensor u, Tensor u_prev, Tensor f, Tensor k, Tensor? dt, Tensor? keep, "
+      "Tensor? relu_out) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tsc, CPU, m) {

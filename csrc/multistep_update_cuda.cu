@@ -5,9 +5,9 @@
 // device (k is a 0-d device tensor: no host sync).
 // Backward: one launch with a block per (sample, position chunk, channel tile) (multistep_update_plan.h: warps
 // along a plane's positions for channel-first tensors, lanes on adjacent channels for channels-last
-// ones; bf16 / half lanes move pairs: 4-byte loads): it writes du, du_prev, df and the (N, C) partial sums of g'(u_prev - u) and g'f; then
-// multistep_fold_kernel (a warp per channel: dk's column sums and ddt; a block per sample: dkeep)
-// and multistep_dk_kernel (one block: dk) reduce the tables in a fixed order: deterministic, every
+// ones; bf16 / half lanes move pairs: 4-byte loads): it writes du, du_prev, df and the (N, C) partial sums of
+// g'(u_prev - u) and g'f; then multistep_fold_kernel (a warp per channel: dk's column sums and ddt; a block per
+// sample: dkeep) and multistep_dk_kernel (one block: dk) reduce the tables in a fixed order: deterministic, every
 // chain ceil(n / 32) + 5 or ceil(n / 256) + 10 long instead of N * C / 256, N or C.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -34,7 +34,8 @@ template <int W, typename index_t, typename scalar_t, typename acc_t>
 __global__ void multistep_forward_kernel(const scalar_t* __restrict__ u, const scalar_t* __restrict__ up,
                                          const scalar_t* __restrict__ f, const acc_t* __restrict__ kp,
                                          const acc_t* __restrict__ dt, const acc_t* __restrict__ keep,
-                                         scalar_t* __restrict__ out, index_t numel, ChannelIndex<index_t> ci, bool relu) {
+                                         scalar_t* __restrict__ out, index_t numel, ChannelIndex<index_t> ci,
+                                         bool relu) {
   const acc_t k = *kp;
   for_each_pack<W>(numel, [&]<int P>(index_t i) {
     const Pack<scalar_t, P> uv = load_pack<P>(u + i), pv = load_pack<P>(up + i), fv = load_pack<P>(f + i);
@@ -42,7 +43,8 @@ __global__ void multistep_forward_kernel(const scalar_t* __restrict__ u, const s
 #pragma unroll
     for (int j = 0; j < P; ++j) {
       const acc_t scale = multistep_scale(dt, keep, ci.sample(i + j), ci.channel(i + j));
-      const acc_t r = multistep_forward(static_cast<acc_t>(uv.v[j]), static_cast<acc_t>(pv.v[j]), static_cast<acc_t>(fv.v[j]), k, scale);
+      const acc_t r = multistep_forward(static_cast<acc_t>(uv.v[j]), static_cast<acc_t>(pv.v[j]),
+                                        static_cast<acc_t>(fv.v[j]), k, scale);
       o.v[j] = static_cast<scalar_t>(relu ? relu_forward(r) : r);
     }
     store_pack<P>(out + i, o);
@@ -60,9 +62,9 @@ __global__ void multistep_backward_kernel(const scalar_t* __restrict__ g, const 
                                           const scalar_t* __restrict__ up, const scalar_t* __restrict__ f,
                                           const scalar_t* __restrict__ relu_out, const acc_t* __restrict__ kp,
                                           const acc_t* __restrict__ dt, const acc_t* __restrict__ keep,
-                                          scalar_t* __restrict__ du, scalar_t* __restrict__ dup, scalar_t* __restrict__ df,
-                                          acc_t* __restrict__ pk, acc_t* __restrict__ pf, int64_t C, int64_t S,
-                                          multistep_plan::BackwardSplit split) {
+                                          scalar_t* __restrict__ du, scalar_t* __restrict__ dup,
+                                          scalar_t* __restrict__ df, acc_t* __restrict__ pk, acc_t* __restrict__ pf,
+                                          int64_t C, int64_t S, multistep_plan::BackwardSplit split) {
   const int64_t row = blockIdx.x / split.tiles, tile = blockIdx.x % split.tiles;
   const int64_t n = row / split.chunks, chunk = row % split.chunks;
   const int64_t end = (chunk + 1) * split.per, q1 = end < split.items ? end : split.items;
@@ -75,8 +77,8 @@ __global__ void multistep_backward_kernel(const scalar_t* __restrict__ g, const 
 #pragma unroll
     for (int j = 0; j < W; ++j) scale[j] = multistep_scale(dt, keep, n, !kPlanes && c + j < C ? c + j : c);
     auto body = [&]<int P>(int64_t i, int64_t) {
-      const Pack<scalar_t, P> gv = load_items<P, Vec>(g + i), uv = load_items<P, Vec>(u + i), pv = load_items<P, Vec>(up + i),
-                              fv = load_items<P, Vec>(f + i);
+      const Pack<scalar_t, P> gv = load_items<P, Vec>(g + i), uv = load_items<P, Vec>(u + i),
+                              pv = load_items<P, Vec>(up + i), fv = load_items<P, Vec>(f + i);
       Pack<scalar_t, P> ov, duv, dpv, dfv;
       if (relu_out) ov = load_items<P, Vec>(relu_out + i);
 #pragma unroll
@@ -84,8 +86,8 @@ __global__ void multistep_backward_kernel(const scalar_t* __restrict__ g, const 
         acc_t gi = static_cast<acc_t>(gv.v[j]);
         if (relu_out) gi = relu_backward(gi, static_cast<acc_t>(ov.v[j]));
         const int slot = kPlanes ? 0 : j;
-        const auto r = multistep_backward(gi, static_cast<acc_t>(uv.v[j]), static_cast<acc_t>(pv.v[j]), static_cast<acc_t>(fv.v[j]), k,
-                                          scale[slot]);
+        const auto r = multistep_backward(gi, static_cast<acc_t>(uv.v[j]), static_cast<acc_t>(pv.v[j]),
+                                          static_cast<acc_t>(fv.v[j]), k, scale[slot]);
         duv.v[j] = static_cast<scalar_t>(r.du);
         dpv.v[j] = static_cast<scalar_t>(r.du_prev);
         dfv.v[j] = static_cast<scalar_t>(r.df);
@@ -140,9 +142,10 @@ __global__ void multistep_backward_kernel(const scalar_t* __restrict__ g, const 
 // sum over its chunks' rows and c of dt[c] pf[row, c] (threads stride the contiguous chunks x C
 // values, coalesced; then block_sum). Fixed order.
 template <typename acc_t>
-__global__ void multistep_fold_kernel(const acc_t* __restrict__ pk, const acc_t* __restrict__ pf, const acc_t* __restrict__ dt,
-                                      const acc_t* __restrict__ keep, acc_t* __restrict__ colk, acc_t* __restrict__ ddt,
-                                      acc_t* __restrict__ dkeep, int64_t N, int64_t C, int64_t chunks, int64_t channel_blocks) {
+__global__ void multistep_fold_kernel(const acc_t* __restrict__ pk, const acc_t* __restrict__ pf,
+                                      const acc_t* __restrict__ dt, const acc_t* __restrict__ keep,
+                                      acc_t* __restrict__ colk, acc_t* __restrict__ ddt, acc_t* __restrict__ dkeep,
+                                      int64_t N, int64_t C, int64_t chunks, int64_t channel_blocks) {
   if (blockIdx.x >= channel_blocks) {
     __shared__ acc_t shared[kThreads / 32];
     const int64_t n = blockIdx.x - channel_blocks;
@@ -159,7 +162,8 @@ __global__ void multistep_fold_kernel(const acc_t* __restrict__ pk, const acc_t*
   const acc_t sk = warp_fold_sum<acc_t>(rows, [&](int64_t r) { return pk[r * C + c]; });
   if (threadIdx.x % 32 == 0) colk[c] = sk;
   if (ddt) {
-    const acc_t sf = warp_fold_sum<acc_t>(rows, [&](int64_t r) { return (keep ? keep[r / chunks] : acc_t(1)) * pf[r * C + c]; });
+    const acc_t sf =
+        warp_fold_sum<acc_t>(rows, [&](int64_t r) { return (keep ? keep[r / chunks] : acc_t(1)) * pf[r * C + c]; });
     if (threadIdx.x % 32 == 0) ddt[c] = sf;
   }
 }
@@ -174,8 +178,9 @@ __global__ void multistep_dk_kernel(const acc_t* __restrict__ colk, acc_t* __res
   if (threadIdx.x == 0) *dk = s;
 }
 
-at::Tensor multistep_update_cuda(const at::Tensor& u_in, const at::Tensor& u_prev_in, const at::Tensor& f_in, const at::Tensor& k_in,
-                                 const std::optional<at::Tensor>& dt_in, const std::optional<at::Tensor>& keep_in, bool relu) {
+at::Tensor multistep_update_cuda(const at::Tensor& u_in, const at::Tensor& u_prev_in, const at::Tensor& f_in,
+                                 const at::Tensor& k_in, const std::optional<at::Tensor>& dt_in,
+                                 const std::optional<at::Tensor>& keep_in, bool relu) {
   const c10::cuda::CUDAGuard guard(u_in.device());
   MultistepForwardArgs a = prepare_multistep_forward(u_in, u_prev_in, f_in, k_in, dt_in, keep_in);
   const MultistepView v = a.view;
@@ -183,13 +188,15 @@ at::Tensor multistep_update_cuda(const at::Tensor& u_in, const at::Tensor& u_pre
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.u.scalar_type(), "tsc_multistep_update_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t *up = a.u.const_data_ptr<scalar_t>(), *pp = a.u_prev.const_data_ptr<scalar_t>(), *fp = a.f.const_data_ptr<scalar_t>();
+    const scalar_t *up = a.u.const_data_ptr<scalar_t>(), *pp = a.u_prev.const_data_ptr<scalar_t>(),
+                   *fp = a.f.const_data_ptr<scalar_t>();
     scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
     const int64_t numel = a.u.numel();
     dispatch_elementwise<scalar_t>(numel, {up, pp, fp, op}, [&]<int W, typename index_t>() {
-      multistep_forward_kernel<W, index_t, scalar_t, acc_t><<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(
-          up, pp, fp, a.k.const_data_ptr<acc_t>(), optional_ptr<acc_t>(a.dt), optional_ptr<acc_t>(a.keep), op,
-          static_cast<index_t>(numel), ChannelIndex<index_t>(v.channels_last ? 1 : v.S, v.C, v.C * v.S), relu);
+      multistep_forward_kernel<W, index_t, scalar_t, acc_t>
+          <<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(
+              up, pp, fp, a.k.const_data_ptr<acc_t>(), optional_ptr<acc_t>(a.dt), optional_ptr<acc_t>(a.keep), op,
+              static_cast<index_t>(numel), ChannelIndex<index_t>(v.channels_last ? 1 : v.S, v.C, v.C * v.S), relu);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -197,57 +204,70 @@ at::Tensor multistep_update_cuda(const at::Tensor& u_in, const at::Tensor& u_pre
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> multistep_update_backward_cuda(
-    const at::Tensor& grad_in, const at::Tensor& u_in, const at::Tensor& u_prev_in, const at::Tensor& f_in, const at::Tensor& k_in,
-    const std::optional<at::Tensor>& dt_in, const std::optional<at::Tensor>& keep_in, const std::optional<at::Tensor>& relu_out) {
+    const at::Tensor& grad_in, const at::Tensor& u_in, const at::Tensor& u_prev_in, const at::Tensor& f_in,
+    const at::Tensor& k_in, const std::optional<at::Tensor>& dt_in, const std::optional<at::Tensor>& keep_in,
+    const std::optional<at::Tensor>& relu_out) {
   const c10::cuda::CUDAGuard guard(u_in.device());
   MultistepBackwardArgs a = prepare_multistep_backward(grad_in, u_in, u_prev_in, f_in, k_in, dt_in, keep_in, relu_out);
   const MultistepView v = a.view;
   const multistep_plan::BackwardSplit split = multistep_plan::backward_split(v, a.u.element_size());
   const int64_t blocks = multistep_plan::backward_blocks(v, a.u.element_size());
-  TORCH_CHECK(blocks < (int64_t{1} << 31), "tsc::multistep_update_backward (CUDA): N * channel tiles must be below 2^31, got ", blocks);
+  TORCH_CHECK(blocks < (int64_t{1} << 31),
+              "tsc::multistep_update_backward (CUDA): N * channel tiles must be below 2^31, got ", blocks);
   const int64_t channel_blocks = fold_blocks(v.C), fold_grid = multistep_plan::fold_grid(v, a.keep.defined());
   const auto stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.u.scalar_type(), "tsc_multistep_update_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    at::Tensor tables = at::empty({2, v.N * split.chunks * v.C}, a.k.options());
-    at::Tensor colk = at::empty({v.C}, a.k.options());
-    if (a.u.numel() > 0) {
-      const scalar_t *gp = a.g.const_data_ptr<scalar_t>(), *uptr = a.u.const_data_ptr<scalar_t>(), *pp = a.u_prev.const_data_ptr<scalar_t>(),
-                     *fp = a.f.const_data_ptr<scalar_t>(), *op = a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr;
-      scalar_t *dup = a.du.mutable_data_ptr<scalar_t>(), *dpp = a.du_prev.mutable_data_ptr<scalar_t>(), *dfp = a.df.mutable_data_ptr<scalar_t>();
-      constexpr int W = static_cast<int>(reduction_pack(sizeof(scalar_t)));
-      bool vec = split.pack == W;
-      for (const void* p : {static_cast<const void*>(gp), static_cast<const void*>(uptr), static_cast<const void*>(pp),
-                            static_cast<const void*>(fp), static_cast<const void*>(op), static_cast<const void*>(dup),
-                            static_cast<const void*>(dpp), static_cast<const void*>(dfp)})
-        vec = vec && reinterpret_cast<std::uintptr_t>(p) % (W * sizeof(scalar_t)) == 0;
-      const auto launch = [&](auto kernel) {
-        kernel<<<static_cast<unsigned>(blocks), dim3(kLanes, kRows), 0, stream>>>(
-            gp, uptr, pp, fp, op, a.k.const_data_ptr<acc_t>(), optional_ptr<acc_t>(a.dt), optional_ptr<acc_t>(a.keep), dup, dpp, dfp,
-            tables[0].mutable_data_ptr<acc_t>(), tables[1].mutable_data_ptr<acc_t>(), v.C, v.S, split);
-      };
-      // Vec = false only where pairs exist (W > 1): a misaligned view walks the same items with scalar accesses
-      if (v.channels_last) {
-        if (vec) launch(multistep_backward_kernel<false, W, true, scalar_t, acc_t>);
-        else launch(multistep_backward_kernel<false, W, W == 1, scalar_t, acc_t>);
-      } else {
-        if (vec) launch(multistep_backward_kernel<true, W, true, scalar_t, acc_t>);
-        else launch(multistep_backward_kernel<true, W, W == 1, scalar_t, acc_t>);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      tables.zero_();
-    }
-    if (fold_grid > 0) {
-      multistep_fold_kernel<acc_t><<<static_cast<unsigned>(fold_grid), kThreads, 0, stream>>>(
-          tables[0].const_data_ptr<acc_t>(), tables[1].const_data_ptr<acc_t>(), optional_ptr<acc_t>(a.dt), optional_ptr<acc_t>(a.keep),
-          colk.mutable_data_ptr<acc_t>(), a.dt.defined() ? a.ddt.mutable_data_ptr<acc_t>() : nullptr,
-          a.keep.defined() ? a.dkeep.mutable_data_ptr<acc_t>() : nullptr, v.N, v.C, split.chunks, channel_blocks);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    multistep_dk_kernel<acc_t><<<1, kThreads, 0, stream>>>(colk.const_data_ptr<acc_t>(), a.dk.mutable_data_ptr<acc_t>(), v.C);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, a.u.scalar_type(), "tsc_multistep_update_backward_cuda", [&] {
+        using acc_t = at::opmath_type<scalar_t>;
+        at::Tensor tables = at::empty({2, v.N * split.chunks * v.C}, a.k.options());
+        at::Tensor colk = at::empty({v.C}, a.k.options());
+        if (a.u.numel() > 0) {
+          const scalar_t *gp = a.g.const_data_ptr<scalar_t>(), *uptr = a.u.const_data_ptr<scalar_t>(),
+                         *pp = a.u_prev.const_data_ptr<scalar_t>(), *fp = a.f.const_data_ptr<scalar_t>(),
+                         *op = a.relu ? a.relu_out.const_data_ptr<scalar_t>() : nullptr;
+          scalar_t *dup = a.du.mutable_data_ptr<scalar_t>(), *dpp = a.du_prev.mutable_data_ptr<scalar_t>(),
+                   *dfp = a.df.mutable_data_ptr<scalar_t>();
+          constexpr int W = static_cast<int>(reduction_pack(sizeof(scalar_t)));
+          bool vec = split.pack == W;
+          for (const void* p :
+               {static_cast<const void*>(gp), static_cast<const void*>(uptr), static_cast<const void*>(pp),
+                static_cast<const void*>(fp), static_cast<const void*>(op), static_cast<const void*>(dup),
+                static_cast<const void*>(dpp), static_cast<const void*>(dfp)})
+            vec = vec && reinterpret_cast<std::uintptr_t>(p) % (W * sizeof(scalar_t)) == 0;
+          const auto launch = [&](auto kernel) {
+            kernel<<<static_cast<unsigned>(blocks), dim3(kLanes, kRows), 0, stream>>>(
+                gp, uptr, pp, fp, op, a.k.const_data_ptr<acc_t>(), optional_ptr<acc_t>(a.dt),
+                optional_ptr<acc_t>(a.keep), dup, dpp, dfp, tables[0].mutable_data_ptr<acc_t>(),
+                tables[1].mutable_data_ptr<acc_t>(), v.C, v.S, split);
+          };
+          // Vec = false only where pairs exist (W > 1): a misaligned view walks the same items with scalar accesses
+          if (v.channels_last) {
+            if (vec)
+              launch(multistep_backward_kernel<false, W, true, scalar_t, acc_t>);
+            else
+              launch(multistep_backward_kernel<false, W, W == 1, scalar_t, acc_t>);
+          } else {
+            if (vec)
+              launch(multistep_backward_kernel<true, W, true, scalar_t, acc_t>);
+            else
+              launch(multistep_backward_kernel<true, W, W == 1, scalar_t, acc_t>);
+          }
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        } else {
+          tables.zero_();
+        }
+        if (fold_grid > 0) {
+          multistep_fold_kernel<acc_t><<<static_cast<unsigned>(fold_grid), kThreads, 0, stream>>>(
+              tables[0].const_data_ptr<acc_t>(), tables[1].const_data_ptr<acc_t>(), optional_ptr<acc_t>(a.dt),
+              optional_ptr<acc_t>(a.keep), colk.mutable_data_ptr<acc_t>(),
+              a.dt.defined() ? a.ddt.mutable_data_ptr<acc_t>() : nullptr,
+              a.keep.defined() ? a.dkeep.mutable_data_ptr<acc_t>() : nullptr, v.N, v.C, split.chunks, channel_blocks);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        multistep_dk_kernel<acc_t>
+            <<<1, kThreads, 0, stream>>>(colk.const_data_ptr<acc_t>(), a.dk.mutable_data_ptr<acc_t>(), v.C);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
   return {a.du, a.du_prev, a.df, a.dk, a.ddt, a.dkeep};
 }
 

@@ -17,20 +17,23 @@ inline void check_multistep_args(const char* op, const at::Tensor& u, const at::
                                  const at::Tensor& k, const std::optional<at::Tensor>& dt,
                                  const std::optional<at::Tensor>& keep) {
   TORCH_CHECK(u.dim() >= 2 && u.dim() <= 5, op, ": u must be (N, C, *spatial) with 0-3 spatial dims, got ", u.sizes());
-  TORCH_CHECK(u_prev.sizes() == u.sizes() && f.sizes() == u.sizes(), op, ": u_prev and f must have u's shape ", u.sizes());
+  TORCH_CHECK(u_prev.sizes() == u.sizes() && f.sizes() == u.sizes(), op, ": u_prev and f must have u's shape ",
+              u.sizes());
   TORCH_CHECK(u_prev.scalar_type() == u.scalar_type() && f.scalar_type() == u.scalar_type(), op,
               ": u_prev and f must have u's dtype");
   const auto acc = u.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(k.dim() == 0 && k.scalar_type() == acc, op, ": k must be a 0-d ", acc, " tensor, got ", k.sizes(), " ", k.scalar_type());
+  TORCH_CHECK(k.dim() == 0 && k.scalar_type() == acc, op, ": k must be a 0-d ", acc, " tensor, got ", k.sizes(), " ",
+              k.scalar_type());
   TORCH_CHECK(k.device() == u.device() && u_prev.device() == u.device() && f.device() == u.device(), op,
               ": u, u_prev, f and k must be on one device");
   if (dt) {
-    TORCH_CHECK(dt->dim() == 1 && dt->size(0) == u.size(1) && dt->scalar_type() == acc && dt->device() == u.device(), op,
-                ": dt must be a (C,) ", acc, " tensor on u's device, C = ", u.size(1));
+    TORCH_CHECK(dt->dim() == 1 && dt->size(0) == u.size(1) && dt->scalar_type() == acc && dt->device() == u.device(),
+                op, ": dt must be a (C,) ", acc, " tensor on u's device, C = ", u.size(1));
   }
   if (keep) {
-    TORCH_CHECK(keep->dim() == 1 && keep->size(0) == u.size(0) && keep->scalar_type() == acc && keep->device() == u.device(), op,
-                ": keep must be a (N,) ", acc, " tensor on u's device, N = ", u.size(0));
+    TORCH_CHECK(
+        keep->dim() == 1 && keep->size(0) == u.size(0) && keep->scalar_type() == acc && keep->device() == u.device(),
+        op, ": keep must be a (N,) ", acc, " tensor on u's device, N = ", u.size(0));
   }
 }
 
@@ -50,8 +53,9 @@ struct MultistepForwardArgs {
   MultistepView view;
 };
 
-inline MultistepForwardArgs prepare_multistep_forward(const at::Tensor& u, const at::Tensor& u_prev, const at::Tensor& f,
-                                                      const at::Tensor& k, const std::optional<at::Tensor>& dt,
+inline MultistepForwardArgs prepare_multistep_forward(const at::Tensor& u, const at::Tensor& u_prev,
+                                                      const at::Tensor& f, const at::Tensor& k,
+                                                      const std::optional<at::Tensor>& dt,
                                                       const std::optional<at::Tensor>& keep) {
   check_multistep_args("tsc::multistep_update", u, u_prev, f, k, dt, keep);
   const bool cl = is_channels_last_like(u);
@@ -74,17 +78,19 @@ struct MultistepBackwardArgs {
   bool relu;
 };
 
-inline MultistepBackwardArgs prepare_multistep_backward(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& u_prev,
-                                                        const at::Tensor& f, const at::Tensor& k,
-                                                        const std::optional<at::Tensor>& dt,
+inline MultistepBackwardArgs prepare_multistep_backward(const at::Tensor& grad, const at::Tensor& u,
+                                                        const at::Tensor& u_prev, const at::Tensor& f,
+                                                        const at::Tensor& k, const std::optional<at::Tensor>& dt,
                                                         const std::optional<at::Tensor>& keep,
                                                         const std::optional<at::Tensor>& relu_out) {
   check_multistep_args("tsc::multistep_update_backward", u, u_prev, f, k, dt, keep);
   TORCH_CHECK(grad.sizes() == u.sizes() && grad.scalar_type() == u.scalar_type(),
               "tsc::multistep_update_backward: grad must have u's shape and dtype");
-  TORCH_CHECK(!relu_out || relu_out->sizes() == u.sizes(), "tsc::multistep_update_backward: relu_out must have u's shape");
+  TORCH_CHECK(!relu_out || relu_out->sizes() == u.sizes(),
+              "tsc::multistep_update_backward: relu_out must have u's shape");
   // A host pointer handed to a CUDA kernel kills the context: grad and relu_out must be on u's device.
-  TORCH_CHECK(grad.device() == u.device(), "tsc::multistep_update_backward: grad must be on u's device, got ", grad.device());
+  TORCH_CHECK(grad.device() == u.device(), "tsc::multistep_update_backward: grad must be on u's device, got ",
+              grad.device());
   TORCH_CHECK(!relu_out || relu_out->device() == u.device(),
               "tsc::multistep_update_backward: relu_out must be on u's device, got ", relu_out->device());
   const bool cl = is_channels_last_like(u);

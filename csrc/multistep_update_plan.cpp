@@ -26,31 +26,51 @@ int64_t block_fold_chain(int64_t n) { return ceil_div(std::max<int64_t>(n, 1), 2
 std::vector<Launch> plan_multistep_update(const PlanArgs& p) {
   TORCH_CHECK(p.tensors.size() == 6 && p.ints.size() == 1, "multistep_update planner: expected 6 tensors and 1 int");
   const bool relu = p.ints[0] != 0;
-  const MultistepForwardArgs a = prepare_multistep_forward(p.tensors[0], p.tensors[1], p.tensors[2], p.tensors[3], opt(p.tensors[4]),
-                                                           opt(p.tensors[5]));
+  const MultistepForwardArgs a = prepare_multistep_forward(p.tensors[0], p.tensors[1], p.tensors[2], p.tensors[3],
+                                                           opt(p.tensors[4]), opt(p.tensors[5]));
   const MultistepView v = a.view;
   const int64_t numel = a.u.numel(), es = a.u.element_size(), acc = acc_size(es);
   const bool keep = a.keep.defined();
   std::vector<Launch> plan;
-  if (numel > 0) plan.push_back(elementwise_launch("multistep_forward_kernel", "forward", numel, es, 4, (v.C + v.N) * acc, p.sms, true));
+  if (numel > 0)
+    plan.push_back(
+        elementwise_launch("multistep_forward_kernel", "forward", numel, es, 4, (v.C + v.N) * acc, p.sms, true));
   // Backward of a gradient shaped like out (and out as relu_out).
   const multistep_plan::BackwardSplit split = multistep_plan::backward_split(v, es);
   const int64_t rows = v.N * split.chunks, table = 2 * rows * v.C * acc;
   if (numel > 0) {
     // a warp's 32 items: 32 pack adjacent channels of a row, or 32 pack values of a plane
     const int64_t values = std::min<int64_t>(v.channels_last ? v.C : v.S, multistep_plan::kLanes * split.pack);
-    plan.push_back(Launch{"multistep_backward_kernel", "backward", {multistep_plan::backward_blocks(v, es), 1, 1},
-                          multistep_plan::kLanes * multistep_plan::kRows, numel * es * (relu ? 8 : 7) + table,
-                          1 + (v.channels_last ? multistep_plan::kRows - 1 : tree_depth(32)), values * es,
-                          v.channels_last ? 2 * multistep_plan::kRows * multistep_plan::kLanes * acc * reduction_pack(es) : 0});
+    plan.push_back(
+        Launch{"multistep_backward_kernel",
+               "backward",
+               {multistep_plan::backward_blocks(v, es), 1, 1},
+               multistep_plan::kLanes * multistep_plan::kRows,
+               numel * es * (relu ? 8 : 7) + table,
+               1 + (v.channels_last ? multistep_plan::kRows - 1 : tree_depth(32)),
+               values * es,
+               v.channels_last ? 2 * multistep_plan::kRows * multistep_plan::kLanes * acc * reduction_pack(es) : 0});
   }
   const int64_t fold = multistep_plan::fold_grid(v, keep);
   if (fold > 0) {
     const int64_t chain = std::max(fold_chain(rows, 32), keep ? block_fold_chain(split.chunks * v.C) : int64_t{0});
-    plan.push_back(Launch{"multistep_fold_kernel", "backward", {fold, 1, 1}, 256, table + (3 * v.C + 2 * v.N) * acc, chain,
-                          v.C == 1 ? warp_request(acc) : acc, keep ? 8 * acc : 0});
+    plan.push_back(Launch{"multistep_fold_kernel",
+                          "backward",
+                          {fold, 1, 1},
+                          256,
+                          table + (3 * v.C + 2 * v.N) * acc,
+                          chain,
+                          v.C == 1 ? warp_request(acc) : acc,
+                          keep ? 8 * acc : 0});
   }
-  plan.push_back(Launch{"multistep_dk_kernel", "backward", {1, 1, 1}, 256, (v.C + 1) * acc, block_fold_chain(v.C), warp_request(acc), 8 * acc});
+  plan.push_back(Launch{"multistep_dk_kernel",
+                        "backward",
+                        {1, 1, 1},
+                        256,
+                        (v.C + 1) * acc,
+                        block_fold_chain(v.C),
+                        warp_request(acc),
+                        8 * acc});
   return plan;
 }
 

@@ -64,7 +64,8 @@ at::Tensor ode_combine_cpu(const at::Tensor& z_in, at::TensorList stages_in, con
   return out;
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> ode_combine_backward_cpu(const at::Tensor& grad_in, at::TensorList stages_in,
+std::tuple<std::vector<at::Tensor>, at::Tensor> ode_combine_backward_cpu(const at::Tensor& grad_in,
+                                                                         at::TensorList stages_in,
                                                                          const at::Tensor& coeffs_in) {
   OdeCombineArgs a = prepare_ode_combine("tsc::ode_combine_backward", grad_in, stages_in, coeffs_in);
   const int64_t numel = a.z.numel(), S = static_cast<int64_t>(a.stages.size());
@@ -112,7 +113,8 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> ode_combine_backward_cpu(const a
           }
         }
         for (int64_t s = 0; s < S; ++s)
-          partial[q * S + s] = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, v0[s] + v1[s]) + tail[s];
+          partial[q * S + s] =
+              at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, v0[s] + v1[s]) + tail[s];
       }
     });
     acc_t* dcp = dc.mutable_data_ptr<acc_t>();

@@ -42,8 +42,8 @@ struct GradPtrs {
 // same either way: the S terms in order).
 template <int W, typename scalar_t, typename acc_t>
 __global__ void ode_combine_forward_kernel(const scalar_t* __restrict__ z, StagePtrs<scalar_t> stages,
-                                           const acc_t* __restrict__ coeffs, scalar_t* __restrict__ out,
-                                           int64_t numel, int S) {
+                                           const acc_t* __restrict__ coeffs, scalar_t* __restrict__ out, int64_t numel,
+                                           int S) {
   for_each_pack<W>(numel, [&]<int P>(int64_t i) {
     const Pack<scalar_t, P> zv = load_pack<P>(z + i);
     acc_t o[P];
@@ -111,7 +111,8 @@ bool aligned_to(const void* p, size_t bytes) { return reinterpret_cast<std::uint
 
 // dc[s] = sum over blocks of partial[b, s]: warp s folds the blocks (warp_fold_sum, fixed order).
 template <typename acc_t>
-__global__ void ode_combine_sum_partials_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ dc, int64_t blocks, int S) {
+__global__ void ode_combine_sum_partials_kernel(const acc_t* __restrict__ partial, acc_t* __restrict__ dc,
+                                                int64_t blocks, int S) {
   const int s = threadIdx.x / 32;
   if (s >= S) return;  // whole warps leave
   const acc_t sum = warp_fold_sum<acc_t>(blocks, [&](int64_t b) { return partial[b * S + s]; });
@@ -135,17 +136,21 @@ at::Tensor ode_combine_cuda(const at::Tensor& z_in, at::TensorList stages_in, co
     bool aligned = aligned_to(zp, 16) && aligned_to(op, 16);
     for (int s = 0; s < S; ++s) aligned = aligned && aligned_to(k.k[s], 16);
     auto launch = [&]<int W>() {
-      ode_combine_forward_kernel<W, scalar_t, acc_t><<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(
-          zp, k, a.coeffs.const_data_ptr<acc_t>(), op, numel, S);
+      ode_combine_forward_kernel<W, scalar_t, acc_t>
+          <<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(zp, k, a.coeffs.const_data_ptr<acc_t>(),
+                                                                               op, numel, S);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (aligned) launch.template operator()<kPack<scalar_t>>();
-    else launch.template operator()<1>();
+    if (aligned)
+      launch.template operator()<kPack<scalar_t>>();
+    else
+      launch.template operator()<1>();
   });
   return out;
 }
 
-std::tuple<std::vector<at::Tensor>, at::Tensor> ode_combine_backward_cuda(const at::Tensor& grad_in, at::TensorList stages_in,
+std::tuple<std::vector<at::Tensor>, at::Tensor> ode_combine_backward_cuda(const at::Tensor& grad_in,
+                                                                          at::TensorList stages_in,
                                                                           const at::Tensor& coeffs_in) {
   const c10::cuda::CUDAGuard guard(grad_in.device());
   OdeCombineArgs a = prepare_ode_combine("tsc::ode_combine_backward", grad_in, stages_in, coeffs_in);
@@ -169,15 +174,19 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> ode_combine_backward_cuda(const 
     constexpr int W = static_cast<int>(ode_plan::pack(sizeof(scalar_t)));
     const scalar_t* gp = a.z.const_data_ptr<scalar_t>();
     bool vec = aligned_to(gp, W * sizeof(scalar_t));
-    for (int s = 0; s < S; ++s) vec = vec && aligned_to(k.k[s], W * sizeof(scalar_t)) && aligned_to(d.dk[s], W * sizeof(scalar_t));
+    for (int s = 0; s < S; ++s)
+      vec = vec && aligned_to(k.k[s], W * sizeof(scalar_t)) && aligned_to(d.dk[s], W * sizeof(scalar_t));
     auto launch = [&]<bool Vec>() {
       ode_combine_backward_kernel<W, Vec, scalar_t, acc_t><<<static_cast<int>(blocks), kThreads, 0, stream>>>(
           gp, k, d, a.coeffs.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>(), numel, S);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    if (vec) launch.template operator()<true>();
-    else launch.template operator()<W == 1>();  // one-element items: no vectors to avoid
-    ode_combine_sum_partials_kernel<acc_t><<<1, 32 * S, 0, stream>>>(partial.const_data_ptr<acc_t>(), dc.mutable_data_ptr<acc_t>(), blocks, S);
+    if (vec)
+      launch.template operator()<true>();
+    else
+      launch.template operator()<W == 1>();  // one-element items: no vectors to avoid
+    ode_combine_sum_partials_kernel<acc_t>
+        <<<1, 32 * S, 0, stream>>>(partial.const_data_ptr<acc_t>(), dc.mutable_data_ptr<acc_t>(), blocks, S);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dk, dc};

@@ -22,17 +22,29 @@ std::vector<Launch> plan_ode_combine(const PlanArgs& p) {
               "ode_combine planner: expected ints [len(stages)] and tensors z, stages..., coeffs");
   const std::vector<at::Tensor> stages(p.tensors.begin() + 1, p.tensors.end() - 1);
   const OdeCombineArgs a = prepare_ode_combine("tsc::ode_combine", p.tensors[0], stages, p.tensors.back());
-  const int64_t numel = a.z.numel(), es = a.z.element_size(), acc = acc_size(es), S = static_cast<int64_t>(stages.size());
+  const int64_t numel = a.z.numel(), es = a.z.element_size(), acc = acc_size(es),
+                S = static_cast<int64_t>(stages.size());
   std::vector<Launch> plan;
   if (numel == 0) return plan;
   plan.push_back(elementwise_launch("ode_combine_forward_kernel", "forward", numel, es, S + 2, S * acc, p.sms, true));
   plan.back().chain = S;
   const int64_t blocks = ode_plan::backward_blocks(numel);
-  plan.push_back(Launch{"ode_combine_backward_kernel", "backward", {blocks, 1, 1}, ode_plan::kThreads,
-                        numel * es * (2 * S + 1) + blocks * S * acc, 1 + 2 * tree_depth(32), warp_request(ode_plan::pack(es) * es),
+  plan.push_back(Launch{"ode_combine_backward_kernel",
+                        "backward",
+                        {blocks, 1, 1},
+                        ode_plan::kThreads,
+                        numel * es * (2 * S + 1) + blocks * S * acc,
+                        1 + 2 * tree_depth(32),
+                        warp_request(ode_plan::pack(es) * es),
                         ode_plan::kThreads / 32 * acc});
-  plan.push_back(Launch{"ode_combine_sum_partials_kernel", "backward", {1, 1, 1}, 32 * S, (blocks + 1) * S * acc, fold_chain(blocks, 32),
-                        S == 1 ? warp_request(acc) : acc, 0});
+  plan.push_back(Launch{"ode_combine_sum_partials_kernel",
+                        "backward",
+                        {1, 1, 1},
+                        32 * S,
+                        (blocks + 1) * S * acc,
+                        fold_chain(blocks, 32),
+                        S == 1 ? warp_request(acc) : acc,
+                        0});
   return plan;
 }
 

@@ -28,7 +28,8 @@ Grads call_backward(const at::Tensor& grad, const at::Tensor& f, const at::Tenso
 
 class ResidualUpdateFunction : public torch::autograd::Function<ResidualUpdateFunction> {
  public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& f, const at::Tensor& dt, bool relu) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& f, const at::Tensor& dt,
+                            bool relu) {
     at::Tensor out = below_autograd([&] { return call_forward(y, f, dt, relu); });
     ctx->saved_data["relu"] = relu;
     // The ReLU mask is read from the output; f and dt give df and ddt.
@@ -51,8 +52,6 @@ at::Tensor residual_update_autograd(const at::Tensor& y, const at::Tensor& f, co
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tsc, Autograd, m) {
-  m.impl("residual_update", &residual_update_autograd);
-}
+TORCH_LIBRARY_IMPL(tsc, Autograd, m) { m.impl("residual_update", &residual_update_autograd); }
 
 }  // namespace tsc

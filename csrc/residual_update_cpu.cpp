@@ -37,8 +37,8 @@ using StepSize = cpu::PerChannel<kPerLane, acc_t>;
 
 // out[i] = relu?(y[i] + f[i] * dt) over a run of n elements.
 template <bool kPerLane, typename scalar_t>
-void forward_run(const scalar_t* y, const scalar_t* f, StepSize<kPerLane, at::opmath_type<scalar_t>> dt,
-                 scalar_t* out, int64_t n, bool relu, bool stream) {
+void forward_run(const scalar_t* y, const scalar_t* f, StepSize<kPerLane, at::opmath_type<scalar_t>> dt, scalar_t* out,
+                 int64_t n, bool relu, bool stream) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
@@ -67,8 +67,9 @@ void forward_run(const scalar_t* y, const scalar_t* f, StepSize<kPerLane, at::op
 // since it is grad itself). The products are summed into `sum(i, value)`: one scalar per channel
 // plane, or partial[c] along a channels-last row.
 template <bool kPerLane, typename scalar_t, typename Sum, typename VecSum>
-void backward_run(const scalar_t* g, const scalar_t* f, const scalar_t* out, StepSize<kPerLane, at::opmath_type<scalar_t>> dt,
-                  scalar_t* dy, scalar_t* df, int64_t n, bool stream, Sum sum, VecSum vec_sum) {
+void backward_run(const scalar_t* g, const scalar_t* f, const scalar_t* out,
+                  StepSize<kPerLane, at::opmath_type<scalar_t>> dt, scalar_t* dy, scalar_t* df, int64_t n, bool stream,
+                  Sum sum, VecSum vec_sum) {
   using L = Lanes<scalar_t>;
   using acc_t = typename L::acc_t;
   using Vec = typename L::Vec;
@@ -125,8 +126,10 @@ at::Tensor residual_update_cpu(const at::Tensor& y_in, const at::Tensor& f_in, c
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cpu(
-    const at::Tensor& grad_in, const at::Tensor& f_in, const at::Tensor& dt_in, const std::optional<at::Tensor>& relu_out) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cpu(const at::Tensor& grad_in,
+                                                                            const at::Tensor& f_in,
+                                                                            const at::Tensor& dt_in,
+                                                                            const std::optional<at::Tensor>& relu_out) {
   BackwardArgs a = prepare_backward(grad_in, f_in, dt_in, relu_out);
   const at::Tensor &f = a.f, &g = a.g, &dt = a.dt, &out = a.relu_out;
   const at::Tensor &dy = a.dy, &df = a.df, &ddt = a.ddt;
@@ -161,8 +164,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cpu(
           };
           for (int64_t r = k * rows_per_chunk, r_end = std::min(v.outer, (k + 1) * rows_per_chunk); r < r_end; ++r) {
             const int64_t o = r * C;
-            backward_run<true>(gp + o, fp + o, offset_or_null(outp, o), StepSize<true, acc_t>{dtp}, offset_or_null(dyp, o), dfp + o, C,
-                               stream, sum, vec_sum);
+            backward_run<true>(gp + o, fp + o, offset_or_null(outp, o), StepSize<true, acc_t>{dtp},
+                               offset_or_null(dyp, o), dfp + o, C, stream, sum, vec_sum);
           }
         }
         stream_fence(stream);
@@ -185,8 +188,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cpu(
           };
           for (int64_t n = 0; n < N; ++n) {
             const int64_t o = (n * C + c) * S;
-            backward_run<false>(gp + o, fp + o, offset_or_null(outp, o), StepSize<false, acc_t>{dtp + c}, offset_or_null(dyp, o), dfp + o, S,
-                                stream, sum, vec_sum);
+            backward_run<false>(gp + o, fp + o, offset_or_null(outp, o), StepSize<false, acc_t>{dtp + c},
+                                offset_or_null(dyp, o), dfp + o, S, stream, sum, vec_sum);
           }
           ddtp[c] = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, s0 + s1) + tail;
         }

@@ -7,10 +7,10 @@
 // Backward: one per-channel reduction grid planned by launch_geometry.h's plan_channel_reduction
 // (the grid tsc::cuda_launch_plan reports, residual_update_plan.cpp): about 1024 blocks of chunks
 // of a channel's values, samples and positions flattened (channel-first: 256 threads along the
-// values, all busy on a 7x7 map; channels-last: 32 lanes on adjacent channels x 8 rows, fewer lanes x more rows for a narrow row); bf16 /
-// half lanes move pairs (4-byte loads: 128-byte warp requests). Each block writes
-// dy / df and a partial sum of ddt[c]; with more than one chunk fold_chunks_kernel adds the chunks,
-// a warp per channel in a fixed order: deterministic, shape-only split.
+// values, all busy on a 7x7 map; channels-last: 32 lanes on adjacent channels x 8 rows, fewer lanes x more rows for a
+// narrow row); bf16 / half lanes move pairs (4-byte loads: 128-byte warp requests). Each block writes dy / df and a
+// partial sum of ddt[c]; with more than one chunk fold_chunks_kernel adds the chunks, a warp per channel in a fixed
+// order: deterministic, shape-only split.
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,8 +28,8 @@ constexpr int kThreads = 256;
 
 template <int W, typename index_t, typename scalar_t, typename acc_t>
 __global__ void residual_forward_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ f,
-                                        const acc_t* __restrict__ dt, scalar_t* __restrict__ out,
-                                        index_t numel, ChannelIndex<index_t> ci, bool relu) {
+                                        const acc_t* __restrict__ dt, scalar_t* __restrict__ out, index_t numel,
+                                        ChannelIndex<index_t> ci, bool relu) {
   for_each_pack<W>(numel, [&]<int P>(index_t i) {
     const Pack<scalar_t, P> yv = load_pack<P>(y + i), fv = load_pack<P>(f + i);
     Pack<scalar_t, P> o;
@@ -49,8 +49,8 @@ __global__ void residual_forward_kernel(const scalar_t* __restrict__ y, const sc
 template <int W, bool Vec, typename scalar_t, typename acc_t>
 __global__ void residual_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ f,
                                          const scalar_t* __restrict__ relu_out, const acc_t* __restrict__ dt,
-                                         scalar_t* __restrict__ dy, scalar_t* __restrict__ df, acc_t* __restrict__ partial,
-                                         ChannelReduction r) {
+                                         scalar_t* __restrict__ dy, scalar_t* __restrict__ df,
+                                         acc_t* __restrict__ partial, ChannelReduction r) {
   __shared__ Slots<acc_t, W> shared[kThreads];
   const int64_t C = r.channels, inner = r.inner;
   const int64_t c = reduction_channel(r, blockIdx.x, threadIdx.x);
@@ -83,7 +83,8 @@ __global__ void residual_backward_kernel(const scalar_t* __restrict__ g, const s
       if (relu_out) store_items<P, Vec>(dy + i, dyv);
       store_items<P, Vec>(df + i, dfv);
     };
-    walk_reduction_items(r, c, blockIdx.y, threadIdx.y, [&](int64_t o, int64_t s, int64_t n) { reduction_item<W>(o, s, n, body); });
+    walk_reduction_items(r, c, blockIdx.y, threadIdx.y,
+                         [&](int64_t o, int64_t s, int64_t n) { reduction_item<W>(o, s, n, body); });
   }
   shared[threadIdx.y * blockDim.x + threadIdx.x] = sum;
   tree_reduce(shared, [](Slots<acc_t, W>& a, const Slots<acc_t, W>& b) {
@@ -114,7 +115,8 @@ at::Tensor residual_update_cuda(const at::Tensor& y_in, const at::Tensor& f_in, 
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
     dispatch_elementwise<scalar_t>(y.numel(), {yp, fp, op}, [&]<int W, typename index_t>() {
       residual_forward_kernel<W, index_t, scalar_t, acc_t><<<grid_for(y.numel() / W + 1), kThreads, 0, stream>>>(
-          yp, fp, dt.const_data_ptr<acc_t>(), op, static_cast<index_t>(y.numel()), ChannelIndex<index_t>(v.inner, v.channels, v.inner * v.channels), relu);
+          yp, fp, dt.const_data_ptr<acc_t>(), op, static_cast<index_t>(y.numel()),
+          ChannelIndex<index_t>(v.inner, v.channels, v.inner * v.channels), relu);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -122,7 +124,8 @@ at::Tensor residual_update_cuda(const at::Tensor& y_in, const at::Tensor& f_in, 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cuda(
-    const at::Tensor& grad_in, const at::Tensor& f_in, const at::Tensor& dt_in, const std::optional<at::Tensor>& relu_out) {
+    const at::Tensor& grad_in, const at::Tensor& f_in, const at::Tensor& dt_in,
+    const std::optional<at::Tensor>& relu_out) {
   const c10::cuda::CUDAGuard guard(f_in.device());
   BackwardArgs a = prepare_backward(grad_in, f_in, dt_in, relu_out);
   const at::Tensor &f = a.f, &g = a.g, &dt = a.dt, &out = a.relu_out;

@@ -9,13 +9,17 @@
 namespace tsc {
 
 inline void check_residual_args(const at::Tensor& y, const at::Tensor& f, const at::Tensor& dt) {
-  TORCH_CHECK(y.dim() >= 2 && y.dim() <= 5, "tsc::residual_update: y must be (N, C, *spatial) with 0-3 spatial dims, got ", y.sizes());
+  TORCH_CHECK(y.dim() >= 2 && y.dim() <= 5,
+              "tsc::residual_update: y must be (N, C, *spatial) with 0-3 spatial dims, got ", y.sizes());
   TORCH_CHECK(f.sizes() == y.sizes(), "tsc::residual_update: f must have y's shape ", y.sizes(), ", got ", f.sizes());
   TORCH_CHECK(f.scalar_type() == y.scalar_type(), "tsc::residual_update: f must have y's dtype");
-  TORCH_CHECK(dt.dim() == 1 && dt.size(0) == y.size(1), "tsc::residual_update: dt must be (C,) with C = ", y.size(1), ", got ", dt.sizes());
+  TORCH_CHECK(dt.dim() == 1 && dt.size(0) == y.size(1), "tsc::residual_update: dt must be (C,) with C = ", y.size(1),
+              ", got ", dt.sizes());
   const auto acc = y.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(dt.scalar_type() == acc, "tsc::residual_update: dt must be ", acc, " for ", y.scalar_type(), " inputs, got ", dt.scalar_type());
-  TORCH_CHECK(y.device() == f.device() && y.device() == dt.device(), "tsc::residual_update: y, f and dt must be on one device");
+  TORCH_CHECK(dt.scalar_type() == acc, "tsc::residual_update: dt must be ", acc, " for ", y.scalar_type(),
+              " inputs, got ", dt.scalar_type());
+  TORCH_CHECK(y.device() == f.device() && y.device() == dt.device(),
+              "tsc::residual_update: y, f and dt must be on one device");
 }
 
 // Forward arguments in the layout the kernels read, and the output (same layout as y).
@@ -46,10 +50,13 @@ inline BackwardArgs prepare_backward(const at::Tensor& grad_in, const at::Tensor
                                      const std::optional<at::Tensor>& relu_out) {
   check_residual_args(f_in, grad_in, dt_in);
   const bool relu = relu_out.has_value();
-  TORCH_CHECK(!relu || relu_out->sizes() == f_in.sizes(), "tsc::residual_update_backward: relu_out must have f's shape");
-  TORCH_CHECK(!relu || relu_out->device() == f_in.device(), "tsc::residual_update_backward: relu_out must be on f's device ",
-              f_in.device(), ", got ", relu_out->device());
-  TORCH_CHECK(!relu || relu_out->scalar_type() == f_in.scalar_type(), "tsc::residual_update_backward: relu_out must have f's dtype");
+  TORCH_CHECK(!relu || relu_out->sizes() == f_in.sizes(),
+              "tsc::residual_update_backward: relu_out must have f's shape");
+  TORCH_CHECK(!relu || relu_out->device() == f_in.device(),
+              "tsc::residual_update_backward: relu_out must be on f's device ", f_in.device(), ", got ",
+              relu_out->device());
+  TORCH_CHECK(!relu || relu_out->scalar_type() == f_in.scalar_type(),
+              "tsc::residual_update_backward: relu_out must have f's dtype");
   const bool cl = is_channels_last_like(f_in);
   BackwardArgs a;
   a.f = to_layout(f_in, cl);

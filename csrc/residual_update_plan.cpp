@@ -29,7 +29,9 @@ std::vector<Launch> plan_residual_update(const PlanArgs& p) {
   // Backward of a gradient shaped like out (and out as relu_out).
   const ChannelReduction r = plan_channel_reduction(v, es);
   plan.push_back(reduction_launch("residual_backward_kernel", "backward", r, v, es, relu ? 5 : 3, 1, acc));
-  if (r.chunks > 1) plan.push_back(channel_fold_launch("fold_chunks_kernel", "backward", v.channels, r.chunks, 1, acc, v.channels * acc));
+  if (r.chunks > 1)
+    plan.push_back(
+        channel_fold_launch("fold_chunks_kernel", "backward", v.channels, r.chunks, 1, acc, v.channels * acc));
   return plan;
 }
 
@@ -37,7 +39,8 @@ std::vector<Launch> plan_residual_update(const PlanArgs& p) {
 // (outer, C, inner) view of element_size-byte values walks, by the very walk_reduction_items the
 // CUDA kernels run: rows (tile, chunk, x, y, first channel, first element, count) in walk order,
 // and the plan (lanes, value_lanes, tiles, chunks, chunk, pack, per_plane, items, rows).
-std::tuple<at::Tensor, at::Tensor> channel_reduction_walk(int64_t outer, int64_t C, int64_t inner, int64_t element_size) {
+std::tuple<at::Tensor, at::Tensor> channel_reduction_walk(int64_t outer, int64_t C, int64_t inner,
+                                                          int64_t element_size) {
   TORCH_CHECK(outer > 0 && C > 0 && inner > 0 && outer * C * inner <= (int64_t{1} << 24),
               "tsc::_channel_reduction_walk: a small positive (outer, C, inner), got ", outer, ", ", C, ", ", inner);
   const ChannelReduction r = plan_channel_reduction(ChannelView{outer, C, inner}, element_size);
@@ -54,8 +57,9 @@ std::tuple<at::Tensor, at::Tensor> channel_reduction_walk(int64_t outer, int64_t
         }
   const int64_t n = static_cast<int64_t>(rows.size()) / 7;
   at::Tensor walk = at::tensor(rows, at::kLong).reshape({n, 7});
-  at::Tensor plan = at::tensor(std::vector<int64_t>{r.lanes, r.value_lanes, r.tiles, r.chunks, r.chunk, r.pack, r.per_plane, r.items,
-                                                    r.rows ? 1 : 0}, at::kLong);
+  at::Tensor plan = at::tensor(std::vector<int64_t>{r.lanes, r.value_lanes, r.tiles, r.chunks, r.chunk, r.pack,
+                                                    r.per_plane, r.items, r.rows ? 1 : 0},
+                               at::kLong);
   return {walk, plan};
 }
 
@@ -66,5 +70,6 @@ TSC_REGISTER_CUDA_PLANNER(residual_update, plan_residual_update);
 }  // namespace tsc
 
 TORCH_LIBRARY_FRAGMENT(tsc, m) {
-  m.def("_channel_reduction_walk(int outer, int C, int inner, int element_size) -> (Tensor, Tensor)", &tsc::channel_reduction_walk);
+  m.def("_channel_reduction_walk(int outer, int C, int inner, int element_size) -> (Tensor, Tensor)",
+        &tsc::channel_reduction_walk);
 }

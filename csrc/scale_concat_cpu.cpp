@@ -52,7 +52,8 @@ at::Tensor scale_concat_cpu(const at::Tensor& x_in, const at::Tensor& f_in, cons
   return a.out;
 }
 
-std::tuple<at::Tensor, at::Tensor> scale_concat_backward_cpu(const at::Tensor& grad_in, const at::Tensor& f_in, const at::Tensor& dt_in) {
+std::tuple<at::Tensor, at::Tensor> scale_concat_backward_cpu(const at::Tensor& grad_in, const at::Tensor& f_in,
+                                                             const at::Tensor& dt_in) {
   ScaleConcatBackward a = prepare_scale_concat_backward(grad_in, f_in, dt_in);
   const ScaleConcatShape s = a.shape;
   if (a.f.numel() == 0) return {a.df, a.ddt};
@@ -70,7 +71,8 @@ std::tuple<at::Tensor, at::Tensor> scale_concat_backward_cpu(const at::Tensor& g
     at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
       for (int64_t chunk = k0; chunk < k1; ++chunk) {
         acc_t* part = partial.data() + chunk * s.k;
-        for (int64_t o = chunk * rows_per_chunk, o_end = std::min(s.outer, (chunk + 1) * rows_per_chunk); o < o_end; ++o) {
+        for (int64_t o = chunk * rows_per_chunk, o_end = std::min(s.outer, (chunk + 1) * rows_per_chunk); o < o_end;
+             ++o) {
           const scalar_t* g = gp + scale_concat_grad_index(o, 0, 0, s);
           const scalar_t* f = fp + o * f_row;
           scalar_t* df = dfp + o * f_row;

@@ -6,10 +6,10 @@
 // scale_concat_pack elements (16 bytes, or bf16 / half pairs) that never straddle x and f.
 // Backward (df, ddt): per-chunk partial sums of ddt over the grid of launch_geometry.h's
 // plan_channel_reduction (about 1024 blocks; channel-first: 256 threads along a channel's values,
-// samples and positions flattened; channels-last: 32 lanes on adjacent channels x 8 rows, coalesced, or fewer lanes x more rows for a narrow row;
-// bf16 / half lanes move pairs: 4-byte loads), then
-// fold_chunks_kernel adds the chunks, a warp per channel in a fixed order (deterministic).
-// scale_concat_plan.cpp reports the same grids (tsc::cuda_launch_plan).
+// samples and positions flattened; channels-last: 32 lanes on adjacent channels x 8 rows, coalesced, or fewer lanes x
+// more rows for a narrow row; bf16 / half lanes move pairs: 4-byte loads), then fold_chunks_kernel adds the chunks, a
+// warp per channel in a fixed order (deterministic). scale_concat_plan.cpp reports the same grids
+// (tsc::cuda_launch_plan).
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -31,8 +31,8 @@ constexpr int kThreads = 256;
 template <int W, typename index_t, typename scalar_t, typename acc_t>
 __global__ void scale_concat_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ f,
                                             const acc_t* __restrict__ dt, scalar_t* __restrict__ out, index_t numel,
-                                            at::cuda::detail::IntDivider<index_t> row, at::cuda::detail::IntDivider<index_t> inner,
-                                            index_t x_row, index_t f_row) {
+                                            at::cuda::detail::IntDivider<index_t> row,
+                                            at::cuda::detail::IntDivider<index_t> inner, index_t x_row, index_t f_row) {
   for_each_pack<W>(numel, [&]<int P>(index_t i) {
     index_t src = 0, c = 0;
     if (scale_concat_source(i, row, inner, x_row, f_row, src, c)) {
@@ -69,7 +69,8 @@ __global__ void scale_concat_backward_kernel(const scalar_t* __restrict__ g, con
     for (int j = 0; j < W; ++j) d[j] = dt[r.rows && c + j < s.k ? c + j : c];
     auto body = [&]<int P>(int64_t o, int64_t sp) {
       const int64_t i = (o * s.k + c) * s.inner + sp;
-      const Pack<scalar_t, P> gv = load_items<P, Vec>(g + scale_concat_grad_index(o, c, sp, s)), fv = load_items<P, Vec>(f + i);
+      const Pack<scalar_t, P> gv = load_items<P, Vec>(g + scale_concat_grad_index(o, c, sp, s)),
+                              fv = load_items<P, Vec>(f + i);
       Pack<scalar_t, P> dfv;
 #pragma unroll
       for (int j = 0; j < P; ++j) {
@@ -85,7 +86,8 @@ __global__ void scale_concat_backward_kernel(const scalar_t* __restrict__ g, con
       }
       store_items<P, Vec>(df + i, dfv);
     };
-    walk_reduction_items(r, c, blockIdx.y, threadIdx.y, [&](int64_t o, int64_t sp, int64_t n) { reduction_item<W>(o, sp, n, body); });
+    walk_reduction_items(r, c, blockIdx.y, threadIdx.y,
+                         [&](int64_t o, int64_t sp, int64_t n) { reduction_item<W>(o, sp, n, body); });
   }
   shared[threadIdx.y * blockDim.x + threadIdx.x] = sum;
   tree_reduce(shared, [](Slots<acc_t, W>& a, const Slots<acc_t, W>& b) {
@@ -117,21 +119,27 @@ at::Tensor scale_concat_cuda(const at::Tensor& x_in, const at::Tensor& f_in, con
     dispatch_index(numel, [&]<typename index_t>() {
       using Div = at::cuda::detail::IntDivider<index_t>;
       auto launch = [&]<int W>() {
-        scale_concat_forward_kernel<W, index_t, scalar_t, acc_t><<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(
-            xp, fp, a.dt.const_data_ptr<acc_t>(), op, static_cast<index_t>(numel), Div(static_cast<index_t>((sh.cx + sh.k) * sh.inner)),
-            Div(static_cast<index_t>(sh.inner)), static_cast<index_t>(sh.cx * sh.inner), static_cast<index_t>(sh.k * sh.inner));
+        scale_concat_forward_kernel<W, index_t, scalar_t, acc_t>
+            <<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(
+                xp, fp, a.dt.const_data_ptr<acc_t>(), op, static_cast<index_t>(numel),
+                Div(static_cast<index_t>((sh.cx + sh.k) * sh.inner)), Div(static_cast<index_t>(sh.inner)),
+                static_cast<index_t>(sh.cx * sh.inner), static_cast<index_t>(sh.k * sh.inner));
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       };
       constexpr int kWide = kPack<scalar_t>, kPair = sizeof(scalar_t) == 2 ? 2 : 1;
-      if (pack == kWide) launch.template operator()<kWide>();
-      else if (pack == kPair) launch.template operator()<kPair>();
-      else launch.template operator()<1>();
+      if (pack == kWide)
+        launch.template operator()<kWide>();
+      else if (pack == kPair)
+        launch.template operator()<kPair>();
+      else
+        launch.template operator()<1>();
     });
   });
   return a.out;
 }
 
-std::tuple<at::Tensor, at::Tensor> scale_concat_backward_cuda(const at::Tensor& grad_in, const at::Tensor& f_in, const at::Tensor& dt_in) {
+std::tuple<at::Tensor, at::Tensor> scale_concat_backward_cuda(const at::Tensor& grad_in, const at::Tensor& f_in,
+                                                              const at::Tensor& dt_in) {
   const c10::cuda::CUDAGuard guard(f_in.device());
   ScaleConcatBackward a = prepare_scale_concat_backward(grad_in, f_in, dt_in);
   const ScaleConcatShape s = a.shape;
@@ -152,8 +160,8 @@ std::tuple<at::Tensor, at::Tensor> scale_concat_backward_cuda(const at::Tensor& 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     if (plan.chunks > 1) {
-      fold_chunks_kernel<acc_t><<<static_cast<unsigned>(fold_blocks(s.k)), kThreads, 0, stream>>>(pp, a.ddt.mutable_data_ptr<acc_t>(),
-                                                                                                   plan.chunks, s.k);
+      fold_chunks_kernel<acc_t><<<static_cast<unsigned>(fold_blocks(s.k)), kThreads, 0, stream>>>(
+          pp, a.ddt.mutable_data_ptr<acc_t>(), plan.chunks, s.k);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

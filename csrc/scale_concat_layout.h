@@ -33,14 +33,17 @@ inline ScaleConcatShape scale_concat_shape(const at::Tensor& like, int64_t cx, i
 
 inline void check_scale_concat_args(const char* op, const at::Tensor& x, const at::Tensor& f, const at::Tensor& dt,
                                     bool x_is_grad) {
-  TORCH_CHECK(x.dim() >= 2 && x.dim() <= 5, op, ": tensors must be (N, C, *spatial) with 0-3 spatial dims, got ", x.sizes());
+  TORCH_CHECK(x.dim() >= 2 && x.dim() <= 5, op, ": tensors must be (N, C, *spatial) with 0-3 spatial dims, got ",
+              x.sizes());
   TORCH_CHECK(f.dim() == x.dim() && f.size(0) == x.size(0) && f.sizes().slice(2) == x.sizes().slice(2), op,
               ": f must be (N, k, *spatial) matching ", x.sizes(), " in N and spatial dims, got ", f.sizes());
   TORCH_CHECK(!x_is_grad || x.size(1) >= f.size(1), op, ": grad must have at least f's ", f.size(1), " channels");
   TORCH_CHECK(f.scalar_type() == x.scalar_type(), op, ": f must have the dtype of ", x_is_grad ? "grad" : "x");
-  TORCH_CHECK(dt.dim() == 1 && dt.size(0) == f.size(1), op, ": dt must be (k,) with k = ", f.size(1), ", got ", dt.sizes());
+  TORCH_CHECK(dt.dim() == 1 && dt.size(0) == f.size(1), op, ": dt must be (k,) with k = ", f.size(1), ", got ",
+              dt.sizes());
   const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(dt.scalar_type() == acc, op, ": dt must be ", acc, " for ", x.scalar_type(), " inputs, got ", dt.scalar_type());
+  TORCH_CHECK(dt.scalar_type() == acc, op, ": dt must be ", acc, " for ", x.scalar_type(), " inputs, got ",
+              dt.scalar_type());
   TORCH_CHECK(x.device() == f.device() && x.device() == dt.device(), op, ": all tensors must be on one device");
 }
 
@@ -64,7 +67,8 @@ struct ScaleConcatForward {
   ScaleConcatShape shape;
 };
 
-inline ScaleConcatForward prepare_scale_concat_forward(const at::Tensor& x_in, const at::Tensor& f_in, const at::Tensor& dt_in) {
+inline ScaleConcatForward prepare_scale_concat_forward(const at::Tensor& x_in, const at::Tensor& f_in,
+                                                       const at::Tensor& dt_in) {
   check_scale_concat_args("tsc::scale_concat", x_in, f_in, dt_in, false);
   const bool cl = is_channels_last_like(x_in);
   ScaleConcatForward a{to_layout(x_in, cl), to_layout(f_in, cl), dt_in.contiguous(), {}, {}};
@@ -79,7 +83,8 @@ struct ScaleConcatBackward {
   ScaleConcatShape shape;
 };
 
-inline ScaleConcatBackward prepare_scale_concat_backward(const at::Tensor& grad_in, const at::Tensor& f_in, const at::Tensor& dt_in) {
+inline ScaleConcatBackward prepare_scale_concat_backward(const at::Tensor& grad_in, const at::Tensor& f_in,
+                                                         const at::Tensor& dt_in) {
   check_scale_concat_args("tsc::scale_concat_backward", grad_in, f_in, dt_in, true);
   const bool cl = is_channels_last_like(grad_in);
   ScaleConcatBackward a;

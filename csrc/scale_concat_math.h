@@ -39,8 +39,8 @@ TSC_HD T scale_concat_ddt_term(T g, T f) {
 // `row` divides by (Cx + k) * inner and `inner` by inner: anything with div / divmod (the CUDA
 // kernel passes ATen's 32-bit magic-number IntDivider below 2^31 elements, cuda_elementwise.cuh).
 template <typename index_t, typename Divider>
-TSC_HD bool scale_concat_source(index_t i, const Divider& row, const Divider& inner, index_t x_row, index_t f_row, index_t& src,
-                                index_t& channel) {
+TSC_HD bool scale_concat_source(index_t i, const Divider& row, const Divider& inner, index_t x_row, index_t f_row,
+                                index_t& src, index_t& channel) {
   const auto q = row.divmod(i);  // (o, r): row o of out, position r in it
   if (q.mod < x_row) {
     src = q.div * x_row + q.mod;

@@ -23,7 +23,8 @@ std::vector<Launch> plan_scale_concat(const PlanArgs& p) {
   const int64_t numel = a.out.numel(), es = a.out.element_size(), acc = acc_size(es), k = a.shape.k;
   std::vector<Launch> plan;
   if (numel == 0) return plan;
-  plan.push_back(packed_launch("scale_concat_forward_kernel", "forward", numel, es, 2, k * acc, p.sms, scale_concat_pack(a.shape, es)));
+  plan.push_back(packed_launch("scale_concat_forward_kernel", "forward", numel, es, 2, k * acc, p.sms,
+                               scale_concat_pack(a.shape, es)));
   // Backward of a gradient shaped (and laid out) like out.
   const ScaleConcatBackward b = prepare_scale_concat_backward(a.out, a.f, a.dt);
   if (b.f.numel() == 0) return plan;

@@ -93,8 +93,6 @@ at::Tensor weight_mean_autograd(at::TensorList weights) { return WeightMeanFunct
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(tsc, Autograd, m) {
-  m.impl("weight_mean", &weight_mean_autograd);
-}
+TORCH_LIBRARY_IMPL(tsc, Autograd, m) { m.impl("weight_mean", &weight_mean_autograd); }
 
 }  // namespace tsc

@@ -87,13 +87,20 @@ template <typename T>
 void column_sums(const T* p, int64_t rows, int64_t K, std::vector<T>& scratch) {
   switch (vector_runs<T>(K)) {
     // K dividing the lanes (2, 4, 8) takes 1 vector, 1-D k = 3 takes 3, 3x3 kernels 9
-    case 1: return column_sums_in_runs<1>(p, rows, K, scratch);
-    case 2: return column_sums_in_runs<2>(p, rows, K, scratch);
-    case 3: return column_sums_in_runs<3>(p, rows, K, scratch);
-    case 5: return column_sums_in_runs<5>(p, rows, K, scratch);
-    case 7: return column_sums_in_runs<7>(p, rows, K, scratch);
-    case 9: return column_sums_in_runs<9>(p, rows, K, scratch);
-    default: break;
+    case 1:
+      return column_sums_in_runs<1>(p, rows, K, scratch);
+    case 2:
+      return column_sums_in_runs<2>(p, rows, K, scratch);
+    case 3:
+      return column_sums_in_runs<3>(p, rows, K, scratch);
+    case 5:
+      return column_sums_in_runs<5>(p, rows, K, scratch);
+    case 7:
+      return column_sums_in_runs<7>(p, rows, K, scratch);
+    case 9:
+      return column_sums_in_runs<9>(p, rows, K, scratch);
+    default:
+      break;
   }
   scratch.assign(K, T(0));
   for (int64_t r = 0; r < rows; ++r, p += K) axpy(T(1), p, scratch.data(), K);
@@ -124,7 +131,8 @@ void mean_row(const scalar_t* w, const WeightView& v, acc_t* out, std::vector<ac
     for (int64_t k = 0; k < v.K; ++k) out[k] = mean_from_sum(scratch[k], v.C_in);
   } else {
     // C_in contiguous (1x1 convs, channels-last weights) or arbitrary strides: one reduction per k.
-    for (int64_t k = 0; k < v.K; ++k) out[k] = mean_from_sum(strided_sum<scalar_t, acc_t>(w + k * v.sk, v.C_in, v.si), v.C_in);
+    for (int64_t k = 0; k < v.K; ++k)
+      out[k] = mean_from_sum(strided_sum<scalar_t, acc_t>(w + k * v.sk, v.C_in, v.si), v.C_in);
   }
 }
 

@@ -28,22 +28,26 @@ constexpr int kThreads = static_cast<int>(weight_mean_plan::kThreads);
 constexpr int kWarps = static_cast<int>(weight_mean_plan::kWarps);
 
 struct WeightMeta {
-  int64_t ptr;                // the weight's data pointer (forward only)
-  int64_t mean_off;           // first w̄ index of this weight
+  int64_t ptr;       // the weight's data pointer (forward only)
+  int64_t mean_off;  // first w̄ index of this weight
   int64_t C_out, C_in, K, so, si, sk;
 };
 
-constexpr int kMaxWeights = static_cast<int>(weight_mean_plan::kMaxWeights);  // 48 * 64 B + 24 B < 4 KiB of kernel parameters
+constexpr int kMaxWeights =
+    static_cast<int>(weight_mean_plan::kMaxWeights);  // 48 * 64 B + 24 B < 4 KiB of kernel parameters
 using WeightBatch = MetaBatch<WeightMeta, kMaxWeights>;
 static_assert(sizeof(WeightBatch) + 64 <= 4096, "kernel parameters must stay under 4 KiB");
 
 // Index of the weight whose [start, next start) range holds i (the starts ascend).
-template <int64_t WeightMeta::*start>
+template <int64_t WeightMeta::* start>
 __device__ int64_t find_weight(const WeightMeta* meta, int64_t n, int64_t i) {
   int64_t lo = 0, hi = n - 1;
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;
-    if (meta[mid].*start <= i) lo = mid; else hi = mid - 1;
+    if (meta[mid].*start <= i)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
   return lo;
 }
@@ -65,7 +69,8 @@ __global__ void weight_mean_kernel(const __grid_constant__ WeightBatch batch, ac
 // Backward: dw̄ / C_in, packed like w̄, one grid-stride launch per WeightBatch (only mean_off and
 // C_in of the records are read).
 template <typename acc_t>
-__global__ void weight_mean_backward_kernel(const __grid_constant__ WeightBatch batch, const acc_t* __restrict__ grad, acc_t* __restrict__ out) {
+__global__ void weight_mean_backward_kernel(const __grid_constant__ WeightBatch batch, const acc_t* __restrict__ grad,
+                                            acc_t* __restrict__ out) {
   const int64_t stride = (int64_t)gridDim.x * blockDim.x;
   for (int64_t e = batch.begin + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < batch.end; e += stride) {
     out[e] = mean_from_sum(grad[e], batch.m[find_weight<&WeightMeta::mean_off>(batch.m, batch.n, e)].C_in);
@@ -73,7 +78,7 @@ __global__ void weight_mean_backward_kernel(const __grid_constant__ WeightBatch 
 }
 
 // Calls launch(batch) for each launch of weight_mean_plan::weight_batches (the split the planner reports).
-template <int64_t WeightMeta::*start, typename F>
+template <int64_t WeightMeta::* start, typename F>
 void for_each_weight_batch(const std::vector<WeightMeta>& meta, int64_t total, F&& launch) {
   std::vector<int64_t> starts;
   for (const WeightMeta& m : meta) starts.push_back(m.*start);
@@ -111,7 +116,8 @@ at::Tensor weight_mean_cuda(at::TensorList weights_in) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "tsc_weight_mean_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     for_each_weight_batch<&WeightMeta::mean_off>(meta, total, [&](const WeightBatch& b) {
-      weight_mean_kernel<scalar_t, acc_t><<<elementwise_grid(b.end - b.begin, kWarps), kThreads, 0, stream>>>(b, out.mutable_data_ptr<acc_t>());
+      weight_mean_kernel<scalar_t, acc_t>
+          <<<elementwise_grid(b.end - b.begin, kWarps), kThreads, 0, stream>>>(b, out.mutable_data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -40,11 +40,14 @@ inline bool weight_view(const at::Tensor& w, WeightView& v) {
 inline void check_weights(const char* op, at::TensorList weights) {
   TORCH_CHECK(!weights.empty(), op, ": weights must not be empty");
   for (size_t i = 0; i < weights.size(); ++i) {
-    TORCH_CHECK(weights[i].dim() >= 3 && weights[i].dim() <= 5, op, ": weights[", i, "] must be a conv weight (C_out, C_in, *k) with 1-3 kernel dims, got ", weights[i].sizes());
-    TORCH_CHECK(weights[i].scalar_type() == weights[0].scalar_type(), op, ": weights[", i, "] must have weights[0]'s dtype");
+    TORCH_CHECK(weights[i].dim() >= 3 && weights[i].dim() <= 5, op, ": weights[", i,
+                "] must be a conv weight (C_out, C_in, *k) with 1-3 kernel dims, got ", weights[i].sizes());
+    TORCH_CHECK(weights[i].scalar_type() == weights[0].scalar_type(), op, ": weights[", i,
+                "] must have weights[0]'s dtype");
     TORCH_CHECK(weights[i].device() == weights[0].device(), op, ": weights[", i, "] must be on weights[0]'s device");
     TORCH_CHECK(at::isFloatingType(weights[i].scalar_type()), op, ": weights must be floating point");
-    TORCH_CHECK(weights[i].size(1) >= 1, op, ": weights[", i, "] must have C_in >= 1 (w̄ is a mean over C_in), got ", weights[i].sizes());
+    TORCH_CHECK(weights[i].size(1) >= 1, op, ": weights[", i, "] must have C_in >= 1 (w̄ is a mean over C_in), got ",
+                weights[i].sizes());
   }
 }
 
@@ -59,9 +62,7 @@ inline std::vector<int64_t> mean_offsets(at::TensorList weights, int64_t& total)
   return off;
 }
 
-inline at::ScalarType accumulation_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 // tsc::weight_mean_backward's checked arguments: grad (packed like w̄, contiguous), each weight's
 // offset in it, and the output (dw̄ / C_in, packed the same way).
@@ -76,9 +77,11 @@ inline WeightMeanGrad prepare_weight_mean_backward(const char* op, const at::Ten
   WeightMeanGrad a;
   a.off = mean_offsets(weights, a.total);
   const auto acc = accumulation_type(weights[0].scalar_type());
-  TORCH_CHECK(grad_in.dim() == 1 && grad_in.numel() == a.total, op, ": grad must be 1-D with ", a.total, " values, got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.dim() == 1 && grad_in.numel() == a.total, op, ": grad must be 1-D with ", a.total,
+              " values, got ", grad_in.sizes());
   TORCH_CHECK(grad_in.scalar_type() == acc, op, ": grad must be ", acc, ", got ", grad_in.scalar_type());
-  TORCH_CHECK(grad_in.device() == weights[0].device(), op, ": grad must be on the weights' device ", weights[0].device(), ", got ", grad_in.device());
+  TORCH_CHECK(grad_in.device() == weights[0].device(), op, ": grad must be on the weights' device ",
+              weights[0].device(), ", got ", grad_in.device());
   for (size_t j = 0; j < weights.size(); ++j)
     TORCH_CHECK(weights[j].size(1) >= 1, op, ": weights[", j, "] must have C_in >= 1, got ", weights[j].sizes());
   a.grad = grad_in.contiguous();

@@ -15,7 +15,8 @@ namespace {
 
 // Forward arguments (launch_plan.h order): ints [len(weights)]; tensors the weights.
 std::vector<Launch> plan_weight_mean(const PlanArgs& p) {
-  TORCH_CHECK(p.ints.size() == 1 && static_cast<int64_t>(p.tensors.size()) == p.ints[0], "weight_mean planner: expected ints [len(weights)] and the weights");
+  TORCH_CHECK(p.ints.size() == 1 && static_cast<int64_t>(p.tensors.size()) == p.ints[0],
+              "weight_mean planner: expected ints [len(weights)] and the weights");
   check_weights("tsc::weight_mean", p.tensors);
   int64_t total = 0;
   const std::vector<int64_t> off = mean_offsets(p.tensors, total);
@@ -31,10 +32,22 @@ std::vector<Launch> plan_weight_mean(const PlanArgs& p) {
       request = std::min(request, v.si == 1 ? 32 * es : es);
     }
     const int64_t items = r.end - r.begin, search = tree_depth(r.n);
-    forward.push_back(Launch{"weight_mean_kernel", "forward", {elementwise_blocks(items, weight_mean_plan::kWarps, p.sms), 1, 1},
-                             weight_mean_plan::kThreads, bytes + items * acc, search + 1 + tree_depth(32), request, 0});
-    backward.push_back(Launch{"weight_mean_backward_kernel", "backward", {elementwise_blocks(items, weight_mean_plan::kThreads, p.sms), 1, 1},
-                              weight_mean_plan::kThreads, 2 * items * acc, search + 1, warp_request(acc), 0});
+    forward.push_back(Launch{"weight_mean_kernel",
+                             "forward",
+                             {elementwise_blocks(items, weight_mean_plan::kWarps, p.sms), 1, 1},
+                             weight_mean_plan::kThreads,
+                             bytes + items * acc,
+                             search + 1 + tree_depth(32),
+                             request,
+                             0});
+    backward.push_back(Launch{"weight_mean_backward_kernel",
+                              "backward",
+                              {elementwise_blocks(items, weight_mean_plan::kThreads, p.sms), 1, 1},
+                              weight_mean_plan::kThreads,
+                              2 * items * acc,
+                              search + 1,
+                              warp_request(acc),
+                              0});
   }
   forward.insert(forward.end(), backward.begin(), backward.end());
   return forward;
