@@ -1,22 +1,27 @@
-"""The real shapes and the rules GPU launch plans are checked against (issue 22; docs/gpu.md).
+"""The rules GPU launch plans are checked against, at every op's real shapes (issue 22; docs/gpu.md).
 
-``cases()`` is the table: every op at the activations, concatenations, multistep and ODE stages,
-conv weights and controllers of real networks (ResNet-18/50/152 at batch 64 and 256, CIFAR ResNets
-at batch 128 up to depth 1202, DenseNet-40 k=12 and DenseNet-121 k=32), both layouts, fp32 and
-bf16, plus a huge channel count and a tensor past 2**31 elements for the grid limits; all tensors on
-the ``meta`` device. ``violations(op, args, plan)`` lists where a plan breaks the rules.
-tests/test_launch_plans.py asserts none at every case for both GPU backends, except the open defects
-of ``KNOWN_VIOLATIONS`` (strict xfail); ``make gpu-report`` prints the table.
+``cases()`` is the table: every op of the registry at the real shapes its file declares
+(``REAL_SHAPES.launch`` in tsc_kernels/ops/<op>.py, see tsc_kernels/ops/_shapes.py): the
+activations, concatenations, multistep and ODE stages, conv weights and controllers of real networks
+(ResNet-18/50/152 at batch 64 and 256, CIFAR ResNets at batch 128 up to depth 1202, DenseNet-40 k=12
+and DenseNet-121 k=32), both layouts, fp32 and bf16, plus a huge channel count and a tensor past
+2**31 elements for the grid limits; all tensors on the ``meta`` device, built by the op's own
+``example_inputs``. ``violations(op, args, plan)`` lists where a plan breaks the rules.
+tests/tooling/test_launch_plans.py asserts none at every case for both GPU backends, except the open
+defects of ``KNOWN_VIOLATIONS`` (strict xfail); ``make gpu-report`` prints the table.
 """
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 import torchvision
 
 from .convert import convert
 from .models import cifar_resnet
+from .ops._shapes import FP, Network
+from .ops.registry import OPS
 
 SMS = 132  # H100 SXM
 MB = 1 << 20
@@ -24,7 +29,6 @@ BIG = 8 * MB  # launches moving at least this much must fill the GPU and coalesc
 MAX_CHAIN = 64
 MAX_SMEM = 48 * 1024
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
-FP = (torch.float32, torch.bfloat16)
 META = "meta"
 
 
@@ -35,56 +39,8 @@ def meta_tensor(*shape, dtype=torch.float32, cl=False):
     return t
 
 
-# (label, shape): ResNet-50 at batch 64 and 256, ResNet-18 and 50's first stage, CIFAR at batch 128
-ACTIVATIONS = [
-    ("resnet50-stage1", (64, 256, 56, 56)),
-    ("resnet50-stage4-b256", (256, 2048, 7, 7)),
-    ("resnet18-stage1", (64, 64, 56, 56)),
-    ("cifar-stage1", (128, 16, 32, 32)),
-    ("cifar-stage3", (128, 64, 8, 8)),
-]
-# DenseNet concatenations (x, f): DenseNet-40 k=12's last layer of a block; DenseNet-121 k=32's first and last block
-CONCATS = [
-    ("densenet40-k12", (64, 148, 32, 32), (64, 12, 32, 32)),
-    ("densenet121-k32-block1", (64, 224, 56, 56), (64, 32, 56, 56)),
-    ("densenet121-k32-block4", (64, 992, 7, 7), (64, 32, 7, 7)),
-]
-# LM-ResNet-50's last stage (and its first, where the maps are large)
-MULTISTEP = [("lm-resnet50-stage4", (64, 2048, 7, 7)), ("lm-resnet50-stage1", (64, 256, 56, 56))]
-ODE = [("ode-cifar-4stages", (128, 64, 8, 8)), ("ode-resnet50-4stages", (64, 256, 56, 56))]
-# grid limits: a huge channel count, and a tensor past 2**31 elements (int64 indexing)
-LIMITS = [("C=2^20", (2, 1 << 20, 3, 3)), ("past-2^31", (65, 2048, 128, 128))]
-
-
-def residual_args(shape, dtype, cl):
-    act = functools.partial(meta_tensor, *shape, dtype=dtype, cl=cl)
-    return ("residual_update", (act(), act(), meta_tensor(shape[1]), True))
-
-
-def batch_norm_args(shape, dtype, cl):
-    act, C = functools.partial(meta_tensor, *shape, dtype=dtype, cl=cl), shape[1]
-    stats = [meta_tensor(C) for _ in range(4)]  # running mean and var, weight, bias (fp32)
-    return ("batch_norm_residual_update", (act(), act(), meta_tensor(C), *stats, True, 0.1, 1e-5, True))
-
-
-def multistep_args(shape, dtype, cl):
-    act = functools.partial(meta_tensor, *shape, dtype=dtype, cl=cl)
-    k, dt, keep = meta_tensor(), meta_tensor(shape[1]), meta_tensor(shape[0])
-    return ("multistep_update", (act(), act(), act(), k, dt, keep, True))
-
-
-def scale_concat_args(x, f, dtype, cl):
-    return ("scale_concat", (meta_tensor(*x, dtype=dtype, cl=cl), meta_tensor(*f, dtype=dtype, cl=cl),
-                             meta_tensor(f[1])))
-
-
-def ode_args(shape, dtype, cl, stages=4):
-    act = functools.partial(meta_tensor, *shape, dtype=dtype, cl=cl)
-    return ("ode_combine", (act(), [act() for _ in range(stages)], meta_tensor(stages)))
-
-
 @functools.lru_cache(maxsize=None)
-def network_tensors(name: str):
+def network_tensors(name: str) -> Network:
     """(conv weights the controller reads, stage block counts, controller parameters) of a TSC network, on meta."""
     with torch.device(META):
         if name.startswith("cifar_resnet"):
@@ -93,46 +49,72 @@ def network_tensors(name: str):
             model = convert(getattr(torchvision.models, name)())
     ctrl, weights, params = model._controller_tensors()
     blocks = [len(stage._modules) for stage in model.tsc_stages()]
-    return weights, blocks, params
+    return Network(weights, blocks, params)
 
 
-NETWORKS = ("resnet50", "resnet152", "cifar_resnet1202")
+def op_module(op: str):
+    """tsc_kernels/ops/<op>.py, where the op is declared with its example_inputs and REAL_SHAPES."""
+    return importlib.import_module(f"{__package__}.ops.{op}")
+
+
+def op_args(op: str, spec, dtype=torch.float32, cl: bool = False) -> tuple:
+    """(op, forward arguments on meta) at one spec of the op's REAL_SHAPES (a network op's: a network name)."""
+    module = op_module(op)
+    if module.REAL_SHAPES.network:
+        spec = network_tensors(spec)
+    return (op, module.example_inputs(spec, dtype, channels_last=cl, device=META))
+
+
+# The arguments of the ops the tests build by hand (tests/tooling/test_launch_plans.py, test_cuda_plans.py).
+def residual_args(shape, dtype, cl):
+    return op_args("residual_update", shape, dtype, cl)
+
+
+def batch_norm_args(shape, dtype, cl):
+    return op_args("batch_norm_residual_update", shape, dtype, cl)
+
+
+def multistep_args(shape, dtype, cl):
+    return op_args("multistep_update", shape, dtype, cl)
+
+
+def scale_concat_args(x, f, dtype, cl):
+    return op_args("scale_concat", (x, f[1]), dtype, cl)
+
+
+def ode_args(shape, dtype, cl, stages=4):
+    return op_args("ode_combine", (shape, stages), dtype, cl)
 
 
 def weight_mean_args(name, dtype):
-    weights, _, _ = network_tensors(name)
-    return ("weight_mean", ([w.to(dtype) for w in weights],))
+    return op_args("weight_mean", name, dtype)
 
 
 def controller_args(name):
-    weights, blocks, params = network_tensors(name)
-    wbar = torch.ops.tsc.weight_mean(list(weights))
-    return ("lstm_controller", (wbar, blocks, list(params)))
+    return op_args("lstm_controller", name)
 
 
 def cases() -> list[tuple]:
-    """(id, op, args) of the table: every op, both layouts, fp32 and bf16."""
+    """(id, op, args) of the table: every op of the registry at its real shapes, both layouts, fp32 and bf16."""
     return list(_iter_cases())
 
 
 def _iter_cases():
+    shapes = {name: op_module(name).REAL_SHAPES for name in OPS}
     for dtype in FP:
         d = str(dtype).split(".")[-1]
         for cl in (False, True):
             lay = "cl" if cl else "nchw"
-            for label, shape in ACTIVATIONS + LIMITS:
-                for build in (residual_args, batch_norm_args):
-                    yield (f"{label}-{lay}-{d}",) + build(shape, dtype, cl)
-            for label, shape in MULTISTEP:
-                yield (f"{label}-{lay}-{d}",) + multistep_args(shape, dtype, cl)
-            for label, x, f in CONCATS:
-                yield (f"{label}-{lay}-{d}",) + scale_concat_args(x, f, dtype, cl)
-            for label, shape in ODE:
-                yield (f"{label}-{lay}-{d}",) + ode_args(shape, dtype, cl)
-        for name in NETWORKS:
-            yield (f"{name}-{d}",) + weight_mean_args(name, dtype)
-    for name in NETWORKS:
-        yield (f"{name}-controller",) + controller_args(name)
+            for name, real in shapes.items():
+                if not real.network and dtype in real.dtypes:
+                    for label, spec in real.launch:
+                        yield (f"{label}-{lay}-{d}",) + op_args(name, spec, dtype, cl)
+    for name, real in shapes.items():  # networks: no layout; the dtype in the id when the op has several
+        if real.network:
+            for dtype in real.dtypes:
+                suffix = f"-{str(dtype).split('.')[-1]}" if len(real.dtypes) > 1 else ""
+                for label, spec in real.launch:
+                    yield (f"{label}{suffix}",) + op_args(name, spec, dtype)
 
 
 # Plans that still break a rule, (op, backend, case id) -> why: defects not fixed yet (issue 22).
@@ -141,7 +123,8 @@ def _iter_cases():
 # block-count shortfall at a bandwidth-bound launch (none breaks a grid limit, a chain or smem).
 _CUDA_NARROW_PLANES_BF16 = ("CUDA bf16 planes of 49 values ((256, 2048, 7, 7), LM-ResNet-50's (64, 2048, 7, 7)): lanes "
                             "load bf16 pairs (finding 8), but a plane is only 98 contiguous bytes (the sample's next "
-                            "plane of the channel is C planes away); a block over adjacent channels' planes would reach 128")
+                            "plane of the channel is C planes away); a block over adjacent channels' planes would "
+                            "reach 128")
 _CUDA_C_2_20 = ("CUDA at C = 2^20 with 3x3 maps: a block walks planes of 9 values (36 / 18-byte requests; several "
                 "adjacent channels per block would reach 128) and the per-channel merge reads the (chunks, C) partials "
                 "one 4-byte value per lane")

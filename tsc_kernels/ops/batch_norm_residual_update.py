@@ -7,7 +7,7 @@ running statistics (eval), invstd = 1 / sqrt(v + eps), x̂ = (x - μ) * invstd, 
 β = 0 without affine). Training updates running_mean/var in place exactly as F.batch_norm does
 (unbiased variance v * M / (M - 1) into running_var).
 
-Schemas (csrc/ops.cpp and the declaration below, tsc_kernels/ops/registry.py):
+Schemas (csrc/batch_norm_residual_update_cpu.cpp, TORCH_LIBRARY_FRAGMENT, and the declaration below):
 
     tsc::batch_norm_residual_update(Tensor y, Tensor x, Tensor dt, Tensor(a!)? running_mean,
         Tensor(b!)? running_var, Tensor? weight, Tensor? bias, bool training, float momentum,
@@ -28,19 +28,90 @@ Schemas (csrc/ops.cpp and the declaration below, tsc_kernels/ops/registry.py):
 Ops:
   tsc::batch_norm_residual_update(_backward)          C++ (CPU) and CUDA, csrc/batch_norm_residual_update_*
   tsc::batch_norm_residual_update_triton (+ _backward_triton)   Triton, triton_kernels/batch_norm_residual_update.py
-  tsc::batch_norm_residual_update_torch               the reference (returns out only)
+  tsc::batch_norm_residual_update_torch               the reference below, the spec (returns out only)
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .. import _checks, reference
-from ._layout import output_like
+from ._common import FLOAT_DTYPES, accumulation_dtype, flag, same_device, tensor
+from ._layout import output_like, to_layout
+from ._shapes import ACTIVATIONS, LIMITS, RESNET50, TINY, RealShapes, elementwise_bytes
 from .registry import OpDef, define, dispatch
+from .residual_update import check_args as residual_update_args
+from .residual_update import reference as residual_update_reference
+
+
+def reference(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    relu: bool,
+) -> torch.Tensor:
+    """The fused BatchNorm tail of a residual block: ``relu?(y + dt[c] * F.batch_norm(x, ...))``.
+
+    Exactly ``F.batch_norm``'s meaning (batch statistics when ``training``, the running ones
+    otherwise; running statistics updated in place in training with the unbiased variance),
+    computed in fp32 (fp64 for fp64 inputs); the output has y's dtype.
+    """
+    acc = accumulation_dtype(x.dtype)
+    # Statistics in the accumulation dtype; a running buffer of another dtype is updated through a copy.
+    stats = [None if t is None else t.to(acc) for t in (running_mean, running_var)]
+    z = F.batch_norm(x.to(acc), stats[0], stats[1], None if weight is None else weight.to(acc),
+                     None if bias is None else bias.to(acc), training, momentum, eps)
+    for buf, new in zip((running_mean, running_var), stats):
+        if buf is not None and new is not buf:
+            buf.copy_(new)
+    # z stays in the accumulation dtype: the update adds it to y before the one rounding to y's dtype
+    return residual_update_reference(y, z, dt, relu)
+
+
+def check_args(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu) -> None:
+    """The fused BatchNorm tail's arguments (tsc_kernels.batch_norm_residual_update)."""
+    residual_update_args(y, x, dt, relu, f_name="x")  # y, x (as f), dt, relu: the update's own rules
+    flag(training, "training")
+    for name, value in (("momentum", momentum), ("eps", eps)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    if not eps > 0.0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be tensors or both be None")
+    if not training and running_mean is None:
+        raise ValueError("training=False (running statistics) needs running_mean and running_var, got None")
+    channels = y.shape[1]
+    named = {}
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        tensor(t, name, FLOAT_DTYPES)
+        if t.dim() != 1 or t.shape[0] != channels:
+            raise ValueError(f"{name} must have shape (C,) = ({channels},) matching y's channel dim 1, "
+                             f"got {tuple(t.shape)}")
+        named[name] = t
+    if running_mean is not None and running_var.dtype != running_mean.dtype:
+        raise TypeError(f"running_var must have running_mean's dtype {running_mean.dtype}, got {running_var.dtype}")
+    same_device({"y": y, **named})
+    if training:
+        values = y.numel() // channels if channels else 0
+        if values <= 1:
+            # F.batch_norm's own rule: the batch variance needs more than one value per channel
+            raise ValueError(f"training needs more than 1 value per channel (N * spatial), "
+                             f"got input shape {tuple(y.shape)}")
 
 
 def _stats_like(x: torch.Tensor) -> torch.Tensor:
-    return x.new_empty(x.shape[1], dtype=reference.accumulation_dtype(x.dtype))
+    return x.new_empty(x.shape[1], dtype=accumulation_dtype(x.dtype))
 
 
 def _fake_forward(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu):
@@ -48,7 +119,7 @@ def _fake_forward(y, x, dt, running_mean, running_var, weight, bias, training, m
 
 
 def _fake_backward(grad, x, dt, weight, bias, save_mean, save_invstd, relu_out, training):
-    acc = reference.accumulation_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     dy = output_like(relu_out) if relu_out is not None else x.new_empty(0)
     dw = torch.empty_like(dt) if weight is not None else x.new_empty(0, dtype=acc)
     db = torch.empty_like(dt) if bias is not None else x.new_empty(0, dtype=acc)
@@ -79,9 +150,9 @@ OP = define(OpDef(
            "Tensor? bias, bool training, float momentum, float eps, bool relu) -> (Tensor, Tensor, Tensor)",
     backward_schema="(Tensor grad, Tensor x, Tensor dt, Tensor? weight, Tensor? bias, Tensor save_mean, "
                     "Tensor save_invstd, Tensor? relu_out, bool training) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    reference=reference.batch_norm_residual_update,
-    reference_schema="(Tensor y, Tensor x, Tensor dt, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, "
-                     "Tensor? bias, bool training, float momentum, float eps, bool relu) -> Tensor",
+    reference=reference,
+    reference_schema="(Tensor y, Tensor x, Tensor dt, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+                     "Tensor? weight, Tensor? bias, bool training, float momentum, float eps, bool relu) -> Tensor",
     fake=_fake_forward,
     fake_backward=_fake_backward,
     setup_context=_setup_context,
@@ -124,7 +195,25 @@ def batch_norm_residual_update(
         relu: apply ReLU to the sum (post-activation blocks).
     Statistics and arithmetic run in fp32 for fp16/bf16 activations. Returns out (y's dtype and layout).
     """
-    _checks.batch_norm_residual_update_args(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu)
+    check_args(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu)
     op = dispatch("batch_norm_residual_update", y.device)
     out = op(y, x, dt, running_mean, running_var, weight, bias, training, float(momentum), float(eps), relu)
     return out[0] if OP.returns_saved(op) else out
+
+
+# --- Real shapes (tsc_kernels/ops/_shapes.py): launch plans and gpu-check ---
+def example_inputs(shape, dtype, channels_last=False, device=None, requires_grad=False) -> tuple:
+    """The training forward with running statistics, affine and the ReLU fused, at an activation shape;
+    the running statistics never require grad."""
+    y, x = (to_layout(torch.randn(shape, dtype=dtype, device=device), channels_last) for _ in range(2))
+    acc, C = accumulation_dtype(dtype), shape[1]
+    dt, rm, rv, w, b = (torch.rand(C, dtype=acc, device=device) + 0.5 for _ in range(5))
+    y, x, dt, w, b = (t.requires_grad_(requires_grad) for t in (y, x, dt, w, b))
+    return y, x, dt, rm, rv, w, b, True, 0.1, 1e-5, True
+
+
+# Minimum bytes (training, ReLU): forward 4N e (the statistics read x; the apply reads x, y, writes out),
+# backward 8N e (the sums read g, x, out; the apply -> dx, dy). Two passes each way are inherent: the
+# output needs statistics over the whole batch first.
+REAL_SHAPES = RealShapes(launch=ACTIVATIONS + LIMITS, full=RESNET50, tiny=TINY, min_bytes=elementwise_bytes(4, 8),
+                         note="training, ReLU fused")

@@ -1,6 +1,6 @@
 """The batched TSC_LSTM controller (docs/tsc.md, docs/ops.md): public entry points and the torch.library glue.
 
-Schemas (csrc/ops.cpp and the declaration below, tsc_kernels/ops/registry.py):
+Schemas (csrc/lstm_controller_cpu.cpp, TORCH_LIBRARY_FRAGMENT, and the declaration below):
 
     tsc::lstm_controller(Tensor wbar_packed, int[] blocks, Tensor[] params) -> (Tensor, Tensor)
     tsc::lstm_controller_backward(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks,
@@ -27,8 +27,8 @@ Ops:
   tsc::lstm_controller / tsc::lstm_controller_backward                 C++ (CPU) and CUDA, csrc/lstm_controller_*
                                                                        (autograd: csrc/lstm_controller_autograd.cpp)
   tsc::lstm_controller_triton / tsc::lstm_controller_backward_triton   Triton, triton_kernels/lstm_controller.py
-  tsc::lstm_controller_torch                                           the reference per stage, CompositeImplicitAutograd;
-                                                                       returns dt_packed only
+  tsc::lstm_controller_torch                                           the reference (below: the spec) per stage,
+                                                                       CompositeImplicitAutograd; returns dt_packed only
 """
 from __future__ import annotations
 
@@ -36,13 +36,89 @@ from operator import is_
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from .. import _checks, reference
 from . import weight_mean as _weight_mean
+from ._common import accumulation_dtype, same_device, tensor
+from ._shapes import NETWORKS, Network, RealShapes, nbytes
 from .registry import OpDef, define, dispatch, eager_op
 
 PARAMS_PER_STAGE = 8
 SAVED_PER_UNIT = 7  # x, i, f, g, o, c, h per hidden unit and block
+CONTROLLER_DTYPES = (torch.float32, torch.float64)
+LSTM_PARAM_NAMES = ("fc_in_weight", "fc_in_bias", "weight_ih", "weight_hh", "bias_ih", "bias_hh",
+                    "fc_out_weight", "fc_out_bias")
+
+
+def reference(
+    wbar: torch.Tensor,
+    fc_in_weight: torch.Tensor,
+    fc_in_bias: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias_ih: torch.Tensor,
+    bias_hh: torch.Tensor,
+    fc_out_weight: torch.Tensor,
+    fc_out_bias: torch.Tensor,
+) -> torch.Tensor:
+    """TSC_LSTM for one stage: ``wbar (L, D) -> dt (L, C)``.
+
+    ``x_d = relu(fc_in(w̄_d))``; ``h_d, c_d = LSTMCell(x_d, (h_{d-1}, c_{d-1}))`` with gate order
+    (i, f, g, o) and ``h_0 = c_0 = 0``; ``dt_d = sigmoid(fc_out(h_d))``.
+    """
+    x = torch.relu(F.linear(wbar, fc_in_weight, fc_in_bias))
+    hidden = weight_hh.shape[1]
+    h = wbar.new_zeros(hidden)
+    c = wbar.new_zeros(hidden)
+    hs = []
+    for d in range(wbar.shape[0]):
+        gates = F.linear(x[d], weight_ih, bias_ih) + F.linear(h, weight_hh, bias_hh)
+        i, fg, g, o = gates.chunk(4)
+        c = torch.sigmoid(fg) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        hs.append(h)
+    return torch.sigmoid(F.linear(torch.stack(hs), fc_out_weight, fc_out_bias))
+
+
+def check_args(wbar: object, params: tuple) -> None:
+    """wbar (L, D) with L >= 1 and the eight parameters of one stage with nn.Linear / nn.LSTMCell shapes."""
+    tensor(wbar, "wbar", CONTROLLER_DTYPES)
+    if wbar.dim() != 2 or wbar.shape[0] < 1:
+        raise ValueError(f"wbar must have shape (L, D) with L >= 1 blocks, got shape {tuple(wbar.shape)}")
+    named = dict(zip(LSTM_PARAM_NAMES, params))
+    for n, p in named.items():
+        tensor(p, n, CONTROLLER_DTYPES)
+        if p.dtype != wbar.dtype:
+            raise TypeError(f"{n} must have wbar's dtype {wbar.dtype}, got {p.dtype}")
+    for n in ("fc_in_weight", "fc_out_weight"):
+        if named[n].dim() != 2:
+            raise ValueError(f"{n} must be 2-D (out_features, in_features), got shape {tuple(named[n].shape)}")
+    h, d = named["fc_in_weight"].shape
+    c = named["fc_out_weight"].shape[0]
+    expected = {
+        "fc_in_weight": (h, wbar.shape[1]), "fc_in_bias": (h,), "weight_ih": (4 * h, h), "weight_hh": (4 * h, h),
+        "bias_ih": (4 * h,), "bias_hh": (4 * h,), "fc_out_weight": (c, h), "fc_out_bias": (c,),
+    }
+    for n, shape in expected.items():
+        if tuple(named[n].shape) != shape:
+            raise ValueError(f"{n} must have shape {shape} (D = {wbar.shape[1]} from wbar, H = {h} from fc_in_weight, "
+                             f"C = {c} from fc_out_weight), got {tuple(named[n].shape)}")
+    same_device({"wbar": wbar, **named})
+
+
+def lstm_params_like(params: tuple, D: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether check_args would accept `params` for a w̄ (L, D) of `dtype` on `device`: the per-step
+    fast path of network_dt; on False the caller runs check_args for the message."""
+    if len(params) != len(LSTM_PARAM_NAMES) or dtype not in CONTROLLER_DTYPES:
+        return False
+    for p in params:
+        if not (isinstance(p, torch.Tensor) and p.dtype == dtype and p.device == device):
+            return False
+    if params[0].dim() != 2 or params[6].dim() != 2:
+        return False
+    h, c = params[0].shape[0], params[6].shape[0]
+    expected = ((h, D), (h,), (4 * h, h), (4 * h, h), (4 * h,), (4 * h,), (c, h), (c,))
+    return all(p.shape == shape for p, shape in zip(params, expected))
 
 
 def _stage_slices(blocks: Sequence[int], params: Sequence[torch.Tensor]):
@@ -52,10 +128,11 @@ def _stage_slices(blocks: Sequence[int], params: Sequence[torch.Tensor]):
         yield L, p[0].shape[1], p[6].shape[0], p
 
 
-def _lstm_controller_torch(wbar_packed: torch.Tensor, blocks: Sequence[int], params: Sequence[torch.Tensor]) -> torch.Tensor:
+def _lstm_controller_torch(wbar_packed: torch.Tensor, blocks: Sequence[int],
+                           params: Sequence[torch.Tensor]) -> torch.Tensor:
     # The reference per stage on its slice of the packed input; outputs packed like the kernels'.
     sizes = [L * D for L, D, _, _ in _stage_slices(blocks, params)]
-    outs = [reference.lstm_controller(w.view(L, D), *p).reshape(-1)
+    outs = [reference(w.view(L, D), *p).reshape(-1)
             for w, (L, D, _, p) in zip(torch.split(wbar_packed, sizes), _stage_slices(blocks, params))]
     return torch.cat(outs)
 
@@ -100,7 +177,8 @@ OP = define(OpDef(
     fake_backward=_fake_backward,
     setup_context=_setup_context,
     backward=_backward,
-    cpp_autograd=True,  # csrc/lstm_controller_autograd.cpp: the same formula, without flattening 8 tensors per stage in Python
+    # csrc/lstm_controller_autograd.cpp: the same formula, without flattening 8 tensors per stage in Python
+    cpp_autograd=True,
 ))
 
 
@@ -131,12 +209,13 @@ def lstm_controller(
     Differentiable in wbar and every parameter (BPTT over the L blocks).
     """
     params = (fc_in_weight, fc_in_bias, weight_ih, weight_hh, bias_ih, bias_hh, fc_out_weight, fc_out_bias)
-    _checks.lstm_controller_args(wbar, params)
+    check_args(wbar, params)
     dt = _run(wbar.reshape(-1), [wbar.shape[0]], list(params))
     return dt.view(wbar.shape[0], fc_out_weight.shape[0])
 
 
-def network_dt(weights: Sequence[Sequence[Sequence[torch.Tensor]]], controllers: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
+def network_dt(weights: Sequence[Sequence[Sequence[torch.Tensor]]],
+               controllers: Sequence[torch.nn.Module]) -> list[torch.Tensor]:
     """Every block's Δt of a network: one weight_mean launch for all blocks, one controller launch for all lstm stages.
 
     Args:
@@ -150,7 +229,7 @@ def network_dt(weights: Sequence[Sequence[Sequence[torch.Tensor]]], controllers:
     """
     flat, lengths, first = _validated(weights, controllers)
     lstm = [s for s, c in enumerate(controllers) if c.mode == "lstm"]
-    acc = reference.accumulation_dtype(first.dtype)
+    acc = accumulation_dtype(first.dtype)
     out: list[torch.Tensor | None] = [None] * len(controllers)
     for s, ctrl in enumerate(controllers):  # constant Δt: no weight_mean, no controller launch
         if ctrl.mode == "fixed":
@@ -185,7 +264,8 @@ def _validated(weights, controllers) -> tuple[list, list, torch.Tensor]:
     """network_dt's checks of weights against controllers: (flat list of the weights the non-fixed
     stages read, [(L_s, D_s)] per stage, the network's first conv weight)."""
     if isinstance(weights, torch.Tensor) or not isinstance(weights, (list, tuple)):
-        raise TypeError(f"weights must be a list (stages) of lists (blocks) of lists of conv weights, got {type(weights).__name__}")
+        raise TypeError("weights must be a list (stages) of lists (blocks) of lists of conv weights, "
+                        f"got {type(weights).__name__}")
     if len(weights) != len(controllers):
         raise ValueError(f"weights has {len(weights)} stages but there are {len(controllers)} stage controllers")
     # Validation runs every training step: a fast predicate per block and per stage, and the checks
@@ -196,19 +276,21 @@ def _validated(weights, controllers) -> tuple[list, list, torch.Tensor]:
         if isinstance(blocks, torch.Tensor) or not isinstance(blocks, (list, tuple)) or len(blocks) == 0:
             raise ValueError(f"weights[{s}] must be a non-empty list of blocks (each a list of conv weights)")
         for d, ws in enumerate(blocks):
-            if first is None or not _checks.conv_weights_like(ws, first):
+            if first is None or not _weight_mean.conv_weights_like(ws, first):
                 name = f"weights[{s}][{d}]"
-                ws = _checks.conv_weights(ws, name)
-                _checks.conv_in_channels(ws, name)
+                ws = _weight_mean.conv_weights(ws, name)
+                _weight_mean.conv_in_channels(ws, name)
                 first = first if first is not None else ws[0]
-                _checks.like_first_weight(ws, first, name, "weights[0][0][0]")
+                _weight_mean.like_first_weight(ws, first, name, "weights[0][0][0]")
             D = _weight_mean.packed_length(ws)
             if D != ctrl.in_features:
-                raise ValueError(f"weights[{s}][{d}] gives w̄ of length {D}, but stage {s}'s controller has in_features={ctrl.in_features}")
+                raise ValueError(f"weights[{s}][{d}] gives w̄ of length {D}, "
+                                 f"but stage {s}'s controller has in_features={ctrl.in_features}")
             if ctrl.mode != "fixed":  # fixed stages read no weights
                 flat.extend(ws)
         if ctrl.mode != "lstm" and len(blocks) != ctrl.num_blocks:
-            raise ValueError(f"weights[{s}] has {len(blocks)} blocks but stage {s}'s {ctrl.mode!r} controller has num_blocks={ctrl.num_blocks}")
+            raise ValueError(f"weights[{s}] has {len(blocks)} blocks "
+                             f"but stage {s}'s {ctrl.mode!r} controller has num_blocks={ctrl.num_blocks}")
         lengths.append((len(blocks), ctrl.in_features))
     return flat, lengths, first
 
@@ -216,12 +298,12 @@ def _validated(weights, controllers) -> tuple[list, list, torch.Tensor]:
 def _check_lstm_params(controllers, lengths: list, first: torch.Tensor) -> dict:
     """The lstm stages' parameters against their w̄ (dtype, device, shapes), before any launch:
     {stage: its 8 parameters}."""
-    acc = reference.accumulation_dtype(first.dtype)
+    acc = accumulation_dtype(first.dtype)
     params_of = {s: c.lstm_params() for s, c in enumerate(controllers) if c.mode == "lstm"}
     for s, params in params_of.items():
-        if not _checks.lstm_params_like(params, lengths[s][1], acc, first.device):
+        if not lstm_params_like(params, lengths[s][1], acc, first.device):
             stand_in = first.new_empty(1, dtype=acc).as_strided(lengths[s], (0, 0))  # w̄'s shape, no data
-            _checks.lstm_controller_args(stand_in, params)
+            check_args(stand_in, params)
     return params_of
 
 
@@ -247,14 +329,15 @@ class NetworkPlan:
         # Δt of block d of stage s: (C_s,) at its offset of the packed (Σ L_s C_s,) output
         self.block_sizes = [C for L, C in zip(self.blocks, self.channels) for _ in range(L)]
         self.dtype, self.device = self.weights[0].dtype, self.weights[0].device
-        self.acc = reference.accumulation_dtype(self.dtype)
+        self.acc = accumulation_dtype(self.dtype)
         self.numel = sum(self.block_sizes)
         self.controllers = tuple(controllers) if self.fixed else ()
         self.fixed_values, self.fixed_dts = None, None
         self.meta = self._meta(list(self.weights) + list(self.params))
 
     @classmethod
-    def build(cls, weights: Sequence[Sequence[Sequence[torch.Tensor]]], controllers: Sequence[torch.nn.Module]) -> "NetworkPlan | None":
+    def build(cls, weights: Sequence[Sequence[Sequence[torch.Tensor]]],
+              controllers: Sequence[torch.nn.Module]) -> "NetworkPlan | None":
         """The plan of network_dt(weights, controllers), after network_dt's checks (raising as it does)."""
         flat, lengths, first = _validated(weights, controllers)
         modes = {c.mode for c in controllers}
@@ -305,3 +388,27 @@ class NetworkPlan:
     @staticmethod
     def _meta(tensors: list) -> list:
         return [(t.dtype, t.device, t.shape) for t in tensors]
+
+
+# --- Real shapes (tsc_kernels/ops/_shapes.py): launch plans and gpu-check; specs name TSC networks ---
+def example_inputs(network: Network, dtype, channels_last=False, device=None, requires_grad=False) -> tuple:
+    """(wbar_packed, blocks, params) of the network's controller: its w̄ (the reference's) and parameters."""
+    wbar = _weight_mean.reference(list(network.weights)).detach().to(device=device, dtype=dtype)
+    params = [p.detach().to(device=device, dtype=dtype).requires_grad_(requires_grad) for p in network.params]
+    return wbar.requires_grad_(requires_grad), list(network.blocks), params
+
+
+def _min_bytes(args):
+    """Inputs read and outputs written once: forward wbar, params -> dt, saved; backward grad, dt,
+    wbar, params, saved -> dwbar, dparams (output sizes from the op's fake)."""
+    wbar, blocks, params = args
+    dt, saved = _fake_forward(wbar, blocks, params)
+    p = sum(nbytes(t) for t in params)
+    return nbytes(wbar) + p + nbytes(dt) + nbytes(saved), 2 * nbytes(dt) + 2 * nbytes(wbar) + 2 * p + nbytes(saved)
+
+
+# fp32 only (the controller runs fp32 under autocast); its recurrence, not its bytes, is its limit.
+REAL_SHAPES = RealShapes(launch=tuple((f"{name}-controller", name) for name in NETWORKS), full=("resnet50",),
+                         tiny=("resnet1d",), min_bytes=_min_bytes, network=True, layouts=False,
+                         dtypes=(torch.float32,), bandwidth_meaningful=False,
+                         note="fp32 (runs fp32 under autocast); recurrence-bound: % of copy_ not meaningful")
