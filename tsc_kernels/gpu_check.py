@@ -46,9 +46,11 @@ NO_GPU = "no CUDA device: gpu-check proves the GPU backends and needs one (CPU C
 # op whose tests live in another op's file to that op (none today: kept for the derivation's tests).
 TESTED_WITH: dict[str, str] = {}
 # Not per op: the GPU-readiness tests (devices, streams, > 2^31 elements, grid limits) before the op
-# files, the TSC models under autocast (bf16 activations, fp32 controller) after them.
+# files; after them the suite every op runs (tests/ops/test_common.py: reference match, opcheck,
+# gradcheck, compile, empty and bad input, parametrised over the registry) and the TSC models under
+# autocast (bf16 activations, fp32 controller).
 TEST_FILES_BEFORE_OPS = ("tests/tooling/test_gpu_ready.py",)
-TEST_FILES_AFTER_OPS = ("tests/models/test_mixed_precision.py",)
+TEST_FILES_AFTER_OPS = ("tests/ops/test_common.py", "tests/models/test_mixed_precision.py")
 
 
 def op_test_file(name: str) -> str:

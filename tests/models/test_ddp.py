@@ -45,7 +45,10 @@ def _worker(rank, world, port, out_dir):
         model = torch.nn.parallel.DistributedDataParallel(_model())
         half = BATCH // world
         _train(model, slice(rank * half, (rank + 1) * half))
-        torch.save({k: v.detach().clone() for k, v in model.module.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {k: v.detach().clone() for k, v in model.module.state_dict().items()},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 

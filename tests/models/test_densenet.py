@@ -51,7 +51,9 @@ def test_torchvision_densenet_parameter_counts(name, k, blocks):
     tsc = tsc_kernels.convert(copy.deepcopy(plain))
     per_block = controller_params(13 * k, k, k // 4)
     assert n_params(tsc) - n_params(plain) == blocks * per_block
-    assert set(tsc.state_dict()) == set(plain.state_dict()) | {k for k in tsc.state_dict() if k.startswith("tsc_controller.")}
+    assert set(tsc.state_dict()) == set(plain.state_dict()) | {
+        k for k in tsc.state_dict() if k.startswith("tsc_controller.")
+    }
     assert tsc.stage_names == tuple(f"features.denseblock{i}" for i in range(1, 5))
 
 

@@ -81,7 +81,8 @@ def test_all_quick_writes_json_and_plots(tmp_path, one_thread):
     assert adapt["euler h=1/8"]["final_steps"] == [8] and adapt["euler h=1"]["decisions"] == []
     assert len(adapt["adaptive from h=1"]["decisions"][0]) == 23 // 5  # 23 iterations (1437 / 64), one decision every 5
     consistency = odes["consistency"]["digits"]
-    assert consistency["factors"] == [1, 2, 4] and len(consistency["runs"]) == 1  # quick: both settings are depth 8, 1 epoch
+    # quick: both settings are depth 8, 1 epoch
+    assert consistency["factors"] == [1, 2, 4] and len(consistency["runs"]) == 1
     assert list(consistency["runs"][0]["variants"]) == ["plain", "tsc_lstm", "dt=0.01"]
     # factor 1 is the model itself, and the depth experiment's model of the same depth and epochs (reused)
     assert consistency["runs"][0]["variants"]["plain"][0]["mean"] == depth["variants"]["plain"][0]["test_acc"]["mean"]
@@ -193,7 +194,9 @@ def test_arch_trains_the_new_models_on_digits(arch, cls, depth, tmp_path, one_th
     assert cli.main(["accuracy", "--quick", "--epochs", "1", "--datasets", "digits", "--variants", "plain,dt=0.01",
                      "--arch", arch, "--json", str(path), "--no-progress"]) == 0
     report = json.loads(path.read_text())
-    assert report["arch"] == arch and report["results"]["accuracy"]["digits"]["model"].startswith(f"cifar_{arch}{depth}")
+    assert report["arch"] == arch and report["results"]["accuracy"]["digits"]["model"].startswith(
+        f"cifar_{arch}{depth}"
+    )
     args = cli.build_parser(cli.discover()).parse_args(["accuracy", "--arch", arch, "--quick"])
     ctx = training.Context(args, cli.budget_mod.QUICK)
     assert ctx.key("digits", "plain", 0).arch == arch and ctx.key("digits", "plain", 0, depth=8).arch == "resnet"

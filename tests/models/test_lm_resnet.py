@@ -87,7 +87,9 @@ def test_stochastic_depth_eval_uses_expectation(monkeypatch):
     with torch.no_grad():
         assert torch.equal(model(x), model(x))  # deterministic in eval
     # without stochastic depth no mask is passed at all
-    assert all(k is None for k in _record_keeps(models.cifar_lm_resnet(20, stochastic_depth=None).eval(), x, monkeypatch))
+    assert all(
+        k is None for k in _record_keeps(models.cifar_lm_resnet(20, stochastic_depth=None).eval(), x, monkeypatch)
+    )
 
 
 def test_stochastic_depth_training_is_random():

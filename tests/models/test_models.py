@@ -447,7 +447,11 @@ def test_evolution_time_sums_block_means():
     for stage, t in times.items():
         assert t == pytest.approx(sum(float(v.mean()) for k, v in dts.items() if k.startswith(stage + ".")), rel=1e-6)
     # indp starts at Δt = 0.5: a stage of L blocks has evolution time L / 2
-    assert tsc_kernels.evolution_time(models.cifar_resnet(20, tsc="indp")) == {"layer1": 1.5, "layer2": 1.5, "layer3": 1.5}
+    assert tsc_kernels.evolution_time(models.cifar_resnet(20, tsc="indp")) == {
+        "layer1": 1.5,
+        "layer2": 1.5,
+        "layer3": 1.5,
+    }
 
 
 @pytest.mark.parametrize("build", [

@@ -106,7 +106,11 @@ def manual_substepped(model, x, k):
     for s, stage in enumerate(model.tsc_stages() if dts is not None else [model.layer1, model.layer2, model.layer3]):
         for d, block in enumerate(stage):
             cls = type(block) if is_tsc_block(block) else PLAIN_TO_TSC_BLOCK[type(block)]
-            dt = dts[s][d] if dts is not None else torch.ones(block.conv1.out_channels if model.preact else block.bn2.num_features, dtype=x.dtype)
+            dt = (
+                dts[s][d]
+                if dts is not None
+                else torch.ones(block.conv1.out_channels if model.preact else block.bn2.num_features, dtype=x.dtype)
+            )
             if block.downsample is not None:
                 shortcut, fy = cls._branch(block, x)
                 x = shortcut + fy * dt.view(1, -1, 1, 1)

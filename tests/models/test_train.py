@@ -316,7 +316,14 @@ def test_unknown_flag_and_bad_choice_are_one_line(capsys):
 
 def test_recipes_and_milestones():
     a = cli.resolve(["--recipe", "paper-imagenet", "--data", "."])
-    assert (a.dataset, a.model, a.epochs, a.batch, a.lr, a.image_size) == ("imagefolder", "resnet50", 100, 256, 0.1, 224)
+    assert (a.dataset, a.model, a.epochs, a.batch, a.lr, a.image_size) == (
+        "imagefolder",
+        "resnet50",
+        100,
+        256,
+        0.1,
+        224,
+    )
     assert a.milestone_epochs == [30, 60, 90]
     b = cli.resolve(["--recipe", "paper-cifar", "--data", ".", "--epochs", "10", "--lr", "0.05", "--batch", "32"])
     assert (b.model, b.epochs, b.lr, b.batch, b.wd, b.momentum, b.nesterov) == ("cifar_resnet56", 10, 0.05, 32, 1e-4,

@@ -7,15 +7,20 @@ import importlib.util
 import os
 import re
 
+import math
+
 import pytest
 import torch
 
 import tsc_kernels
 from tsc_kernels import reference
 from conftest import FUSED_BACKENDS, TOLERANCES, count_triton_launches
+from hypothesis import strategies as st
+from hypothesis_cases import _close, _permute, activation_shapes, LOW_PRECISION, SEED
 
 # Not powers of two; 0-3 spatial dims.
 SHAPES = [(3, 7, 5, 4), (2, 5, 9), (4, 3, 2, 3, 5), (5, 6)]
+
 OP_NAMES = {"cpu": "batch_norm_residual_update", "torch": "batch_norm_residual_update_torch",
             "triton": "batch_norm_residual_update_triton"}
 
@@ -41,8 +46,19 @@ def make_inputs(shape, dtype, affine=True, running=True, x_cl=False, y_cl=False,
     w = torch.rand(C, dtype=torch.float64) + 0.5 if affine else None
     b = torch.randn(C, dtype=torch.float64) * 0.2 if affine else None
     if relu:
-        pre = reference.batch_norm_residual_update(y, x.to(dtype).double(), dt, None if rm is None else rm.clone(),
-                                                   None if rv is None else rv.clone(), w, b, training or rm is None, 0.1, 1e-5, False)
+        pre = reference.batch_norm_residual_update(
+            y,
+            x.to(dtype).double(),
+            dt,
+            None if rm is None else rm.clone(),
+            None if rv is None else rv.clone(),
+            w,
+            b,
+            training or rm is None,
+            0.1,
+            1e-5,
+            False,
+        )
         y = y + 0.1 * torch.sign(pre)
     y, x = y.to(dtype), x.to(dtype)
     if y_cl:
@@ -70,7 +86,9 @@ def check_against_fp64(shape, dtype, training, affine=True, running=True, relu=T
     grad = torch.randn(shape, dtype=torch.float64)
     got = run(tsc_kernels.batch_norm_residual_update, *inputs, training, relu, grad)
     ref = run(reference.batch_norm_residual_update, *inputs, training, relu, grad)
-    exact = run(reference.batch_norm_residual_update, *(None if t is None else t.double() for t in inputs), training, relu, grad)
+    exact = run(
+        reference.batch_norm_residual_update, *(None if t is None else t.double() for t in inputs), training, relu, grad
+    )
     assert got[0].dtype == y.dtype and got[0].stride() == ref[0].stride(), "out keeps y's dtype and memory format"
     atol = TOLERANCES[dtype][0]
     values = y.numel() // shape[1]
@@ -84,7 +102,9 @@ def check_against_fp64(shape, dtype, training, affine=True, running=True, relu=T
         scale = values ** 0.5 if name in ("ddt", "dweight", "dbias") else 1.0  # sums over N * spatial values
         err = (g.double() - e).abs().max().item() if g.numel() else 0.0
         ref_err = (r.double() - e).abs().max().item() if r.numel() else 0.0
-        assert err <= 2 * ref_err + atol * scale * max(1.0, e.abs().max().item()), f"{name}: error {err:.3g} vs reference's {ref_err:.3g}"
+        assert err <= 2 * ref_err + atol * scale * max(1.0, e.abs().max().item()), (
+            f"{name}: error {err:.3g} vs reference's {ref_err:.3g}"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -94,7 +114,9 @@ def test_matches_reference(backend, shape, training, dtype):
     check_against_fp64(shape, dtype, training)
 
 
-@pytest.mark.parametrize("affine, running, relu", [(False, True, True), (True, False, True), (False, False, False), (True, True, False)])
+@pytest.mark.parametrize(
+    "affine, running, relu", [(False, True, True), (True, False, True), (False, False, False), (True, True, False)]
+)
 @pytest.mark.parametrize("shape", [(3, 7, 5, 4), (5, 6)])
 def test_options_match_reference(backend, shape, affine, running, relu):
     check_against_fp64(shape, torch.float32, True, affine=affine, running=running, relu=relu)
@@ -126,23 +148,10 @@ def test_running_statistics_after_three_steps(backend, buffer_dtype):
         torch.testing.assert_close(g, w, atol=max(atol, 1e-5), rtol=max(rtol, 1e-5))
     # eval reads them back
     y, x = torch.randn(2, C, 4), torch.randn(2, C, 4)
-    torch.testing.assert_close(tsc_kernels.batch_norm_residual_update(y, x, dt, *got, None, None, False, 0.2, 1e-5, True),
-                               reference.batch_norm_residual_update(y, x, dt, *got, None, None, False, 0.2, 1e-5, True))
-
-
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("relu", [False, True])
-def test_gradcheck_fp64(backend, training, relu):
-    for shape, cl in (((2, 3, 4, 5), False), ((3, 4, 2, 3), True)):
-        y, x, dt, rm, rv, w, b = make_inputs(shape, torch.float64, x_cl=cl, training=training, relu=relu)
-        if training:
-            rm = rv = None  # batch statistics only: the function is then pure
-
-        def fn(y, x, dt, w, b):
-            return tsc_kernels.batch_norm_residual_update(y, x, dt, rm, rv, w, b, training, 0.1, 1e-5, relu)
-
-        inputs = tuple(t.requires_grad_() for t in (y, x, dt, w, b))
-        assert torch.autograd.gradcheck(fn, inputs)
+    torch.testing.assert_close(
+        tsc_kernels.batch_norm_residual_update(y, x, dt, *got, None, None, False, 0.2, 1e-5, True),
+        reference.batch_norm_residual_update(y, x, dt, *got, None, None, False, 0.2, 1e-5, True),
+    )
 
 
 def _register_triton():
@@ -151,8 +160,10 @@ def _register_triton():
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("relu, affine", [(True, True), (False, False)])
-def test_opcheck(backend, training, relu, affine):
+def test_opcheck_without_affine(backend, training):
+    """opcheck with None weight and bias, ReLU off (tests/ops/test_common.py's test_opcheck runs the
+    affine samples with ReLU on and off)."""
+    relu, affine = False, False
     if backend == "triton":
         _register_triton()
     forward = getattr(torch.ops.tsc, OP_NAMES[backend])
@@ -164,7 +175,8 @@ def test_opcheck(backend, training, relu, affine):
             continue
         out, mean, invstd = forward(*args)
         backward = getattr(torch.ops.tsc, OP_NAMES[backend].replace("update", "update_backward"))
-        torch.library.opcheck(backward, (torch.randn_like(out), x, dt, w, b, mean, invstd, out if relu else None, training))
+        saved = (mean, invstd, out if relu else None)
+        torch.library.opcheck(backward, (torch.randn_like(out), x, dt, w, b, *saved, training))
 
 
 def test_torch_compile_fullgraph(backend):
@@ -189,15 +201,6 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(s, r)
 
 
-def test_eval_empty_batch(backend):
-    y, x, dt, rm, rv, w, b = make_inputs((0, 4, 3, 3), torch.float32, relu=False)
-    leaves = [t.requires_grad_() for t in (y, x, dt, w, b)]
-    out = tsc_kernels.batch_norm_residual_update(y, x, dt, rm, rv, w, b, False, 0.1, 1e-5, True)
-    assert out.shape == (0, 4, 3, 3)
-    for g in torch.autograd.grad(out.sum(), leaves[2:]):
-        assert torch.equal(g, torch.zeros(4))
-
-
 @pytest.mark.big_for_interpreter
 @pytest.mark.parametrize("fused", FUSED_BACKENDS)
 def test_deterministic_across_runs_and_threads(fused):
@@ -213,7 +216,9 @@ def test_deterministic_across_runs_and_threads(fused):
             torch.set_num_threads(n)
             try:
                 with tsc_kernels.use_backend(fused):
-                    results.append(run(tsc_kernels.batch_norm_residual_update, y, x, dt, rm, rv, w, b, True, True, grad))
+                    results.append(
+                        run(tsc_kernels.batch_norm_residual_update, y, x, dt, rm, rv, w, b, True, True, grad)
+                    )
             finally:
                 torch.set_num_threads(threads)
         for other in results[1:]:
@@ -222,42 +227,92 @@ def test_deterministic_across_runs_and_threads(fused):
                 assert torch.equal(g, g0)
 
 
-@pytest.mark.parametrize(
-    "change, exc, words",
-    [
-        ({"x": torch.randn(2, 3, 5)}, ValueError, "x must have y's shape"),
-        ({"x": torch.randn(2, 3, 4).double()}, TypeError, "x must have y's dtype"),
-        ({"dt": torch.rand(4)}, ValueError, "dt must have shape (C,)"),
-        ({"weight": torch.rand(4)}, ValueError, "weight must have shape (C,)"),
-        ({"bias": torch.rand(3, 1)}, ValueError, "bias must have shape (C,)"),
-        ({"weight": torch.ones(3, dtype=torch.int64)}, TypeError, "weight must have dtype"),
-        ({"running_var": None}, ValueError, "running_mean and running_var must both"),
-        ({"running_mean": None, "running_var": None, "training": False}, ValueError, "training=False (running statistics) needs"),
-        ({"running_var": torch.ones(3).double()}, TypeError, "running_var must have running_mean's dtype"),
-        ({"running_mean": torch.zeros(3, device="meta")}, ValueError, "one device"),
-        ({"y": torch.randn(1, 3), "x": torch.randn(1, 3)}, ValueError, "training needs more than 1 value per channel"),
-        ({"y": torch.randn(1, 3, 1, 1), "x": torch.randn(1, 3, 1, 1)}, ValueError, "training needs more than 1 value per channel"),
-        ({"momentum": 1.5}, ValueError, "momentum must be in [0, 1]"),
-        ({"eps": 0.0}, ValueError, "eps must be > 0"),
-        ({"eps": "1e-5"}, TypeError, "eps must be a float"),
-        ({"training": 1}, TypeError, "training must be a bool"),
-        ({"relu": None}, TypeError, "relu must be a bool"),
-        ({"y": None}, TypeError, "y must be a torch.Tensor"),
-    ],
-)
-def test_bad_input(backend, change, exc, words):
-    args = dict(y=torch.randn(2, 3, 4), x=torch.randn(2, 3, 4), dt=torch.rand(3), running_mean=torch.zeros(3),
-                running_var=torch.ones(3), weight=torch.ones(3), bias=torch.zeros(3), training=True, momentum=0.1,
-                eps=1e-5, relu=True)
-    args.update(change)
-    with pytest.raises(exc, match=re.escape(words)):
-        tsc_kernels.batch_norm_residual_update(**args)
+# ---------------------------------------------------------------------------------------------
+# What the suite common to every op (tests/ops/test_common.py) runs: reference match per dtype x
+# layout, opcheck, fp64 gradcheck, torch.compile, empty batch, bad input
+# ---------------------------------------------------------------------------------------------
+def sample_inputs(dtype, channels_last):
+    """Training (running statistics updated) and eval (read), ReLU on and off, with the affine
+    parameters, at a tiny shape per layout (x and y in it); test_opcheck_without_affine adds None
+    weight and bias."""
+    shape = (3, 4, 2, 3) if channels_last else (2, 3, 4, 5)
+    samples = []
+    for training in (True, False):
+        for relu in (True, False):
+            y, x, dt, rm, rv, w, b = make_inputs(shape, dtype, x_cl=channels_last, y_cl=channels_last,
+                                                 training=training, relu=relu)
+            y, x, dt, w, b = (t.requires_grad_() for t in (y, x, dt, w, b))
+            samples.append(((y, x, dt, rm, rv, w, b, training, 0.1, 1e-5, relu), {}))
+    return samples
+
+
+def reference_terms(args):
+    """Every output depends on its channel's batch statistics: N * spatial values."""
+    return args[0].numel() // args[0].shape[1]
+
+
+def empty_inputs():
+    y, x, dt, rm, rv, w, b = make_inputs((0, 4, 3, 3), torch.float32, relu=False)
+    y, x, dt, w, b = (t.requires_grad_() for t in (y, x, dt, w, b))
+    return [((y, x, dt, rm, rv, w, b, False, 0.1, 1e-5, True), {})]
+
+# tests/ops/test_triton_plans.py: the op's forward arguments at an activation shape (meta tensors:
+# meta(shape, channels_last=False, dtype=float32)) and the kernels that merge its per-chunk partials
+def plan_forward_args(shape, cl, dtype, meta):
+    C = shape[1]
+    return (meta(shape, cl, dtype), meta(shape, cl, dtype), *(meta((C,)) for _ in range(5)), True, 0.1, 1e-5, True)
+
+
+PLAN_MERGES = ("bn_stats_finalize_kernel", "bn_bwd_finalize_kernel")
+
+
+BN_BAD_BASE = dict(y=torch.randn(2, 3, 4), x=torch.randn(2, 3, 4), dt=torch.rand(3), running_mean=torch.zeros(3),
+                   running_var=torch.ones(3), weight=torch.ones(3), bias=torch.zeros(3), training=True, momentum=0.1,
+                   eps=1e-5, relu=True)
+BAD_INPUTS = [
+    (dict(BN_BAD_BASE, **{"x": torch.randn(2, 3, 5)}), ValueError, re.escape("x must have y's shape")),
+    (dict(BN_BAD_BASE, **{"x": torch.randn(2, 3, 4).double()}), TypeError, re.escape("x must have y's dtype")),
+    (dict(BN_BAD_BASE, **{"dt": torch.rand(4)}), ValueError, re.escape("dt must have shape (C,)")),
+    (dict(BN_BAD_BASE, **{"weight": torch.rand(4)}), ValueError, re.escape("weight must have shape (C,)")),
+    (dict(BN_BAD_BASE, **{"bias": torch.rand(3, 1)}), ValueError, re.escape("bias must have shape (C,)")),
+    (dict(BN_BAD_BASE, **{"weight": torch.ones(3, dtype=torch.int64)}), TypeError, re.escape("weight must have dtype")),
+    (dict(BN_BAD_BASE, **{"running_var": None}), ValueError, re.escape("running_mean and running_var must both")),
+    (
+        dict(BN_BAD_BASE, **{"running_mean": None, "running_var": None, "training": False}),
+        ValueError,
+        re.escape("training=False (running statistics) needs"),
+    ),
+    (
+        dict(BN_BAD_BASE, **{"running_var": torch.ones(3).double()}),
+        TypeError,
+        re.escape("running_var must have running_mean's dtype"),
+    ),
+    (dict(BN_BAD_BASE, **{"running_mean": torch.zeros(3, device="meta")}), ValueError, re.escape("one device")),
+    (
+        dict(BN_BAD_BASE, **{"y": torch.randn(1, 3), "x": torch.randn(1, 3)}),
+        ValueError,
+        re.escape("training needs more than 1 value per channel"),
+    ),
+    (
+        dict(BN_BAD_BASE, **{"y": torch.randn(1, 3, 1, 1), "x": torch.randn(1, 3, 1, 1)}),
+        ValueError,
+        re.escape("training needs more than 1 value per channel"),
+    ),
+    (dict(BN_BAD_BASE, **{"momentum": 1.5}), ValueError, re.escape("momentum must be in [0, 1]")),
+    (dict(BN_BAD_BASE, **{"eps": 0.0}), ValueError, re.escape("eps must be > 0")),
+    (dict(BN_BAD_BASE, **{"eps": "1e-5"}), TypeError, re.escape("eps must be a float")),
+    (dict(BN_BAD_BASE, **{"training": 1}), TypeError, re.escape("training must be a bool")),
+    (dict(BN_BAD_BASE, **{"relu": None}), TypeError, re.escape("relu must be a bool")),
+    (dict(BN_BAD_BASE, **{"y": None}), TypeError, re.escape("y must be a torch.Tensor")),
+]
 
 
 def test_eval_allows_one_value_per_channel(backend):
     y, x, dt, rm, rv, w, b = make_inputs((1, 3), torch.float32, training=False)
     out = tsc_kernels.batch_norm_residual_update(y, x, dt, rm, rv, w, b, False, 0.1, 1e-5, True)
-    torch.testing.assert_close(out, reference.batch_norm_residual_update(y, x, dt, rm, rv, w, b, False, 0.1, 1e-5, True))
+    torch.testing.assert_close(
+        out, reference.batch_norm_residual_update(y, x, dt, rm, rv, w, b, False, 0.1, 1e-5, True)
+    )
 
 
 @pytest.mark.cpu_only
@@ -657,7 +712,9 @@ def test_triton_torch_compile_fullgraph(training):
 @TRITON_ONLY
 @pytest.mark.usefixtures("small_sizes")
 @pytest.mark.cpu_only
-@pytest.mark.parametrize("training,relu,fwd,bwd", [(True, True, 3, 3), (True, False, 3, 3), (False, True, 1, 2), (False, False, 1, 2)])
+@pytest.mark.parametrize(
+    "training,relu,fwd,bwd", [(True, True, 3, 3), (True, False, 3, 3), (False, True, 1, 2), (False, False, 1, 2)]
+)
 def test_triton_launch_counts(training, relu, fwd, bwd):
     # training forward: stats, stats finalize, apply; eval forward: apply alone.
     # training backward: reduce, finalize, dx; eval backward: reduce (writes dx), finalize.
@@ -710,7 +767,12 @@ def test_triton_plan_keeps_chunks_within_limits():
     # <= MAX_CHUNKS <= 65535, every chunk a whole number of tiles, the chunks covering the rows exactly
     for sizes in (bn_triton.GPU, bn_triton.SMALL):
         assert sizes.MAX_CHUNKS <= 65535
-        for shape, cl in [((256, 64, 56, 56), False), ((256, 2048, 7, 7), False), ((256, 64, 56, 56), True), ((4096, 3), False)]:
+        for shape, cl in [
+            ((256, 64, 56, 56), False),
+            ((256, 2048, 7, 7), False),
+            ((256, 64, 56, 56), True),
+            ((4096, 3), False),
+        ]:
             t = torch.empty(shape, device="meta")
             p = bn_triton._plan(t.to(memory_format=torch.channels_last) if cl else t, cl, sizes)
             assert 1 <= p["n_chunks"] <= sizes.MAX_CHUNKS
@@ -742,3 +804,85 @@ def test_triton_running_stats_written_back_when_only_one_buffer_is_strided(strid
     assert not torch.equal(rv_r, rv) and not torch.equal(rm_r, rm)  # the step does move both
     torch.testing.assert_close(rm_t, rm_r, atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(rv_t, rv_r, atol=1e-6, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hypothesis properties (tests/ops/test_properties.py runs them on every backend): the case
+# strategy, the check against the fp64 reference and docs/ops.md's properties
+# ---------------------------------------------------------------------------------------------
+@st.composite
+def batch_norm_cases(draw, small):
+    """shape, dtype, training, affine, running, relu, x_cl, y_cl, seed; eval needs running statistics.
+    One value per channel in training is degenerate (variance 0): N * spatial >= 2."""
+    x_cl, y_cl = draw(st.booleans()), draw(st.booleans())
+    # check_against_fp64 compares out's strides with the reference's, also those of size-1 dims, which
+    # differ when x and y have different layouts (the reference's TensorIterator picks another order)
+    shape = draw(activation_shapes(small).filter(
+        lambda s: math.prod(s) // s[1] >= 2 and (x_cl == y_cl or 1 not in s)))
+    training, affine, running = draw(st.booleans()), draw(st.booleans()), draw(st.booleans())
+    return (shape, draw(st.sampled_from(LOW_PRECISION)), training or not running, affine, running,
+            draw(st.booleans()), x_cl, y_cl, draw(SEED))
+
+
+# --- batch_norm_residual_update -------------------------------------------------------------
+def batch_norm_fp64(case):
+    shape, dtype, training, affine, running, relu, x_cl, y_cl, _ = case
+    check_against_fp64(shape, dtype, training, affine, running, relu, x_cl, y_cl)
+
+
+def _bn_inputs(case, dtype=None):
+    shape, dtype_, training, affine, running, relu, x_cl, y_cl, _ = case
+    return make_inputs(shape, dtype or dtype_, affine, running, x_cl, y_cl, training, relu)
+
+
+def _bn(inputs, case):
+    training, relu = case[2], case[5]
+    y, x, dt, rm, rv, w, b = inputs
+    return tsc_kernels.batch_norm_residual_update(y, x, dt, rm, rv, w, b, training, 0.1, 1e-5, relu)
+
+
+def batch_norm_zero_dt_is_the_shortcut(case):
+    """Δt = 0: out = relu?(y) bit for bit; training still updates the running statistics as F.batch_norm."""
+    y, x, dt, rm, rv, w, b = _bn_inputs(case)
+    training = case[2]
+    want = [None if t is None else t.clone() for t in (rm, rv)]
+    if training and rm is not None:
+        torch.nn.functional.batch_norm(x.to(rm.dtype), *want, None, None, True, 0.1, 1e-5)
+    out = _bn((y, x, torch.zeros_like(dt), rm, rv, w, b), case)
+    assert torch.equal(out, torch.relu(y) if case[5] else y)
+    for name, got, w_ in zip(("running_mean", "running_var"), (rm, rv), want):
+        if got is not None:
+            _close(got, w_, got.dtype, msg=name)
+
+
+def batch_norm_training_ignores_a_per_channel_shift(case):
+    """In training, x + s[c] gives the same out (batch statistics absorb the shift), fp64."""
+    if not case[2]:
+        case = (case[0], case[1], True, *case[3:])
+    y, x, dt, rm, rv, w, b = _bn_inputs(case, torch.float64)
+    shift = 3 * torch.randn(x.shape[1], dtype=torch.float64).view(1, -1, *[1] * (x.dim() - 2))
+    out = _bn((y, x, dt, rm, rv, w, b), case)
+    shifted = _bn(
+        (y, x + shift, dt, None if rm is None else rm.clone(), None if rv is None else rv.clone(), w, b), case
+    )
+    torch.testing.assert_close(shifted, out, atol=1e-9, rtol=1e-9)
+
+
+def batch_norm_channel_permutation_commutes(case):
+    """Permuting the channels of every input permutes out and the running statistics."""
+    y, x, dt, rm, rv, w, b = _bn_inputs(case)
+    perm = torch.randperm(y.shape[1])
+    p = [_permute(y, perm), _permute(x, perm)] + [None if t is None else t[perm] for t in (dt, rm, rv, w, b)]
+    out = _bn((y, x, dt, rm, rv, w, b), case)
+    pout = _bn(p, case)
+    _close(pout, _permute(out, perm), y.dtype, msg="out")
+    for name, got, want in zip(("running_mean", "running_var"), p[3:5], (rm, rv)):
+        if want is not None:
+            _close(got, want[perm], got.dtype, msg=name)
+
+
+PROPERTY_STRATEGY = batch_norm_cases
+# (check against the fp64 reference, [properties]): tests/ops/test_properties.py runs them
+PROPERTIES = (batch_norm_fp64, [batch_norm_zero_dt_is_the_shortcut,
+                                                     batch_norm_training_ignores_a_per_channel_shift,
+                                                     batch_norm_channel_permutation_commutes])

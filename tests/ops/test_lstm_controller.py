@@ -17,6 +17,10 @@ from tsc_kernels import reference
 from tsc_kernels.nn import NetworkController, TSCController
 from tsc_kernels.profiling import count_kernels
 from conftest import count_triton_launches
+from hypothesis import strategies as st
+from tsc_kernels.ops.registry import OPS
+from hypothesis_cases import SEED
+import test_robustness
 
 
 
@@ -73,11 +77,24 @@ def assert_grads_close(got, want, names, rtol=1e-4):
     for name, g, w in zip(names, got, want):
         assert g is not None and g.shape == w.shape and g.dtype == w.dtype, name
         # sums over up to D = 9216 products: absolute error relative to the gradient's scale
-        torch.testing.assert_close(g, w, rtol=rtol, atol=1e-5 * max(1.0, w.abs().max().item()), msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            g, w, rtol=rtol, atol=1e-5 * max(1.0, w.abs().max().item()), msg=lambda m: f"{name}: {m}"
+        )
 
 
-PARAM_NAMES = ("wbar",) + tuple(f"{m}.{p}" for m, p in (("fc_in", "weight"), ("fc_in", "bias"), ("lstm", "weight_ih"), ("lstm", "weight_hh"),
-                                                       ("lstm", "bias_ih"), ("lstm", "bias_hh"), ("fc_out", "weight"), ("fc_out", "bias")))
+PARAM_NAMES = ("wbar",) + tuple(
+    f"{m}.{p}"
+    for m, p in (
+        ("fc_in", "weight"),
+        ("fc_in", "bias"),
+        ("lstm", "weight_ih"),
+        ("lstm", "weight_hh"),
+        ("lstm", "bias_ih"),
+        ("lstm", "bias_hh"),
+        ("fc_out", "weight"),
+        ("fc_out", "bias"),
+    )
+)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -114,7 +131,9 @@ def test_network_controller_matches_reference_and_lstmcell(backend, net):
         wbars = [torch.stack([reference.weight_mean(ws) for ws in blocks]) for blocks in weights]
     refs = [reference.lstm_controller(wb, *c.lstm_params()) for wb, c in zip(wbars, ctrls)]
     plains = [plain_loop(c, wb) for wb, c in zip(wbars, ctrls)]
-    names = [f"conv weight {i}" for i in range(len(leaves) - len(list(network.parameters())))] + [n for n, _ in network.named_parameters()]
+    names = [f"conv weight {i}" for i in range(len(leaves) - len(list(network.parameters())))] + [
+        n for n, _ in network.named_parameters()
+    ]
     for want_dts in (refs, plains):
         for s, (dt, want) in enumerate(zip(dts, want_dts)):
             assert dt.shape == want.shape, s
@@ -128,9 +147,16 @@ def test_gradcheck_end_to_end(backend):
     stages = [(3, 18, 1, 2), (2, 5, 6, 4)]  # H = 1 (C < r) and H = 1, D from a 3x3 conv (9 * 2) and odd convs
     ctrls = [make_controller(*s, dtype=torch.float64) for s in stages]
     network = NetworkController(ctrls)
-    weights = [[[torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)] for _ in range(3)],
-               [[torch.randn(2, 4, 1, dtype=torch.float64, requires_grad=True), torch.randn(3, 2, 1, dtype=torch.float64, requires_grad=True)]
-                for _ in range(2)]]
+    weights = [
+        [[torch.randn(2, 3, 3, 3, dtype=torch.float64, requires_grad=True)] for _ in range(3)],
+        [
+            [
+                torch.randn(2, 4, 1, dtype=torch.float64, requires_grad=True),
+                torch.randn(3, 2, 1, dtype=torch.float64, requires_grad=True),
+            ]
+            for _ in range(2)
+        ],
+    ]
     flat = [w for blocks in weights for ws in blocks for w in ws]
     names = [n for n, _ in network.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in network.parameters()]
@@ -144,7 +170,10 @@ def test_gradcheck_end_to_end(backend):
 
 
 def test_opcheck(backend):
-    ws = [torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(5, 4, 1, 1).to(memory_format=torch.channels_last).requires_grad_()]
+    ws = [
+        torch.randn(4, 3, 3, 3, requires_grad=True),
+        torch.randn(5, 4, 1, 1).to(memory_format=torch.channels_last).requires_grad_(),
+    ]
     stages = [(2, 7, 3, 4), (3, 5, 6, 2)]
     ctrls = [make_controller(*s) for s in stages]
     params = [p.detach().requires_grad_() for c in ctrls for p in c.lstm_params()]
@@ -159,7 +188,10 @@ def test_opcheck(backend):
     assert dispatch("weight_mean", wbar.device) is getattr(torch.ops.tsc, "weight_mean" + suffix)
     assert dispatch("lstm_controller", wbar.device) is getattr(torch.ops.tsc, "lstm_controller" + suffix)
     wm, wm_bwd = getattr(torch.ops.tsc, "weight_mean" + suffix), getattr(torch.ops.tsc, "weight_mean_backward" + suffix)
-    fwd, bwd = getattr(torch.ops.tsc, "lstm_controller" + suffix), getattr(torch.ops.tsc, "lstm_controller_backward" + suffix)
+    fwd, bwd = (
+        getattr(torch.ops.tsc, "lstm_controller" + suffix),
+        getattr(torch.ops.tsc, "lstm_controller_backward" + suffix),
+    )
     torch.library.opcheck(wm, (ws,))
     torch.library.opcheck(wm_bwd, (torch.randn(4 * 9 + 5), [w.detach() for w in ws]))
     torch.library.opcheck(fwd, (wbar, blocks, params))
@@ -171,7 +203,10 @@ def test_torch_compile_fullgraph(backend):
     torch._dynamo.reset()
     stages = [(2, 18, 4, 2), (3, 10, 8, 4)]
     network = NetworkController([make_controller(*s) for s in stages])
-    weights = [block_convs(18, 4, 2), [[torch.randn(2, 5, 1, 1, requires_grad=True), torch.randn(8, 2, 1, 1, requires_grad=True)] for _ in range(3)]]
+    weights = [
+        block_convs(18, 4, 2),
+        [[torch.randn(2, 5, 1, 1, requires_grad=True), torch.randn(8, 2, 1, 1, requires_grad=True)] for _ in range(3)],
+    ]
     wbar = torch.randn(3, 10)
     ctrl = network.stages[1]
 
@@ -242,8 +277,18 @@ def test_modes_give_dt_in_unit_interval(backend, mode):
 
 def test_mixed_modes_match_per_stage_forward(backend):
     """A network mixing lstm, 2fc and indp stages gives each stage its own controller's Δt."""
-    ctrls = [make_controller(3, 18, 2, 2), make_controller(2, 18, 2, 2, mode="2fc"), make_controller(4, 9, 3, 1), make_controller(2, 9, 3, 1, mode="indp")]
-    weights = [block_convs(18, 2, 3), block_convs(18, 2, 2), [[torch.randn(1, 2, 3, 3)] for _ in range(4)], [[torch.randn(1, 2, 3, 3)] for _ in range(2)]]
+    ctrls = [
+        make_controller(3, 18, 2, 2),
+        make_controller(2, 18, 2, 2, mode="2fc"),
+        make_controller(4, 9, 3, 1),
+        make_controller(2, 9, 3, 1, mode="indp"),
+    ]
+    weights = [
+        block_convs(18, 2, 3),
+        block_convs(18, 2, 2),
+        [[torch.randn(1, 2, 3, 3)] for _ in range(4)],
+        [[torch.randn(1, 2, 3, 3)] for _ in range(2)],
+    ]
     out = NetworkController(ctrls)(weights)
     for s, (ctrl, blocks) in enumerate(zip(ctrls, weights)):
         wbar = torch.stack([reference.weight_mean(ws) for ws in blocks])
@@ -251,8 +296,46 @@ def test_mixed_modes_match_per_stage_forward(backend):
         torch.testing.assert_close(out[s], want, rtol=1e-5, atol=1e-6, msg=lambda m: f"stage {s}: {m}")
 
 
+# ---------------------------------------------------------------------------------------------
+# What the suite common to every op (tests/ops/test_common.py) runs: reference match per dtype x
+# layout, opcheck, fp64 gradcheck, torch.compile, empty batch, bad input
+# ---------------------------------------------------------------------------------------------
+LAYOUTS = (False,)  # 2-D and 1-D tensors: no channel layout
+DTYPES = (torch.float32,)  # the controller runs in fp32 (fp64 for gradcheck); fp16/bf16 are rejected
+NO_EMPTY_BATCH = "a stage has L >= 1 blocks (a bad input: test_lstm_controller_bad_inputs)"
+
+
+def sample_inputs(dtype, channels_last):
+    """One stage (L, D, C, r) of a few blocks, H = C // r: tiny, every size odd."""
+    samples = []
+    for L, D, C, r in ((3, 5, 3, 2),):
+        ctrl = make_controller(L, D, C, r, dtype=dtype)
+        params = [p.detach().clone().requires_grad_() for p in ctrl.lstm_params()]
+        samples.append(((torch.randn(L, D, dtype=dtype, requires_grad=True), *params), {}))
+    return samples
+
+
+def empty_inputs():
+    return []
+# tests/ops/test_triton_plans.py plans the ops on activations; this one's arguments are not
+PLAN_NOT_ON_ACTIVATIONS = "a network's controller parameters: tests/tooling/test_controller_plans.py"
+
+
+# the rest: test_lstm_controller_bad_inputs
+BAD_INPUTS = [(lambda: (torch.randn(4, 5)[:0], *_params()), ValueError, r"L >= 1")]
+
+
 def _params(H=2, D=5, C=3):
-    return [torch.randn(H, D), torch.randn(H), torch.randn(4 * H, H), torch.randn(4 * H, H), torch.randn(4 * H), torch.randn(4 * H), torch.randn(C, H), torch.randn(C)]
+    return [
+        torch.randn(H, D),
+        torch.randn(H),
+        torch.randn(4 * H, H),
+        torch.randn(4 * H, H),
+        torch.randn(4 * H),
+        torch.randn(4 * H),
+        torch.randn(C, H),
+        torch.randn(C),
+    ]
 
 
 @pytest.mark.parametrize("change, error, match", [
@@ -279,7 +362,9 @@ def test_network_bad_inputs(backend):
     good = [block_convs(18, 2, 3), block_convs(18, 2, 2)]
     with pytest.raises(ValueError, match=r"2 stages but there are"):
         NetworkController(list(network.stages)[:1])(good)
-    with pytest.raises(ValueError, match=r"weights\[0\]\[1\] gives w̄ of length 9, but stage 0's controller has in_features=18"):
+    with pytest.raises(
+        ValueError, match=r"weights\[0\]\[1\] gives w̄ of length 9, but stage 0's controller has in_features=18"
+    ):
         network([[good[0][0], [torch.randn(1, 2, 3, 3)], good[0][2]], good[1]])
     with pytest.raises(ValueError, match=r"weights\[1\] has 3 blocks but stage 1's 'indp' controller has num_blocks=2"):
         network([good[0], block_convs(18, 2, 3)])
@@ -293,16 +378,33 @@ def test_network_bad_inputs(backend):
 # and names the argument only when they fail: a bad weight or parameter in a LATER block or stage
 # (after the first weight has set the dtype and device) must still be rejected before any launch.
 LATER_BLOCK_ERRORS = [
-    ("other-dtype", lambda w: w.double(), TypeError, r"weights\[1\]\[0\]\[0\] must have weights\[0\]\[0\]\[0\]'s dtype torch.float32"),
-    ("other-device", lambda w: w.to("meta"), ValueError, r"one device, got weights\[0\]\[0\]\[0\] on cpu, weights\[1\]\[0\]\[0\] on meta"),
-    ("no-input-channels", lambda w: w[:, :0], ValueError, r"weights\[1\]\[0\]\[0\] must have at least one input channel"),
+    (
+        "other-dtype",
+        lambda w: w.double(),
+        TypeError,
+        r"weights\[1\]\[0\]\[0\] must have weights\[0\]\[0\]\[0\]'s dtype torch.float32",
+    ),
+    (
+        "other-device",
+        lambda w: w.to("meta"),
+        ValueError,
+        r"one device, got weights\[0\]\[0\]\[0\] on cpu, weights\[1\]\[0\]\[0\] on meta",
+    ),
+    (
+        "no-input-channels",
+        lambda w: w[:, :0],
+        ValueError,
+        r"weights\[1\]\[0\]\[0\] must have at least one input channel",
+    ),
     ("linear-weight", lambda w: w.flatten(1), ValueError, r"weights\[1\]\[0\]\[0\] must be a conv weight"),
     ("not-a-tensor", lambda w: w.tolist(), TypeError, r"weights\[1\]\[0\]\[0\] must be a torch.Tensor"),
     ("integer", lambda w: w.long(), TypeError, r"weights\[1\]\[0\]\[0\] must have dtype"),
 ]
 
 
-@pytest.mark.parametrize("change, error, match", [c[1:] for c in LATER_BLOCK_ERRORS], ids=[c[0] for c in LATER_BLOCK_ERRORS])
+@pytest.mark.parametrize(
+    "change, error, match", [c[1:] for c in LATER_BLOCK_ERRORS], ids=[c[0] for c in LATER_BLOCK_ERRORS]
+)
 def test_network_rejects_a_bad_weight_in_a_later_block(change, error, match):
     network = NetworkController([TSCController(36, 2, reduction=2), TSCController(36, 2, reduction=2)])
     weights = [block_convs(36, 2, 2), block_convs(36, 2, 3)]  # two 3x3 convs per block
@@ -374,7 +476,16 @@ TRITON_STAGES = [(3, 37, 13, 3), (2, 20, 8, 2), (2, 40, 24, 20), (1, 5, 3, 1)]
 def make_stage_params(D, C, H, dtype=torch.float32):
     """The 8 parameters of one stage, from real nn.Linear / nn.LSTMCell modules (their init scales)."""
     fc_in, lstm, fc_out = torch.nn.Linear(D, H), torch.nn.LSTMCell(H, H), torch.nn.Linear(H, C)
-    params = [fc_in.weight, fc_in.bias, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih, lstm.bias_hh, fc_out.weight, fc_out.bias]
+    params = [
+        fc_in.weight,
+        fc_in.bias,
+        lstm.weight_ih,
+        lstm.weight_hh,
+        lstm.bias_ih,
+        lstm.bias_hh,
+        fc_out.weight,
+        fc_out.bias,
+    ]
     # Unit-scale inputs give large pre-activations for the tiny D of the tests: scale the weights up
     # a little so every sigmoid/tanh works off its linear region and the ReLU masks some units.
     return [(p.detach() * 2.0).to(dtype).requires_grad_() for p in params]
@@ -423,7 +534,8 @@ def test_triton_controller_matches_nn_lstmcell_loop():
     for d in range(L):
         h, c = lstm(torch.relu(fc_in(wbar[d:d + 1])), (h, c))
         want.append(torch.sigmoid(fc_out(h)))
-    params = [fc_in.weight, fc_in.bias, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih, lstm.bias_hh, fc_out.weight, fc_out.bias]
+    params = [fc_in.weight, fc_in.bias, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih, lstm.bias_hh,
+              fc_out.weight, fc_out.bias]
     dt, _ = ctrl_op(wbar.reshape(-1), [L], [p.detach() for p in params])
     torch.testing.assert_close(dt.view(L, C), torch.cat(want).detach(), atol=1e-6, rtol=1e-5)
 
@@ -439,7 +551,16 @@ def test_triton_controller_gradients_match_reference():
     got = torch.autograd.grad(dt, [wbar] + params, grad)
     want = torch.autograd.grad(ref, wbars + params, grad)
     torch.testing.assert_close(got[0], packed(want[: len(wbars)]), atol=1e-5, rtol=1e-5, msg=lambda m: f"d wbar: {m}")
-    names = ["fc_in.weight", "fc_in.bias", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "fc_out.weight", "fc_out.bias"]
+    names = [
+        "fc_in.weight",
+        "fc_in.bias",
+        "weight_ih",
+        "weight_hh",
+        "bias_ih",
+        "bias_hh",
+        "fc_out.weight",
+        "fc_out.bias",
+    ]
     for k, (g, w) in enumerate(zip(got[1:], want[len(wbars):])):
         assert g.shape == w.shape
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5, msg=lambda m: f"stage {k // 8} {names[k % 8]}: {m}")
@@ -518,7 +639,11 @@ def test_triton_launchers_run_the_plan(monkeypatch):
     # forward then backward, 4 each whatever the number of stages.
     mod = tsc_kernels._triton.lstm_controller
     log = []
-    for name in ("lstm_controller_products_kernel", "lstm_controller_cell_fwd_kernel", "lstm_controller_cell_bwd_kernel"):
+    for name in (
+        "lstm_controller_products_kernel",
+        "lstm_controller_cell_fwd_kernel",
+        "lstm_controller_cell_bwd_kernel",
+    ):
         monkeypatch.setattr(mod, name, _Spy(getattr(mod, name), name, log))
     wbars, params = make_network(SPLIT_STAGES)
     wbar = packed(wbars)
@@ -607,8 +732,9 @@ def test_triton_controller_opcheck():
     torch.library.opcheck(ctrl_op, (packed(wbars).detach().requires_grad_(), blocks_of(TRITON_STAGES[:2]), params))
     wbar, blocks, p = packed(wbars).detach(), blocks_of(TRITON_STAGES[:2]), [t.detach() for t in params]
     dt, saved = ctrl_op(wbar, blocks, p)
-    torch.library.opcheck(torch.ops.tsc.lstm_controller_backward_triton, (torch.randn_like(dt), dt, wbar, blocks, p, saved))
-
+    torch.library.opcheck(
+        torch.ops.tsc.lstm_controller_backward_triton, (torch.randn_like(dt), dt, wbar, blocks, p, saved)
+    )
 
 
 @TRITON_ONLY
@@ -647,3 +773,68 @@ def test_triton_torch_compile_fullgraph():
     g_want = torch.autograd.grad(want.sum(), weights + params)
     for g, w in zip(g_got, g_want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hypothesis properties (tests/ops/test_properties.py runs them on every backend): the case
+# strategy, the check against the fp64 reference and docs/ops.md's properties
+# ---------------------------------------------------------------------------------------------
+@st.composite
+def lstm_controller_cases(draw, small):
+    """(L, D, H, C), seed: fp32, the controller's dtype."""
+    return (
+        draw(st.integers(1, 3 if small else 4)),
+        draw(st.sampled_from([3, 5, 7, 13])),
+        draw(st.sampled_from([1, 3, 5])),
+        draw(st.sampled_from([3, 5, 7])),
+    ), draw(SEED)
+
+
+# --- lstm_controller ------------------------------------------------------------------------
+def _controller(case, dtype=torch.float32):
+    (L, D, H, C), _ = case
+    return (torch.randn(L, D, dtype=dtype, requires_grad=True),
+            *(p.requires_grad_() for p in test_robustness._lstm_params(D, H, C, dtype)))
+
+
+def lstm_fp64(case):
+    """Against the reference in fp64, with the controller tests' tolerances (assert_grads_close: BPTT
+    sums over blocks and gates; the fused and the fp32 reference round in different orders)."""
+    inputs = _controller(case)
+    exact = [t.detach().double().requires_grad_() for t in inputs]
+    dt, ref = tsc_kernels.lstm_controller(*inputs), reference.lstm_controller(*exact)
+    assert dt.dtype == torch.float32 and dt.shape == ref.shape
+    torch.testing.assert_close(dt, ref.float(), rtol=1e-5, atol=1e-6)
+    grad = torch.randn(dt.shape)
+    want = [w.float() for w in torch.autograd.grad(ref, exact, grad.double())]
+    assert_grads_close(torch.autograd.grad(dt, inputs, grad), want, PARAM_NAMES)
+
+
+def lstm_is_causal(case):
+    """Δt of the first l blocks depends on their w̄ rows only: the same from wbar[:l], and no gradient
+    reaches the later rows from them."""
+    wbar, *params = _controller(case)
+    L = wbar.shape[0]
+    dt = tsc_kernels.lstm_controller(wbar, *params)
+    assert ((dt >= 0) & (dt <= 1)).all(), "Δt is a sigmoid"
+    for l_ in range(1, L):
+        torch.testing.assert_close(tsc_kernels.lstm_controller(wbar[:l_], *params), dt[:l_], atol=2e-5, rtol=2e-5)
+    (dwbar,) = torch.autograd.grad(dt[:1], (wbar,), torch.randn(1, dt.shape[1]))
+    assert not dwbar[1:].any()
+
+
+def lstm_stages_batched_equal_stages_alone(case):
+    """The op behind the public function runs several stages in one call: the same as one call per stage."""
+    (L, D, H, C), _ = case
+    stages = [_controller(case), _controller(((L + 1, D + 2, H, C + 1), 0))]
+    op = dispatch("lstm_controller", stages[0][0].device)
+    out = op(torch.cat([s[0].reshape(-1) for s in stages]), [s[0].shape[0] for s in stages],
+             [p for s in stages for p in s[1:]])
+    out = out[0] if OPS["lstm_controller"].returns_saved(op) else out
+    torch.testing.assert_close(out, torch.cat([tsc_kernels.lstm_controller(*s).reshape(-1) for s in stages]),
+                               atol=2e-5, rtol=2e-5)
+
+
+PROPERTY_STRATEGY = lstm_controller_cases
+# (check against the fp64 reference, [properties]): tests/ops/test_properties.py runs them
+PROPERTIES = (lstm_fp64, [lstm_is_causal, lstm_stages_batched_equal_stages_alone])

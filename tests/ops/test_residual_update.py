@@ -1,12 +1,15 @@
 """The fused residual update on every backend vs the reference (docs/ops.md)."""
 import re
 
+import math
+
 import pytest
 import torch
 
 import tsc_kernels
 from tsc_kernels import reference
 from conftest import TOLERANCES, assert_within_reference_error, count_triton_launches
+from hypothesis_cases import _close, _grads, _leaves, _permute, elementwise_cases
 
 SHAPES = [(3, 5, 7, 9), (2, 33), (1, 17, 4, 4, 4), (4, 19, 6), (5, 3, 1, 1), (2, 1, 3, 5)]
 CL_SHAPES = [(4, 19, 6, 5), (2, 7, 3, 4, 5), (3, 6, 5)]  # channels-last variants (3-D via strides)
@@ -48,15 +51,6 @@ def test_matches_reference(backend, shape, relu, dtype):
     compare_with_reference(*make_inputs(shape, dtype), relu)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_error_within_twice_the_references_own(backend, dtype, channels_last):
-    y, f, dt = make_inputs((6, 13, 9, 7), dtype, channels_last=channels_last)
-    assert_within_reference_error(lambda *a: tsc_kernels.residual_update(*a, relu=True),
-                                  lambda *a: reference.residual_update(*a, relu=True),
-                                  (y, f, dt), torch.randn_like(y), ("dy", "df", "ddt"))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("shape", CL_SHAPES)
@@ -83,37 +77,8 @@ def test_mixed_layouts_and_noncontiguous(backend):
     compare_with_reference(y2, f2, dt, relu=False)
 
 
-@pytest.mark.parametrize("relu", [False, True])
-def test_gradcheck_fp64(backend, relu):
-    y, f, dt = make_inputs((2, 3, 4, 5), torch.float64)
-    with torch.no_grad():  # keep sums away from the ReLU kink, where finite differences are wrong
-        y += torch.sign(y) * 0.1
-    assert torch.autograd.gradcheck(lambda a, b, c: tsc_kernels.residual_update(a, b, c, relu=relu), (y, f, dt))
-    y, f, dt = make_inputs((3, 4, 2, 3), torch.float64, channels_last=True)
-    assert torch.autograd.gradcheck(lambda a, b, c: tsc_kernels.residual_update(a, b, c, relu=relu), (y, f, dt))
-
-
-OP_NAMES = {"cpu": "residual_update", "torch": "residual_update_torch", "triton": "residual_update_triton"}
-
-
-def _forward_op(name):
-    return getattr(torch.ops.tsc, OP_NAMES[name])
-
-
-@pytest.mark.parametrize("relu", [False, True])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck(backend, relu, channels_last):
-    if backend == "triton":
-        tsc_kernels.residual_update(*make_inputs((1, 2, 3), torch.float32, requires_grad=False))  # registers the op
-    y, f, dt = make_inputs((2, 5, 3, 4), torch.float32, channels_last=channels_last)
-    torch.library.opcheck(_forward_op(backend), (y, f, dt, relu))
-    if backend != "torch":  # the torch backend has no separate backward op: autograd derives it
-        bwd = getattr(torch.ops.tsc, OP_NAMES[backend].replace("residual_update", "residual_update_backward"))
-        out = _forward_op(backend)(y, f, dt, relu).detach()
-        torch.library.opcheck(bwd, (torch.randn_like(out), f.detach(), dt.detach(), out if relu else None))
-
-
-def test_torch_compile_fullgraph(backend):
+def test_torch_compile_fullgraph_inductor(backend):
+    """With inductor (the common suite compiles with aot_eager): the op between other ops in one graph."""
     torch._dynamo.reset()
     y, f, dt = make_inputs((2, 6, 5, 3), torch.float32)
 
@@ -130,30 +95,62 @@ def test_torch_compile_fullgraph(backend):
         torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
 
 
-def test_empty_batch(backend):
-    y, f, dt = make_inputs((0, 4, 3, 3), torch.float32)
-    out = tsc_kernels.residual_update(y, f, dt, relu=True)
-    assert out.shape == (0, 4, 3, 3)
-    (ddt,) = torch.autograd.grad(out.sum(), (dt,))
-    assert torch.equal(ddt, torch.zeros(4))
+# ---------------------------------------------------------------------------------------------
+# What the suite common to every op (tests/ops/test_common.py) runs: reference match per dtype x
+# layout, opcheck, fp64 gradcheck, torch.compile, empty batch, bad input
+# ---------------------------------------------------------------------------------------------
+def sample_inputs(dtype, channels_last):
+    """ReLU off and on at a tiny shape per layout; y nudged away from 0 (the ReLU kink, where finite
+    differences are wrong)."""
+    shape = (3, 4, 2, 3) if channels_last else (2, 3, 4, 5)
+    samples = []
+    for relu in (False, True):
+        y, f, dt = make_inputs(shape, dtype, channels_last=channels_last)
+        with torch.no_grad():
+            y += torch.sign(y) * 0.1
+        samples.append(((y, f, dt), {"relu": relu}))
+    return samples
 
 
-@pytest.mark.parametrize(
-    "args, exc, words",
-    [
-        ((torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.rand(3)), ValueError, "f must have y's shape"),
-        ((torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.rand(4)), ValueError, "dt must have shape (C,)"),
-        ((torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.rand(1, 3)), ValueError, "dt must have shape"),
-        ((torch.randn(3), torch.randn(3), torch.rand(3)), ValueError, "y must have shape (N, C"),
-        ((torch.randn(2, 3, 4), torch.randn(2, 3, 4).double(), torch.rand(3)), TypeError, "f must have y's dtype"),
-        ((torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.rand(3).half()), TypeError, "dt must have dtype float32"),
-        ((torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int32), torch.rand(3)), TypeError, "y must have dtype"),
-        (([1.0], torch.randn(2, 3), torch.rand(3)), TypeError, "y must be a torch.Tensor"),
-    ],
-)
-def test_bad_input(backend, args, exc, words):
-    with pytest.raises(exc, match=re.escape(words)):
-        tsc_kernels.residual_update(*args)
+def reference_inputs(dtype, channels_last):
+    """A larger shape for the reference match (the fp64 criterion)."""
+    return [(make_inputs((6, 13, 9, 7), dtype, channels_last=channels_last), {"relu": True})]
+
+
+def empty_inputs():
+    return [(make_inputs((0, 4, 3, 3), torch.float32), {"relu": True})]
+
+# tests/ops/test_triton_plans.py: the op's forward arguments at an activation shape (meta tensors:
+# meta(shape, channels_last=False, dtype=float32)) and the kernels that merge its per-chunk partials
+def plan_forward_args(shape, cl, dtype, meta):
+    return (meta(shape, cl, dtype), meta(shape, cl, dtype), meta((shape[1],)), True)
+
+
+PLAN_MERGES = "sum_chunks_kernel"
+
+
+BAD_INPUTS = [
+    ((torch.randn(2, 3, 4), torch.randn(2, 3, 5), torch.rand(3)), ValueError, re.escape("f must have y's shape")),
+    ((torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.rand(4)), ValueError, re.escape("dt must have shape (C,)")),
+    ((torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.rand(1, 3)), ValueError, re.escape("dt must have shape")),
+    ((torch.randn(3), torch.randn(3), torch.rand(3)), ValueError, re.escape("y must have shape (N, C")),
+    (
+        (torch.randn(2, 3, 4), torch.randn(2, 3, 4).double(), torch.rand(3)),
+        TypeError,
+        re.escape("f must have y's dtype"),
+    ),
+    (
+        (torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.rand(3).half()),
+        TypeError,
+        re.escape("dt must have dtype float32"),
+    ),
+    (
+        (torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int32), torch.rand(3)),
+        TypeError,
+        re.escape("y must have dtype"),
+    ),
+    (([1.0], torch.randn(2, 3), torch.rand(3)), TypeError, re.escape("y must be a torch.Tensor")),
+]
 
 
 def test_relu_must_be_bool(backend):
@@ -202,3 +199,61 @@ def test_fused_op_is_one_kernel_each_way(backend, relu):
         assert n_fwd > 1 and n_bwd > 1, (n_fwd, n_bwd)
     else:
         assert (n_fwd, n_bwd) == (1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hypothesis properties (tests/ops/test_properties.py runs them on every backend): the case
+# strategy, the check against the fp64 reference and docs/ops.md's properties
+# ---------------------------------------------------------------------------------------------
+# --- residual_update ------------------------------------------------------------------------
+def residual_fp64(case):
+    shape, dtype, cl, relu, _ = case
+    y, f, dt = make_inputs(shape, dtype, channels_last=cl)
+    assert_within_reference_error(lambda *a: tsc_kernels.residual_update(*a, relu=relu),
+                                  lambda *a: reference.residual_update(*a, relu=relu),
+                                  (y, f, dt), torch.randn(shape, dtype=dtype), ("dy", "df", "ddt"))
+
+
+def residual_zero_dt_is_the_shortcut(case):
+    """Δt = 0: out = relu?(y) bit for bit, df = 0, dy = the incoming gradient (masked by out > 0)."""
+    shape, dtype, cl, relu, _ = case
+    y, f, dt = make_inputs(shape, dtype, channels_last=cl)
+    dt = torch.zeros_like(dt, requires_grad=True)
+    out = tsc_kernels.residual_update(y, f, dt, relu=relu)
+    assert torch.equal(out, torch.relu(y) if relu else y)
+    g = torch.randn(shape, dtype=dtype)
+    dy, df, _ = torch.autograd.grad(out, (y, f, dt), g)
+    assert torch.equal(dy, torch.where(out > 0, g, 0) if relu else g) and not df.any()
+
+
+def residual_linear_in_dt(case):
+    """Without the ReLU, out - y is linear in Δt: out(a + b) = out(a) + out(b) - y (fp64)."""
+    shape, _, cl, _, _ = case
+    y, f, a = make_inputs(shape, torch.float64, channels_last=cl, requires_grad=False)
+    b = torch.randn_like(a)
+    sum_ = tsc_kernels.residual_update(y, f, a + b)
+    torch.testing.assert_close(sum_, tsc_kernels.residual_update(y, f, a) + tsc_kernels.residual_update(y, f, b) - y,
+                               atol=1e-12, rtol=1e-12)
+
+
+def residual_channel_permutation_commutes(case):
+    """Permuting the channels of y, f and Δt permutes out, dy, df and ddt."""
+    shape, dtype, cl, relu, _ = case
+    y, f, dt = make_inputs(shape, dtype, channels_last=cl)
+    perm = torch.randperm(shape[1])
+    g = torch.randn(shape, dtype=dtype)
+    out = tsc_kernels.residual_update(y, f, dt, relu=relu)
+    got = _grads(out, (y, f, dt), g)
+    py, pf, pdt = _leaves(_permute(y, perm), _permute(f, perm), dt[perm])
+    pout = tsc_kernels.residual_update(py, pf, pdt, relu=relu)
+    _close(pout, _permute(out, perm), dtype, msg="out")
+    pgot = _grads(pout, (py, pf, pdt), _permute(g, perm))
+    n_sum = math.prod(shape) // shape[1]
+    for name, p, w in zip(("dy", "df", "ddt"), pgot, got):
+        _close(p, _permute(w, perm, 0 if name == "ddt" else 1), w.dtype, n_sum ** 0.5 if name == "ddt" else 1.0, name)
+
+
+PROPERTY_STRATEGY = elementwise_cases
+# (check against the fp64 reference, [properties]): tests/ops/test_properties.py runs them
+PROPERTIES = (residual_fp64, [residual_zero_dt_is_the_shortcut, residual_linear_in_dt,
+                                        residual_channel_permutation_commutes])

@@ -8,6 +8,8 @@ import tsc_kernels
 from tsc_kernels import reference
 from tsc_kernels.ops.scale_concat import empty_in_layout
 from conftest import TOLERANCES, assert_within_reference_error, count_triton_launches
+from hypothesis import strategies as st
+from hypothesis_cases import _close, _leaves, _permute, activation_shapes, CHANNELS, LOW_PRECISION, SEED, TINY_CHANNELS
 
 # (x shape, k): 0-3 spatial dims, channel counts that are not powers of two, Cx = 0 and k = 0 edges
 CASES = [((3, 5, 7, 9), 3), ((2, 33), 7), ((1, 17, 4, 4, 3), 12), ((4, 19, 6), 5), ((5, 3, 1, 1), 1),
@@ -107,12 +109,6 @@ def test_dx_is_a_view_of_grad(backend):
     assert seen["dx"].data_ptr() == grad.data_ptr() and torch.equal(seen["dx"], grad[:, :4])
 
 
-def test_gradcheck_fp64(backend):
-    for shape, k, cl in (((2, 3, 4, 5), 2, False), ((3, 4, 2, 3), 3, True), ((2, 5), 3, False)):
-        x, f, dt = make_inputs(shape, k, torch.float64, channels_last=cl)
-        assert torch.autograd.gradcheck(tsc_kernels.scale_concat, (x, f, dt))
-
-
 def test_deterministic_ddt(backend):
     x, f, dt = make_inputs((6, 5, 9, 11), 7, torch.float32)
     grad = torch.randn(6, 12, 9, 11)
@@ -121,65 +117,65 @@ def test_deterministic_ddt(backend):
     assert torch.equal(first, again)
 
 
-OP_NAMES = {"cpu": "scale_concat", "torch": "scale_concat_torch", "triton": "scale_concat_triton"}
+# ---------------------------------------------------------------------------------------------
+# What the suite common to every op (tests/ops/test_common.py) runs: reference match per dtype x
+# layout, opcheck, fp64 gradcheck, torch.compile, empty batch, bad input
+# ---------------------------------------------------------------------------------------------
+def sample_inputs(dtype, channels_last):
+    """Tiny (x shape, k) per layout, 0 and 2 spatial dims."""
+    cases = [((3, 4, 2, 3), 3)] if channels_last else [((2, 3, 4, 5), 2), ((2, 5), 3)]
+    return [(make_inputs(shape, k, dtype, channels_last=channels_last), {}) for shape, k in cases]
 
 
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck(backend, channels_last):
-    if backend == "triton":
-        tsc_kernels.scale_concat(*make_inputs((1, 2, 3), 1, torch.float32, requires_grad=False))  # registers the op
-    x, f, dt = make_inputs((2, 5, 3, 4), 3, torch.float32, channels_last=channels_last)
-    fwd = getattr(torch.ops.tsc, OP_NAMES[backend])
-    torch.library.opcheck(fwd, (x, f, dt))
-    if backend != "torch":  # the torch backend has no separate backward op: autograd derives it
-        bwd = getattr(torch.ops.tsc, OP_NAMES[backend].replace("scale_concat", "scale_concat_backward"))
-        out = fwd(x, f, dt).detach()
-        torch.library.opcheck(bwd, (torch.randn_like(out), f.detach(), dt.detach()))
+def empty_inputs():
+    return [(make_inputs((0, 4, 3, 3), 2, torch.float32), {})]
+
+# tests/ops/test_triton_plans.py: the op's forward arguments at an activation shape (meta tensors:
+# meta(shape, channels_last=False, dtype=float32)) and the kernels that merge its per-chunk partials
+def plan_forward_args(shape, cl, dtype, meta):
+    k = 32
+    return (meta(shape, cl, dtype), meta((shape[0], k) + shape[2:], cl, dtype), meta((k,)))
 
 
-def test_torch_compile_fullgraph(backend):
-    torch._dynamo.reset()
-    x, f, dt = make_inputs((2, 6, 5, 3), 4, torch.float32)
-
-    def step(x, f, dt):
-        return (tsc_kernels.scale_concat(x, torch.relu(f), dt) * 2.0).sum()
-
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
-    loss = compiled(x, f, dt)
-    got = torch.autograd.grad(loss, (x, f, dt))
-    ref_loss = (reference.scale_concat(x, torch.relu(f), dt) * 2.0).sum()
-    want = torch.autograd.grad(ref_loss, (x, f, dt))
-    torch.testing.assert_close(loss, ref_loss)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-5)
+PLAN_MERGES = "sum_chunks_kernel"
 
 
-def test_empty_batch(backend):
-    x, f, dt = make_inputs((0, 4, 3, 3), 2, torch.float32)
-    out = tsc_kernels.scale_concat(x, f, dt)
-    assert out.shape == (0, 6, 3, 3)
-    (ddt,) = torch.autograd.grad(out.sum(), (dt,))
-    assert torch.equal(ddt, torch.zeros(2))
-
-
-@pytest.mark.parametrize(
-    "args, exc, words",
-    [
-        ((torch.randn(2, 3, 4), torch.randn(2, 2, 5), torch.rand(2)), ValueError, "f must have shape (N, k, *spatial)"),
-        ((torch.randn(2, 3, 4), torch.randn(3, 2, 4), torch.rand(2)), ValueError, "f must have shape (N, k, *spatial)"),
-        ((torch.randn(2, 3, 4), torch.randn(2, 2, 4), torch.rand(3)), ValueError, "dt must have shape (k,) = (2,)"),
-        ((torch.randn(2, 3, 4), torch.randn(2, 2, 4), torch.rand(1, 2)), ValueError, "dt must have shape"),
-        ((torch.randn(3), torch.randn(3), torch.rand(3)), ValueError, "x must have shape (N, Cx"),
-        ((torch.randn(2, 3, 4), torch.randn(2, 2, 4).double(), torch.rand(2)), TypeError, "f must have x's dtype"),
-        ((torch.randn(2, 3, 4), torch.randn(2, 2, 4), torch.rand(2).half()), TypeError, "dt must have dtype float32"),
-        ((torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int32), torch.rand(3)), TypeError, "x must have dtype"),
-        (([1.0], torch.randn(2, 3), torch.rand(3)), TypeError, "x must be a torch.Tensor"),
-        ((torch.randn(2, 3), None, torch.rand(3)), TypeError, "f must be a torch.Tensor"),
-    ],
-)
-def test_bad_input(backend, args, exc, words):
-    with pytest.raises(exc, match=re.escape(words)):
-        tsc_kernels.scale_concat(*args)
+BAD_INPUTS = [
+    (
+        (torch.randn(2, 3, 4), torch.randn(2, 2, 5), torch.rand(2)),
+        ValueError,
+        re.escape("f must have shape (N, k, *spatial)"),
+    ),
+    (
+        (torch.randn(2, 3, 4), torch.randn(3, 2, 4), torch.rand(2)),
+        ValueError,
+        re.escape("f must have shape (N, k, *spatial)"),
+    ),
+    (
+        (torch.randn(2, 3, 4), torch.randn(2, 2, 4), torch.rand(3)),
+        ValueError,
+        re.escape("dt must have shape (k,) = (2,)"),
+    ),
+    ((torch.randn(2, 3, 4), torch.randn(2, 2, 4), torch.rand(1, 2)), ValueError, re.escape("dt must have shape")),
+    ((torch.randn(3), torch.randn(3), torch.rand(3)), ValueError, re.escape("x must have shape (N, Cx")),
+    (
+        (torch.randn(2, 3, 4), torch.randn(2, 2, 4).double(), torch.rand(2)),
+        TypeError,
+        re.escape("f must have x's dtype"),
+    ),
+    (
+        (torch.randn(2, 3, 4), torch.randn(2, 2, 4), torch.rand(2).half()),
+        TypeError,
+        re.escape("dt must have dtype float32"),
+    ),
+    (
+        (torch.ones(2, 3, dtype=torch.int32), torch.ones(2, 3, dtype=torch.int32), torch.rand(3)),
+        TypeError,
+        re.escape("x must have dtype"),
+    ),
+    (([1.0], torch.randn(2, 3), torch.rand(3)), TypeError, re.escape("x must be a torch.Tensor")),
+    ((torch.randn(2, 3), None, torch.rand(3)), TypeError, re.escape("f must be a torch.Tensor")),
+]
 
 
 def test_large_tensor_cpu_kernel():
@@ -214,3 +210,71 @@ def test_fused_op_is_one_kernel_each_way(backend):
         assert n_fwd > 1 and n_bwd > 1, (n_fwd, n_bwd)
     else:
         assert (n_fwd, n_bwd) == (1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hypothesis properties (tests/ops/test_properties.py runs them on every backend): the case
+# strategy, the check against the fp64 reference and docs/ops.md's properties
+# ---------------------------------------------------------------------------------------------
+@st.composite
+def scale_concat_cases(draw, small):
+    """(shape of x, k), dtype, channels_last, seed; Cx and k are not powers of two (Cx = 0 allowed)."""
+    shape = draw(activation_shapes(small))
+    cx = draw(st.sampled_from([0] + (TINY_CHANNELS if small else CHANNELS)))
+    k = draw(st.sampled_from(TINY_CHANNELS if small else CHANNELS))
+    return ((shape[0], cx, *shape[2:]), k), draw(st.sampled_from(LOW_PRECISION)), draw(st.booleans()), draw(SEED)
+
+
+# --- scale_concat ---------------------------------------------------------------------------
+def _sc_inputs(case, **kw):
+    (shape, k), dtype, cl, _ = case
+    return make_inputs(shape, k, dtype, channels_last=cl, **kw)
+
+
+def scale_concat_fp64(case):
+    if case[0][0][1] == 0:  # an empty dx has no error to measure: Cx = 0 is the properties' case
+        case = (((case[0][0][0], 1, *case[0][0][2:]), case[0][1]), *case[1:])
+    (shape, k), dtype = case[0], case[1]
+    x, f, dt = _sc_inputs(case)
+    grad = torch.randn(shape[0], shape[1] + k, *shape[2:], dtype=dtype)
+    assert_within_reference_error(tsc_kernels.scale_concat, reference.scale_concat, (x, f, dt), grad,
+                                  ("dx", "df", "ddt"))
+
+
+def scale_concat_x_is_copied_and_its_gradient_passed_on(case):
+    """out[:, :Cx] is x bit for bit, and dx is the incoming gradient's first Cx channels."""
+    x, f, dt = _sc_inputs(case)
+    out = tsc_kernels.scale_concat(x, f, dt)
+    cx = x.shape[1]
+    assert torch.equal(out[:, :cx], x)
+    g = torch.randn(out.shape, dtype=out.dtype)
+    (dx,) = torch.autograd.grad(out, (x,), g)
+    assert torch.equal(dx, g[:, :cx])
+
+
+def scale_concat_zero_dt_gives_zero_features(case):
+    x, f, dt = _sc_inputs(case, requires_grad=False)
+    out = tsc_kernels.scale_concat(x, f, torch.zeros_like(dt))
+    assert not out[:, x.shape[1]:].any()
+
+
+def scale_concat_feature_permutation_commutes(case):
+    """Permuting the channels of f and Δt permutes out's new features and ddt."""
+    x, f, dt = _sc_inputs(case)
+    perm = torch.randperm(f.shape[1])
+    out = tsc_kernels.scale_concat(x, f, dt)
+    g = torch.randn(out.shape, dtype=out.dtype)
+    _, ddt = torch.autograd.grad(out, (f, dt), g)
+    pf, pdt = _leaves(_permute(f, perm), dt[perm])
+    pout = tsc_kernels.scale_concat(x, pf, pdt)
+    cx = x.shape[1]
+    _close(pout[:, cx:], _permute(out[:, cx:], perm), x.dtype, msg="out")
+    _, pddt = torch.autograd.grad(pout, (pf, pdt), torch.cat([g[:, :cx], _permute(g[:, cx:], perm)], 1))
+    _close(pddt, ddt[perm], ddt.dtype, (f.numel() // f.shape[1]) ** 0.5, "ddt")
+
+
+PROPERTY_STRATEGY = scale_concat_cases
+# (check against the fp64 reference, [properties]): tests/ops/test_properties.py runs them
+PROPERTIES = (scale_concat_fp64, [scale_concat_x_is_copied_and_its_gradient_passed_on,
+                                         scale_concat_zero_dt_gives_zero_features,
+                                         scale_concat_feature_permutation_commutes])

@@ -8,6 +8,7 @@ multistep backward tile (finding 2) are checked on the plans, and their kernels 
 interpreter with small sizes (the `small_sizes` fixture) on small odd shapes whose chunk counts
 exceed one merge tile and whose last chunk is short.
 """
+import importlib
 import os
 
 import pytest
@@ -41,37 +42,39 @@ def vec(n):
     return torch.empty(n, device="meta")
 
 
+def _op_module(op):
+    """tests/ops/test_<op>.py, which holds the op's entries for these tests (None when it is missing)."""
+    try:
+        return importlib.import_module(f"test_{op}")
+    except ModuleNotFoundError as e:
+        if e.name != f"test_{op}":
+            raise
+        return None
+
+
 def forward_args(op, shape, cl, dtype):
-    """The op's forward arguments at an activation shape (meta tensors)."""
-    C = shape[1]
-    x = meta(shape, cl, dtype)
-    if op == "residual_update":
-        return (x, meta(shape, cl, dtype), vec(C), True)
-    if op == "scale_concat":
-        k = 32
-        return (x, meta((shape[0], k) + shape[2:], cl, dtype), vec(k))
-    if op == "batch_norm_residual_update":
-        return (x, meta(shape, cl, dtype), vec(C), vec(C), vec(C), vec(C), vec(C), True, 0.1, 1e-5, True)
-    if op == "multistep_update":
-        return (x, meta(shape, cl, dtype), meta(shape, cl, dtype), vec(1), vec(C), vec(shape[0]), True)
-    if op == "ode_combine":
-        return (x, [meta(shape, cl, dtype) for _ in range(4)], vec(4))
-    raise AssertionError(f"{op}: add its forward arguments at an activation shape to forward_args, or name it in "
-                         "NOT_ON_ACTIVATIONS with the test that checks its plans")
+    """The op's forward arguments at an activation shape (meta tensors): its test module's plan_forward_args."""
+    module = _op_module(op)
+    if module is None or not hasattr(module, "plan_forward_args"):
+        raise AssertionError(f"{op}: add plan_forward_args(shape, cl, dtype, meta) (its forward arguments at an "
+                             f"activation shape) to tests/ops/test_{op}.py, or PLAN_NOT_ON_ACTIVATIONS naming the test "
+                             "that checks its plans")
+    return module.plan_forward_args(shape, cl, dtype, meta)
 
 
 # The ops whose arguments are activations, planned here at the activation shapes below: every op of
-# the registry but these, whose arguments are a network's weights and controller, not an activation
-NOT_ON_ACTIVATIONS = {
-    "weight_mean": "a list of conv weights: test_weight_mean_plan below",
-    "lstm_controller": "a network's controller parameters: tests/tooling/test_controller_plans.py",
-}
+# the registry but those whose test module names PLAN_NOT_ON_ACTIVATIONS (a network's weights and
+# controller, not an activation), with the test that checks their plans
+NOT_ON_ACTIVATIONS = {op: m.PLAN_NOT_ON_ACTIVATIONS for op in REGISTRY
+                      if (m := _op_module(op)) is not None and hasattr(m, "PLAN_NOT_ON_ACTIVATIONS")}
 OPS = [name for name in REGISTRY if name not in NOT_ON_ACTIVATIONS]
+# the kernels that merge each op's per-chunk partials: PLAN_MERGES of its test module
+MERGES = {op: m.PLAN_MERGES for op in OPS if (m := _op_module(op)) is not None and hasattr(m, "PLAN_MERGES")}
 
 
 def test_ops_are_the_registry():
     """Every op of the registry is planned here or named as an exception; each planned op has its
-    forward arguments and its merge kernels (MERGES) listed."""
+    forward arguments and its merge kernels (PLAN_MERGES) in its tests/ops/test_<op>.py."""
     assert set(NOT_ON_ACTIVATIONS) <= set(REGISTRY), "an exception the registry does not declare"
     assert set(OPS) | set(NOT_ON_ACTIVATIONS) == set(REGISTRY)
     for op in OPS:
@@ -117,16 +120,13 @@ def test_weight_mean_plan():
 # ---------------------------------------------------------------------------------------------
 # Finding 1: the merges of per-chunk partials are parallel fixed-order trees, not chunk-by-chunk chains
 # ---------------------------------------------------------------------------------------------
-MERGES = {"residual_update": "sum_chunks_kernel", "scale_concat": "sum_chunks_kernel",
-          "batch_norm_residual_update": ("bn_stats_finalize_kernel", "bn_bwd_finalize_kernel"),
-          "multistep_update": ("multistep_finalize_kernel", "sum_chunks_kernel"), "ode_combine": "sum_chunks_kernel"}
-
-
 @pytest.mark.parametrize("op", OPS)
 def test_merge_chains_are_short_where_chunks_are_many(op):
     # (64, 256, 56, 56) channels-last: 784 BatchNorm chunks, 251 residual chunks (the old merges: a
     # chain of 784 / 251 dependent steps); CIFAR-width bf16: 392 / 784 chunks in one program
-    assert op in MERGES, f"{op}: name the kernels that merge its per-chunk partials in MERGES"
+    assert op in MERGES, (
+        f"{op}: name the kernels that merge its per-chunk partials: PLAN_MERGES in tests/ops/test_{op}.py"
+    )
     for shape, cl, dtype in [((64, 256, 56, 56), True, torch.float32), ((64, 32, 56, 56), True, torch.bfloat16)]:
         merges = [launch for launch in plan_of(op, shape, cl, dtype) if launch["kernel"] in MERGES[op]]
         assert merges, f"{op} plans no merge at {shape}"
@@ -138,7 +138,19 @@ def test_batch_norm_merge_chain_at_most_chunks():
     # old serial merge (chain = chunks) would not
     p = bn._plan(meta((1024 * 16 * 16, 64), False), False, bn.GPU)
     assert p["n_chunks"] == bn.GPU.MAX_CHUNKS
-    args = (meta((1024 * 16 * 16, 64)), meta((1024 * 16 * 16, 64)), vec(64), None, None, None, None, True, 0.1, 1e-5, False)
+    args = (
+        meta((1024 * 16 * 16, 64)),
+        meta((1024 * 16 * 16, 64)),
+        vec(64),
+        None,
+        None,
+        None,
+        None,
+        True,
+        0.1,
+        1e-5,
+        False,
+    )
     plan = bn.launch_plan(*args)
     finals = [launch for launch in plan if launch["kernel"].endswith("finalize_kernel")]
     assert len(finals) == 2 and max(launch["chain"] for launch in finals) <= 64 < p["n_chunks"]
@@ -257,7 +269,9 @@ def test_batch_norm_merge_over_several_tiles_with_a_short_last_chunk(small_sizes
 
 
 @needs_interpreter
-@pytest.mark.parametrize("shape,cl", [((3, 5, 7, 7), False), ((3, 5, 7, 7), True), ((2, 3, 2), False), ((3, 37, 3, 1), False)])
+@pytest.mark.parametrize(
+    "shape,cl", [((3, 5, 7, 7), False), ((3, 5, 7, 7), True), ((2, 3, 2), False), ((3, 37, 3, 1), False)]
+)
 def test_multistep_backward_matches_and_is_deterministic(small_sizes, shape, cl):
     torch.manual_seed(1)
     u, up, f = (torch.randn(shape) for _ in range(3))
@@ -271,9 +285,15 @@ def test_multistep_backward_matches_and_is_deterministic(small_sizes, shape, cl)
     gm = torch.where(out > 0, g, 0.0)
     dims = [0] + list(range(2, len(shape)))
     torch.testing.assert_close(first[3], (gm * (up - u)).sum().reshape(1), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(first[4], (gm * f * keep.view(-1, *[1] * (len(shape) - 1))).sum(dim=dims), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(first[5], (gm * f * dt.view(1, -1, *[1] * (len(shape) - 2))).sum(dim=list(range(1, len(shape)))),
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        first[4], (gm * f * keep.view(-1, *[1] * (len(shape) - 1))).sum(dim=dims), atol=1e-4, rtol=1e-4
+    )
+    torch.testing.assert_close(
+        first[5],
+        (gm * f * dt.view(1, -1, *[1] * (len(shape) - 2))).sum(dim=list(range(1, len(shape)))),
+        atol=1e-4,
+        rtol=1e-4,
+    )
     for a, b in zip(first, second):
         assert torch.equal(a, b)
 

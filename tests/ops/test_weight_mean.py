@@ -12,17 +12,25 @@ import tsc_kernels
 from tsc_kernels import _extension
 from tsc_kernels import reference
 from conftest import TOLERANCES
+from hypothesis import strategies as st
+from hypothesis_cases import _close, CHANNELS, LOW_PRECISION, SEED, TINY_CHANNELS
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
 def test_weight_mean_matches_reference(backend, dtype):
-    ws = [torch.randn(8, 5, 3, 3, dtype=dtype), torch.randn(6, 3, 1, 1, dtype=dtype), torch.randn(4, 7, 3, dtype=dtype),
-          torch.randn(3, 2, 2, 3, 2, dtype=dtype),  # conv3d
-          torch.randn(5, 6, 3, 3, dtype=dtype).to(memory_format=torch.channels_last),
-          torch.randn(4, 9, 5, 5, dtype=dtype)[:, ::2],  # non-contiguous C_in
-          # C_in past the CPU kernel's vector runs (lcm(K, lanes) values) with rows left over
-          torch.randn(7, 19, 3, 3, dtype=dtype), torch.randn(5, 21, 3, dtype=dtype), torch.randn(3, 11, 5, 5, dtype=dtype),
-          torch.randn(4, 13, 2, 2, dtype=dtype)]
+    ws = [
+        torch.randn(8, 5, 3, 3, dtype=dtype),
+        torch.randn(6, 3, 1, 1, dtype=dtype),
+        torch.randn(4, 7, 3, dtype=dtype),
+        torch.randn(3, 2, 2, 3, 2, dtype=dtype),  # conv3d
+        torch.randn(5, 6, 3, 3, dtype=dtype).to(memory_format=torch.channels_last),
+        torch.randn(4, 9, 5, 5, dtype=dtype)[:, ::2],  # non-contiguous C_in
+        # C_in past the CPU kernel's vector runs (lcm(K, lanes) values) with rows left over
+        torch.randn(7, 19, 3, 3, dtype=dtype),
+        torch.randn(5, 21, 3, dtype=dtype),
+        torch.randn(3, 11, 5, 5, dtype=dtype),
+        torch.randn(4, 13, 2, 2, dtype=dtype),
+    ]
     ws = [w.requires_grad_() for w in ws]
     out = tsc_kernels.weight_mean(ws)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -43,7 +51,11 @@ def test_weight_mean_matches_reference(backend, dtype):
 
 
 def test_weight_mean_gradient_reaches_only_weights_that_require_it(backend):
-    ws = [torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(5, 4, 1, 1), torch.randn(2, 5, 3, requires_grad=True)]
+    ws = [
+        torch.randn(4, 3, 3, 3, requires_grad=True),
+        torch.randn(5, 4, 1, 1),
+        torch.randn(2, 5, 3, requires_grad=True),
+    ]
     out = tsc_kernels.weight_mean(ws)
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, [ws[0], ws[2]], grad)
@@ -58,16 +70,31 @@ def test_weight_mean_gradient_reaches_only_weights_that_require_it(backend):
 
 
 
-@pytest.mark.parametrize("weights, error, match", [
-    ([], ValueError, r"weights must hold at least one conv weight"),
-    (torch.randn(4, 3, 3, 3), TypeError, r"weights must be a list or tuple"),
-    ([torch.randn(4, 3)], ValueError, r"weights\[0\] must be a conv weight"),
-    ([torch.randn(4, 3, 1, 1), torch.randn(4, 3, 1, 1, 1, 1)], ValueError, r"weights\[1\] must be a conv weight"),
-    ([torch.randn(4, 3, 1, 1), torch.ones(4, 3, 1, 1, dtype=torch.int64)], TypeError, r"weights\[1\] must have dtype"),
-    ([torch.randn(4, 3, 1, 1), torch.randn(4, 3, 1, 1).double()], TypeError, r"weights\[1\] must have weights\[0\]'s dtype"),
-    ([torch.randn(4, 3, 1, 1), "conv"], TypeError, r"weights\[1\] must be a torch.Tensor"),
-    ([torch.randn(4, 3, 1, 1), torch.randn(4, 0, 3, 3)], ValueError, r"weights\[1\] must have at least one input channel"),
-])
+@pytest.mark.parametrize(
+    "weights, error, match",
+    [
+        ([], ValueError, r"weights must hold at least one conv weight"),
+        (torch.randn(4, 3, 3, 3), TypeError, r"weights must be a list or tuple"),
+        ([torch.randn(4, 3)], ValueError, r"weights\[0\] must be a conv weight"),
+        ([torch.randn(4, 3, 1, 1), torch.randn(4, 3, 1, 1, 1, 1)], ValueError, r"weights\[1\] must be a conv weight"),
+        (
+            [torch.randn(4, 3, 1, 1), torch.ones(4, 3, 1, 1, dtype=torch.int64)],
+            TypeError,
+            r"weights\[1\] must have dtype",
+        ),
+        (
+            [torch.randn(4, 3, 1, 1), torch.randn(4, 3, 1, 1).double()],
+            TypeError,
+            r"weights\[1\] must have weights\[0\]'s dtype",
+        ),
+        ([torch.randn(4, 3, 1, 1), "conv"], TypeError, r"weights\[1\] must be a torch.Tensor"),
+        (
+            [torch.randn(4, 3, 1, 1), torch.randn(4, 0, 3, 3)],
+            ValueError,
+            r"weights\[1\] must have at least one input channel",
+        ),
+    ],
+)
 def test_weight_mean_bad_inputs(backend, weights, error, match):
     with pytest.raises(error, match=match):
         tsc_kernels.weight_mean(weights)
@@ -79,6 +106,33 @@ def test_cpp_weight_mean_rejects_what_it_cannot_average():
     # the op itself, below the public checks: a mean over no input channels is 0/0, never garbage
     with pytest.raises(RuntimeError, match=r"weights\[1\] must have C_in >= 1"):
         torch.ops.tsc.weight_mean([torch.randn(3, 4, 3), torch.randn(2, 0, 3, 3)])
+
+
+# ---------------------------------------------------------------------------------------------
+# What the suite common to every op (tests/ops/test_common.py) runs: reference match per dtype x
+# layout, opcheck, fp64 gradcheck, torch.compile, empty batch, bad input
+# ---------------------------------------------------------------------------------------------
+# The mean over C_in of conv weights has no channel layout of its own: LAYOUTS are the weights'
+# (channels_last and a strided kernel view); its "batch" is C_out (an empty one gives no means).
+def sample_inputs(dtype, channels_last):
+    if channels_last:
+        ws = [torch.randn(4, 3, 3, 3, dtype=dtype).to(memory_format=torch.channels_last),
+              torch.randn(5, 4, 1, 1, dtype=dtype).to(memory_format=torch.channels_last),
+              torch.randn(3, 2, 3, 6, dtype=dtype)[:, :, :, ::2]]
+    else:
+        ws = [torch.randn(4, 3, 3, 3, dtype=dtype), torch.randn(3, 5, 3, dtype=dtype),
+              torch.randn(2, 3, 2, 2, 3, dtype=dtype)]
+    return [(([w.requires_grad_() for w in ws],), {})]
+
+
+def empty_inputs():
+    return [(([torch.randn(0, 3, 3, 3, requires_grad=True), torch.randn(0, 2, 1, 1, requires_grad=True)],), {})]
+# tests/ops/test_triton_plans.py plans the ops on activations; this one's arguments are not
+PLAN_NOT_ON_ACTIVATIONS = "a list of conv weights: test_weight_mean_plan (tests/ops/test_triton_plans.py)"
+
+
+# the rest: test_weight_mean_bad_inputs
+BAD_INPUTS = [(([],), ValueError, r"weights must hold at least one conv weight")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,3 +204,71 @@ def test_triton_weight_mean_rejects_bad_weights():
         wm_op([torch.randn(2, 3, 3, 3), torch.randn(2, 3, 3, 3, dtype=torch.float64)])
     with pytest.raises(ValueError, match="conv weight"):
         wm_op([torch.randn(2, 3)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Hypothesis properties (tests/ops/test_properties.py runs them on every backend): the case
+# strategy, the check against the fp64 reference and docs/ops.md's properties
+# ---------------------------------------------------------------------------------------------
+@st.composite
+def weight_mean_cases(draw, small):
+    """shapes (C_out, C_in, *k) of 1-3 weights, C_in not a power of two, dtype, seed."""
+    shapes = [(draw(st.integers(1, 6)), draw(st.sampled_from(TINY_CHANNELS if small else CHANNELS)),
+               *draw(st.lists(st.sampled_from([1, 3, 5]), min_size=1, max_size=2 if small else 3)))
+              for _ in range(draw(st.integers(1, 3)))]
+    return shapes, draw(st.sampled_from(LOW_PRECISION + [torch.float64])), draw(SEED)
+
+
+# --- weight_mean ----------------------------------------------------------------------------
+def _weights(case, requires_grad=True):
+    shapes, dtype, _ = case
+    return [torch.randn(s, dtype=dtype).requires_grad_(requires_grad) for s in shapes]
+
+
+def weight_mean_fp64(case):
+    """Against the reference in fp64, rounded once: the mean (fp32 on the fused backends whatever the
+    weights' dtype) to fp32's tolerance, dW to the weights' dtype's. (assert_within_reference_error's
+    floor counts the first input's values per output value, not the C_in each mean sums.)"""
+    ws = _weights(case)
+    wr = [w.detach().double().requires_grad_() for w in ws]
+    out, ref = tsc_kernels.weight_mean(ws), reference.weight_mean(wr)
+    assert out.dtype == reference.accumulation_dtype(case[1])
+    _close(out, ref.to(out.dtype), out.dtype, msg="out")
+    grad = torch.randn(out.shape, dtype=out.dtype)
+    for i, (g, w) in enumerate(zip(torch.autograd.grad(out, ws, grad), torch.autograd.grad(ref, wr, grad.double()))):
+        assert g.dtype == case[1] and g.shape == w.shape
+        _close(g, w.to(g.dtype), g.dtype, msg=f"dW{i}")
+
+
+def weight_mean_of_a_constant_is_the_constant(case):
+    """Weights constant along C_in (W[o, i, *k] = v[o, *k]) mean to v."""
+    shapes, dtype, _ = case
+    vs = [torch.randn(s[0], 1, *s[2:], dtype=dtype) for s in shapes]
+    out = tsc_kernels.weight_mean([v.expand(s).contiguous() for v, s in zip(vs, shapes)])
+    want = torch.cat([v.reshape(-1) for v in vs]).to(out.dtype)
+    eps = torch.finfo(out.dtype).eps
+    torch.testing.assert_close(out, want, atol=0, rtol=4 * eps * max(s[1] for s in shapes))
+
+
+def weight_mean_concatenates_and_ignores_input_channel_order(case):
+    """weight_mean([a, b]) = cat(weight_mean([a]), weight_mean([b])), and permuting C_in changes nothing."""
+    ws = _weights(case, requires_grad=False)
+    out = tsc_kernels.weight_mean(ws)
+    _close(out, torch.cat([tsc_kernels.weight_mean([w]) for w in ws]), out.dtype, msg="concatenation")
+    shuffled = [w[:, torch.randperm(w.shape[1])] for w in ws]
+    _close(tsc_kernels.weight_mean(shuffled), out, ws[0].dtype, msg="C_in permuted")
+
+
+def weight_mean_gradient_is_the_same_on_every_input_channel(case):
+    """dW[o, i, *k] = dw̄[o, *k] / C_in: the same for every i."""
+    ws = _weights(case)
+    out = tsc_kernels.weight_mean(ws)
+    for i, g in enumerate(torch.autograd.grad(out, ws, torch.randn_like(out))):
+        assert torch.equal(g, g[:, :1].expand_as(g)), f"dW{i}"
+
+
+PROPERTY_STRATEGY = weight_mean_cases
+# (check against the fp64 reference, [properties]): tests/ops/test_properties.py runs them
+PROPERTIES = (weight_mean_fp64, [weight_mean_of_a_constant_is_the_constant,
+                                       weight_mean_concatenates_and_ignores_input_channel_order,
+                                       weight_mean_gradient_is_the_same_on_every_input_channel])

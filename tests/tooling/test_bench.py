@@ -12,7 +12,9 @@ FIELDS = {"variant", "backend", "params_train", "params_infer", "gmac_train", "g
 
 def test_cli_quick_end_to_end(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert bench.main(["--model", "cifar_resnet20", "--batch", "4", "--quick", "--steps", "2", "--json", str(path)]) == 0
+    assert (
+        bench.main(["--model", "cifar_resnet20", "--batch", "4", "--quick", "--steps", "2", "--json", str(path)]) == 0
+    )
     table = capsys.readouterr().out
     for variant in ("plain", "tsc-eager", "tsc-fused"):
         assert variant in table

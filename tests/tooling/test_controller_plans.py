@@ -101,7 +101,16 @@ def widened(wbar, blocks, params, k):
         w_in, b_in, w_ih, w_hh, b_ih, b_hh, w_out, b_out = params[8 * s: 8 * s + 8]
         H, D = w_in.shape
         C = w_out.shape[0]
-        out += [w_in.new_empty(H, k * D), b_in, w_ih, w_hh, b_ih, b_hh, w_out.new_empty(k * C, H), b_out.new_empty(k * C)]
+        out += [
+            w_in.new_empty(H, k * D),
+            b_in,
+            w_ih,
+            w_hh,
+            b_ih,
+            b_hh,
+            w_out.new_empty(k * C, H),
+            b_out.new_empty(k * C),
+        ]
     return wbar.new_empty(k * wbar.numel()), blocks, out
 
 
@@ -150,7 +159,16 @@ def make_args(stages, dtype):
     params = []
     for _, D, C, H in stages:
         fc_in, lstm, fc_out = torch.nn.Linear(D, H), torch.nn.LSTMCell(H, H), torch.nn.Linear(H, C)
-        for p in (fc_in.weight, fc_in.bias, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih, lstm.bias_hh, fc_out.weight, fc_out.bias):
+        for p in (
+            fc_in.weight,
+            fc_in.bias,
+            lstm.weight_ih,
+            lstm.weight_hh,
+            lstm.bias_ih,
+            lstm.bias_hh,
+            fc_out.weight,
+            fc_out.bias,
+        ):
             params.append((2.0 * p.detach()).to(dtype))  # off the linear regions; the ReLU masks some units
     wbar = torch.randn(sum(L * D for L, D, _, _ in stages), dtype=dtype)
     return wbar, [L for L, _, _, _ in stages], params
@@ -164,11 +182,22 @@ def test_cuda_plan_on_cpu_matches_the_cpu_kernels(dtype):
     dt, saved = torch.ops.tsc.lstm_controller(wbar, blocks, params)
     grad = torch.randn_like(dt)
     want = torch.ops.tsc.lstm_controller_backward(grad, dt, wbar, blocks, params, saved)
-    got_dt, got_saved, got_dwbar, got_grads = torch.ops.tsc._lstm_controller_cuda_plan_on_cpu(wbar, blocks, params, grad)
+    got_dt, got_saved, got_dwbar, got_grads = torch.ops.tsc._lstm_controller_cuda_plan_on_cpu(
+        wbar, blocks, params, grad
+    )
     atol, rtol = (1e-5, 1e-5) if dtype == torch.float32 else (1e-12, 1e-12)
     torch.testing.assert_close(got_dt, dt, atol=atol, rtol=rtol)
     torch.testing.assert_close(got_saved, saved, atol=atol, rtol=rtol)
     torch.testing.assert_close(got_dwbar, want[0], atol=atol, rtol=rtol)
-    names = ["fc_in.weight", "fc_in.bias", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "fc_out.weight", "fc_out.bias"]
+    names = [
+        "fc_in.weight",
+        "fc_in.bias",
+        "weight_ih",
+        "weight_hh",
+        "bias_ih",
+        "bias_hh",
+        "fc_out.weight",
+        "fc_out.bias",
+    ]
     for k, (g, w) in enumerate(zip(got_grads, want[1])):
         torch.testing.assert_close(g, w, atol=atol, rtol=rtol, msg=lambda m: f"stage {k // 8} {names[k % 8]}: {m}")

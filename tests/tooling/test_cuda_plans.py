@@ -48,8 +48,19 @@ def flatten(args):
 def plan_of(case, sms=SMS):
     op, args = case
     names, f = torch.ops.tsc.cuda_launch_plan(op, *flatten(args), sms)
-    return [dict(kernel=n.split(":", 1)[1], phase=n.split(":", 1)[0], grid=tuple(f[8 * i:8 * i + 3]), threads=f[8 * i + 3],
-                 bytes=f[8 * i + 4], chain=f[8 * i + 5], request_bytes=f[8 * i + 6], smem=f[8 * i + 7]) for i, n in enumerate(names)]
+    return [
+        dict(
+            kernel=n.split(":", 1)[1],
+            phase=n.split(":", 1)[0],
+            grid=tuple(f[8 * i : 8 * i + 3]),
+            threads=f[8 * i + 3],
+            bytes=f[8 * i + 4],
+            chain=f[8 * i + 5],
+            request_bytes=f[8 * i + 6],
+            smem=f[8 * i + 7],
+        )
+        for i, n in enumerate(names)
+    ]
 
 
 def test_launch_plan_answers_with_the_cuda_planner():
@@ -71,8 +82,16 @@ def blocks(p):
 ROWS = [
     ("residual", residual_args((64, 32, 56, 56), torch.bfloat16, True), "residual_backward_kernel"),
     ("resnet18", residual_args((64, 64, 56, 56), torch.bfloat16, True), "residual_backward_kernel"),
-    ("densenet40-k12", scale_concat_args((64, 148, 32, 32), (64, 12, 32, 32), torch.bfloat16, True), "scale_concat_backward_kernel"),
-    ("densenet121-k32", scale_concat_args((64, 224, 56, 56), (64, 32, 56, 56), torch.bfloat16, True), "scale_concat_backward_kernel"),
+    (
+        "densenet40-k12",
+        scale_concat_args((64, 148, 32, 32), (64, 12, 32, 32), torch.bfloat16, True),
+        "scale_concat_backward_kernel",
+    ),
+    (
+        "densenet121-k32",
+        scale_concat_args((64, 224, 56, 56), (64, 32, 56, 56), torch.bfloat16, True),
+        "scale_concat_backward_kernel",
+    ),
 ]
 
 
@@ -87,7 +106,11 @@ def test_rows_kernels_fill_the_gpu(case, kernel):
 # -- finding 3: planes kernels keep every lane busy on small maps -----------------------------------
 PLANES = [
     ("residual-7x7", residual_args((256, 2048, 7, 7), torch.float32, False), "residual_backward_kernel"),
-    ("densenet121-block4", scale_concat_args((64, 992, 7, 7), (64, 32, 7, 7), torch.float32, False), "scale_concat_backward_kernel"),
+    (
+        "densenet121-block4",
+        scale_concat_args((64, 992, 7, 7), (64, 32, 7, 7), torch.float32, False),
+        "scale_concat_backward_kernel",
+    ),
     ("cifar-8x8", residual_args((128, 64, 8, 8), torch.float32, False), "residual_backward_kernel"),
 ]
 
@@ -103,14 +126,48 @@ def test_planes_kernels_flatten_samples_and_positions(case, kernel):
 # -- finding 1: parallel, fixed-order finalizes ---------------------------------------------------
 FOLDS = [
     # (id, case, the reduction whose chunks are folded, the fold)
-    ("bn-forward-cl-bf16", batch_norm_args((64, 32, 56, 56), torch.bfloat16, True), "bn_stats_kernel", "bn_forward_channels_kernel"),
-    ("bn-backward-cl", batch_norm_args((64, 256, 56, 56), torch.float32, True), "bn_backward_sums_kernel", "bn_backward_channels_kernel"),
-    ("bn-planes-c12", batch_norm_args((128, 12, 32, 32), torch.float32, False), "bn_stats_kernel", "bn_forward_channels_kernel"),
-    ("residual-cl", residual_args((64, 256, 56, 56), torch.float32, True), "residual_backward_kernel", "fold_chunks_kernel"),
-    ("residual-cl-c32", residual_args((64, 32, 56, 56), torch.bfloat16, True), "residual_backward_kernel", "fold_chunks_kernel"),
-    ("scale-concat-cl", scale_concat_args((64, 148, 32, 32), (64, 12, 32, 32), torch.float32, True), "scale_concat_backward_kernel",
-     "fold_chunks_kernel"),
-    ("ode", ode_args((64, 256, 56, 56), torch.float32, False), "ode_combine_backward_kernel", "ode_combine_sum_partials_kernel"),
+    (
+        "bn-forward-cl-bf16",
+        batch_norm_args((64, 32, 56, 56), torch.bfloat16, True),
+        "bn_stats_kernel",
+        "bn_forward_channels_kernel",
+    ),
+    (
+        "bn-backward-cl",
+        batch_norm_args((64, 256, 56, 56), torch.float32, True),
+        "bn_backward_sums_kernel",
+        "bn_backward_channels_kernel",
+    ),
+    (
+        "bn-planes-c12",
+        batch_norm_args((128, 12, 32, 32), torch.float32, False),
+        "bn_stats_kernel",
+        "bn_forward_channels_kernel",
+    ),
+    (
+        "residual-cl",
+        residual_args((64, 256, 56, 56), torch.float32, True),
+        "residual_backward_kernel",
+        "fold_chunks_kernel",
+    ),
+    (
+        "residual-cl-c32",
+        residual_args((64, 32, 56, 56), torch.bfloat16, True),
+        "residual_backward_kernel",
+        "fold_chunks_kernel",
+    ),
+    (
+        "scale-concat-cl",
+        scale_concat_args((64, 148, 32, 32), (64, 12, 32, 32), torch.float32, True),
+        "scale_concat_backward_kernel",
+        "fold_chunks_kernel",
+    ),
+    (
+        "ode",
+        ode_args((64, 256, 56, 56), torch.float32, False),
+        "ode_combine_backward_kernel",
+        "ode_combine_sum_partials_kernel",
+    ),
 ]
 
 
@@ -169,7 +226,11 @@ PAIRS = [
     ("bn-stats-cl", batch_norm_args((256, 2048, 7, 7), torch.bfloat16, True), "bn_stats_kernel"),
     ("bn-sums-nchw", batch_norm_args((64, 64, 56, 56), torch.bfloat16, False), "bn_backward_sums_kernel"),
     ("bn-sums-cl", batch_norm_args((64, 256, 56, 56), torch.bfloat16, True), "bn_backward_sums_kernel"),
-    ("scale-concat-nchw", scale_concat_args((64, 224, 56, 56), (64, 32, 56, 56), torch.bfloat16, False), "scale_concat_backward_kernel"),
+    (
+        "scale-concat-nchw",
+        scale_concat_args((64, 224, 56, 56), (64, 32, 56, 56), torch.bfloat16, False),
+        "scale_concat_backward_kernel",
+    ),
     # rows of C = 16 (CIFAR's first stage, channels-last): 8 lanes of pairs x 4 rows per warp (fp32: 16 x 2)
     ("residual-cl-c16", residual_args((128, 16, 32, 32), torch.bfloat16, True), "residual_backward_kernel"),
     ("bn-sums-cl-c16", batch_norm_args((128, 16, 32, 32), torch.bfloat16, True), "bn_backward_sums_kernel"),
@@ -276,9 +337,14 @@ def test_reduction_walk_bad_input():
 
 
 # -- determinism: reductions' partitions do not depend on the SM count ----------------------------
-ALL = [residual_args((64, 256, 56, 56), torch.float32, True), residual_args((128, 16, 32, 32), torch.float32, False),
-       batch_norm_args((64, 64, 56, 56), torch.bfloat16, True), scale_concat_args((64, 148, 32, 32), (64, 12, 32, 32), torch.float32, False),
-       multistep_args((64, 256, 56, 56), torch.float32, False), ode_args((64, 256, 56, 56), torch.float32, False)]
+ALL = [
+    residual_args((64, 256, 56, 56), torch.float32, True),
+    residual_args((128, 16, 32, 32), torch.float32, False),
+    batch_norm_args((64, 64, 56, 56), torch.bfloat16, True),
+    scale_concat_args((64, 148, 32, 32), (64, 12, 32, 32), torch.float32, False),
+    multistep_args((64, 256, 56, 56), torch.float32, False),
+    ode_args((64, 256, 56, 56), torch.float32, False),
+]
 ELEMENTWISE = {"residual_forward_kernel", "bn_apply_kernel", "bn_backward_apply_kernel", "scale_concat_forward_kernel",
                "multistep_forward_kernel", "ode_combine_forward_kernel"}
 
@@ -314,7 +380,9 @@ def test_bn_merge_tree_matches_the_statistics(chunks, dtype):
     x = (torch.randn(sum(sizes), generator=g, dtype=torch.float64) * 3 + 100).to(dtype)
     merged = torch.ops.tsc._bn_merge_chunks(chunk_moments(x, sizes))
     x64 = x.double()
-    expected = torch.tensor([float(len(x)), x64.mean().item(), ((x64 - x64.mean()) ** 2).sum().item()], dtype=torch.float64)
+    expected = torch.tensor(
+        [float(len(x)), x64.mean().item(), ((x64 - x64.mean()) ** 2).sum().item()], dtype=torch.float64
+    )
     tol = dict(rtol=1e-5, atol=1e-3) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-9)
     torch.testing.assert_close(merged.double(), expected, **tol)
 

@@ -25,7 +25,16 @@ def _bn_backward_args(relu_out):
 
 def _multistep_backward_args(grad, relu_out):
     u = torch.randn(2, 3, 4)
-    return (grad, u, torch.randn(2, 3, 4), torch.randn(2, 3, 4), torch.tensor(0.3), torch.rand(3), torch.ones(2), relu_out)
+    return (
+        grad,
+        u,
+        torch.randn(2, 3, 4),
+        torch.randn(2, 3, 4),
+        torch.tensor(0.3),
+        torch.rand(3),
+        torch.ones(2),
+        relu_out,
+    )
 
 
 def test_batch_norm_backward_rejects_relu_out_on_another_device():

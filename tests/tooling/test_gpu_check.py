@@ -94,13 +94,19 @@ def test_gpu_tests_cover_every_op():
     assert files <= set(gpu_check.TEST_FILES), files - set(gpu_check.TEST_FILES)
     assert set(gpu_check.TESTED_WITH) <= set(OPS), "TESTED_WITH names an op that is not registered"
     assert [f for f in gpu_check.TEST_FILES if not (gpu_check.ROOT / f).is_file()] == []
-    assert {"tests/tooling/test_gpu_ready.py", "tests/models/test_mixed_precision.py"} <= set(gpu_check.TEST_FILES)
+    not_per_op = {"tests/tooling/test_gpu_ready.py", "tests/ops/test_common.py", "tests/models/test_mixed_precision.py"}
+    assert not_per_op <= set(gpu_check.TEST_FILES)
 
 
-@pytest.mark.parametrize("device, message", [
-    ("tpu", "TSC_TEST_DEVICE must be 'cpu' or 'cuda'"),
-    pytest.param("cuda", "needs a CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")),
-])
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("tpu", "TSC_TEST_DEVICE must be 'cpu' or 'cuda'"),
+        pytest.param(
+            "cuda", "needs a CUDA device", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a GPU")
+        ),
+    ],
+)
 def test_test_device_is_checked_before_any_test_runs(device, message):
     """A bad or unavailable TSC_TEST_DEVICE stops pytest with a usage error instead of silently
     running the CPU tests (which is what gpu-check's tests step did before conftest read it)."""
@@ -109,8 +115,14 @@ def test_test_device_is_checked_before_any_test_runs(device, message):
     import sys
 
     env = dict(os.environ, TSC_TEST_DEVICE=device)
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "tests/tooling/test_registry.py", "-p", "no:cacheprovider"],
-                         env=env, capture_output=True, text=True, timeout=300, cwd=gpu_check.ROOT)
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "tests/tooling/test_registry.py", "-p", "no:cacheprovider"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=gpu_check.ROOT,
+    )
     assert res.returncode != 0 and message in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
 
 
@@ -135,7 +147,9 @@ def test_tiny_table_covers_every_op_layout_and_dtype(no_cuda_calls):
     rows = gpu_check_ops.run_table("cpu", CPU_FUSED, tiny=True, reps=1)
     errors = [(r["op"], r["layout"], r["dtype"], r["backend"], r["error"]) for r in rows if r.get("error")]
     assert not errors, errors
-    expected = sum(len(c.tiny) * len(c.layouts) * len(c.dtypes) for c in gpu_check_cases.CASES.values()) * len(CPU_FUSED)
+    expected = sum(len(c.tiny) * len(c.layouts) * len(c.dtypes) for c in gpu_check_cases.CASES.values()) * len(
+        CPU_FUSED
+    )
     assert len(rows) == expected and {r["op"] for r in rows} == set(OPS)
     for name, case in gpu_check_cases.CASES.items():
         got = {(r["layout"], r["dtype"]) for r in rows if r["op"] == name}
@@ -205,7 +219,10 @@ def test_minimum_bytes_follow_docs_ops(dtype):
                              "multistep_update": (4, 8)}.items():
         assert cases[name].min_bytes(cases[name].build(shape, dtype, False)) == (fwd * n * e, bwd * n * e), name
     s = 4
-    assert cases["ode_combine"].min_bytes(cases["ode_combine"].build((shape, s), dtype, True)) == ((s + 2) * n * e, (2 * s + 1) * n * e)
+    assert cases["ode_combine"].min_bytes(cases["ode_combine"].build((shape, s), dtype, True)) == (
+        (s + 2) * n * e,
+        (2 * s + 1) * n * e,
+    )
     k, pixels = 3, 3 * 7 * 9
     assert cases["scale_concat"].min_bytes(cases["scale_concat"].build((shape, k), dtype, False)) == (
         2 * (5 + k) * pixels * e, 3 * k * pixels * e)
@@ -219,7 +236,10 @@ def test_weight_mean_and_controller_bytes_read_the_network():
     (args,) = gpu_check_cases.CASES["weight_mean"].build("resnet1d", torch.bfloat16, True)
     assert [tuple(w.shape) for w in args] == [tuple(w.shape) for w in weights]
     packed = sum(w.shape[0] * w.shape[2] for w in weights) * 4  # Conv1d weights (C_out, C_in, 3)
-    assert gpu_check_cases.CASES["weight_mean"].min_bytes((args,)) == (sum(w.numel() for w in weights) * 2 + packed, 2 * packed)
+    assert gpu_check_cases.CASES["weight_mean"].min_bytes((args,)) == (
+        sum(w.numel() for w in weights) * 2 + packed,
+        2 * packed,
+    )
     wbar, blocks, params = gpu_check_cases.CASES["lstm_controller"].build("resnet1d", torch.float32, False)
     assert blocks == [len(stage) for stage in model.controller_inputs()] and len(params) == 8 * len(blocks)
     fwd, bwd = gpu_check_cases.CASES["lstm_controller"].min_bytes((wbar, blocks, params))
@@ -245,7 +265,13 @@ TINY_IMAGE = {"resnet50_cl_bf16": (3, 64, 64)}
 
 
 def test_networks_cover_the_issue():
-    assert [n.name for n in nets.NETWORKS] == ["resnet20", "lm_resnet56", "densenet40", "odenet_rk4", "resnet50_cl_bf16"]
+    assert [n.name for n in nets.NETWORKS] == [
+        "resnet20",
+        "lm_resnet56",
+        "densenet40",
+        "odenet_rk4",
+        "resnet50_cl_bf16",
+    ]
     r50 = nets.network("resnet50_cl_bf16")
     assert r50.channels_last and r50.autocast == torch.bfloat16
     with pytest.raises(ValueError, match="network must be one of"):

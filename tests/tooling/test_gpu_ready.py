@@ -21,7 +21,9 @@ from tsc_kernels.ops.registry import OPS
 
 ROOT = Path(__file__).resolve().parents[2]
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="Triton kernels run on CPU tensors only under TRITON_INTERPRET=1")
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRET, reason="Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
+)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 needs_2_cuda = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
 
@@ -36,7 +38,16 @@ from tsc_kernels._triton import scale_concat as tsc_  # noqa: E402
 
 def stage_params(D, C, H, device="cpu"):
     fc_in, lstm, fc_out = torch.nn.Linear(D, H), torch.nn.LSTMCell(H, H), torch.nn.Linear(H, C)
-    ps = [fc_in.weight, fc_in.bias, lstm.weight_ih, lstm.weight_hh, lstm.bias_ih, lstm.bias_hh, fc_out.weight, fc_out.bias]
+    ps = [
+        fc_in.weight,
+        fc_in.bias,
+        lstm.weight_ih,
+        lstm.weight_hh,
+        lstm.bias_ih,
+        lstm.bias_hh,
+        fc_out.weight,
+        fc_out.bias,
+    ]
     return [p.detach().to(device) for p in ps]
 
 
@@ -70,7 +81,10 @@ def test_runs_on_cuda1_while_cuda0_is_current(be):
         pytest.skip(f"backend {be} is not available for CUDA tensors")
     torch.cuda.set_device(0)
     dev = torch.device("cuda", 1)
-    y, f = torch.randn(4, 19, 7, 5, device=dev, requires_grad=True), torch.randn(4, 19, 7, 5, device=dev, requires_grad=True)
+    y, f = (
+        torch.randn(4, 19, 7, 5, device=dev, requires_grad=True),
+        torch.randn(4, 19, 7, 5, device=dev, requires_grad=True),
+    )
     dt = torch.rand(19, device=dev, requires_grad=True)
     with tsc_kernels.use_backend(be):
         out = tsc_kernels.residual_update(y, f, dt, relu=True)
@@ -85,7 +99,9 @@ def test_runs_on_cuda1_while_cuda0_is_current(be):
 
 # ------------------------------------------------------------------ 2/3. backward grids
 
-@pytest.mark.parametrize("N, C, inner", [(128, 16, 32 * 32), (128, 64, 8 * 8), (256, 2048, 7 * 7), (1, 3, 5), (70000, 1, 64 * 1024)])
+@pytest.mark.parametrize(
+    "N, C, inner", [(128, 16, 32 * 32), (128, 64, 8 * 8), (256, 2048, 7 * 7), (1, 3, 5), (70000, 1, 64 * 1024)]
+)
 def test_planes_grid_spreads_over_samples_within_limits(N, C, inner):
     (gc, chunks), per = tru.planes_grid(N, C, inner)
     assert gc == C and 1 <= chunks <= 65535 and per * chunks >= N and per * (chunks - 1) < N
@@ -412,7 +428,11 @@ def test_per_element_kernels_agree_in_both_index_widths(monkeypatch, channels_la
         return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
 
     u, u_prev, f = rand(*shape), rand(*shape), rand(*shape)
-    dt, keep, k = torch.rand(shape[1], dtype=torch.float64), torch.rand(shape[0], dtype=torch.float64), torch.tensor(-0.05, dtype=torch.float64)
+    dt, keep, k = (
+        torch.rand(shape[1], dtype=torch.float64),
+        torch.rand(shape[0], dtype=torch.float64),
+        torch.tensor(-0.05, dtype=torch.float64),
+    )
     x, g_sc = rand(3, 4, 7, 6), rand(3, 4 + shape[1], 7, 6)
     grad = rand(*shape)
     results = {}

@@ -22,18 +22,26 @@ def test_report_end_to_end(tmp_path):
     report = json.loads(out.read_text())
     assert {r["target"] for r in report["triton"]} == {"sm_80", "sm_90"}
     known = report["triton_known_spills"]
-    assert all(r["error"] is None and r["spills"] <= known.get(f"{r['config']}@{r['target']}", 0) for r in report["triton"])
+    assert all(
+        r["error"] is None and r["spills"] <= known.get(f"{r['config']}@{r['target']}", 0) for r in report["triton"]
+    )
     assert report["triton_uncovered"] == []
     fwd = next(t for t in report["traffic"] if t["op"] == "residual_update fwd")
     assert fwd["fused"] == fwd["minimum"] == 3 * 8 * 256 * 56 * 56 * 4
 
 
 @pytest.mark.skipif(not _extension.has_cuda_kernels(), reason="tsc_kernels._C was built without CUDA kernels (no nvcc)")
-@pytest.mark.skipif(not os.path.exists(BUILD_LOG), reason="no build/build.log: the extension was not built by `make build`")
+@pytest.mark.skipif(
+    not os.path.exists(BUILD_LOG), reason="no build/build.log: the extension was not built by `make build`"
+)
 def test_cuda_kernels_have_ptxas_figures_for_both_archs():
     rows = gpu_report.cuda_ptxas_figures(BUILD_LOG)
     kernels = {r["kernel"].split("<")[0] for r in rows}
-    assert {"tsc::residual_forward_kernel", "tsc::residual_backward_kernel", "tsc::lstm_controller_recurrent_kernel"} <= kernels
+    assert {
+        "tsc::residual_forward_kernel",
+        "tsc::residual_backward_kernel",
+        "tsc::lstm_controller_recurrent_kernel",
+    } <= kernels
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
     assert all(r["registers"] is not None and r["spills"] == 0 for r in rows), [r for r in rows if r["spills"]]
 

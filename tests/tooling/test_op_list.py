@@ -21,8 +21,10 @@ from tsc_kernels.ops.registry import OPS, OpDef
 
 ROOT = gpu_check_cases.ROOT
 NAMES = sorted(OPS)
-needs_cpp = pytest.mark.skipif(not _extension.has_cpp_ops(),
-                               reason=f"tsc_kernels._C is not loaded, so no C++ schema to compare: {_extension.problem()}")
+needs_cpp = pytest.mark.skipif(
+    not _extension.has_cpp_ops(),
+    reason=f"tsc_kernels._C is not loaded, so no C++ schema to compare: {_extension.problem()}",
+)
 needs_make = pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make (the Makefile's bench-ops)")
 
 # Ops benchmarked inside another op's suite (bench/bench_<that op>.py) instead of one of their own:
@@ -73,8 +75,12 @@ def gpu_ready():
 
 def _bench_ops_commands(cwd) -> str:
     """What `make bench-ops` would run in `cwd` (dry run; build/.built taken as up to date)."""
-    res = subprocess.run(["make", "-n", "-o", "build/.built", "-f", str(ROOT / "Makefile"), "-C", str(cwd), "bench-ops"],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["make", "-n", "-o", "build/.built", "-f", str(ROOT / "Makefile"), "-C", str(cwd), "bench-ops"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
 
@@ -84,7 +90,11 @@ def _bench_ops_commands(cwd) -> str:
 # ---------------------------------------------------------------------------------------------
 def test_aot_modules_pick_up_a_new_op(aot, dummy_registry):
     assert aot.modules() == ("dummy_op", *aot.HELPER_MODULES)
-    ops = {"a": _dummy("a"), "b": _dummy("b", triton_module="shared_kernels"), "c": _dummy("c", triton_module="shared_kernels")}
+    ops = {
+        "a": _dummy("a"),
+        "b": _dummy("b", triton_module="shared_kernels"),
+        "c": _dummy("c", triton_module="shared_kernels"),
+    }
     assert aot.modules(ops) == ("a", "shared_kernels", *aot.HELPER_MODULES)
 
 
@@ -92,11 +102,11 @@ def test_gpu_check_test_files_pick_up_a_new_op(dummy_registry, monkeypatch):
     assert gpu_check.test_files() == (*gpu_check.TEST_FILES_BEFORE_OPS, "tests/ops/test_dummy_op.py",
                                       *gpu_check.TEST_FILES_AFTER_OPS)
     ops = {"weight_mean": _dummy("weight_mean"), "lstm_controller": _dummy("lstm_controller")}
-    assert [f for f in gpu_check.test_files(ops) if "test_gpu_ready" not in f and "mixed" not in f] == [
-        "tests/ops/test_weight_mean.py", "tests/ops/test_lstm_controller.py"]  # one file per op
+    per_op = ("tests/ops/test_weight_mean.py", "tests/ops/test_lstm_controller.py")
+    assert [f for f in gpu_check.test_files(ops) if f in per_op] == list(per_op)  # one file per op
     monkeypatch.setattr(gpu_check, "TESTED_WITH", {"weight_mean": "lstm_controller"})
-    assert [f for f in gpu_check.test_files(ops) if "test_gpu_ready" not in f and "mixed" not in f] == [
-        "tests/ops/test_lstm_controller.py"]  # an op tested in another's file: that file named once
+    # an op tested in another's file: that file named once
+    assert [f for f in gpu_check.test_files(ops) if f in per_op] == ["tests/ops/test_lstm_controller.py"]
 
 
 def test_gpu_check_op_table_picks_up_a_new_op(dummy_registry):
@@ -202,7 +212,9 @@ def test_schema_comparison_sees_every_difference():
     """The comparison above fails on a renamed argument, a changed type, default, alias annotation or
     return, and ignores formatting."""
     registered = torch._C.parse_schema("tsc::x(Tensor y, Tensor(a!)? m, float eps=1e-05) -> (Tensor, Tensor)")
-    assert schema_mismatch("tsc::x", "( Tensor y,Tensor(a!)?  m, float eps=1e-05 )->(Tensor, Tensor)", registered) is None
+    assert (
+        schema_mismatch("tsc::x", "( Tensor y,Tensor(a!)?  m, float eps=1e-05 )->(Tensor, Tensor)", registered) is None
+    )
     for drifted in ("(Tensor z, Tensor(a!)? m, float eps=1e-05) -> (Tensor, Tensor)",
                     "(Tensor y, Tensor? m, float eps=1e-05) -> (Tensor, Tensor)",
                     "(Tensor y, Tensor(a!) m, float eps=1e-05) -> (Tensor, Tensor)",

@@ -37,7 +37,9 @@ def test_cpp_schemas_match_declaration(name):
     assert _extension.has_kernel(name, "CPU") and _extension.has_kernel(f"{name}_backward", "CPU")
 
 
-@pytest.mark.skipif(not backend.TRITON_INTERPRET, reason="needs TRITON_INTERPRET=1 to import the Triton ops on a CPU machine")
+@pytest.mark.skipif(
+    not backend.TRITON_INTERPRET, reason="needs TRITON_INTERPRET=1 to import the Triton ops on a CPU machine"
+)
 @pytest.mark.parametrize("name", NAMES)
 def test_triton_schemas_match_declaration(name):
     op = OPS[name]

@@ -30,7 +30,9 @@ def aot_report(tmp_path_factory):
 
 def test_every_kernel_has_an_aot_config(aot_report):
     _, report = aot_report
-    assert report["uncovered"] == [], "these kernels are never compiled ahead of time: add them to their module's AOT_CONFIGS"
+    assert report["uncovered"] == [], (
+        "these kernels are never compiled ahead of time: add them to their module's AOT_CONFIGS"
+    )
 
 
 @pytest.mark.parametrize("module", aot.MODULES)
