@@ -147,7 +147,10 @@ def forward_overhead(name: str, repeat: int = 300) -> tuple[float, float]:
     params = [p.detach() for ctrl in network.stages for p in ctrl.lstm_params()]
     blocks = [len(b) for b in weights]
     whole = min(seconds(lambda: network(weights), repeat)[repeat // 10:]) * 1e6
-    kernels = min(seconds(lambda: torch.ops.tsc.lstm_controller(torch.ops.tsc.weight_mean(flat), blocks, params), repeat)[repeat // 10:]) * 1e6
+    def both_kernels():
+        return torch.ops.tsc.lstm_controller(torch.ops.tsc.weight_mean(flat), blocks, params)
+
+    kernels = min(seconds(both_kernels, repeat)[repeat // 10:]) * 1e6
     return whole, kernels
 
 
@@ -155,7 +158,8 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, backend {tsc_kernels.get_backend()}")
     # first, while the process is fresh (after the step benches its host time reads 1.5-2x higher)
     if tsc_kernels.get_backend() in ("auto", "cpu") and "cpu" in tsc_kernels.available_backends():  # the C++ kernels
-        print(f"{'network':16s} {'forward us':>11s} {'kernels us':>11s}   (NetworkController forward vs its two kernels alone)")
+        print(f"{'network':16s} {'forward us':>11s} {'kernels us':>11s}   "
+              "(NetworkController forward vs its two kernels alone)")
         for name in NETWORKS:
             whole, kernels = forward_overhead(name)
             print(f"{name:16s} {whole:11.0f} {kernels:11.0f}")

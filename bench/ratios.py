@@ -18,7 +18,8 @@ def main(path):
         groups.setdefault(b["group"], {})[b["extra_info"]["impl"]] = b["stats"]["median"] * 1e3
         if "traffic_in_copies" in b["extra_info"]:  # a suite states its own op's traffic
             traffic[b["group"]] = b["extra_info"]["traffic_in_copies"]
-    header = f"{'group':50s} {'fused':>8s} {'eager':>8s} {'compile':>8s} {'limit':>8s} {'vs eager':>9s} {'vs compile':>10s} {'/ limit':>8s}"
+    header = (f"{'group':50s} {'fused':>8s} {'eager':>8s} {'compile':>8s} {'limit':>8s} {'vs eager':>9s} "
+              f"{'vs compile':>10s} {'/ limit':>8s}")
     print(header)
     print("-" * len(header))
     for group, t in sorted(groups.items()):

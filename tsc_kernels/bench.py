@@ -113,7 +113,8 @@ def build_model(name: str, tsc: str | None, num_classes: int | None) -> tuple[nn
     if m:
         return models.cifar_resnet(int(m.group(2)), num_classes=num_classes or 10, preact=bool(m.group(1)), tsc=tsc), 32
     builder = getattr(models, name, None)
-    if builder is None or name.startswith("_") or not callable(builder) or name in ("cifar_resnet", "cifar_lm_resnet", "lm_coefficients"):
+    not_builders = ("cifar_resnet", "cifar_lm_resnet", "lm_coefficients")
+    if builder is None or name.startswith("_") or not callable(builder) or name in not_builders:
         raise ValueError(f"--model must be cifar_resnetN, cifar_preact_resnetN or a tsc_kernels.models builder "
                          f"(resnet18, resnet50, resnext50_32x4d, ...), got {name!r}")
     kwargs = {"num_classes": num_classes} if num_classes else {}
@@ -294,7 +295,8 @@ class HostVariant(Variant):
     forward, loss), backward, optimizer."""
 
     def __init__(self, args, name, tsc, backend_name, compiled):
-        super().__init__(args, name, tsc, backend_name, compiled, batch=args.host_batch, image_size=host_image_size(args))
+        super().__init__(args, name, tsc, backend_name, compiled, batch=args.host_batch,
+                         image_size=host_image_size(args))
         self.parts = {p: [] for p in PHASES}
         # plain+pass: the plain step plus the passes TSC's controller makes over the conv weights,
         # without the controller: w̄ of the weights TSC reads (weight_mean, before the forward) and,
@@ -390,15 +392,15 @@ def measure_host(args, progress=None) -> list[HostRow]:
 
 
 def format_host_table(rows: list[HostRow]) -> str:
-    head = (f"{'variant':10s} {'backend':7s} {'ops':>6s} {'top':>5s} {'step ms':>8s} {'fwd ms':>7s} {'bwd ms':>7s} {'opt ms':>7s}"
-            f"  {'step':>7s} {'fwd':>7s} {'bwd':>7s} {'opt':>7s}")
+    head = (f"{'variant':10s} {'backend':7s} {'ops':>6s} {'top':>5s} {'step ms':>8s} {'fwd ms':>7s} {'bwd ms':>7s} "
+            f"{'opt ms':>7s}  {'step':>7s} {'fwd':>7s} {'bwd':>7s} {'opt':>7s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         ops = "-" if r.ops is None else str(r.ops)
         top = "-" if r.top_ops is None else str(r.top_ops)
         over = "  ".join(f"{r.overhead_pct[p]:+6.1f}%" if r.overhead_pct else f"{'':7s}" for p in PHASES)
-        lines.append(f"{r.variant:10s} {r.backend:7s} {ops:>6s} {top:>5s} {r.ms['step']:8.2f} {r.ms['fwd']:7.2f} {r.ms['bwd']:7.2f} "
-                     f"{r.ms['opt']:7.2f}  {over}")
+        lines.append(f"{r.variant:10s} {r.backend:7s} {ops:>6s} {top:>5s} {r.ms['step']:8.2f} {r.ms['fwd']:7.2f} "
+                     f"{r.ms['bwd']:7.2f} {r.ms['opt']:7.2f}  {over}")
     return "\n".join(lines)
 
 
@@ -411,8 +413,9 @@ def host_summary(rows: list[HostRow]) -> list[str]:
                      f"tsc-ref vs plain {by['tsc-ref'].overhead_pct['step']:+.1f}%")
     if "plain+pass" in by:
         beyond = paired_overhead_pct(by["tsc-fused"].times_ms["step"], by["plain+pass"].times_ms["step"])
-        lines.append(f"host eager:    plain+pass vs plain {by['plain+pass'].overhead_pct['step']:+.1f}% (the controller's "
-                     f"passes over the conv weights alone), tsc-fused vs plain+pass {beyond:+.1f}% (TSC's host cost beyond them)")
+        lines.append(f"host eager:    plain+pass vs plain {by['plain+pass'].overhead_pct['step']:+.1f}% "
+                     f"(the controller's passes over the conv weights alone), "
+                     f"tsc-fused vs plain+pass {beyond:+.1f}% (TSC's host cost beyond them)")
     if "tsc-auto-c" in by:
         lines.append(f"host compiled: tsc-auto-c vs plain-c {by['tsc-auto-c'].overhead_pct['step']:+.1f}%, "
                      f"tsc-ref-c vs plain-c {by['tsc-ref-c'].overhead_pct['step']:+.1f}%")
@@ -424,7 +427,8 @@ def host_summary(rows: list[HostRow]) -> list[str]:
 
 def format_table(rows: list[Row]) -> str:
     head = (f"{'variant':10s} {'backend':7s} {'params train':>12s} {'params infer':>12s} {'GMAC train':>10s} "
-            f"{'GMAC infer':>10s} {'step ms':>9s} {'±':>6s} {'kernels':>8s} {'peak MB':>8s} {'infer ms':>9s} {'overhead':>18s}")
+            f"{'GMAC infer':>10s} {'step ms':>9s} {'±':>6s} {'kernels':>8s} {'peak MB':>8s} {'infer ms':>9s} "
+            f"{'overhead':>18s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         over = "" if r.overhead_time_pct is None else f"{r.overhead_time_pct:+.1f}% t"
@@ -443,12 +447,14 @@ def paired_overhead_pct(times: list[float], base_times: list[float]) -> float:
     variant ran back to back (measure() interleaves them), so each ratio compares steps taken under
     the same machine conditions."""
     if len(times) != len(base_times) or not times:
-        raise ValueError(f"times and base_times must pair up round by round, got {len(times)} and {len(base_times)} steps")
+        raise ValueError(f"times and base_times must pair up round by round, "
+                         f"got {len(times)} and {len(base_times)} steps")
     return 100 * (statistics.median(t / b for t, b in zip(times, base_times)) - 1)
 
 
 def add_overheads(rows: list[Row]) -> None:
-    """Each TSC row's step time (paired per round) and kernels against the plain row of the same mode (eager / compiled)."""
+    """Each TSC row's step time (paired per round) and kernels against the plain row of the same mode
+    (eager / compiled)."""
     plain = {r.mode: r for r in rows if r.variant in ("plain", "plain-c")}
     for r in rows:
         base = plain[r.mode]
@@ -470,8 +476,9 @@ def summary(rows: list[Row]) -> list[str]:
                      + (f", {f.kernels - by['plain'].kernels:+d} kernels" if f.kernels is not None else ""))
     if "plain+pass" in by:
         beyond = paired_overhead_pct(by["tsc-fused"].times_ms["step"], by["plain+pass"].times_ms["step"])
-        lines.append(f"host eager:    plain+pass vs plain {by['plain+pass'].overhead_pct['step']:+.1f}% (the controller's "
-                     f"passes over the conv weights alone), tsc-fused vs plain+pass {beyond:+.1f}% (TSC's host cost beyond them)")
+        lines.append(f"host eager:    plain+pass vs plain {by['plain+pass'].overhead_pct['step']:+.1f}% "
+                     f"(the controller's passes over the conv weights alone), "
+                     f"tsc-fused vs plain+pass {beyond:+.1f}% (TSC's host cost beyond them)")
     if "tsc-auto-c" in by:
         a, ref = by["tsc-auto-c"], by["tsc-ref-c"]
         lines.append(f"compiled: tsc-auto-c vs plain-c {a.overhead_time_pct:+.1f}% time, "
@@ -533,7 +540,8 @@ def machine_info(device: str) -> dict:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="tsc-bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", default="cifar_resnet56")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--device", default="cpu")
@@ -550,8 +558,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled rows")
     p.add_argument("--history", default=None, help="append one CSV row per variant to this file")
     p.add_argument("--host", action="store_true",
-                   help="also the host's share of a step (batch 2, 8x8, one thread: plain, tsc-fused, tsc-fixed, tsc-ref; "
-                        "with --compile also compiled)")
+                   help="also the host's share of a step (batch 2, 8x8, one thread: plain, tsc-fused, tsc-fixed, "
+                        "tsc-ref; with --compile also compiled)")
     p.add_argument("--host-only", action="store_true", help="only the --host measurement")
     p.add_argument("--host-steps", type=int, default=60, help="interleaved rounds of the --host measurement")
     p.add_argument("--host-batch", type=int, default=2)
@@ -576,8 +584,8 @@ def main(argv=None) -> int:
 
     rows: list[Row] = []
     host_rows: list[HostRow] = []
-    total = (0 if args.host_only else args.steps * len(variant_specs(args))) + (args.host_steps * len(host_variant_specs(args))
-                                                                               if args.host else 0)
+    total = ((0 if args.host_only else args.steps * len(variant_specs(args)))
+             + (args.host_steps * len(host_variant_specs(args)) if args.host else 0))
     with tqdm(total=total, desc=f"tsc-bench {args.model}", unit="step", file=sys.stderr) as progress:
         if not args.host_only:
             rows = measure(args, progress)

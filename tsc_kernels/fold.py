@@ -3,8 +3,8 @@
 Where Δt goes, per block kind (F is the residual branch, ``out = act(shortcut + F(x) ⊗ Δt)``):
 - post-activation blocks (F ends with BatchNorm): ``BN(x) ⊗ Δt`` is a BatchNorm with
   ``γ' = γ·Δt``, ``β' = β·Δt`` (running statistics unchanged). Exact in eval and in train mode.
-- pre-activation CIFAR blocks (F ends with a bias-free conv, of any spatial dimension): ``conv(x) ⊗ Δt`` is the conv with each
-  output channel's filter scaled, ``W'[o] = W[o]·Δt[o]``.
+- pre-activation CIFAR blocks (F ends with a bias-free conv, of any spatial dimension): ``conv(x) ⊗ Δt``
+  is the conv with each output channel's filter scaled, ``W'[o] = W[o]·Δt[o]``.
 - SE blocks (F = SE(BN(x)), SE(z) = z·g(z) with a per-sample, per-channel gate g): scaling the BN
   alone would change SE's input and so its gate. Fold γ,β as above, so SE sees z' = z·Δt, and undo
   the scaling where the gate reads it: g starts ``fc1(avgpool(z'))`` and avgpool is linear per

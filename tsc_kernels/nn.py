@@ -46,11 +46,12 @@ class TSCController(nn.Module):
     constant-step baselines Δt = 1 and Δt = 0.01; ``dt`` is accepted for this mode only).
     """
 
-    def __init__(self, in_features: int, channels: int, reduction: int = 4, mode: str = "lstm", num_blocks: int | None = None,
-                 dt: float | None = None):
+    def __init__(self, in_features: int, channels: int, reduction: int = 4, mode: str = "lstm",
+                 num_blocks: int | None = None, dt: float | None = None):
         dt = _checks.controller_config(in_features, channels, reduction, mode, num_blocks, dt)
         super().__init__()
-        self.in_features, self.channels, self.reduction, self.mode, self.num_blocks = in_features, channels, reduction, mode, num_blocks
+        self.in_features, self.channels, self.reduction = in_features, channels, reduction
+        self.mode, self.num_blocks = mode, num_blocks
         self.dt = dt  # the constant step size of mode "fixed", None otherwise
         self.hidden = hidden_size(channels, reduction)
         if mode == "lstm":
@@ -85,12 +86,14 @@ class TSCController(nn.Module):
             if self.mode == "lstm":
                 return _controller.lstm_controller(wbar, *self.lstm_params())
             if self.mode == "2fc":
-                return torch.stack([torch.sigmoid(fo(torch.relu(fi(w)))) for w, fi, fo in zip(wbar, self.fc_in, self.fc_out)])
+                return torch.stack([torch.sigmoid(fo(torch.relu(fi(w))))
+                                    for w, fi, fo in zip(wbar, self.fc_in, self.fc_out)])
             return torch.sigmoid(self.theta)
 
     def extra_repr(self) -> str:
         fixed = f", dt={self.dt}" if self.mode == "fixed" else ""
-        return f"in_features={self.in_features}, channels={self.channels}, hidden={self.hidden}, mode={self.mode!r}{fixed}"
+        return (f"in_features={self.in_features}, channels={self.channels}, hidden={self.hidden}, "
+                f"mode={self.mode!r}{fixed}")
 
 
 class NetworkController(nn.Module):

@@ -8,8 +8,9 @@ a.json b.json --merged``), on a machine partly shared with builds: inside the 45
 The issue-24 budget (5 seeds, four data sets, the Δt = 0.5 / indp controls, trajectory; depths 20 and 56)
 was recorded on 2026-12-06 as two one-thread processes (``--datasets digits,mnist1d_hard`` and ``--datasets
 mnist1d,digits_small``, ``all --skip ode``): 29.1 and 30.8 minutes of CPU each (56 / 58 minutes of wall time on a
-machine shared with builds; about 31 minutes on an idle 2-core machine). --quick runs the whole suite in well under 3 minutes (71 s on a shared 2-core machine, with 2 seeds so the paired statistics run): a smoke test of every
-path and a first look, not evidence.
+machine shared with builds; about 31 minutes on an idle 2-core machine). --quick runs the whole suite in
+well under 3 minutes (71 s on a shared 2-core machine, with 2 seeds so the paired statistics run): a smoke
+test of every path and a first look, not evidence.
 """
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ def _positive(text: str) -> int:
 
 def build_parser(subcommands: dict) -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quick", action="store_true", help="tiny budget: the whole suite in < 3 minutes (CI, first look)")
+    common.add_argument("--quick", action="store_true",
+                        help="tiny budget: the whole suite in < 3 minutes (CI, first look)")
     common.add_argument("--json", metavar="PATH", help="write results, budget, machine and versions as JSON")
     common.add_argument("--out", metavar="DIR", help="write PNG plots into DIR")
     common.add_argument("--datasets", type=_name_list(DATASETS, "dataset"), default=list(DATASETS),
@@ -71,7 +72,8 @@ def build_parser(subcommands: dict) -> argparse.ArgumentParser:
     common.add_argument("--seeds", type=_positive, help="number of seeds (overrides the budget)")
     common.add_argument("--epochs", type=_positive, help="epochs of every training run (overrides the budget)")
     common.add_argument("--threads", type=_positive, default=1,
-                        help="torch intra-op threads (default 1: these models are tiny; on shared cores more threads are slower)")
+                        help="torch intra-op threads (default 1: these models are tiny; "
+                             "on shared cores more threads are slower)")
     common.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     parser = argparse.ArgumentParser(prog="tsc-experiment", description=sys.modules[__package__].__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -80,7 +82,8 @@ def build_parser(subcommands: dict) -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=s.help)
         if s.add_arguments is not None:
             s.add_arguments(p)
-    all_parser = sub.add_parser("all", parents=[common], help="every subcommand above, in order, sharing trained models")
+    all_parser = sub.add_parser("all", parents=[common],
+                                help="every subcommand above, in order, sharing trained models")
     all_parser.add_argument("--skip", type=_name_list(list(subcommands), "subcommand"), default=[],
                             help=f"comma-separated subcommands to leave out of all (from {', '.join(subcommands)})")
     return parser
@@ -119,7 +122,8 @@ def _run(args, subcommands: dict, argv) -> int:
     chosen = [n for n in subcommands if n not in skip] if args.command == "all" else [args.command]
     report = {"command": ["tsc-experiment", *(sys.argv[1:] if argv is None else argv)], "quick": args.quick,
               **environment(), "backend": backend.get_backend(), "datasets": args.datasets, "arch": args.arch,
-              "variants": args.variants, "recipe": args.recipe, "budget": budget.to_json(), "results": {}, "plots": [], "wall_s": {}}
+              "variants": args.variants, "recipe": args.recipe, "budget": budget.to_json(), "results": {}, "plots": [],
+              "wall_s": {}}
     for name in chosen:
         start = time.perf_counter()
         result = subcommands[name].run(ctx)

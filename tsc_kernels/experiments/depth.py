@@ -28,8 +28,8 @@ def run(ctx) -> dict:
                         "train_s": summary(runs[(d, v, depth, s)].train_s for s in range(b.depth_seeds))}
                        for depth in b.depths[d]]
         compared = [comparisons({v: rows[v][i]["test_acc"] for v in variants}) for i in range(len(b.depths[d]))]
-        out[d] = {"depths": list(b.depths[d]), "epochs": b.depth_epochs[d], "seeds": b.depth_seeds, "recipe": ctx.recipe,
-                  "variants": rows, "comparisons": compared}
+        out[d] = {"depths": list(b.depths[d]), "epochs": b.depth_epochs[d], "seeds": b.depth_seeds,
+                  "recipe": ctx.recipe, "variants": rows, "comparisons": compared}
     return out
 
 
@@ -52,4 +52,5 @@ def plot(result: dict, out_dir: str) -> list[str]:
     return [save(fig, out_dir, "depth.png")]
 
 
-register(Subcommand("depth", "plain, TSC_LSTM, Δt = 0.5 and TSC_indp accuracy at growing depth (paper Fig. 5)", run, plot, order=30))
+register(Subcommand("depth", "plain, TSC_LSTM, Δt = 0.5 and TSC_indp accuracy at growing depth (paper Fig. 5)",
+                    run, plot, order=30))

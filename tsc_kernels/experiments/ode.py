@@ -217,7 +217,8 @@ def summary_lines(result: dict) -> list[str]:
         lines.append(f"xor      trained with {steps:>3s} Euler steps, test acc % by test steps  {curve}")
     for d, res in result["adaptation"].items():
         for v, row in res["variants"].items():
-            lines.append(f"{d:8s} {v:18s} steps {row['final_steps']}  gap to rk4 {row['gap_vs_rk4']['mean'] * 100:+.1f} %")
+            gap = row["gap_vs_rk4"]["mean"] * 100
+            lines.append(f"{d:8s} {v:18s} steps {row['final_steps']}  gap to rk4 {gap:+.1f} %")
     for d, res in result["consistency"].items():
         for r in res["runs"]:
             for v, row in r["variants"].items():
@@ -250,7 +251,8 @@ def plot(result: dict, out_dir: str) -> list[str]:
     for col, d in enumerate(datasets, start=1):  # the adaptive runs' step sizes
         ax = axes[1][col]
         for seed, decisions in enumerate(result["adaptation"][d]["variants"]["adaptive from h=1"]["decisions"]):
-            ax.plot([0] + [r[0] for r in decisions], [1.0] + [r[3] for r in decisions], marker=".", label=f"seed {seed}")
+            ax.plot([0] + [r[0] for r in decisions], [1.0] + [r[3] for r in decisions], marker=".",
+                    label=f"seed {seed}")
         ax.set_yscale("log", base=2)
         ax.set_xlabel("iteration")
         ax.set_ylabel("step size (adaptive)")

@@ -105,8 +105,8 @@ def ode(res: dict) -> str:
             + [fmt(r["rk4_own"]), fmt(r["rk4_fine"])] for n, r in x["models"].items()]
     out = [f"**XOR toy**, test accuracy % when solved with Euler at each number of steps over [0, 1] "
            f"({x['iters']} Adam iterations, {x['seeds']} seeds)\n\n"
-           + _table(["trained with", "train acc"] + [str(s) for s in steps] + ["RK4, own steps", f"RK4, {steps[-1]} steps"],
-                    rows)]
+           + _table(["trained with", "train acc"] + [str(s) for s in steps]
+                    + ["RK4, own steps", f"RK4, {steps[-1]} steps"], rows)]
     for d, r in res["adaptation"].items():
         steps = r["eval_steps"]
         rows = [[f"`{v}`", ", ".join(map(str, row["final_steps"])), fmt(row["gap_vs_rk4"])]
@@ -117,7 +117,8 @@ def ode(res: dict) -> str:
     for d, res_d in res["consistency"].items():
         rows = [[f"`{v}`", str(r["depth"]), str(r["epochs"])] + [fmt(a) for a in row]
                 for r in res_d["runs"] for v, row in r["variants"].items()]
-        out.append(f"**{d}**, {res_d['seeds']} seeds: test accuracy % with every block taken as k sub-steps (`refine`)\n\n"
+        out.append(f"**{d}**, {res_d['seeds']} seeds: test accuracy % with every block taken as k sub-steps "
+                   "(`refine`)\n\n"
                    + _table(["variant", "depth", "epochs"] + [f"k={f}" for f in res_d["factors"]], rows))
     return "\n\n".join(out)
 

@@ -52,8 +52,9 @@ def run(ctx) -> dict:
                               "moved_mean": summary(m for m, _ in moves), "moved_max": summary(m for _, m in moves),
                               "test_acc": summary(x.test_acc for x in rs)}
             base = rows[v][RECIPE_ORDER[0]]
-            compared[v] = {f"{r} - {RECIPE_ORDER[0]}": {"test_acc": paired(rows[v][r]["test_acc"], base["test_acc"]),
-                                                        "moved_mean": paired(rows[v][r]["moved_mean"], base["moved_mean"])}
+            compared[v] = {f"{r} - {RECIPE_ORDER[0]}": {
+                               "test_acc": paired(rows[v][r]["test_acc"], base["test_acc"]),
+                               "moved_mean": paired(rows[v][r]["moved_mean"], base["moved_mean"])}
                            for r in RECIPE_ORDER[1:]}
         out[d] = {"epochs": ctx.budget.epochs[d], "seeds": ctx.budget.seeds, "recipes": list(RECIPE_ORDER),
                   "variants": rows, "comparisons": compared}

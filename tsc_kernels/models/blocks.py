@@ -96,7 +96,8 @@ class SEBottleneck(Bottleneck):
 
     se_reduction = 16
 
-    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1, norm_layer=None):
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=1, base_width=64, dilation=1,
+                 norm_layer=None):
         super().__init__(inplanes, planes, stride, downsample, groups, base_width, dilation, norm_layer)
         channels = planes * self.expansion
         self.se = SqueezeExcitation(channels, max(1, channels // self.se_reduction))

@@ -90,7 +90,8 @@ class CIFARDenseNet(DenseNet):
                 layers = [_DenseLayer(num_features + j * growth_rate, growth_rate, bn_size=4, drop_rate=drop_rate)
                           for j in range(layers_per_block)]
             else:
-                layers = [DenseLayer(num_features + j * growth_rate, growth_rate, drop_rate) for j in range(layers_per_block)]
+                layers = [DenseLayer(num_features + j * growth_rate, growth_rate, drop_rate)
+                          for j in range(layers_per_block)]
             self.features.add_module(f"denseblock{i + 1}", DenseBlock(layers))
             num_features += layers_per_block * growth_rate
             if i != 2:
@@ -160,7 +161,8 @@ def _dense_block_names(model: nn.Module) -> tuple[str, ...]:
     """Qualified names of the dense blocks of a (plain or TSC) DenseNet, in forward order."""
     features = getattr(model, "features", None)
     if not isinstance(features, nn.Sequential):
-        raise TypeError(f"convert cannot handle {type(model).__name__}: expected a DenseNet with a `features` nn.Sequential")
+        raise TypeError(f"convert cannot handle {type(model).__name__}: "
+                        "expected a DenseNet with a `features` nn.Sequential")
     return tuple(f"features.{n}" for n, m in features.named_children() if isinstance(m, _DenseBlock))
 
 
@@ -205,7 +207,8 @@ class _TSCDenseNet(_TSCNetwork):
                 raise TypeError(f"convert cannot handle {name}: an empty dense block")
             for layer_name, layer in block.items():
                 if type(layer) not in (TSCDenseLayer.plain_class, TSCBottleneckDenseLayer.plain_class):
-                    raise TypeError(f"convert cannot handle dense layer {name}.{layer_name} ({type(layer).__qualname__}): "
+                    raise TypeError(f"convert cannot handle dense layer {name}.{layer_name} "
+                                    f"({type(layer).__qualname__}): "
                                     "supported layers are torchvision's _DenseLayer and tsc_kernels' DenseLayer")
         controller = build_controller(model, names, mode, reduction, dt)  # ValueError on odd shapes
         for name in names:
@@ -250,10 +253,12 @@ def cifar_densenet(depth: int = 40, growth_rate: int = 12, bc: bool = False, num
     _checks.positive_int(num_classes, "num_classes")
     per_layer = 2 if bc else 1
     if depth < 4 + 3 * per_layer or (depth - 4) % (3 * per_layer):
-        raise ValueError(f"depth must be {3 * per_layer}n+4 with n >= 1 for a CIFAR DenseNet{'-BC' if bc else ''}, got {depth}")
+        raise ValueError(f"depth must be {3 * per_layer}n+4 with n >= 1 for a CIFAR DenseNet{'-BC' if bc else ''}, "
+                         f"got {depth}")
     if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate < 1.0:
         raise ValueError(f"drop_rate must be a float in [0, 1), got {drop_rate!r}")
-    return convert_if_requested(CIFARDenseNet(depth, growth_rate, bc, num_classes, float(drop_rate), in_channels), tsc, reduction, dt)
+    model = CIFARDenseNet(depth, growth_rate, bc, num_classes, float(drop_rate), in_channels)
+    return convert_if_requested(model, tsc, reduction, dt)
 
 
 def _torchvision_densenet(name: str, tsc: str | None, reduction: int | None, kwargs: dict) -> nn.Module:

@@ -195,20 +195,24 @@ def _lm_torchvision(builder, tsc, reduction, stochastic_depth, kwargs) -> nn.Mod
     return convert_if_requested(model, tsc, reduction)
 
 
-def lm_resnet18(tsc: str | None = None, reduction: int | None = None, stochastic_depth: float | None = None, **kwargs) -> nn.Module:
+def lm_resnet18(tsc: str | None = None, reduction: int | None = None, stochastic_depth: float | None = None,
+                **kwargs) -> nn.Module:
     """LM-ResNet-18: torchvision ResNet-18 (kwargs go to torchvision.models.resnet18) with multi-step stages."""
     return _lm_torchvision(torchvision.models.resnet18, tsc, reduction, stochastic_depth, kwargs)
 
 
-def lm_resnet34(tsc: str | None = None, reduction: int | None = None, stochastic_depth: float | None = None, **kwargs) -> nn.Module:
+def lm_resnet34(tsc: str | None = None, reduction: int | None = None, stochastic_depth: float | None = None,
+                **kwargs) -> nn.Module:
     return _lm_torchvision(torchvision.models.resnet34, tsc, reduction, stochastic_depth, kwargs)
 
 
-def lm_resnet50(tsc: str | None = None, reduction: int | None = None, stochastic_depth: float | None = None, **kwargs) -> nn.Module:
+def lm_resnet50(tsc: str | None = None, reduction: int | None = None, stochastic_depth: float | None = None,
+                **kwargs) -> nn.Module:
     return _lm_torchvision(torchvision.models.resnet50, tsc, reduction, stochastic_depth, kwargs)
 
 
-def lm_resnet101(tsc: str | None = None, reduction: int | None = None, stochastic_depth: float | None = None, **kwargs) -> nn.Module:
+def lm_resnet101(tsc: str | None = None, reduction: int | None = None, stochastic_depth: float | None = None,
+                 **kwargs) -> nn.Module:
     return _lm_torchvision(torchvision.models.resnet101, tsc, reduction, stochastic_depth, kwargs)
 
 

@@ -24,8 +24,8 @@ _LSTM_PARAM_PATHS = (("fc_in", "weight"), ("fc_in", "bias"), ("lstm", "weight_ih
 class _TSCNetwork:
     """Mixin of TSC networks: runs ``self.tsc_controller`` once per forward and feeds every block its Δt.
 
-    Made by ``tsc_kernels.convert`` (models/conversion.py: class swap of a plain network), which sets ``tsc_controller``,
-    ``tsc_mode`` and ``_tsc_cache``.
+    Made by ``tsc_kernels.convert`` (models/conversion.py: class swap of a plain network), which sets
+    ``tsc_controller``, ``tsc_mode`` and ``_tsc_cache``.
     """
 
     plain_class: type
@@ -103,9 +103,10 @@ class _TSCNetwork:
             # may compute anything. One set, not a call per block (the host cost stays O(1) calls).
             if {type(block).tsc_weights for block in blocks} != _DEFAULT_TSC_WEIGHTS:
                 return None
-            weights = [block._modules[n]._parameters["weight"] for block in blocks for n in type(block).controller_convs]
-            params = [c._modules[m]._parameters[p] for c in ctrl._modules["stages"]._modules.values() if c.mode == "lstm"
-                      for m, p in _LSTM_PARAM_PATHS]
+            weights = [block._modules[n]._parameters["weight"]
+                       for block in blocks for n in type(block).controller_convs]
+            params = [c._modules[m]._parameters[p] for c in ctrl._modules["stages"]._modules.values()
+                      if c.mode == "lstm" for m, p in _LSTM_PARAM_PATHS]
         except (KeyError, AttributeError):  # a parametrized conv (no "weight" parameter), another stage kind
             return None
         return ctrl, weights, params
@@ -199,7 +200,10 @@ def build_controller(model: nn.Module, stage_names: Sequence[str], mode: str, re
     for name in stage_names:
         stage = _stage_blocks(model.get_submodule(name))
         num_blocks, channels, in_features = stage_shapes(stage, name)
-        r = reduction if reduction is not None else _blocks.PLAIN_TO_TSC_BLOCK.get(type(stage[0]), type(stage[0])).default_reduction
+        if reduction is not None:
+            r = reduction
+        else:
+            r = _blocks.PLAIN_TO_TSC_BLOCK.get(type(stage[0]), type(stage[0])).default_reduction
         controllers.append(TSCController(in_features, channels, reduction=r, mode=mode, num_blocks=num_blocks, dt=dt))
     ref = _stage_blocks(model.get_submodule(stage_names[0]))[0].conv1.weight
     return NetworkController(controllers).to(device=ref.device, dtype=ref.dtype)

@@ -164,7 +164,8 @@ def on_tensors_device(op_name: str, fn):
             return fn(*args, **kwargs)
         _launch.check_same_device(op_name, first, **{
             k: v for k, v in named.items()
-            if isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in v))})
+            if isinstance(v, torch.Tensor)
+            or (isinstance(v, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in v))})
         with _launch.on_device(first):
             return fn(*args, **kwargs)
 

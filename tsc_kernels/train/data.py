@@ -151,7 +151,8 @@ def _resized_crop_params(width: int, height: int, gen: torch.Generator, scale=(0
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
     for _ in range(10):
         target = area * (scale[0] + (scale[1] - scale[0]) * float(torch.rand((), generator=gen, dtype=torch.float64)))
-        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * float(torch.rand((), generator=gen, dtype=torch.float64)))
+        u = float(torch.rand((), generator=gen, dtype=torch.float64))
+        aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u)
         w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
             i = int(torch.randint(0, height - h + 1, (), generator=gen))

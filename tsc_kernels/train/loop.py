@@ -121,7 +121,8 @@ def _evaluate(model, loader, device, autocast, channels_last, distributed, refer
             top = logits.topk(min(5, logits.shape[1]), dim=1).indices
             hit = top == y[:, None]
             sums[:4] += torch.stack([F.cross_entropy(logits, y, reduction="sum").double(), hit[:, 0].sum().double(),
-                                     hit.any(1).sum().double(), torch.tensor(len(y), dtype=torch.float64, device=device)])
+                                     hit.any(1).sum().double(),
+                                     torch.tensor(len(y), dtype=torch.float64, device=device)])
     if distributed:
         dist.all_reduce(sums[:4])
         dist.all_reduce(sums[4:], op=dist.ReduceOp.MAX)
@@ -220,7 +221,8 @@ def _train(r: Run, data, model, device, per_rank: int, steps_per_epoch: int) -> 
 
     net = model
     if r.distributed:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        device_ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if args.compile:
         net = torch.compile(net)
 
@@ -326,8 +328,9 @@ def _train(r: Run, data, model, device, per_rank: int, steps_per_epoch: int) -> 
         save_last()
         if r.main:
             row = rows[-1]
-            print(f"tsc-train: epoch {row['epoch']}/{args.epochs} lr {row['lr']:.4g} | train loss {row['train_loss']:.4f} "
-                  f"top-1 {row['train_top1']:.2f} | val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f} "
+            print(f"tsc-train: epoch {row['epoch']}/{args.epochs} lr {row['lr']:.4g} | "
+                  f"train loss {row['train_loss']:.4f} top-1 {row['train_top1']:.2f} | "
+                  f"val loss {row['val_loss']:.4f} top-1 {row['val_top1']:.2f} "
                   f"top-5 {row['val_top5']:.2f} | {row['seconds']:.1f} s, {row['images_per_s']:.0f} images/s",
                   flush=True)
             if tb is not None:

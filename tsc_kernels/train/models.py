@@ -34,7 +34,8 @@ def is_cifar_style(name: str) -> bool:
 
 def builder_names() -> list[str]:
     """The plain builder names of tsc_kernels.models (for error messages and --help)."""
-    return sorted(n for n in models.__all__ if n[0].islower() and callable(getattr(models, n)) and n not in _NOT_BUILDERS)
+    return sorted(n for n in models.__all__
+                  if n[0].islower() and callable(getattr(models, n)) and n not in _NOT_BUILDERS)
 
 
 def build(name: str, tsc: str | None, num_classes: int, in_channels: int = 3, dt: float | None = None) -> nn.Module:

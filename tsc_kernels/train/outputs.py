@@ -99,7 +99,8 @@ def finish(run, model, data, val_loader, device, autocast, rows, best, evaluate)
     report = {
         "command": ["tsc-train"] + list(run.argv), "args": args_dict(args),
         "world_size": run.world_size, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
         "versions": _versions(),
         "tsc_backend": {"selected": backend.get_backend(), "resolved": backend.resolve(device)},
         "data": data.description, "epochs": len(rows),
