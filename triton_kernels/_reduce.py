@@ -12,7 +12,9 @@ is a function of (chunks, C, BLOCK_K, BLOCK_C) only: bit-identical results run t
 every GPU (the split never depends on the SM count).
 
 `chain_of` gives the launch-plan chain of such a merge; `merge_launch` plans the stand-alone
-`sum_chunks_kernel` launch (residual_update, scale_concat, ode_combine).
+`sum_chunks_kernel` launch (residual_update, scale_concat, ode_combine). The chunked per-channel
+reduction that residual_update's and scale_concat's backward share (its tile sizes, its split into
+chunks: `backward_plan`, and its launch plan: `chunk_launches`) lives here too.
 """
 from __future__ import annotations
 
@@ -89,7 +91,82 @@ def merge_launch(phase: str, chunks: int, C: int, elem: int = 4) -> dict:
 def sum_chunks(partial, out) -> None:
     """out = partial.sum(0) in the fixed order above (partial: a contiguous (chunks, C) table)."""
     chunks, C = partial.shape
-    sum_chunks_kernel[merge_grid(C, BLOCK_C)](partial, out, chunks, C, BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C, num_warps=WARPS)
+    sum_chunks_kernel[merge_grid(C, BLOCK_C)](partial, out, chunks, C, BLOCK_K=BLOCK_K, BLOCK_C=BLOCK_C,
+                                              num_warps=WARPS)
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunked per-channel reductions: the backward split of residual_update and scale_concat
+# --------------------------------------------------------------------------------------------------
+# Both ops reduce grad * f over every axis but the channel one, with the same work split: the
+# planes kernels (inner > 1) walk a channel's plane BWD_BLOCK values at a time with BWD_WARPS warps;
+# the rows kernels (channels-last, inner == 1) reduce (ROWS_BLOCK_R rows x ROWS_BLOCK_C channels)
+# tiles over the rows. Everything here is read at call time (tests shrink MIN_CHUNK_ELEMS and
+# ROWS_BLOCK_R under the interpreter to force several chunks on small shapes).
+BWD_BLOCK = 1024
+# residual_update: with 4 warps its bf16 ReLU variant spills on sm_80 (16 B); 1024 lanes over 256 threads do not
+BWD_WARPS = 8
+ROWS_BLOCK_R, ROWS_BLOCK_C = 16, 64
+
+# Work split of the backward reductions. A GPU has 108-132 SMs: one program per channel (16-64 for
+# CIFAR widths) leaves most of them idle, so the sample (or row) axis is split into chunks as well,
+# aiming at TARGET_PROGRAMS programs; the chunk count depends on the shape only, so the partial sums
+# and their fixed-order finalisation give bit-identical ddt from run to run. Grid axis 1 is limited
+# to 65535 (axis 0 to 2^31 - 1): channels go on axis 0, chunks on axis 1. A chunk holds at least
+# MIN_CHUNK_ELEMS values, so small tensors stay one launch (a chunk's partial row is ddt itself).
+# 1024 (one BWD_BLOCK) and 16-row tiles: CIFAR's (128, 64, 8, 8) backward, 10 MB, has 512 programs
+# (>= 2 per SM, tests/tooling/test_launch_plans.py); with 16384 it had 32 (planes) or 128 (rows). The merge of
+# up to TARGET_PROGRAMS chunks stays a short tree (_reduce).
+TARGET_PROGRAMS = 1024
+MIN_CHUNK_ELEMS = 1024
+MAX_GRID_Y = 65535
+
+
+def planes_grid(N: int, C: int, inner: int) -> tuple[tuple[int, int], int]:
+    """((C, chunks), samples per chunk) of a planes kernel (residual_bwd_planes_kernel, scale_concat's)."""
+    by_work = max(1, (N * inner) // MIN_CHUNK_ELEMS)
+    chunks = max(1, min(N, MAX_GRID_Y, by_work, triton.cdiv(TARGET_PROGRAMS, max(C, 1))))
+    per = triton.cdiv(N, chunks)
+    return (C, triton.cdiv(N, per)), per
+
+
+def rows_grid(R: int, C: int) -> tuple[tuple[int, int], int]:
+    """((channel tiles, chunks), rows per chunk, a multiple of ROWS_BLOCK_R) of a rows kernel
+    (residual_bwd_rows_kernel, scale_concat's)."""
+    tiles = triton.cdiv(C, ROWS_BLOCK_C)
+    by_work = max(1, (R * min(C, ROWS_BLOCK_C)) // MIN_CHUNK_ELEMS)
+    chunks = max(1, min(triton.cdiv(R, ROWS_BLOCK_R), MAX_GRID_Y, by_work, triton.cdiv(TARGET_PROGRAMS, tiles)))
+    per = triton.cdiv(triton.cdiv(R, chunks), ROWS_BLOCK_R) * ROWS_BLOCK_R
+    return (tiles, triton.cdiv(R, per)), per
+
+
+def backward_plan(outer: int, C: int, inner: int) -> dict:
+    """The backward's split for the launcher and the launch plan: planes (inner > 1: the planes kernel,
+    else the rows kernel), grid, per (samples or rows per chunk) and chunks (> 1: the partials are
+    merged by _reduce)."""
+    planes = inner > 1
+    grid, per = planes_grid(outer, C, inner) if planes else rows_grid(outer, C)
+    return dict(planes=planes, grid=grid, per=per, chunks=grid[1])
+
+
+def chunk_launches(phase: str, kernel: str, p: dict, C: int, inner: int, numel: int, elem: int, acc: int,
+                   moved: int, rows_adjacent: bool = True) -> list[dict]:
+    """Plan of the chunked reduction `kernel` (residual_update's or scale_concat's, split by backward_plan)
+    moving `moved` tensors of numel values, and of the merge of its partials when there are several.
+    rows_adjacent: whether the rows kernel's tensors have row stride C (scale_concat's grad has not)."""
+    if p["planes"]:  # lanes walk a channel's plane (inner contiguous values) BWD_BLOCK at a time
+        warps, chain = BWD_WARPS, 1 + log2(BWD_BLOCK)
+        request, smem = _launch.request_bytes(min(inner, BWD_BLOCK), elem), _launch.reduce_smem(1, BWD_WARPS, acc)
+    else:  # (ROWS_BLOCK_R, ROWS_BLOCK_C) tiles, rows C values apart, reduced over the rows
+        warps, chain = 4, 1 + log2(ROWS_BLOCK_R)
+        request = _launch.tile_request_bytes(ROWS_BLOCK_C, min(C, ROWS_BLOCK_C), elem,
+                                                  rows_adjacent=rows_adjacent and C <= ROWS_BLOCK_C)
+        smem = _launch.reduce_smem(ROWS_BLOCK_C, 4, acc)
+    plan = [_launch.launch(kernel, phase, p["grid"], warps, bytes=moved * numel * elem + (p["chunks"] + 1) * C * acc,
+                           chain=chain, request_bytes=request, smem=smem)]
+    if p["chunks"] > 1:
+        plan.append(merge_launch(phase, p["chunks"], C, acc))
+    return plan
 
 
 AOT_CONFIGS = [dict(kernel=sum_chunks_kernel, name="sum_chunks_fp32",

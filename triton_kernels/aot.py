@@ -139,7 +139,8 @@ def uncovered_kernels() -> list[str]:
 
 def _guard_interpreter() -> None:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise RuntimeError("tsc_kernels._triton.aot must run without TRITON_INTERPRET=1 (unset it before importing triton)")
+        raise RuntimeError("tsc_kernels._triton.aot must run without TRITON_INTERPRET=1 "
+                           "(unset it before importing triton)")
 
 
 def _ptxas_report(ptx: str, capability: int) -> dict:
@@ -149,8 +150,8 @@ def _ptxas_report(ptx: str, capability: int) -> dict:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        cmd = [get_ptxas(capability).path, "-v", "--regAllocOptLevel=2", f"--gpu-name={sm_arch_from_capability(capability)}",
-               src, "-o", os.path.join(tmp, "k.cubin")]
+        cmd = [get_ptxas(capability).path, "-v", "--regAllocOptLevel=2",
+               f"--gpu-name={sm_arch_from_capability(capability)}", src, "-o", os.path.join(tmp, "k.cubin")]
         log = subprocess.run(cmd, check=True, capture_output=True, text=True).stderr
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
@@ -189,7 +190,8 @@ def compile_all(targets=((80, "sm_80"), (90, "sm_90")), kernels: list[dict] | No
     results = []
     for cfg in KERNELS if kernels is None else kernels:
         for capability, label in targets:
-            row = dict(kernel=cfg["kernel"].__name__, config=cfg["name"], target=label, num_warps=cfg.get("num_warps", 4))
+            row = dict(kernel=cfg["kernel"].__name__, config=cfg["name"], target=label,
+                       num_warps=cfg.get("num_warps", 4))
             try:
                 row.update(compile_one(cfg, capability), error=None)
             except Exception as exc:  # reported per row: one failing kernel must not hide the others
@@ -206,7 +208,8 @@ def format_table(rows: list[dict]) -> str:
         if r["error"]:
             lines.append(f"{r['config']:<44} {r['target']:<6} FAILED: {r['error'].splitlines()[0]}")
         else:
-            lines.append(f"{r['config']:<44} {r['target']:<6} {r['num_warps']:>5} {r['registers']:>5} {r['spills']:>7} {r['shared']:>7}")
+            lines.append(f"{r['config']:<44} {r['target']:<6} {r['num_warps']:>5} {r['registers']:>5} "
+                         f"{r['spills']:>7} {r['shared']:>7}")
     return "\n".join(lines)
 
 
@@ -226,7 +229,8 @@ def main(argv=None) -> int:
             json.dump(dict(rows=rows, uncovered=missing, known_spills=KNOWN_SPILLS), f, indent=1)
     bad = [r for r in rows if is_bad(r)]
     if bad:
-        print(f"\n{len(bad)} of {len(rows)} compiles failed or spill: " + ", ".join(f"{r['config']}@{r['target']}" for r in bad))
+        print(f"\n{len(bad)} of {len(rows)} compiles failed or spill: "
+              + ", ".join(f"{r['config']}@{r['target']}" for r in bad))
     if missing:
         print(f"\nkernels without an AOT config: {', '.join(missing)}")
     return 1 if bad or missing else 0

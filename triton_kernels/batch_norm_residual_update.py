@@ -224,7 +224,8 @@ def bn_apply_kernel(y_ptr, x_ptr, out_ptr, dt_ptr, w_ptr, b_ptr, mean_ptr, var_p
     ch, cmask = _channels(pid_c, C, PLANES, BLOCK_B)
     mean = tl.load(mean_ptr + ch, mask=cmask, other=0.0).to(acc_ty)
     if EVAL:
-        invstd = _invstd(tl.load(var_ptr + ch, mask=cmask, other=1.0).to(acc_ty) + _as_acc(eps_hi, eps_lo, acc_ty), acc_ty)
+        run_var = tl.load(var_ptr + ch, mask=cmask, other=1.0).to(acc_ty)
+        invstd = _invstd(run_var + _as_acc(eps_hi, eps_lo, acc_ty), acc_ty)
         if k == 0:
             tl.store(save_mean_ptr + ch, mean, mask=cmask)
             tl.store(save_invstd_ptr + ch, invstd, mask=cmask)
@@ -416,8 +417,9 @@ def launch_plan(y, x, dt, running_mean, running_var, weight, bias, training, mom
                  final("bn_stats_finalize_kernel", "forward", merge_chain(2) + 3, 6)]
     plan.append(tiled("bn_apply_kernel", "forward", 3))
     rw = sz.REDUCE_WARPS
-    plan.append(tiled("bn_bwd_reduce_kernel", "backward", (3 if relu else 2) + (1 if relu else 0) + (0 if training else 1),
-                      warps=rw, chain=1 + tree, smem=2 * _launch.reduce_smem(outs, rw, acc)))
+    moved = (3 if relu else 2) + (1 if relu else 0) + (0 if training else 1)
+    plan.append(tiled("bn_bwd_reduce_kernel", "backward", moved, warps=rw, chain=1 + tree,
+                      smem=2 * _launch.reduce_smem(outs, rw, acc)))
     plan.append(final("bn_bwd_finalize_kernel", "backward", merge_chain(1), 8))
     if training:
         plan.append(tiled("bn_bwd_dx_kernel", "backward", 3))
@@ -439,7 +441,8 @@ def batch_norm_residual_update_triton(
     p = _plan(y, cl)
     sz = p["sizes"]
     if training and p["A"] * p["inner"] <= 1:
-        raise ValueError(f"training needs more than 1 value per channel (N * spatial), got input shape {tuple(y.shape)}")
+        raise ValueError("training needs more than 1 value per channel (N * spatial), "
+                         f"got input shape {tuple(y.shape)}")
     if p["C"] == 0:
         return out, save_mean, save_invstd
     has_running = running_mean is not None
@@ -539,16 +542,17 @@ def _aot_configs() -> list[dict]:
     tile_c = ("PLANES", "BLOCK_A", "BLOCK_B")
     cfgs = [
         dict(kernel=bn_stats_finalize_kernel, name=f"batch_norm_stats_finalize_running{int(r)}",
-             signature={"part_ptr": "*fp32", "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "rm_ptr": "*fp32", "rv_ptr": "*fp32",
-                        **_TILE_SIG, "n_chunks": "i32", "mom_hi": "fp32", "mom_lo": "fp32", "eps_hi": "fp32", "eps_lo": "fp32",
-                        **const(("HAS_RUNNING", "BLOCK", "BLOCK_K"))},
-             constexprs={"HAS_RUNNING": r, "BLOCK": GPU.FINAL_BLOCK, "BLOCK_K": GPU.FINAL_BLOCK_K}, num_warps=GPU.NUM_WARPS)
+             signature={"part_ptr": "*fp32", "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "rm_ptr": "*fp32",
+                        "rv_ptr": "*fp32", **_TILE_SIG, "n_chunks": "i32", "mom_hi": "fp32", "mom_lo": "fp32",
+                        "eps_hi": "fp32", "eps_lo": "fp32", **const(("HAS_RUNNING", "BLOCK", "BLOCK_K"))},
+             constexprs={"HAS_RUNNING": r, "BLOCK": GPU.FINAL_BLOCK, "BLOCK_K": GPU.FINAL_BLOCK_K},
+             num_warps=GPU.NUM_WARPS)
         for r in (False, True)
     ] + [
         dict(kernel=bn_bwd_finalize_kernel, name=f"batch_norm_bwd_finalize_training{int(t)}",
-             signature={"part_ptr": "*fp32", "dt_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32", "invstd_ptr": "*fp32",
-                        "ddt_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32", "coef_ptr": "*fp32",
-                        "total": "i64", "C": "i32", "n_chunks": "i32",
+             signature={"part_ptr": "*fp32", "dt_ptr": "*fp32", "w_ptr": "*fp32", "b_ptr": "*fp32",
+                        "invstd_ptr": "*fp32", "ddt_ptr": "*fp32", "dw_ptr": "*fp32", "db_ptr": "*fp32",
+                        "coef_ptr": "*fp32", "total": "i64", "C": "i32", "n_chunks": "i32",
                         **const(("TRAINING", "HAS_W", "HAS_B", "BLOCK", "BLOCK_K"))},
              constexprs={"TRAINING": t, "HAS_W": True, "HAS_B": True, "BLOCK": GPU.FINAL_BLOCK,
                          "BLOCK_K": GPU.FINAL_BLOCK_K}, num_warps=GPU.NUM_WARPS)
@@ -565,9 +569,9 @@ def _aot_configs() -> list[dict]:
                 constexprs=tiles, num_warps=GPU.NUM_WARPS))
             cfgs.append(dict(
                 kernel=bn_bwd_dx_kernel, name=f"batch_norm_bwd_dx_{dtype}_{lname}",
-                signature={"g_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "dt_ptr": "*fp32", "w_ptr": "*fp32", "mean_ptr": "*fp32",
-                           "invstd_ptr": "*fp32", "coef_ptr": "*fp32", "dx_ptr": f"*{dtype}", **_TILE_SIG,
-                           **const(("HAS_W",) + tile_c)},
+                signature={"g_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "dt_ptr": "*fp32", "w_ptr": "*fp32",
+                           "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "coef_ptr": "*fp32", "dx_ptr": f"*{dtype}",
+                           **_TILE_SIG, **const(("HAS_W",) + tile_c)},
                 constexprs={"HAS_W": True, **tiles}, num_warps=GPU.NUM_WARPS))
             for relu, training in ((True, True), (False, False)):
                 tag = f"{dtype}_{lname}_relu{int(relu)}_{'train' if training else 'eval'}"
@@ -576,7 +580,8 @@ def _aot_configs() -> list[dict]:
                     signature={"y_ptr": f"*{dtype}", "x_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "dt_ptr": "*fp32",
                                "w_ptr": "*fp32", "b_ptr": "*fp32", "mean_ptr": "*fp32", "var_ptr": "*fp32",
                                "save_mean_ptr": "*fp32", "save_invstd_ptr": "*fp32", **_TILE_SIG,
-                               "eps_hi": "fp32", "eps_lo": "fp32", **const(("EVAL", "HAS_W", "HAS_B", "RELU") + tile_c)},
+                               "eps_hi": "fp32", "eps_lo": "fp32",
+                               **const(("EVAL", "HAS_W", "HAS_B", "RELU") + tile_c)},
                     constexprs={"EVAL": not training, "HAS_W": True, "HAS_B": True, "RELU": relu, **tiles},
                     num_warps=GPU.NUM_WARPS))
                 cfgs.append(dict(
@@ -585,7 +590,8 @@ def _aot_configs() -> list[dict]:
                                "w_ptr": "*fp32", "mean_ptr": "*fp32", "invstd_ptr": "*fp32", "dy_ptr": f"*{dtype}",
                                "dx_ptr": f"*{dtype}", "part_ptr": "*fp32", **_TILE_SIG, "n_chunks": "i32",
                                **const(("RELU", "EVAL", "HAS_W") + tile_c)},
-                    constexprs={"RELU": relu, "EVAL": not training, "HAS_W": True, **tiles}, num_warps=GPU.REDUCE_WARPS))
+                    constexprs={"RELU": relu, "EVAL": not training, "HAS_W": True, **tiles},
+                    num_warps=GPU.REDUCE_WARPS))
     return cfgs
 
 

@@ -250,6 +250,16 @@ def lstm_controller_products_kernel(jobs_ptr, n_jobs, wbar_ptr, dt_ptr, grad_ptr
 
 
 @triton.jit
+def _load_gates(g_row, H, m):
+    """The activated gates (i, f, g, o) of columns g_row + [0, H) of one block's (4H,) gate row."""
+    gi = tl.load(g_row, mask=m, other=0.0)
+    gf = tl.load(g_row + H, mask=m, other=0.0)
+    gg = tl.load(g_row + 2 * H, mask=m, other=0.0)
+    go = tl.load(g_row + 3 * H, mask=m, other=0.0)
+    return gi, gf, gg, go
+
+
+@triton.jit
 def lstm_controller_cell_fwd_kernel(cells_ptr, saved_ptr, gin_ptr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """One stage's recurrence: gates_d = act(gin_d + W_hh h_{d-1}), c_d, h_d (gin: the products launch)."""
     row = cells_ptr + tl.program_id(0) * NCELL
@@ -272,11 +282,7 @@ def lstm_controller_cell_fwd_kernel(cells_ptr, saved_ptr, gin_ptr, BLOCK_R: tl.c
         for j0 in range(0, H, BLOCK_K):
             j = j0 + tl.arange(0, BLOCK_K)
             m = j < H
-            g_row = gs + d * 4 * H + j
-            gi = tl.load(g_row, mask=m, other=0.0)
-            gf = tl.load(g_row + H, mask=m, other=0.0)
-            gg = tl.load(g_row + 2 * H, mask=m, other=0.0)
-            go = tl.load(g_row + 3 * H, mask=m, other=0.0)
+            gi, gf, gg, go = _load_gates(gs + d * 4 * H + j, H, m)
             c_prev = tl.load(cs + (d - 1) * H + j, mask=m & (d > 0), other=0.0)
             c = gf * c_prev + gi * gg
             tl.store(cs + d * H + j, c, mask=m)
@@ -304,14 +310,12 @@ def lstm_controller_cell_bwd_kernel(cells_ptr, saved_ptr, ws_ptr, BLOCK_R: tl.co
         for j0 in range(0, H, BLOCK_K):
             j = j0 + tl.arange(0, BLOCK_K)
             m = j < H
-            g_row = gs + d * 4 * H + j
-            gi = tl.load(g_row, mask=m, other=0.0)
-            gf = tl.load(g_row + H, mask=m, other=0.0)
-            gg = tl.load(g_row + 2 * H, mask=m, other=0.0)
-            go = tl.load(g_row + 3 * H, mask=m, other=0.0)
+            gi, gf, gg, go = _load_gates(gs + d * 4 * H + j, H, m)
             c = tl.load(cs + d * H + j, mask=m, other=0.0)
             c_prev = tl.load(cs + (d - 1) * H + j, mask=m & (d > 0), other=0.0)
-            h_grad = tl.load(dh + d * H + j, mask=m, other=0.0) + tl.load(dhr + (d + 1) * H + j, mask=m & has_next, other=0.0)
+            # dL/dh_d: fc_out's, plus block d + 1's through W_hh
+            h_grad = tl.load(dh + d * H + j, mask=m, other=0.0)
+            h_grad += tl.load(dhr + (d + 1) * H + j, mask=m & has_next, other=0.0)
             tc = _tanh(c)
             c_grad = h_grad * go * (1.0 - tc * tc) + tl.load(dcc + (d + 1) * H + j, mask=m & has_next, other=0.0)
             dg_row = dg + d * 4 * H + j
@@ -410,8 +414,8 @@ def _forward_jobs(dims):
         x, h, P = o_sv, o_sv + 6 * L * H, _PER_STAGE * s
         fc_in.append(_Job(DOT, L, H, D, (B_WBAR.value, o_w, PLAIN, D, 1), _p(P) + (PLAIN, D, 1), (B_SAVED.value, x),
                           E_RELU.value, bias1=_p(P + 1)))
-        gates.append(_Job(DOT, L, 4 * H, H, (B_SAVED.value, x, PLAIN, H, 1), _p(P + 2) + (PLAIN, H, 1), (B_GIN.value, o_gin),
-                          bias1=_p(P + 4), bias2=_p(P + 5)))
+        gates.append(_Job(DOT, L, 4 * H, H, (B_SAVED.value, x, PLAIN, H, 1), _p(P + 2) + (PLAIN, H, 1),
+                          (B_GIN.value, o_gin), bias1=_p(P + 4), bias2=_p(P + 5)))
         fc_out.append(_Job(DOT, L, C, H, (B_SAVED.value, h, PLAIN, H, 1), _p(P + 6) + (PLAIN, H, 1), (B_DT.value, o_dt),
                            E_SIGMOID.value, bias1=_p(P + 7)))
     return fc_in, gates, fc_out
@@ -429,10 +433,11 @@ def _backward_jobs(dims):
         out.append(_Job(AXPY, C, H, L, (B_GRAD.value, o_dt, SIG, 1, C), (SAVED, h, PLAIN, 1, H), _g(P + 6)))
         out.append(_Job(AXPY, 1, C, L, _ONE, (B_GRAD.value, o_dt, SIG, 1, C), _g(P + 7)))
         # dx = relu'(dgates W_ih); dW_ih = dgates^T x; dW_hh = dgates[1:]^T h[:-1]; db_ih = db_hh = sum_d dgates
-        mid.append(_Job(AXPY, L, H, 4 * H, (WS, dg, PLAIN, 4 * H, 1), _p(P + 2) + (PLAIN, 1, H), (WS, dx), E_RELU_BWD.value,
-                        aux=(SAVED, x)))
+        mid.append(_Job(AXPY, L, H, 4 * H, (WS, dg, PLAIN, 4 * H, 1), _p(P + 2) + (PLAIN, 1, H), (WS, dx),
+                        E_RELU_BWD.value, aux=(SAVED, x)))
         mid.append(_Job(AXPY, 4 * H, H, L, (WS, dg, PLAIN, 1, 4 * H), (SAVED, x, PLAIN, 1, H), _g(P + 2)))
-        mid.append(_Job(AXPY, 4 * H, H, max(L - 1, 0), (WS, dg + 4 * H, PLAIN, 1, 4 * H), (SAVED, h, PLAIN, 1, H), _g(P + 3)))
+        mid.append(_Job(AXPY, 4 * H, H, max(L - 1, 0), (WS, dg + 4 * H, PLAIN, 1, 4 * H), (SAVED, h, PLAIN, 1, H),
+                        _g(P + 3)))
         mid.append(_Job(AXPY, 1, 4 * H, L, _ONE, (WS, dg, PLAIN, 1, 4 * H), _g(P + 4), y2=_g(P + 5)))
         # fc_in: dW_in = dx^T w̄, db_in = sum_d dx, dw̄ = dx W_in
         inp.append(_Job(AXPY, H, D, L, (WS, dx, PLAIN, 1, H), (B_WBAR.value, o_w, PLAIN, 1, D), _g(P)))
@@ -452,10 +457,10 @@ def _plan(dims: tuple, tiles: tuple) -> list[_Step]:
     cells = tuple(range(len(dims)))
     fc_in, gates, fc_out = _forward_jobs(dims)
     out, mid, inp = _backward_jobs(dims)
-    steps = [products("forward", fc_in), products("forward", gates), _Step(_CELL_FWD, "forward", len(dims), stages=cells),
-             products("forward", fc_out),
-             products("backward", out), _Step(_CELL_BWD, "backward", len(dims), stages=cells), products("backward", mid),
-             products("backward", inp)]
+    steps = [products("forward", fc_in), products("forward", gates),
+             _Step(_CELL_FWD, "forward", len(dims), stages=cells), products("forward", fc_out),
+             products("backward", out), _Step(_CELL_BWD, "backward", len(dims), stages=cells),
+             products("backward", mid), products("backward", inp)]
     return [s for s in steps if s.programs > 0]
 
 
@@ -480,7 +485,8 @@ def _job_rows(jobs, tiles, params, grads) -> list[list[int]]:
 def _cell_rows(dims, params, scratch: int) -> list[list[int]]:
     """Per stage L, H, saved offset, gin (scratch 3) or ws (scratch 4) offset, W_hh's pointer."""
     offs = _offsets(dims)[0]
-    return [[L, H, o[2], o[scratch], params[_PER_STAGE * s + 3].data_ptr()] for s, ((L, _, H, _), o) in enumerate(zip(dims, offs))]
+    return [[L, H, o[2], o[scratch], params[_PER_STAGE * s + 3].data_ptr()]
+            for s, ((L, _, H, _), o) in enumerate(zip(dims, offs))]
 
 
 def _run(steps, phase, dims, params, grads, bufs):
@@ -492,8 +498,8 @@ def _run(steps, phase, dims, params, grads, bufs):
             continue
         if st.kernel == _PRODUCTS:
             table = _TABLES.get(_job_rows(st.jobs, tiles, params, grads), NJOB.value, device)
-            lstm_controller_products_kernel[(st.programs,)](table, len(st.jobs), *bufs, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-                                                            num_warps=NUM_WARPS)
+            lstm_controller_products_kernel[(st.programs,)](table, len(st.jobs), *bufs, BLOCK_R=BLOCK_R,
+                                                            BLOCK_K=BLOCK_K, num_warps=NUM_WARPS)
         elif st.kernel == _CELL_FWD:
             table = _TABLES.get(_cell_rows(dims, params, 3), NCELL.value, device)
             lstm_controller_cell_fwd_kernel[(st.programs,)](table, bufs[3], bufs[6], BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
@@ -504,24 +510,29 @@ def _run(steps, phase, dims, params, grads, bufs):
                                                             num_warps=NUM_WARPS)
 
 
-def _dims(op: str, wbar: torch.Tensor, blocks: List[int], params: List[torch.Tensor]) -> list[tuple[int, int, int, int]]:
+def _dims(op: str, wbar: torch.Tensor, blocks: List[int],
+          params: List[torch.Tensor]) -> list[tuple[int, int, int, int]]:
     """(L, D, H, C) per stage after checking the packed arguments against each other (as the C++ op does)."""
     if len(params) != _PER_STAGE * len(blocks):
-        raise ValueError(f"{op}: params must hold 8 tensors per stage ({_PER_STAGE * len(blocks)} for {len(blocks)} stages), got {len(params)}")
+        raise ValueError(f"{op}: params must hold 8 tensors per stage ({_PER_STAGE * len(blocks)} for "
+                         f"{len(blocks)} stages), got {len(params)}")
     if wbar.dim() != 1 or wbar.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{op}: wbar_packed must be a 1-D float32/float64 tensor, got {wbar.dtype} {tuple(wbar.shape)}")
+        raise ValueError(f"{op}: wbar_packed must be a 1-D float32/float64 tensor, "
+                         f"got {wbar.dtype} {tuple(wbar.shape)}")
     dims, total = [], 0
     for s, L in enumerate(blocks):
         p = params[_PER_STAGE * s: _PER_STAGE * (s + 1)]
         if any(t.dtype != wbar.dtype or t.device != wbar.device for t in p):
-            raise ValueError(f"{op}: stage {s}: every parameter must have wbar_packed's dtype {wbar.dtype} and device {wbar.device}")
+            raise ValueError(f"{op}: stage {s}: every parameter must have wbar_packed's dtype {wbar.dtype} "
+                             f"and device {wbar.device}")
         if p[0].dim() != 2 or p[6].dim() != 2:
             raise ValueError(f"{op}: stage {s}: fc_in.weight and fc_out.weight must be 2-D")
         H, D, C = p[0].shape[0], p[0].shape[1], p[6].shape[0]
         want = [(H,), (4 * H, H), (4 * H, H), (4 * H,), (4 * H,), (C, H), (C,)]
         for k, shape in enumerate(want, start=1):
             if tuple(p[k].shape) != shape:
-                raise ValueError(f"{op}: stage {s}: params[{_PER_STAGE * s + k}] must have shape {shape}, got {tuple(p[k].shape)}")
+                raise ValueError(f"{op}: stage {s}: params[{_PER_STAGE * s + k}] must have shape {shape}, "
+                                 f"got {tuple(p[k].shape)}")
         if L < 0:
             raise ValueError(f"{op}: blocks[{s}] must be >= 0, got {L}")
         dims.append((int(L), int(D), int(H), int(C)))
@@ -534,7 +545,8 @@ def _dims(op: str, wbar: torch.Tensor, blocks: List[int], params: List[torch.Ten
 # The declared schemas (tsc_kernels/ops/lstm_controller.py): `int[]` where custom_op would infer
 # `SymInt[]` from the type hints.
 @triton_forward("lstm_controller")
-def lstm_controller_triton(wbar_packed: torch.Tensor, blocks: List[int], params: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+def lstm_controller_triton(wbar_packed: torch.Tensor, blocks: List[int],
+                           params: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     dims = _dims("tsc::lstm_controller_triton", wbar_packed, blocks, params)
     wbar = wbar_packed.contiguous()
     params = [p.contiguous() for p in params]
@@ -548,14 +560,16 @@ def lstm_controller_triton(wbar_packed: torch.Tensor, blocks: List[int], params:
 
 
 @triton_backward("lstm_controller")
-def lstm_controller_backward_triton(grad: torch.Tensor, dt_packed: torch.Tensor, wbar_packed: torch.Tensor, blocks: List[int],
-                                    params: List[torch.Tensor], saved: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+def lstm_controller_backward_triton(grad: torch.Tensor, dt_packed: torch.Tensor, wbar_packed: torch.Tensor,
+                                    blocks: List[int], params: List[torch.Tensor],
+                                    saved: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
     op = "tsc::lstm_controller_backward_triton"
     dims = _dims(op, wbar_packed, blocks, params)
     _, (_, n_dt, n_saved, _, n_ws) = _offsets(dims)
     for name, t, n in (("grad", grad, n_dt), ("dt_packed", dt_packed, n_dt), ("saved", saved, n_saved)):
         if t.dim() != 1 or t.numel() != n or t.dtype != wbar_packed.dtype:
-            raise ValueError(f"{op}: {name} must be 1-D {wbar_packed.dtype} with {n} values, got {t.dtype} {tuple(t.shape)}")
+            raise ValueError(f"{op}: {name} must be 1-D {wbar_packed.dtype} with {n} values, "
+                             f"got {t.dtype} {tuple(t.shape)}")
     wbar, grad, dt, saved = wbar_packed.contiguous(), grad.contiguous(), dt_packed.contiguous(), saved.contiguous()
     params = [p.contiguous() for p in params]
     # Every gradient is written whole by a job (K = 0 for a stage with L = 0 writes zeros), so empty_like suffices.
@@ -590,8 +604,9 @@ def _step_launch(st: _Step, dims, tiles, elem: int) -> dict:
         dot = any(j.form == F_DOT.value for j in st.jobs)
         # the k loop streams (1); a DOT job's tl.sum over BLOCK_K is a tree of log2(BLOCK_K)
         chain = 1 + (block_k.bit_length() - 1 if dot else 0)
-        return _launch.launch(st.kernel, st.phase, (st.programs,), warps, bytes=elem * sum(_job_numel(j) for j in st.jobs),
-                              chain=chain, request_bytes=min(_job_request(j, tiles, elem) for j in st.jobs),
+        return _launch.launch(st.kernel, st.phase, (st.programs,), warps,
+                              bytes=elem * sum(_job_numel(j) for j in st.jobs), chain=chain,
+                              request_bytes=min(_job_request(j, tiles, elem) for j in st.jobs),
                               smem=_launch.reduce_smem(block_r, warps, elem) if dot else 0)
     # a program per stage; chain = the longest stage's blocks (the recurrence, the one exception);
     # bytes: W_hh, gin / dh, the gates, c, h (forward) or dgates and the carries (backward)
@@ -601,7 +616,8 @@ def _step_launch(st: _Step, dims, tiles, elem: int) -> dict:
     return _launch.launch(st.kernel, st.phase, (st.programs,), warps,
                           bytes=elem * sum(4 * H * H + (13 if bwd else 10) * L * H for L, _, H, _ in sizes),
                           chain=max(L for L, _, _, _ in sizes),
-                          request_bytes=_launch.tile_request_bytes(block_k, min(hmax, block_k), elem, rows_adjacent=hmax <= block_k),
+                          request_bytes=_launch.tile_request_bytes(block_k, min(hmax, block_k), elem,
+                                                                   rows_adjacent=hmax <= block_k),
                           smem=_launch.reduce_smem(block_k if bwd else block_r, warps, elem))
 
 
@@ -626,9 +642,11 @@ AOT_CONFIGS = [
                     "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"},
          constexprs={"BLOCK_R": BLOCK_R, "BLOCK_K": BLOCK_K}, num_warps=NUM_WARPS),
     dict(kernel=lstm_controller_cell_fwd_kernel, name="lstm_controller_cell_fwd_fp32",
-         signature={"cells_ptr": "*i64", "saved_ptr": "*fp32", "gin_ptr": "*fp32", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"},
+         signature={"cells_ptr": "*i64", "saved_ptr": "*fp32", "gin_ptr": "*fp32", "BLOCK_R": "constexpr",
+                    "BLOCK_K": "constexpr"},
          constexprs={"BLOCK_R": BLOCK_R, "BLOCK_K": BLOCK_K}, num_warps=NUM_WARPS),
     dict(kernel=lstm_controller_cell_bwd_kernel, name="lstm_controller_cell_bwd_fp32",
-         signature={"cells_ptr": "*i64", "saved_ptr": "*fp32", "ws_ptr": "*fp32", "BLOCK_R": "constexpr", "BLOCK_K": "constexpr"},
+         signature={"cells_ptr": "*i64", "saved_ptr": "*fp32", "ws_ptr": "*fp32", "BLOCK_R": "constexpr",
+                    "BLOCK_K": "constexpr"},
          constexprs={"BLOCK_R": BLOCK_R, "BLOCK_K": BLOCK_K}, num_warps=NUM_WARPS),
 ]

@@ -234,8 +234,8 @@ def multistep_update_triton(u: torch.Tensor, u_prev: torch.Tensor, f: torch.Tens
     if u.numel():
         multistep_fwd_kernel[forward_grid(u.numel())](
             u, u_prev, f, k, k if dt is None else dt.contiguous(), k if keep is None else keep.contiguous(), out,
-            u.numel(), C, 1 if cl else S, C * S, HAS_DT=dt is not None, HAS_KEEP=keep is not None, RELU=relu, BLOCK=FWD_BLOCK,
-            INDEX_64=_launch.index_64(u.numel(), FWD_BLOCK))
+            u.numel(), C, 1 if cl else S, C * S, HAS_DT=dt is not None, HAS_KEEP=keep is not None, RELU=relu,
+            BLOCK=FWD_BLOCK, INDEX_64=_launch.index_64(u.numel(), FWD_BLOCK))
     return out
 
 
@@ -291,7 +291,8 @@ def _bwd_sig(dtype: str) -> dict:
     sig.update({"k_ptr": "*fp32", "dt_ptr": "*fp32", "keep_ptr": "*fp32"})
     sig.update({name: f"*{dtype}" for name in ("du_ptr", "dp_ptr", "df_ptr")})
     sig.update({"pk_ptr": "*fp32", "pf_ptr": "*fp32", "C": "i64", "S": "i64", "sc": "i64", "ss": "i64",
-                "HAS_DT": "constexpr", "HAS_KEEP": "constexpr", "RELU": "constexpr", "BLOCK_C": "constexpr", "BLOCK_S": "constexpr"})
+                "HAS_DT": "constexpr", "HAS_KEEP": "constexpr", "RELU": "constexpr", "BLOCK_C": "constexpr",
+                "BLOCK_S": "constexpr"})
     return sig
 
 
@@ -304,21 +305,24 @@ _FIN_SIG = {"pk_ptr": "*fp32", "pf_ptr": "*fp32", "dt_ptr": "*fp32", "keep_ptr":
 _PLANES_TILES = sorted({backward_tile(4096, 2**e, False, 4, GPU) for e in range(1, 10)})
 _ROWS_TILES = sorted({backward_tile(2**e, 1, True, elem, GPU) for e in range(1, 8) for elem in (2, 4)})
 # the tiles at the largest S and C (the fixed tiles before issue 22)
-GPU_PLANES_TILE, GPU_ROWS_TILE = backward_tile(2, GPU.MAX_S, False, 4, GPU), backward_tile(GPU.ROWS_MAX_C, 1, True, 4, GPU)
+GPU_PLANES_TILE = backward_tile(2, GPU.MAX_S, False, 4, GPU)
+GPU_ROWS_TILE = backward_tile(GPU.ROWS_MAX_C, 1, True, 4, GPU)
 PLANES_TILE, ROWS_TILE = GPU_PLANES_TILE, GPU_ROWS_TILE
 _WORST = ("bf16", True, True, True)  # every tile in this flag set; the two largest-S / widest tiles in all
 
 # Ahead-of-time compile configurations (triton_kernels/aot.py): every activation dtype and ReLU
 # setting with dt and keep given (the LM-ResNet training case), plus fp32 without either; the
 # backward's tiles (the launcher's GPU sizes).
-_FLAG_SETS = [(dtype, relu, True, True) for dtype in ("fp32", "fp16", "bf16") for relu in (False, True)] + [("fp32", False, False, False)]
+_FLAG_SETS = ([(dtype, relu, True, True) for dtype in ("fp32", "fp16", "bf16") for relu in (False, True)]
+              + [("fp32", False, False, False)])
 AOT_CONFIGS = [
     cfg
     for dtype, relu, has_dt, has_keep in _FLAG_SETS
     for cfg in [
-        dict(kernel=multistep_fwd_kernel, name=f"multistep_fwd_{dtype}_relu{int(relu)}_dt{int(has_dt)}_keep{int(has_keep)}",
-             signature=_fwd_sig(dtype), constexprs={"HAS_DT": has_dt, "HAS_KEEP": has_keep, "RELU": relu, "BLOCK": FWD_BLOCK,
-                                                    "INDEX_64": True}),
+        dict(kernel=multistep_fwd_kernel,
+             name=f"multistep_fwd_{dtype}_relu{int(relu)}_dt{int(has_dt)}_keep{int(has_keep)}",
+             signature=_fwd_sig(dtype),
+             constexprs={"HAS_DT": has_dt, "HAS_KEEP": has_keep, "RELU": relu, "BLOCK": FWD_BLOCK, "INDEX_64": True}),
     ] + [
         dict(kernel=multistep_bwd_kernel,
              name=f"multistep_bwd_{tile_name}_{dtype}_relu{int(relu)}_dt{int(has_dt)}_keep{int(has_keep)}",

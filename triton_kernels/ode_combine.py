@@ -124,7 +124,8 @@ def _check(op: str, z: torch.Tensor, stages: List[torch.Tensor], coeffs: torch.T
         raise ValueError(f"{op}: stages must hold 1 to {MAX_STAGES} tensors, got {len(stages)}")
     for j, k in enumerate(stages):
         if k.shape != z.shape or k.dtype != z.dtype or k.device != z.device:
-            raise ValueError(f"{op}: stages[{j}] must have shape {tuple(z.shape)}, dtype {z.dtype} and device {z.device}")
+            raise ValueError(f"{op}: stages[{j}] must have shape {tuple(z.shape)}, dtype {z.dtype} "
+                             f"and device {z.device}")
     if coeffs.shape != (len(stages),):
         raise ValueError(f"{op}: coeffs must have shape ({len(stages)},), got {tuple(coeffs.shape)}")
 
@@ -150,8 +151,8 @@ def launch_plan(z, stages, coeffs, sms: int = 132) -> list[dict]:
     request = _launch.request_bytes(FWD_BLOCK, elem)
     programs = backward_programs(numel)
     return [
-        _launch.launch("ode_combine_fwd_kernel", "forward", forward_grid(numel), 4, bytes=(s + 2) * numel * elem + s * acc,
-                       chain=1, request_bytes=request, smem=0),
+        _launch.launch("ode_combine_fwd_kernel", "forward", forward_grid(numel), 4,
+                       bytes=(s + 2) * numel * elem + s * acc, chain=1, request_bytes=request, smem=0),
         _launch.launch("ode_combine_bwd_kernel", "backward", (programs,), 4,
                        bytes=(2 * s + 1) * numel * elem + (programs + 1) * s * acc, chain=1 + _reduce.log2(BWD_BLOCK),
                        request_bytes=request, smem=_launch.reduce_smem(1, 4, acc)),

@@ -9,11 +9,12 @@ channels-last inputs. Arithmetic runs in dt's dtype (fp32, or fp64 for fp64 inpu
   backward, inner == 1    grid (channel tiles, row chunks), the same per tile of channels
   then, with > 1 chunk    1 small launch adding the chunks' partials in a fixed order (_reduce.py: a
                           (chunks x channels) tile tree, not a chunk-by-chunk chain)
-Both backward reductions run in a fixed order: ddt is deterministic. `backward_plan` picks the
-backward's kernel, grid and chunks for the launcher and for `launch_plan` (the launch plan of
-tsc_kernels._launch_plan) alike. Launches run on the tensors'
-device (the registry wraps every launcher in _launch.on_device); every index product that can pass 2^31 is int64
-(per-element indices only for tensors that need it: INDEX_64, _launch.index_64).
+Both backward reductions run in a fixed order: ddt is deterministic. `_reduce.backward_plan` picks
+the backward's kernel, grid and chunks (shared with scale_concat, as are the tile sizes) for the
+launcher and for `launch_plan` (the launch plan of tsc_kernels._launch_plan) alike. Launches run on
+the tensors' device (the registry wraps every launcher in _launch.on_device); every index product
+that can pass 2^31 is int64 (per-element indices only for tensors that need it: INDEX_64,
+_launch.index_64).
 """
 from __future__ import annotations
 
@@ -30,9 +31,6 @@ from tsc_kernels.ops.registry import triton_backward, triton_forward
 from . import _launch, _reduce
 
 FWD_BLOCK = 1024
-BWD_BLOCK = 1024
-BWD_WARPS = 8  # with 4 warps the bf16 ReLU variant spills on sm_80 (16 B): 1024 lanes over 256 threads do not
-ROWS_BLOCK_R, ROWS_BLOCK_C = 16, 64
 
 
 @triton.jit
@@ -114,66 +112,6 @@ def residual_bwd_rows_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, part
     tl.store(partial_ptr + k * C + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
-# Work split of the backward reductions. A GPU has 108-132 SMs: one program per channel (16-64 for
-# CIFAR widths) leaves most of them idle, so the sample (or row) axis is split into chunks as well,
-# aiming at TARGET_PROGRAMS programs; the chunk count depends on the shape only, so the partial sums
-# and their fixed-order finalisation give bit-identical ddt from run to run. Grid axis 1 is limited
-# to 65535 (axis 0 to 2^31 - 1): channels go on axis 0, chunks on axis 1. A chunk holds at least
-# MIN_CHUNK_ELEMS values, so small tensors stay one launch (a chunk's partial row is ddt itself).
-# 1024 (one BWD_BLOCK) and 16-row tiles: CIFAR's (128, 64, 8, 8) backward, 10 MB, has 512 programs
-# (>= 2 per SM, tests/test_launch_plans.py); with 16384 it had 32 (planes) or 128 (rows). The merge of
-# up to TARGET_PROGRAMS chunks stays a short tree (_reduce).
-TARGET_PROGRAMS = 1024
-MIN_CHUNK_ELEMS = 1024
-MAX_GRID_Y = 65535
-
-
-def planes_grid(N: int, C: int, inner: int) -> tuple[tuple[int, int], int]:
-    """((C, chunks), samples per chunk) of residual_bwd_planes_kernel."""
-    by_work = max(1, (N * inner) // MIN_CHUNK_ELEMS)
-    chunks = max(1, min(N, MAX_GRID_Y, by_work, triton.cdiv(TARGET_PROGRAMS, max(C, 1))))
-    per = triton.cdiv(N, chunks)
-    return (C, triton.cdiv(N, per)), per
-
-
-def rows_grid(R: int, C: int) -> tuple[tuple[int, int], int]:
-    """((channel tiles, chunks), rows per chunk, a multiple of ROWS_BLOCK_R) of residual_bwd_rows_kernel."""
-    tiles = triton.cdiv(C, ROWS_BLOCK_C)
-    by_work = max(1, (R * min(C, ROWS_BLOCK_C)) // MIN_CHUNK_ELEMS)
-    chunks = max(1, min(triton.cdiv(R, ROWS_BLOCK_R), MAX_GRID_Y, by_work, triton.cdiv(TARGET_PROGRAMS, tiles)))
-    per = triton.cdiv(triton.cdiv(R, chunks), ROWS_BLOCK_R) * ROWS_BLOCK_R
-    return (tiles, triton.cdiv(R, per)), per
-
-
-def backward_plan(outer: int, C: int, inner: int) -> dict:
-    """The backward's split for the launcher and the launch plan: planes (inner > 1: the planes kernel,
-    else the rows kernel), grid, per (samples or rows per chunk) and chunks (> 1: the partials are
-    merged by _reduce)."""
-    planes = inner > 1
-    grid, per = planes_grid(outer, C, inner) if planes else rows_grid(outer, C)
-    return dict(planes=planes, grid=grid, per=per, chunks=grid[1])
-
-
-def chunk_launches(phase: str, kernel: str, p: dict, C: int, inner: int, numel: int, elem: int, acc: int,
-                   moved: int, rows_adjacent: bool = True) -> list[dict]:
-    """Plan of the chunked reduction `kernel` (this module's or scale_concat's, split by backward_plan)
-    moving `moved` tensors of numel values, and of the merge of its partials when there are several.
-    rows_adjacent: whether the rows kernel's tensors have row stride C (scale_concat's grad has not)."""
-    if p["planes"]:  # lanes walk a channel's plane (inner contiguous values) BWD_BLOCK at a time
-        warps, chain = BWD_WARPS, 1 + _reduce.log2(BWD_BLOCK)
-        request, smem = _launch.request_bytes(min(inner, BWD_BLOCK), elem), _launch.reduce_smem(1, BWD_WARPS, acc)
-    else:  # (ROWS_BLOCK_R, ROWS_BLOCK_C) tiles, rows C values apart, reduced over the rows
-        warps, chain = 4, 1 + _reduce.log2(ROWS_BLOCK_R)
-        request = _launch.tile_request_bytes(ROWS_BLOCK_C, min(C, ROWS_BLOCK_C), elem,
-                                                  rows_adjacent=rows_adjacent and C <= ROWS_BLOCK_C)
-        smem = _launch.reduce_smem(ROWS_BLOCK_C, 4, acc)
-    plan = [_launch.launch(kernel, phase, p["grid"], warps, bytes=moved * numel * elem + (p["chunks"] + 1) * C * acc,
-                           chain=chain, request_bytes=request, smem=smem)]
-    if p["chunks"] > 1:
-        plan.append(_reduce.merge_launch(phase, p["chunks"], C, acc))
-    return plan
-
-
 def launch_plan(y, f, dt, relu, sms: int = 132) -> list[dict]:
     """Launches of residual_update (forward) and its backward for these forward arguments (meta
     tensors are fine): built from forward_grid and backward_plan, as the launchers."""
@@ -184,9 +122,9 @@ def launch_plan(y, f, dt, relu, sms: int = 132) -> list[dict]:
         return []
     fwd = _launch.launch("residual_fwd_kernel", "forward", forward_grid(numel), 4, bytes=3 * numel * elem + C * acc,
                          chain=1, request_bytes=_launch.request_bytes(FWD_BLOCK, elem), smem=0)
-    p = backward_plan(outer, C, inner)
+    p = _reduce.backward_plan(outer, C, inner)
     kernel = "residual_bwd_planes_kernel" if p["planes"] else "residual_bwd_rows_kernel"
-    return [fwd] + chunk_launches("backward", kernel, p, C, inner, numel, elem, acc, moved=5 if relu else 3)
+    return [fwd] + _reduce.chunk_launches("backward", kernel, p, C, inner, numel, elem, acc, moved=5 if relu else 3)
 
 
 def forward_grid(numel: int) -> tuple[int]:
@@ -201,7 +139,8 @@ def residual_update_triton(y: torch.Tensor, f: torch.Tensor, dt: torch.Tensor, r
     outer, C, inner = channel_view(y, cl)
     if y.numel():
         residual_fwd_kernel[forward_grid(y.numel())](
-            y, f, dt, out, y.numel(), C, inner, RELU=relu, BLOCK=FWD_BLOCK, INDEX_64=_launch.index_64(y.numel(), FWD_BLOCK))
+            y, f, dt, out, y.numel(), C, inner, RELU=relu, BLOCK=FWD_BLOCK,
+            INDEX_64=_launch.index_64(y.numel(), FWD_BLOCK))
     return out
 
 
@@ -221,18 +160,19 @@ def residual_update_backward_triton(
     if f.numel() == 0:
         return dy, df, ddt
     dy_arg = dy if relu else df  # unused pointer when relu is off
-    p = backward_plan(outer, C, inner)
+    p = _reduce.backward_plan(outer, C, inner)
     grid, per = p["grid"], p["per"]
     # One chunk: the kernel's partial row is ddt itself (one launch); else a (chunks, C) buffer from
     # the caching allocator (capture-safe) and the fixed-order merge.
     partial = ddt if p["chunks"] == 1 else torch.empty((p["chunks"], C), dtype=dt.dtype, device=dt.device)
     if p["planes"]:
         residual_bwd_planes_kernel[grid](g, f, out, dt, dy_arg, df, partial, outer, C, inner, per,
-                                         RELU=relu, BLOCK=BWD_BLOCK, INDEX_64=_launch.index_64(f.numel(), BWD_BLOCK),
-                                         num_warps=BWD_WARPS)
+                                         RELU=relu, BLOCK=_reduce.BWD_BLOCK,
+                                         INDEX_64=_launch.index_64(f.numel(), _reduce.BWD_BLOCK),
+                                         num_warps=_reduce.BWD_WARPS)
     else:
         residual_bwd_rows_kernel[grid](g, f, out, dt, dy_arg, df, partial, outer, C, per,
-                                       RELU=relu, BLOCK_R=ROWS_BLOCK_R, BLOCK_C=ROWS_BLOCK_C)
+                                       RELU=relu, BLOCK_R=_reduce.ROWS_BLOCK_R, BLOCK_C=_reduce.ROWS_BLOCK_C)
     if p["chunks"] > 1:
         _reduce.sum_chunks(partial, ddt)
     return dy, df, ddt
@@ -255,15 +195,17 @@ AOT_CONFIGS = [
     for relu in (False, True)
     for cfg in (
         dict(kernel=residual_fwd_kernel, name=f"residual_fwd_{dtype}_relu{int(relu)}",
-             signature={**_sig(dtype), "numel": "i64", "C": "i64", "inner": "i64", "RELU": "constexpr", "BLOCK": "constexpr",
-                        "INDEX_64": "constexpr"},
+             signature={**_sig(dtype), "numel": "i64", "C": "i64", "inner": "i64", "RELU": "constexpr",
+                        "BLOCK": "constexpr", "INDEX_64": "constexpr"},
              constexprs={"RELU": relu, "BLOCK": FWD_BLOCK, "INDEX_64": True}),
         dict(kernel=residual_bwd_planes_kernel, name=f"residual_bwd_planes_{dtype}_relu{int(relu)}",
-             signature={**_bwd_sig(dtype), "N": "i64", "C": "i64", "inner": "i64", "n_per_chunk": "i64", "RELU": "constexpr", "BLOCK": "constexpr",
-                        "INDEX_64": "constexpr"},
-             constexprs={"RELU": relu, "BLOCK": BWD_BLOCK, "INDEX_64": True}, num_warps=BWD_WARPS),
+             signature={**_bwd_sig(dtype), "N": "i64", "C": "i64", "inner": "i64", "n_per_chunk": "i64",
+                        "RELU": "constexpr", "BLOCK": "constexpr", "INDEX_64": "constexpr"},
+             constexprs={"RELU": relu, "BLOCK": _reduce.BWD_BLOCK, "INDEX_64": True},
+             num_warps=_reduce.BWD_WARPS),
         dict(kernel=residual_bwd_rows_kernel, name=f"residual_bwd_rows_{dtype}_relu{int(relu)}",
-             signature={**_bwd_sig(dtype), "R": "i64", "C": "i64", "rows_per_chunk": "i64", "RELU": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-             constexprs={"RELU": relu, "BLOCK_R": ROWS_BLOCK_R, "BLOCK_C": ROWS_BLOCK_C}),
+             signature={**_bwd_sig(dtype), "R": "i64", "C": "i64", "rows_per_chunk": "i64", "RELU": "constexpr",
+                        "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+             constexprs={"RELU": relu, "BLOCK_R": _reduce.ROWS_BLOCK_R, "BLOCK_C": _reduce.ROWS_BLOCK_C}),
     )
 ] + _reduce.AOT_CONFIGS  # the merge of the partials (shared with scale_concat and ode_combine)

@@ -9,7 +9,7 @@ csrc/scale_concat_math.h): out's row o is x's row o followed by f's row o scaled
   backward, inner == 1    one program per (block of 64 channels, chunk of rows)
 The chunks split the sample / row axis so that a GPU's SMs have work even when k (the growth rate,
 12-48) is small: the split, its partial sums and their fixed-order finalisation are the residual
-update's (residual_update.py backward_plan; the merge is _reduce.py's fixed-order tile tree); one
+update's (_reduce.py: backward_plan, and the merge, a fixed-order tile tree); one
 chunk is one launch, more add the small ordered merge. `launch_plan` is built from the same
 forward_grid / backward_plan the launchers call. ddt is deterministic. dx is a view of grad (no kernel).
 """
@@ -24,8 +24,6 @@ from tsc_kernels.ops import scale_concat as _declaration
 from tsc_kernels.ops.registry import triton_backward, triton_forward
 
 from . import _launch, _reduce
-from . import residual_update as _ru  # the work split of the backward (read at call time)
-from .residual_update import BWD_BLOCK, BWD_WARPS, ROWS_BLOCK_C, ROWS_BLOCK_R
 
 FWD_BLOCK = 1024
 
@@ -130,9 +128,9 @@ def launch_plan(x, f, dt, sms: int = 132) -> list[dict]:
     if f.numel() == 0:
         return plan
     outer, inner = _view(x, cl)
-    p = _ru.backward_plan(outer, k, inner)
+    p = _reduce.backward_plan(outer, k, inner)
     kernel = "scale_concat_bwd_planes_kernel" if p["planes"] else "scale_concat_bwd_rows_kernel"
-    return plan + _ru.chunk_launches("backward", kernel, p, k, inner, f.numel(), elem, acc, moved=3,
+    return plan + _reduce.chunk_launches("backward", kernel, p, k, inner, f.numel(), elem, acc, moved=3,
                                      rows_adjacent=False)
 
 
@@ -150,7 +148,8 @@ def scale_concat_triton(x: torch.Tensor, f: torch.Tensor, dt: torch.Tensor) -> t
 
 
 @triton_backward("scale_concat")
-def scale_concat_backward_triton(grad: torch.Tensor, f: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_concat_backward_triton(grad: torch.Tensor, f: torch.Tensor,
+                                 dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(df, ddt) in grad's layout; dx is grad[:, :Cx] (taken by the autograd formula)."""
     cl = is_channels_last_like(grad)
     g, f, dt = to_layout(grad, cl), to_layout(f, cl), dt.contiguous()
@@ -161,16 +160,17 @@ def scale_concat_backward_triton(grad: torch.Tensor, f: torch.Tensor, dt: torch.
     if f.numel() == 0:
         return df, ddt
     outer, inner = _view(g, cl)
-    p = _ru.backward_plan(outer, k, inner)
+    p = _reduce.backward_plan(outer, k, inner)
     grid, per = p["grid"], p["per"]
     # one chunk: the partial row is ddt itself; else a (chunks, k) buffer and the fixed-order merge
     partial = ddt if p["chunks"] == 1 else torch.empty((p["chunks"], k), dtype=dt.dtype, device=dt.device)
     if p["planes"]:
-        scale_concat_bwd_planes_kernel[grid](g, f, dt, df, partial, outer, cx, k, inner, per, BLOCK=BWD_BLOCK,
-                                             INDEX_64=_launch.index_64(g.numel(), BWD_BLOCK), num_warps=BWD_WARPS)
+        scale_concat_bwd_planes_kernel[grid](g, f, dt, df, partial, outer, cx, k, inner, per, BLOCK=_reduce.BWD_BLOCK,
+                                             INDEX_64=_launch.index_64(g.numel(), _reduce.BWD_BLOCK),
+                                             num_warps=_reduce.BWD_WARPS)
     else:
-        scale_concat_bwd_rows_kernel[grid](g, f, dt, df, partial, outer, cx, k, per, BLOCK_R=_ru.ROWS_BLOCK_R,
-                                           BLOCK_C=_ru.ROWS_BLOCK_C)
+        scale_concat_bwd_rows_kernel[grid](g, f, dt, df, partial, outer, cx, k, per, BLOCK_R=_reduce.ROWS_BLOCK_R,
+                                           BLOCK_C=_reduce.ROWS_BLOCK_C)
     if p["chunks"] > 1:
         _reduce.sum_chunks(partial, ddt)
     return df, ddt
@@ -192,11 +192,12 @@ AOT_CONFIGS = [
              constexprs={"BLOCK": FWD_BLOCK, "INDEX_64": True}),
         dict(kernel=scale_concat_bwd_planes_kernel, name=f"scale_concat_bwd_planes_{dtype}",
              signature={**_sig(dtype, ("g_ptr", "f_ptr", "dt_ptr", "df_ptr", "partial_ptr")), "N": "i64", "Cx": "i64",
-                        "K": "i64", "inner": "i64", "n_per_chunk": "i64", "BLOCK": "constexpr", "INDEX_64": "constexpr"},
-             constexprs={"BLOCK": BWD_BLOCK, "INDEX_64": True}, num_warps=BWD_WARPS),
+                        "K": "i64", "inner": "i64", "n_per_chunk": "i64", "BLOCK": "constexpr",
+                        "INDEX_64": "constexpr"},
+             constexprs={"BLOCK": _reduce.BWD_BLOCK, "INDEX_64": True}, num_warps=_reduce.BWD_WARPS),
         dict(kernel=scale_concat_bwd_rows_kernel, name=f"scale_concat_bwd_rows_{dtype}",
              signature={**_sig(dtype, ("g_ptr", "f_ptr", "dt_ptr", "df_ptr", "partial_ptr")), "R": "i64", "Cx": "i64",
                         "K": "i64", "rows_per_chunk": "i64", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-             constexprs={"BLOCK_R": ROWS_BLOCK_R, "BLOCK_C": ROWS_BLOCK_C}),
+             constexprs={"BLOCK_R": _reduce.ROWS_BLOCK_R, "BLOCK_C": _reduce.ROWS_BLOCK_C}),
     )
 ]

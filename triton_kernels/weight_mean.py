@@ -88,7 +88,8 @@ def weight_mean_bwd_kernel(tab_ptr, grad_ptr, out_ptr, BLOCK: tl.constexpr):
 # and partial tiles: C_out * K and C_in are rarely multiples of 32).
 FWD_BLOCK_J, FWD_BLOCK_I, BWD_BLOCK, NUM_WARPS = 32, 32, 1024, 4
 
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float64: tl.float64}
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+              torch.float64: tl.float64}
 
 
 def _view3(w: torch.Tensor) -> tuple[int, int, int, int, int, int] | None:
@@ -132,7 +133,8 @@ def _check(op: str, weights) -> None:
         raise ValueError(f"{op}: weights must not be empty")
     for j, w in enumerate(weights):
         if not 3 <= w.dim() <= 5:
-            raise ValueError(f"{op}: weights[{j}] must be a conv weight (C_out, C_in, *k) with 1-3 kernel dims, got shape {tuple(w.shape)}")
+            raise ValueError(f"{op}: weights[{j}] must be a conv weight (C_out, C_in, *k) with 1-3 kernel dims, "
+                             f"got shape {tuple(w.shape)}")
         if w.dtype != weights[0].dtype or w.device != weights[0].device:
             raise ValueError(f"{op}: weights[{j}] must have weights[0]'s dtype and device")
         if w.dtype not in _TL_DTYPES:
@@ -163,8 +165,9 @@ def launch_plan(weights, sms: int = 132) -> list[dict]:
         _launch.launch("weight_mean_fwd_kernel", "forward", fwd_grid(weights), warps,
                        bytes=read + total * acc + len(weights) * 64, chain=1 + (block_i.bit_length() - 1),
                        request_bytes=request, smem=_launch.reduce_smem(block_j, warps, acc)),
-        _launch.launch("weight_mean_bwd_kernel", "backward", (len(weights),), warps, bytes=2 * total * acc + len(weights) * 64,
-                       chain=1, request_bytes=_launch.request_bytes(bwd_block, acc), smem=0),
+        _launch.launch("weight_mean_bwd_kernel", "backward", (len(weights),), warps,
+                       bytes=2 * total * acc + len(weights) * 64, chain=1,
+                       request_bytes=_launch.request_bytes(bwd_block, acc), smem=0),
     ]
 
 
@@ -203,7 +206,8 @@ def weight_mean_backward_triton(grad: torch.Tensor, weights: List[torch.Tensor])
 # Shapes and strides are runtime values from the table: one binary per dtype serves every network.
 AOT_CONFIGS = [
     dict(kernel=weight_mean_fwd_kernel, name=f"weight_mean_fwd_{name}",
-         signature={"tab_ptr": "*i64", "out_ptr": "*fp32", "W_DTYPE": "constexpr", "BLOCK_J": "constexpr", "BLOCK_I": "constexpr"},
+         signature={"tab_ptr": "*i64", "out_ptr": "*fp32", "W_DTYPE": "constexpr", "BLOCK_J": "constexpr",
+                    "BLOCK_I": "constexpr"},
          constexprs={"W_DTYPE": dtype, "BLOCK_J": FWD_BLOCK_J, "BLOCK_I": FWD_BLOCK_I}, num_warps=NUM_WARPS)
     for name, dtype in (("fp32", tl.float32), ("fp16", tl.float16), ("bf16", tl.bfloat16))
 ] + [dict(kernel=weight_mean_bwd_kernel, name="weight_mean_bwd_fp32",
