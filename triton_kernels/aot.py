@@ -12,7 +12,7 @@ KERNELS is collected from the op modules: each exposes `AOT_CONFIGS`, a list of
          constexprs={arg: value}, num_warps=int (optional, default 4), num_stages=int (optional, default 3))
 MODULES is derived from the op registry (every registered op's Triton module, tsc_kernels/ops/registry.py)
 plus the shared helper modules that hold kernels of their own (HELPER_MODULES), so a new op's module is
-picked up without naming it here (tests/test_op_list.py). The exit status is 1 when a compile fails,
+picked up without naming it here (tests/tooling/test_op_list.py). The exit status is 1 when a compile fails,
 spills, or a @triton.jit function named *_kernel has no config (uncovered_kernels).
 
 Registers and spills come from ptxas itself: CompiledKernel.n_regs / n_spills are only filled in

@@ -53,13 +53,13 @@ class Sizes(NamedTuple):
 
 # The GPU sizes compile spill-free for sm_80 / sm_90 (aot.py). The backward reduction holds two
 # 1024-element accumulators: at 4 warps its aligned (JIT) fp32 rows variant spilled 16 B on sm_80
-# (tests/test_triton_aot.py); 8 warps halve the registers per thread. The finalize merges a
+# (tests/tooling/test_triton_aot.py); 8 warps halve the registers per thread. The finalize merges a
 # (64 chunks, 32 channels) tile per step: <= 1024 chunks take 16 steps per pass and a 6-deep tree.
 # MIN_CHUNK = one tile: CIFAR's (128, 16, 32, 32) and (128, 64, 8, 8) run >= 512 programs per pass
-# (>= 2 per SM, tests/test_launch_plans.py); with 16384 they ran 128.
+# (>= 2 per SM, tests/tooling/test_launch_plans.py); with 16384 they ran 128.
 GPU = Sizes(TILE=1024, ROWS_BLOCK_C=64, MIN_CHUNK=1024, MAX_CHUNKS=1024, FINAL_BLOCK=32, FINAL_BLOCK_K=64,
             NUM_WARPS=4, REDUCE_WARPS=8)
-# Small sizes for tests under the interpreter (tests/test_batch_norm_residual_update_triton.py sets
+# Small sizes for tests under the interpreter (tests/ops/test_batch_norm_residual_update.py sets
 # RUN = SMALL): tiny shapes then run several chunks, several tiles per chunk and partial tiles, and
 # the finalize several chunk tiles (2 chunks each, the last one partial): every path of the GPU chunking.
 SMALL = Sizes(TILE=32, ROWS_BLOCK_C=8, MIN_CHUNK=16, MAX_CHUNKS=3, FINAL_BLOCK=4, FINAL_BLOCK_K=2,

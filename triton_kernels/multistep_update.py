@@ -43,7 +43,7 @@ class Sizes(NamedTuple):
 
 
 # 512-element tiles: with 5 loads, 3 stores and 2 accumulators per element (int64 offsets), 1024-element
-# tiles need ~255 registers and spilled on sm_90 (tests/test_triton_aot.py). The tile is cut from the
+# tiles need ~255 registers and spilled on sm_90 (tests/tooling/test_triton_aot.py). The tile is cut from the
 # shape (finding 2 of issue 22: a fixed (2, 256) planes tile idles 81 % of its lanes at S = 49).
 # The finalize merges (64 x 32) tiles: C = 2048 channels of a sample take 32 steps and a 6-deep tree.
 GPU = Sizes(TILE=512, MIN_S=2, MAX_S=256, ROWS_MAX_C=32, FIN_BLOCK=32, FIN_BLOCK_K=64)

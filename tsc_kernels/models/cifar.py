@@ -86,7 +86,7 @@ def cifar_resnet(depth: int, num_classes: int = 10, preact: bool = False, tsc: s
     digits; any spatial size works: the pool is adaptive). ``dt``: tsc="fixed" only, the constant
     step size (default 1.0).
     Depth 1202 (19.4 M parameters, 600 blocks) trains: one step at batch 2 takes ~2 s on one CPU
-    thread (tests/test_models.py).
+    thread (tests/models/test_models.py).
     """
     _checks.tsc_mode(tsc, "tsc", allow_none=True)
     _checks.reduction(reduction)

@@ -28,10 +28,10 @@ with the cpu backend's backward op and compares it with autograd through the C++
 op in ``OPS`` with cpp_autograd=True. A change to one formula is a change to both.
 
 ``dispatch(name, device)`` returns the op the current backend selection runs, and the tests
-(tests/test_registry.py) read ``OPS`` to check every backend of every op against its declaration.
+(tests/tooling/test_registry.py) read ``OPS`` to check every backend of every op against its declaration.
 Every other list of ops is derived from ``OPS`` too, read when it is built (triton_kernels/aot.py
 ``modules``, tsc_kernels/gpu_check.py ``test_files``, gpu-check's op table, the Makefile's bench-ops
-glob); tests/test_op_list.py proves a new op reaches each, and that csrc/ops.cpp's schemas are the
+glob); tests/tooling/test_op_list.py proves a new op reaches each, and that csrc/ops.cpp's schemas are the
 declared ones. The files a new op needs: docs/adding_an_op.md.
 """
 from __future__ import annotations

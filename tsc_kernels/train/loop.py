@@ -7,7 +7,7 @@ sums of the epoch and each rank's RNG states (gathered to rank 0, which alone wr
 order and augmentation are functions of (seed, epoch, index) (data.py), so the resumed run sees
 the same batches in the same order: on the CPU it ends bitwise equal to an uninterrupted one.
 
-Test hooks (environment variables, used by tests/test_train.py only):
+Test hooks (environment variables, used by tests/models/test_train.py only):
   TSC_TRAIN_KILL_AFTER_STEP=k  the process SIGKILLs itself right after optimizer step k (and after
                                that step's checkpoint, when one is due): a crash at a known point.
   TSC_TRAIN_DIGEST_DIR=DIR     every rank writes DIR/rank<r>.json: a SHA-256 of its final model state
