@@ -30,6 +30,7 @@ needs_2_cuda = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2
 triton = pytest.importorskip("triton")
 from tsc_kernels._triton import _launch  # noqa: E402
 from tsc_kernels._triton import residual_update as tru  # noqa: E402
+from tsc_kernels._triton import _reduce  # noqa: E402
 from tsc_kernels._triton import weight_mean as twm  # noqa: E402
 from tsc_kernels._triton import lstm_controller as tlc  # noqa: E402
 from tsc_kernels._triton import multistep_update as tms  # noqa: E402
@@ -103,17 +104,17 @@ def test_runs_on_cuda1_while_cuda0_is_current(be):
     "N, C, inner", [(128, 16, 32 * 32), (128, 64, 8 * 8), (256, 2048, 7 * 7), (1, 3, 5), (70000, 1, 64 * 1024)]
 )
 def test_planes_grid_spreads_over_samples_within_limits(N, C, inner):
-    (gc, chunks), per = tru.planes_grid(N, C, inner)
+    (gc, chunks), per = _reduce.planes_grid(N, C, inner)
     assert gc == C and 1 <= chunks <= 65535 and per * chunks >= N and per * (chunks - 1) < N
-    if N * inner >= 64 * tru.MIN_CHUNK_ELEMS and C < 64:
+    if N * inner >= 64 * _reduce.MIN_CHUNK_ELEMS and C < 64:
         assert C * chunks >= 256, "a CIFAR-width backward must keep a GPU's SMs busy"
 
 
 @pytest.mark.parametrize("R, C", [(64 * 56 * 56, 64), (128 * 32 * 32, 16), (1, 3), (37, 2048), (2**31 // 64, 64)])
 def test_rows_grid_splits_rows_within_limits(R, C):
-    (tiles, chunks), per = tru.rows_grid(R, C)
-    assert tiles == triton.cdiv(C, tru.ROWS_BLOCK_C) and 1 <= chunks <= 65535
-    assert per % tru.ROWS_BLOCK_R == 0 and per * chunks >= R and per * (chunks - 1) < R
+    (tiles, chunks), per = _reduce.rows_grid(R, C)
+    assert tiles == triton.cdiv(C, _reduce.ROWS_BLOCK_C) and 1 <= chunks <= 65535
+    assert per % _reduce.ROWS_BLOCK_R == 0 and per * chunks >= R and per * (chunks - 1) < R
     if R * C >= 1 << 20 and C <= 64:
         assert chunks >= 64, "channels-last C <= 64 must not be one program"
 
@@ -124,14 +125,14 @@ def test_rows_grid_splits_rows_within_limits(R, C):
 def test_split_backward_matches_reference_and_is_deterministic(monkeypatch, channels_last, relu):
     """Force the multi-chunk path on small shapes: partials + fixed-order sum give the reference's
     ddt, bit-identical from run to run."""
-    monkeypatch.setattr(tru, "MIN_CHUNK_ELEMS", 1)
-    monkeypatch.setattr(tru, "ROWS_BLOCK_R", 32)
+    monkeypatch.setattr(_reduce, "MIN_CHUNK_ELEMS", 1)
+    monkeypatch.setattr(_reduce, "ROWS_BLOCK_R", 32)
     y, f = torch.randn(5, 3, 7, 6), torch.randn(5, 3, 7, 6)
     if channels_last:
         y, f = y.movedim(1, -1).contiguous().movedim(-1, 1), f.movedim(1, -1).contiguous().movedim(-1, 1)
-        assert tru.rows_grid(5 * 42, 3)[0][1] > 1
+        assert _reduce.rows_grid(5 * 42, 3)[0][1] > 1
     else:
-        assert tru.planes_grid(5, 3, 42)[0][1] > 1
+        assert _reduce.planes_grid(5, 3, 42)[0][1] > 1
     dt = torch.rand(3)
     out = reference.residual_update(y, f, dt, relu=relu)
     g = torch.randn_like(out)
@@ -148,13 +149,13 @@ def test_split_backward_matches_reference_and_is_deterministic(monkeypatch, chan
 def test_scale_concat_split_backward_matches_reference_and_is_deterministic(monkeypatch, channels_last):
     """scale_concat's backward splits samples / rows like the residual update's (k = 3 channels
     would otherwise be 3 programs, or 1 channels-last, on a GPU of 100+ SMs)."""
-    monkeypatch.setattr(tru, "MIN_CHUNK_ELEMS", 1)
+    monkeypatch.setattr(_reduce, "MIN_CHUNK_ELEMS", 1)
     x, f = torch.randn(5, 4, 7, 6), torch.randn(5, 3, 7, 6)
     if channels_last:
         x, f = (t.movedim(1, -1).contiguous().movedim(-1, 1) for t in (x, f))
-        assert tru.rows_grid(5 * 42, 3)[0][1] > 1
+        assert _reduce.rows_grid(5 * 42, 3)[0][1] > 1
     else:
-        assert tru.planes_grid(5, 3, 42)[0][1] > 1
+        assert _reduce.planes_grid(5, 3, 42)[0][1] > 1
     dt = torch.rand(3)
     g = torch.randn(5, 7, 7, 6)
     run = lambda: torch.ops.tsc.scale_concat_backward_triton(g, f, dt)  # noqa: E731
