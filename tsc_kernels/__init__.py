@@ -59,4 +59,4 @@ __all__ = [
     "use_backend",
     "weight_mean",
 ]
-__version__ = "0.1.0"
+from ._version import __version__ as __version__  # the public version (re-exported)

@@ -34,7 +34,7 @@ def info() -> dict:
       (for each device this machine has: ``cpu``, and ``cuda`` when a GPU is visible);
     - ``default``: the current selection (TSC_BACKEND / set_backend) and what it resolves to per device.
     """
-    from . import __version__
+    from ._version import __version__
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     reasons = {}
