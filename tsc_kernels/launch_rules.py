@@ -118,7 +118,7 @@ def _iter_cases():
 
 
 # Plans that still break a rule, (op, backend, case id) -> why: defects not fixed yet (issue 22).
-# tests/test_launch_plans.py marks them xfail(strict=True), so a fix fails there until its entry is
+# tests/tooling/test_launch_plans.py marks them xfail(strict=True), so a fix fails there until its entry is
 # removed; make gpu-report prints them apart from new violations. Every one is a request-size or
 # block-count shortfall at a bandwidth-bound launch (none breaks a grid limit, a chain or smem).
 _CUDA_NARROW_PLANES_BF16 = ("CUDA bf16 planes of 49 values ((256, 2048, 7, 7), LM-ResNet-50's (64, 2048, 7, 7)): lanes "
