@@ -1,7 +1,7 @@
 """Triton kernels of the batched TSC_LSTM controller (docs/tsc.md, docs/ops.md): every stage of a network in a
 few launches per phase (issue 22).
 
-Ops (the schemas of tsc::lstm_controller / tsc::lstm_controller_backward, csrc/ops.cpp and
+Ops (the schemas of tsc::lstm_controller / tsc::lstm_controller_backward, csrc/lstm_controller_cpu.cpp and
 tsc_kernels/ops/lstm_controller.py, whose declaration gives the fakes and autograd here):
   tsc::lstm_controller_triton(Tensor wbar_packed, int[] blocks, Tensor[] params) -> (Tensor, Tensor)
   tsc::lstm_controller_backward_triton(Tensor grad, Tensor dt_packed, Tensor wbar_packed, int[] blocks,

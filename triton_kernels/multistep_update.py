@@ -188,7 +188,7 @@ def multistep_finalize_kernel(pk_ptr, pf_ptr, dt_ptr, keep_ptr, dkp_ptr, ddt_ptr
 
 
 def _shape(t: torch.Tensor, cl: bool) -> tuple[int, int, int, bool]:
-    """(N, C, S, channels_last) of the per-sample blocks (see csrc/multistep_layout.h)."""
+    """(N, C, S, channels_last) of the per-sample blocks (see csrc/multistep_update_layout.h)."""
     n, c = t.shape[0], t.shape[1]
     s = t.numel() // (n * c) if n * c else 0
     return n, c, s, cl and t.dim() > 2

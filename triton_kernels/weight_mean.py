@@ -1,7 +1,7 @@
 """Triton weight-mean projection (docs/tsc.md): every conv weight's mean over C_in in one launch,
 and its backward dw̄ / C_in (packed like w̄; the autograd formula expands it over C_in) in one launch.
 
-Ops (schemas of tsc::weight_mean / tsc::weight_mean_backward, csrc/ops.cpp, so the dispatcher in
+Ops (schemas of tsc::weight_mean / tsc::weight_mean_backward, csrc/weight_mean_cpu.cpp, so the dispatcher in
 tsc_kernels/ops/weight_mean.py can call these in their place):
   tsc::weight_mean_triton(Tensor[] weights) -> Tensor
       every weight (C_out, C_in, *k) averaged over C_in, flattened (C_out, *k), concatenated in

@@ -1,6 +1,6 @@
 """One op list (issue 25): every list of ops is derived from the registry (tsc_kernels/ops/registry.py
 OPS) or from a glob over files named after ops, never written by hand, and the C++ schemas
-(csrc/ops.cpp) are the registry's. docs/adding_an_op.md lists the files a new op needs.
+(csrc/<op>_cpu.cpp) are the registry's. docs/adding_an_op.md lists the files a new op needs.
 
 The derived lists: the Triton modules the AOT compile covers (triton_kernels/aot.py MODULES, and so
 tests/tooling/test_triton_aot.py), gpu-check's test files (tsc_kernels/gpu_check.py TEST_FILES) and its op
@@ -169,7 +169,7 @@ def schema_mismatch(qualified: str, declared: str, registered) -> str | None:
     want = torch._C.parse_schema(f"{qualified}{declared}")
     if registered == want:
         return None
-    return f"{qualified}:\n  C++ (csrc/ops.cpp): {registered}\n  OpDef:              {want}"
+    return f"{qualified}:\n  C++ (csrc/*_cpu.cpp): {registered}\n  OpDef:              {want}"
 
 
 def cpp_defined_ops() -> set[str]:
@@ -188,10 +188,10 @@ def cpp_defined_ops() -> set[str]:
 @pytest.mark.parametrize("name", NAMES)
 def test_cpp_schemas_are_the_declared_ones(name):
     """The forward and backward schemas the C++ library registered equal the OpDef's: the two copies
-    (csrc/ops.cpp and tsc_kernels/ops/<op>.py) cannot drift apart."""
+    (csrc/<op>_cpu.cpp and tsc_kernels/ops/<op>.py) cannot drift apart."""
     op = OPS[name]
     for suffix, declared in (("", op.schema), ("_backward", op.backward_schema)):
-        assert hasattr(torch.ops.tsc, name + suffix), f"the C++ library defines no tsc::{name}{suffix} (csrc/ops.cpp)"
+        assert hasattr(torch.ops.tsc, name + suffix), f"the C++ library defines no tsc::{name}{suffix} (csrc/<op>_cpu.cpp)"
         assert schema_mismatch(f"tsc::{name}{suffix}", declared, op.op(suffix).default._schema) is None, \
             schema_mismatch(f"tsc::{name}{suffix}", declared, op.op(suffix).default._schema)
 

@@ -30,7 +30,7 @@ def test_reference_op_matches_declaration(name):
 @pytest.mark.skipif(not _extension.has_cpp_ops(), reason="the C++ extension is not built")
 @pytest.mark.parametrize("name", NAMES)
 def test_cpp_schemas_match_declaration(name):
-    """csrc/ops.cpp and the Python declaration must not drift apart."""
+    """csrc/<op>_cpu.cpp's schemas and the Python declaration must not drift apart."""
     op = OPS[name]
     assert schema_of(op.op()) == op.schema
     assert schema_of(op.op("_backward")) == op.backward_schema

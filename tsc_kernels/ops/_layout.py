@@ -1,4 +1,4 @@
-"""Output layout rule of the residual update, the Python twin of csrc/residual_layout.h.
+"""Output layout rule of the residual update, the Python twin of csrc/channel_layout.h.
 
 Fake (meta) kernels and the Triton launcher must produce exactly the strides the C++ kernels do:
 channels-last-like inputs (channel dim innermost in memory, not plain contiguous) keep that
@@ -27,7 +27,7 @@ def output_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def channel_view(t: torch.Tensor, channels_last: bool) -> tuple[int, int, int]:
-    """(outer, C, inner) of the contiguous block the kernels see (see residual_layout.h)."""
+    """(outer, C, inner) of the contiguous block the kernels see (see csrc/channel_layout.h)."""
     n, c = t.shape[0], t.shape[1]
     spatial = t.numel() // (n * c) if n * c else 0
     return (n * spatial, c, 1) if channels_last else (n, c, spatial)

@@ -6,7 +6,7 @@ autograd formula, the Triton module that implements it and what ``auto`` runs un
 ``torch.compile``. From that one declaration:
 
   tsc::<name>, tsc::<name>_backward     C++ kernels, csrc/<name>_cpu.cpp and csrc/<name>_cuda.cu
-                                        (schemas in csrc/ops.cpp); ``define`` adds their fakes and,
+                                        (schemas in the _cpu.cpp); ``define`` adds their fakes and,
                                         unless the C++ side carries it (cpp_autograd), the autograd formula
   tsc::<name>_triton,                   triton_kernels/<name>.py: ``@triton_forward(name)`` and
   tsc::<name>_backward_triton           ``@triton_backward(name)`` turn its launchers into custom ops with
@@ -31,8 +31,8 @@ op in ``OPS`` with cpp_autograd=True. A change to one formula is a change to bot
 (tests/tooling/test_registry.py) read ``OPS`` to check every backend of every op against its declaration.
 Every other list of ops is derived from ``OPS`` too, read when it is built (triton_kernels/aot.py
 ``modules``, tsc_kernels/gpu_check.py ``test_files``, gpu-check's op table, the Makefile's bench-ops
-glob); tests/tooling/test_op_list.py proves a new op reaches each, and that csrc/ops.cpp's schemas are the
-declared ones. The files a new op needs: docs/adding_an_op.md.
+glob); tests/tooling/test_op_list.py proves a new op reaches each, and that the C++ schemas (csrc/<name>_cpu.cpp)
+are the declared ones. The files a new op needs: docs/adding_an_op.md.
 """
 from __future__ import annotations
 
