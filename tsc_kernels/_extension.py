@@ -22,7 +22,8 @@ import warnings
 
 import torch
 
-REBUILD = "pip install --no-build-isolation -e .  (in the source tree; or `pip install --no-build-isolation tsc-kernels`)"
+REBUILD = ("pip install --no-build-isolation -e .  "
+           "(in the source tree; or `pip install --no-build-isolation tsc-kernels`)")
 _DIR = os.path.dirname(__file__)
 
 try:  # written by setup.py at build time; absent in a source tree that was never built

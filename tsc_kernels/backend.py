@@ -67,7 +67,8 @@ def _usable(name: str, device: torch.device) -> str | None:
         return None if device.type == "cpu" else f"it runs CPU tensors only, got {device.type} tensors"
     if name == "cuda":
         if not _extension.has_cuda_kernels():
-            return "tsc_kernels._C was built without CUDA kernels (no CUDA torch or nvcc at build time, or TSC_BUILD_CUDA=0)"
+            return ("tsc_kernels._C was built without CUDA kernels "
+                    "(no CUDA torch or nvcc at build time, or TSC_BUILD_CUDA=0)")
         if not torch.cuda.is_available():
             return "no CUDA device is available"
         return None if device.type == "cuda" else f"it runs CUDA tensors only, got {device.type} tensors"
@@ -76,7 +77,8 @@ def _usable(name: str, device: torch.device) -> str | None:
             return "triton is not installed"
         if device.type == "cuda" or (device.type == "cpu" and TRITON_INTERPRET):
             return None
-        return f"it runs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 set before import), got {device.type} tensors"
+        return (f"it runs CUDA tensors (CPU tensors only with TRITON_INTERPRET=1 set before import), "
+                f"got {device.type} tensors")
     raise AssertionError(name)
 
 

@@ -143,7 +143,8 @@ def step_build():
     cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index", "-e", str(ROOT)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     log = p.stdout + p.stderr
-    spills = [line.strip() for line in log.splitlines() if "bytes spill" in line and not line.strip().startswith("0 bytes spill stores, 0 bytes")]
+    spills = [line.strip() for line in log.splitlines()
+              if "bytes spill" in line and not line.strip().startswith("0 bytes spill stores, 0 bytes")]
     return ("passed" if p.returncode == 0 else "failed",
             {"arch": env["TORCH_CUDA_ARCH_LIST"], "torch": torch.__version__, "nonzero_spill_lines": spills[:10]},
             "" if p.returncode == 0 else log[-2000:])
@@ -153,9 +154,11 @@ def step_tests():
     # TSC_REQUIRE_EXTENSION: an _C that fails to load fails the tests instead of running the reference.
     env = dict(os.environ, TSC_TEST_DEVICE="cuda", TSC_REQUIRE_EXTENSION="1")
     env.pop("TRITON_INTERPRET", None)
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", *TEST_FILES], cwd=ROOT, env=env, capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", *TEST_FILES], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
     tail = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
-    return ("passed" if p.returncode == 0 else "failed", {"summary": tail}, "" if p.returncode == 0 else p.stdout[-3000:])
+    ok = p.returncode == 0
+    return ("passed" if ok else "failed", {"summary": tail}, "" if ok else p.stdout[-3000:])
 
 
 def _backends() -> list[str]:
@@ -191,7 +194,8 @@ def step_bench(quick: bool, full: bool):
     compiled ones: the same eager rows are not measured twice)."""
     extra = []
     if full:
-        help_text = subprocess.run([sys.executable, "-m", "tsc_kernels.bench", "--help"], capture_output=True, text=True).stdout
+        help_text = subprocess.run([sys.executable, "-m", "tsc_kernels.bench", "--help"],
+                                   capture_output=True, text=True).stdout
         extra = ["--compile"] if "--compile" in help_text else []
     cmd = [sys.executable, "-m", "tsc_kernels.bench", "--device", "cuda", "--model", "resnet50", "--dtype", "bf16",
            "--channels-last", "--batch", "128", *extra, *(["--quick"] if quick else [])]
@@ -222,7 +226,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(ROOT / "build" / "gpu_check"))
     parser.add_argument("--skip-build", action="store_true", help="use the extension as installed")
     parser.add_argument("--quick", action="store_true", help="fewer bench steps")
-    parser.add_argument("--full", action="store_true", help="also tsc-bench's torch.compile rows (minutes over the budget)")
+    parser.add_argument("--full", action="store_true",
+                        help="also tsc-bench's torch.compile rows (minutes over the budget)")
     args = parser.parse_args(argv)
     import torch
     if not torch.cuda.is_available():

@@ -36,7 +36,7 @@ def tests_module(name: str):
     tests = ROOT / "tests"
     found = sorted(tests.glob(f"*/{name}.py"))
     if not found:
-        raise FileNotFoundError(f"gpu-check's op table builds its inputs with tests/*/{name}.py: run it from a checkout")
+        raise FileNotFoundError(f"tests/*/{name}.py is not here: run it from a checkout")
     for folder in (tests, *(d for d in sorted(tests.iterdir()) if d.is_dir() and d.name != "__pycache__")):
         if str(folder) not in sys.path:
             sys.path.append(str(folder))  # appended: nothing of the package's own imports is shadowed

@@ -186,7 +186,8 @@ def check_graph_replay(net: Network, backend: str, device, capture=cuda_graph_ca
         torch.testing.assert_close(loss().detach(), want.detach(), rtol=net.loss_tol, atol=net.loss_tol / 10)
     diff = max((a - b).abs().max().item() for a, b in zip(model.parameters(), twin.parameters()))
     if not diff < net.param_tol:
-        raise AssertionError(f"{net.name} on {backend}: parameters after {replays} replays differ from eager by {diff:.3g}")
+        raise AssertionError(
+            f"{net.name} on {backend}: parameters after {replays} replays differ from eager by {diff:.3g}")
     return f"replay == eager (max param diff {diff:.2e})"
 
 

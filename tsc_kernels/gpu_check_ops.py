@@ -28,7 +28,8 @@ FLAGS = {
     "LOW": f"forward+backward below {TARGET:.0%} of copy_ bandwidth (fails the step)",
     "ERROR": "the row raised (fails the step)",
     "host-bound": "the GPU waited for the host's launches: the kernels' bandwidth is not what was timed",
-    "n/m": "not meaningful: a recurrence over the blocks, latency-bound, not limited by its bytes (timed for reference)",
+    "n/m": ("not meaningful: a recurrence over the blocks, latency-bound, not limited by its bytes "
+            "(timed for reference)"),
 }
 
 
@@ -187,4 +188,5 @@ def summary(rows: list[dict]) -> tuple[str, str]:
     counts = {f: sum(r["flag"] == f for r in rows) for f in FLAGS}
     bad = counts["LOW"] + counts["ERROR"]
     reason = f"{len(rows)} rows: " + ", ".join(f"{n} {f}" for f, n in counts.items() if n)
-    return ("failed" if bad else "passed"), (reason if bad or any(counts.values()) else f"{len(rows)} rows, none flagged")
+    summary = reason if bad or any(counts.values()) else f"{len(rows)} rows, none flagged"
+    return ("failed" if bad else "passed"), summary

@@ -126,11 +126,13 @@ def main(argv=None) -> int:
     if not cuda_rows:
         print("  none found: build with CUDA (TSC_BUILD_CUDA=1 make build) to list them")
     for r in cuda_rows:
-        print(f"  {r['kernel'][:90]:90s} {r['arch']:6s} regs {r['registers']!s:>4} spill {r['spills']!s:>4} B smem {r['smem']:>6} B")
+        print(f"  {r['kernel'][:90]:90s} {r['arch']:6s} regs {r['registers']!s:>4} "
+              f"spill {r['spills']!s:>4} B smem {r['smem']:>6} B")
     traffic = residual_traffic()
     print("\nBytes moved per call at (8, 256, 56, 56) fp32")
     for t in traffic:
-        print(f"  {t['op']:34s} fused {t['fused'] / 2**20:8.1f} MiB  minimum {t['minimum'] / 2**20:8.1f} MiB  ({t['note']})")
+        print(f"  {t['op']:34s} fused {t['fused'] / 2**20:8.1f} MiB  "
+              f"minimum {t['minimum'] / 2**20:8.1f} MiB  ({t['note']})")
     plans = launch_plan_summary()
     print("\nLaunch plans at the real shapes of tsc_kernels.launch_rules (sms=132; blocks and requests of"
           " launches moving >= 8 MB; chain: dependent steps in one thread or program)")

@@ -80,7 +80,8 @@ def _is_op(name: str) -> bool:
     # Operator events are "namespace::name"; profiler, autograd-node and Python-function events
     # ("autograd::engine::evaluate_function: ...", "torch::autograd::GraphRoot", "MmBackward0",
     # "[memory]") are not.
-    if "::" not in name or " " in name or name.startswith(("autograd::", "torch::autograd::", "profiler::", "ProfilerStep")):
+    internal = ("autograd::", "torch::autograd::", "profiler::", "ProfilerStep")
+    if "::" not in name or " " in name or name.startswith(internal):
         return False
     return True
 

@@ -191,7 +191,8 @@ def test_cpp_schemas_are_the_declared_ones(name):
     (csrc/<op>_cpu.cpp and tsc_kernels/ops/<op>.py) cannot drift apart."""
     op = OPS[name]
     for suffix, declared in (("", op.schema), ("_backward", op.backward_schema)):
-        assert hasattr(torch.ops.tsc, name + suffix), f"the C++ library defines no tsc::{name}{suffix} (csrc/<op>_cpu.cpp)"
+        assert hasattr(torch.ops.tsc, name + suffix), \
+            f"the C++ library defines no tsc::{name}{suffix} (csrc/<op>_cpu.cpp)"
         assert schema_mismatch(f"tsc::{name}{suffix}", declared, op.op(suffix).default._schema) is None, \
             schema_mismatch(f"tsc::{name}{suffix}", declared, op.op(suffix).default._schema)
 
