@@ -3,7 +3,8 @@
 Environment:
   TSC_BUILD_CUDA=auto|0|1   auto (default): build the CUDA kernels when torch is a CUDA build and
                             nvcc is found; 0: skip them; 1: require them (fail if impossible).
-  TORCH_CUDA_ARCH_LIST      GPU architectures, default "8.0;9.0+PTX" (sm_80, sm_90 binaries + compute_90 PTX that newer GPUs (sm_100, sm_120) JIT-compile).
+  TORCH_CUDA_ARCH_LIST      GPU architectures, default "8.0;9.0+PTX" (sm_80, sm_90 binaries + compute_90 PTX
+                            that newer GPUs (sm_100, sm_120) JIT-compile).
   CUDA_HOME                 CUDA toolkit root, default /usr/local/cuda when it exists.
   TSC_CPU_AVX2=auto|0|1     compile the CPU kernels for AVX2+FMA+F16C (ATen's Vectorized then uses AVX2
                             intrinsics instead of its portable fallback, ~2-5x faster here);

@@ -5,8 +5,8 @@ For every op of the registry (tsc_kernels/ops/registry.py ``OPS``), with the cas
 its tests/ops/test_<op>.py declares (``PROPERTY_STRATEGY``, ``PROPERTIES``; an op whose module lacks
 them fails here; shared helpers in tests/ops/hypothesis_cases.py): the fused backends against the
 fp64 reference with the op tests' criterion, and per-op properties (Δt = 0 gives the shortcut,
-linearity, permutations of channels commute, ...) on every backend. Besides, the same-dtype reference comparisons over five
-memory layouts of residual_update, weight_mean and lstm_controller.
+linearity, permutations of channels commute, ...) on every backend. Besides, the same-dtype reference
+comparisons over five memory layouts of residual_update, weight_mean and lstm_controller.
 
 Bounded for CI: EXAMPLES per op for the C++ and torch backends (PROPERTY_EXAMPLES per property),
 TRITON_EXAMPLES under the Triton interpreter (seconds per example; INTERPRETER_EXAMPLES for the

@@ -27,9 +27,11 @@ def test_extension_carries_cuda_kernels(op):
 
 
 # The per-element kernels of cuda_elementwise.cuh (docs/gpu.md, "Index math and loads").
-ELEMENTWISE_KERNELS = ("residual_forward_kernel", "multistep_forward_kernel", "bn_apply_kernel", "bn_backward_apply_kernel")
+ELEMENTWISE_KERNELS = ("residual_forward_kernel", "multistep_forward_kernel", "bn_apply_kernel",
+                       "bn_backward_apply_kernel")
 needs_cuda_build = pytest.mark.skipif(not HAS_NVCC or BUILT_WITHOUT_CUDA,
-                                      reason="no CUDA kernels in this build (no nvcc / CUDA torch, or TSC_BUILD_CUDA=0)")
+                                      reason="no CUDA kernels in this build "
+                                             "(no nvcc / CUDA torch, or TSC_BUILD_CUDA=0)")
 
 
 def _cuobjdump():
@@ -76,9 +78,11 @@ def test_elementwise_kernels_use_32bit_index_math_and_16_byte_loads(sass, kernel
             continue
         width, index = int(m.group(1)), m.group(2)
         found.append((width, index))
-        assert (DIVISION in body) == (index == "l"), f"{name}: {DIVISION} in the int32 variant, or missing in the int64 one"
+        assert (DIVISION in body) == (index == "l"), \
+            f"{name}: {DIVISION} in the int32 variant, or missing in the int64 one"
         if width > 1:
-            assert "LDG.E.128" in body and "STG.E.128" in body, f"{name}: the packed variant has no 16-byte loads/stores"
+            assert "LDG.E.128" in body and "STG.E.128" in body, \
+                f"{name}: the packed variant has no 16-byte loads/stores"
     assert any(w > 1 and i == "j" for w, i in found), f"{kernel}: no packed 32-bit instantiation in the SASS ({found})"
     assert any(i == "l" for _, i in found), f"{kernel}: no 64-bit instantiation for tensors past 2^31 elements"
 
@@ -96,13 +100,15 @@ def test_scale_concat_forward_divides_in_32_bits(sass):
             found.add(m.group(2))
             assert (DIVISION in body) == (m.group(2) == "l"), name
             if int(m.group(1)) * 2 == 16:  # bf16 / half 16-byte packs (W = 8)
-                assert "LDG.E.128" in body and "STG.E.128" in body, f"{name}: the packed variant has no 16-byte loads/stores"
+                assert "LDG.E.128" in body and "STG.E.128" in body, \
+                    f"{name}: the packed variant has no 16-byte loads/stores"
     assert found == {"j", "l"}, found
 
 
 # The reductions whose bf16 / half lanes load pairs (issue 22, finding 8; csrc/launch_geometry.h
 # walk_reduction_items): instantiations <..., W = 2, Vec, ...> with Vec = 1 (aligned pointers) and 0.
-PAIR_KERNELS = ("residual_backward_kernel", "bn_stats_kernel", "bn_backward_sums_kernel", "scale_concat_backward_kernel",
+PAIR_KERNELS = ("residual_backward_kernel", "bn_stats_kernel", "bn_backward_sums_kernel",
+                "scale_concat_backward_kernel",
                 "multistep_backward_kernel", "ode_combine_backward_kernel")
 
 
