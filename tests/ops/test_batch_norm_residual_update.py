@@ -25,8 +25,7 @@ OP_NAMES = {"cpu": "batch_norm_residual_update", "torch": "batch_norm_residual_u
             "triton": "batch_norm_residual_update_triton"}
 
 
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+acc_dtype = reference.accumulation_dtype  # fp32 arithmetic for fp32/fp16/bf16, fp64 for fp64
 
 
 def channels_last(t):

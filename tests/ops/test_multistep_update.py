@@ -16,8 +16,7 @@ CL_SHAPES = [(4, 19, 6, 5), (2, 7, 3, 4, 5), (3, 6, 5), (2, 45, 3, 2)]
 NAMES = ("du", "du_prev", "df", "dk", "ddt", "dkeep")
 
 
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+acc_dtype = reference.accumulation_dtype  # fp32 arithmetic for fp32/fp16/bf16, fp64 for fp64
 
 
 def make_inputs(shape, dtype, channels_last=False, requires_grad=True, with_dt=True, with_keep=True):

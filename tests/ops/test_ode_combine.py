@@ -11,8 +11,7 @@ from hypothesis_cases import activation_shapes, LOW_PRECISION, SEED
 SHAPES = [(3, 5, 7, 9), (2, 33), (1, 17, 4, 4, 4), (77,), (4, 19, 6)]
 
 
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+acc_dtype = reference.accumulation_dtype  # fp32 arithmetic for fp32/fp16/bf16, fp64 for fp64
 
 
 def make_inputs(shape, dtype, stages, channels_last=False, requires_grad=True):

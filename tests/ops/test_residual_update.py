@@ -15,8 +15,7 @@ SHAPES = [(3, 5, 7, 9), (2, 33), (1, 17, 4, 4, 4), (4, 19, 6), (5, 3, 1, 1), (2,
 CL_SHAPES = [(4, 19, 6, 5), (2, 7, 3, 4, 5), (3, 6, 5)]  # channels-last variants (3-D via strides)
 
 
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+acc_dtype = reference.accumulation_dtype  # fp32 arithmetic for fp32/fp16/bf16, fp64 for fp64
 
 
 def make_inputs(shape, dtype, channels_last=False, requires_grad=True):

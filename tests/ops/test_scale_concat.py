@@ -17,8 +17,7 @@ CASES = [((3, 5, 7, 9), 3), ((2, 33), 7), ((1, 17, 4, 4, 3), 12), ((4, 19, 6), 5
 CL_CASES = [((4, 19, 6, 5), 12), ((2, 7, 3, 4, 5), 3), ((3, 6, 5), 9)]
 
 
-def acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+acc_dtype = reference.accumulation_dtype  # fp32 arithmetic for fp32/fp16/bf16, fp64 for fp64
 
 
 def to_channels_last(t):
