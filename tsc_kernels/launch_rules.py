@@ -144,7 +144,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {
     ("batch_norm_residual_update", "triton", "resnet50-stage4-b256-cl-float32"): _TRITON_BN_FINALIZE,
     ("batch_norm_residual_update", "cuda", "C=2^20-cl-float32"): _CUDA_C_2_20,
     ("batch_norm_residual_update", "triton", "past-2^31-cl-float32"): _TRITON_BN_FINALIZE,
-    ("weight_mean", "triton", "cifar_resnet1202-float32"): _WEIGHT_MEAN_LANES,
     ("residual_update", "cuda", "resnet50-stage4-b256-nchw-bfloat16"): _CUDA_NARROW_PLANES_BF16,
     ("residual_update", "triton", "resnet50-stage4-b256-nchw-bfloat16"): _NARROW_PLANES,
     ("batch_norm_residual_update", "cuda", "resnet50-stage4-b256-nchw-bfloat16"): _CUDA_NARROW_PLANES_BF16,
@@ -159,10 +158,7 @@ KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {
     ("batch_norm_residual_update", "triton", "past-2^31-cl-bfloat16"): _TRITON_BN_FINALIZE,
     ("multistep_update", "triton", "lm-resnet50-stage1-cl-bfloat16"): _TRITON_MULTISTEP_CL_BF16,
     ("weight_mean", "cuda", "resnet50-bfloat16"): _WEIGHT_MEAN_LANES,
-    ("weight_mean", "triton", "resnet50-bfloat16"): _WEIGHT_MEAN_LANES,
     ("weight_mean", "cuda", "resnet152-bfloat16"): _WEIGHT_MEAN_LANES,
-    ("weight_mean", "triton", "resnet152-bfloat16"): _WEIGHT_MEAN_LANES,
-    ("weight_mean", "triton", "cifar_resnet1202-bfloat16"): _WEIGHT_MEAN_LANES,
 }
 
 

@@ -188,6 +188,30 @@ def test_triton_weight_mean_matches_reference(dtype):
 
 
 @TRITON_ONLY
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_weight_mean_walks_the_runs_in_small_tiles(monkeypatch, dtype):
+    """Issue 22: lanes read along each row's contiguous run. With 2 x 8 tiles the small weights take
+    several steps (periods 1, 3, 4), a period over the tile (3x3: two column chunks of one output
+    each), rows of (o, k) runs (channels-last), copies (a strided C_in) and partial row tiles;
+    the result matches the reference and is the same from run to run."""
+    wm = tsc_kernels._triton.weight_mean
+    monkeypatch.setattr(wm, "FWD_ROWS", 2)
+    monkeypatch.setattr(wm, "FWD_BLOCK_E", 8)
+    weights = [
+        torch.randn(5, 7, 3, 3, dtype=dtype),                                        # period 9 > 8
+        torch.randn(3, 5, 3, dtype=dtype),                                           # period 3: steps of 6
+        torch.randn(7, 19, 2, 2, dtype=dtype),                                       # period 4: steps of 8
+        torch.randn(3, 37, 1, 1, dtype=dtype),                                       # period 1, 5 steps
+        torch.randn(3, 5, 3, 3, dtype=dtype).to(memory_format=torch.channels_last),  # (o, k) rows
+        torch.randn(4, 9, 5, 5, dtype=dtype)[:, ::2],                                # strided C_in: a copy
+    ]
+    assert [wm._run_view(w) is None for w in weights] == [False] * 5 + [True]
+    out = wm_op(weights)
+    torch.testing.assert_close(out, reference.weight_mean([w.float() for w in weights]), atol=1e-6, rtol=1e-6)
+    assert torch.equal(out, wm_op(weights))
+
+
+@TRITON_ONLY
 def test_triton_weight_mean_opcheck():
     weights = [w.requires_grad_() for w in conv_weights(torch.float32)[:3]]
     torch.library.opcheck(wm_op, (weights,))
