@@ -7,6 +7,8 @@
 
 #include <vector>
 
+#include "host_device.h"
+
 namespace tsc {
 
 // A conv weight (C_out, C_in, *k) seen as (C_out, C_in, K) with strides (so, si, sk): possible when
@@ -36,6 +38,58 @@ inline bool weight_view(const at::Tensor& w, WeightView& v) {
   }
   return true;
 }
+
+// A weight as rows of contiguous runs: the CUDA and Triton forward kernels read along them, so a
+// warp's loads are adjacent values whatever the kernel size. Row r's `run` values start at
+// (r / per_out) so + (r % per_out) sk; value e of a run belongs to output k = e % period, w̄ index
+// r period + k of the weight. Two layouts are runs as they are:
+//   C_in innermost (si == 1: 1x1 and channels-last weights): a row per (o, k), run C_in, period 1;
+//   kernel innermost (NCHW: sk == 1, si == K): a row per o, run C_in K, period K.
+// Any other (a strided C_in view) is read from a contiguous copy.
+struct RunView {
+  int64_t rows, per_out, period, run;
+  int64_t so, sk, C_in;
+};
+
+inline bool run_view(const WeightView& v, RunView& r) {
+  r.so = v.so;
+  r.sk = v.sk;
+  r.C_in = v.C_in;
+  if (v.si == 1 || v.C_in == 1) {  // C_in == 1: the stride of C_in is never used
+    r.rows = v.C_out * v.K;
+    r.per_out = v.K;
+    r.period = 1;
+    r.run = v.C_in;
+    return true;
+  }
+  if (v.sk == 1 && v.si == v.K) {
+    r.rows = v.C_out;
+    r.per_out = 1;
+    r.period = v.K;
+    r.run = v.C_in * v.K;
+    return true;
+  }
+  return false;
+}
+
+// The tensor the forward kernels read for weight w (w, or a contiguous copy when w is not rows of
+// runs), with its RunView.
+inline at::Tensor weight_runs(const at::Tensor& w, RunView& r) {
+  WeightView v;
+  if (weight_view(w, v) && run_view(v, r)) return w;
+  at::Tensor c = w.contiguous();
+  TORCH_INTERNAL_ASSERT(weight_view(c, v) && run_view(v, r));
+  return c;
+}
+
+// Lane groups of a warp on one row of period P <= 32: 32 / P groups of P lanes. A step reads
+// pack (values per lane) x P x groups adjacent values, a multiple of P, so each lane's slots keep
+// their output k from step to step; the groups' sums then merge in a fixed tree. P > 32: 0 (lanes
+// walk the outputs, one each, along C_in: K adjacent values per C_in step).
+TSC_HD int64_t run_lane_groups(int64_t period) { return period <= 32 ? 32 / period : 0; }
+
+// Values per lane per step: one 16-byte load (8 bf16 / fp16, 4 fp32, 2 fp64).
+constexpr int64_t run_pack_values(int64_t element_size) { return 16 / element_size; }
 
 inline void check_weights(const char* op, at::TensorList weights) {
   TORCH_CHECK(!weights.empty(), op, ": weights must not be empty");

@@ -1,17 +1,31 @@
 // CUDA launch plan of the weight-mean projection (launch_plan.h), from the split and grids its
-// launcher (weight_mean_cuda.cu) uses: weight_mean_plan::weight_batches and elementwise_blocks.
-// Host code, compiled in every build.
+// launcher (weight_mean_cuda.cu) uses: weight_runs, weight_mean_plan::weight_batches and
+// elementwise_blocks. Host code, compiled in every build.
 //
 // Kernels and how their fields are counted (one launch per batch of up to 48 weights):
-//   weight_mean_kernel: a warp per output element, lanes stride C_in (si elements apart: 32
-//     adjacent values only for 1x1 kernels); chain: the binary search over the batch's records
-//     (ceil(log2 n) dependent loads), the streaming loop (1) and the 5-level warp sum.
+//   weight_mean_kernel: a warp per row of contiguous values (weight_mean_layout.h RunView), lanes
+//     on adjacent 16-byte packs: a request is the step's V x P x groups values or the whole row if
+//     shorter (period P > 32: the K adjacent values of a C_in step, up to 32); chain: the binary
+//     search over the batch's records (ceil(log2 n) dependent loads), the streaming loop (1), the
+//     tree over the lane groups and the fold of the V packs (P > 32: the loop only).
 //   weight_mean_backward_kernel: grid-stride over the batch's items, chain binary search + 1.
 #include "weight_mean_layout.h"
 #include "weight_mean_plan.h"
 
 namespace tsc {
 namespace {
+
+// Forward arguments (launch_plan.h order): ints [len(weights)]; tensors the weights.
+// The forward's request (bytes one warp's load covers) and chain after the search, on one weight.
+struct RowCost {
+  int64_t request, chain;
+};
+
+RowCost row_cost(const RunView& v, int64_t es) {
+  if (v.period > 32) return {std::min<int64_t>(v.period, 32) * es, 1};
+  const int64_t V = run_pack_values(es), groups = run_lane_groups(v.period);
+  return {std::min(v.run, V * v.period * groups) * es, 1 + tree_depth(groups) + V};
+}
 
 // Forward arguments (launch_plan.h order): ints [len(weights)]; tensors the weights.
 std::vector<Launch> plan_weight_mean(const PlanArgs& p) {
@@ -21,36 +35,45 @@ std::vector<Launch> plan_weight_mean(const PlanArgs& p) {
   int64_t total = 0;
   const std::vector<int64_t> off = mean_offsets(p.tensors, total);
   const int64_t es = p.tensors[0].element_size(), acc = acc_size(es);
-  std::vector<Launch> forward, backward;
-  for (const weight_mean_plan::WeightBatchRange& r : weight_mean_plan::weight_batches(off, total)) {
-    int64_t bytes = 0, request = 32 * es;
-    for (int64_t j = r.first; j < r.first + r.n; ++j) {
-      WeightView v;
-      const at::Tensor& w = p.tensors[j];
-      if (!weight_view(w, v)) weight_view(w.contiguous(), v);  // the launcher reads a contiguous copy then
-      bytes += w.numel() * es;
-      request = std::min(request, v.si == 1 ? 32 * es : es);
-    }
-    const int64_t items = r.end - r.begin, search = tree_depth(r.n);
-    forward.push_back(Launch{"weight_mean_kernel",
-                             "forward",
-                             {elementwise_blocks(items, weight_mean_plan::kWarps, p.sms), 1, 1},
-                             weight_mean_plan::kThreads,
-                             bytes + items * acc,
-                             search + 1 + tree_depth(32),
-                             request,
-                             0});
-    backward.push_back(Launch{"weight_mean_backward_kernel",
-                              "backward",
-                              {elementwise_blocks(items, weight_mean_plan::kThreads, p.sms), 1, 1},
-                              weight_mean_plan::kThreads,
-                              2 * items * acc,
-                              search + 1,
-                              warp_request(acc),
-                              0});
+  std::vector<RunView> views(p.tensors.size());
+  std::vector<int64_t> row_off;
+  int64_t rows = 0;
+  for (size_t j = 0; j < p.tensors.size(); ++j) {
+    weight_runs(p.tensors[j], views[j]);  // the launcher's view (of a contiguous copy when it makes one)
+    row_off.push_back(rows);
+    rows += views[j].rows;
   }
-  forward.insert(forward.end(), backward.begin(), backward.end());
-  return forward;
+  std::vector<Launch> plan;
+  for (const weight_mean_plan::WeightBatchRange& r : weight_mean_plan::weight_batches(row_off, rows)) {
+    int64_t bytes = 0, outputs = 0, request = 512, chain = 1;
+    for (int64_t j = r.first; j < r.first + r.n; ++j) {
+      const RowCost c = row_cost(views[j], es);
+      bytes += p.tensors[j].numel() * es;
+      outputs += views[j].rows * views[j].period;
+      request = std::min(request, c.request);
+      chain = std::max(chain, c.chain);
+    }
+    plan.push_back(Launch{"weight_mean_kernel",
+                          "forward",
+                          {elementwise_blocks(r.end - r.begin, weight_mean_plan::kWarps, p.sms), 1, 1},
+                          weight_mean_plan::kThreads,
+                          bytes + outputs * acc,
+                          tree_depth(r.n) + chain,
+                          request,
+                          weight_mean_plan::kWarps * 32 * run_pack_values(es) * acc});
+  }
+  for (const weight_mean_plan::WeightBatchRange& r : weight_mean_plan::weight_batches(off, total)) {
+    const int64_t items = r.end - r.begin;
+    plan.push_back(Launch{"weight_mean_backward_kernel",
+                          "backward",
+                          {elementwise_blocks(items, weight_mean_plan::kThreads, p.sms), 1, 1},
+                          weight_mean_plan::kThreads,
+                          2 * items * acc,
+                          tree_depth(r.n) + 1,
+                          warp_request(acc),
+                          0});
+  }
+  return plan;
 }
 
 }  // namespace

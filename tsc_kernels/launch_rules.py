@@ -134,8 +134,6 @@ _TRITON_BN_FINALIZE = ("Triton BatchNorm finalize, channels-last at C = 2048: 64
                        "partials (12-16 MB); a transposed partial layout would give more")
 _TRITON_MULTISTEP_CL_BF16 = ("Triton multistep backward, channels-last bf16 (64, 256, 56, 56): 512 programs with "
                              "64-byte requests or 256 with 128; splitting the positions across programs gives both")
-_WEIGHT_MEAN_LANES = ("weight_mean forward: lanes step along C_in, K values apart (3x3 weights: one-element requests; "
-                      "1x1 bf16: 64 B); a tile along the contiguous (C_in, K) run of an output channel would coalesce")
 KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {
     ("residual_update", "cuda", "C=2^20-nchw-float32"): _CUDA_C_2_20,
     ("residual_update", "triton", "C=2^20-nchw-float32"): _NARROW_PLANES,
@@ -157,8 +155,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {
     ("batch_norm_residual_update", "cuda", "C=2^20-cl-bfloat16"): _CUDA_C_2_20,
     ("batch_norm_residual_update", "triton", "past-2^31-cl-bfloat16"): _TRITON_BN_FINALIZE,
     ("multistep_update", "triton", "lm-resnet50-stage1-cl-bfloat16"): _TRITON_MULTISTEP_CL_BF16,
-    ("weight_mean", "cuda", "resnet50-bfloat16"): _WEIGHT_MEAN_LANES,
-    ("weight_mean", "cuda", "resnet152-bfloat16"): _WEIGHT_MEAN_LANES,
 }
 
 

@@ -414,9 +414,10 @@ def test_planner_is_host_code():
 
 
 def test_weight_mean_batches():
-    """48 weights per launch (the kernel parameter holds their metadata): 100 weights -> 3 launches each phase."""
+    """48 weights per launch (the kernel parameter holds their metadata): 100 weights -> 3 launches each phase;
+    the forward has a warp per row (an output channel's contiguous (C_in, 3x3) values)."""
     weights = [meta_tensor(5 + i % 3, 4, 3, 3) for i in range(100)]
     plan = plan_of(("weight_mean", (weights,)))
     assert [p["kernel"] for p in plan] == ["weight_mean_kernel"] * 3 + ["weight_mean_backward_kernel"] * 3
-    items = [sum(w.shape[0] * 9 for w in weights[i:i + 48]) for i in (0, 48, 96)]
+    items = [sum(w.shape[0] for w in weights[i:i + 48]) for i in (0, 48, 96)]
     assert [p["grid"][0] for p in plan[:3]] == [min(math.ceil(n / 8), 32 * SMS) for n in items]
