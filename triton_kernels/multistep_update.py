@@ -5,12 +5,15 @@ Each sample is one contiguous block, channel-first (offset c·S + s) or channels
 kernels take the two strides (sc, ss) so one kernel serves both. Arithmetic runs in k's dtype (fp32,
 fp64 for fp64 inputs).
   forward    1 launch: reads u, u_prev, f; writes out
-  backward   1 launch, one program per (sample, block of channels), looping over the spatial
-             positions in (BLOCK_C, BLOCK_S) tiles sized from the shape (backward_tile): writes du,
-             du_prev, df and the (N, C) partial-sum tables; then the finalize (one program per tile of
-             channels: ddt and a share of dk; one per tile of samples: dkeep) and _reduce's merge of
-             the dk shares, all in a fixed order (deterministic) and without a long serial chain.
-`launch_plan` is built from the same forward_grid / backward_tile / finalize_plan as the launchers.
+  backward   1 launch, one program per (split of the positions, sample, block of channels), looping
+             over its positions in (BLOCK_C, BLOCK_S) tiles sized from the shape (backward_tile):
+             writes du, du_prev, df and the (splits, N, C) partial-sum tables; the splits' dkeep/ddt
+             partials merged by _reduce when there are several (position_splits); then the finalize
+             (one program per tile of channels: ddt and a share of dk; one per tile of samples: dkeep)
+             and _reduce's merge of the dk shares, all in a fixed order (deterministic) and without a
+             long serial chain.
+`launch_plan` is built from the same forward_grid / backward_tile / position_splits / finalize_plan as
+the launchers.
 """
 from __future__ import annotations
 
@@ -33,49 +36,67 @@ FWD_BLOCK = 1024
 class Sizes(NamedTuple):
     """Backward tiles: TILE elements per (BLOCK_C, BLOCK_S) tile, BLOCK_S (planes: positions, the
     contiguous axis) between MIN_S and MAX_S; FIN_BLOCK channels (or samples) per finalize program,
-    FIN_BLOCK_K samples (or channels) per step of its merge."""
+    FIN_BLOCK_K samples (or channels) per step of its merge; the positions are split until the
+    backward has MIN_PROGRAMS programs (position_splits)."""
     TILE: int
     MIN_S: int
     MAX_S: int
     ROWS_MAX_C: int
     FIN_BLOCK: int
     FIN_BLOCK_K: int
+    MIN_PROGRAMS: int
 
 
 # 512-element tiles: with 5 loads, 3 stores and 2 accumulators per element (int64 offsets), 1024-element
 # tiles need ~255 registers and spilled on sm_90 (tests/tooling/test_triton_aot.py). The tile is cut from the
 # shape (finding 2 of issue 22: a fixed (2, 256) planes tile idles 81 % of its lanes at S = 49).
 # The finalize merges (64 x 32) tiles: C = 2048 channels of a sample take 32 steps and a 6-deep tree.
-GPU = Sizes(TILE=512, MIN_S=2, MAX_S=256, ROWS_MAX_C=32, FIN_BLOCK=32, FIN_BLOCK_K=64)
+GPU = Sizes(TILE=512, MIN_S=2, MAX_S=256, ROWS_MAX_C=32, FIN_BLOCK=32, FIN_BLOCK_K=64, MIN_PROGRAMS=512)
 # Small sizes for tests under the interpreter (they set RUN = SMALL): several tile steps and several
-# finalize tiles on tiny shapes.
-SMALL = Sizes(TILE=32, MIN_S=4, MAX_S=16, ROWS_MAX_C=8, FIN_BLOCK=4, FIN_BLOCK_K=2)
+# finalize tiles, and split positions, on tiny shapes.
+SMALL = Sizes(TILE=32, MIN_S=4, MAX_S=16, ROWS_MAX_C=8, FIN_BLOCK=4, FIN_BLOCK_K=2, MIN_PROGRAMS=16)
 # The sizes the launchers and launch_plan use (read at call time): the GPU's, also under the interpreter.
 RUN = GPU
 
 
-# Programs (sample, channel tile) below which 2-byte rows keep ROWS_MAX_C channels rather than
-# 128 bytes of them: more programs beat longer requests there (a shape rule: never the SM count).
-MIN_ROWS_PROGRAMS = 512
-
-
-def backward_tile(C: int, S: int, cl: bool, elem: int = 4, sizes: Optional[Sizes] = None,
-                  N: Optional[int] = None) -> tuple[int, int]:
-    """(BLOCK_C, BLOCK_S) of multistep_bwd_kernel for `elem`-byte activations and N samples. Planes
-    (channel-first, S > 1): BLOCK_S covers a channel's S positions (a power of two in [MIN_S, MAX_S]),
-    BLOCK_C the rest of the tile; rows (channels-last or S == 1): BLOCK_C covers up to ROWS_MAX_C
-    4-byte channels (as many bytes for 2-byte ones, a warp's row request >= 128 B, unless that leaves
-    N * channel tiles < MIN_ROWS_PROGRAMS), BLOCK_S the rest."""
+def backward_tile(C: int, S: int, cl: bool, elem: int = 4, sizes: Optional[Sizes] = None) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_S) of multistep_bwd_kernel for `elem`-byte activations. Planes (channel-first,
+    S > 1): BLOCK_S covers a channel's S positions (a power of two in [MIN_S, MAX_S]), BLOCK_C the rest
+    of the tile; rows (channels-last or S == 1): BLOCK_C covers up to ROWS_MAX_C 4-byte channels (as
+    many bytes for 2-byte ones: a warp's row request is 128 B), BLOCK_S the rest. Where that leaves
+    few (sample, channel tile) programs, position_splits splits the positions instead of narrowing
+    the tile (issue 22: (64, 256, 56, 56) bf16 had 512 programs of 64-byte requests)."""
     sizes = RUN if sizes is None else sizes
     if cl or S == 1:
         cap = sizes.ROWS_MAX_C * max(1, 4 // elem)
-        if N is not None and N * triton.cdiv(C, cap) < MIN_ROWS_PROGRAMS:
-            cap = sizes.ROWS_MAX_C
         block_c = min(max(triton.next_power_of_2(max(C, 1)), 2), cap)
         return block_c, sizes.TILE // block_c
     block_s = min(max(triton.next_power_of_2(S), sizes.MIN_S), sizes.MAX_S)
     block_c = max(min(sizes.TILE // block_s, triton.next_power_of_2(max(C, 1))), 2)
     return block_c, block_s
+
+
+def position_splits(N: int, C: int, S: int, block_c: int, block_s: int, sizes: Optional[Sizes] = None
+                    ) -> tuple[int, int]:
+    """(splits, positions per split) of the backward: the S positions of a (sample, channel tile) are
+    cut into splits of whole BLOCK_S steps until N x channel tiles x splits reaches MIN_PROGRAMS (a
+    shape rule, never the SM count: the partial sums, merged in a fixed order, are the same on every
+    GPU). One split of all S positions when the programs are already enough."""
+    sizes = RUN if sizes is None else sizes
+    steps = triton.cdiv(max(S, 1), block_s)
+    programs = max(N * triton.cdiv(C, block_c), 1)
+    want = min(steps, triton.cdiv(sizes.MIN_PROGRAMS, programs))
+    per = triton.cdiv(steps, max(want, 1)) * block_s
+    return triton.cdiv(max(S, 1), per), per
+
+
+def backward_plan(N: int, C: int, S: int, cl: bool, elem: int, sizes: Optional[Sizes] = None) -> dict:
+    """The backward's split for the launcher and launch_plan: tile (BLOCK_C, BLOCK_S), splits and
+    positions per split, programs (the grid)."""
+    block_c, block_s = backward_tile(C, S, cl, elem, sizes)
+    splits, per = position_splits(N, C, S, block_c, block_s, sizes)
+    return dict(BLOCK_C=block_c, BLOCK_S=block_s, splits=splits, per=per,
+                programs=splits * N * triton.cdiv(C, block_c))
 
 
 def finalize_plan(N: int, C: int, sizes: Optional[Sizes] = None) -> dict:
@@ -117,15 +138,19 @@ def multistep_fwd_kernel(u_ptr, p_ptr, f_ptr, k_ptr, dt_ptr, keep_ptr, out_ptr, 
 
 @triton.jit
 def multistep_bwd_kernel(g_ptr, u_ptr, p_ptr, f_ptr, o_ptr, k_ptr, dt_ptr, keep_ptr, du_ptr, dp_ptr, df_ptr,
-                         pk_ptr, pf_ptr, C, S, sc, ss,
+                         pk_ptr, pf_ptr, N, C, S, sc, ss, PER,
                          HAS_DT: tl.constexpr, HAS_KEEP: tl.constexpr, RELU: tl.constexpr,
                          BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Program n·cdiv(C, BLOCK_C) + j owns channels [j·BLOCK_C, (j+1)·BLOCK_C) of sample n, all its
-    positions in order. (sample, channel tile) is flattened onto grid axis 0 (up to 2^31 - 1): on
+    """Program (p·N + n)·cdiv(C, BLOCK_C) + j owns channels [j·BLOCK_C, (j+1)·BLOCK_C) of sample n at
+    positions [p·PER, (p+1)·PER) (split p, position_splits), in order; its partial sums go to row
+    p·N + n of the (splits·N, C) tables. Everything is flattened onto grid axis 0 (up to 2^31 - 1): on
     axis 1 (at most 65535) the channel tiles stopped launching past C = 131,070."""
     n_tiles = tl.cdiv(C, BLOCK_C)
     pid = tl.program_id(0).to(tl.int64)
-    n = pid // n_tiles
+    ns = pid // n_tiles  # p·N + n
+    n = ns % N
+    s_lo = (ns // N) * PER
+    s_hi = tl.minimum(s_lo + PER, S)
     cols = (pid % n_tiles) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
     cmask = cols < C
     acc_ty = k_ptr.dtype.element_ty
@@ -138,9 +163,9 @@ def multistep_bwd_kernel(g_ptr, u_ptr, p_ptr, f_ptr, o_ptr, k_ptr, dt_ptr, keep_
     acc_k = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
     acc_f = tl.zeros([BLOCK_C, BLOCK_S], dtype=acc_ty)
     base = n * C * S
-    for start in range(0, S, BLOCK_S):
+    for start in range(s_lo, s_hi, BLOCK_S):
         s = start + tl.arange(0, BLOCK_S).to(tl.int64)
-        mask = cmask[:, None] & (s < S)[None, :]
+        mask = cmask[:, None] & (s < s_hi)[None, :]
         offs = base + cols[:, None] * sc + s[None, :] * ss
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_ty)
         if RELU:
@@ -154,15 +179,16 @@ def multistep_bwd_kernel(g_ptr, u_ptr, p_ptr, f_ptr, o_ptr, k_ptr, dt_ptr, keep_
         tl.store(df_ptr + offs, (scale[:, None] * g).to(df_ptr.dtype.element_ty), mask=mask)
         acc_k += g * (p - u)
         acc_f += g * f
-    tl.store(pk_ptr + n * C + cols, tl.sum(acc_k, axis=1), mask=cmask)
-    tl.store(pf_ptr + n * C + cols, tl.sum(acc_f, axis=1), mask=cmask)
+    tl.store(pk_ptr + ns * C + cols, tl.sum(acc_k, axis=1), mask=cmask)
+    tl.store(pf_ptr + ns * C + cols, tl.sum(acc_f, axis=1), mask=cmask)
 
 
 @triton.jit
-def multistep_finalize_kernel(pk_ptr, pf_ptr, dt_ptr, keep_ptr, dkp_ptr, ddt_ptr, dkeep_ptr, N, C,
+def multistep_finalize_kernel(pk_ptr, pf_ptr, dt_ptr, keep_ptr, dkp_ptr, ddt_ptr, dkeep_ptr, N, C, PK_ROWS,
                               HAS_DT: tl.constexpr, HAS_KEEP: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
     """Programs j < cdiv(C, BLOCK): channels j*BLOCK..: ddt[c] = Σ_n keep[n]·pf[n, c] and
-    dkp[j] = Σ_{n, c in tile} pk[n, c] (dk = Σ_j dkp[j], merged by _reduce). Programs after them:
+    dkp[j] = Σ_{r, c in tile} pk[r, c] over the PK_ROWS (splits·N) rows of pk (dk = Σ_j dkp[j], merged by
+    _reduce). Programs after them:
     samples (j - cdiv(C, BLOCK))*BLOCK..: dkeep[n] = Σ_c dt[c]·pf[n, c]. Every sum is a fixed-order
     _reduce.chunk_sum (tiles of BLOCK_K, then a tree)."""
     ctiles = tl.cdiv(C, BLOCK)
@@ -171,7 +197,7 @@ def multistep_finalize_kernel(pk_ptr, pf_ptr, dt_ptr, keep_ptr, dkp_ptr, ddt_ptr
     if pid < ctiles:
         cols = pid * BLOCK + lanes
         cm = cols < C
-        colk = chunk_sum(pk_ptr, C, N, cols, cm, pk_ptr, pk_ptr, SHIFTED=False, SQUARE=False, WEIGHTED=False,
+        colk = chunk_sum(pk_ptr, C, PK_ROWS, cols, cm, pk_ptr, pk_ptr, SHIFTED=False, SQUARE=False, WEIGHTED=False,
                          BLOCK_K=BLOCK_K)
         tl.store(dkp_ptr + pid, tl.sum(colk, axis=0))
         if HAS_DT:
@@ -196,27 +222,30 @@ def _shape(t: torch.Tensor, cl: bool) -> tuple[int, int, int, bool]:
 
 def launch_plan(u, u_prev, f, k, dt, keep, relu, sms: int = 132) -> list[dict]:
     """Launches of the forward and the backward for these forward arguments (meta tensors are fine),
-    from forward_grid, backward_tile and finalize_plan, as the launchers."""
+    from forward_grid, backward_plan and finalize_plan, as the launchers."""
     N, C, S, cl = _shape(u, is_channels_last_like(u))
     numel, elem, acc = u.numel(), u.element_size(), k.element_size()
-    plan = []
+    plan, splits = [], 1
     if numel:
         plan.append(_launch.launch("multistep_fwd_kernel", "forward", forward_grid(numel), 4,
                                    bytes=4 * numel * elem + (C + N + 1) * acc, chain=1,
                                    request_bytes=_launch.request_bytes(FWD_BLOCK, elem), smem=0))
-        block_c, block_s = backward_tile(C, S, cl, elem, N=N)
+        bp = backward_plan(N, C, S, cl, elem)
+        block_c, block_s, splits = bp["BLOCK_C"], bp["BLOCK_S"], bp["splits"]
         rows = cl or S == 1  # lanes along c (contiguous, rows S·... apart) or along s (channels S apart)
         request = (_launch.tile_request_bytes(block_c, min(C, block_c), elem, rows_adjacent=C <= block_c) if rows
                    else _launch.tile_request_bytes(block_s, min(S, block_s), elem, rows_adjacent=S <= block_s))
-        plan.append(_launch.launch("multistep_bwd_kernel", "backward", (N * triton.cdiv(C, block_c),), 4,
-                                   bytes=(8 if relu else 7) * numel * elem + (2 * N * C + C + N + 1) * acc,
+        plan.append(_launch.launch("multistep_bwd_kernel", "backward", (bp["programs"],), 4,
+                                   bytes=(8 if relu else 7) * numel * elem + (2 * splits * N * C + C + N + 1) * acc,
                                    chain=1 + log2(block_s),  # streaming loop, then the tree over BLOCK_S
                                    request_bytes=request, smem=2 * _launch.reduce_smem(block_c, 4, acc)))
+        if splits > 1:  # the splits' pf partials: a (splits, N·C) table
+            plan.append(_reduce.merge_launch("backward", splits, N * C, acc))
     fin = finalize_plan(N, C)
     if fin["ctiles"] + fin["ntiles"]:
-        steps = max(triton.cdiv(N, fin["BLOCK_K"]), triton.cdiv(C, fin["BLOCK_K"]))
+        steps = max(triton.cdiv(splits * N, fin["BLOCK_K"]), triton.cdiv(C, fin["BLOCK_K"]))
         plan.append(_launch.launch("multistep_finalize_kernel", "backward", (fin["ctiles"] + fin["ntiles"],), 4,
-                                   bytes=(3 * N * C + 2 * (N + C) + fin["ctiles"]) * acc,
+                                   bytes=((2 + splits) * N * C + 2 * (N + C) + fin["ctiles"]) * acc,
                                    chain=steps + log2(fin["BLOCK_K"]) + log2(fin["BLOCK"]),
                                    request_bytes=_launch.request_bytes(min(C, fin["BLOCK"]), acc),
                                    smem=_launch.reduce_smem(fin["BLOCK"], 4, acc)))
@@ -256,23 +285,29 @@ def multistep_update_backward_triton(
     ddt = k.new_empty(0) if dt is None else torch.empty_like(dt)
     dkeep = k.new_empty(0) if keep is None else torch.empty_like(keep)
     N, C, S, cl = _shape(u, cl)
-    pk = k.new_empty(N * C)
-    pf = k.new_empty(N * C)
     flags = dict(HAS_DT=dt is not None, HAS_KEEP=keep is not None)
+    pf = k.new_empty(N * C)
     if u.numel():
-        block_c, block_s = backward_tile(C, S, cl, u.element_size(), N=N)
-        multistep_bwd_kernel[(N * triton.cdiv(C, block_c),)](
-            g, u, u_prev, f, o, k, k if dt is None else dt, k if keep is None else keep, du, dp, df, pk, pf,
-            C, S, 1 if cl else S, C if cl else 1, RELU=relu, BLOCK_C=block_c, BLOCK_S=block_s, **flags)
+        bp = backward_plan(N, C, S, cl, u.element_size())
+        splits = bp["splits"]
+        pk = k.new_empty(splits * N * C)
+        pfs = pf if splits == 1 else k.new_empty(splits * N * C)  # the splits' pf partials, merged below
+        multistep_bwd_kernel[(bp["programs"],)](
+            g, u, u_prev, f, o, k, k if dt is None else dt, k if keep is None else keep, du, dp, df, pk, pfs,
+            N, C, S, 1 if cl else S, C if cl else 1, bp["per"], RELU=relu, BLOCK_C=bp["BLOCK_C"],
+            BLOCK_S=bp["BLOCK_S"], **flags)
+        if splits > 1:
+            _reduce.sum_chunks(pfs.view(splits, N * C), pf)
     else:
-        pk.zero_()
+        splits = 1
+        pk = k.new_zeros(N * C)
         pf.zero_()
     fin = finalize_plan(N, C)
     if fin["ctiles"] + fin["ntiles"]:
         dkp = k.new_empty(fin["ctiles"], 1)  # each channel tile's share of dk
         multistep_finalize_kernel[(fin["ctiles"] + fin["ntiles"],)](
             pk, pf, k if dt is None else dt, k if keep is None else keep, dkp, k if dt is None else ddt,
-            k if keep is None else dkeep, N, C, BLOCK=fin["BLOCK"], BLOCK_K=fin["BLOCK_K"], **flags)
+            k if keep is None else dkeep, N, C, splits * N, BLOCK=fin["BLOCK"], BLOCK_K=fin["BLOCK_K"], **flags)
         _reduce.sum_chunks(dkp, dk)
     else:  # N = C = 0: nothing to sum
         dk.zero_()
@@ -290,14 +325,15 @@ def _bwd_sig(dtype: str) -> dict:
     sig = {name: f"*{dtype}" for name in ("g_ptr", "u_ptr", "p_ptr", "f_ptr", "o_ptr")}
     sig.update({"k_ptr": "*fp32", "dt_ptr": "*fp32", "keep_ptr": "*fp32"})
     sig.update({name: f"*{dtype}" for name in ("du_ptr", "dp_ptr", "df_ptr")})
-    sig.update({"pk_ptr": "*fp32", "pf_ptr": "*fp32", "C": "i64", "S": "i64", "sc": "i64", "ss": "i64",
+    sig.update({"pk_ptr": "*fp32", "pf_ptr": "*fp32", "N": "i64", "C": "i64", "S": "i64", "sc": "i64", "ss": "i64",
+                "PER": "i64",
                 "HAS_DT": "constexpr", "HAS_KEEP": "constexpr", "RELU": "constexpr", "BLOCK_C": "constexpr",
                 "BLOCK_S": "constexpr"})
     return sig
 
 
 _FIN_SIG = {"pk_ptr": "*fp32", "pf_ptr": "*fp32", "dt_ptr": "*fp32", "keep_ptr": "*fp32", "dkp_ptr": "*fp32",
-            "ddt_ptr": "*fp32", "dkeep_ptr": "*fp32", "N": "i64", "C": "i64",
+            "ddt_ptr": "*fp32", "dkeep_ptr": "*fp32", "N": "i64", "C": "i64", "PK_ROWS": "i64",
             "HAS_DT": "constexpr", "HAS_KEEP": "constexpr", "BLOCK": "constexpr", "BLOCK_K": "constexpr"}
 
 # Every backward tile backward_tile can pick on a GPU: planes for S = 2 .. 256 and beyond, rows for

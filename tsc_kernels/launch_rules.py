@@ -132,8 +132,6 @@ _NARROW_PLANES = ("Triton planes of < 32 values ((256, 2048, 7, 7) bf16: 98 B; C
                   "program walks one channel's plane; a tile of adjacent channels per program would reach 128")
 _TRITON_BN_FINALIZE = ("Triton BatchNorm finalize, channels-last at C = 2048: 64 programs over the (chunks, C) "
                        "partials (12-16 MB); a transposed partial layout would give more")
-_TRITON_MULTISTEP_CL_BF16 = ("Triton multistep backward, channels-last bf16 (64, 256, 56, 56): 512 programs with "
-                             "64-byte requests or 256 with 128; splitting the positions across programs gives both")
 KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {
     ("residual_update", "cuda", "C=2^20-nchw-float32"): _CUDA_C_2_20,
     ("residual_update", "triton", "C=2^20-nchw-float32"): _NARROW_PLANES,
@@ -154,7 +152,6 @@ KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {
     ("batch_norm_residual_update", "triton", "resnet50-stage4-b256-cl-bfloat16"): _TRITON_BN_FINALIZE,
     ("batch_norm_residual_update", "cuda", "C=2^20-cl-bfloat16"): _CUDA_C_2_20,
     ("batch_norm_residual_update", "triton", "past-2^31-cl-bfloat16"): _TRITON_BN_FINALIZE,
-    ("multistep_update", "triton", "lm-resnet50-stage1-cl-bfloat16"): _TRITON_MULTISTEP_CL_BF16,
 }
 
 

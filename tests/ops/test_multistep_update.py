@@ -240,6 +240,45 @@ def test_triton_backward_grid_within_cuda_limits_at_many_channels(monkeypatch):
         assert grid[0] < 2**31 and all(d <= 65535 for d in grid[1:]), grid
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_backward_splits_the_positions(monkeypatch, dtype):
+    """Issue 22: where (sample, channel tile) programs are few, the backward splits the positions
+    (position_splits) and merges the splits' partials in a fixed order. With the small sizes a
+    (3, 19, 5, 7) channels-last block takes 2 (fp32) or 3 (bf16) splits, the last one short: the
+    launches are the plan's, the gradients the reference's, the same from run to run."""
+    if not tsc_kernels.backend.TRITON_INTERPRET:
+        pytest.skip("the Triton launchers run on CPU tensors only under TRITON_INTERPRET=1")
+    ms = pytest.importorskip("tsc_kernels._triton.multistep_update")
+    from triton.runtime import interpreter
+
+    monkeypatch.setattr(ms, "RUN", ms.SMALL)
+    shape = (3, 19, 5, 7)
+    bp = ms.backward_plan(3, 19, 35, True, torch.empty((), dtype=dtype).element_size())
+    assert bp["splits"] > 1 and 35 % bp["per"] != 0, bp
+    torch.manual_seed(3)
+    u, up, f, k, dt, keep = make_inputs(shape, dtype, channels_last=True, requires_grad=False)
+    out = reference.multistep_update(u, up, f, k, dt, keep, relu=True)
+    g = torch.randn(shape, dtype=dtype)
+    launches, run = [], interpreter.InterpretedFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self.__name__, tuple(grid) + (1,) * (3 - len(grid))))
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", record)
+    first = ms.multistep_update_backward_triton(g, u, up, f, k, dt, keep, out)
+    plan = ms.launch_plan(u, up, f, k, dt, keep, True)
+    assert launches == [(p["kernel"], p["grid"]) for p in plan if p["phase"] == "backward"]
+    again = ms.multistep_update_backward_triton(g, u, up, f, k, dt, keep, out)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    inputs = [t.detach().requires_grad_() for t in (u, up, f, k, dt, keep)]
+    want = torch.autograd.grad(reference.multistep_update(*inputs, relu=True), inputs, g)
+    atol, rtol = TOLERANCES[dtype]
+    for name, a, b in zip(NAMES, first, want):
+        scale = max(1.0, u.numel() ** 0.5) if name in ("dk", "ddt", "dkeep") else 1.0
+        torch.testing.assert_close(a, b, atol=atol * scale, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Hypothesis properties (tests/ops/test_properties.py runs them on every backend): the case
 # strategy, the check against the fp64 reference and docs/ops.md's properties

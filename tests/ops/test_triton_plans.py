@@ -185,9 +185,11 @@ def test_multistep_rows_tile_requests_128_bytes_in_bf16():
     plan = plan_of("multistep_update", (64, 2048, 7, 7), True, torch.bfloat16)
     bwd = next(launch for launch in plan if launch["kernel"] == "multistep_bwd_kernel")
     assert bwd["request_bytes"] >= 128
-    assert ms.backward_tile(2048, 49, True, 2, ms.GPU, N=64) == (64, 8)
-    # ... unless the wider tiles leave too few programs: (64, 256, 56, 56) keeps 512 of 32 channels
-    assert ms.backward_tile(256, 3136, True, 2, ms.GPU, N=64) == (32, 16)
+    assert ms.backward_tile(2048, 49, True, 2, ms.GPU) == (64, 8)
+    # where the wide tiles leave too few programs, the positions are split: (64, 256, 56, 56) has 2 x 256
+    # programs of 64 channels (it had 512 of 32 channels, 64-byte requests)
+    bp = ms.backward_plan(64, 256, 3136, True, 2, ms.GPU)
+    assert (bp["BLOCK_C"], bp["BLOCK_S"], bp["splits"], bp["programs"]) == (64, 8, 2, 512)
 
 
 @pytest.mark.parametrize("op", ["residual_update", "batch_norm_residual_update"])
