@@ -227,9 +227,9 @@ def test_device_table_cache_keeps_captured_entries(monkeypatch):
 def test_weight_mean_8192x8192_grid_fits():
     w = torch.empty(8192, 8192, 1, 1, device="meta")
     fwd = twm.fwd_grid([w, w])
-    # output tiles on axis 0 (limit 2^31 - 1), weights on axis 1 (limit 65535); the backward
+    # row tiles on axis 0 (limit 2^31 - 1), weights on axis 1 (limit 65535); the backward
     # launches one program per weight (it loops over the weight's packed dw̄), so it has no tile axis
-    assert fwd == (triton.cdiv(8192, twm.FWD_BLOCK_J), 2)
+    assert fwd == (triton.cdiv(8192, twm.FWD_ROWS), 2)
 
 
 # ------------------------------------------------------------------ 7. device checks
