@@ -42,28 +42,42 @@ __global__ void bn_stats_kernel(const scalar_t* __restrict__ x, acc_t* __restric
   __shared__ Slots<Moments<acc_t>, W> shared[kThreads];
   const int64_t C = r.channels, inner = r.inner;
   const int64_t c = reduction_channel(r, blockIdx.x, threadIdx.x);
+  const int64_t chunks = gridDim.y;
+  const bool slots = r.rows || r.group;  // a slot per value of an item (else every value is of channel c)
   Slots<Moments<acc_t>, W> mom{};
-  if (c < C) {
-    auto body = [&]<int P>(int64_t o, int64_t s) {
-      const Pack<scalar_t, P> xv = load_items<P, Vec>(x + (o * C + c) * inner + s);
+  auto body = [&]<int P>(int64_t o, int64_t s) {
+    const Pack<scalar_t, P> xv = load_items<P, Vec>(x + (o * C + c) * inner + s);
 #pragma unroll
-      for (int j = 0; j < P; ++j) {
-        if (r.rows)
-          push_moment(mom.v[j], static_cast<acc_t>(xv.v[j]));
-        else
-          push_moment(mom.v[0], static_cast<acc_t>(xv.v[j]));
-      }
-    };
+    for (int j = 0; j < P; ++j) push_moment(mom.v[slots ? j : 0], static_cast<acc_t>(xv.v[j]));
+  };
+  if (r.group) {  // channel groups: each item's values over the chunk's samples into its columns
+    Moments<acc_t>* cols = group_columns<Moments<acc_t>>();
+    walk_group_items(r, blockIdx.x, blockIdx.y, threadIdx.x, [&](int64_t s, int64_t n, int64_t o0, int64_t o1) {
+      mom = Slots<Moments<acc_t>, W>{};
+      for (int64_t o = o0; o < o1; ++o) reduction_item<W>(o, s, n, body);
+#pragma unroll
+      for (int j = 0; j < W; ++j)
+        if (j < n) cols[s + j] = mom.v[j];
+    });
+    fold_group_columns(
+        r, cols, [](Moments<acc_t>& a, const Moments<acc_t>& b) { merge_moments(a, b); },
+        [&](int64_t ch, const Moments<acc_t>& total) {
+          const int64_t o = blockIdx.y * C + ch;
+          partial[o] = total.count;
+          partial[chunks * C + o] = total.mean;
+          partial[2 * chunks * C + o] = total.m2;
+        });
+    return;
+  }
+  if (c < C)
     walk_reduction_items(r, c, blockIdx.y, threadIdx.y,
                          [&](int64_t o, int64_t s, int64_t n) { reduction_item<W>(o, s, n, body); });
-  }
   shared[threadIdx.y * blockDim.x + threadIdx.x] = mom;
   tree_reduce(shared, [](Slots<Moments<acc_t>, W>& a, const Slots<Moments<acc_t>, W>& b) {
 #pragma unroll
     for (int j = 0; j < W; ++j) merge_moments(a.v[j], b.v[j]);
   });
   if (threadIdx.y == 0 && c < C) {
-    const int64_t chunks = gridDim.y;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       if (j > 0 && !(r.rows && j < r.pack)) continue;
@@ -91,6 +105,7 @@ __device__ __forceinline__ Moments<acc_t> warp_merge_moments(Moments<acc_t> m) {
 // A warp per channel: statistics (the chunks merged in a fixed lane-then-tree order in training,
 // the running ones in eval), running update, apply coefficients coef = (scale, shift) as (2, C).
 // Chain: ceil(chunks / 32) + 5 merges (was one thread merging all chunks in a row: up to 1024).
+// With at most one chunk (eval, C = 2^20), a thread per channel: a warp reads 32 adjacent channels.
 template <typename acc_t, typename running_t>
 __global__ void bn_forward_channels_kernel(const acc_t* __restrict__ partial, int64_t chunks, int64_t C, int64_t M,
                                            const acc_t* __restrict__ dt, const acc_t* __restrict__ weight,
@@ -98,16 +113,20 @@ __global__ void bn_forward_channels_kernel(const acc_t* __restrict__ partial, in
                                            running_t* running_var, int64_t running_stride, bool training,
                                            acc_t momentum, acc_t eps, acc_t* __restrict__ save_mean,
                                            acc_t* __restrict__ save_invstd, acc_t* __restrict__ coef) {
-  const int64_t c = blockIdx.x * (int64_t)kChannelWarps + threadIdx.x / 32;
-  if (c >= C) return;  // whole warps leave: c is uniform in a warp
+  const bool per_thread = chunks <= 1;  // channel_pass_blocks: a thread per channel (a lane per chunk no use)
+  const int64_t c = per_thread ? blockIdx.x * (int64_t)kThreads + threadIdx.x
+                               : blockIdx.x * (int64_t)kChannelWarps + threadIdx.x / 32;
+  if (c >= C) return;  // whole warps leave in warp mode: c is uniform in a warp
   Moments<acc_t> m{acc_t(0), acc_t(0), acc_t(0)};
-  if (training) {
+  if (training && per_thread) {
+    if (chunks == 1) m = Moments<acc_t>{partial[c], partial[C + c], partial[2 * C + c]};  // = the warp's merge
+  } else if (training) {
     m = lane_moments<acc_t>(threadIdx.x % 32, chunks, [&](int64_t j) {
       return Moments<acc_t>{partial[j * C + c], partial[(chunks + j) * C + c], partial[(2 * chunks + j) * C + c]};
     });
     m = warp_merge_moments(m);
   }
-  if (threadIdx.x % 32 != 0) return;
+  if (!per_thread && threadIdx.x % 32 != 0) return;
   acc_t mean, invstd;
   if (training) {
     mean = m.mean;
@@ -163,29 +182,54 @@ __global__ void bn_backward_sums_kernel(const scalar_t* __restrict__ g, const sc
   __shared__ Slots<Sums<acc_t>, W> shared[kThreads];
   const int64_t C = r.channels, inner = r.inner;
   const int64_t c = reduction_channel(r, blockIdx.x, threadIdx.x);
+  const int64_t chunks = gridDim.y;
+  const bool slots = r.rows || r.group;  // a slot per value of an item (else every value is of channel c)
   Slots<Sums<acc_t>, W> sums{};
+  acc_t mu[W];
+  auto body = [&]<int P>(int64_t o, int64_t s) {
+    const int64_t i = (o * C + c) * inner + s;
+    const Pack<scalar_t, P> gv = load_items<P, Vec>(g + i), xv = load_items<P, Vec>(x + i);
+    Pack<scalar_t, P> ov;
+    if (relu_out) ov = load_items<P, Vec>(relu_out + i);
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      acc_t gi = static_cast<acc_t>(gv.v[j]);
+      if (relu_out) gi = relu_backward(gi, static_cast<acc_t>(ov.v[j]));
+      if (slots) {  // constant indices in both branches: the slots stay in registers (no stack frame)
+        sums.v[j].s1 += gi;
+        sums.v[j].s2 += gi * (static_cast<acc_t>(xv.v[j]) - mu[j]);
+      } else {
+        sums.v[0].s1 += gi;
+        sums.v[0].s2 += gi * (static_cast<acc_t>(xv.v[j]) - mu[0]);
+      }
+    }
+  };
+  if (r.group) {  // channel groups: each item's values over the chunk's samples into its columns
+    Sums<acc_t>* cols = group_columns<Sums<acc_t>>();
+    walk_group_items(r, blockIdx.x, blockIdx.y, threadIdx.x, [&](int64_t s, int64_t n, int64_t o0, int64_t o1) {
+#pragma unroll
+      for (int j = 0; j < W; ++j) mu[j] = mean[c + (s + (j < n ? j : 0)) / inner];  // the channel of value j
+      sums = Slots<Sums<acc_t>, W>{};
+      for (int64_t o = o0; o < o1; ++o) reduction_item<W>(o, s, n, body);
+#pragma unroll
+      for (int j = 0; j < W; ++j)
+        if (j < n) cols[s + j] = sums.v[j];
+    });
+    fold_group_columns(
+        r, cols,
+        [](Sums<acc_t>& a, const Sums<acc_t>& b) {
+          a.s1 += b.s1;
+          a.s2 += b.s2;
+        },
+        [&](int64_t ch, const Sums<acc_t>& total) {
+          partial[blockIdx.y * C + ch] = total.s1;
+          partial[(chunks + blockIdx.y) * C + ch] = total.s2;
+        });
+    return;
+  }
   if (c < C) {
-    acc_t mu[W];
 #pragma unroll
     for (int j = 0; j < W; ++j) mu[j] = mean[r.rows && c + j < C ? c + j : c];
-    auto body = [&]<int P>(int64_t o, int64_t s) {
-      const int64_t i = (o * C + c) * inner + s;
-      const Pack<scalar_t, P> gv = load_items<P, Vec>(g + i), xv = load_items<P, Vec>(x + i);
-      Pack<scalar_t, P> ov;
-      if (relu_out) ov = load_items<P, Vec>(relu_out + i);
-#pragma unroll
-      for (int j = 0; j < P; ++j) {
-        acc_t gi = static_cast<acc_t>(gv.v[j]);
-        if (relu_out) gi = relu_backward(gi, static_cast<acc_t>(ov.v[j]));
-        if (r.rows) {
-          sums.v[j].s1 += gi;
-          sums.v[j].s2 += gi * (static_cast<acc_t>(xv.v[j]) - mu[j]);
-        } else {  // planes: every value is of channel c
-          sums.v[0].s1 += gi;
-          sums.v[0].s2 += gi * (static_cast<acc_t>(xv.v[j]) - mu[0]);
-        }
-      }
-    };
     walk_reduction_items(r, c, blockIdx.y, threadIdx.y,
                          [&](int64_t o, int64_t s, int64_t n) { reduction_item<W>(o, s, n, body); });
   }
@@ -198,7 +242,6 @@ __global__ void bn_backward_sums_kernel(const scalar_t* __restrict__ g, const sc
     }
   });
   if (threadIdx.y == 0 && c < C) {
-    const int64_t chunks = gridDim.y;
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       if (j > 0 && !(r.rows && j < r.pack)) continue;
@@ -210,18 +253,26 @@ __global__ void bn_backward_sums_kernel(const scalar_t* __restrict__ g, const sc
 }
 
 // A warp per channel: S1, S2c folded over the chunks in a fixed order (warp_fold_sum: ceil(chunks / 32) + 5
-// dependent adds); gradients of dt, weight, bias; coef (3, C) = k1, k2, k3.
+// dependent adds); gradients of dt, weight, bias; coef (3, C) = k1, k2, k3. At most one chunk: a thread per channel.
 template <typename acc_t>
 __global__ void bn_backward_channels_kernel(const acc_t* __restrict__ partial, int64_t chunks, int64_t C, int64_t M,
                                             const acc_t* __restrict__ dt, const acc_t* __restrict__ weight,
                                             const acc_t* __restrict__ bias, const acc_t* __restrict__ invstd,
                                             bool training, acc_t* __restrict__ ddt, acc_t* __restrict__ dweight,
                                             acc_t* __restrict__ dbias, acc_t* __restrict__ coef) {
-  const int64_t c = blockIdx.x * (int64_t)kChannelWarps + threadIdx.x / 32;
-  if (c >= C) return;  // whole warps leave
-  const acc_t s1 = warp_fold_sum<acc_t>(chunks, [&](int64_t j) { return partial[j * C + c]; });
-  const acc_t s2c = warp_fold_sum<acc_t>(chunks, [&](int64_t j) { return partial[(chunks + j) * C + c]; });
-  if (threadIdx.x % 32 != 0) return;
+  const bool per_thread = chunks <= 1;  // channel_pass_blocks: a thread per channel
+  const int64_t c = per_thread ? blockIdx.x * (int64_t)kThreads + threadIdx.x
+                               : blockIdx.x * (int64_t)kChannelWarps + threadIdx.x / 32;
+  if (c >= C) return;  // whole warps leave in warp mode
+  acc_t s1 = 0, s2c = 0;
+  if (per_thread && chunks == 1) {  // the warp's fold of one chunk: the value itself
+    s1 = partial[c];
+    s2c = partial[C + c];
+  } else if (!per_thread) {
+    s1 = warp_fold_sum<acc_t>(chunks, [&](int64_t j) { return partial[j * C + c]; });
+    s2c = warp_fold_sum<acc_t>(chunks, [&](int64_t j) { return partial[(chunks + j) * C + c]; });
+  }
+  if (!per_thread && threadIdx.x % 32 != 0) return;
   const BnBackward<acc_t> r = bn_backward_coefficients(dt[c], weight ? weight[c] : acc_t(1), bias ? bias[c] : acc_t(0),
                                                        invstd[c], s1, s2c, static_cast<acc_t>(M), training);
   ddt[c] = r.ddt;
@@ -269,7 +320,7 @@ const T* maybe_ptr(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<T>() : nullptr;
 }
 
-unsigned channel_blocks(int64_t C) { return static_cast<unsigned>(fold_blocks(C)); }
+unsigned channel_blocks(int64_t C, int64_t chunks) { return static_cast<unsigned>(channel_pass_blocks(C, chunks)); }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cuda(
     const at::Tensor& y_in, const at::Tensor& x_in, const at::Tensor& dt_in,
@@ -285,7 +336,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cuda(
   const auto acc = bn_acc_type(a.y);
   const at::Tensor w = channel_param(weight, acc), b = channel_param(bias, acc);
   const at::Tensor coef = at::empty({2, C}, a.dt.options());
-  const ChannelReduction plan = plan_channel_reduction(v, a.y.element_size());
+  const ChannelReduction plan = plan_channel_reduction(v, a.y.element_size(), true);
   const at::Tensor partial = training ? at::empty({3, plan.chunks, C}, a.dt.options()) : at::Tensor();
   const auto running_type = running_mean.has_value() ? running_mean->scalar_type() : acc;
   AT_DISPATCH_FLOATING_TYPES_AND2(
@@ -294,7 +345,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cuda(
         if (training) {
           const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
           dispatch_reduction<scalar_t>(plan, {xp}, true, [&]<int W, bool Vec>() {
-            bn_stats_kernel<W, Vec, scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
+            const auto cols = static_cast<unsigned>(group_shared_bytes(plan, sizeof(Moments<acc_t>)));
+            bn_stats_kernel<W, Vec, scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), cols, stream>>>(
                 xp, partial.mutable_data_ptr<acc_t>(), plan);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
@@ -307,11 +359,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cuda(
               TORCH_CHECK(!running_mean.has_value() || running_mean->stride(0) == running_var->stride(0),
                           "tsc::batch_norm_residual_update: running_mean and running_var must have one stride");
               const int64_t rstride = running_mean.has_value() ? running_mean->stride(0) : 0;
-              bn_forward_channels_kernel<acc_t, running_t><<<channel_blocks(C), kThreads, 0, stream>>>(
-                  training ? partial.const_data_ptr<acc_t>() : nullptr, plan.chunks, C, a.count,
-                  a.dt.const_data_ptr<acc_t>(), maybe_ptr<acc_t>(w), maybe_ptr<acc_t>(b), rm, rv, rstride, training,
-                  static_cast<acc_t>(momentum), static_cast<acc_t>(eps), a.save_mean.mutable_data_ptr<acc_t>(),
-                  a.save_invstd.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>());
+              bn_forward_channels_kernel<acc_t, running_t>
+                  <<<channel_blocks(C, training ? plan.chunks : 0), kThreads, 0, stream>>>(
+                      training ? partial.const_data_ptr<acc_t>() : nullptr, training ? plan.chunks : 0, C, a.count,
+                      a.dt.const_data_ptr<acc_t>(), maybe_ptr<acc_t>(w), maybe_ptr<acc_t>(b), rm, rv, rstride, training,
+                      static_cast<acc_t>(momentum), static_cast<acc_t>(eps), a.save_mean.mutable_data_ptr<acc_t>(),
+                      a.save_invstd.mutable_data_ptr<acc_t>(), coef.mutable_data_ptr<acc_t>());
               C10_CUDA_KERNEL_LAUNCH_CHECK();
             });
         if (a.y.numel() == 0) return;
@@ -343,7 +396,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   const at::Tensor w = channel_param(weight, acc), b = channel_param(bias, acc);
   const at::Tensor coef = at::empty({3, C}, a.dt.options());
   const bool any = a.x.numel() > 0;
-  const ChannelReduction plan = plan_channel_reduction(v, a.x.element_size());
+  const ChannelReduction plan = plan_channel_reduction(v, a.x.element_size(), true);
   const at::Tensor partial = any ? at::empty({2, plan.chunks, C}, a.dt.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, a.x.scalar_type(), "tsc_batch_norm_residual_update_backward_cuda", [&] {
@@ -352,14 +405,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
         if (any) {
           const scalar_t *gp = a.g.const_data_ptr<scalar_t>(), *xp = a.x.const_data_ptr<scalar_t>();
           dispatch_reduction<scalar_t>(plan, {gp, xp, outp}, true, [&]<int W, bool Vec>() {
+            const auto cols = static_cast<unsigned>(group_shared_bytes(plan, sizeof(Sums<acc_t>)));
             bn_backward_sums_kernel<W, Vec, scalar_t, acc_t>
-                <<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
+                <<<reduction_grid(plan), reduction_block(plan), cols, stream>>>(
                     gp, xp, outp, a.save_mean.const_data_ptr<acc_t>(), partial.mutable_data_ptr<acc_t>(), plan);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           });
         }
         // No values: zero chunks, so the per-channel pass writes zero gradients.
-        bn_backward_channels_kernel<acc_t><<<channel_blocks(C), kThreads, 0, stream>>>(
+        bn_backward_channels_kernel<acc_t><<<channel_blocks(C, any ? plan.chunks : 0), kThreads, 0, stream>>>(
             any ? partial.const_data_ptr<acc_t>() : nullptr, any ? plan.chunks : 0, C, a.count,
             a.dt.const_data_ptr<acc_t>(), maybe_ptr<acc_t>(w), maybe_ptr<acc_t>(b),
             a.save_invstd.const_data_ptr<acc_t>(), training, a.ddt.mutable_data_ptr<acc_t>(),

@@ -8,8 +8,11 @@
 //     per-thread Moments (3 acc) / Sums (2 acc) slots (one per channel of a bf16 / half pair); a warp
 //     reads 32 adjacent items of a plane or 32 / lanes rows of min(C, 32 pack) adjacent channels
 //     (launch_geometry.h channel_reduction_request).
-//   bn_forward_channels_kernel / bn_backward_channels_kernel (channel_fold_launch): a warp per
-//     channel, lanes merge chunks j = lane, lane + 32, ... then a 5-level shuffle tree.
+//   bn_forward_channels_kernel / bn_backward_channels_kernel (channel_pass_launch): a warp per
+//     channel, lanes merge chunks j = lane, lane + 32, ... then a 5-level shuffle tree; with at most one
+//     chunk (eval, C = 2^20) a thread per channel, a warp on 32 adjacent channels (chain 1).
+//   Planes under 128 bytes (3x3 maps, bf16 7x7): the reductions run channel groups
+//     (launch_geometry.h plan_channel_groups): dynamic shared memory of a column per value of the run.
 //   bn_apply_kernel / bn_backward_apply_kernel (elementwise_launch): 16-byte packs.
 // Also tsc::_bn_merge_chunks: the GPU's fixed merge order run on the host (tests/test_cuda_plans.py).
 #include <torch/library.h>
@@ -35,18 +38,17 @@ std::vector<Launch> plan_batch_norm_residual_update(const PlanArgs& p) {
   const int64_t C = v.channels, numel = a.y.numel(), es = a.y.element_size(), acc = acc_size(es);
   std::vector<Launch> plan;
   if (C == 0) return plan;
-  const ChannelReduction r = plan_channel_reduction(v, es);
+  const ChannelReduction r = plan_channel_reduction(v, es, true);
   if (training) plan.push_back(reduction_launch("bn_stats_kernel", "forward", r, v, es, 1, 3, 3 * acc));
   // per channel: partials (training) or running statistics, dt / weight / bias, running update, save_* and coef
   plan.push_back(
-      channel_fold_launch("bn_forward_channels_kernel", "forward", C, training ? r.chunks : 0, 3, acc, 11 * C * acc));
-  if (!training) plan.back().chain = 1;
+      channel_pass_launch("bn_forward_channels_kernel", "forward", C, training ? r.chunks : 0, 3, acc, 11 * C * acc));
   if (numel > 0)
     plan.push_back(elementwise_launch("bn_apply_kernel", "forward", numel, es, 3, 3 * C * acc, p.sms, true));
   // Backward of a gradient shaped like out, with the saved statistics (and out as relu_out).
   if (numel > 0)
     plan.push_back(reduction_launch("bn_backward_sums_kernel", "backward", r, v, es, relu ? 3 : 2, 2, 2 * acc));
-  plan.push_back(channel_fold_launch("bn_backward_channels_kernel", "backward", C, numel > 0 ? r.chunks : 0, 2, acc,
+  plan.push_back(channel_pass_launch("bn_backward_channels_kernel", "backward", C, numel > 0 ? r.chunks : 0, 2, acc,
                                      11 * C * acc));
   if (numel > 0)
     plan.push_back(

@@ -117,6 +117,26 @@ __device__ __forceinline__ void tree_reduce(T* shared, Merge merge) {
   __syncthreads();
 }
 
+// Channel groups (launch_geometry.h plan_channel_groups): the block's columns, one T per value of the
+// run, in dynamic shared memory (group_shared_bytes(r, sizeof(T)) at the launch).
+template <typename T>
+__device__ __forceinline__ T* group_columns() {
+  extern __shared__ __align__(16) unsigned char tsc_group_shared[];
+  return reinterpret_cast<T*>(tsc_group_shared);
+}
+
+// After every thread stored its columns: thread g folds channel g's `inner` columns in order (merge(a, b):
+// a += b) and calls store(c, total) for its channel c of the group (a shorter last group: fewer channels).
+template <typename T, typename Merge, typename Store>
+__device__ __forceinline__ void fold_group_columns(const ChannelReduction& r, const T* cols, Merge merge, Store store) {
+  __syncthreads();
+  const int64_t g = threadIdx.x, c = blockIdx.x * r.group + g;
+  if (g >= r.group || c >= r.channels) return;
+  T total = cols[g * r.inner];
+  for (int64_t k = 1; k < r.inner; ++k) merge(total, cols[g * r.inner + k]);
+  store(c, total);
+}
+
 // ddt[c] = sum over chunks of partial[j * C + c], a warp per channel (kFoldWarps per block,
 // fold_blocks(C) blocks): fixed order, ceil(chunks / 32) + 5 dependent adds.
 template <typename acc_t>

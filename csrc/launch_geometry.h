@@ -70,9 +70,10 @@ struct ChannelReduction {
   int64_t chunk;               // items per chunk (the last one may be shorter)
   int64_t channels, inner;     // the (outer, C, inner) view
   int64_t pack;                // elements per item: 2 (2-byte types) or 1
-  int64_t per_plane;           // items per plane: ceil(inner / pack) (planes), 1 (rows)
-  int64_t items;               // items per channel: outer * per_plane
+  int64_t per_plane;           // items per plane: ceil(inner / pack) (planes), 1 (rows), group x inner / pack (groups)
+  int64_t items;               // items per channel: outer * per_plane (groups: outer, the samples)
   bool rows;                   // channels-last rows (inner == 1)
+  int64_t group;               // planes of groups: channels per tile (0: one channel's planes per block)
 };
 
 constexpr int64_t kReductionThreads = 256, kRowLanes = 32, kTargetBlocks = 1024, kMinValuesPerThread = 4;
@@ -80,7 +81,49 @@ constexpr int64_t kReductionThreads = 256, kRowLanes = 32, kTargetBlocks = 1024,
 // Elements per item of a reduction over element_size-byte values: 4-byte loads for 2-byte types.
 constexpr int64_t reduction_pack(int64_t element_size) { return element_size == 2 ? 2 : 1; }
 
-inline ChannelReduction plan_channel_reduction(const ChannelView& v, int64_t element_size) {
+// Channel groups (issue 22): a plane shorter than 128 bytes (3x3 maps, bf16 7x7) gives a block walking one
+// channel's planes requests of one plane (36 / 18 / 98 bytes), but the planes of adjacent channels of one
+// sample are contiguous: a block then covers the run of `group` adjacent channels of each sample (group x
+// inner values, a whole number of 32-item warp windows), its 256 threads on items t, t + 256, ... of the
+// run (items: `pack` adjacent values of the run, which may straddle two planes: a value per slot, as in
+// rows), each summing its item over the chunk's samples in order into a column of shared memory; then
+// thread g folds channel g's `inner` columns in order (fixed order, chain inner). Only for kernels that
+// implement it (`groups`), a whole group (C >= group), and when the columns fit the shared memory.
+constexpr int64_t kGroupSharedBudget = 48 * 1024;
+
+// Channels per group: the fewest whose run is a whole number of warp windows (32 items of `pack` values).
+inline int64_t channel_group(int64_t inner, int64_t pack) {
+  int64_t g = 1;
+  while ((g * inner) % (32 * pack) != 0) g *= 2;
+  return g;
+}
+
+inline ChannelReduction plan_channel_groups(const ChannelView& v, int64_t element_size) {
+  int64_t pack = reduction_pack(element_size);
+  if ((v.channels * v.inner) % 2 != 0) pack = 1;  // every sample's run starts at an even element
+  const int64_t group = channel_group(v.inner, pack);
+  const int64_t run = group * v.inner / pack, per_thread = ceil_div(run, kReductionThreads);
+  const int64_t tiles = ceil_div(v.channels, group);
+  int64_t chunks = std::max<int64_t>(1, kTargetBlocks / tiles);
+  chunks = std::min(chunks, std::max<int64_t>(1, v.outer * per_thread / kMinValuesPerThread));
+  const int64_t chunk = std::max<int64_t>(1, ceil_div(v.outer, chunks));
+  chunks = std::max<int64_t>(1, ceil_div(v.outer, chunk));
+  return {kReductionThreads, 1, tiles, chunks, chunk, v.channels, v.inner, pack, run, v.outer, false, group};
+}
+
+// Whether plan_channel_groups applies: planes under 128 bytes, C a whole group, and the largest
+// kernel's shared memory (Moments: 3 acc per thread slot and per column) within kGroupSharedBudget.
+inline bool use_channel_groups(const ChannelView& v, int64_t element_size) {
+  if (v.inner == 1 || v.inner * element_size >= 128 || v.outer == 0) return false;
+  const int64_t acc = acc_size(element_size), pack = reduction_pack(element_size);
+  const int64_t group = channel_group(v.inner, (v.channels * v.inner) % 2 != 0 ? 1 : pack);
+  if (v.channels < group) return false;
+  return (kReductionThreads * pack + group * v.inner) * 3 * acc <= kGroupSharedBudget;
+}
+
+// groups: the kernel implements channel groups (residual_update, the BatchNorm tail).
+inline ChannelReduction plan_channel_reduction(const ChannelView& v, int64_t element_size, bool groups = false) {
+  if (groups && use_channel_groups(v, element_size)) return plan_channel_groups(v, element_size);
   const bool rows = v.inner == 1;
   int64_t pack = reduction_pack(element_size);
   if (rows && v.channels % pack != 0) pack = 1;
@@ -96,7 +139,7 @@ inline ChannelReduction plan_channel_reduction(const ChannelView& v, int64_t ele
   chunks = std::min(chunks, std::max<int64_t>(1, M / (value_lanes * kMinValuesPerThread)));
   const int64_t chunk = std::max<int64_t>(1, ceil_div(M, chunks));
   chunks = std::max<int64_t>(1, ceil_div(M, chunk));
-  return {lanes, value_lanes, tiles, chunks, chunk, v.channels, v.inner, pack, per_plane, M, rows};
+  return {lanes, value_lanes, tiles, chunks, chunk, v.channels, v.inner, pack, per_plane, M, rows, 0};
 }
 
 // Item k of a plane of `inner` values starting at element `base` (pack 1 or 2): its first position
@@ -112,8 +155,21 @@ TSC_HD PlaneItem plane_item(int64_t k, int64_t base, int64_t inner, int64_t pack
 }
 
 // First channel of thread x of channel tile `tile` (its `pack` channels in rows, its one in planes).
+// Groups: the group's first channel (the thread's items are at (o C + c) inner + s, s < group x inner).
 TSC_HD int64_t reduction_channel(const ChannelReduction& r, int64_t tile, int64_t x) {
-  return r.rows ? (tile * r.lanes + x) * r.pack : tile;
+  return r.rows ? (tile * r.lanes + x) * r.pack : r.group ? tile * r.group : tile;
+}
+
+// Groups: the items thread t of block (tile, j) owns, in order: item(s, n, o0, o1) for the n (1 <= n <= pack)
+// adjacent values at run offset s (elements (o C + c) inner + s .. + n - 1, c = the group's first channel)
+// of samples o = o0 .. o1 - 1, which the kernel sums in that order into the columns s .. s + n - 1.
+template <typename F>
+TSC_HD void walk_group_items(const ChannelReduction& r, int64_t tile, int64_t j, int64_t t, F&& item) {
+  const int64_t c0 = tile * r.group, left = r.channels - c0;
+  const int64_t run = (left < r.group ? left : r.group) * r.inner;  // values of this tile's run
+  const int64_t o0 = j * r.chunk, end = (j + 1) * r.chunk, o1 = end < r.items ? end : r.items;
+  for (int64_t s = t * r.pack; s < run; s += kReductionThreads * r.pack)
+    item(s, run - s < r.pack ? run - s : r.pack, o0, o1);
 }
 
 // The items thread (x, y) of block (tile, j) walks, in order, for its channel c = reduction_channel:
@@ -143,13 +199,23 @@ TSC_HD void walk_reduction_items(const ChannelReduction& r, int64_t c, int64_t j
 }
 
 // Chain of a reduction block: its streaming loop (1) and the fixed tree over its value lanes.
-inline int64_t channel_reduction_chain(const ChannelReduction& r) { return 1 + tree_depth(r.value_lanes); }
+// Groups: the streaming loop, then channel g's thread folding its `inner` columns in a row.
+inline int64_t channel_reduction_chain(const ChannelReduction& r) {
+  return r.group ? 1 + (r.inner - 1) : 1 + tree_depth(r.value_lanes);
+}
+
+// Dynamic shared memory of a group block: a column of slot_bytes per value of the run (0 without groups).
+inline int64_t group_shared_bytes(const ChannelReduction& r, int64_t slot_bytes) {
+  return r.group * r.inner * slot_bytes;
+}
 
 // Contiguous bytes of a reduction block's narrowest busy warp: rows: 32 / lanes rows of
 // min(C, lanes pack) adjacent channels (whole rows, so adjacent in memory, when lanes < 32); planes:
 // 32 items of a plane, min(32 pack, inner) values (flattened over samples, so every warp is full
 // when there are >= 256 items).
+// Groups: 32 items of a run (a whole number of warp windows), 32 pack values.
 inline int64_t channel_reduction_request(const ChannelReduction& r, int64_t element_size) {
+  if (r.group) return warp_request(r.pack * element_size);
   const int64_t values = r.rows ? kRowLanes / r.lanes * std::min<int64_t>(r.channels, r.lanes * r.pack)
                                 : std::min<int64_t>(32 * r.pack, r.inner);
   return values * element_size;
@@ -182,7 +248,8 @@ inline Launch elementwise_launch(const char* kernel, const char* phase, int64_t 
 
 // A per-channel reduction block grid (plan_channel_reduction) reading and writing `tensors` tensors
 // and `partials` acc-typed (chunks, C) tables; smem = shared_per_thread per channel slot of a thread
-// (the kernels keep a slot per element of a pack: pack slots, only the first used in planes).
+// (the kernels keep a slot per element of a pack: pack slots, only the first used in planes), plus a
+// column of shared_per_thread per value of a group's run (group_shared_bytes).
 inline Launch reduction_launch(const char* kernel, const char* phase, const ChannelReduction& r, const ChannelView& v,
                                int64_t element_size, int64_t tensors, int64_t partials, int64_t shared_per_thread) {
   const int64_t numel = v.outer * v.channels * v.inner, acc = acc_size(element_size);
@@ -193,7 +260,8 @@ inline Launch reduction_launch(const char* kernel, const char* phase, const Chan
                 numel * element_size * tensors + partials * r.chunks * v.channels * acc + v.channels * acc,
                 channel_reduction_chain(r),
                 channel_reduction_request(r, element_size),
-                r.lanes * r.value_lanes * shared_per_thread * reduction_pack(element_size)};
+                r.lanes * r.value_lanes * shared_per_thread * reduction_pack(element_size) +
+                    group_shared_bytes(r, shared_per_thread)};
 }
 
 // Kernels folding per-chunk partials run a warp per channel (or per output), kFoldWarps per block.
@@ -202,6 +270,13 @@ inline int64_t fold_blocks(int64_t outputs) { return ceil_div(outputs, kFoldWarp
 
 // A warp per channel folding `chunks` partials of `partials` (chunks, C) tables (warp_fold_sum or
 // the BatchNorm moments merge), 8 warps a block; lanes read chunks C apart (acc bytes each, adjacent when C == 1).
+// Per-channel passes over at most one chunk (the BatchNorm tail's, channel_pass_blocks): a thread per
+// channel, so a warp reads 32 adjacent channels of the partial row and the per-channel vectors (was: a
+// warp per channel reading one 4-byte value, C = 2^20: 131072 blocks of 4-byte requests); chain 1.
+constexpr int64_t kPassThreads = 256;
+inline int64_t channel_pass_blocks(int64_t C, int64_t chunks) {
+  return chunks <= 1 ? ceil_div(C, kPassThreads) : fold_blocks(C);
+}
 inline Launch channel_fold_launch(const char* kernel, const char* phase, int64_t C, int64_t chunks, int64_t partials,
                                   int64_t acc, int64_t extra_bytes) {
   return Launch{kernel,
@@ -211,6 +286,19 @@ inline Launch channel_fold_launch(const char* kernel, const char* phase, int64_t
                 partials * chunks * C * acc + extra_bytes,
                 fold_chain(chunks, 32),
                 C == 1 ? warp_request(acc) : acc,
+                0};
+}
+
+inline Launch channel_pass_launch(const char* kernel, const char* phase, int64_t C, int64_t chunks, int64_t partials,
+                                  int64_t acc, int64_t extra_bytes) {
+  if (chunks > 1) return channel_fold_launch(kernel, phase, C, chunks, partials, acc, extra_bytes);
+  return Launch{kernel,
+                phase,
+                {channel_pass_blocks(C, chunks), 1, 1},
+                kPassThreads,
+                partials * chunks * C * acc + extra_bytes,
+                1,
+                warp_request(acc),
                 0};
 }
 

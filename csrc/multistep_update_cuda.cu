@@ -57,6 +57,8 @@ __global__ void multistep_forward_kernel(const scalar_t* __restrict__ u, const s
 // plane (plane_item: bf16 / half pairs, the plane's odd head or tail value alone); channels-last
 // (index (n S + s) C + c): lanes own the `pack` channels (tile * 32 + x) * pack.., the 8 rows positions
 // y, y + 8, ... W: channel slots per thread and widest item; Vec: items loaded as W-element vectors.
+// Channel groups (split.group, channel-first planes under 128 bytes): the block's 256 threads on the items of
+// the contiguous run of `group` adjacent channels of sample n, a column per value, a thread per channel.
 template <bool kPlanes, int W, bool Vec, typename scalar_t, typename acc_t>
 __global__ void multistep_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ u,
                                           const scalar_t* __restrict__ up, const scalar_t* __restrict__ f,
@@ -70,12 +72,11 @@ __global__ void multistep_backward_kernel(const scalar_t* __restrict__ g, const 
   const int64_t end = (chunk + 1) * split.per, q1 = end < split.items ? end : split.items;
   const int64_t c = kPlanes ? tile * kRows + threadIdx.y : (tile * kLanes + threadIdx.x) * split.pack;
   const int64_t q0 = chunk * split.per + (kPlanes ? threadIdx.x : threadIdx.y), dq = kPlanes ? kLanes : kRows;
+  const bool slots = !kPlanes || split.group;  // a slot per value of an item (else every value is of channel c)
   Slots<acc_t, W> sk{}, sf{};
-  if (c < C) {
-    const acc_t k = *kp;
-    acc_t scale[W];
-#pragma unroll
-    for (int j = 0; j < W; ++j) scale[j] = multistep_scale(dt, keep, n, !kPlanes && c + j < C ? c + j : c);
+  acc_t scale[W];
+  const acc_t k = *kp;
+  {
     auto body = [&]<int P>(int64_t i, int64_t) {
       const Pack<scalar_t, P> gv = load_items<P, Vec>(g + i), uv = load_items<P, Vec>(u + i),
                               pv = load_items<P, Vec>(up + i), fv = load_items<P, Vec>(f + i);
@@ -85,7 +86,7 @@ __global__ void multistep_backward_kernel(const scalar_t* __restrict__ g, const 
       for (int j = 0; j < P; ++j) {
         acc_t gi = static_cast<acc_t>(gv.v[j]);
         if (relu_out) gi = relu_backward(gi, static_cast<acc_t>(ov.v[j]));
-        const int slot = kPlanes ? 0 : j;
+        const int slot = slots ? j : 0;
         const auto r = multistep_backward(gi, static_cast<acc_t>(uv.v[j]), static_cast<acc_t>(pv.v[j]),
                                           static_cast<acc_t>(fv.v[j]), k, scale[slot]);
         duv.v[j] = static_cast<scalar_t>(r.du);
@@ -98,7 +99,45 @@ __global__ void multistep_backward_kernel(const scalar_t* __restrict__ g, const 
       store_items<P, Vec>(dup + i, dpv);
       store_items<P, Vec>(df + i, dfv);
     };
-    for (int64_t q = q0; q < q1; q += dq) {
+    if constexpr (kPlanes) {
+      if (split.group) {  // channel groups: a column per value of the run, then a thread per channel
+        acc_t* colk = group_columns<acc_t>();
+        acc_t* colf = colk + split.group * S;
+        const int64_t c0 = tile * split.group, left = C - c0, t = threadIdx.y * kLanes + threadIdx.x;
+        const int64_t run = (left < split.group ? left : split.group) * S, base = (n * C + c0) * S;
+        for (int64_t s = t * split.pack; s < run; s += kLanes * kRows * split.pack) {
+          const int64_t cnt = run - s < split.pack ? run - s : split.pack;
+#pragma unroll
+          for (int j = 0; j < W; ++j) {
+            scale[j] = multistep_scale(dt, keep, n, c0 + (s + (j < cnt ? j : 0)) / S);  // value j's channel
+            sk.v[j] = sf.v[j] = acc_t(0);
+          }
+          reduction_item<W>(base + s, 0, cnt, body);
+#pragma unroll
+          for (int j = 0; j < W; ++j)
+            if (j < cnt) {
+              colk[s + j] = sk.v[j];
+              colf[s + j] = sf.v[j];
+            }
+        }
+        __syncthreads();
+        if (t < split.group && c0 + t < C) {
+          acc_t tk = colk[t * S], tf = colf[t * S];
+          for (int64_t q = 1; q < S; ++q) {
+            tk += colk[t * S + q];
+            tf += colf[t * S + q];
+          }
+          pk[row * C + c0 + t] = tk;
+          pf[row * C + c0 + t] = tf;
+        }
+        return;
+      }
+    }
+    if (c < C) {
+#pragma unroll
+      for (int j = 0; j < W; ++j) scale[j] = multistep_scale(dt, keep, n, !kPlanes && c + j < C ? c + j : c);
+    }
+    for (int64_t q = q0; q < q1 && c < C; q += dq) {
       if constexpr (kPlanes) {
         const int64_t base = (n * C + c) * S;
         const PlaneItem it = plane_item(q, base, S, split.pack);
@@ -234,8 +273,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                 static_cast<const void*>(fp), static_cast<const void*>(op), static_cast<const void*>(dup),
                 static_cast<const void*>(dpp), static_cast<const void*>(dfp)})
             vec = vec && reinterpret_cast<std::uintptr_t>(p) % (W * sizeof(scalar_t)) == 0;
+          const auto cols = static_cast<unsigned>(multistep_plan::backward_shared_bytes(v, split.group, sizeof(acc_t)));
           const auto launch = [&](auto kernel) {
-            kernel<<<static_cast<unsigned>(blocks), dim3(kLanes, kRows), 0, stream>>>(
+            kernel<<<static_cast<unsigned>(blocks), dim3(kLanes, kRows), cols, stream>>>(
                 gp, uptr, pp, fp, op, a.k.const_data_ptr<acc_t>(), optional_ptr<acc_t>(a.dt),
                 optional_ptr<acc_t>(a.keep), dup, dpp, dfp, tables[0].mutable_data_ptr<acc_t>(),
                 tables[1].mutable_data_ptr<acc_t>(), v.C, v.S, split);

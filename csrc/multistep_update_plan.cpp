@@ -6,7 +6,8 @@
 //   multistep_forward_kernel (elementwise_launch): reads u, u_prev, f, writes out, 16-byte packs.
 //   multistep_backward_kernel: reads grad, u, u_prev, f (relu_out), writes du, du_prev, df and the
 //     two (N, C) tables. Each thread streams its items (chain 1), then channel-first: a warp
-//     sum (5 shuffles), a warp reading 32 adjacent items (min(S, 32 pack) values) of a plane;
+//     sum (5 shuffles), a warp reading 32 adjacent items (min(S, 32 pack) values) of a plane (planes
+//     under 128 bytes: channel groups, multistep_update_plan.h, 32 items of a run, chain S, 2 x group x S acc smem);
 //     channels-last: 7 serial adds over the 8 rows in shared memory (2 x 8 x 32 x pack-slot acc), a
 //     warp reading min(C, 32 pack) adjacent channels (pack = 2 for bf16 / half: 4-byte loads).
 //   multistep_fold_kernel: a warp per channel folds the N * chunks rows of the tables
@@ -40,16 +41,22 @@ std::vector<Launch> plan_multistep_update(const PlanArgs& p) {
   const int64_t rows = v.N * split.chunks, table = 2 * rows * v.C * acc;
   if (numel > 0) {
     // a warp's 32 items: 32 pack adjacent channels of a row, or 32 pack values of a plane
-    const int64_t values = std::min<int64_t>(v.channels_last ? v.C : v.S, multistep_plan::kLanes * split.pack);
-    plan.push_back(
-        Launch{"multistep_backward_kernel",
-               "backward",
-               {multistep_plan::backward_blocks(v, es), 1, 1},
-               multistep_plan::kLanes * multistep_plan::kRows,
-               numel * es * (relu ? 8 : 7) + table,
-               1 + (v.channels_last ? multistep_plan::kRows - 1 : tree_depth(32)),
-               values * es,
-               v.channels_last ? 2 * multistep_plan::kRows * multistep_plan::kLanes * acc * reduction_pack(es) : 0});
+    // (groups: 32 items of a run of adjacent channels' planes, chain 1 + the S - 1 adds of a channel's columns)
+    const int64_t values = split.group
+                               ? multistep_plan::kLanes * split.pack
+                               : std::min<int64_t>(v.channels_last ? v.C : v.S, multistep_plan::kLanes * split.pack);
+    const int64_t chain =
+        split.group ? 1 + (v.S - 1) : 1 + (v.channels_last ? multistep_plan::kRows - 1 : tree_depth(32));
+    plan.push_back(Launch{"multistep_backward_kernel",
+                          "backward",
+                          {multistep_plan::backward_blocks(v, es), 1, 1},
+                          multistep_plan::kLanes * multistep_plan::kRows,
+                          numel * es * (relu ? 8 : 7) + table,
+                          chain,
+                          values * es,
+                          v.channels_last
+                              ? 2 * multistep_plan::kRows * multistep_plan::kLanes * acc * reduction_pack(es)
+                              : multistep_plan::backward_shared_bytes(v, split.group, acc)});
   }
   const int64_t fold = multistep_plan::fold_grid(v, keep);
   if (fold > 0) {

@@ -32,9 +32,35 @@ constexpr int64_t kMinPositions = 64;
 struct BackwardSplit {
   int64_t tiles, chunks, per;  // channel tiles, chunks per sample, items per chunk
   int64_t pack, items;         // elements per item, items per sample (per channel or channel tile)
+  int64_t group;               // channel groups: channels per tile (0: none)
 };
 
+// Channel groups (issue 22, as launch_geometry.h plan_channel_groups): channel-first planes under 128 bytes
+// (LM-ResNet-50's bf16 7x7: 98 bytes) put a block on the contiguous run of `group` adjacent channels of one
+// sample (channel_group: a whole number of 32-item warp windows, 128-byte requests), its 256 threads on the
+// run's items t, t + 256, ... (pack values, which may straddle two planes); each value's two terms go to a
+// column of dynamic shared memory (2 x group x S acc), then thread g adds channel g's S columns in order
+// (chain S). One chunk per sample. Only where C is a whole group and the columns fit 48 KB.
+inline int64_t group_pack(const MultistepView& v, int64_t element_size) {
+  return (v.C * v.S) % 2 != 0 ? 1 : reduction_pack(element_size);  // every run starts at an even element
+}
+
+inline bool use_groups(const MultistepView& v, int64_t element_size) {
+  if (v.channels_last || v.S <= 1 || v.S * element_size >= 128) return false;
+  const int64_t group = channel_group(v.S, group_pack(v, element_size));
+  return v.C >= group && 2 * group * v.S * acc_size(element_size) <= kGroupSharedBudget;
+}
+
+// Dynamic shared memory of a backward block (the groups' columns; 0 without groups).
+inline int64_t backward_shared_bytes(const MultistepView& v, int64_t group, int64_t acc) {
+  return 2 * group * v.S * acc;
+}
+
 inline BackwardSplit backward_split(const MultistepView& v, int64_t element_size) {
+  if (use_groups(v, element_size)) {
+    const int64_t pack = group_pack(v, element_size), group = channel_group(v.S, pack), run = group * v.S / pack;
+    return {ceil_div(v.C, group), 1, run, pack, run, group};
+  }
   int64_t pack = reduction_pack(element_size);
   if (v.channels_last && v.C % pack != 0) pack = 1;
   const int64_t tiles = ceil_div(v.C, v.channels_last ? kLanes * pack : kRows);
@@ -42,7 +68,7 @@ inline BackwardSplit backward_split(const MultistepView& v, int64_t element_size
   const int64_t by_blocks = ceil_div(kTargetBlocks, std::max<int64_t>(1, v.N * tiles));
   const int64_t by_work = std::max<int64_t>(1, items / kMinPositions);
   const int64_t per = std::max<int64_t>(1, ceil_div(items, std::max<int64_t>(1, std::min(by_blocks, by_work))));
-  return {tiles, std::max<int64_t>(1, ceil_div(items, per)), per, pack, items};
+  return {tiles, std::max<int64_t>(1, ceil_div(items, per)), per, pack, items, 0};
 }
 
 inline int64_t backward_blocks(const MultistepView& v, int64_t element_size) {

@@ -8,7 +8,8 @@
 // (the grid tsc::cuda_launch_plan reports, residual_update_plan.cpp): about 1024 blocks of chunks
 // of a channel's values, samples and positions flattened (channel-first: 256 threads along the
 // values, all busy on a 7x7 map; channels-last: 32 lanes on adjacent channels x 8 rows, fewer lanes x more rows for a
-// narrow row); bf16 / half lanes move pairs (4-byte loads: 128-byte warp requests). Each block writes dy / df and a
+// narrow row; planes under 128 bytes (3x3, bf16 7x7): a block on the contiguous run of a group of adjacent channels
+// of each sample); bf16 / half lanes move pairs (4-byte loads: 128-byte warp requests). Each block writes dy / df and a
 // partial sum of ddt[c]; with more than one chunk fold_chunks_kernel adds the chunks, a warp per channel in a fixed
 // order: deterministic, shape-only split.
 #include <ATen/OpMathType.h>
@@ -45,6 +46,8 @@ __global__ void residual_forward_kernel(const scalar_t* __restrict__ y, const sc
 // grid (tiles, chunks), block (lanes, value lanes) of plan_channel_reduction: block (tile, j) walks
 // chunk j of its channel(s)' items (walk_reduction_items: pairs of bf16 / half values, 4-byte
 // loads), writes dy (with the ReLU) and df, and partial[j * C + c] (ddt itself with one chunk).
+// Channel groups (short planes): block (tile, j) walks the run of the tile's adjacent channels of samples
+// in chunk j (walk_group_items), a column per value in dynamic shared memory, then a thread per channel.
 // W: channel slots per thread and widest item; Vec: items loaded as W-element vectors.
 template <int W, bool Vec, typename scalar_t, typename acc_t>
 __global__ void residual_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ f,
@@ -54,35 +57,50 @@ __global__ void residual_backward_kernel(const scalar_t* __restrict__ g, const s
   __shared__ Slots<acc_t, W> shared[kThreads];
   const int64_t C = r.channels, inner = r.inner;
   const int64_t c = reduction_channel(r, blockIdx.x, threadIdx.x);
+  const bool slots = r.rows || r.group;  // a slot per value of an item (else every value is of channel c)
   Slots<acc_t, W> sum{};
+  acc_t d[W];
+  auto body = [&]<int P>(int64_t o, int64_t s) {
+    const int64_t i = (o * C + c) * inner + s;
+    const Pack<scalar_t, P> gv = load_items<P, Vec>(g + i), fv = load_items<P, Vec>(f + i);
+    Pack<scalar_t, P> ov, dyv, dfv;
+    if (relu_out) ov = load_items<P, Vec>(relu_out + i);
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      acc_t gi = static_cast<acc_t>(gv.v[j]);
+      if (relu_out) {
+        gi = relu_backward(gi, static_cast<acc_t>(ov.v[j]));
+        dyv.v[j] = static_cast<scalar_t>(gi);
+      }
+      const acc_t term = gi * static_cast<acc_t>(fv.v[j]);
+      const int slot = slots ? j : 0;
+      dfv.v[j] = static_cast<scalar_t>(gi * d[slot]);
+      sum.v[slot] += term;
+    }
+    if (relu_out) store_items<P, Vec>(dy + i, dyv);
+    store_items<P, Vec>(df + i, dfv);
+  };
+  if (r.group) {  // channel groups: each item's values summed over the chunk's samples into its columns
+    acc_t* cols = group_columns<acc_t>();
+    walk_group_items(r, blockIdx.x, blockIdx.y, threadIdx.x, [&](int64_t s, int64_t n, int64_t o0, int64_t o1) {
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        d[j] = dt[c + (s + (j < n ? j : 0)) / inner];  // the channel of the item's value j
+        sum.v[j] = acc_t(0);
+      }
+      for (int64_t o = o0; o < o1; ++o) reduction_item<W>(o, s, n, body);
+#pragma unroll
+      for (int j = 0; j < W; ++j)
+        if (j < n) cols[s + j] = sum.v[j];
+    });
+    fold_group_columns(
+        r, cols, [](acc_t& a, const acc_t& b) { a += b; },
+        [&](int64_t ch, const acc_t& total) { partial[blockIdx.y * C + ch] = total; });
+    return;
+  }
   if (c < C) {
-    acc_t d[W];
 #pragma unroll
     for (int j = 0; j < W; ++j) d[j] = dt[r.rows && c + j < C ? c + j : c];
-    auto body = [&]<int P>(int64_t o, int64_t s) {
-      const int64_t i = (o * C + c) * inner + s;
-      const Pack<scalar_t, P> gv = load_items<P, Vec>(g + i), fv = load_items<P, Vec>(f + i);
-      Pack<scalar_t, P> ov, dyv, dfv;
-      if (relu_out) ov = load_items<P, Vec>(relu_out + i);
-#pragma unroll
-      for (int j = 0; j < P; ++j) {
-        acc_t gi = static_cast<acc_t>(gv.v[j]);
-        if (relu_out) {
-          gi = relu_backward(gi, static_cast<acc_t>(ov.v[j]));
-          dyv.v[j] = static_cast<scalar_t>(gi);
-        }
-        const acc_t term = gi * static_cast<acc_t>(fv.v[j]);
-        if (r.rows) {
-          dfv.v[j] = static_cast<scalar_t>(gi * d[j]);
-          sum.v[j] += term;
-        } else {
-          dfv.v[j] = static_cast<scalar_t>(gi * d[0]);
-          sum.v[0] += term;
-        }
-      }
-      if (relu_out) store_items<P, Vec>(dy + i, dyv);
-      store_items<P, Vec>(df + i, dfv);
-    };
     walk_reduction_items(r, c, blockIdx.y, threadIdx.y,
                          [&](int64_t o, int64_t s, int64_t n) { reduction_item<W>(o, s, n, body); });
   }
@@ -138,12 +156,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> residual_update_backward_cuda(
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* outp = relu ? out.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* dyp = relu ? dy.mutable_data_ptr<scalar_t>() : nullptr;
-    const ChannelReduction plan = plan_channel_reduction(v, f.element_size());
+    const ChannelReduction plan = plan_channel_reduction(v, f.element_size(), true);
+    const unsigned cols = static_cast<unsigned>(group_shared_bytes(plan, sizeof(acc_t)));
     at::Tensor partial = plan.chunks == 1 ? ddt : at::empty({plan.chunks, v.channels}, dt.options());
     const scalar_t *gp = g.const_data_ptr<scalar_t>(), *fp = f.const_data_ptr<scalar_t>();
     scalar_t* dfp = df.mutable_data_ptr<scalar_t>();
     dispatch_reduction<scalar_t>(plan, {gp, fp, outp, dyp, dfp}, true, [&]<int W, bool Vec>() {
-      residual_backward_kernel<W, Vec, scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), 0, stream>>>(
+      residual_backward_kernel<W, Vec, scalar_t, acc_t><<<reduction_grid(plan), reduction_block(plan), cols, stream>>>(
           gp, fp, outp, dt.const_data_ptr<acc_t>(), dyp, dfp, partial.mutable_data_ptr<acc_t>(), plan);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

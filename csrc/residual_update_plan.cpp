@@ -27,7 +27,7 @@ std::vector<Launch> plan_residual_update(const PlanArgs& p) {
   if (numel == 0) return plan;
   plan.push_back(elementwise_launch("residual_forward_kernel", "forward", numel, es, 3, v.channels * acc, p.sms, true));
   // Backward of a gradient shaped like out (and out as relu_out).
-  const ChannelReduction r = plan_channel_reduction(v, es);
+  const ChannelReduction r = plan_channel_reduction(v, es, true);
   plan.push_back(reduction_launch("residual_backward_kernel", "backward", r, v, es, relu ? 5 : 3, 1, acc));
   if (r.chunks > 1)
     plan.push_back(
@@ -36,14 +36,16 @@ std::vector<Launch> plan_residual_update(const PlanArgs& p) {
 }
 
 // Test hook (tests/test_cuda_plans.py): the items every thread of a per-channel reduction over an
-// (outer, C, inner) view of element_size-byte values walks, by the very walk_reduction_items the
-// CUDA kernels run: rows (tile, chunk, x, y, first channel, first element, count) in walk order,
-// and the plan (lanes, value_lanes, tiles, chunks, chunk, pack, per_plane, items, rows).
+// (outer, C, inner) view of element_size-byte values walks (the residual update's and the BatchNorm
+// tail's plan, channel groups included), by the very walk_reduction_items / walk_group_items the
+// CUDA kernels run: rows (tile, chunk, x, y, channel of the first element, first element, count) in
+// walk order (groups: a thread's items in order, each over its samples in order), and the plan
+// (lanes, value_lanes, tiles, chunks, chunk, pack, per_plane, items, rows, group).
 std::tuple<at::Tensor, at::Tensor> channel_reduction_walk(int64_t outer, int64_t C, int64_t inner,
                                                           int64_t element_size) {
   TORCH_CHECK(outer > 0 && C > 0 && inner > 0 && outer * C * inner <= (int64_t{1} << 24),
               "tsc::_channel_reduction_walk: a small positive (outer, C, inner), got ", outer, ", ", C, ", ", inner);
-  const ChannelReduction r = plan_channel_reduction(ChannelView{outer, C, inner}, element_size);
+  const ChannelReduction r = plan_channel_reduction(ChannelView{outer, C, inner}, element_size, true);
   std::vector<int64_t> rows;
   for (int64_t tile = 0; tile < r.tiles; ++tile)
     for (int64_t j = 0; j < r.chunks; ++j)
@@ -51,6 +53,13 @@ std::tuple<at::Tensor, at::Tensor> channel_reduction_walk(int64_t outer, int64_t
         for (int64_t y = 0; y < r.value_lanes; ++y) {
           const int64_t c = reduction_channel(r, tile, x);
           if (c >= C) continue;  // the kernels' idle lanes
+          if (r.group) {
+            walk_group_items(r, tile, j, x, [&](int64_t s, int64_t n, int64_t o0, int64_t o1) {
+              for (int64_t o = o0; o < o1; ++o)
+                rows.insert(rows.end(), {tile, j, x, y, c + s / inner, (o * C + c) * inner + s, n});
+            });
+            continue;
+          }
           walk_reduction_items(r, c, j, y, [&](int64_t o, int64_t s, int64_t n) {
             rows.insert(rows.end(), {tile, j, x, y, c, (o * C + c) * inner + s, n});
           });
@@ -58,7 +67,7 @@ std::tuple<at::Tensor, at::Tensor> channel_reduction_walk(int64_t outer, int64_t
   const int64_t n = static_cast<int64_t>(rows.size()) / 7;
   at::Tensor walk = at::tensor(rows, at::kLong).reshape({n, 7});
   at::Tensor plan = at::tensor(std::vector<int64_t>{r.lanes, r.value_lanes, r.tiles, r.chunks, r.chunk, r.pack,
-                                                    r.per_plane, r.items, r.rows ? 1 : 0},
+                                                    r.per_plane, r.items, r.rows ? 1 : 0, r.group},
                                at::kLong);
   return {walk, plan};
 }

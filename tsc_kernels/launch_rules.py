@@ -121,36 +121,20 @@ def _iter_cases():
 # tests/tooling/test_launch_plans.py marks them xfail(strict=True), so a fix fails there until its entry is
 # removed; make gpu-report prints them apart from new violations. Every one is a request-size or
 # block-count shortfall at a bandwidth-bound launch (none breaks a grid limit, a chain or smem).
-_CUDA_NARROW_PLANES_BF16 = ("CUDA bf16 planes of 49 values ((256, 2048, 7, 7), LM-ResNet-50's (64, 2048, 7, 7)): lanes "
-                            "load bf16 pairs (finding 8), but a plane is only 98 contiguous bytes (the sample's next "
-                            "plane of the channel is C planes away); a block over adjacent channels' planes would "
-                            "reach 128")
-_CUDA_C_2_20 = ("CUDA at C = 2^20 with 3x3 maps: a block walks planes of 9 values (36 / 18-byte requests; several "
-                "adjacent channels per block would reach 128) and the per-channel merge reads the (chunks, C) partials "
-                "one 4-byte value per lane")
 _NARROW_PLANES = ("Triton planes of < 32 values ((256, 2048, 7, 7) bf16: 98 B; C = 2^20 with 3x3 maps: 36 / 18 B): a "
                   "program walks one channel's plane; a tile of adjacent channels per program would reach 128")
 _TRITON_BN_FINALIZE = ("Triton BatchNorm finalize, channels-last at C = 2048: 64 programs over the (chunks, C) "
                        "partials (12-16 MB); a transposed partial layout would give more")
 KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {
-    ("residual_update", "cuda", "C=2^20-nchw-float32"): _CUDA_C_2_20,
     ("residual_update", "triton", "C=2^20-nchw-float32"): _NARROW_PLANES,
-    ("batch_norm_residual_update", "cuda", "C=2^20-nchw-float32"): _CUDA_C_2_20,
     ("batch_norm_residual_update", "triton", "C=2^20-nchw-float32"): _NARROW_PLANES,
     ("batch_norm_residual_update", "triton", "resnet50-stage4-b256-cl-float32"): _TRITON_BN_FINALIZE,
-    ("batch_norm_residual_update", "cuda", "C=2^20-cl-float32"): _CUDA_C_2_20,
     ("batch_norm_residual_update", "triton", "past-2^31-cl-float32"): _TRITON_BN_FINALIZE,
-    ("residual_update", "cuda", "resnet50-stage4-b256-nchw-bfloat16"): _CUDA_NARROW_PLANES_BF16,
     ("residual_update", "triton", "resnet50-stage4-b256-nchw-bfloat16"): _NARROW_PLANES,
-    ("batch_norm_residual_update", "cuda", "resnet50-stage4-b256-nchw-bfloat16"): _CUDA_NARROW_PLANES_BF16,
     ("batch_norm_residual_update", "triton", "resnet50-stage4-b256-nchw-bfloat16"): _NARROW_PLANES,
-    ("residual_update", "cuda", "C=2^20-nchw-bfloat16"): _CUDA_C_2_20,
     ("residual_update", "triton", "C=2^20-nchw-bfloat16"): _NARROW_PLANES,
-    ("batch_norm_residual_update", "cuda", "C=2^20-nchw-bfloat16"): _CUDA_C_2_20,
     ("batch_norm_residual_update", "triton", "C=2^20-nchw-bfloat16"): _NARROW_PLANES,
-    ("multistep_update", "cuda", "lm-resnet50-stage4-nchw-bfloat16"): _CUDA_NARROW_PLANES_BF16,
     ("batch_norm_residual_update", "triton", "resnet50-stage4-b256-cl-bfloat16"): _TRITON_BN_FINALIZE,
-    ("batch_norm_residual_update", "cuda", "C=2^20-cl-bfloat16"): _CUDA_C_2_20,
     ("batch_norm_residual_update", "triton", "past-2^31-cl-bfloat16"): _TRITON_BN_FINALIZE,
 }
 

@@ -213,9 +213,11 @@ def test_multistep_backward_fills_the_gpu_at_small_n_c(shape, cl):
 
 
 def test_multistep_backward_grid_has_no_65535_cap():
-    """(sample, channel tile) flattened on grid x: C = 2^20 channel-first needs 131072 tiles."""
+    """(sample, channel tile) flattened on grid x: C = 2^20 channel-first 3x3 needs 65536 blocks (channel groups
+    of 32 adjacent channels' 36-byte planes per block, 128-byte requests)."""
     p = launch(plan_of(multistep_args((2, 1 << 20, 3, 3), torch.float32, False)), "multistep_backward_kernel")
-    assert p["grid"][0] == 2 * (1 << 20) // 8 and p["grid"][1:] == (1, 1)
+    assert p["grid"][0] == 2 * (1 << 20) // 32 > 65535 and p["grid"][1:] == (1, 1)
+    assert p["request_bytes"] == 128 and p["chain"] == 9
 
 
 # -- finding 8: bf16 / half reductions load pairs (4-byte lanes, 128-byte warp requests) ----------
@@ -271,10 +273,38 @@ def test_scale_concat_forward_packs_never_straddle(x, f, cl, dtype, per):
     assert (x[1] * inner) % per == 0 and (f[1] * inner) % per == 0
 
 
+def group_twin(outer, C, inner, es):
+    """launch_geometry.h's plan_channel_groups written out: (group, pack) where a block covers `group` adjacent
+    channels' planes of each sample (planes under 128 bytes, C a whole group, the columns within 48 KB), else None."""
+    if inner == 1 or inner * es >= 128:
+        return None
+    pack = 2 if es == 2 and (C * inner) % 2 == 0 else 1
+    group = 1
+    while (group * inner) % (32 * pack):
+        group *= 2
+    acc = 8 if es == 8 else 4
+    if C < group or (256 * (2 if es == 2 else 1) + group * inner) * 3 * acc > 48 * 1024:
+        return None
+    return group, pack
+
+
 def walk_twin(outer, C, inner, es, chunk, value_lanes, lanes, tiles, chunks):
-    """launch_geometry.h's walk_reduction_items written out directly: for every thread of the grid
-    (tile, chunk, x, y, in the order tsc::_channel_reduction_walk lists them), its items in order:
-    (first channel, first element, count)."""
+    """launch_geometry.h's walk_reduction_items / walk_group_items written out directly: for every thread of
+    the grid (tile, chunk, x, y, in the order tsc::_channel_reduction_walk lists them), its items in order:
+    (channel of the first element, first element, count)."""
+    groups = group_twin(outer, C, inner, es)
+    if groups:
+        group, pack = groups
+        out = []
+        for tile in range(tiles):
+            for j in range(chunks):
+                for x in range(lanes):
+                    c0 = tile * group
+                    run = min(group, C - c0) * inner
+                    for s in range(x * pack, run, 256 * pack):
+                        for o in range(j * chunk, min(outer, (j + 1) * chunk)):
+                            out.append((tile, j, x, 0, c0 + s // inner, (o * C + c0) * inner + s, min(pack, run - s)))
+        return out, pack, group * inner // pack, outer
     rows = inner == 1
     pack = 2 if es == 2 and (not rows or C % 2 == 0) else 1
     per_plane = 1 if rows else -(-inner // pack)
@@ -300,34 +330,46 @@ def walk_twin(outer, C, inner, es, chunk, value_lanes, lanes, tiles, chunks):
 
 
 WALKS = [  # (outer, C, inner, element size): planes of odd sizes (7x7, 3x3: planes start at odd elements), a
-    # plane longer than the 256 value lanes, even planes; rows of an odd C (no pairs), a partial 64-channel tile
+    # plane longer than the 256 value lanes, even planes; rows of an odd C (no pairs), a partial 64-channel tile;
+    # channel groups (planes under 128 bytes, C >= a group): fp32 / bf16 / fp64 3x3 and bf16 7x7 runs, a shorter
+    # last group, an odd C x inner (no pairs), several chunks of samples
     (200, 3, 49, 2), (64, 5, 9, 2), (3, 2, 1025, 2), (7, 4, 56, 2), (1, 3, 3, 2),
     (300, 130, 1, 2), (3000, 6, 1, 2), (500, 7, 1, 2), (40, 3, 49, 4), (300, 70, 1, 4), (50, 3, 49, 8),
+    (3, 64, 9, 4), (2, 130, 9, 2), (3, 65, 9, 2), (2, 64, 49, 2), (5, 40, 7, 8), (4, 33, 3, 2), (9, 64, 9, 2),
 ]
 
 
 @pytest.mark.parametrize("outer,C,inner,es", WALKS, ids=["x".join(map(str, w)) for w in WALKS])
 def test_reduction_walk_pairs_cover_every_value_once(outer, C, inner, es):
-    """The items the CUDA reduction kernels walk (run on the host by the same walk_reduction_items):
-    every value of the (outer, C, inner) view exactly once, an item never straddles two planes or
-    channels, pairs (2-byte types) start at even elements (4-byte aligned loads), and the walk is
-    the one written out in walk_twin (a wrong head / tail split or chunk boundary differs there)."""
+    """The items the CUDA reduction kernels walk (run on the host by the same walk_reduction_items /
+    walk_group_items): every value of the (outer, C, inner) view exactly once, pairs (2-byte types) start at
+    even elements (4-byte aligned loads), an item never straddles two planes (channels, rows), except in
+    channel groups, whose items are `pack` adjacent values of a run of adjacent channels' planes (a slot
+    per value), and the walk is the one written out in walk_twin (a wrong head / tail split, chunk
+    boundary or group differs there)."""
     walk, plan = torch.ops.tsc._channel_reduction_walk(outer, C, inner, es)
-    lanes, value_lanes, tiles, chunks, chunk, pack, per_plane, items, rows = plan.tolist()
+    lanes, value_lanes, tiles, chunks, chunk, pack, per_plane, items, rows, group = plan.tolist()
+    groups = group_twin(outer, C, inner, es)
+    assert group == (groups[0] if groups else 0)
     twin, t_pack, t_per_plane, t_items = walk_twin(outer, C, inner, es, chunk, value_lanes, lanes, tiles, chunks)
     assert (pack, per_plane, items, rows) == (t_pack, t_per_plane, t_items, int(inner == 1))
     assert [tuple(r) for r in walk.tolist()] == twin
     c, first, n = walk[:, 4], walk[:, 5], walk[:, 6]
-    assert bool(((n >= 1) & (n <= pack)).all()) and pack == (2 if es == 2 and (inner > 1 or C % 2 == 0) else 1)
+    assert bool(((n >= 1) & (n <= pack)).all())
+    if not group:
+        assert pack == (2 if es == 2 and (inner > 1 or C % 2 == 0) else 1)
     assert bool((first[n == 2] % 2 == 0).all())  # pairs start at even elements
     last = first + n - 1
-    if inner > 1:  # one plane, channel c, per item
+    if group:  # runs of whole warp windows (32 items of a full group: 128-byte requests), value j in slot j
+        assert per_plane % 32 == 0 and (lanes, value_lanes) == (256, 1) and bool(((first // inner) % C == c).all())
+        assert bool((first // (C * inner) == last // (C * inner)).all())  # one sample's run
+    elif inner > 1:  # one plane, channel c, per item
         assert bool((first // inner == last // inner).all()) and bool(((first // inner) % C == c).all())
     else:  # the item's channels are the thread's c .. c + n - 1 of one row
         assert bool((first % C == c).all()) and bool((first // C == last // C).all())
     covered = torch.cat([first + k for k in range(pack)])[torch.cat([n > k for k in range(pack)])]
     assert torch.equal(covered.sort().values, torch.arange(outer * C * inner))
-    if es == 2 and inner > 1:
+    if es == 2 and inner > 1 and not group:
         assert int((n == 1).sum()) == (outer * C if inner % 2 else 0)  # one single value per odd plane
 
 
