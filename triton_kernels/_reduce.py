@@ -149,12 +149,33 @@ def backward_plan(outer: int, C: int, inner: int) -> dict:
     return dict(planes=planes, grid=grid, per=per, chunks=grid[1])
 
 
+def narrow_backward_plan(outer: int, C: int, inner: int, elem: int) -> dict:
+    """backward_plan, but planes shorter than NARROW_BYTES go to a channels kernel (residual_update's
+    residual_bwd_channels_kernel): CH adjacent channels per program (channels_per_program), a
+    [BLOCK_A samples, BLOCK_B columns] tile of BWD_BLOCK values, grid (channel tiles, sample chunks)."""
+    ch = channels_per_program(C, inner, elem, BWD_BLOCK) if inner > 1 else 1
+    if ch == 1:
+        return dict(backward_plan(outer, C, inner), CH=1)
+    block_b = triton.next_power_of_2(ch * inner)
+    tiles = triton.cdiv(C, ch)
+    by_work = max(1, (outer * ch * inner) // MIN_CHUNK_ELEMS)
+    chunks = max(1, min(outer, MAX_GRID_Y, by_work, triton.cdiv(TARGET_PROGRAMS, tiles)))
+    per = triton.cdiv(outer, chunks)
+    grid = (tiles, triton.cdiv(outer, per))
+    return dict(planes=True, grid=grid, per=per, chunks=grid[1], CH=ch, BLOCK_A=BWD_BLOCK // block_b,
+                BLOCK_B=block_b)
+
+
 def chunk_launches(phase: str, kernel: str, p: dict, C: int, inner: int, numel: int, elem: int, acc: int,
                    moved: int, rows_adjacent: bool = True) -> list[dict]:
     """Plan of the chunked reduction `kernel` (residual_update's or scale_concat's, split by backward_plan)
     moving `moved` tensors of numel values, and of the merge of its partials when there are several.
     rows_adjacent: whether the rows kernel's tensors have row stride C (scale_concat's grad has not)."""
-    if p["planes"]:  # lanes walk a channel's plane (inner contiguous values) BWD_BLOCK at a time
+    if p.get("CH", 1) > 1:  # narrow planes: a sample's CH adjacent planes are one contiguous run
+        warps, chain = BWD_WARPS, 1 + log2(p["BLOCK_A"]) + log2(p["BLOCK_B"])
+        request = _launch.request_bytes(p["CH"] * inner, elem)
+        smem = _launch.reduce_smem(p["BLOCK_B"], BWD_WARPS, acc)
+    elif p["planes"]:  # lanes walk a channel's plane (inner contiguous values) BWD_BLOCK at a time
         warps, chain = BWD_WARPS, 1 + log2(BWD_BLOCK)
         request, smem = _launch.request_bytes(min(inner, BWD_BLOCK), elem), _launch.reduce_smem(1, BWD_WARPS, acc)
     else:  # (ROWS_BLOCK_R, ROWS_BLOCK_C) tiles, rows C values apart, reduced over the rows
@@ -167,6 +188,52 @@ def chunk_launches(phase: str, kernel: str, p: dict, C: int, inner: int, numel: 
     if p["chunks"] > 1:
         plan.append(merge_launch(phase, p["chunks"], C, acc))
     return plan
+
+
+# --------------------------------------------------------------------------------------------------
+# Narrow planes: several adjacent channels per program (issue 22)
+# --------------------------------------------------------------------------------------------------
+# A plane (the inner values of one channel of one sample) shorter than NARROW_BYTES (7x7 bf16: 98 B,
+# 3x3: 36 / 18 B) makes a one-channel program's warp request one short run. The planes of channels
+# c, c+1, ... of one sample follow each other in memory, so a program that owns CH adjacent channels
+# reads CH * inner contiguous values per sample; channel_sums then splits its column sums by channel,
+# each channel's sum still a reduction of fixed shape (deterministic).
+NARROW_BYTES = 128
+# bound of CH x (tile columns), the [CH, BLOCK_B] select of channel_sums: 16 values per thread at 4 warps
+# (BatchNorm's bf16 statistics kernel spilled 12 B on sm_80 with 4096: CH = 8 planes of 49 in 512 columns)
+MAX_SEGMENT_TILE = 2048
+
+
+def channels_per_program(C: int, inner: int, elem: int, max_cols: int) -> int:
+    """CH, the power-of-two count of adjacent channels a planes program owns: 1 for planes of at
+    least NARROW_BYTES, else doubled until a sample's run of CH planes fills a warp's request
+    (_launch.MAX_WARP_REQUEST) or would pass C, max_cols columns or MAX_SEGMENT_TILE."""
+    ch = 1
+    if inner * elem >= NARROW_BYTES:
+        return ch
+    while ch * inner * elem < _launch.MAX_WARP_REQUEST and 2 * ch <= C:
+        cols = triton.next_power_of_2(2 * ch * inner)
+        if cols > max_cols or 2 * ch * cols > MAX_SEGMENT_TILE:
+            break
+        ch *= 2
+    return ch
+
+
+@triton.jit
+def channel_sums(cols, inner, CH: tl.constexpr):
+    """[CH] sums of a tile row `cols` whose column b holds channel b // inner (columns past CH * inner
+    are zeros): a [CH, columns] select reduced along the columns, a tree of fixed shape."""
+    b = tl.arange(0, cols.shape[0])
+    sel = (b // inner)[None, :] == tl.arange(0, CH)[:, None]
+    return tl.sum(tl.where(sel, cols[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def channel_spread(v, inner, BLOCK_B: tl.constexpr):
+    """The [BLOCK_B] row whose column b holds v[b // inner] (0 past the CH channels of v): the
+    converse of channel_sums, by the same [CH, columns] select."""
+    sel = (tl.arange(0, BLOCK_B) // inner)[None, :] == tl.arange(0, v.shape[0])[:, None]
+    return tl.sum(tl.where(sel, v[:, None], 0.0), axis=0)
 
 
 AOT_CONFIGS = [dict(kernel=sum_chunks_kernel, name="sum_chunks_fp32",

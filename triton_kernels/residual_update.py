@@ -6,6 +6,8 @@ channels-last inputs. Arithmetic runs in dt's dtype (fp32, or fp64 for fp64 inpu
   forward                 1 launch: reads y, f; writes out
   backward, inner > 1     grid (C, sample chunks): reads grad, f (+ out with the ReLU); writes df
                           (+ dy with the ReLU) and one partial sum of ddt[c] per chunk
+                          planes shorter than 128 B (7x7 bf16, 3x3): grid (channel tiles, sample chunks),
+                          CH adjacent channels per program (_reduce.narrow_backward_plan)
   backward, inner == 1    grid (channel tiles, row chunks), the same per tile of channels
   then, with > 1 chunk    1 small launch adding the chunks' partials in a fixed order (_reduce.py: a
                           (chunks x channels) tile tree, not a chunk-by-chunk chain)
@@ -85,6 +87,38 @@ def residual_bwd_planes_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, pa
 
 
 @triton.jit
+def residual_bwd_channels_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, partial_ptr, N, C, inner, n_per_chunk,
+                                 RELU: tl.constexpr, CH: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Narrow planes (_reduce.narrow_backward_plan): program (j, k) owns channels [j*CH, (j+1)*CH) of
+    samples [k*n_per_chunk, ...): per sample one contiguous run of CH planes (the tile's columns b,
+    channel j*CH + b // inner), BLOCK_A samples per step; partial[k, channels] by _reduce.channel_sums."""
+    j = tl.program_id(0).to(tl.int64)
+    k = tl.program_id(1).to(tl.int64)
+    acc_ty = dt_ptr.dtype.element_ty
+    b = tl.arange(0, BLOCK_B)
+    ch = j * CH + b // inner
+    bmask = (b < CH * inner) & (ch < C)
+    dt = tl.load(dt_ptr + ch, mask=bmask, other=0.0)
+    acc = tl.zeros([BLOCK_A, BLOCK_B], dtype=acc_ty)
+    n0 = k * n_per_chunk
+    n1 = tl.minimum(n0 + n_per_chunk, N)
+    for a0 in range(n0, n1, BLOCK_A):
+        a = a0 + tl.arange(0, BLOCK_A).to(tl.int64)
+        mask = (a < n1)[:, None] & bmask[None, :]
+        offs = a[:, None] * C * inner + j * CH * inner + b[None, :]
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+        f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+        if RELU:
+            out = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+            g = tl.where(out <= 0, 0.0, g)
+            tl.store(dy_ptr + offs, g.to(dy_ptr.dtype.element_ty), mask=mask)
+        tl.store(df_ptr + offs, (g * dt[None, :]).to(df_ptr.dtype.element_ty), mask=mask)
+        acc += g * f
+    chs = j * CH + tl.arange(0, CH)
+    tl.store(partial_ptr + k * C + chs, _reduce.channel_sums(tl.sum(acc, axis=0), inner, CH), mask=chs < C)
+
+
+@triton.jit
 def residual_bwd_rows_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, partial_ptr, R, C, rows_per_chunk,
                              RELU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Channels-last: program (j, k) owns channels [j*BLOCK_C, (j+1)*BLOCK_C) of rows
@@ -122,9 +156,13 @@ def launch_plan(y, f, dt, relu, sms: int = 132) -> list[dict]:
         return []
     fwd = _launch.launch("residual_fwd_kernel", "forward", forward_grid(numel), 4, bytes=3 * numel * elem + C * acc,
                          chain=1, request_bytes=_launch.request_bytes(FWD_BLOCK, elem), smem=0)
-    p = _reduce.backward_plan(outer, C, inner)
-    kernel = "residual_bwd_planes_kernel" if p["planes"] else "residual_bwd_rows_kernel"
+    p = _reduce.narrow_backward_plan(outer, C, inner, elem)
+    kernel = _BWD_KERNELS[(p["planes"], p["CH"] > 1)]
     return [fwd] + _reduce.chunk_launches("backward", kernel, p, C, inner, numel, elem, acc, moved=5 if relu else 3)
+
+
+_BWD_KERNELS = {(True, False): "residual_bwd_planes_kernel", (True, True): "residual_bwd_channels_kernel",
+                (False, False): "residual_bwd_rows_kernel"}
 
 
 def forward_grid(numel: int) -> tuple[int]:
@@ -160,12 +198,16 @@ def residual_update_backward_triton(
     if f.numel() == 0:
         return dy, df, ddt
     dy_arg = dy if relu else df  # unused pointer when relu is off
-    p = _reduce.backward_plan(outer, C, inner)
+    p = _reduce.narrow_backward_plan(outer, C, inner, f.element_size())
     grid, per = p["grid"], p["per"]
     # One chunk: the kernel's partial row is ddt itself (one launch); else a (chunks, C) buffer from
     # the caching allocator (capture-safe) and the fixed-order merge.
     partial = ddt if p["chunks"] == 1 else torch.empty((p["chunks"], C), dtype=dt.dtype, device=dt.device)
-    if p["planes"]:
+    if p["CH"] > 1:
+        residual_bwd_channels_kernel[grid](g, f, out, dt, dy_arg, df, partial, outer, C, inner, per, RELU=relu,
+                                           CH=p["CH"], BLOCK_A=p["BLOCK_A"], BLOCK_B=p["BLOCK_B"],
+                                           num_warps=_reduce.BWD_WARPS)
+    elif p["planes"]:
         residual_bwd_planes_kernel[grid](g, f, out, dt, dy_arg, df, partial, outer, C, inner, per,
                                          RELU=relu, BLOCK=_reduce.BWD_BLOCK,
                                          INDEX_64=_launch.index_64(f.numel(), _reduce.BWD_BLOCK),
@@ -187,6 +229,10 @@ def _bwd_sig(dtype: str) -> dict:
             "dy_ptr": f"*{dtype}", "df_ptr": f"*{dtype}", "partial_ptr": "*fp32"}
 
 
+# the channels kernel's tile at 7x7 maps in bf16 (CH = 4 planes of 49 values in 256 columns)
+_NARROW_TILE = dict(CH=4, BLOCK_A=_reduce.BWD_BLOCK // 256, BLOCK_B=256)
+
+
 # Ahead-of-time compile configurations (triton_kernels/aot.py): every kernel, each activation
 # dtype, ReLU on and off, with the block sizes the launchers use.
 AOT_CONFIGS = [
@@ -203,6 +249,10 @@ AOT_CONFIGS = [
                         "RELU": "constexpr", "BLOCK": "constexpr", "INDEX_64": "constexpr"},
              constexprs={"RELU": relu, "BLOCK": _reduce.BWD_BLOCK, "INDEX_64": True},
              num_warps=_reduce.BWD_WARPS),
+        dict(kernel=residual_bwd_channels_kernel, name=f"residual_bwd_channels_{dtype}_relu{int(relu)}",
+             signature={**_bwd_sig(dtype), "N": "i64", "C": "i64", "inner": "i64", "n_per_chunk": "i64",
+                        "RELU": "constexpr", "CH": "constexpr", "BLOCK_A": "constexpr", "BLOCK_B": "constexpr"},
+             constexprs={"RELU": relu, **_NARROW_TILE}, num_warps=_reduce.BWD_WARPS),
         dict(kernel=residual_bwd_rows_kernel, name=f"residual_bwd_rows_{dtype}_relu{int(relu)}",
              signature={**_bwd_sig(dtype), "R": "i64", "C": "i64", "rows_per_chunk": "i64", "RELU": "constexpr",
                         "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},

@@ -121,21 +121,7 @@ def _iter_cases():
 # tests/tooling/test_launch_plans.py marks them xfail(strict=True), so a fix fails there until its entry is
 # removed; make gpu-report prints them apart from new violations. Every one is a request-size or
 # block-count shortfall at a bandwidth-bound launch (none breaks a grid limit, a chain or smem).
-_NARROW_PLANES = ("Triton planes of < 32 values ((256, 2048, 7, 7) bf16: 98 B; C = 2^20 with 3x3 maps: 36 / 18 B): a "
-                  "program walks one channel's plane; a tile of adjacent channels per program would reach 128")
-_TRITON_BN_FINALIZE = ("Triton BatchNorm finalize, channels-last at C = 2048: 64 programs over the (chunks, C) "
-                       "partials (12-16 MB); a transposed partial layout would give more")
 KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {
-    ("residual_update", "triton", "C=2^20-nchw-float32"): _NARROW_PLANES,
-    ("batch_norm_residual_update", "triton", "C=2^20-nchw-float32"): _NARROW_PLANES,
-    ("batch_norm_residual_update", "triton", "resnet50-stage4-b256-cl-float32"): _TRITON_BN_FINALIZE,
-    ("batch_norm_residual_update", "triton", "past-2^31-cl-float32"): _TRITON_BN_FINALIZE,
-    ("residual_update", "triton", "resnet50-stage4-b256-nchw-bfloat16"): _NARROW_PLANES,
-    ("batch_norm_residual_update", "triton", "resnet50-stage4-b256-nchw-bfloat16"): _NARROW_PLANES,
-    ("residual_update", "triton", "C=2^20-nchw-bfloat16"): _NARROW_PLANES,
-    ("batch_norm_residual_update", "triton", "C=2^20-nchw-bfloat16"): _NARROW_PLANES,
-    ("batch_norm_residual_update", "triton", "resnet50-stage4-b256-cl-bfloat16"): _TRITON_BN_FINALIZE,
-    ("batch_norm_residual_update", "triton", "past-2^31-cl-bfloat16"): _TRITON_BN_FINALIZE,
 }
 
 

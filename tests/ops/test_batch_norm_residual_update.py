@@ -885,3 +885,39 @@ PROPERTY_STRATEGY = batch_norm_cases
 PROPERTIES = (batch_norm_fp64, [batch_norm_zero_dt_is_the_shortcut,
                                                      batch_norm_training_ignores_a_per_channel_shift,
                                                      batch_norm_channel_permutation_commutes])
+
+
+# Issue 22: planes under 128 bytes go CH adjacent channels per program (a partial last channel tile,
+# a short last chunk: CH = 4 of 6-value planes at the small sizes, CH = 8 of bf16 3x3 planes at the GPU
+# sizes), and channels-last with several chunks stores its partials transposed (PART_T: the finalize
+# owns FINAL_BLOCK_T channels, the last program partial). Forward and backward vs the reference, twice
+# bitwise equal.
+@TRITON_ONLY
+@pytest.mark.parametrize("shape,cl,dtype,small,ch,part_t", [
+    ((5, 11, 3, 2), False, torch.float32, True, 4, False), ((7, 5, 5, 3), True, torch.float32, True, 1, True),
+    ((3, 37, 3, 3), False, torch.bfloat16, False, 8, False)])
+def test_triton_narrow_planes_and_transposed_partials(shape, cl, dtype, small, ch, part_t, monkeypatch):
+    if small:
+        monkeypatch.setattr(bn_triton, "RUN", bn_triton.SMALL)
+        monkeypatch.setattr(reduce_triton, "BLOCK_K", 2)
+    p = bn_triton._plan(fmt(torch.empty(shape, dtype=dtype, device="meta"), cl), cl)
+    assert (p["CH"], p["PART_T"]) == (ch, part_t) and (p["n_chunks"] > 1 or not small), p
+    assert shape[1] % ch or ch == 1
+    args = make(shape, cl, dtype)
+    y, x, dt, rm, rv, w, b = args
+    grad = torch.randn(shape).to(dtype)
+    runs = []
+    for _ in range(2):
+        out, ref, stats_t, stats_r, (mean, invstd) = run_both(args, True, True)
+        runs.append((out, *stats_t, mean, invstd, *bwd_op(grad, x, dt, w, b, mean, invstd, out, True)))
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(runs[0][0], ref, **tol)
+    for got, want in zip(stats_t, stats_r):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    leaves = [t.detach().double().requires_grad_() for t in (y, x, dt, w, b)]
+    ref = reference.batch_norm_residual_update(*leaves[:3], clone(rm), clone(rv), *leaves[3:], True, 0.1, 1e-5, True)
+    want = torch.autograd.grad(ref, leaves, grad.double())
+    for got, w_ in zip(runs[0][5:], want):  # dy, dx, ddt, dweight, dbias
+        torch.testing.assert_close(got.double(), w_, atol=1e-3 if dtype == torch.float32 else 5e-2, rtol=1e-3)
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_), "two runs must be bitwise equal"

@@ -2,6 +2,7 @@
 import re
 
 import math
+import os
 
 import pytest
 import torch
@@ -256,3 +257,27 @@ PROPERTY_STRATEGY = elementwise_cases
 # (check against the fp64 reference, [properties]): tests/ops/test_properties.py runs them
 PROPERTIES = (residual_fp64, [residual_zero_dt_is_the_shortcut, residual_linear_in_dt,
                                         residual_channel_permutation_commutes])
+
+
+# Narrow planes (issue 22): planes under 128 bytes (3x3 fp32, 7x7 bf16) go to the channels kernel, CH
+# adjacent channels per program. C not a multiple of CH (a partial last channel tile) and a small chunk
+# size (several sample chunks merged by _reduce) exercise every path; two runs must be bitwise equal.
+@pytest.mark.parametrize("shape,dtype,ch", [((5, 37, 3, 3), torch.float32, 8), ((4, 11, 7, 7), torch.bfloat16, 4)])
+def test_triton_narrow_planes_span_several_channels(shape, dtype, ch, monkeypatch):
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels run on CPU only under TRITON_INTERPRET=1")
+    from tsc_kernels._triton import _reduce, residual_update  # noqa: F401  (registers the _triton ops)
+    monkeypatch.setattr(_reduce, "MIN_CHUNK_ELEMS", 100)
+    p = _reduce.narrow_backward_plan(shape[0], shape[1], shape[2] * shape[3], dtype.itemsize)
+    assert p["CH"] == ch and shape[1] % ch and p["chunks"] > 1, p
+    y, f, dt = make_inputs(shape, dtype)
+    runs = []
+    out = reference.residual_update(y, f, dt, relu=True).detach()
+    for _ in range(2):
+        runs.append(torch.ops.tsc.residual_update_backward_triton(y.detach(), f.detach(), dt.detach(), out))
+    compare = reference.residual_update(y, f, dt, relu=True)
+    want = torch.autograd.grad(compare, (y, f, dt), y.detach())
+    atol, rtol = TOLERANCES[dtype]
+    for name, g, w in zip(("dy", "df", "ddt"), runs[0], want):
+        torch.testing.assert_close(g, w, atol=atol * (10 if name == "ddt" else 1), rtol=rtol, msg=name)
+    assert all(torch.equal(a, b) for a, b in zip(*runs)), "two runs must be bitwise equal"

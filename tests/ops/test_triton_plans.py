@@ -246,7 +246,7 @@ def bn_case(shape, cl, offset=0.5):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("shape,cl,offset", [((9, 3, 5, 3), False, 0.5), ((7, 6, 5, 3), True, 0.5),
+@pytest.mark.parametrize("shape,cl,offset", [((10, 3, 5, 3), False, 0.5), ((7, 6, 5, 3), True, 0.5),
                                              ((7, 6, 5, 3), True, 1000.0)])
 def test_batch_norm_merge_over_several_tiles_with_a_short_last_chunk(small_sizes, shape, cl, offset):
     y, x, dt, rm, rv, w, b = bn_case(shape, cl, offset)
