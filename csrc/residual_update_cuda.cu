@@ -73,9 +73,13 @@ __global__ void residual_backward_kernel(const scalar_t* __restrict__ g, const s
         dyv.v[j] = static_cast<scalar_t>(gi);
       }
       const acc_t term = gi * static_cast<acc_t>(fv.v[j]);
-      const int slot = slots ? j : 0;
-      dfv.v[j] = static_cast<scalar_t>(gi * d[slot]);
-      sum.v[slot] += term;
+      if (slots) {  // constant indices in both branches: the slots stay in registers (no local memory)
+        dfv.v[j] = static_cast<scalar_t>(gi * d[j]);
+        sum.v[j] += term;
+      } else {
+        dfv.v[j] = static_cast<scalar_t>(gi * d[0]);
+        sum.v[0] += term;
+      }
     }
     if (relu_out) store_items<P, Vec>(dy + i, dyv);
     store_items<P, Vec>(df + i, dfv);

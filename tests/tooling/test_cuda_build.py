@@ -129,3 +129,22 @@ def test_half_precision_reductions_load_pairs(sass, kernel):
     assert set(counts) == {"0", "1"}, f"{kernel}: bf16 pair instantiations missing ({counts})"
     for (w1, n1), (w0, n0) in zip(counts["1"], counts["0"]):
         assert w1 > w0 and n1 < n0, (kernel, counts)
+
+
+# The reductions with channel groups (issue 22; csrc/launch_geometry.h walk_group_items): a thread's slot is
+# chosen by the value of its item, which may straddle two planes.
+GROUP_KERNELS = ("residual_backward_kernel", "bn_stats_kernel", "bn_backward_sums_kernel", "multistep_backward_kernel")
+
+
+@pytest.mark.parametrize("kernel", GROUP_KERNELS)
+@needs_cuda_build
+def test_reduction_slots_stay_in_registers(sass, kernel):
+    """In the compiled SASS of every instantiation: no local memory (STL / LDL). A slot indexed by a runtime
+    value (slots ? j : 0) put the bf16 sums of bn_backward_sums_kernel and residual_backward_kernel on the
+    stack; constant indices in each branch keep them in registers."""
+    import re
+
+    bodies = [(name, body) for name, body in sass if kernel in name]
+    assert bodies, f"{kernel}: not in the build"
+    for name, body in bodies:
+        assert not re.search(r"\b(STL|LDL)\b", body), f"{name}: local memory"
