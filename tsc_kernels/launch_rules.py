@@ -7,8 +7,8 @@ activations, concatenations, multistep and ODE stages, conv weights and controll
 and DenseNet-121 k=32), both layouts, fp32 and bf16, plus a huge channel count and a tensor past
 2**31 elements for the grid limits; all tensors on the ``meta`` device, built by the op's own
 ``example_inputs``. ``violations(op, args, plan)`` lists where a plan breaks the rules.
-tests/tooling/test_launch_plans.py asserts none at every case for both GPU backends, except the open
-defects of ``KNOWN_VIOLATIONS`` (strict xfail); ``make gpu-report`` prints the table.
+tests/tooling/test_launch_plans.py asserts none at every case for both GPU backends (``KNOWN_VIOLATIONS``,
+strict xfail, lists defects still open: none today); ``make gpu-report`` prints the table.
 """
 from __future__ import annotations
 
@@ -117,12 +117,11 @@ def _iter_cases():
                     yield (f"{label}{suffix}",) + op_args(name, spec, dtype)
 
 
-# Plans that still break a rule, (op, backend, case id) -> why: defects not fixed yet (issue 22).
-# tests/tooling/test_launch_plans.py marks them xfail(strict=True), so a fix fails there until its entry is
-# removed; make gpu-report prints them apart from new violations. Every one is a request-size or
-# block-count shortfall at a bandwidth-bound launch (none breaks a grid limit, a chain or smem).
-KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {
-}
+# Plans that still break a rule, (op, backend, case id) -> why: a defect found before its fix lands goes here
+# with its reason. tests/tooling/test_launch_plans.py marks them xfail(strict=True), so a fix fails there until
+# its entry is removed; make gpu-report prints them apart from new violations. Empty since issue 22's fixes
+# (the 60 shortfalls of session 14: bf16 lanes, short planes, narrow finalizes, weight_mean lanes).
+KNOWN_VIOLATIONS: dict[tuple[str, str, str], str] = {}
 
 
 def _min_request(op: str, args: tuple) -> dict[str, int]:
