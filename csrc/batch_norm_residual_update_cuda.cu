@@ -3,8 +3,9 @@
 //
 // Forward (training), three launches on the current stream, no host synchronisation:
 //   1. bn_stats_kernel, grid (channel tiles, chunks): each block reduces one chunk of the M values of
-//      its channel(s) to Welford moments (per-thread Welford, then a fixed-order tree merge) and
-//      writes them to a partial buffer. Chunks split every channel, so a small C still fills the GPU.
+//      its channel(s) to moments (count, mean, M2: per-thread sums around the channel's first value, turned
+//      into moments once, then a fixed-order tree of Chan merges) and writes them to a partial buffer.
+//      Chunks split every channel, so a small C still fills the GPU.
 //   2. bn_forward_channels_kernel, a warp per channel: merges the chunks in a fixed lane-then-tree order
 //      (Chan's formula; deterministic, ceil(chunks / 32) + 5 dependent merges), writes save_mean / save_invstd, updates
 //      the running statistics in their dtype and computes the apply coefficients (scale, shift). Eval starts here, from
@@ -34,9 +35,11 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kChannelWarps = static_cast<int>(kFoldWarps);  // per-channel kernels: a warp per channel
 
-// partial[j][c] = Welford moments of chunk j of channel c; partial is (3, chunks, C): count, mean, m2.
+// partial[j][c] = moments of chunk j of channel c; partial is (3, chunks, C): count, mean, m2.
 // Block (tile, j) walks chunk j's items (walk_reduction_items: bf16 / half pairs, 4-byte loads);
-// W: channel slots per thread and widest item; Vec: items loaded as W-element vectors.
+// W: channel slots per thread and widest item; Vec: items loaded as W-element vectors. Each thread sums
+// its values around the channel's first value (push_shifted: no division per value), converts to moments
+// once (shifted_to_moments), then the fixed-order tree merges them (Chan).
 template <int W, bool Vec, typename scalar_t, typename acc_t>
 __global__ void bn_stats_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ partial, ChannelReduction r) {
   __shared__ Slots<Moments<acc_t>, W> shared[kThreads];
@@ -44,20 +47,29 @@ __global__ void bn_stats_kernel(const scalar_t* __restrict__ x, acc_t* __restric
   const int64_t c = reduction_channel(r, blockIdx.x, threadIdx.x);
   const int64_t chunks = gridDim.y;
   const bool slots = r.rows || r.group;  // a slot per value of an item (else every value is of channel c)
-  Slots<Moments<acc_t>, W> mom{};
+  Slots<ShiftedSums<acc_t>, W> sums{};
+  acc_t k[W];  // the shift of each slot's channel: its first value (sample 0, item 0), the same in every block
+  auto shift_of = [&](int64_t ch) { return static_cast<acc_t>(x[ch * inner]); };
   auto body = [&]<int P>(int64_t o, int64_t s) {
     const Pack<scalar_t, P> xv = load_items<P, Vec>(x + (o * C + c) * inner + s);
 #pragma unroll
-    for (int j = 0; j < P; ++j) push_moment(mom.v[slots ? j : 0], static_cast<acc_t>(xv.v[j]));
+    for (int j = 0; j < P; ++j) {
+      if (slots)  // constant indices in both branches: the slots stay in registers (no stack frame)
+        push_shifted(sums.v[j], static_cast<acc_t>(xv.v[j]), k[j]);
+      else
+        push_shifted(sums.v[0], static_cast<acc_t>(xv.v[j]), k[0]);
+    }
   };
   if (r.group) {  // channel groups: each item's values over the chunk's samples into its columns
     Moments<acc_t>* cols = group_columns<Moments<acc_t>>();
     walk_group_items(r, blockIdx.x, blockIdx.y, threadIdx.x, [&](int64_t s, int64_t n, int64_t o0, int64_t o1) {
-      mom = Slots<Moments<acc_t>, W>{};
+#pragma unroll
+      for (int j = 0; j < W; ++j) k[j] = shift_of(c + (s + (j < n ? j : 0)) / inner);  // the channel of value j
+      sums = Slots<ShiftedSums<acc_t>, W>{};
       for (int64_t o = o0; o < o1; ++o) reduction_item<W>(o, s, n, body);
 #pragma unroll
       for (int j = 0; j < W; ++j)
-        if (j < n) cols[s + j] = mom.v[j];
+        if (j < n) cols[s + j] = shifted_to_moments(sums.v[j], k[j]);
     });
     fold_group_columns(
         r, cols, [](Moments<acc_t>& a, const Moments<acc_t>& b) { merge_moments(a, b); },
@@ -69,9 +81,17 @@ __global__ void bn_stats_kernel(const scalar_t* __restrict__ x, acc_t* __restric
         });
     return;
   }
-  if (c < C)
+  if (c < C) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) k[j] = shift_of(r.rows && c + j < C ? c + j : c);
     walk_reduction_items(r, c, blockIdx.y, threadIdx.y,
                          [&](int64_t o, int64_t s, int64_t n) { reduction_item<W>(o, s, n, body); });
+  }
+  Slots<Moments<acc_t>, W> mom{};
+  if (c < C) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) mom.v[j] = shifted_to_moments(sums.v[j], k[j]);
+  }
   shared[threadIdx.y * blockDim.x + threadIdx.x] = mom;
   tree_reduce(shared, [](Slots<Moments<acc_t>, W>& a, const Slots<Moments<acc_t>, W>& b) {
 #pragma unroll
@@ -149,17 +169,36 @@ __global__ void bn_forward_channels_kernel(const acc_t* __restrict__ partial, in
   coef[C + c] = k.shift;
 }
 
+// The channels of a pack's elements, in order. Channels-last rows (inner = 1): adjacent elements are adjacent
+// channels, so one division finds the pack's first channel and the others follow by an increment that wraps at
+// C (a pack may span rows when C < 16 bytes); planes: the channel of each element (ChannelIndex).
+template <typename index_t>
+struct PackChannels {
+  index_t c;
+  index_t C;
+  bool rows;
+  __device__ __forceinline__ PackChannels(const ChannelIndex<index_t>& ci, index_t i, int64_t C_, bool rows_)
+      : c(rows_ ? ci.C.mod(i) : index_t(0)), C(static_cast<index_t>(C_)), rows(rows_) {}
+  __device__ __forceinline__ index_t next(const ChannelIndex<index_t>& ci, index_t i) {
+    if (!rows) return ci.channel(i);
+    const index_t r = c;
+    c = c + 1 == C ? index_t(0) : c + 1;
+    return r;
+  }
+};
+
 template <int W, typename index_t, typename scalar_t, typename acc_t>
 __global__ void bn_apply_kernel(const scalar_t* __restrict__ y, const scalar_t* __restrict__ x,
                                 const acc_t* __restrict__ mean, const acc_t* __restrict__ coef,
                                 scalar_t* __restrict__ out, index_t numel, int64_t C, ChannelIndex<index_t> ci,
-                                bool relu) {
+                                bool rows, bool relu) {
   for_each_pack<W>(numel, [&]<int P>(index_t i) {
     const Pack<scalar_t, P> yv = load_pack<P>(y + i), xv = load_pack<P>(x + i);
     Pack<scalar_t, P> o;
+    PackChannels<index_t> pc(ci, i, C, rows);
 #pragma unroll
     for (int j = 0; j < P; ++j) {
-      const index_t c = ci.channel(i + j);
+      const index_t c = pc.next(ci, i + j);
       const acc_t r =
           bn_residual_forward(static_cast<acc_t>(yv.v[j]), static_cast<acc_t>(xv.v[j]), mean[c], coef[c], coef[C + c]);
       o.v[j] = static_cast<scalar_t>(relu ? relu_forward(r) : r);
@@ -287,8 +326,8 @@ template <int W, typename index_t, typename scalar_t, typename acc_t>
 __global__ void bn_backward_apply_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
                                          const scalar_t* __restrict__ relu_out, const acc_t* __restrict__ mean,
                                          const acc_t* __restrict__ coef, scalar_t* __restrict__ dy,
-                                         scalar_t* __restrict__ dx, index_t numel, int64_t C,
-                                         ChannelIndex<index_t> ci) {
+                                         scalar_t* __restrict__ dx, index_t numel, int64_t C, ChannelIndex<index_t> ci,
+                                         bool rows) {
   for_each_pack<W>(numel, [&]<int P>(index_t i) {
     Pack<scalar_t, P> gv = load_pack<P>(g + i);
     const Pack<scalar_t, P> xv = load_pack<P>(x + i);
@@ -300,9 +339,10 @@ __global__ void bn_backward_apply_kernel(const scalar_t* __restrict__ g, const s
       store_pack<P>(dy + i, gv);
     }
     Pack<scalar_t, P> d;
+    PackChannels<index_t> pc(ci, i, C, rows);
 #pragma unroll
     for (int j = 0; j < P; ++j) {
-      const index_t c = ci.channel(i + j);
+      const index_t c = pc.next(ci, i + j);
       d.v[j] = static_cast<scalar_t>(bn_backward_dx(static_cast<acc_t>(gv.v[j]), static_cast<acc_t>(xv.v[j]), mean[c],
                                                     coef[c], coef[C + c], coef[2 * C + c]));
     }
@@ -375,7 +415,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cuda(
           bn_apply_kernel<W, index_t, scalar_t, acc_t>
               <<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(
                   yp, xp, a.save_mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(), op,
-                  static_cast<index_t>(numel), C, ChannelIndex<index_t>(v.inner, C, v.inner * C), relu);
+                  static_cast<index_t>(numel), C, ChannelIndex<index_t>(v.inner, C, v.inner * C), v.inner == 1, relu);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });
@@ -429,7 +469,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
           bn_backward_apply_kernel<W, index_t, scalar_t, acc_t>
               <<<elementwise_grid(numel / W + 1, kThreads), kThreads, 0, stream>>>(
                   gp, xp, outp, a.save_mean.const_data_ptr<acc_t>(), coef.const_data_ptr<acc_t>(), dyp, dxp,
-                  static_cast<index_t>(numel), C, ChannelIndex<index_t>(v.inner, C, v.inner * C));
+                  static_cast<index_t>(numel), C, ChannelIndex<index_t>(v.inner, C, v.inner * C), v.inner == 1);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
       });

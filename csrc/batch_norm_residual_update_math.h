@@ -43,6 +43,34 @@ TSC_HD void push_moment(Moments<T>& a, T x) {
   a.m2 = a.m2 + delta * (x - a.mean);
 }
 
+// One thread's running sums of a channel's values around a shift k (a value of the channel, the same for
+// every thread of it): count, Σ (x - k), Σ (x - k)^2. A push is two adds and an FMA, no division (Welford's
+// update divides per value); shifted_to_moments divides once, before the fixed-order Chan merge. With k
+// within a few σ of the mean, Σ (x - k)^2 - (Σ (x - k))^2 / n loses at most a few bits in fp32 (a large
+// |mean| / σ does not enter). The CUDA statistics kernel (bn_stats_kernel) runs these two functions;
+// tsc::_bn_shifted_moments runs them on the host (tests/tooling/test_cuda_plans.py).
+template <typename T>
+struct ShiftedSums {
+  T count, sum, sumsq;
+};
+
+template <typename T>
+TSC_HD void push_shifted(ShiftedSums<T>& a, T x, T shift) {
+  const T d = x - shift;
+  a.count = a.count + T(1);
+  a.sum = a.sum + d;
+  a.sumsq = a.sumsq + d * d;
+}
+
+// (count, mean, M2) of the sums; M2 is clamped at 0 (rounding of the difference); no values: zeros.
+template <typename T>
+TSC_HD Moments<T> shifted_to_moments(const ShiftedSums<T>& a, T shift) {
+  if (a.count == T(0)) return Moments<T>{T(0), T(0), T(0)};
+  const T d = a.sum / a.count;
+  const T m2 = a.sumsq - a.sum * d;
+  return Moments<T>{a.count, shift + d, m2 > T(0) ? m2 : T(0)};
+}
+
 template <typename T>
 TSC_HD T bn_invstd(T var, T eps) {
 #if defined(__CUDA_ARCH__)

@@ -14,7 +14,8 @@
 //   Planes under 128 bytes (3x3 maps, bf16 7x7): the reductions run channel groups
 //     (launch_geometry.h plan_channel_groups): dynamic shared memory of a column per value of the run.
 //   bn_apply_kernel / bn_backward_apply_kernel (elementwise_launch): 16-byte packs.
-// Also tsc::_bn_merge_chunks: the GPU's fixed merge order run on the host (tests/test_cuda_plans.py).
+// Also tsc::_bn_merge_chunks: the GPU's fixed merge order run on the host (tests/test_cuda_plans.py), and
+// tsc::_bn_shifted_moments: a statistics thread's per-value sums and its one conversion to moments.
 #include <torch/library.h>
 
 #include "batch_norm_residual_update_layout.h"
@@ -77,6 +78,26 @@ at::Tensor bn_merge_chunks(const at::Tensor& partial) {
   return out.to(partial.scalar_type());
 }
 
+// values: (n,) one thread's values in order -> (3,) count, mean, m2 as bn_stats_kernel's thread computes them
+// (push_shifted around the first value, then shifted_to_moments), in values' dtype.
+at::Tensor bn_shifted_moments(const at::Tensor& values) {
+  TORCH_CHECK(values.dim() == 1 && values.device().is_cpu() && at::isFloatingType(values.scalar_type()),
+              "tsc::_bn_shifted_moments: values must be a 1-D CPU float tensor, got ", values.sizes());
+  const at::Tensor p = values.to(at::kDouble).contiguous();
+  const auto q = p.accessor<double, 1>();
+  at::Tensor out = at::empty({3}, p.options());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "tsc_bn_shifted_moments", [&] {
+    const scalar_t k = p.size(0) > 0 ? static_cast<scalar_t>(q[0]) : scalar_t(0);
+    ShiftedSums<scalar_t> a{scalar_t(0), scalar_t(0), scalar_t(0)};
+    for (int64_t i = 0; i < p.size(0); ++i) push_shifted(a, static_cast<scalar_t>(q[i]), k);
+    const Moments<scalar_t> m = shifted_to_moments(a, k);
+    out[0] = static_cast<double>(m.count);
+    out[1] = static_cast<double>(m.mean);
+    out[2] = static_cast<double>(m.m2);
+  });
+  return out.to(values.scalar_type());
+}
+
 }  // namespace
 
 TSC_REGISTER_CUDA_PLANNER(batch_norm_residual_update, plan_batch_norm_residual_update);
@@ -86,4 +107,6 @@ TSC_REGISTER_CUDA_PLANNER(batch_norm_residual_update, plan_batch_norm_residual_u
 TORCH_LIBRARY_FRAGMENT(tsc, m) {
   // Test hook (tests/test_cuda_plans.py): chunks' moments merged in the CUDA per-channel kernel's order.
   m.def("_bn_merge_chunks(Tensor partial) -> Tensor", &tsc::bn_merge_chunks);
+  // Test hook: one statistics thread's shifted sums converted to moments (tests/test_cuda_plans.py).
+  m.def("_bn_shifted_moments(Tensor values) -> Tensor", &tsc::bn_shifted_moments);
 }

@@ -136,7 +136,12 @@ def test_half_precision_reductions_load_pairs(sass, kernel):
 GROUP_KERNELS = ("residual_backward_kernel", "bn_stats_kernel", "bn_backward_sums_kernel", "multistep_backward_kernel")
 
 
-@pytest.mark.parametrize("kernel", GROUP_KERNELS)
+# The BatchNorm apply passes walk a channels-last pack's channels with a running index (PackChannels): its
+# per-element values stay in registers too.
+NO_LOCAL_MEMORY_KERNELS = GROUP_KERNELS + ("bn_apply_kernel", "bn_backward_apply_kernel")
+
+
+@pytest.mark.parametrize("kernel", NO_LOCAL_MEMORY_KERNELS)
 @needs_cuda_build
 def test_reduction_slots_stay_in_registers(sass, kernel):
     """In the compiled SASS of every instantiation: no local memory (STL / LDL). A slot indexed by a runtime

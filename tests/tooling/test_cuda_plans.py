@@ -11,7 +11,8 @@ answered by tsc::cuda_launch_plan), so each finding of the issue is a property o
      plane's odd head or tail value alone) runs on the host too (tsc::_channel_reduction_walk) and is
      compared with a twin written out in Python over odd sizes.
 The fixed merge order of the BatchNorm statistics runs on the host too (tsc::_bn_merge_chunks) and
-is compared with the statistics of the data. No GPU is needed: tensors live on the meta device.
+is compared with the statistics of the data, as is one statistics thread's shifted-sums accumulation
+(tsc::_bn_shifted_moments). No GPU is needed: tensors live on the meta device.
 """
 from __future__ import annotations
 
@@ -432,6 +433,49 @@ def test_bn_merge_tree_matches_the_statistics(chunks, dtype):
 def test_bn_merge_tree_bad_input():
     with pytest.raises(RuntimeError, match="partial must be"):
         torch.ops.tsc._bn_merge_chunks(torch.zeros(2, 4))
+
+
+# -- a statistics thread's shifted sums (bn_stats_kernel calls push_shifted / shifted_to_moments) ----------------
+def welford32(x: torch.Tensor) -> tuple[float, float]:
+    """The per-value Welford update the statistics kernel ran before (push_moment), in fp32: mean, M2."""
+    one, n, mean, m2 = torch.tensor(1.0), torch.tensor(0.0), torch.tensor(0.0), torch.tensor(0.0)
+    for v in x:
+        n = n + one
+        delta = v - mean
+        mean = mean + delta / n
+        m2 = m2 + delta * (v - mean)
+    return mean.item(), m2.item()
+
+
+@pytest.mark.parametrize(
+    "mean, std, n",
+    [(1e3, 1e-1, 300), (-4e4, 2.0, 257), (0.0, 1.0, 300), (1.0, 1e-4, 129), (5e2, 0.0, 65), (7.0, 3.0, 2)],
+)
+def test_bn_shifted_moments_match_fp64(mean, std, n):
+    """Large |mean| / σ, tiny σ, a constant channel, two values: one thread's fp32 count, mean and M2 from sums
+    around its first value (tsc::_bn_shifted_moments, the header functions bn_stats_kernel runs) are within a
+    few fp32 ulps of the fp64 statistics of the same values, and M2 no worse than the per-value Welford update
+    (1e-6 relative at most where Welford is better: a mean near 0)."""
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=g, dtype=torch.float64) * std + mean).float()
+    count, mu, m2 = torch.ops.tsc._bn_shifted_moments(x).tolist()
+    x64 = x.double()
+    mu64, m264 = x64.mean().item(), ((x64 - x64.mean()) ** 2).sum().item()
+    assert count == n
+    eps = torch.finfo(torch.float32).eps
+    assert abs(mu - mu64) <= 4 * eps * abs(mu64) + 4 * eps * std, (mu, mu64)
+    assert abs(m2 - m264) <= 1e-5 * m264 + 1e-30, (m2, m264)
+    if std > 0:
+        w_mu, w_m2 = welford32(x)
+        assert abs(m2 - m264) <= max(abs(w_m2 - m264), 1e-6 * m264), (m2, w_m2, m264)
+    else:
+        assert m2 == 0.0 and mu == mean
+
+
+def test_bn_shifted_moments_empty_and_bad_input():
+    assert torch.ops.tsc._bn_shifted_moments(torch.zeros(0)).tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(RuntimeError, match="values must be"):
+        torch.ops.tsc._bn_shifted_moments(torch.zeros(2, 4))
 
 
 # -- tsc::cuda_launch_plan itself -----------------------------------------------------------------
