@@ -54,6 +54,21 @@ def residual_fwd_kernel(y_ptr, f_ptr, dt_ptr, out_ptr, numel, C, inner, RELU: tl
 
 
 @triton.jit
+def _backward_tile(g_ptr, f_ptr, out_ptr, dy_ptr, df_ptr, offs, mask, dt, RELU: tl.constexpr):
+    """One tile of the backward, shared by the three kernels: df = g dt (dy = g through the ReLU
+    first), and g f, the tile's contribution to ddt, in dt's (the accumulation) dtype."""
+    acc_ty = dt.dtype
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+    f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+    if RELU:
+        out = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_ty)
+        g = tl.where(out <= 0, 0.0, g)  # threshold_backward: zero where out <= 0
+        tl.store(dy_ptr + offs, g.to(dy_ptr.dtype.element_ty), mask=mask)
+    tl.store(df_ptr + offs, (g * dt).to(df_ptr.dtype.element_ty), mask=mask)
+    return g * f
+
+
+@triton.jit
 def residual_bwd_planes_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, partial_ptr, N, C, inner, n_per_chunk,
                                RELU: tl.constexpr, BLOCK: tl.constexpr, INDEX_64: tl.constexpr):
     """Program (c, k) owns channel c of samples [k*n_per_chunk, (k+1)*n_per_chunk): writes their df (dy)
@@ -75,14 +90,7 @@ def residual_bwd_planes_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, pa
         idx = start + tl.arange(0, BLOCK)
         mask = idx < end_idx
         offs = ((idx // inner) * C + c) * inner + idx % inner
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-        f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-        if RELU:
-            out = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-            g = tl.where(out <= 0, 0.0, g)  # threshold_backward: zero where out <= 0
-            tl.store(dy_ptr + offs, g.to(dy_ptr.dtype.element_ty), mask=mask)
-        tl.store(df_ptr + offs, (g * dt).to(df_ptr.dtype.element_ty), mask=mask)
-        acc += g * f
+        acc += _backward_tile(g_ptr, f_ptr, out_ptr, dy_ptr, df_ptr, offs, mask, dt, RELU)
     tl.store(partial_ptr + k * C + c, tl.sum(acc, axis=0))
 
 
@@ -106,14 +114,7 @@ def residual_bwd_channels_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, 
         a = a0 + tl.arange(0, BLOCK_A).to(tl.int64)
         mask = (a < n1)[:, None] & bmask[None, :]
         offs = a[:, None] * C * inner + j * CH * inner + b[None, :]
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-        f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-        if RELU:
-            out = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-            g = tl.where(out <= 0, 0.0, g)
-            tl.store(dy_ptr + offs, g.to(dy_ptr.dtype.element_ty), mask=mask)
-        tl.store(df_ptr + offs, (g * dt[None, :]).to(df_ptr.dtype.element_ty), mask=mask)
-        acc += g * f
+        acc += _backward_tile(g_ptr, f_ptr, out_ptr, dy_ptr, df_ptr, offs, mask, dt[None, :], RELU)
     chs = j * CH + tl.arange(0, CH)
     tl.store(partial_ptr + k * C + chs, _reduce.channel_sums(tl.sum(acc, axis=0), inner, CH), mask=chs < C)
 
@@ -135,14 +136,7 @@ def residual_bwd_rows_kernel(g_ptr, f_ptr, out_ptr, dt_ptr, dy_ptr, df_ptr, part
         rows = start + tl.arange(0, BLOCK_R).to(tl.int64)
         mask = (rows < r1)[:, None] & cmask[None, :]
         offs = rows[:, None] * C + cols[None, :]
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-        f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-        if RELU:
-            out = tl.load(out_ptr + offs, mask=mask, other=0.0).to(acc_ty)
-            g = tl.where(out <= 0, 0.0, g)
-            tl.store(dy_ptr + offs, g.to(dy_ptr.dtype.element_ty), mask=mask)
-        tl.store(df_ptr + offs, (g * dt[None, :]).to(df_ptr.dtype.element_ty), mask=mask)
-        acc += g * f
+        acc += _backward_tile(g_ptr, f_ptr, out_ptr, dy_ptr, df_ptr, offs, mask, dt[None, :], RELU)
     tl.store(partial_ptr + k * C + cols, tl.sum(acc, axis=0), mask=cmask)
 
 
