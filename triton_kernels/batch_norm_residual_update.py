@@ -114,22 +114,20 @@ def _tile(a0, b0, pid_c, A, C, inner, PLANES: tl.constexpr, CH: tl.constexpr, BL
 
 
 @triton.jit
-def _part_index(k, c, C, n_chunks, PART_T: tl.constexpr):
-    """Index of chunk k's partial of channel c in one (chunks, C) half of the partials, or in its
-    transpose (C, chunks) with PART_T (_plan: where the finalize must split the channels finely)."""
-    if PART_T:
-        return c * n_chunks + k
-    else:
-        return k * C + c
-
-
-@triton.jit
 def _part_walk(c, C, n_chunks, PART_T: tl.constexpr):
-    """(chunk stride, offsets of the channels c at chunk 0) of a finalize's walk of the partials."""
+    """(chunk stride, offsets of the channels c at chunk 0) in one (chunks, C) half of the partials, or
+    in its transpose (C, chunks) with PART_T (_plan: where the finalize must split the channels finely)."""
     if PART_T:
         return 1, c * n_chunks
     else:
         return C, c
+
+
+@triton.jit
+def _part_index(k, c, C, n_chunks, PART_T: tl.constexpr):
+    """Index of chunk k's partial of channel c (the layout of _part_walk)."""
+    stride_k, col = _part_walk(c, C, n_chunks, PART_T)
+    return col + k * stride_k
 
 
 @triton.jit
