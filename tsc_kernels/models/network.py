@@ -92,10 +92,7 @@ class _TSCNetwork:
         ``lstm_params()`` return, flat, read straight from the modules' parameter dicts (a tenth of
         the time); None where a block, a controller or a hook asks for the general path."""
         ctrl = self._modules.get("tsc_controller")
-        # the fast path stands for NetworkController.forward: not where the controller's forward is
-        # replaced (a subclass, an instance attribute) or hooked
-        if (type(ctrl) is not NetworkController or "forward" in ctrl.__dict__ or ctrl._forward_hooks
-                or ctrl._forward_pre_hooks or _module._global_forward_hooks or _module._global_forward_pre_hooks):
+        if not _runs_network_dt(ctrl):
             return None
         try:
             blocks = [block for stage in self.tsc_stages() for block in stage._modules.values()]
@@ -111,36 +108,66 @@ class _TSCNetwork:
             return None
         return ctrl, weights, params
 
+    def _fixed_plan_holds(self, ctrl, plan: NetworkPlan) -> bool:
+        """Whether a "fixed" network's plan still stands, checked without reading its conv weights:
+        its Δt are constants that depend on no weight, valid while the controller is the same
+        unhooked one, the stages hold the same blocks and the first conv weight the plan was built
+        from is still the first block's, on the plan's device and dtype (``.to()`` moves it in
+        place). Walking every block's conv weights per step cost ~0.1 ms inside a training step,
+        whose activations and gradients have evicted those objects from the cache since the last
+        step. False: the general path decides."""
+        if not _runs_network_dt(ctrl):
+            return False
+        stages = tuple(tuple(stage._modules.values()) for stage in self.tsc_stages())
+        if stages != plan.network_blocks or not stages[0]:
+            return False
+        first, w = stages[0][0], plan.weights[0]
+        return (first._modules[type(first).controller_convs[0]]._parameters.get("weight") is w
+                and w.device == plan.device and w.dtype == plan.dtype)
+
     def _planned_step_sizes(self) -> list[Sequence[torch.Tensor]] | None:
-        tensors = self._controller_tensors()
-        if tensors is None:
-            return None
-        ctrl, weights, params = tensors
-        # the plan lives with the controller (fold, which drops the controller, drops it too)
-        plan = ctrl.__dict__.get("_plan")
-        if plan is _MIXED:  # some stages are 2fc / indp, or mix modes: network_dt every step
-            return None
-        if plan is None or not plan.matches(weights, params):
-            # network_dt's checks, with their messages, then the plan (None: mixed controller modes)
-            plan = NetworkPlan.build(self.controller_inputs(), list(ctrl.stages))
-            ctrl.__dict__["_plan"] = _MIXED if plan is None else plan
-            if plan is None:
+        ctrl = self._modules.get("tsc_controller")
+        plan = None if ctrl is None else ctrl.__dict__.get("_plan")
+        if type(plan) is NetworkPlan and plan.fixed and self._fixed_plan_holds(ctrl, plan):
+            dts = plan.run((), ())
+        else:
+            plan, dts = self._run_plan()
+            if dts is None:
                 return None
-        try:
-            if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
-                with _autocast_off():  # the controller runs fp32 (NetworkController.forward)
-                    dts = plan.run(weights, params)
-            else:
-                dts = plan.run(weights, params)
-        except Exception:
-            # a weight changed dtype, device or shape in place: network_dt's checks name it
-            ctrl.__dict__["_plan"] = None
-            return None
         out, start = [], 0
         for L in plan.blocks:
             out.append(dts[start:start + L])
             start += L
         return out
+
+    def _run_plan(self) -> tuple[NetworkPlan | None, tuple | None]:
+        """(the plan, every block's Δt) after checking the plan against the network's tensors
+        (building it where it is missing or stale); (None, None) for the general path."""
+        tensors = self._controller_tensors()
+        if tensors is None:
+            return None, None
+        ctrl, weights, params = tensors
+        # the plan lives with the controller (fold, which drops the controller, drops it too)
+        plan = ctrl.__dict__.get("_plan")
+        if plan is _MIXED:  # some stages are 2fc / indp, or mix modes: network_dt every step
+            return None, None
+        if plan is None or not plan.matches(weights, params):
+            # network_dt's checks, with their messages, then the plan (None: mixed controller modes)
+            plan = NetworkPlan.build(self.controller_inputs(), list(ctrl.stages))
+            ctrl.__dict__["_plan"] = _MIXED if plan is None else plan
+            if plan is None:
+                return None, None
+            # the blocks the plan was built for (_fixed_plan_holds compares them)
+            plan.network_blocks = tuple(tuple(stage._modules.values()) for stage in self.tsc_stages())
+        try:
+            if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+                with _autocast_off():  # the controller runs fp32 (NetworkController.forward)
+                    return plan, plan.run(weights, params)
+            return plan, plan.run(weights, params)
+        except Exception:
+            # a weight changed dtype, device or shape in place: network_dt's checks name it
+            ctrl.__dict__["_plan"] = None
+            return None, None
 
     def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
         for stage, dts in zip(self.tsc_stages(), self.block_step_sizes()):
@@ -150,6 +177,15 @@ class _TSCNetwork:
 
 
 _MIXED = object()  # the plan of a controller whose stages NetworkPlan does not cover
+
+
+def _runs_network_dt(ctrl) -> bool:
+    """Whether a plan may stand for ``ctrl``'s forward: a NetworkController whose forward is not
+    replaced (a subclass, an instance attribute) or hooked."""
+    return type(ctrl) is NetworkController and not (
+        "forward" in ctrl.__dict__ or ctrl._forward_hooks or ctrl._forward_pre_hooks
+        or _module._global_forward_hooks or _module._global_forward_pre_hooks)
+
 
 
 _DEFAULT_TSC_WEIGHTS = {_blocks._TSCBlock.tsc_weights}

@@ -333,6 +333,7 @@ class NetworkPlan:
         self.numel = sum(self.block_sizes)
         self.controllers = tuple(controllers) if self.fixed else ()
         self.fixed_values, self.fixed_dts = None, None
+        self.network_blocks: tuple = ()  # the network's blocks per stage, set by the network that built it
         self.meta = self._meta(list(self.weights) + list(self.params))
 
     @classmethod
