@@ -137,7 +137,9 @@ void accumulate_run(const scalar_t* x, int64_t n, PerChannel<kPerLane, at::opmat
     else
       tail += v;
   }
-  if constexpr (!kPerLane) acc[0] += reduce_lanes(s0 + s1) + tail;
+  // runs shorter than a step (the planes of a late stage at small images: 2x2, 4x4) have no
+  // vector sum to fold: the lane reduction, a dozen shuffles, cost more than the run itself
+  if constexpr (!kPerLane) acc[0] += (n >= L::kStep ? reduce_lanes(s0 + s1) : acc_t(0)) + tail;
 }
 
 // s1[lane] += g', s2[lane] += g' (x - mean), g' = grad masked by the fused ReLU (out; null without it).
@@ -181,8 +183,9 @@ void backward_sums_run(const scalar_t* g, const scalar_t* x, const scalar_t* out
     }
   }
   if constexpr (!kPerLane) {
-    s1[0] += reduce_lanes(a0 + a1) + ta;
-    s2[0] += reduce_lanes(b0 + b1) + tb;
+    const bool vectors = n >= L::kStep;  // as in accumulate_run
+    s1[0] += (vectors ? reduce_lanes(a0 + a1) : acc_t(0)) + ta;
+    s2[0] += (vectors ? reduce_lanes(b0 + b1) : acc_t(0)) + tb;
   }
 }
 
@@ -249,53 +252,66 @@ void backward_apply_run(const scalar_t* g, const scalar_t* x, const scalar_t* ou
   for (; i < n; ++i) scalar(i);
 }
 
-// A (C,) tensor of any floating dtype and stride as acc_t values (ones / zeros when absent).
+// A (C,) tensor of any floating dtype and stride as acc_t values into v[0, C) (`absent` when None).
 template <typename acc_t>
-std::vector<acc_t> read_channels(const std::optional<at::Tensor>& t, int64_t C, acc_t absent) {
-  std::vector<acc_t> v(C, absent);
-  if (!t.has_value()) return v;
+void read_channels(const std::optional<at::Tensor>& t, int64_t C, acc_t absent, acc_t* v) {
+  if (!t.has_value()) {
+    std::fill(v, v + C, absent);
+    return;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "tsc_bn_read_channels", [&] {
     const scalar_t* p = t->const_data_ptr<scalar_t>();
     const int64_t stride = t->stride(0);
     for (int64_t c = 0; c < C; ++c) v[c] = static_cast<acc_t>(p[c * stride]);
   });
-  return v;
 }
 
-// Writes acc_t values into a (C,) tensor of any floating dtype and stride (in its dtype).
+// Writes acc_t values v[0, C) into a (C,) tensor of any floating dtype and stride (in its dtype).
 template <typename acc_t>
-void write_channels(const at::Tensor& t, const std::vector<acc_t>& v) {
+void write_channels(const at::Tensor& t, const acc_t* v, int64_t C) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t.scalar_type(), "tsc_bn_write_channels", [&] {
     scalar_t* p = t.mutable_data_ptr<scalar_t>();
     const int64_t stride = t.stride(0);
-    for (size_t c = 0; c < v.size(); ++c) p[c * stride] = static_cast<scalar_t>(v[c]);
+    for (int64_t c = 0; c < C; ++c) p[c * stride] = static_cast<scalar_t>(v[c]);
   });
 }
+
+// Per-channel arrays of one call, `n` of C values each, carved from one allocation: the op runs
+// once per block of every step, and inside a training step each heap allocation is a cold malloc
+// (a dozen vectors per call cost ~4 us of a CIFAR block's tail on the CPU; one costs a tenth).
+template <typename acc_t>
+struct ChannelArrays {
+  std::vector<acc_t> buf;
+  int64_t C;
+  ChannelArrays(int64_t n, int64_t channels) : buf(static_cast<size_t>(n * channels)), C(channels) {}
+  acc_t* operator[](int64_t i) { return buf.data() + i * C; }
+};
 
 // Training statistics of x per channel: moments per chunk (a sum pass, then M2 around the chunk's
 // mean), merged per channel in chunk order; fills mean, invstd and the unbiased variance.
 template <typename scalar_t, typename acc_t>
-void batch_statistics(const ChannelView& v, const scalar_t* xp, int64_t count, acc_t eps, std::vector<acc_t>& mean,
-                      std::vector<acc_t>& invstd, std::vector<acc_t>& unbiased) {
+void batch_statistics(const ChannelView& v, const scalar_t* xp, int64_t count, acc_t eps, acc_t* mean, acc_t* invstd,
+                      acc_t* unbiased) {
   const int64_t C = v.channels;
   const ChunkPlan plan(v);
   std::vector<Moments<acc_t>> partial(plan.slots());
-  const std::vector<acc_t> zeros(plan.by_rows() ? C : 1, acc_t(0));
   at::parallel_for(0, plan.chunks, 1, [&](int64_t q0, int64_t q1) {
     const int64_t lanes = plan.by_rows() ? C : 1;
-    std::vector<acc_t> sum(lanes), chunk_mean(lanes), m2(lanes);
+    // sum, chunk_mean, m2 and zeros (the mean of the sum pass), lanes values each
+    std::vector<acc_t> lane_buf(4 * lanes, acc_t(0));
+    acc_t *sum = lane_buf.data(), *chunk_mean = sum + lanes, *m2 = chunk_mean + lanes, *zeros = m2 + lanes;
     for (int64_t q = q0; q < q1; ++q) {
-      std::fill(sum.begin(), sum.end(), acc_t(0));
-      std::fill(m2.begin(), m2.end(), acc_t(0));
+      std::fill(sum, sum + lanes, acc_t(0));
+      std::fill(m2, m2 + lanes, acc_t(0));
       plan.for_each_run(q, [&](auto per_lane, int64_t o, int64_t n, int64_t, int64_t) {
         constexpr bool kPerLane = decltype(per_lane)::value;
-        accumulate_run<kPerLane, false>(xp + o, n, PerChannel<kPerLane, acc_t>{zeros.data()}, sum.data());
+        accumulate_run<kPerLane, false>(xp + o, n, PerChannel<kPerLane, acc_t>{zeros}, sum);
       });
       const acc_t chunk_count = static_cast<acc_t>(plan.chunk_count(q));
       for (int64_t l = 0; l < lanes; ++l) chunk_mean[l] = sum[l] / chunk_count;
       plan.for_each_run(q, [&](auto per_lane, int64_t o, int64_t n, int64_t, int64_t) {
         constexpr bool kPerLane = decltype(per_lane)::value;
-        accumulate_run<kPerLane, true>(xp + o, n, PerChannel<kPerLane, acc_t>{chunk_mean.data()}, m2.data());
+        accumulate_run<kPerLane, true>(xp + o, n, PerChannel<kPerLane, acc_t>{chunk_mean}, m2);
       });
       const int64_t first = plan.by_rows() ? q * C : q;
       for (int64_t l = 0; l < lanes; ++l) partial[first + l] = {chunk_count, chunk_mean[l], m2[l]};
@@ -310,19 +326,21 @@ void batch_statistics(const ChannelView& v, const scalar_t* xp, int64_t count, a
   }
 }
 
-// running = (1 - momentum) running + momentum batch, for the mean and the unbiased variance, in place.
+// running = (1 - momentum) running + momentum batch, for the mean and the unbiased variance, in
+// place; `scratch` holds 2 C values.
 template <typename acc_t>
-void update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var, const std::vector<acc_t>& mean,
-                          const std::vector<acc_t>& unbiased, double momentum) {
-  const int64_t C = static_cast<int64_t>(mean.size());
+void update_running_stats(const at::Tensor& running_mean, const at::Tensor& running_var, const acc_t* mean,
+                          const acc_t* unbiased, int64_t C, double momentum, acc_t* scratch) {
   const acc_t mom = static_cast<acc_t>(momentum);
-  std::vector<acc_t> rm = read_channels<acc_t>(running_mean, C, 0), rv = read_channels<acc_t>(running_var, C, 0);
+  acc_t *rm = scratch, *rv = scratch + C;
+  read_channels<acc_t>(running_mean, C, 0, rm);
+  read_channels<acc_t>(running_var, C, 0, rv);
   for (int64_t c = 0; c < C; ++c) {
     rm[c] = running_update(rm[c], mean[c], mom);
     rv[c] = running_update(rv[c], unbiased[c], mom);
   }
-  write_channels(running_mean, rm);
-  write_channels(running_var, rv);
+  write_channels(running_mean, rm, C);
+  write_channels(running_var, rv, C);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cpu(
@@ -337,23 +355,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cpu(
       at::kHalf, at::kBFloat16, a.y.scalar_type(), "tsc_batch_norm_residual_update_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
         const scalar_t* xp = a.x.const_data_ptr<scalar_t>();
-        std::vector<acc_t> mean(C), invstd(C);
+        // mean and invstd are the saved statistics themselves (acc_t, contiguous (C,))
+        acc_t* mean = a.save_mean.mutable_data_ptr<acc_t>();
+        acc_t* invstd = a.save_invstd.mutable_data_ptr<acc_t>();
+        // 0 dt, 1 gamma, 2 beta, 3 scale, 4 shift, 5-6 the running statistics / unbiased variance
+        ChannelArrays<acc_t> arr(7, C);
         if (training) {
-          std::vector<acc_t> unbiased(C);
+          acc_t* unbiased = arr[5];
           batch_statistics(v, xp, a.count, static_cast<acc_t>(eps), mean, invstd, unbiased);
-          if (running_mean.has_value()) update_running_stats(*running_mean, *running_var, mean, unbiased, momentum);
+          if (running_mean.has_value())
+            update_running_stats(*running_mean, *running_var, mean, unbiased, C, momentum, arr[3]);
         } else {
-          mean = read_channels<acc_t>(running_mean, C, 0);
-          const std::vector<acc_t> var = read_channels<acc_t>(running_var, C, 0);
+          read_channels<acc_t>(running_mean, C, 0, mean);
+          acc_t* var = arr[5];
+          read_channels<acc_t>(running_var, C, 0, var);
           for (int64_t c = 0; c < C; ++c) invstd[c] = bn_invstd(var[c], static_cast<acc_t>(eps));
         }
-        std::copy(mean.begin(), mean.end(), a.save_mean.mutable_data_ptr<acc_t>());
-        std::copy(invstd.begin(), invstd.end(), a.save_invstd.mutable_data_ptr<acc_t>());
         if (a.y.numel() == 0) return;
 
-        const std::vector<acc_t> dt = read_channels<acc_t>(a.dt, C, 0), gamma = read_channels<acc_t>(weight, C, 1),
-                                 beta = read_channels<acc_t>(bias, C, 0);
-        std::vector<acc_t> scale(C), shift(C);
+        acc_t *dt = arr[0], *gamma = arr[1], *beta = arr[2], *scale = arr[3], *shift = arr[4];
+        read_channels<acc_t>(a.dt, C, 0, dt);
+        read_channels<acc_t>(weight, C, 1, gamma);
+        read_channels<acc_t>(bias, C, 0, beta);
         for (int64_t c = 0; c < C; ++c) {
           const BnApply<acc_t> k = bn_apply_coefficients(dt[c], gamma[c], beta[c], invstd[c]);
           scale[c] = k.scale;
@@ -363,7 +386,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cpu(
         const scalar_t* yp = a.y.const_data_ptr<scalar_t>();
         scalar_t* op = a.out.mutable_data_ptr<scalar_t>();
         parallel_runs(v, stream, [&](auto per_lane, int64_t o, int64_t n, int64_t c) {
-          const acc_t* coef[3] = {mean.data() + c, scale.data() + c, shift.data() + c};
+          const acc_t* coef[3] = {mean + c, scale + c, shift + c};
           apply_run<decltype(per_lane)::value>(yp + o, xp + o, coef, op + o, n, relu, stream);
         });
       });
@@ -388,7 +411,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
 
         // Reduction: S1, S2c per chunk (zeroed slots), then summed per channel in chunk order.
         const ChunkPlan plan(v);
-        std::vector<acc_t> p1(plan.slots(), acc_t(0)), p2(plan.slots(), acc_t(0));
+        std::vector<acc_t> partials(2 * plan.slots(), acc_t(0));  // S1 then S2c of every slot
+        acc_t *p1 = partials.data(), *p2 = p1 + plan.slots();
         at::parallel_for(0, plan.chunks, 1, [&](int64_t q0, int64_t q1) {
           for (int64_t q = q0; q < q1; ++q)
             plan.for_each_run(q, [&](auto per_lane, int64_t o, int64_t n, int64_t c, int64_t slot) {
@@ -397,9 +421,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
                                           PerChannel<kPerLane, acc_t>{mean + c}, n, &p1[slot], &p2[slot]);
             });
         });
-        const std::vector<acc_t> dt = read_channels<acc_t>(a.dt, C, 0), gamma = read_channels<acc_t>(weight, C, 1),
-                                 beta = read_channels<acc_t>(bias, C, 0);
-        std::vector<acc_t> k1(C), k2(C), k3(C);
+        ChannelArrays<acc_t> arr(6, C);
+        acc_t *dt = arr[0], *gamma = arr[1], *beta = arr[2], *k1 = arr[3], *k2 = arr[4], *k3 = arr[5];
+        read_channels<acc_t>(a.dt, C, 0, dt);
+        read_channels<acc_t>(weight, C, 1, gamma);
+        read_channels<acc_t>(bias, C, 0, beta);
         acc_t* ddt = a.ddt.mutable_data_ptr<acc_t>();
         acc_t* dw = weight.has_value() ? a.dweight.mutable_data_ptr<acc_t>() : nullptr;
         acc_t* db = bias.has_value() ? a.dbias.mutable_data_ptr<acc_t>() : nullptr;
@@ -424,7 +450,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
         scalar_t* dxp = a.dx.mutable_data_ptr<scalar_t>();
         scalar_t* dyp = a.relu ? a.dy.mutable_data_ptr<scalar_t>() : nullptr;
         parallel_runs(v, stream, [&](auto per_lane, int64_t o, int64_t n, int64_t c) {
-          const acc_t* coef[4] = {mean + c, k1.data() + c, k2.data() + c, k3.data() + c};
+          const acc_t* coef[4] = {mean + c, k1 + c, k2 + c, k3 + c};
           backward_apply_run<decltype(per_lane)::value>(gp + o, xp + o, offset_or_null(outp, o), coef,
                                                         offset_or_null(dyp, o), dxp + o, n, stream);
         });
