@@ -276,15 +276,16 @@ void write_channels(const at::Tensor& t, const acc_t* v, int64_t C) {
   });
 }
 
-// Per-channel arrays of one call, `n` of C values each, carved from one allocation: the op runs
-// once per block of every step, and inside a training step each heap allocation is a cold malloc
-// (a dozen vectors per call cost ~4 us of a CIFAR block's tail on the CPU; one costs a tenth).
+// n zeroed arrays of `len` values each (per channel, per lane or per partial slot) carved from one
+// allocation: the op runs once per block of every step, and inside a training step each heap
+// allocation is a cold malloc (a dozen vectors per call cost ~4 us of a CIFAR block's tail on the
+// CPU; one costs a tenth).
 template <typename acc_t>
-struct ChannelArrays {
+struct ScratchArrays {
   std::vector<acc_t> buf;
-  int64_t C;
-  ChannelArrays(int64_t n, int64_t channels) : buf(static_cast<size_t>(n * channels)), C(channels) {}
-  acc_t* operator[](int64_t i) { return buf.data() + i * C; }
+  int64_t len;
+  ScratchArrays(int64_t n, int64_t length) : buf(static_cast<size_t>(n * length), acc_t(0)), len(length) {}
+  acc_t* operator[](int64_t i) { return buf.data() + i * len; }
 };
 
 // Training statistics of x per channel: moments per chunk (a sum pass, then M2 around the chunk's
@@ -297,9 +298,8 @@ void batch_statistics(const ChannelView& v, const scalar_t* xp, int64_t count, a
   std::vector<Moments<acc_t>> partial(plan.slots());
   at::parallel_for(0, plan.chunks, 1, [&](int64_t q0, int64_t q1) {
     const int64_t lanes = plan.by_rows() ? C : 1;
-    // sum, chunk_mean, m2 and zeros (the mean of the sum pass), lanes values each
-    std::vector<acc_t> lane_buf(4 * lanes, acc_t(0));
-    acc_t *sum = lane_buf.data(), *chunk_mean = sum + lanes, *m2 = chunk_mean + lanes, *zeros = m2 + lanes;
+    ScratchArrays<acc_t> lane(4, lanes);  // zeros: the mean of the sum pass
+    acc_t *sum = lane[0], *chunk_mean = lane[1], *m2 = lane[2], *zeros = lane[3];
     for (int64_t q = q0; q < q1; ++q) {
       std::fill(sum, sum + lanes, acc_t(0));
       std::fill(m2, m2 + lanes, acc_t(0));
@@ -358,8 +358,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_residual_update_cpu(
         // mean and invstd are the saved statistics themselves (acc_t, contiguous (C,))
         acc_t* mean = a.save_mean.mutable_data_ptr<acc_t>();
         acc_t* invstd = a.save_invstd.mutable_data_ptr<acc_t>();
-        // 0 dt, 1 gamma, 2 beta, 3 scale, 4 shift, 5-6 the running statistics / unbiased variance
-        ChannelArrays<acc_t> arr(7, C);
+        // 0 dt, 1 gamma, 2 beta, 3 scale, 4 shift (3-4 first hold the running statistics' update),
+        // 5 the batch's unbiased variance (training) or the running variance (eval)
+        ScratchArrays<acc_t> arr(6, C);
         if (training) {
           acc_t* unbiased = arr[5];
           batch_statistics(v, xp, a.count, static_cast<acc_t>(eps), mean, invstd, unbiased);
@@ -411,8 +412,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
 
         // Reduction: S1, S2c per chunk (zeroed slots), then summed per channel in chunk order.
         const ChunkPlan plan(v);
-        std::vector<acc_t> partials(2 * plan.slots(), acc_t(0));  // S1 then S2c of every slot
-        acc_t *p1 = partials.data(), *p2 = p1 + plan.slots();
+        ScratchArrays<acc_t> partials(2, plan.slots());
+        acc_t *p1 = partials[0], *p2 = partials[1];
         at::parallel_for(0, plan.chunks, 1, [&](int64_t q0, int64_t q1) {
           for (int64_t q = q0; q < q1; ++q)
             plan.for_each_run(q, [&](auto per_lane, int64_t o, int64_t n, int64_t c, int64_t slot) {
@@ -421,7 +422,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
                                           PerChannel<kPerLane, acc_t>{mean + c}, n, &p1[slot], &p2[slot]);
             });
         });
-        ChannelArrays<acc_t> arr(6, C);
+        ScratchArrays<acc_t> arr(6, C);
         acc_t *dt = arr[0], *gamma = arr[1], *beta = arr[2], *k1 = arr[3], *k2 = arr[4], *k3 = arr[5];
         read_channels<acc_t>(a.dt, C, 0, dt);
         read_channels<acc_t>(weight, C, 1, gamma);

@@ -119,7 +119,7 @@ class _TSCNetwork:
         if not _runs_network_dt(ctrl):
             return False
         stages = tuple(tuple(stage._modules.values()) for stage in self.tsc_stages())
-        if stages != plan.network_blocks or not stages[0]:
+        if stages != plan.network_blocks or not stages or not stages[0]:
             return False
         first, w = stages[0][0], plan.weights[0]
         return (first._modules[type(first).controller_convs[0]]._parameters.get("weight") is w
@@ -185,7 +185,6 @@ def _runs_network_dt(ctrl) -> bool:
     return type(ctrl) is NetworkController and not (
         "forward" in ctrl.__dict__ or ctrl._forward_hooks or ctrl._forward_pre_hooks
         or _module._global_forward_hooks or _module._global_forward_pre_hooks)
-
 
 
 _DEFAULT_TSC_WEIGHTS = {_blocks._TSCBlock.tsc_weights}
