@@ -43,7 +43,12 @@ TSC adds on the host is what it costs there. The same step at batch 2 on 8x8 inp
                each w̄ gradient added into the weight's gradient), without the controller: real
                work on this CPU (MBs per step), microseconds on a GPU; tsc-fused against it is
                the host cost TSC adds beyond them
-and, with --compile, plain-c, tsc-auto-c and tsc-ref-c compiled; --host-steps interleaved rounds.
+  tsc-leafdt   tsc-fused with every block's Δt read from one trained leaf tensor instead of the
+               controller: the fused tails and Δt's gradient alone (tsc-fused against it: the
+               controller's cost)
+and, with --compile, plain-c, tsc-auto-c, tsc-ref-c and plain+pass-c compiled (plain+pass-c: the
+passes as tsc-auto-c makes them, the reference traced into the network's graph); --host-steps
+interleaved rounds.
 Columns: ops (operator calls of one eager step under torch.profiler, every dispatcher pass counted),
 top (those called from Python or the autograd engine, not by another op),
 the medians of the step and of its forward (zero_grad, forward, loss), backward and optimizer
@@ -272,9 +277,9 @@ def measure(args, progress) -> list[Row]:
 # (name, tsc mode, backend, compiled)
 HOST_VARIANTS = (("plain", None, "auto", False), ("tsc-fused", "lstm", "auto", False),
                  ("tsc-fixed", "fixed", "auto", False), ("tsc-ref", "lstm", "torch", False),
-                 ("plain+pass", None, "auto", False))
+                 ("plain+pass", None, "auto", False), ("tsc-leafdt", "lstm", "auto", False))
 HOST_COMPILED_VARIANTS = (("plain-c", None, "auto", True), ("tsc-auto-c", "lstm", "auto", True),
-                          ("tsc-ref-c", "lstm", "torch", True))
+                          ("tsc-ref-c", "lstm", "torch", True), ("plain+pass-c", None, "auto", True))
 PHASES = ("step", "fwd", "bwd", "opt")
 
 
@@ -298,20 +303,27 @@ class HostVariant(Variant):
         super().__init__(args, name, tsc, backend_name, compiled, batch=args.host_batch,
                          image_size=host_image_size(args))
         self.parts = {p: [] for p in PHASES}
-        # plain+pass: the plain step plus the passes TSC's controller makes over the conv weights,
-        # without the controller: w̄ of the weights TSC reads (weight_mean, before the forward) and,
-        # in the same backward, weight_mean's backward with a zero gradient, which adds each
-        # weight's w̄ gradient into its conv gradient as in a TSC step (the same op and autograd).
-        # On this CPU those passes are real work (several MB per step); on a GPU microseconds of
-        # device time. tsc-fused against this row is the cost TSC adds beyond them.
-        self.passes = controller_weights(args, self.model) if name == "plain+pass" else None
+        # plain+pass(-c): the plain step plus the passes TSC's controller makes over the conv weights,
+        # without the controller: w̄ of the weights TSC reads (weight_mean, in the forward) and, in
+        # the same backward, weight_mean's backward with a zero gradient, which adds each weight's w̄
+        # gradient into its conv gradient as in a TSC step (the same op and autograd eagerly; compiled,
+        # the reference in the network's graph, which inductor folds into the conv gradients as in
+        # tsc-auto-c). On this CPU those passes are real work (several MB per step); on a GPU
+        # microseconds of device time. TSC against this row is the cost it adds beyond them.
+        self.passes = controller_weights(args, self.model) if name.startswith("plain+pass") else None
+        if self.passes is not None:
+            forward = _with_weight_passes(self.model, self.passes, self.device)
+            self.forward = torch.compile(forward, backend=args.compile_backend) if compiled else forward
+        if name == "tsc-leafdt":
+            self.opt.add_param_group({"params": [_leaf_step_sizes(self.model)]})
 
     def step(self, mark=lambda: None) -> None:
         """One training step; ``mark()`` after the forward (zero_grad, forward, loss) and the backward."""
         self.opt.zero_grad(set_to_none=True)
-        wbar = None if self.passes is None else dispatch("weight_mean", self.device)(self.passes)
         with self.autocast:
-            loss = nn.functional.cross_entropy(self.forward(self.x), self.target)
+            out = self.forward(self.x)
+            out, wbar = out if self.passes is not None else (out, None)
+            loss = nn.functional.cross_entropy(out, self.target)
         mark()
         if wbar is None:
             loss.backward()
@@ -340,6 +352,39 @@ class HostVariant(Variant):
             ops, top = (None, None) if self.compiled else count_ops(self.step)
         return HostRow(self.name, resolved, "compiled" if self.compiled else "eager", ops, top,
                        {p: statistics.median(t) for p, t in self.parts.items()}, times_ms=self.parts)
+
+
+def _with_weight_passes(model: nn.Module, weights: list, device: torch.device):
+    """model's forward that also returns w̄ of ``weights`` (the weight_mean TSC's controller runs:
+    under torch.compile with ``auto``, the reference, traced into the same graph)."""
+    def forward(x):
+        # w̄ first, as TSC's controller does: autograd runs later nodes' backward first, and a w̄
+        # made after the network would hand each weight its w̄ gradient before the conv's, which
+        # autograd then adds out of place (a new buffer per weight) instead of in place
+        wbar = dispatch("weight_mean", device)(weights)
+        return model(x), wbar
+    return forward
+
+
+def _leaf_step_sizes(model: nn.Module) -> torch.Tensor:
+    """Make the TSC network ``model`` read every block's Δt from one leaf tensor, set to the
+    controller's Δt at build time and split per block as the controller's output is (tsc-leafdt: the
+    blocks' fused tails and Δt's gradient without the controller). Returns the leaf, for the
+    optimizer."""
+    dts = [d for stage in model.block_step_sizes() for d in stage]
+    counts = [len(stage) for stage in model.tsc_stages()]
+    sizes = [d.numel() for d in dts]
+    leaf = torch.cat([d.detach() for d in dts]).requires_grad_()
+
+    def block_step_sizes():
+        views, out, start = torch.split_with_sizes(leaf, sizes), [], 0
+        for n in counts:
+            out.append(views[start:start + n])
+            start += n
+        return out
+
+    model.block_step_sizes = block_step_sizes  # the instance attribute shadows the method
+    return leaf
 
 
 def controller_weights(args, plain: nn.Module) -> list:
@@ -392,14 +437,14 @@ def measure_host(args, progress=None) -> list[HostRow]:
 
 
 def format_host_table(rows: list[HostRow]) -> str:
-    head = (f"{'variant':10s} {'backend':7s} {'ops':>6s} {'top':>5s} {'step ms':>8s} {'fwd ms':>7s} {'bwd ms':>7s} "
+    head = (f"{'variant':12s} {'backend':7s} {'ops':>6s} {'top':>5s} {'step ms':>8s} {'fwd ms':>7s} {'bwd ms':>7s} "
             f"{'opt ms':>7s}  {'step':>7s} {'fwd':>7s} {'bwd':>7s} {'opt':>7s}")
     lines = [head, "-" * len(head)]
     for r in rows:
         ops = "-" if r.ops is None else str(r.ops)
         top = "-" if r.top_ops is None else str(r.top_ops)
         over = "  ".join(f"{r.overhead_pct[p]:+6.1f}%" if r.overhead_pct else f"{'':7s}" for p in PHASES)
-        lines.append(f"{r.variant:10s} {r.backend:7s} {ops:>6s} {top:>5s} {r.ms['step']:8.2f} {r.ms['fwd']:7.2f} "
+        lines.append(f"{r.variant:12s} {r.backend:7s} {ops:>6s} {top:>5s} {r.ms['step']:8.2f} {r.ms['fwd']:7.2f} "
                      f"{r.ms['bwd']:7.2f} {r.ms['opt']:7.2f}  {over}")
     return "\n".join(lines)
 
@@ -416,9 +461,18 @@ def host_summary(rows: list[HostRow]) -> list[str]:
         lines.append(f"host eager:    plain+pass vs plain {by['plain+pass'].overhead_pct['step']:+.1f}% "
                      f"(the controller's passes over the conv weights alone), "
                      f"tsc-fused vs plain+pass {beyond:+.1f}% (TSC's host cost beyond them)")
+    if "tsc-leafdt" in by:
+        beyond = paired_overhead_pct(by["tsc-fused"].times_ms["step"], by["tsc-leafdt"].times_ms["step"])
+        lines.append(f"host eager:    tsc-leafdt vs plain {by['tsc-leafdt'].overhead_pct['step']:+.1f}% "
+                     f"(the fused tails and Δt's gradient, no controller), tsc-fused vs tsc-leafdt "
+                     f"{beyond:+.1f}% (the controller: its weight passes, LSTM and parameters)")
     if "tsc-auto-c" in by:
         lines.append(f"host compiled: tsc-auto-c vs plain-c {by['tsc-auto-c'].overhead_pct['step']:+.1f}%, "
                      f"tsc-ref-c vs plain-c {by['tsc-ref-c'].overhead_pct['step']:+.1f}%")
+    if "plain+pass-c" in by:
+        beyond = paired_overhead_pct(by["tsc-auto-c"].times_ms["step"], by["plain+pass-c"].times_ms["step"])
+        lines.append(f"host compiled: plain+pass-c vs plain-c {by['plain+pass-c'].overhead_pct['step']:+.1f}%, "
+                     f"tsc-auto-c vs plain+pass-c {beyond:+.1f}%")
     if lines:
         lines.append("(host: the step's host cost, tensors so small that compute vanishes; "
                      "% = median of per-round ratios against plain of the same mode)")
@@ -426,7 +480,7 @@ def host_summary(rows: list[HostRow]) -> list[str]:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'variant':10s} {'backend':7s} {'params train':>12s} {'params infer':>12s} {'GMAC train':>10s} "
+    head = (f"{'variant':12s} {'backend':7s} {'params train':>12s} {'params infer':>12s} {'GMAC train':>10s} "
             f"{'GMAC infer':>10s} {'step ms':>9s} {'±':>6s} {'kernels':>8s} {'peak MB':>8s} {'infer ms':>9s} "
             f"{'overhead':>18s}")
     lines = [head, "-" * len(head)]
@@ -474,11 +528,6 @@ def summary(rows: list[Row]) -> list[str]:
         f = by["tsc-fused"]
         lines.append(f"eager:    tsc-fused vs plain {f.overhead_time_pct:+.1f}% time"
                      + (f", {f.kernels - by['plain'].kernels:+d} kernels" if f.kernels is not None else ""))
-    if "plain+pass" in by:
-        beyond = paired_overhead_pct(by["tsc-fused"].times_ms["step"], by["plain+pass"].times_ms["step"])
-        lines.append(f"host eager:    plain+pass vs plain {by['plain+pass'].overhead_pct['step']:+.1f}% "
-                     f"(the controller's passes over the conv weights alone), "
-                     f"tsc-fused vs plain+pass {beyond:+.1f}% (TSC's host cost beyond them)")
     if "tsc-auto-c" in by:
         a, ref = by["tsc-auto-c"], by["tsc-ref-c"]
         lines.append(f"compiled: tsc-auto-c vs plain-c {a.overhead_time_pct:+.1f}% time, "

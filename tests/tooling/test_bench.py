@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from tsc_kernels import bench, models
+from tsc_kernels.ops.weight_mean import reference as weight_mean_reference
 
 FIELDS = {"variant", "backend", "params_train", "params_infer", "gmac_train", "gmac_infer", "step_ms", "step_iqr_ms",
           "kernels", "peak_mb", "infer_ms", "overhead_time_pct", "overhead_kernels_pct", "step_times_ms", "mode"}
@@ -97,9 +98,9 @@ def test_host_rows_and_the_weight_passes(capsys):
     the same backward pass), on the weights the TSC network reads, with the plain step's result."""
     assert bench.main(["--model", "cifar_resnet8", "--host-only", "--host-steps", "2", "--quick"]) == 0
     out = capsys.readouterr().out
-    for variant in ("plain", "tsc-fused", "tsc-fixed", "tsc-ref", "plain+pass"):
+    for variant in ("plain", "tsc-fused", "tsc-fixed", "tsc-ref", "plain+pass", "tsc-leafdt"):
         assert f"\n{variant} " in out
-    assert "tsc-fused vs plain+pass" in out
+    assert "tsc-fused vs plain+pass" in out and "tsc-fused vs tsc-leafdt" in out
 
     args = bench.parse_args(["--model", "cifar_resnet8", "--host-only"])
     v = bench.HostVariant(args, "plain+pass", None, "auto", False)
@@ -118,3 +119,42 @@ def test_host_rows_and_the_weight_passes(capsys):
     with torch.profiler.profile() as prof:
         v.step()
     assert {"tsc::weight_mean", "tsc::weight_mean_backward"} <= {e.name for e in prof.events()}
+
+
+def test_leaf_step_sizes_replace_the_controller():
+    """tsc-leafdt: the TSC network's blocks read their Δt from one leaf (the controller's values at
+    build time), which its gradient reaches and the optimizer updates; the controller never runs."""
+    args = bench.parse_args(["--model", "cifar_resnet8", "--host-only"])
+    v = bench.HostVariant(args, "tsc-leafdt", "lstm", "auto", False)
+    fused = bench.HostVariant(args, "tsc-fused", "lstm", "auto", False)
+    leaf = v.opt.param_groups[-1]["params"][0]
+    assert leaf.is_leaf and leaf.requires_grad
+    torch.testing.assert_close(leaf, torch.cat([d for s in fused.model.block_step_sizes() for d in s]).detach())
+    with torch.profiler.profile() as prof:
+        v.step()
+    names = {e.name for e in prof.events()}
+    assert "tsc::batch_norm_residual_update" in names
+    assert not {"tsc::weight_mean", "tsc::lstm_controller"} & names
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
+def test_compiled_weight_passes(capsys):
+    """--host-only --compile: plain+pass-c makes the passes inside the compiled network's graph, as
+    tsc-auto-c does (the reference w̄, not the fused op, which inductor could not fold into the conv
+    gradients), with the plain-c step's result; the summary sets tsc-auto-c against it."""
+    argv = ["--model", "cifar_resnet8", "--host-only", "--host-steps", "1", "--quick", "--compile",
+            "--compile-backend", "aot_eager"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "\nplain+pass-c " in out and "tsc-auto-c vs plain+pass-c" in out
+
+    args = bench.parse_args(argv)
+    v = bench.HostVariant(args, "plain+pass-c", None, "auto", True)
+    plain = bench.HostVariant(args, "plain-c", None, "auto", True)
+    v.step(), plain.step()
+    for (n, p), q in zip(v.model.named_parameters(), plain.model.parameters()):
+        torch.testing.assert_close(p, q, msg=n)
+    with torch.profiler.profile() as prof:
+        _, wbar = v.forward(v.x)
+    torch.testing.assert_close(wbar, weight_mean_reference(v.passes))
+    assert wbar.grad_fn is not None and "tsc::weight_mean" not in {e.name for e in prof.events()}
