@@ -480,7 +480,7 @@ def host_summary(rows: list[HostRow]) -> list[str]:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = (f"{'variant':12s} {'backend':7s} {'params train':>12s} {'params infer':>12s} {'GMAC train':>10s} "
+    head = (f"{'variant':10s} {'backend':7s} {'params train':>12s} {'params infer':>12s} {'GMAC train':>10s} "
             f"{'GMAC infer':>10s} {'step ms':>9s} {'±':>6s} {'kernels':>8s} {'peak MB':>8s} {'infer ms':>9s} "
             f"{'overhead':>18s}")
     lines = [head, "-" * len(head)]
