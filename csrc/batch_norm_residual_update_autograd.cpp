@@ -36,32 +36,29 @@ Backward call_backward(const at::Tensor& grad, const at::Tensor& x, const at::Te
   return op.call(grad, x, dt, weight, bias, save_mean, save_invstd, relu_out, training);
 }
 
-class BatchNormResidualUpdateFunction : public torch::autograd::Function<BatchNormResidualUpdateFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& x, const at::Tensor& dt,
-                               const OptTensor& running_mean, const OptTensor& running_var, const OptTensor& weight,
-                               const OptTensor& bias, bool training, double momentum, double eps, bool relu) {
-    // Below Autograd only (ADInplaceOrView stays), like the Python autograd.Function: the op mutates the running stats
-    auto [out, save_mean, save_invstd] = below_autograd<at::AutoDispatchBelowAutograd>(
-        [&] { return call_forward(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu); });
-    ctx->set_materialize_grads(false);  // save_mean / save_invstd are internal outputs: no zero grads
-    ctx->mark_non_differentiable({save_mean, save_invstd});
-    ctx->saved_data["training"] = training;
-    ctx->save_for_backward(
-        {x, dt, to_saved(weight), to_saved(bias), save_mean, save_invstd, relu ? out : at::Tensor()});
-    return {out, save_mean, save_invstd};
+// The backward node: one backward op returns (dy, dx, ddt, dweight, dbias), dy being the incoming
+// gradient itself without the fused ReLU. Its edges: y, x, dt, weight, bias (the running
+// statistics are never differentiated).
+struct BatchNormResidualUpdateBackward : public Node {
+  SavedVariable x_, dt_, weight_, bias_, save_mean_, save_invstd_, relu_out_;
+  bool training_ = true;
+
+  std::string name() const override { return "BatchNormResidualUpdateBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&x_, &dt_, &weight_, &bias_, &save_mean_, &save_invstd_, &relu_out_}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto s = ctx->get_saved_variables();
-    const at::Tensor &x = s[0], &dt = s[1], &weight = s[2], &bias = s[3], &relu_out = s[6];
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const at::Tensor x = x_.unpack(), relu_out = relu_out_.unpack(getptr());
     at::Tensor grad = grads[0];
     if (!grad.defined()) grad = at::zeros_like(relu_out.defined() ? relu_out : x);
-    auto [dy, dx, ddt, dw, db] = call_backward(grad, x, dt, from_saved(weight), from_saved(bias), s[4], s[5],
-                                               from_saved(relu_out), ctx->saved_data["training"].toBool());
-    const at::Tensor none;
-    return {relu_out.defined() ? dy : grad, dx,   ddt,  none, none, weight.defined() ? dw : none,
-            bias.defined() ? db : none,     none, none, none, none};
+    auto [dy, dx, ddt, dw, db] =
+        call_backward(grad, x, dt_.unpack(), from_saved(weight_.unpack()), from_saved(bias_.unpack()),
+                      save_mean_.unpack(), save_invstd_.unpack(), from_saved(relu_out), training_);
+    return {relu_out.defined() ? dy : grad, dx, ddt, dw, db};
   }
 };
 
@@ -69,9 +66,24 @@ Forward batch_norm_residual_update_autograd(const at::Tensor& y, const at::Tenso
                                             const OptTensor& running_mean, const OptTensor& running_var,
                                             const OptTensor& weight, const OptTensor& bias, bool training,
                                             double momentum, double eps, bool relu) {
-  auto r = BatchNormResidualUpdateFunction::apply(y, x, dt, running_mean, running_var, weight, bias, training, momentum,
-                                                  eps, relu);
-  return {r[0], r[1], r[2]};
+  check_backward_only("tsc::batch_norm_residual_update", y, x, dt, weight, bias);
+  // Below Autograd only (ADInplaceOrView stays): the op mutates the running statistics
+  auto [out, save_mean, save_invstd] = below_autograd<at::AutoDispatchBelowAutograd>(
+      [&] { return call_forward(y, x, dt, running_mean, running_var, weight, bias, training, momentum, eps, relu); });
+  if (torch::autograd::compute_requires_grad(y, x, dt, weight, bias)) {
+    auto node = make_node<BatchNormResidualUpdateBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(y, x, dt, weight, bias));
+    torch::autograd::set_history(out, node);  // save_mean / save_invstd: non-differentiable
+    node->x_ = SavedVariable(x, false);
+    node->dt_ = SavedVariable(dt, false);
+    node->weight_ = SavedVariable(to_saved(weight), false);
+    node->bias_ = SavedVariable(to_saved(bias), false);
+    node->save_mean_ = SavedVariable(save_mean, false);
+    node->save_invstd_ = SavedVariable(save_invstd, false);
+    if (relu) node->relu_out_ = SavedVariable(out, true);
+    node->training_ = training;
+  }
+  return {out, save_mean, save_invstd};
 }
 
 }  // namespace

@@ -30,38 +30,50 @@ Backward call_backward(const at::Tensor& grad, const at::Tensor& dt, const at::T
   return op.call(grad, dt, wbar, blocks, params, saved);
 }
 
-class LstmControllerFunction : public torch::autograd::Function<LstmControllerFunction> {
- public:
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& wbar, at::IntArrayRef blocks,
-                               at::TensorList params) {
-    auto [dt, saved] = below_autograd([&] { return call_forward(wbar, blocks, params); });
-    ctx->mark_non_differentiable({saved});
-    // grad of `saved` is never used: do not materialise zeros for it (nor for an unused Δt)
-    ctx->set_materialize_grads(false);
-    ctx->saved_data["blocks"] = blocks.vec();
-    std::vector<at::Tensor> keep{wbar, dt, saved};
-    keep.insert(keep.end(), params.begin(), params.end());
-    ctx->save_for_backward(keep);
-    return {dt, saved};
+// The backward node: BPTT over every stage at once from the saved activations. Its edges: w̄,
+// then every parameter.
+struct LstmControllerBackward : public Node {
+  SavedVariable wbar_, dt_, saved_;
+  std::vector<SavedVariable> params_;
+  std::vector<int64_t> blocks_;
+
+  std::string name() const override { return "LstmControllerBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&wbar_, &dt_, &saved_}) v->reset_data();
+    for (SavedVariable& p : params_) p.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list s = ctx->get_saved_variables();
-    const at::Tensor &wbar = s[0], &dt = s[1], &saved = s[2];
-    const std::vector<at::Tensor> params(s.begin() + 3, s.end());
-    // slots: wbar, blocks (not differentiable: undefined), then every parameter
-    variable_list out(2 + params.size());
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const at::Tensor dt = dt_.unpack(getptr());
+    std::vector<at::Tensor> params;
+    params.reserve(params_.size());
+    for (const SavedVariable& p : params_) params.push_back(p.unpack());
     const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(dt);
-    auto [dwbar, dparams] = call_backward(grad, dt, wbar, ctx->saved_data["blocks"].toIntVector(), params, saved);
-    out[0] = dwbar;
-    for (size_t k = 0; k < dparams.size(); ++k) out[2 + k] = dparams[k];
+    auto [dwbar, dparams] = call_backward(grad, dt, wbar_.unpack(), blocks_, params, saved_.unpack());
+    variable_list out{dwbar};
+    out.insert(out.end(), dparams.begin(), dparams.end());
     return out;
   }
 };
 
 Forward lstm_controller_autograd(const at::Tensor& wbar, at::IntArrayRef blocks, at::TensorList params) {
-  const variable_list out = LstmControllerFunction::apply(wbar, blocks, params);
-  return {out[0], out[1]};
+  check_backward_only("tsc::lstm_controller", wbar, params);
+  auto [dt, saved] = below_autograd([&] { return call_forward(wbar, blocks, params); });
+  if (torch::autograd::compute_requires_grad(wbar, params)) {
+    auto node = make_node<LstmControllerBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(wbar, params));
+    torch::autograd::set_history(dt, node);  // `saved`: internal state, non-differentiable
+    node->wbar_ = SavedVariable(wbar, false);
+    node->dt_ = SavedVariable(dt, true);
+    node->saved_ = SavedVariable(saved, false);
+    node->params_.reserve(params.size());
+    for (const at::Tensor& p : params) node->params_.emplace_back(p, false);
+    node->blocks_ = blocks.vec();
+  }
+  return {dt, saved};
 }
 
 }  // namespace

@@ -29,28 +29,46 @@ Grads call_backward(const at::Tensor& grad, const at::Tensor& u, const at::Tenso
   return op.call(grad, u, u_prev, f, k, dt, keep, relu_out);
 }
 
-class MultistepUpdateFunction : public torch::autograd::Function<MultistepUpdateFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& u, const at::Tensor& u_prev, const at::Tensor& f,
-                            const at::Tensor& k, const OptTensor& dt, const OptTensor& keep, bool relu) {
-    at::Tensor out = below_autograd([&] { return call_forward(u, u_prev, f, k, dt, keep, relu); });
-    ctx->save_for_backward({u, u_prev, f, k, to_saved(dt), to_saved(keep), relu ? out : at::Tensor()});
-    return out;
+// The backward node: one backward op returns (du, du_prev, df, dk, ddt, dkeep). Its edges: u,
+// u_prev, f, k, dt, keep (an absent dt / keep: no edge, no gradient).
+struct MultistepUpdateBackward : public Node {
+  SavedVariable u_, u_prev_, f_, k_, dt_, keep_, relu_out_;
+
+  std::string name() const override { return "MultistepUpdateBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&u_, &u_prev_, &f_, &k_, &dt_, &keep_, &relu_out_}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto s = ctx->get_saved_variables();
-    const at::Tensor &dt = s[4], &keep = s[5];
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const at::Tensor u = u_.unpack(), dt = dt_.unpack(), keep = keep_.unpack();
+    const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(u);
     auto [du, du_prev, df, dk, ddt, dkeep] =
-        call_backward(grads[0], s[0], s[1], s[2], s[3], from_saved(dt), from_saved(keep), from_saved(s[6]));
-    return {du,          du_prev, df, dk, dt.defined() ? ddt : at::Tensor(), keep.defined() ? dkeep : at::Tensor(),
-            at::Tensor()};
+        call_backward(grad, u, u_prev_.unpack(), f_.unpack(), k_.unpack(), from_saved(dt), from_saved(keep),
+                      from_saved(relu_out_.unpack(getptr())));
+    return {du, du_prev, df, dk, dt.defined() ? ddt : at::Tensor(), keep.defined() ? dkeep : at::Tensor()};
   }
 };
 
 at::Tensor multistep_update_autograd(const at::Tensor& u, const at::Tensor& u_prev, const at::Tensor& f,
                                      const at::Tensor& k, const OptTensor& dt, const OptTensor& keep, bool relu) {
-  return MultistepUpdateFunction::apply(u, u_prev, f, k, dt, keep, relu);
+  check_backward_only("tsc::multistep_update", u, u_prev, f, k, dt, keep);
+  at::Tensor out = below_autograd([&] { return call_forward(u, u_prev, f, k, dt, keep, relu); });
+  if (torch::autograd::compute_requires_grad(u, u_prev, f, k, dt, keep)) {
+    auto node = make_node<MultistepUpdateBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(u, u_prev, f, k, dt, keep));
+    torch::autograd::set_history(out, node);
+    node->u_ = SavedVariable(u, false);
+    node->u_prev_ = SavedVariable(u_prev, false);
+    node->f_ = SavedVariable(f, false);
+    node->k_ = SavedVariable(k, false);
+    node->dt_ = SavedVariable(to_saved(dt), false);
+    node->keep_ = SavedVariable(to_saved(keep), false);
+    if (relu) node->relu_out_ = SavedVariable(out, true);
+  }
+  return out;
 }
 
 }  // namespace

@@ -26,28 +26,39 @@ Grads call_backward(const at::Tensor& grad, const at::Tensor& f, const at::Tenso
   return op.call(grad, f, dt, relu_out);
 }
 
-class ResidualUpdateFunction : public torch::autograd::Function<ResidualUpdateFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& y, const at::Tensor& f, const at::Tensor& dt,
-                            bool relu) {
-    at::Tensor out = below_autograd([&] { return call_forward(y, f, dt, relu); });
-    ctx->saved_data["relu"] = relu;
-    // The ReLU mask is read from the output; f and dt give df and ddt.
-    ctx->save_for_backward({f, dt, relu ? out : at::Tensor()});
-    return out;
+// The backward node: one backward op returns (dy, df, ddt), dy being the incoming gradient itself
+// without the fused ReLU, whose mask is read from the output. Its edges: y, f, dt.
+struct ResidualUpdateBackward : public Node {
+  SavedVariable f_, dt_, relu_out_;
+
+  std::string name() const override { return "ResidualUpdateBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable* v : {&f_, &dt_, &relu_out_}) v->reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const bool relu = ctx->saved_data["relu"].toBool();
-    const at::Tensor& grad = grads[0];
-    auto [dy, df, ddt] = call_backward(grad, saved[0], saved[1], relu ? OptTensor(saved[2]) : std::nullopt);
-    return {relu ? dy : grad, df, ddt, at::Tensor()};
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const at::Tensor f = f_.unpack(), relu_out = relu_out_.unpack(getptr());
+    const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(f);
+    auto [dy, df, ddt] = call_backward(grad, f, dt_.unpack(), from_saved(relu_out));
+    return {relu_out.defined() ? dy : grad, df, ddt};
   }
 };
 
 at::Tensor residual_update_autograd(const at::Tensor& y, const at::Tensor& f, const at::Tensor& dt, bool relu) {
-  return ResidualUpdateFunction::apply(y, f, dt, relu);
+  check_backward_only("tsc::residual_update", y, f, dt);
+  at::Tensor out = below_autograd([&] { return call_forward(y, f, dt, relu); });
+  if (torch::autograd::compute_requires_grad(y, f, dt)) {
+    auto node = make_node<ResidualUpdateBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(y, f, dt));
+    torch::autograd::set_history(out, node);
+    node->f_ = SavedVariable(f, false);
+    node->dt_ = SavedVariable(dt, false);
+    if (relu) node->relu_out_ = SavedVariable(out, true);
+  }
+  return out;
 }
 
 }  // namespace

@@ -52,19 +52,26 @@ bool plain_tensor(const at::Tensor& t) {
          (t.is_cpu() || t.is_cuda());
 }
 
-class WeightMeanFunction : public torch::autograd::Function<WeightMeanFunction> {
- public:
-  static at::Tensor forward(AutogradContext* ctx, at::TensorList weights) {
-    at::Tensor out = below_autograd([&] { return call_forward(weights); });
-    // backward reads the weights' shapes only (and C_in through the backward op)
-    ctx->save_for_backward(weights.vec());
-    return out;
+// The backward node. Its edges: every weight. It keeps the weights (the backward op reads their
+// shapes and C_in; the version check stays: a weight changed in place before the backward is an
+// error, as for any saved tensor).
+struct WeightMeanBackward : public Node {
+  std::vector<SavedVariable> weights_;
+
+  std::string name() const override { return "WeightMeanBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable& w : weights_) w.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list weights = ctx->get_saved_variables();
-    variable_list out(weights.size());
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(weights_.size());
     if (!grads[0].defined()) return out;
+    std::vector<at::Tensor> weights;
+    weights.reserve(weights_.size());
+    for (const SavedVariable& w : weights_) weights.push_back(w.unpack());
     // cast the packed values once (fp16/bf16 weights), not each expanded dW
     const at::Tensor scaled = call_backward(grads[0], weights).to(weights[0].scalar_type());
     // Without create_graph the gradients are plain data: each is made as an alias of `scaled`'s
@@ -80,7 +87,7 @@ class WeightMeanFunction : public torch::autograd::Function<WeightMeanFunction> 
       std::vector<int64_t> shape = w.sizes().vec();
       shape[1] = 1;
       const int64_t n = w.size(0) * c10::multiply_integers(shape.begin() + 2, shape.end());
-      if (ctx->needs_input_grad(j))
+      if (task_should_compute_output(j))
         out[j] = as_ops ? scaled.narrow(0, offset, n).view(shape).expand(w.sizes())
                         : expanded_alias(scaled, offset, w.sizes());
       offset += n;
@@ -89,7 +96,18 @@ class WeightMeanFunction : public torch::autograd::Function<WeightMeanFunction> 
   }
 };
 
-at::Tensor weight_mean_autograd(at::TensorList weights) { return WeightMeanFunction::apply(weights); }
+at::Tensor weight_mean_autograd(at::TensorList weights) {
+  check_backward_only("tsc::weight_mean", weights);
+  at::Tensor out = below_autograd([&] { return call_forward(weights); });
+  if (torch::autograd::compute_requires_grad(weights)) {
+    auto node = make_node<WeightMeanBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(weights));
+    torch::autograd::set_history(out, node);
+    node->weights_.reserve(weights.size());
+    for (const at::Tensor& w : weights) node->weights_.emplace_back(w, false);
+  }
+  return out;
+}
 
 }  // namespace
 

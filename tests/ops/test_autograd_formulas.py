@@ -323,3 +323,72 @@ def test_batch_norm_residual_update_eval_formula_matches_cpp(relu, dtype):
     got = python_formula("batch_norm_residual_update", case, grad, create_graph=False)
     for g, e in zip(got, expected):
         assert torch.equal(g, e)
+
+
+# --------------------------------------------------------------------------------------------------
+# The C++ backward nodes (csrc/autograd_util.h): what torch::autograd::Function gave for free
+# --------------------------------------------------------------------------------------------------
+def _forward(name, dtype=torch.float64):
+    torch.manual_seed(2)
+    case = CASES[name](dtype, False)
+    with tsc_kernels.use_backend("cpu"):
+        out = case.public(*case.args)
+    return case, out
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", CPP_AUTOGRAD)
+def test_cpp_node_named_and_only_with_grad(name):
+    case, out = _forward(name)
+    camel = "".join(part.capitalize() for part in name.split("_"))
+    nodes, seen = [out.grad_fn], []
+    while nodes:  # the public function may view the op's output (lstm_controller)
+        node = nodes.pop()
+        seen.append(node.name())
+        nodes += [n for n, _ in node.next_functions if n is not None and n.name() != "torch::autograd::AccumulateGrad"]
+    assert f"{camel}Backward" in seen, seen
+    with torch.no_grad(), tsc_kernels.use_backend("cpu"):
+        assert not case.public(*case.args).requires_grad
+    for leaf in case.leaves:
+        leaf.requires_grad_(False)
+    with tsc_kernels.use_backend("cpu"):
+        assert case.public(*case.args).grad_fn is None
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", CPP_AUTOGRAD)
+def test_cpp_node_frees_its_saved_tensors(name):
+    case, out = _forward(name)
+    grad = torch.randn_like(out)
+    first = torch.autograd.grad(out, case.leaves, grad, retain_graph=True, allow_unused=True)
+    again = torch.autograd.grad(out, case.leaves, grad, allow_unused=True)  # the graph is freed after this one
+    for a, b in zip(first, again):
+        assert (a is None and b is None) or torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(out, case.leaves, grad, allow_unused=True)
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", CPP_AUTOGRAD)
+def test_cpp_node_sees_saved_tensors_modified_in_place(name):
+    case, out = _forward(name)
+    with torch.no_grad():
+        for leaf in case.leaves:
+            leaf.add_(0)  # bumps the version counter: every op saves at least one of its inputs
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(out, case.leaves, torch.randn_like(out), allow_unused=True)
+
+
+@needs_cpp
+@pytest.mark.parametrize("name", CPP_AUTOGRAD)
+def test_cpp_node_refuses_forward_ad(name):
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(3)
+    case = CASES[name](torch.float64, False)
+    leaf = case.leaves[0]
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(leaf.detach(), torch.randn_like(leaf))
+        args = tuple(dual if a is leaf else a for a in case.args)
+        with tsc_kernels.use_backend("cpu"), pytest.raises(RuntimeError, match="forward-mode AD is not supported"):
+            case.public(*args)
