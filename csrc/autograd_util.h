@@ -1,6 +1,6 @@
 // What the C++ autograd of the tsc ops (csrc/<op>_autograd.cpp) shares: the typed dispatcher handle
-// of the op and of its backward, the forward run below autograd, and optional tensors in the saved
-// variables (an undefined tensor stands for None).
+// of the op and of its backward, the forward run below autograd, optional tensors in the saved
+// variables (an undefined tensor stands for None), and the making of their backward nodes.
 #pragma once
 
 #include <ATen/FuncTorchTLS.h>
@@ -11,10 +11,10 @@
 #include <algorithm>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 namespace tsc {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using OptTensor = std::optional<at::Tensor>;
 
@@ -61,6 +61,20 @@ auto make_node() {
   } else {
     return c10::make_intrusive<N>();
   }
+}
+
+// A list of inputs saved for the backward, and unpacked there.
+inline std::vector<SavedVariable> save_all(at::TensorList tensors) {
+  std::vector<SavedVariable> saved;
+  saved.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) saved.emplace_back(t, /*is_output=*/false);
+  return saved;
+}
+inline std::vector<at::Tensor> unpack_all(const std::vector<SavedVariable>& saved) {
+  std::vector<at::Tensor> tensors;
+  tensors.reserve(saved.size());
+  for (const SavedVariable& v : saved) tensors.push_back(v.unpack());
+  return tensors;
 }
 
 inline bool has_fw_grad(const at::Tensor& t) { return torch::autograd::isFwGradDefined(t); }

@@ -48,9 +48,7 @@ struct LstmControllerBackward : public Node {
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
     const at::Tensor dt = dt_.unpack(getptr());
-    std::vector<at::Tensor> params;
-    params.reserve(params_.size());
-    for (const SavedVariable& p : params_) params.push_back(p.unpack());
+    const std::vector<at::Tensor> params = unpack_all(params_);
     const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(dt);
     auto [dwbar, dparams] = call_backward(grad, dt, wbar_.unpack(), blocks_, params, saved_.unpack());
     variable_list out{dwbar};
@@ -69,8 +67,7 @@ Forward lstm_controller_autograd(const at::Tensor& wbar, at::IntArrayRef blocks,
     node->wbar_ = SavedVariable(wbar, false);
     node->dt_ = SavedVariable(dt, true);
     node->saved_ = SavedVariable(saved, false);
-    node->params_.reserve(params.size());
-    for (const at::Tensor& p : params) node->params_.emplace_back(p, false);
+    node->params_ = save_all(params);
     node->blocks_ = blocks.vec();
   }
   return {dt, saved};

@@ -69,9 +69,7 @@ struct WeightMeanBackward : public Node {
     std::lock_guard<std::mutex> lock(mutex_);
     variable_list out(weights_.size());
     if (!grads[0].defined()) return out;
-    std::vector<at::Tensor> weights;
-    weights.reserve(weights_.size());
-    for (const SavedVariable& w : weights_) weights.push_back(w.unpack());
+    const std::vector<at::Tensor> weights = unpack_all(weights_);
     // cast the packed values once (fp16/bf16 weights), not each expanded dW
     const at::Tensor scaled = call_backward(grads[0], weights).to(weights[0].scalar_type());
     // Without create_graph the gradients are plain data: each is made as an alias of `scaled`'s
@@ -103,8 +101,7 @@ at::Tensor weight_mean_autograd(at::TensorList weights) {
     auto node = make_node<WeightMeanBackward>();
     node->set_next_edges(torch::autograd::collect_next_edges(weights));
     torch::autograd::set_history(out, node);
-    node->weights_.reserve(weights.size());
-    for (const at::Tensor& w : weights) node->weights_.emplace_back(w, false);
+    node->weights_ = save_all(weights);
   }
   return out;
 }
