@@ -44,79 +44,89 @@ acc_t strided_sum(const scalar_t* p, int64_t n, int64_t stride) {
   return sum;
 }
 
-// Column sums of a contiguous (rows, K) block, left in scratch[0, K). A run of P = lcm(K, lanes)
-// values holds P / K whole rows, so vector j of every run covers the same columns: P / lanes
-// vector accumulators in registers, each updated once per run, folded into the K columns at the
-// end. Adding row after row instead chains every row's K additions through the same K
-// accumulators (3x3 kernels: 1 value per cycle, slower than memory). The order is fixed: the
-// sums do not depend on the thread count.
+// Means over C_in of `n` output rows (row o: a contiguous (C_in, K) block at w + o * so), written to
+// out[o * K + k]. A run of P = lcm(K, lanes) values holds P / K whole C_in rows, so vector j of
+// every run covers the same columns: P / lanes vector accumulators in registers, each updated once
+// per run. Adding C_in row after C_in row instead chains every row's K additions through the same
+// K accumulators (3x3 kernels: 1 value per cycle, slower than memory). The accumulators of up to
+// kFoldRows output rows are stored first and folded into their K columns after (column k is lane
+// k + K j of the rows_per_run j, then the C_in rows after the last whole run): folding each row
+// right after its stores reloaded lanes the stores had not yet written back (a store-forwarding
+// stall per load) and cost more than the row's sums (ResNet-56's 2,016 rows of 16-64 x 9
+// values). The order is fixed: the sums do not depend on the thread count.
 template <int A, typename T>
-void column_sums_in_runs(const T* p, int64_t rows, int64_t K, std::vector<T>& scratch) {
+void means_in_runs(const T* w, int64_t so, int64_t n, int64_t C_in, int64_t K, T* out) {
   using Vec = Vectorized<T>;
-  constexpr int64_t V = Vec::size(), period = A * V;
-  const int64_t rows_per_run = period / K, runs = rows / rows_per_run;
-  Vec acc[A];
-  for (int a = 0; a < A; ++a) acc[a] = Vec(T(0));
-  for (int64_t run = 0; run < runs; ++run, p += period)
-    for (int a = 0; a < A; ++a) acc[a] = acc[a] + Vec::loadu(p + a * V);
-  T lanes[period];
-  for (int a = 0; a < A; ++a) acc[a].store(lanes + a * V);
-  // Fold the run's lanes into the K columns: column k is lanes[k + K j] for the rows_per_run j.
-  // A vector of V columns at a time (3x3 kernels: columns 0-7 in 8 loads and 7 adds, column 8
-  // alone); the scalar fold of all 72 lanes cost as much as the row's loads.
-  scratch.assign(K, T(0));
-  int64_t k0 = 0;
-  for (; k0 + V <= K; k0 += V) {
-    Vec s = Vec::loadu(lanes + k0);
-    for (int64_t j = 1; j < rows_per_run; ++j) s = s + Vec::loadu(lanes + k0 + K * j);
-    s.store(scratch.data() + k0);
+  constexpr int64_t V = Vec::size(), period = A * V, kFoldRows = 16;
+  const int64_t rows_per_run = period / K, runs = C_in / rows_per_run, tail = C_in - runs * rows_per_run;
+  alignas(64) T lanes[kFoldRows * period];
+  for (int64_t o0 = 0; o0 < n; o0 += kFoldRows) {
+    const int64_t rows = std::min(kFoldRows, n - o0);
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* p = w + (o0 + r) * so;
+      Vec acc[A];
+      for (int a = 0; a < A; ++a) acc[a] = Vec(T(0));
+      for (int64_t run = 0; run < runs; ++run, p += period)
+        for (int a = 0; a < A; ++a) acc[a] = acc[a] + Vec::loadu(p + a * V);
+      for (int a = 0; a < A; ++a) acc[a].store(lanes + r * period + a * V);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* l = lanes + r * period;
+      const T* rest = w + (o0 + r) * so + runs * period;  // the C_in rows after the last whole run
+      T* dst = out + (o0 + r) * K;
+      int64_t k0 = 0;
+      for (; k0 + V <= K; k0 += V) {  // a vector of V columns at a time (3x3: columns 0-7)
+        Vec sum = Vec::loadu(l + k0);
+        for (int64_t j = 1; j < rows_per_run; ++j) sum = sum + Vec::loadu(l + k0 + K * j);
+        for (int64_t i = 0; i < tail; ++i) sum = sum + Vec::loadu(rest + i * K + k0);
+        sum.store(dst + k0);
+      }
+      for (; k0 < K; ++k0) {
+        T sum = l[k0];
+        for (int64_t j = 1; j < rows_per_run; ++j) sum += l[k0 + K * j];
+        for (int64_t i = 0; i < tail; ++i) sum += rest[i * K + k0];
+        dst[k0] = sum;
+      }
+      for (int64_t k = 0; k < K; ++k) dst[k] = mean_from_sum(dst[k], C_in);
+    }
   }
-  for (; k0 < K; ++k0)
-    for (int64_t j = 0; j < rows_per_run; ++j) scratch[k0] += lanes[k0 + K * j];
-  for (int64_t r = runs * rows_per_run; r < rows; ++r, p += K)
-    for (int64_t k = 0; k < K; ++k) scratch[k] += p[k];
 }
 
-// Vector accumulators of a run of column_sums for this K (up to 9 are kept in registers).
+// Vector accumulators of a run of means_in_runs for this K (up to 9 are kept in registers).
 template <typename T>
 int64_t vector_runs(int64_t K) {
   return std::lcm(K, static_cast<int64_t>(Vectorized<T>::size())) / Vectorized<T>::size();
 }
 
-template <typename T>
-void column_sums(const T* p, int64_t rows, int64_t K, std::vector<T>& scratch) {
-  switch (vector_runs<T>(K)) {
-    // K dividing the lanes (2, 4, 8) takes 1 vector, 1-D k = 3 takes 3, 3x3 kernels 9
-    case 1:
-      return column_sums_in_runs<1>(p, rows, K, scratch);
-    case 2:
-      return column_sums_in_runs<2>(p, rows, K, scratch);
-    case 3:
-      return column_sums_in_runs<3>(p, rows, K, scratch);
-    case 5:
-      return column_sums_in_runs<5>(p, rows, K, scratch);
-    case 7:
-      return column_sums_in_runs<7>(p, rows, K, scratch);
-    case 9:
-      return column_sums_in_runs<9>(p, rows, K, scratch);
-    default:
-      break;
-  }
-  scratch.assign(K, T(0));
-  for (int64_t r = 0; r < rows; ++r, p += K) axpy(T(1), p, scratch.data(), K);
+// means_in_runs for K's run length; false for a K it has no instance for, and for fp16/bf16
+// weights (mean_row converts each value to the fp32 accumulator).
+template <typename S, typename T>
+bool means_of_rows(const S* w, int64_t so, int64_t n, int64_t C_in, int64_t K, T* out) {
+  if constexpr (!std::is_same_v<S, T>)
+    return false;
+  else
+    switch (vector_runs<T>(K)) {
+      // K dividing the lanes (2, 4, 8) takes 1 vector, 1-D k = 3 takes 3, 3x3 kernels 9
+      case 1:
+        return means_in_runs<1>(w, so, n, C_in, K, out), true;
+      case 2:
+        return means_in_runs<2>(w, so, n, C_in, K, out), true;
+      case 3:
+        return means_in_runs<3>(w, so, n, C_in, K, out), true;
+      case 5:
+        return means_in_runs<5>(w, so, n, C_in, K, out), true;
+      case 7:
+        return means_in_runs<7>(w, so, n, C_in, K, out), true;
+      case 9:
+        return means_in_runs<9>(w, so, n, C_in, K, out), true;
+      default:
+        return false;
+    }
 }
 
 // w̄ of output row o of one weight: out[k] = mean_i W[o, i, k].
 template <typename scalar_t, typename acc_t>
 void mean_row(const scalar_t* w, const WeightView& v, acc_t* out, std::vector<acc_t>& scratch) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (v.sk == 1 && v.K > 1 && v.si == v.K) {
-      // the row's (C_in, K) block is contiguous (NCHW weights with k > 1)
-      column_sums(w, v.C_in, v.K, scratch);
-      for (int64_t k = 0; k < v.K; ++k) out[k] = mean_from_sum(scratch[k], v.C_in);
-      return;
-    }
-  }
   if (v.sk == 1 && v.K > 1 && v.si != 1) {
     // K contiguous (NCHW weights with k > 1): accumulate whole kernel rows, one C_in slice at a time.
     scratch.assign(v.K, acc_t(0));
@@ -168,13 +178,27 @@ at::Tensor weight_mean_cpu(at::TensorList weights_in) {
     // the early ones'. A task takes the rows that start in its value range, each row whole, so
     // every mean is one thread's fixed-order sum.
     at::parallel_for(0, elems, cpu::kGrain, [&](int64_t e0, int64_t e1) {
-      const auto first = std::lower_bound(row_elems.begin(), row_elems.end() - 1, e0);
-      const auto last = std::lower_bound(row_elems.begin(), row_elems.end() - 1, e1);
+      const int64_t r1 = std::lower_bound(row_elems.begin(), row_elems.end() - 1, e1) - row_elems.begin();
+      int64_t r = std::lower_bound(row_elems.begin(), row_elems.end() - 1, e0) - row_elems.begin();
       std::vector<acc_t> scratch;
-      for (int64_t r = first - row_elems.begin(); r < last - row_elems.begin(); ++r) {
-        const int64_t j = weight_of_row(row_start, r), o = r - row_start[j];
+      // weight by weight over the task's rows: a weight's pointer and view once, not per row
+      // (ResNet-56's 2,016 rows of 16-64 x 9 values: the per-row lookups cost as much as the sums)
+      for (int64_t j = r < r1 ? weight_of_row(row_start, r) : 0; r < r1; ++j) {
+        const int64_t end = std::min(r1, j + 1 < static_cast<int64_t>(row_start.size()) ? row_start[j + 1] : r1);
         const WeightView& v = views[j];
-        mean_row<scalar_t, acc_t>(weights[j].const_data_ptr<scalar_t>() + o * v.so, v, op + off[j] + o * v.K, scratch);
+        const scalar_t* w = weights[j].const_data_ptr<scalar_t>();
+        acc_t* dst = op + off[j];
+        // rows whose (C_in, K) block is contiguous (NCHW weights with k > 1), all at once
+        const int64_t first = r - row_start[j];
+        if (v.sk == 1 && v.K > 1 && v.si == v.K &&
+            means_of_rows(w + first * v.so, v.so, end - r, v.C_in, v.K, dst + first * v.K)) {
+          r = end;
+          continue;
+        }
+        for (; r < end; ++r) {
+          const int64_t o = r - row_start[j];
+          mean_row<scalar_t, acc_t>(w + o * v.so, v, dst + o * v.K, scratch);
+        }
       }
     });
   });
@@ -192,7 +216,8 @@ at::Tensor weight_mean_backward_cpu(const at::Tensor& grad_in, at::TensorList we
     at::parallel_for(0, static_cast<int64_t>(weights.size()), 1, [&](int64_t j0, int64_t j1) {
       for (int64_t j = j0; j < j1; ++j) {
         const int64_t end = j + 1 < static_cast<int64_t>(weights.size()) ? a.off[j + 1] : a.total;
-        for (int64_t e = a.off[j]; e < end; ++e) op[e] = mean_from_sum(gp[e], weights[j].size(1));
+        const int64_t c_in = weights[j].size(1);  // hoisted: the loop then runs in vector lanes
+        for (int64_t e = a.off[j]; e < end; ++e) op[e] = mean_from_sum(gp[e], c_in);
       }
     });
   });

@@ -11,7 +11,7 @@ import torch
 import tsc_kernels
 from tsc_kernels import _extension
 from tsc_kernels import reference
-from conftest import TOLERANCES
+from conftest import FUSED_BACKENDS, TOLERANCES
 from hypothesis import strategies as st
 from hypothesis_cases import _close, CHANNELS, LOW_PRECISION, SEED, TINY_CHANNELS
 
@@ -48,6 +48,28 @@ def test_weight_mean_matches_reference(backend, dtype):
     if backend != "torch":  # dW is a stride-0 view over C_in: no full-size dW is written
         assert all(g.stride(1) == 0 for g in got)
 
+
+
+@pytest.mark.big_for_interpreter
+@pytest.mark.parametrize("fused", FUSED_BACKENDS)
+def test_weight_mean_many_rows_deterministic_across_threads(fused):
+    """Weights of many output rows, as a network's are: the CPU kernel folds the vector sums of up to
+    16 rows at a time (37 rows: 16, 16, 5, C_in 19 leaving rows after the last whole run) and splits
+    its work by values, so a 70 x 61 x 3 x 3 weight (38 k values) is two threads' tasks, one of them
+    starting inside it. Means to the reference's fp64 (fp32 tolerance), bitwise the same for 1 and 2
+    threads."""
+    ws = [torch.randn(37, 19, 3, 3), torch.randn(70, 61, 3, 3), torch.randn(33, 24, 3, 3), torch.randn(18, 5, 7)]
+    ref = reference.weight_mean([w.double() for w in ws])
+    threads, results = torch.get_num_threads(), []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            with tsc_kernels.use_backend(fused):
+                results.append(tsc_kernels.weight_mean(ws))
+        finally:
+            torch.set_num_threads(threads)
+    torch.testing.assert_close(results[0].double(), ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(results[0], results[1])
 
 
 def test_weight_mean_gradient_reaches_only_weights_that_require_it(backend):
