@@ -6,13 +6,15 @@
 // the one in tsc_kernels/ops/weight_mean.py's docstring (docs/ops.md): one backward op writes
 // dw̄ / C_in packed like w̄, and each weight's gradient is its slice viewed as (C_out, 1, *k) and
 // expanded over C_in (stride 0), so autograd adds it into the conv's own gradient without a
-// full-size dW ever being written. register_fake stays on the Python side.
+// full-size dW ever being written. A training step's variant, tsc::_weight_mean_aliased (below),
+// adds it into the conv's gradient itself. register_fake stays on the Python side.
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 
 #include <typeinfo>
 #include <vector>
 
 #include "autograd_util.h"
+#include "weight_mean_cpu.h"
 
 namespace tsc {
 namespace {
@@ -52,6 +54,29 @@ bool plain_tensor(const at::Tensor& t) {
          (t.is_cpu() || t.is_cuda());
 }
 
+// Values of w's packed w̄ gradient: C_out * prod(k).
+int64_t packed_numel(const at::Tensor& w) {
+  return w.size(0) * c10::multiply_integers(w.sizes().begin() + 2, w.sizes().end());
+}
+
+// Whether the gradients made from `scaled` must be ops. Without create_graph they are plain data:
+// each is made as an alias of `scaled`'s storage without a dispatcher call (three ops per weight
+// before: narrow, view, expand; 162 of a CIFAR ResNet-56 step's top-level ops). With create_graph
+// they stay differentiable ops, and a tracer's tensors (fake, functional, functorch wrappers,
+// Python subclasses) and dispatch modes must see every tensor made as an op.
+bool grads_as_ops(const at::Tensor& scaled) {
+  return at::GradMode::is_enabled() || !plain_tensor(scaled) || c10::impl::TorchDispatchModeTLS::any_modes_set();
+}
+
+// w's w̄ gradient (C_out, C_in, *k): the values at `offset` of `scaled` read as (C_out, 1, *k),
+// broadcast over C_in.
+at::Tensor wbar_grad(const at::Tensor& scaled, int64_t offset, const at::Tensor& w, bool as_ops) {
+  if (!as_ops) return expanded_alias(scaled, offset, w.sizes());
+  std::vector<int64_t> shape = w.sizes().vec();
+  shape[1] = 1;
+  return scaled.narrow(0, offset, packed_numel(w)).view(shape).expand(w.sizes());
+}
+
 // The backward node. Its edges: every weight. It keeps the weights (the backward op reads their
 // shapes and C_in; the version check stays: a weight changed in place before the backward is an
 // error, as for any saved tensor).
@@ -72,23 +97,11 @@ struct WeightMeanBackward : public Node {
     const std::vector<at::Tensor> weights = unpack_all(weights_);
     // cast the packed values once (fp16/bf16 weights), not each expanded dW
     const at::Tensor scaled = call_backward(grads[0], weights).to(weights[0].scalar_type());
-    // Without create_graph the gradients are plain data: each is made as an alias of `scaled`'s
-    // storage without a dispatcher call (three ops per weight before: narrow, view, expand; 162
-    // of a CIFAR ResNet-56 step's top-level ops). With create_graph they stay differentiable ops.
-    // Only for plain tensors outside any dispatch mode: a tracer's tensors (fake, functional,
-    // functorch wrappers, Python subclasses) and modes must see every tensor made as an op.
-    const bool as_ops =
-        at::GradMode::is_enabled() || !plain_tensor(scaled) || c10::impl::TorchDispatchModeTLS::any_modes_set();
+    const bool as_ops = grads_as_ops(scaled);
     int64_t offset = 0;
     for (size_t j = 0; j < weights.size(); ++j) {
-      const at::Tensor& w = weights[j];
-      std::vector<int64_t> shape = w.sizes().vec();
-      shape[1] = 1;
-      const int64_t n = w.size(0) * c10::multiply_integers(shape.begin() + 2, shape.end());
-      if (task_should_compute_output(j))
-        out[j] = as_ops ? scaled.narrow(0, offset, n).view(shape).expand(w.sizes())
-                        : expanded_alias(scaled, offset, w.sizes());
-      offset += n;
+      if (task_should_compute_output(j)) out[j] = wbar_grad(scaled, offset, weights[j], as_ops);
+      offset += packed_numel(weights[j]);
     }
     return out;
   }
@@ -106,8 +119,102 @@ at::Tensor weight_mean_autograd(at::TensorList weights) {
   return out;
 }
 
+// --- A training step's variant: w̄ and the weights the convs read, one node ---------------------
+// Autograd adds each weight's w̄ gradient (dW's stride-0 broadcast over C_in) into the conv's own
+// gradient with one TensorIterator add per weight, which on the CPU runs a 9-value row per
+// (C_out, C_in) pair of a 3x3 kernel: 410 µs for CIFAR ResNet-56's 54 weights, 2 % of its
+// host-bench step, where one pass over the same bytes takes ~60 µs. Here the convs read each weight
+// through an alias made by the node of w̄ (same storage and version counter: the convs' saved-tensor
+// checks still see an optimizer step between forward and backward), so that node receives each
+// conv's dW with dw̄ and adds the broadcast into dW in place (add_wbar_grad_cpu, weight_mean_cpu.cpp).
+// Eager, CPU, plain tensors only (NetworkPlan.run): otherwise the aliases list is empty and w̄ is
+// weight_mean's.
+
+// A tensor on w's storage with w's sizes, strides, offset and version counter, no autograd history
+// (the caller gives it the node's).
+at::Tensor plain_alias(const at::Tensor& w) {
+  at::Tensor a = at::detail::make_tensor<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(w.storage()), w.key_set(),
+                                                          w.dtype());
+  a.unsafeGetTensorImpl()->set_sizes_and_strides(w.sizes(), w.strides(), w.storage_offset());
+  torch::autograd::impl::set_version_counter(a, torch::autograd::impl::version_counter(w));
+  return a;
+}
+
+// The conv's dW `g` of weight w plus w's w̄ gradient. In place where autograd's own accumulation
+// would have added in place (g holds the only reference to its buffer; not with create_graph or a
+// tracer's tensors: `as_ops`); else as the engine adds, g + the stride-0 view.
+at::Tensor add_wbar_grad(at::Tensor g, const at::Tensor& scaled, int64_t offset, const at::Tensor& w, bool as_ops) {
+  const bool owned = !as_ops && plain_tensor(g) && g.use_count() == 1 && g.storage().use_count() == 1 &&
+                     g.sizes() == w.sizes() && g.scalar_type() == scaled.scalar_type();
+  if (owned && g.is_cpu() && g.is_contiguous()) {
+    add_wbar_grad_cpu(g, scaled, offset);
+    return g;
+  }
+  const at::Tensor grad = wbar_grad(scaled, offset, w, /*as_ops=*/true);
+  return owned ? g.add_(grad) : g + grad;
+}
+
+// Inputs: w̄'s gradient, then each alias's (its conv's dW). Edges: every weight. It keeps the
+// weights as WeightMeanBackward does.
+struct WeightMeanAliasedBackward : public Node {
+  std::vector<SavedVariable> weights_;
+
+  std::string name() const override { return "WeightMeanAliasedBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (SavedVariable& w : weights_) w.reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const std::vector<at::Tensor> weights = unpack_all(weights_);
+    variable_list out(weights.size());
+    if (!grads[0].defined()) {  // no gradient reaches w̄: the convs' own
+      for (size_t j = 0; j < weights.size(); ++j) out[j] = std::move(grads[j + 1]);
+      return out;
+    }
+    const at::Tensor scaled = call_backward(grads[0], weights).to(weights[0].scalar_type());
+    const bool as_ops = grads_as_ops(scaled);
+    int64_t offset = 0;
+    for (size_t j = 0; j < weights.size(); ++j) {
+      at::Tensor g = std::move(grads[j + 1]);
+      if (task_should_compute_output(j))  // a conv whose output the loss does not read: w̄'s alone
+        out[j] = g.defined() ? add_wbar_grad(std::move(g), scaled, offset, weights[j], as_ops)
+                             : wbar_grad(scaled, offset, weights[j], as_ops);
+      offset += packed_numel(weights[j]);
+    }
+    return out;
+  }
+};
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> weight_mean_aliased(at::TensorList weights) {
+  const bool plain =
+      !c10::impl::TorchDispatchModeTLS::any_modes_set() &&
+      std::all_of(weights.begin(), weights.end(), [](const at::Tensor& w) { return plain_tensor(w) && w.is_cpu(); });
+  if (!plain || !torch::autograd::compute_requires_grad(weights)) return {weight_mean_autograd(weights), {}};
+  check_backward_only("tsc::weight_mean", weights);
+  at::Tensor out = below_autograd([&] { return call_forward(weights); });
+  auto node = make_node<WeightMeanAliasedBackward>();
+  node->set_next_edges(torch::autograd::collect_next_edges(weights));
+  torch::autograd::set_history(out, node);
+  std::vector<at::Tensor> aliases;
+  aliases.reserve(weights.size());
+  for (const at::Tensor& w : weights) {
+    aliases.push_back(plain_alias(w));
+    torch::autograd::set_history(aliases.back(), node);
+  }
+  node->weights_ = save_all(weights);
+  return {out, aliases};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(tsc, Autograd, m) { m.impl("weight_mean", &weight_mean_autograd); }
+
+// Internal (not an op of the op list): eager CPU training steps only, its outputs alias its inputs.
+TORCH_LIBRARY_FRAGMENT(tsc, m) {
+  m.def("_weight_mean_aliased(Tensor[] weights) -> (Tensor, Tensor[])", &weight_mean_aliased);
+}
 
 }  // namespace tsc

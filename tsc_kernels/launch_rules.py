@@ -47,7 +47,7 @@ def network_tensors(name: str) -> Network:
             model = cifar_resnet(int(name[len("cifar_resnet"):]))
         else:
             model = convert(getattr(torchvision.models, name)())
-    ctrl, weights, params = model._controller_tensors()
+    ctrl, weights, params, _ = model._controller_tensors()
     blocks = [len(stage._modules) for stage in model.tsc_stages()]
     return Network(weights, blocks, params)
 

@@ -4,6 +4,7 @@ construction from conv shapes, and the registry of TSC network classes that ``co
 from __future__ import annotations
 
 import math
+import operator
 from typing import Iterator, Sequence
 
 import torch
@@ -100,13 +101,13 @@ class _TSCNetwork:
             # may compute anything. One set, not a call per block (the host cost stays O(1) calls).
             if {type(block).tsc_weights for block in blocks} != _DEFAULT_TSC_WEIGHTS:
                 return None
-            weights = [block._modules[n]._parameters["weight"]
-                       for block in blocks for n in type(block).controller_convs]
+            dicts = [block._modules[n]._parameters for block in blocks for n in type(block).controller_convs]
+            weights = list(map(_WEIGHT, dicts))  # no Python frame per weight (test_host_budget)
             params = [c._modules[m]._parameters[p] for c in ctrl._modules["stages"]._modules.values()
                       if c.mode == "lstm" for m, p in _LSTM_PARAM_PATHS]
         except (KeyError, AttributeError):  # a parametrized conv (no "weight" parameter), another stage kind
             return None
-        return ctrl, weights, params
+        return ctrl, weights, params, dicts
 
     def _fixed_plan_holds(self, ctrl, plan: NetworkPlan) -> bool:
         """Whether a "fixed" network's plan still stands, checked without reading its conv weights:
@@ -125,57 +126,94 @@ class _TSCNetwork:
         return (first._modules[type(first).controller_convs[0]]._parameters.get("weight") is w
                 and w.device == plan.device and w.dtype == plan.dtype)
 
-    def _planned_step_sizes(self) -> list[Sequence[torch.Tensor]] | None:
+    def _planned_step_sizes(self, aliased: bool = False):
+        """Every block's Δt by the network's plan, stage by stage; None for the general path. With
+        ``aliased``: (Δt's, swap), swap being None or (the convs' parameter dicts, their weights,
+        the aliases the convs read in this forward instead: NetworkPlan.run)."""
         ctrl = self._modules.get("tsc_controller")
         plan = None if ctrl is None else ctrl.__dict__.get("_plan")
+        swap = None
         if type(plan) is NetworkPlan and plan.fixed and self._fixed_plan_holds(ctrl, plan):
             dts = plan.run((), ())
         else:
-            plan, dts = self._run_plan()
+            plan, dts, swap = self._run_plan(aliased)
             if dts is None:
                 return None
         out, start = [], 0
         for L in plan.blocks:
             out.append(dts[start:start + L])
             start += L
-        return out
+        return (out, swap) if aliased else out
 
-    def _run_plan(self) -> tuple[NetworkPlan | None, tuple | None]:
-        """(the plan, every block's Δt) after checking the plan against the network's tensors
-        (building it where it is missing or stale); (None, None) for the general path."""
+    def _run_plan(self, aliased: bool = False) -> tuple:
+        """(the plan, every block's Δt, swap: see _planned_step_sizes) after checking the plan
+        against the network's tensors (building it where it is missing or stale); (None, None,
+        None) for the general path."""
         tensors = self._controller_tensors()
         if tensors is None:
-            return None, None
-        ctrl, weights, params = tensors
+            return None, None, None
+        ctrl, weights, params, dicts = tensors
         # the plan lives with the controller (fold, which drops the controller, drops it too)
         plan = ctrl.__dict__.get("_plan")
         if plan is _MIXED:  # some stages are 2fc / indp, or mix modes: network_dt every step
-            return None, None
+            return None, None, None
         if plan is None or not plan.matches(weights, params):
             # network_dt's checks, with their messages, then the plan (None: mixed controller modes)
             plan = NetworkPlan.build(self.controller_inputs(), list(ctrl.stages))
             ctrl.__dict__["_plan"] = _MIXED if plan is None else plan
             if plan is None:
-                return None, None
+                return None, None, None
             # the blocks the plan was built for (_fixed_plan_holds compares them)
             plan.network_blocks = tuple(tuple(stage._modules.values()) for stage in self.tsc_stages())
         try:
             if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
                 with _autocast_off():  # the controller runs fp32 (NetworkController.forward)
-                    return plan, plan.run(weights, params)
-            return plan, plan.run(weights, params)
+                    dts = plan.run(weights, params, aliased)
+            else:
+                dts = plan.run(weights, params, aliased)
         except Exception:
             # a weight changed dtype, device or shape in place: network_dt's checks name it
             ctrl.__dict__["_plan"] = None
-            return None, None
+            return None, None, None
+        if not aliased:
+            return plan, dts, None
+        dts, aliases = dts
+        return plan, dts, (dicts, weights, aliases) if aliases else None
 
     def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
-        for stage, dts in zip(self.tsc_stages(), self.block_step_sizes()):
+        # A training step on the plan: the controller's convs read their weights through aliases
+        # made by w̄'s autograd node, put in their parameter dicts for this forward only (the node
+        # then adds each weight's w̄ gradient into its conv's gradient: NetworkPlan.run). An
+        # instance's own block_step_sizes (tsc-bench's tsc-leafdt) keeps its Δt.
+        swap = None
+        if ((self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling()
+                and "block_step_sizes" not in self.__dict__):
+            planned = self._planned_step_sizes(aliased=True)
+            if planned is None:  # the general path
+                step_sizes = [dts.unbind(0) for dts in self.stage_step_sizes()]
+            else:
+                step_sizes, swap = planned
+        else:
+            step_sizes = self.block_step_sizes()
+        if swap is None:
+            return self._run_blocks(x, step_sizes)
+        dicts, weights, aliases = swap
+        for d, alias in zip(dicts, aliases):
+            d["weight"] = alias
+        try:
+            return self._run_blocks(x, step_sizes)
+        finally:
+            for d, weight in zip(dicts, weights):
+                d["weight"] = weight
+
+    def _run_blocks(self, x: torch.Tensor, step_sizes) -> torch.Tensor:
+        for stage, dts in zip(self.tsc_stages(), step_sizes):
             for block, dt in zip(stage, dts):
                 x = block(x, dt)
         return x
 
 
+_WEIGHT = operator.itemgetter("weight")
 _MIXED = object()  # the plan of a controller whose stages NetworkPlan does not cover
 
 

@@ -307,6 +307,10 @@ def _check_lstm_params(controllers, lengths: list, first: torch.Tensor) -> dict:
     return params_of
 
 
+def _weight_mean_aliased(weights: list):
+    return torch.ops.tsc._weight_mean_aliased.default._op(weights)
+
+
 class NetworkPlan:
     """network_dt's work for one network, checked once and reused every step while the network's
     conv weights and controller parameters are the same tensors (``matches``): the flat weight list,
@@ -357,9 +361,13 @@ class NetworkPlan:
                 and all(map(is_, weights, self.weights)) and all(map(is_, params, self.params))
                 and weights[0].dtype == self.dtype and weights[0].device == self.device)
 
-    def run(self, weights: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def run(self, weights: Sequence[torch.Tensor], params: Sequence[torch.Tensor], aliased: bool = False):
         """Every block's Δt, (C_s,) each, in block order: the views of one packed tensor. Eager
-        only (the ops come from eager_op; under torch.compile network_dt is traced instead)."""
+        only (the ops come from eager_op; under torch.compile network_dt is traced instead).
+
+        With ``aliased``: ``(Δt's, aliases)``, where aliases (empty, or one per weight) are what the
+        convs must read as their weights in this forward: w̄'s autograd node then adds each weight's
+        w̄ gradient into its conv's gradient itself (csrc/weight_mean_autograd.cpp, C++ CPU ops only)."""
         if self.fixed:  # constants: filled once (one fill, one split), kept while the step sizes are the same
             values = [c.dt for c in self.controllers]
             if values != self.fixed_values or self.fixed_dts is None:
@@ -373,7 +381,7 @@ class NetworkPlan:
                 if torch.is_inference_mode_enabled():  # inference tensors: never saved for a backward
                     return dts
                 self.fixed_dts = dts
-            return self.fixed_dts
+            return (self.fixed_dts, ()) if aliased else self.fixed_dts
         weights = weights if isinstance(weights, list) else list(weights)
         params = params if isinstance(params, list) else list(params)
         weight_mean, checks = eager_op("weight_mean", self.device)
@@ -382,9 +390,14 @@ class NetworkPlan:
             # The Triton launchers and the reference do not check every dtype and shape (a kernel
             # would read another dtype's bytes): a tensor changed in place since the plan's checks
             raise ValueError("the network's conv weights or controller parameters changed dtype, device or shape")
-        wbar = weight_mean(weights)
+        aliases = ()
+        if aliased and checks and self.device.type == "cpu":
+            wbar, aliases = _weight_mean_aliased(weights)
+        else:
+            wbar = weight_mean(weights)
         out = controller(wbar, self.blocks, params)
-        return torch.split_with_sizes(out[0] if isinstance(out, tuple) else out, self.block_sizes)
+        dts = torch.split_with_sizes(out[0] if isinstance(out, tuple) else out, self.block_sizes)
+        return (dts, aliases) if aliased else dts
 
     @staticmethod
     def _meta(tensors: list) -> list:
