@@ -72,6 +72,8 @@ from . import backend as backend_mod
 from . import models
 from .convert import convert
 from .fold import fold
+from .models.network import swap_weights
+from .ops.lstm_controller import training_weight_mean
 from .ops.registry import dispatch
 from .profiling import count_kernels, count_ops, quiet_profiler
 
@@ -306,8 +308,9 @@ class HostVariant(Variant):
         # plain+pass(-c): the plain step plus the passes TSC's controller makes over the conv weights,
         # without the controller: w̄ of the weights TSC reads (weight_mean, in the forward) and, in
         # the same backward, weight_mean's backward with a zero gradient, which adds each weight's w̄
-        # gradient into its conv gradient as in a TSC step (the same op and autograd eagerly; compiled,
-        # the reference in the network's graph, which inductor folds into the conv gradients as in
+        # gradient into its conv gradient as in a TSC step (eagerly the same ops: on the C++ CPU
+        # backend the convs read weight aliases made by w̄'s node, which adds them; compiled, the
+        # reference in the network's graph, which inductor folds into the conv gradients as in
         # tsc-auto-c). On this CPU those passes are real work (several MB per step); on a GPU
         # microseconds of device time. TSC against this row is the cost it adds beyond them.
         self.passes = controller_weights(args, self.model) if name.startswith("plain+pass") else None
@@ -355,14 +358,27 @@ class HostVariant(Variant):
 
 
 def _with_weight_passes(model: nn.Module, weights: list, device: torch.device):
-    """model's forward that also returns w̄ of ``weights`` (the weight_mean TSC's controller runs:
-    under torch.compile with ``auto``, the reference, traced into the same graph)."""
+    """model's forward that also returns w̄ of ``weights`` as a TSC training step makes it: in
+    eager steps training_weight_mean, the convs reading its weight aliases where it makes them;
+    under torch.compile with ``auto``, the reference, traced into the same graph."""
+    owners = {id(p): m._parameters for m in model.modules() for n, p in m._parameters.items() if n == "weight"}
+    dicts = [owners[id(w)] for w in weights]
+
     def forward(x):
         # w̄ first, as TSC's controller does: autograd runs later nodes' backward first, and a w̄
         # made after the network would hand each weight its w̄ gradient before the conv's, which
         # autograd then adds out of place (a new buffer per weight) instead of in place
-        wbar = dispatch("weight_mean", device)(weights)
-        return model(x), wbar
+        if torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            wbar = dispatch("weight_mean", device)(weights)
+            return model(x), wbar
+        wbar, aliases = training_weight_mean(weights, device)
+        if not aliases:
+            return model(x), wbar
+        swap_weights(dicts, aliases)
+        try:
+            return model(x), wbar
+        finally:
+            swap_weights(dicts, weights)
     return forward
 
 

@@ -198,19 +198,24 @@ class _TSCNetwork:
         if swap is None:
             return self._run_blocks(x, step_sizes)
         dicts, weights, aliases = swap
-        for d, alias in zip(dicts, aliases):
-            d["weight"] = alias
+        swap_weights(dicts, aliases)
         try:
             return self._run_blocks(x, step_sizes)
         finally:
-            for d, weight in zip(dicts, weights):
-                d["weight"] = weight
+            swap_weights(dicts, weights)
 
     def _run_blocks(self, x: torch.Tensor, step_sizes) -> torch.Tensor:
         for stage, dts in zip(self.tsc_stages(), step_sizes):
             for block, dt in zip(stage, dts):
                 x = block(x, dt)
         return x
+
+
+def swap_weights(dicts: Sequence[dict], tensors: Sequence[torch.Tensor]) -> None:
+    """Puts tensors[j] as the "weight" of the module whose parameter dict is dicts[j] (a training
+    step's weight aliases in, then the Parameters back: NetworkPlan.run)."""
+    for d, t in zip(dicts, tensors):
+        d["weight"] = t
 
 
 _WEIGHT = operator.itemgetter("weight")
