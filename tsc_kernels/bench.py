@@ -74,7 +74,7 @@ from .convert import convert
 from .fold import fold
 from .models.network import swap_weights
 from .ops.lstm_controller import training_weight_mean
-from .ops.registry import dispatch
+from .ops.registry import dispatch, eager_op
 from .profiling import count_kernels, count_ops, quiet_profiler
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -371,7 +371,7 @@ def _with_weight_passes(model: nn.Module, weights: list, device: torch.device):
         if torch.compiler.is_compiling() or not torch.is_grad_enabled():
             wbar = dispatch("weight_mean", device)(weights)
             return model(x), wbar
-        wbar, aliases = training_weight_mean(weights, device)
+        wbar, aliases = training_weight_mean(weights, device, *eager_op("weight_mean", device))
         if not aliases:
             return model(x), wbar
         swap_weights(dicts, aliases)

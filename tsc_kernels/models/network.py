@@ -80,13 +80,19 @@ class _TSCNetwork:
         unbind and a stack per stage). Otherwise (eval without autograd: cached; under
         torch.compile: traced once) the per-stage tensors of ``stage_step_sizes`` unbound.
         """
+        return self._step_sizes(aliased=False)[0]
+
+    def _step_sizes(self, aliased: bool) -> tuple:
+        """(block_step_sizes(), swap): swap is None, or with ``aliased`` on the plan's eager CPU
+        path (the convs' parameter dicts, their weights, the aliases the convs read in this
+        forward instead of the weights: NetworkPlan.run, _forward_stages)."""
         if (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling():
-            dts = self._planned_step_sizes()
-            if dts is not None:
-                return dts
+            planned = self._planned_step_sizes(aliased)
+            if planned is not None:
+                return planned
         # unbind, not dts[d]: its backward is one stack per stage, where L indexings would cost
         # a zeros + copy + add per block in the backward pass
-        return [dts.unbind(0) for dts in self.stage_step_sizes()]
+        return [dts.unbind(0) for dts in self.stage_step_sizes()], None
 
     def _controller_tensors(self):
         """(conv weights, lstm parameters) that ``controller_inputs()`` and the stages'
@@ -126,10 +132,9 @@ class _TSCNetwork:
         return (first._modules[type(first).controller_convs[0]]._parameters.get("weight") is w
                 and w.device == plan.device and w.dtype == plan.dtype)
 
-    def _planned_step_sizes(self, aliased: bool = False):
-        """Every block's Δt by the network's plan, stage by stage; None for the general path. With
-        ``aliased``: (Δt's, swap), swap being None or (the convs' parameter dicts, their weights,
-        the aliases the convs read in this forward instead: NetworkPlan.run)."""
+    def _planned_step_sizes(self, aliased: bool):
+        """(every block's Δt by the network's plan, stage by stage; swap: see _step_sizes); None
+        for the general path."""
         ctrl = self._modules.get("tsc_controller")
         plan = None if ctrl is None else ctrl.__dict__.get("_plan")
         swap = None
@@ -143,9 +148,9 @@ class _TSCNetwork:
         for L in plan.blocks:
             out.append(dts[start:start + L])
             start += L
-        return (out, swap) if aliased else out
+        return out, swap
 
-    def _run_plan(self, aliased: bool = False) -> tuple:
+    def _run_plan(self, aliased: bool) -> tuple:
         """(the plan, every block's Δt, swap: see _planned_step_sizes) after checking the plan
         against the network's tensors (building it where it is missing or stale); (None, None,
         None) for the general path."""
@@ -184,17 +189,10 @@ class _TSCNetwork:
         # A training step on the plan: the controller's convs read their weights through aliases
         # made by w̄'s autograd node, put in their parameter dicts for this forward only (the node
         # then adds each weight's w̄ gradient into its conv's gradient: NetworkPlan.run). An
-        # instance's own block_step_sizes (tsc-bench's tsc-leafdt) keeps its Δt.
-        swap = None
-        if ((self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling()
-                and "block_step_sizes" not in self.__dict__):
-            planned = self._planned_step_sizes(aliased=True)
-            if planned is None:  # the general path
-                step_sizes = [dts.unbind(0) for dts in self.stage_step_sizes()]
-            else:
-                step_sizes, swap = planned
-        else:
-            step_sizes = self.block_step_sizes()
+        # instance's own block_step_sizes (tsc-bench's tsc-leafdt) gives its Δt.
+        if "block_step_sizes" in self.__dict__:
+            return self._run_blocks(x, self.block_step_sizes())
+        step_sizes, swap = self._step_sizes(aliased=True)
         if swap is None:
             return self._run_blocks(x, step_sizes)
         dicts, weights, aliases = swap

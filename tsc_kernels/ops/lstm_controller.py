@@ -307,12 +307,12 @@ def _check_lstm_params(controllers, lengths: list, first: torch.Tensor) -> dict:
     return params_of
 
 
-def training_weight_mean(weights: list, device: torch.device) -> tuple:
-    """(w̄, aliases) of an eager training step: on the C++ CPU backend w̄ and an alias of every
-    weight for the convs to read in this forward (tsc::_weight_mean_aliased: w̄'s autograd node then
-    adds each weight's w̄ gradient into its conv's gradient itself, csrc/weight_mean_autograd.cpp;
-    empty without autograd); else weight_mean's w̄ and no aliases. Eager only (eager_op)."""
-    op, checks = eager_op("weight_mean", device)
+def training_weight_mean(weights: list, device: torch.device, op, checks: bool) -> tuple:
+    """(w̄, aliases) of an eager training step, given weight_mean's ``eager_op(..., device)``: on
+    the C++ CPU backend w̄ and an alias of every weight for the convs to read in this forward
+    (tsc::_weight_mean_aliased: w̄'s autograd node then adds each weight's w̄ gradient into its
+    conv's gradient itself, csrc/weight_mean_autograd.cpp; none without autograd); else op's w̄ and
+    no aliases."""
     if checks and device.type == "cpu":
         return torch.ops.tsc._weight_mean_aliased.default._op(weights)
     return op(weights), ()
@@ -397,7 +397,10 @@ class NetworkPlan:
             # The Triton launchers and the reference do not check every dtype and shape (a kernel
             # would read another dtype's bytes): a tensor changed in place since the plan's checks
             raise ValueError("the network's conv weights or controller parameters changed dtype, device or shape")
-        wbar, aliases = training_weight_mean(weights, self.device) if aliased else (weight_mean(weights), ())
+        if aliased:
+            wbar, aliases = training_weight_mean(weights, self.device, weight_mean, checks)
+        else:
+            wbar, aliases = weight_mean(weights), ()
         out = controller(wbar, self.blocks, params)
         dts = torch.split_with_sizes(out[0] if isinstance(out, tuple) else out, self.block_sizes)
         return (dts, aliases) if aliased else dts
