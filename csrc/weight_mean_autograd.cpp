@@ -189,10 +189,12 @@ struct WeightMeanAliasedBackward : public Node {
 };
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> weight_mean_aliased(at::TensorList weights) {
-  const bool plain =
-      !c10::impl::TorchDispatchModeTLS::any_modes_set() &&
-      std::all_of(weights.begin(), weights.end(), [](const at::Tensor& w) { return plain_tensor(w) && w.is_cpu(); });
-  if (!plain || !torch::autograd::compute_requires_grad(weights)) return {weight_mean_autograd(weights), {}};
+  // every weight trained (a frozen conv keeps reading its weight: an alias would require grad)
+  const bool plain = !c10::impl::TorchDispatchModeTLS::any_modes_set() && at::GradMode::is_enabled() &&
+                     std::all_of(weights.begin(), weights.end(), [](const at::Tensor& w) {
+                       return plain_tensor(w) && w.is_cpu() && w.requires_grad();
+                     });
+  if (!plain) return {weight_mean_autograd(weights), {}};
   check_backward_only("tsc::weight_mean", weights);
   at::Tensor out = below_autograd([&] { return call_forward(weights); });
   auto node = make_node<WeightMeanAliasedBackward>();

@@ -113,8 +113,9 @@ def test_a_failing_forward_puts_the_parameters_back():
 
 
 def test_no_aliases_off_the_training_path():
-    """Without autograd (training or eval) and under another backend the convs read their
-    Parameters; a differentiable forward on the C++ backend reads the aliases (eval mode too)."""
+    """Without autograd (training or eval), under another backend and with a frozen conv the convs
+    read their Parameters; a differentiable forward on the C++ backend reads the aliases (eval mode
+    too)."""
     seen = []
     net = models.cifar_resnet(8, tsc="lstm")
     net.layer1[0].conv1.register_forward_pre_hook(lambda m, args: seen.append(type(m.weight)))
@@ -129,3 +130,6 @@ def test_no_aliases_off_the_training_path():
     net(x)
     net.eval()(x)
     assert seen[3:] == [torch.Tensor] * 2
+    net.layer3[0].conv2.weight.requires_grad_(False)  # a frozen conv: w̄'s gradient through autograd
+    net(x).sum().backward()
+    assert seen[5] is torch.nn.Parameter and net.layer3[0].conv2.weight.grad is None
