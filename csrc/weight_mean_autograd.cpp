@@ -77,48 +77,6 @@ at::Tensor wbar_grad(const at::Tensor& scaled, int64_t offset, const at::Tensor&
   return scaled.narrow(0, offset, packed_numel(w)).view(shape).expand(w.sizes());
 }
 
-// The backward node. Its edges: every weight. It keeps the weights (the backward op reads their
-// shapes and C_in; the version check stays: a weight changed in place before the backward is an
-// error, as for any saved tensor).
-struct WeightMeanBackward : public Node {
-  std::vector<SavedVariable> weights_;
-
-  std::string name() const override { return "WeightMeanBackward"; }
-
-  void release_variables() override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (SavedVariable& w : weights_) w.reset_data();
-  }
-
-  variable_list apply(variable_list&& grads) override {
-    std::lock_guard<std::mutex> lock(mutex_);
-    variable_list out(weights_.size());
-    if (!grads[0].defined()) return out;
-    const std::vector<at::Tensor> weights = unpack_all(weights_);
-    // cast the packed values once (fp16/bf16 weights), not each expanded dW
-    const at::Tensor scaled = call_backward(grads[0], weights).to(weights[0].scalar_type());
-    const bool as_ops = grads_as_ops(scaled);
-    int64_t offset = 0;
-    for (size_t j = 0; j < weights.size(); ++j) {
-      if (task_should_compute_output(j)) out[j] = wbar_grad(scaled, offset, weights[j], as_ops);
-      offset += packed_numel(weights[j]);
-    }
-    return out;
-  }
-};
-
-at::Tensor weight_mean_autograd(at::TensorList weights) {
-  check_backward_only("tsc::weight_mean", weights);
-  at::Tensor out = below_autograd([&] { return call_forward(weights); });
-  if (torch::autograd::compute_requires_grad(weights)) {
-    auto node = make_node<WeightMeanBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(weights));
-    torch::autograd::set_history(out, node);
-    node->weights_ = save_all(weights);
-  }
-  return out;
-}
-
 // --- A training step's variant: w̄ and the weights the convs read, one node ---------------------
 // Autograd adds each weight's w̄ gradient (dW's stride-0 broadcast over C_in) into the conv's own
 // gradient with one TensorIterator add per weight, which on the CPU runs a 9-value row per
@@ -154,12 +112,15 @@ at::Tensor add_wbar_grad(at::Tensor g, const at::Tensor& scaled, int64_t offset,
   return owned ? g.add_(grad) : g + grad;
 }
 
-// Inputs: w̄'s gradient, then each alias's (its conv's dW). Edges: every weight. It keeps the
-// weights as WeightMeanBackward does.
-struct WeightMeanAliasedBackward : public Node {
+// The backward node. Its edges: every weight. Its inputs: w̄'s gradient, and with `aliased`
+// (tsc::_weight_mean_aliased) then each alias's, its conv's dW, into which it adds the weight's w̄
+// gradient itself. It keeps the weights (the backward op reads their shapes and C_in; the version
+// check stays: a weight changed in place before the backward is an error, as for any saved tensor).
+struct WeightMeanBackward : public Node {
   std::vector<SavedVariable> weights_;
+  bool aliased_ = false;
 
-  std::string name() const override { return "WeightMeanAliasedBackward"; }
+  std::string name() const override { return aliased_ ? "WeightMeanAliasedBackward" : "WeightMeanBackward"; }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -168,18 +129,21 @@ struct WeightMeanAliasedBackward : public Node {
 
   variable_list apply(variable_list&& grads) override {
     std::lock_guard<std::mutex> lock(mutex_);
-    const std::vector<at::Tensor> weights = unpack_all(weights_);
-    variable_list out(weights.size());
+    variable_list out(weights_.size());
+    // the conv's dW of weight j (undefined without aliases, or for a conv the loss does not read)
+    const auto conv_grad = [&](size_t j) { return aliased_ ? std::move(grads[j + 1]) : at::Tensor(); };
     if (!grads[0].defined()) {  // no gradient reaches w̄: the convs' own
-      for (size_t j = 0; j < weights.size(); ++j) out[j] = std::move(grads[j + 1]);
+      for (size_t j = 0; j < out.size(); ++j) out[j] = conv_grad(j);
       return out;
     }
+    const std::vector<at::Tensor> weights = unpack_all(weights_);
+    // cast the packed values once (fp16/bf16 weights), not each expanded dW
     const at::Tensor scaled = call_backward(grads[0], weights).to(weights[0].scalar_type());
     const bool as_ops = grads_as_ops(scaled);
     int64_t offset = 0;
     for (size_t j = 0; j < weights.size(); ++j) {
-      at::Tensor g = std::move(grads[j + 1]);
-      if (task_should_compute_output(j))  // a conv whose output the loss does not read: w̄'s alone
+      at::Tensor g = conv_grad(j);
+      if (task_should_compute_output(j))
         out[j] = g.defined() ? add_wbar_grad(std::move(g), scaled, offset, weights[j], as_ops)
                              : wbar_grad(scaled, offset, weights[j], as_ops);
       offset += packed_numel(weights[j]);
@@ -187,6 +151,18 @@ struct WeightMeanAliasedBackward : public Node {
     return out;
   }
 };
+
+at::Tensor weight_mean_autograd(at::TensorList weights) {
+  check_backward_only("tsc::weight_mean", weights);
+  at::Tensor out = below_autograd([&] { return call_forward(weights); });
+  if (torch::autograd::compute_requires_grad(weights)) {
+    auto node = make_node<WeightMeanBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(weights));
+    torch::autograd::set_history(out, node);
+    node->weights_ = save_all(weights);
+  }
+  return out;
+}
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> weight_mean_aliased(at::TensorList weights) {
   // every weight trained (a frozen conv keeps reading its weight: an alias would require grad)
@@ -197,7 +173,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weight_mean_aliased(at::TensorLi
   if (!plain) return {weight_mean_autograd(weights), {}};
   check_backward_only("tsc::weight_mean", weights);
   at::Tensor out = below_autograd([&] { return call_forward(weights); });
-  auto node = make_node<WeightMeanAliasedBackward>();
+  auto node = make_node<WeightMeanBackward>();
+  node->aliased_ = true;
   node->set_next_edges(torch::autograd::collect_next_edges(weights));
   torch::autograd::set_history(out, node);
   std::vector<at::Tensor> aliases;

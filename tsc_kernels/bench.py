@@ -72,7 +72,7 @@ from . import backend as backend_mod
 from . import models
 from .convert import convert
 from .fold import fold
-from .models.network import swap_weights
+from .models.network import call_reading_aliases
 from .ops.lstm_controller import training_weight_mean
 from .ops.registry import dispatch, eager_op
 from .profiling import count_kernels, count_ops, quiet_profiler
@@ -372,13 +372,7 @@ def _with_weight_passes(model: nn.Module, weights: list, device: torch.device):
             wbar = dispatch("weight_mean", device)(weights)
             return model(x), wbar
         wbar, aliases = training_weight_mean(weights, device, *eager_op("weight_mean", device))
-        if not aliases:
-            return model(x), wbar
-        swap_weights(dicts, aliases)
-        try:
-            return model(x), wbar
-        finally:
-            swap_weights(dicts, weights)
+        return (call_reading_aliases(dicts, weights, aliases, model, x) if aliases else model(x)), wbar
     return forward
 
 

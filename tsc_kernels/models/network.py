@@ -195,12 +195,7 @@ class _TSCNetwork:
         step_sizes, swap = self._step_sizes(aliased=True)
         if swap is None:
             return self._run_blocks(x, step_sizes)
-        dicts, weights, aliases = swap
-        swap_weights(dicts, aliases)
-        try:
-            return self._run_blocks(x, step_sizes)
-        finally:
-            swap_weights(dicts, weights)
+        return call_reading_aliases(*swap, self._run_blocks, x, step_sizes)
 
     def _run_blocks(self, x: torch.Tensor, step_sizes) -> torch.Tensor:
         for stage, dts in zip(self.tsc_stages(), step_sizes):
@@ -209,11 +204,18 @@ class _TSCNetwork:
         return x
 
 
-def swap_weights(dicts: Sequence[dict], tensors: Sequence[torch.Tensor]) -> None:
-    """Puts tensors[j] as the "weight" of the module whose parameter dict is dicts[j] (a training
-    step's weight aliases in, then the Parameters back: NetworkPlan.run)."""
-    for d, t in zip(dicts, tensors):
-        d["weight"] = t
+def call_reading_aliases(dicts: Sequence[dict], weights: Sequence[torch.Tensor], aliases: Sequence[torch.Tensor],
+                         fn, *args):
+    """fn(*args) with aliases[j] as the "weight" of the module whose parameter dict is dicts[j]
+    (a training step's weight aliases: NetworkPlan.run), weights[j] (its Parameter) put back after,
+    also when fn fails."""
+    for d, alias in zip(dicts, aliases):
+        d["weight"] = alias
+    try:
+        return fn(*args)
+    finally:
+        for d, weight in zip(dicts, weights):
+            d["weight"] = weight
 
 
 _WEIGHT = operator.itemgetter("weight")
