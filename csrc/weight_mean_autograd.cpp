@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "autograd_util.h"
-#include "weight_mean_cpu.h"
+#include "weight_mean_kernels.h"
 
 namespace tsc {
 namespace {
@@ -84,9 +84,11 @@ at::Tensor wbar_grad(const at::Tensor& scaled, int64_t offset, const at::Tensor&
 // host-bench step, where one pass over the same bytes takes ~60 µs. Here the convs read each weight
 // through an alias made by the node of w̄ (same storage and version counter: the convs' saved-tensor
 // checks still see an optimizer step between forward and backward), so that node receives each
-// conv's dW with dw̄ and adds the broadcast into dW in place (add_wbar_grad_cpu, weight_mean_cpu.cpp).
-// Eager, CPU, plain tensors only (NetworkPlan.run): otherwise the aliases list is empty and w̄ is
-// weight_mean's.
+// conv's dW with dw̄ and adds the broadcast into dW in place (add_wbar_grad_cpu, weight_mean_cpu.cpp;
+// on a GPU every weight's in one launch, add_wbar_grads_cuda: autograd's adds are a launch each, 54
+// per CIFAR ResNet-56 step, each costing the host a TensorIterator setup and a launch). Eager, CPU
+// or CUDA (a CUDA build), plain tensors only (NetworkPlan.run): otherwise the aliases list is empty
+// and w̄ is weight_mean's.
 
 // A tensor on w's storage with w's sizes, strides, offset and version counter, no autograd history
 // (the caller gives it the node's).
@@ -98,16 +100,32 @@ at::Tensor plain_alias(const at::Tensor& w) {
   return a;
 }
 
-// The conv's dW `g` of weight w plus w's w̄ gradient. In place where autograd's own accumulation
-// would have added in place (g holds the only reference to its buffer; not with create_graph or a
-// tracer's tensors: `as_ops`); else as the engine adds, g + the stride-0 view.
-at::Tensor add_wbar_grad(at::Tensor g, const at::Tensor& scaled, int64_t offset, const at::Tensor& w, bool as_ops) {
-  const bool owned = !as_ops && plain_tensor(g) && g.use_count() == 1 && g.storage().use_count() == 1 &&
-                     g.sizes() == w.sizes() && g.scalar_type() == scaled.scalar_type();
-  if (owned && g.is_cpu() && g.is_contiguous()) {
-    add_wbar_grad_cpu(g, scaled, offset);
-    return g;
-  }
+// Whether w̄'s gradient may be added into the conv's dW `g` of weight w in place: where autograd's
+// own accumulation would have (g holds the only reference to its buffer; not with create_graph or a
+// tracer's tensors: `as_ops`).
+bool owned_grad(const at::Tensor& g, const at::Tensor& scaled, const at::Tensor& w, bool as_ops) {
+  return !as_ops && plain_tensor(g) && g.use_count() == 1 && g.storage().use_count() == 1 && g.sizes() == w.sizes() &&
+         g.scalar_type() == scaled.scalar_type();
+}
+
+// Whether t's device has a kernel adding w̄'s gradients into the convs' (CUDA: in a CUDA build).
+bool adds_on_device(const at::Tensor& t) {
+#ifdef TSC_WITH_CUDA
+  return t.is_cpu() || t.is_cuda();
+#else
+  return t.is_cpu();
+#endif
+}
+
+// Whether the kernels add into g in place: an owned, contiguous dW (on a GPU the caller batches
+// those: add_wbar_grads_cuda, whose index math is 32-bit).
+bool kernel_adds(const at::Tensor& g, bool owned) {
+  return owned && adds_on_device(g) && g.is_contiguous() && (g.is_cpu() || g.numel() <= INT32_MAX);
+}
+
+// The conv's dW `g` of weight w plus w's w̄ gradient, where the kernels do not add it: in place
+// when g is owned, else as the engine adds, g + the stride-0 view.
+at::Tensor add_wbar_grad(at::Tensor g, const at::Tensor& scaled, int64_t offset, const at::Tensor& w, bool owned) {
   const at::Tensor grad = wbar_grad(scaled, offset, w, /*as_ops=*/true);
   return owned ? g.add_(grad) : g + grad;
 }
@@ -140,14 +158,33 @@ struct WeightMeanBackward : public Node {
     // cast the packed values once (fp16/bf16 weights), not each expanded dW
     const at::Tensor scaled = call_backward(grads[0], weights).to(weights[0].scalar_type());
     const bool as_ops = grads_as_ops(scaled);
+    std::vector<at::Tensor> gpu_grads;  // owned CUDA dWs: one launch adds into all of them
+    std::vector<int64_t> gpu_offsets;
     int64_t offset = 0;
     for (size_t j = 0; j < weights.size(); ++j) {
       at::Tensor g = conv_grad(j);
-      if (task_should_compute_output(j))
-        out[j] = g.defined() ? add_wbar_grad(std::move(g), scaled, offset, weights[j], as_ops)
-                             : wbar_grad(scaled, offset, weights[j], as_ops);
+      if (task_should_compute_output(j)) {
+        if (!g.defined()) {
+          out[j] = wbar_grad(scaled, offset, weights[j], as_ops);
+        } else {
+          const bool owned = owned_grad(g, scaled, weights[j], as_ops);
+          if (!kernel_adds(g, owned)) {
+            out[j] = add_wbar_grad(std::move(g), scaled, offset, weights[j], owned);
+          } else if (g.is_cpu()) {
+            add_wbar_grad_cpu(g, scaled, offset);
+            out[j] = std::move(g);
+          } else {
+            gpu_grads.push_back(g);
+            gpu_offsets.push_back(offset);
+            out[j] = std::move(g);
+          }
+        }
+      }
       offset += packed_numel(weights[j]);
     }
+#ifdef TSC_WITH_CUDA
+    if (!gpu_grads.empty()) add_wbar_grads_cuda(gpu_grads, scaled, gpu_offsets);
+#endif
     return out;
   }
 };
@@ -165,10 +202,11 @@ at::Tensor weight_mean_autograd(at::TensorList weights) {
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> weight_mean_aliased(at::TensorList weights) {
-  // every weight trained (a frozen conv keeps reading its weight: an alias would require grad)
+  // every weight trained (a frozen conv keeps reading its weight: an alias would require grad), on
+  // a device whose kernels add w̄'s gradients
   const bool plain = !c10::impl::TorchDispatchModeTLS::any_modes_set() && at::GradMode::is_enabled() &&
                      std::all_of(weights.begin(), weights.end(), [](const at::Tensor& w) {
-                       return plain_tensor(w) && w.is_cpu() && w.requires_grad();
+                       return plain_tensor(w) && adds_on_device(w) && w.requires_grad();
                      });
   if (!plain) return {weight_mean_autograd(weights), {}};
   check_backward_only("tsc::weight_mean", weights);
@@ -191,7 +229,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weight_mean_aliased(at::TensorLi
 
 TORCH_LIBRARY_IMPL(tsc, Autograd, m) { m.impl("weight_mean", &weight_mean_autograd); }
 
-// Internal (not an op of the op list): eager CPU training steps only, its outputs alias its inputs.
+// Internal (not an op of the op list): eager training steps only (CPU; CUDA in a CUDA build), its
+// outputs alias its inputs.
 TORCH_LIBRARY_FRAGMENT(tsc, m) {
   m.def("_weight_mean_aliased(Tensor[] weights) -> (Tensor, Tensor[])", &weight_mean_aliased);
 }

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "cpu_vec.h"
-#include "weight_mean_cpu.h"
+#include "weight_mean_kernels.h"
 #include "weight_mean_layout.h"
 #include "weight_mean_math.h"
 
@@ -248,7 +248,7 @@ void add_over_c_in(T* g, const T* p, int64_t c_out, int64_t c_in, int64_t K) {
           for (int64_t q = 0; q < period; q += Vec::size())
             (Vec::loadu(row + t + q) + Vec::loadu(pattern + q)).store(row + t + q);
       }
-      for (int64_t k = 0; t < n; ++t, k = next(k)) row[t] += po[k];  // t starts at a multiple of K
+      for (; t < n; ++t) g[o * n + t] += p[wbar_grad_index<int64_t>(o * n + t, c_in, K)];
     }
   });
 }

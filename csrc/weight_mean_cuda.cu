@@ -8,7 +8,9 @@
 // packs along the row (issue 22: lanes stepping along C_in K values apart made one-value requests
 // for 3x3 weights, 64-byte ones for 1x1 bf16), each of a lane's slots keeping one output k; the
 // slots' sums merge per k in a fixed order (a tree over the lane groups, then the packs).
-// Backward: one grid-stride launch writing dw̄ / C_in of every weight. The per-weight metadata
+// Backward: one grid-stride launch writing dw̄ / C_in of every weight; a training step's
+// (tsc::_weight_mean_aliased, weight_mean_autograd.cpp) then adds those values into every conv's dW
+// with one more grid-stride launch (add_wbar_grads_kernel). The per-weight metadata
 // (pointer, offsets, sizes, strides) travels BY VALUE as a kernel parameter (MetaBatch slices of up
 // to kMaxWeights weights, cuda_meta_batch.cuh), more weights taking more launches: no
 // host-to-device copy, no sync, CUDA-graph capturable.
@@ -22,6 +24,7 @@
 
 #include "cuda_grid.cuh"
 #include "cuda_meta_batch.cuh"
+#include "weight_mean_kernels.h"
 #include "weight_mean_layout.h"
 #include "weight_mean_math.h"
 #include "weight_mean_plan.h"
@@ -33,11 +36,11 @@ constexpr int kThreads = static_cast<int>(weight_mean_plan::kThreads);
 constexpr int kWarps = static_cast<int>(weight_mean_plan::kWarps);
 
 struct WeightMeta {
-  int64_t ptr;       // the weight's data pointer (forward only)
+  int64_t ptr;       // the weight's data pointer (forward); its conv gradient's (add_wbar_grads_kernel)
   int64_t mean_off;  // first w̄ index of this weight
-  int64_t row_off;   // first row of this weight among the batch's rows (forward only)
+  int64_t row_off;   // first row of this weight among the batch's rows (forward); first value (adds)
   int64_t C_in;
-  int64_t per_out, period, run, so, sk;  // RunView (forward only)
+  int64_t per_out, period, run, so, sk;  // RunView (forward); period: K, the kernel's values (adds)
 };
 
 constexpr int kMaxWeights =
@@ -151,6 +154,20 @@ __global__ void weight_mean_backward_kernel(const __grid_constant__ WeightBatch 
   }
 }
 
+// A training step's: dW[o, i, k] += scaled[o K + k] for every value of every conv gradient of the
+// batch (contiguous), grid-stride over the values (row_off: a gradient's first; period: K).
+template <typename scalar_t>
+__global__ void add_wbar_grads_kernel(const __grid_constant__ WeightBatch batch, const scalar_t* __restrict__ scaled) {
+  const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t e = batch.begin + blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < batch.end; e += stride) {
+    const WeightMeta& m = batch.m[find_weight<&WeightMeta::row_off>(batch.m, batch.n, e)];
+    const uint32_t t = static_cast<uint32_t>(e - m.row_off);  // < 2^31: add_wbar_grads_cuda
+    scalar_t* g = reinterpret_cast<scalar_t*>(m.ptr);
+    const uint32_t q = wbar_grad_index(t, static_cast<uint32_t>(m.C_in), static_cast<uint32_t>(m.period));
+    g[t] = static_cast<scalar_t>(g[t] + scaled[m.mean_off + q]);
+  }
+}
+
 // Calls launch(batch) for each launch of weight_mean_plan::weight_batches (the split the planner
 // reports): the forward's items are rows (row_off), the backward's w̄ values (mean_off).
 template <int64_t WeightMeta::* start, typename F>
@@ -218,6 +235,33 @@ at::Tensor weight_mean_backward_cuda(const at::Tensor& grad_in, at::TensorList w
 }
 
 }  // namespace
+
+void add_wbar_grads_cuda(const std::vector<at::Tensor>& gs, const at::Tensor& scaled,
+                         const std::vector<int64_t>& offsets) {
+  TORCH_INTERNAL_ASSERT(gs.size() == offsets.size() && scaled.is_cuda() && scaled.dim() == 1);
+  const c10::cuda::CUDAGuard guard(scaled.device());
+  std::vector<WeightMeta> meta;
+  int64_t total = 0;
+  for (size_t j = 0; j < gs.size(); ++j) {
+    const at::Tensor& g = gs[j];
+    TORCH_INTERNAL_ASSERT(g.device() == scaled.device() && g.scalar_type() == scaled.scalar_type() &&
+                          g.is_contiguous() && g.dim() >= 2);
+    const int64_t K = c10::multiply_integers(g.sizes().begin() + 2, g.sizes().end());
+    TORCH_INTERNAL_ASSERT(offsets[j] + g.size(0) * K <= scaled.numel());
+    TORCH_INTERNAL_ASSERT(g.numel() <= INT32_MAX);  // 32-bit index math (the caller's kernel_adds)
+    meta.push_back({reinterpret_cast<int64_t>(g.data_ptr()), offsets[j], total, g.size(1), 0, K, 0, 0, 0});
+    total += g.numel();
+  }
+  if (total == 0) return;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scaled.scalar_type(), "tsc_add_wbar_grads_cuda", [&] {
+    for_each_weight_batch<&WeightMeta::row_off>(meta, total, [&](const WeightBatch& b) {
+      add_wbar_grads_kernel<scalar_t>
+          <<<elementwise_grid(b.end - b.begin, kThreads), kThreads, 0, stream>>>(b, scaled.const_data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
 
 TORCH_LIBRARY_IMPL(tsc, CUDA, m) {
   m.impl("weight_mean", &weight_mean_cuda);

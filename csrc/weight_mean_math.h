@@ -18,4 +18,14 @@ TSC_HD T mean_from_sum(T sum, int64_t count) {
   return sum / static_cast<T>(count);
 }
 
+// Where element e of a contiguous (C_out, C_in, K) weight gradient finds its w̄ gradient in the
+// weight's packed (C_out, K) values: dW[o, i, k] += scaled[o K + k] (adding w̄'s gradient into a
+// conv's dW: the CPU kernel's leftover values and every value of the CUDA kernel, which runs it
+// in 32 bits: a weight's values are fewer than 2^31, and a 64-bit division is a ~40-instruction
+// routine per value).
+template <typename I>
+TSC_HD I wbar_grad_index(I e, I c_in, I K) {
+  return e / (c_in * K) * K + e % K;
+}
+
 }  // namespace tsc

@@ -9,6 +9,9 @@
 //     search over the batch's records (ceil(log2 n) dependent loads), the streaming loop (1), the
 //     tree over the lane groups and the fold of the V packs (P > 32: the loop only).
 //   weight_mean_backward_kernel: grid-stride over the batch's items, chain binary search + 1.
+//   add_wbar_grads_kernel (tsc::_weight_mean_aliased, a training step's backward after
+//     weight_mean_backward_kernel): grid-stride over every value of the batch's conv gradients
+//     (read and written once, in order), chain binary search + 1.
 #include "weight_mean_layout.h"
 #include "weight_mean_plan.h"
 
@@ -27,8 +30,9 @@ RowCost row_cost(const RunView& v, int64_t es) {
   return {std::min(v.run, V * v.period * groups) * es, 1 + tree_depth(groups) + V};
 }
 
-// Forward arguments (launch_plan.h order): ints [len(weights)]; tensors the weights.
-std::vector<Launch> plan_weight_mean(const PlanArgs& p) {
+// Forward arguments (launch_plan.h order): ints [len(weights)]; tensors the weights. `aliased`: a
+// training step's (tsc::_weight_mean_aliased), whose backward also adds into the convs' gradients.
+std::vector<Launch> weight_mean_launches(const PlanArgs& p, bool aliased) {
   TORCH_CHECK(p.ints.size() == 1 && static_cast<int64_t>(p.tensors.size()) == p.ints[0],
               "weight_mean planner: expected ints [len(weights)] and the weights");
   check_weights("tsc::weight_mean", p.tensors);
@@ -73,11 +77,33 @@ std::vector<Launch> plan_weight_mean(const PlanArgs& p) {
                           warp_request(acc),
                           0});
   }
+  if (!aliased) return plan;
+  std::vector<int64_t> value_off;
+  int64_t values = 0;
+  for (const at::Tensor& w : p.tensors) {
+    value_off.push_back(values);
+    values += w.numel();
+  }
+  for (const weight_mean_plan::WeightBatchRange& r : weight_mean_plan::weight_batches(value_off, values)) {
+    const int64_t items = r.end - r.begin;
+    plan.push_back(Launch{"add_wbar_grads_kernel",
+                          "backward",
+                          {elementwise_blocks(items, weight_mean_plan::kThreads, p.sms), 1, 1},
+                          weight_mean_plan::kThreads,
+                          2 * items * es,
+                          tree_depth(r.n) + 1,
+                          warp_request(es),
+                          0});
+  }
   return plan;
 }
+
+std::vector<Launch> plan_weight_mean(const PlanArgs& p) { return weight_mean_launches(p, false); }
+std::vector<Launch> plan_weight_mean_aliased(const PlanArgs& p) { return weight_mean_launches(p, true); }
 
 }  // namespace
 
 TSC_REGISTER_CUDA_PLANNER(weight_mean, plan_weight_mean);
+TSC_REGISTER_CUDA_PLANNER(_weight_mean_aliased, plan_weight_mean_aliased);
 
 }  // namespace tsc

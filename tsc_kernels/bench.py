@@ -308,8 +308,8 @@ class HostVariant(Variant):
         # plain+pass(-c): the plain step plus the passes TSC's controller makes over the conv weights,
         # without the controller: w̄ of the weights TSC reads (weight_mean, in the forward) and, in
         # the same backward, weight_mean's backward with a zero gradient, which adds each weight's w̄
-        # gradient into its conv gradient as in a TSC step (eagerly the same ops: on the C++ CPU
-        # backend the convs read weight aliases made by w̄'s node, which adds them; compiled, the
+        # gradient into its conv gradient as in a TSC step (eagerly the same ops: on the C++
+        # backends the convs read weight aliases made by w̄'s node, which adds them; compiled, the
         # reference in the network's graph, which inductor folds into the conv gradients as in
         # tsc-auto-c). On this CPU those passes are real work (several MB per step); on a GPU
         # microseconds of device time. TSC against this row is the cost it adds beyond them.
@@ -371,7 +371,7 @@ def _with_weight_passes(model: nn.Module, weights: list, device: torch.device):
         if torch.compiler.is_compiling() or not torch.is_grad_enabled():
             wbar = dispatch("weight_mean", device)(weights)
             return model(x), wbar
-        wbar, aliases = training_weight_mean(weights, device, *eager_op("weight_mean", device))
+        wbar, aliases = training_weight_mean(weights, *eager_op("weight_mean", device))
         return (call_reading_aliases(dicts, weights, aliases, model, x) if aliases else model(x)), wbar
     return forward
 

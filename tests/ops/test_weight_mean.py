@@ -72,18 +72,19 @@ def test_weight_mean_many_rows_deterministic_across_threads(fused):
     assert torch.equal(results[0], results[1])
 
 
-@pytest.mark.cpu_only
 @pytest.mark.skipif(not _extension.has_cpp_ops(), reason="the C++ extension is not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("create_graph", [False, True])
-def test_weight_mean_aliased_adds_wbar_gradient_into_each_alias_gradient(create_graph):
+def test_weight_mean_aliased_adds_wbar_gradient_into_each_alias_gradient(create_graph, dtype):
     """tsc::_weight_mean_aliased (a training step's w̄, csrc/weight_mean_autograd.cpp): w̄ and an
     alias of each weight (its storage and version counter), whose gradients its node adds into
     each other: the gradients of using w̄ and the aliases are those of using w̄ and the weights.
     Shapes: K runs with C_in rows left over (5 x 7 x 3 x 3, 9 x 19 x 3 x 3), 1-D, 1x1, 5x5 (fewer
-    values than a run), a channels-last weight (added as autograd adds), an alias left unused."""
+    values than a run), a channels-last weight (added as autograd adds), an alias left unused.
+    On a GPU (gpu-check) the CUDA kernel adds every weight's in one launch (add_wbar_grads_kernel)."""
     ws = [torch.randn(5, 7, 3, 3), torch.randn(4, 3, 5), torch.randn(6, 10, 1, 1), torch.randn(3, 2, 5, 5),
           torch.randn(4, 6, 3, 3).to(memory_format=torch.channels_last), torch.randn(9, 19, 3, 3)]
-    ws = [w.requires_grad_() for w in ws]
+    ws = [w.to(dtype).requires_grad_() for w in ws]
     wbar, aliases = torch.ops.tsc._weight_mean_aliased(ws)
     assert len(aliases) == len(ws)
     for a, w in zip(aliases, ws):
@@ -98,9 +99,12 @@ def test_weight_mean_aliased_adds_wbar_gradient_into_each_alias_gradient(create_
     used = len(ws) - 1  # the last alias is not used: its weight gets w̄'s gradient alone
     loss = (wbar * gw).sum() + sum((a * r).sum() for a, r in zip(aliases[:used], rs))
     got = torch.autograd.grad(loss, ws, create_graph=create_graph)
-    loss = (reference.weight_mean(ws) * gw).sum() + sum((w * r).sum() for w, r in zip(ws, rs[:used]))
+    # weight_mean's gradients, added by autograd (their values against the reference:
+    # test_weight_mean_matches_reference): the same sums, bitwise
+    loss = (tsc_kernels.weight_mean(ws) * gw).sum() + sum((w * r).sum() for w, r in zip(ws, rs[:used]))
     want = torch.autograd.grad(loss, ws)
     for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == dtype and (i == used or g.stride() == ws[i].stride()), i  # a dense dW
         torch.testing.assert_close(g, w, rtol=0, atol=0, msg=lambda m: f"weights[{i}]: {m}")
     with torch.no_grad():
         assert torch.ops.tsc._weight_mean_aliased(ws)[1] == []

@@ -507,3 +507,23 @@ def test_weight_mean_batches():
     assert [p["kernel"] for p in plan] == ["weight_mean_kernel"] * 3 + ["weight_mean_backward_kernel"] * 3
     items = [sum(w.shape[0] for w in weights[i:i + 48]) for i in (0, 48, 96)]
     assert [p["grid"][0] for p in plan[:3]] == [min(math.ceil(n / 8), 32 * SMS) for n in items]
+
+
+def test_weight_mean_aliased_adds_every_conv_gradient_in_one_launch_per_48_weights():
+    """A training step's w̄ (tsc::_weight_mean_aliased): weight_mean's launches, then in the backward
+    one grid-stride launch per 48 weights adding w̄'s gradients into the convs' dW (every value read
+    and written once, a warp on 32 adjacent values) where autograd launches an add per weight:
+    54 weights of CIFAR ResNet-56's widths take 2, 32 of ResNet-50's 1."""
+    cifar = [meta_tensor(c, c, 3, 3) for c in (16, 32, 64) for _ in range(18)]
+    plan = plan_of(("_weight_mean_aliased", (cifar,)))
+    assert plan[:-2] == plan_of(("weight_mean", (cifar,)))
+    adds = plan[-2:]
+    assert [(p["kernel"], p["phase"]) for p in adds] == [("add_wbar_grads_kernel", "backward")] * 2
+    values = [sum(w.numel() for w in cifar[i:i + 48]) for i in (0, 48)]
+    assert [p["bytes"] for p in adds] == [2 * 4 * n for n in values]
+    assert [p["grid"][0] for p in adds] == [min(math.ceil(n / 256), 32 * SMS) for n in values]
+    assert all(p["request_bytes"] == 128 and p["chain"] <= 7 for p in adds)
+    r50 = [meta_tensor(c, c, 3, 3, dtype=torch.bfloat16) for c in (64, 128, 256, 512) for _ in range(8)]
+    assert [p["kernel"] for p in plan_of(("_weight_mean_aliased", (r50,)))][-2:] == [
+        "weight_mean_backward_kernel", "add_wbar_grads_kernel"]
+

@@ -83,8 +83,8 @@ class _TSCNetwork:
         return self._step_sizes(aliased=False)[0]
 
     def _step_sizes(self, aliased: bool) -> tuple:
-        """(block_step_sizes(), swap): swap is None, or with ``aliased`` on the plan's eager CPU
-        path (the convs' parameter dicts, their weights, the aliases the convs read in this
+        """(block_step_sizes(), swap): swap is None, or with ``aliased`` on the plan's eager path
+        on a C++ backend (the convs' parameter dicts, their weights, the aliases the convs read in this
         forward instead of the weights: NetworkPlan.run, _forward_stages)."""
         if (self.training or torch.is_grad_enabled()) and not torch.compiler.is_compiling():
             planned = self._planned_step_sizes(aliased)

@@ -307,13 +307,13 @@ def _check_lstm_params(controllers, lengths: list, first: torch.Tensor) -> dict:
     return params_of
 
 
-def training_weight_mean(weights: list, device: torch.device, op, checks: bool) -> tuple:
-    """(w̄, aliases) of an eager training step, given weight_mean's ``eager_op(..., device)``: on
-    the C++ CPU backend w̄ and an alias of every weight for the convs to read in this forward
-    (tsc::_weight_mean_aliased: w̄'s autograd node then adds each weight's w̄ gradient into its
-    conv's gradient itself, csrc/weight_mean_autograd.cpp; none without autograd); else op's w̄ and
-    no aliases."""
-    if checks and device.type == "cpu":
+def training_weight_mean(weights: list, op, checks: bool) -> tuple:
+    """(w̄, aliases) of an eager training step, given weight_mean's ``eager_op(name, device)``: on
+    the C++ backends (cpu; cuda) w̄ and an alias of every weight for the convs to read in this
+    forward (tsc::_weight_mean_aliased: w̄'s autograd node then adds each weight's w̄ gradient into
+    its conv's gradient itself, csrc/weight_mean_autograd.cpp, on a GPU in one launch for all of
+    them; none without autograd or with a frozen weight); else op's w̄ and no aliases."""
+    if checks:
         return torch.ops.tsc._weight_mean_aliased.default._op(weights)
     return op(weights), ()
 
@@ -398,7 +398,7 @@ class NetworkPlan:
             # would read another dtype's bytes): a tensor changed in place since the plan's checks
             raise ValueError("the network's conv weights or controller parameters changed dtype, device or shape")
         if aliased:
-            wbar, aliases = training_weight_mean(weights, self.device, weight_mean, checks)
+            wbar, aliases = training_weight_mean(weights, weight_mean, checks)
         else:
             wbar, aliases = weight_mean(weights), ()
         out = controller(wbar, self.blocks, params)
