@@ -1,4 +1,4 @@
-"""A training step on the controller's plan (eager, CPU): the convs read their weights through
+"""A training step on the controller's plan (eager, C++ backends): the convs read their weights through
 aliases made by w̄'s autograd node, which adds each weight's w̄ gradient into its conv's gradient
 itself (csrc/weight_mean_autograd.cpp, NetworkPlan.run, _TSCNetwork._forward_stages). Against the
 general path (a hooked controller: network_dt, w̄'s gradient added by autograd): the same gradients
@@ -70,6 +70,25 @@ def test_the_convs_read_their_weights_through_the_node_of_wbar(variant):
     for (name, p), q in zip(net.named_parameters(), twin.parameters()):
         assert p.grad is not None, name
         assert torch.equal(p.grad, q.grad), name
+
+
+def test_timm_networks_read_the_aliases_too():
+    """timm ResNets run their stages through _TSCNetwork._forward_stages (timm's own block loop,
+    grad checkpointing included): the same aliases and gradients."""
+    timm = pytest.importorskip("timm", reason="timm is an optional dependency")
+    torch.manual_seed(2)
+    net = tsc_kernels.convert(timm.create_model("resnet26", pretrained=False, num_classes=5))
+    twin = _general_path(net)
+    x = torch.randn(2, 3, 32, 32)
+    outs = [m(x).square().mean() for m in (net, twin)]
+    assert "WeightMeanAliasedBackward" in _graph_names(outs[0])
+    assert "WeightMeanAliasedBackward" not in _graph_names(outs[1])
+    for out in outs:
+        out.backward()
+    for (name, p), q in zip(net.named_parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    net.set_grad_checkpointing(True)
+    assert "WeightMeanAliasedBackward" in _graph_names(net(x).sum())
 
 
 @pytest.mark.parametrize("reentrant", [True, False])

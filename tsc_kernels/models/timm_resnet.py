@@ -126,8 +126,10 @@ class TSCTimmResNet(_TSCNetwork, ResNet):
             x = torch.utils.checkpoint.checkpoint(block, x, dt, use_reentrant=False) if checkpoint else block(x, dt)
         return x
 
-    def _forward_stages(self, x: torch.Tensor) -> torch.Tensor:
-        for stage, dts in zip(self.tsc_stages(), self.block_step_sizes()):
+    def _run_blocks(self, x: torch.Tensor, step_sizes) -> torch.Tensor:
+        # the stages of _TSCNetwork._forward_stages (a training step's weight aliases included),
+        # each as timm runs it
+        for stage, dts in zip(self.tsc_stages(), step_sizes):
             x = self._run_stage(stage, dts, x)
         return x
 
