@@ -66,34 +66,31 @@ std::vector<Launch> weight_mean_launches(const PlanArgs& p, bool aliased) {
                           request,
                           weight_mean_plan::kWarps * 32 * run_pack_values(es) * acc});
   }
-  for (const weight_mean_plan::WeightBatchRange& r : weight_mean_plan::weight_batches(off, total)) {
-    const int64_t items = r.end - r.begin;
-    plan.push_back(Launch{"weight_mean_backward_kernel",
-                          "backward",
-                          {elementwise_blocks(items, weight_mean_plan::kThreads, p.sms), 1, 1},
-                          weight_mean_plan::kThreads,
-                          2 * items * acc,
-                          tree_depth(r.n) + 1,
-                          warp_request(acc),
-                          0});
-  }
-  if (!aliased) return plan;
-  std::vector<int64_t> value_off;
-  int64_t values = 0;
-  for (const at::Tensor& w : p.tensors) {
-    value_off.push_back(values);
-    values += w.numel();
-  }
-  for (const weight_mean_plan::WeightBatchRange& r : weight_mean_plan::weight_batches(value_off, values)) {
-    const int64_t items = r.end - r.begin;
-    plan.push_back(Launch{"add_wbar_grads_kernel",
-                          "backward",
-                          {elementwise_blocks(items, weight_mean_plan::kThreads, p.sms), 1, 1},
-                          weight_mean_plan::kThreads,
-                          2 * items * es,
-                          tree_depth(r.n) + 1,
-                          warp_request(es),
-                          0});
+  // the backward's grid-stride launches over `starts` (one per weight, ascending), each item read
+  // and written once: chain the binary search + 1
+  const auto grid_stride = [&](const char* kernel, const std::vector<int64_t>& starts, int64_t items_total,
+                               int64_t item_bytes) {
+    for (const weight_mean_plan::WeightBatchRange& r : weight_mean_plan::weight_batches(starts, items_total)) {
+      const int64_t items = r.end - r.begin;
+      plan.push_back(Launch{kernel,
+                            "backward",
+                            {elementwise_blocks(items, weight_mean_plan::kThreads, p.sms), 1, 1},
+                            weight_mean_plan::kThreads,
+                            2 * items * item_bytes,
+                            tree_depth(r.n) + 1,
+                            warp_request(item_bytes),
+                            0});
+    }
+  };
+  grid_stride("weight_mean_backward_kernel", off, total, acc);
+  if (aliased) {  // then every value of the convs' gradients
+    std::vector<int64_t> value_off;
+    int64_t values = 0;
+    for (const at::Tensor& w : p.tensors) {
+      value_off.push_back(values);
+      values += w.numel();
+    }
+    grid_stride("add_wbar_grads_kernel", value_off, values, es);
   }
   return plan;
 }
