@@ -160,27 +160,28 @@ struct WeightMeanBackward : public Node {
     const bool as_ops = grads_as_ops(scaled);
     std::vector<at::Tensor> gpu_grads;  // owned CUDA dWs: one launch adds into all of them
     std::vector<int64_t> gpu_offsets;
-    int64_t offset = 0;
+    int64_t next = 0;
     for (size_t j = 0; j < weights.size(); ++j) {
+      const int64_t offset = next;  // weight j's first packed value
+      next += packed_numel(weights[j]);
       at::Tensor g = conv_grad(j);
-      if (task_should_compute_output(j)) {
-        if (!g.defined()) {
-          out[j] = wbar_grad(scaled, offset, weights[j], as_ops);
-        } else {
-          const bool owned = owned_grad(g, scaled, weights[j], as_ops);
-          if (!kernel_adds(g, owned)) {
-            out[j] = add_wbar_grad(std::move(g), scaled, offset, weights[j], owned);
-          } else if (g.is_cpu()) {
-            add_wbar_grad_cpu(g, scaled, offset);
-            out[j] = std::move(g);
-          } else {
-            gpu_grads.push_back(g);
-            gpu_offsets.push_back(offset);
-            out[j] = std::move(g);
-          }
-        }
+      if (!task_should_compute_output(j)) continue;
+      if (!g.defined()) {  // a conv the loss does not read, or no aliases: w̄'s gradient alone
+        out[j] = wbar_grad(scaled, offset, weights[j], as_ops);
+        continue;
       }
-      offset += packed_numel(weights[j]);
+      const bool owned = owned_grad(g, scaled, weights[j], as_ops);
+      if (!kernel_adds(g, owned)) {
+        out[j] = add_wbar_grad(std::move(g), scaled, offset, weights[j], owned);
+        continue;
+      }
+      if (g.is_cpu()) {
+        add_wbar_grad_cpu(g, scaled, offset);
+      } else {
+        gpu_grads.push_back(g);
+        gpu_offsets.push_back(offset);
+      }
+      out[j] = std::move(g);
     }
 #ifdef TSC_WITH_CUDA
     if (!gpu_grads.empty()) add_wbar_grads_cuda(gpu_grads, scaled, gpu_offsets);
@@ -189,15 +190,20 @@ struct WeightMeanBackward : public Node {
   }
 };
 
+// w̄'s node (edges: every weight; the weights saved), made the history of `out`.
+auto attach_node(const at::Tensor& out, at::TensorList weights, bool aliased) {
+  auto node = make_node<WeightMeanBackward>();
+  node->aliased_ = aliased;
+  node->set_next_edges(torch::autograd::collect_next_edges(weights));
+  torch::autograd::set_history(out, node);
+  node->weights_ = save_all(weights);
+  return node;
+}
+
 at::Tensor weight_mean_autograd(at::TensorList weights) {
   check_backward_only("tsc::weight_mean", weights);
   at::Tensor out = below_autograd([&] { return call_forward(weights); });
-  if (torch::autograd::compute_requires_grad(weights)) {
-    auto node = make_node<WeightMeanBackward>();
-    node->set_next_edges(torch::autograd::collect_next_edges(weights));
-    torch::autograd::set_history(out, node);
-    node->weights_ = save_all(weights);
-  }
+  if (torch::autograd::compute_requires_grad(weights)) attach_node(out, weights, /*aliased=*/false);
   return out;
 }
 
@@ -211,17 +217,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> weight_mean_aliased(at::TensorLi
   if (!plain) return {weight_mean_autograd(weights), {}};
   check_backward_only("tsc::weight_mean", weights);
   at::Tensor out = below_autograd([&] { return call_forward(weights); });
-  auto node = make_node<WeightMeanBackward>();
-  node->aliased_ = true;
-  node->set_next_edges(torch::autograd::collect_next_edges(weights));
-  torch::autograd::set_history(out, node);
+  const auto node = attach_node(out, weights, /*aliased=*/true);
   std::vector<at::Tensor> aliases;
   aliases.reserve(weights.size());
   for (const at::Tensor& w : weights) {
     aliases.push_back(plain_alias(w));
     torch::autograd::set_history(aliases.back(), node);
   }
-  node->weights_ = save_all(weights);
   return {out, aliases};
 }
 
