@@ -17,6 +17,8 @@ Columns (one row per variant):
   step ms, ±           median and inter-quartile range of a training step (forward, cross-entropy,
                        backward, SGD step) over --steps steps after warm-up; the variants' steps
                        are interleaved, so drift of the machine's speed shifts all rows alike
+                       (run_rounds: the eager variants' rounds, then the compiled ones', each round
+                       in a shuffled order)
   kernels              leaf compute ops of one training step under torch.profiler (docs/performance.md;
                        a GPU-launch proxy)
   peak MB              peak tensor memory of one training step (CUDA: allocator peak; CPU:
@@ -59,10 +61,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import re
 import statistics
 import sys
 import time
+import types
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -203,7 +207,7 @@ class Variant:
         # would loop per parameter, and the kernel count would mostly measure the optimizer)
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9, foreach=True)
         # the module itself stays uncompiled (fold, parameter counts); the step calls `forward`
-        self.forward = torch.compile(self.model, backend=args.compile_backend) if compiled else self.model
+        self.forward = torch.compile(_own_forward(self.model), backend=args.compile_backend) if compiled else self.model
         self.autocast = torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32)
         self.times: list[float] = []
 
@@ -252,25 +256,54 @@ class Variant:
                    mode="compiled" if self.compiled else "eager")
 
 
+def _own_forward(model: nn.Module) -> nn.Module:
+    """``model``, its forward now a copy of its class's forward with a code object of its own. Dynamo
+    keeps compiled graphs per code object and, per call, checks each entry's guards until one
+    passes: compiled variants whose networks share a class (plain-c, tsc-auto-c and tsc-ref-c all
+    run cifar.py's forward) paid for each other's failing guard checks, where a user's one compiled
+    network pays for its own only."""
+    fn = type(model).forward
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    model.forward = types.MethodType(own, model)
+    return model
+
+
 def variant_specs(args) -> tuple:
     return VARIANTS + (COMPILED_VARIANTS if args.compile else ())
 
 
 def measure(args, progress) -> list[Row]:
-    """Every variant of variant_specs(args). Their timed steps are interleaved (plain, eager, fused,
-    plain, ...) so that a machine getting slower or faster during the run shifts all rows alike.
-    Compiled variants compile during their warm-up steps."""
+    """Every variant of variant_specs(args), their timed steps interleaved (run_rounds) so that a
+    machine getting slower or faster during the run shifts all rows alike. Compiled variants
+    compile during their warm-up steps."""
     variants = [Variant(args, name, None if b is None else "lstm", b or "auto", compiled)
                 for name, b, compiled in variant_specs(args)]
     for v in variants:
         with backend_mod.use_backend(v.backend_name):
             for _ in range(args.warmup):
                 v.step()
-    for _ in range(args.steps):
-        for v in variants:
-            v.timed_step()
-            progress.update(1)
+    run_rounds(variants, args.steps, progress)
     return [v.report(args) for v in variants]
+
+
+def run_rounds(variants: list, rounds: int, progress=None) -> None:
+    """``rounds`` timed steps of every variant, interleaved: round by round, each variant's step once
+    per round (a ratio against the plain step of the same round cancels the machine's drift). The
+    eager variants' rounds run first, then the compiled variants' (each row is paired with the plain
+    row of its own mode), and each round runs its variants in a shuffled order (seeded): a step
+    right after a step of the other mode, or always after the same variant, pays for the state the
+    previous one left. In one fixed order the compiled plain step, always run right after the eager
+    ones, took 4-5 % longer than the same compiled plain step run later in the round (an A/A
+    control), which made every compiled row look that much cheaper against it."""
+    rng = random.Random(0)
+    for compiled in (False, True):
+        group = [v for v in variants if v.compiled == compiled]
+        for _ in range(rounds if group else 0):
+            rng.shuffle(group)
+            for v in group:
+                v.timed_step()
+                if progress is not None:
+                    progress.update(1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -315,7 +348,7 @@ class HostVariant(Variant):
         # microseconds of device time. TSC against this row is the cost it adds beyond them.
         self.passes = controller_weights(args, self.model) if name.startswith("plain+pass") else None
         if self.passes is not None:
-            forward = _with_weight_passes(self.model, self.passes, self.device)
+            forward = _WithWeightPasses(self.model, self.passes, self.device)
             self.forward = torch.compile(forward, backend=args.compile_backend) if compiled else forward
         if name == "tsc-leafdt":
             self.opt.add_param_group({"params": [_leaf_step_sizes(self.model)]})
@@ -357,23 +390,31 @@ class HostVariant(Variant):
                        {p: statistics.median(t) for p, t in self.parts.items()}, times_ms=self.parts)
 
 
-def _with_weight_passes(model: nn.Module, weights: list, device: torch.device):
-    """model's forward that also returns w̄ of ``weights`` as a TSC training step makes it: in
+class _WithWeightPasses(nn.Module):
+    """``model`` whose forward also returns w̄ of ``weights`` as a TSC training step makes it: in
     eager steps training_weight_mean, the convs reading its weight aliases where it makes them;
-    under torch.compile with ``auto``, the reference, traced into the same graph."""
-    owners = {id(p): m._parameters for m in model.modules() for n, p in m._parameters.items() if n == "weight"}
-    dicts = [owners[id(w)] for w in weights]
+    under torch.compile the reference (``auto``), traced into the same graph. A module, compiled as
+    the plain-c row compiles its network (torch.compile of a closure calling the network runs its
+    forward ~2 % faster than torch.compile of the network: plain+pass-c would otherwise measure
+    the passes as a saving)."""
 
-    def forward(x):
+    def __init__(self, model: nn.Module, weights: list, device: torch.device):
+        super().__init__()
+        self.model, self.weights, self.device = model, weights, device
+        owners = {id(p): m._parameters for m in model.modules() for n, p in m._parameters.items() if n == "weight"}
+        self.dicts = [owners[id(w)] for w in weights]
+
+    def forward(self, x):
         # w̄ first, as TSC's controller does: autograd runs later nodes' backward first, and a w̄
         # made after the network would hand each weight its w̄ gradient before the conv's, which
         # autograd then adds out of place (a new buffer per weight) instead of in place
         if torch.compiler.is_compiling() or not torch.is_grad_enabled():
-            wbar = dispatch("weight_mean", device)(weights)
-            return model(x), wbar
-        wbar, aliases = training_weight_mean(weights, *eager_op("weight_mean", device))
-        return (call_reading_aliases(dicts, weights, aliases, model, x) if aliases else model(x)), wbar
-    return forward
+            wbar = dispatch("weight_mean", self.device)(self.weights)
+            return self.model(x), wbar
+        wbar, aliases = training_weight_mean(self.weights, *eager_op("weight_mean", self.device))
+        if aliases:
+            return call_reading_aliases(self.dicts, self.weights, aliases, self.model, x), wbar
+        return self.model(x), wbar
 
 
 def _leaf_step_sizes(model: nn.Module) -> torch.Tensor:
@@ -430,11 +471,7 @@ def measure_host(args, progress=None) -> list[HostRow]:
             with backend_mod.use_backend(v.backend_name):
                 for _ in range(max(args.warmup, 3 if v.compiled else 1)):
                     v.step()
-        for _ in range(args.host_steps):
-            for v in variants:
-                v.timed_step()
-                if progress is not None:
-                    progress.update(1)
+        run_rounds(variants, args.host_steps, progress)
         rows = [v.host_row() for v in variants]
     finally:
         torch.set_num_threads(threads)
@@ -508,8 +545,8 @@ def format_table(rows: list[Row]) -> str:
 
 def paired_overhead_pct(times: list[float], base_times: list[float]) -> float:
     """Median over the timed rounds of time / base time, minus 1, in percent. Round i of every
-    variant ran back to back (measure() interleaves them), so each ratio compares steps taken under
-    the same machine conditions."""
+    variant of a mode ran back to back (run_rounds), so each ratio compares steps taken under the
+    same machine conditions."""
     if len(times) != len(base_times) or not times:
         raise ValueError(f"times and base_times must pair up round by round, "
                          f"got {len(times)} and {len(base_times)} steps")

@@ -92,6 +92,54 @@ def test_overhead_is_the_median_of_per_round_ratios():
         bench.paired_overhead_pct(tsc[:4], plain)
 
 
+def test_rounds_run_mode_by_mode_in_a_shuffled_order():
+    """run_rounds: every variant once per round; the eager variants' rounds before the compiled
+    variants' (no step right after one of the other mode); the order within a round varies from round
+    to round (no variant always first, or always after the same one), the same in every run."""
+    class Fake:
+        def __init__(self, name, compiled):
+            self.name, self.compiled = name, compiled
+
+        def timed_step(self):
+            log.append(self.name)
+
+    def run():
+        variants = [Fake(n, False) for n in "abcd"] + [Fake(n, True) for n in "XYZ"]
+        log.clear()
+        bench.run_rounds(variants, 12)
+        return list(log)
+
+    log = []
+    first = run()
+    assert first == run()  # seeded
+    eager, compiled = first[:48], first[48:]
+    rounds = [eager[i:i + 4] for i in range(0, 48, 4)] + [compiled[i:i + 3] for i in range(0, 36, 3)]
+    assert all(sorted(r) == list("abcd") for r in rounds[:12]) and all(sorted(r) == list("XYZ") for r in rounds[12:])
+    assert len({tuple(r) for r in rounds[:12]}) > 3 and len({r[0] for r in rounds[:12]}) > 2
+    # each variant's predecessor varies too
+    assert all(len({eager[i - 1] for i in range(1, 48) if eager[i] == v}) > 1 for v in "abcd")
+
+
+def test_compiled_variants_keep_their_own_compiled_code():
+    """Compiled variants whose networks share a class get a forward code object each, so that
+    dynamo's entries (and their guard checks per call) are not shared between them: each pays for
+    its own guards only, as a user's one compiled network does."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    torch._dynamo.reset()
+    args = bench.parse_args(["--model", "cifar_resnet8", "--host-only", "--compile", "--compile-backend", "aot_eager"])
+    variants = [bench.HostVariant(args, name, tsc, "auto", True)
+                for name, tsc in (("plain-c", None), ("tsc-auto-c", "lstm"))]
+    for v in variants:
+        v.step(), v.step()
+    assert type(variants[0].model).forward is type(variants[1].model).forward  # one class's forward
+    assert not _debug_get_cache_entry_list(type(variants[0].model).forward.__code__)
+    for v in variants:
+        own = v.model.__dict__["forward"].__func__.__code__
+        assert len(_debug_get_cache_entry_list(own)) == 1
+    torch._dynamo.reset()
+
+
 def test_host_rows_and_the_weight_passes(capsys):
     """--host-only: every host variant, interleaved; plain+pass is the plain step plus the passes
     TSC's controller makes over the conv weights (weight_mean before the forward, its backward in
