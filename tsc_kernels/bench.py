@@ -393,10 +393,9 @@ class HostVariant(Variant):
 class _WithWeightPasses(nn.Module):
     """``model`` whose forward also returns w̄ of ``weights`` as a TSC training step makes it: in
     eager steps training_weight_mean, the convs reading its weight aliases where it makes them;
-    under torch.compile the reference (``auto``), traced into the same graph. A module, compiled as
-    the plain-c row compiles its network (torch.compile of a closure calling the network runs its
-    forward ~2 % faster than torch.compile of the network: plain+pass-c would otherwise measure
-    the passes as a saving)."""
+    under torch.compile the reference (``auto``), traced into the same graph. A module, so that
+    plain+pass-c is compiled as plain-c is (a module's call path and guards, its own code object)
+    and differs from it by the passes only."""
 
     def __init__(self, model: nn.Module, weights: list, device: torch.device):
         super().__init__()
