@@ -114,7 +114,8 @@ gpu-report: build/.built
 
 # On a machine WITH a GPU: build for the local arch, run the CUDA/Triton tests, sync-debug and CUDA-graph
 # checks of five networks (ResNet-20, LM-ResNet-56, DenseNet-40, an RK4 ODE net, ResNet-50 channels_last
-# bf16), every op's fwd+bwd against copy_ on both backends in one table, and tsc-bench (docs/gpu.md).
+# bf16), every op's fwd+bwd against copy_ on both backends in one table, tsc-bench (ResNet-50) and CIFAR
+# ResNet-56's host-bound step judged against the host targets of docs/performance.md (docs/gpu.md).
 # Uses the machine's own Python (no venv, no registry); the report lands in build/gpu_check/. Exit 2
 # without a CUDA device. GPU_CHECK_ARGS=--full adds tsc-bench's torch.compile rows (over the budget).
 gpu-check:

@@ -206,3 +206,42 @@ def test_compiled_weight_passes(capsys):
         _, wbar = v.forward(v.x)
     torch.testing.assert_close(wbar, weight_mean_reference(v.passes))
     assert wbar.grad_fn is not None and "tsc::weight_mean" not in {e.name for e in prof.events()}
+
+
+def _host_controls():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "bench" / "host_controls.py"
+    spec = importlib.util.spec_from_file_location("host_controls", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_host_controls_take_the_controller_apart(capsys):
+    """bench/host_controls.py (docs/performance.md, ninth round): lstm-only and lstm-flat give the
+    blocks the Δt their own controller gives (same w̄, same parameters), lstm-flat's optimizer
+    trains one flat parameter in place of the 24, and the script prints every variant's row."""
+    import argparse
+    controls = _host_controls()
+    variants = {v.name: v for v in controls.build(argparse.Namespace(model="cifar_resnet20"), compiled=False)}
+    assert list(variants) == list(controls.VARIANTS)
+    for name in ("lstm-only", "lstm-flat"):
+        model = variants[name].model
+        own = [d for stage in type(model).block_step_sizes(model) for d in stage]  # the class's: the controller
+        taken = [d for stage in model.block_step_sizes() for d in stage]
+        assert len(own) == len(taken) == 9
+        torch.testing.assert_close(torch.cat(taken), torch.cat(own), rtol=1e-6, atol=1e-7)
+    flat, only = variants["lstm-flat"], variants["lstm-only"]
+    ctrl = {id(p) for n, p in flat.model.named_parameters() if n.startswith("tsc_controller.")}
+    trained = [p for g in flat.opt.param_groups for p in g["params"]]
+    assert len(ctrl) == 24 and not ctrl & {id(p) for p in trained}
+    controller = [p for n, p in flat.model.named_parameters() if n.startswith("tsc_controller.")]
+    assert trained[-1].numel() == sum(p.numel() for p in controller)
+    before = trained[-1].detach().clone()
+    flat.step()
+    only.step()
+    assert not torch.equal(trained[-1].detach(), before)  # Δt's gradient reaches the flat parameter
+    assert controls.main(["--model", "cifar_resnet20", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"\n{name:11s} step" in out for name in controls.VARIANTS)

@@ -56,7 +56,7 @@ def test_report_passes_when_every_step_passed_or_skipped(tmp_path):
 
 
 def test_report_states_the_total_against_the_budget(tmp_path):
-    """The check must fit in gpu_check.BUDGET_SECONDS (8 minutes): the report says whether it did; an
+    """The check must fit in gpu_check.BUDGET_SECONDS (8.5 minutes): the report says whether it did; an
     overrun is flagged but is not a failed proof."""
     fast = [dict(name="a", status="passed", numbers={}, reason="", seconds=100.0)]
     slow = [dict(name="a", status="passed", numbers={}, reason="", seconds=300.0),
@@ -70,12 +70,52 @@ def test_report_states_the_total_against_the_budget(tmp_path):
 
 
 def test_every_step_has_an_estimate_and_the_estimates_fit_the_budget(tmp_path):
-    steps = ["build", "tests", "sync_debug", "cuda_graph", "reduce_overhead", "ops", "bench"]
+    steps = ["build", "tests", "sync_debug", "cuda_graph", "reduce_overhead", "ops", "bench", "host_bound"]
     assert set(gpu_check.ESTIMATE_SECONDS) == set(steps)
     assert sum(gpu_check.ESTIMATE_SECONDS.values()) <= gpu_check.BUDGET_SECONDS  # estimates: never measured on a GPU
     results = [dict(name="ops", status="passed", numbers={}, reason="", seconds=1.0)]
     _, t = gpu_check.write_report(results, tmp_path, {})
     assert f"(est. {gpu_check.ESTIMATE_SECONDS['ops']} s)" in t.read_text()
+
+
+def _bench_json(rows, host_rows, batch=128):
+    return dict(config=dict(batch=batch),
+                rows=[dict(variant=v, mode=mode, overhead_time_pct=pct) for v, mode, pct in rows],
+                host_rows=[dict(variant=v, mode=mode, overhead_pct={"step": pct, "fwd": 0.0})
+                           for v, mode, pct in host_rows])
+
+
+def test_host_bound_judges_each_row_against_its_target():
+    data = _bench_json([("plain", "eager", None), ("tsc-fused", "eager", 1.9), ("tsc-auto-c", "compiled", 2.1)],
+                       [("tsc-fused", "eager", 2.0), ("tsc-fixed", "eager", 0.4), ("tsc-ref", "eager", 50.0)])
+    lines, missed = gpu_check.host_bound_verdicts(data)
+    assert lines == [
+        "batch 128 eager: tsc-fused +1.9 % vs plain (target <= +2 %): met",
+        "batch 128 compiled: tsc-auto-c +2.1 % vs plain-c (target <= +2 %): MISSED",
+        "host (batch 2) eager: tsc-fused +2.0 % vs plain (target <= +2 %): met",
+        "host (batch 2) eager: tsc-fixed +0.4 % vs plain (target <= +0 %): MISSED"]
+    assert missed == [lines[1], lines[3]]  # tsc-ref is not judged; compiled host rows absent: not judged
+    assert gpu_check.host_bound_verdicts(_bench_json([], [])) == ([], [])
+
+
+def test_host_bound_step_runs_tsc_bench_and_judges_its_json():
+    """The step's own command on the CPU (a small network, a few rounds): every eager row it judges is
+    there, and the status follows the verdicts (the numbers themselves are this CPU's, not a GPU's)."""
+    status, numbers, reason = gpu_check.step_host_bound(quick=True, full=False, device="cpu", model="cifar_resnet20",
+                                                        batch=4, extra=("--host-steps", "2"))
+    targets = numbers["targets"]
+    assert [t.split(":")[0] + ":" + t.split(":")[1].split()[0] for t in targets] == [
+        "batch 4 eager:tsc-fused", "host (batch 2) eager:tsc-fused", "host (batch 2) eager:tsc-fixed"]
+    assert "tsc-bench --host: cifar_resnet20" in numbers["tsc-bench"]
+    missed = [t for t in targets if t.endswith("MISSED")]
+    assert (status, bool(reason)) == (("failed", True) if missed else ("passed", False))
+    assert all(m in reason for m in missed)
+
+
+def test_host_bound_step_fails_with_tsc_bench_error():
+    status, numbers, reason = gpu_check.step_host_bound(quick=True, full=False, device="cpu", model="no_such_model",
+                                                        batch=4)
+    assert status == "failed" and numbers == {} and "no_such_model" in reason
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
