@@ -13,6 +13,10 @@ Variants (each a TSC network of tsc-bench's host configuration, its Δt from an 
   lstm-flat    lstm-only with the 24 parameters as views of one flat Parameter, cut per step: what
                a packed controller would save (in the optimizer, the accumulation, the compiled
                graph's inputs), less the views' cost
+  params-24    tsc-leafdt whose Δt also adds 0 x the sum of the 24 controller parameters: what the
+               parameters cost by entering the step and getting gradients, without the LSTM (with
+               --compile; eagerly the 24 sums and 27 adds are ops of their own)
+  params-flat  the same with one flat Parameter of the same values in place of the 24
 Each row: median ms of step, forward, backward, optimizer, and the median of per-round ratios
 against plain (docs/performance.md, issue 21's ninth round).
 """
@@ -29,7 +33,7 @@ from tsc_kernels import backend as backend_mod
 from tsc_kernels import bench
 from tsc_kernels.ops import lstm_controller as controller_ops
 
-VARIANTS = ("plain", "tsc", "tsc-leafdt", "lstm-only", "lstm-flat")
+VARIANTS = ("plain", "tsc", "tsc-leafdt", "lstm-only", "lstm-flat", "params-24", "params-flat")
 
 
 def _constant_wbar_controller(variant: bench.HostVariant, flat: bool) -> None:
@@ -67,13 +71,36 @@ def _constant_wbar_controller(variant: bench.HostVariant, flat: bool) -> None:
     model.block_step_sizes = block_step_sizes  # the instance attribute shadows the method
 
 
+def _parameters_into_leaf_step_sizes(variant: bench.HostVariant, flat: bool) -> None:
+    """Make tsc-leafdt's ``variant`` add 0 x (sum of its 24 controller parameters) to every block's Δt,
+    so that they enter the step and get (zero) gradients; ``flat``: one flat Parameter of their values
+    instead, added to the optimizer (the 24 get no gradient, which the optimizer skips)."""
+    model = variant.model
+    params = [p for c in model.tsc_controller.stages for p in c.lstm_params()]
+    if flat:
+        params = [torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))]
+        variant.opt.add_param_group({"params": params})
+    leaf_step_sizes = model.block_step_sizes
+
+    def block_step_sizes():
+        zero = sum(p.sum() for p in params) * 0.0
+        return [[dt + zero for dt in stage] for stage in leaf_step_sizes()]
+
+    model.block_step_sizes = block_step_sizes
+
+
 def build(args, compiled: bool) -> list[bench.HostVariant]:
     bench_args = bench.parse_args(["--host-only", "--model", args.model])
     variants = []
     for name in VARIANTS:
-        v = bench.HostVariant(bench_args, name, None if name == "plain" else "lstm", "auto", compiled)
+        leaf = name.startswith("params-")  # built as tsc-leafdt, then given the parameters
+        v = bench.HostVariant(bench_args, "tsc-leafdt" if leaf else name, None if name == "plain" else "lstm", "auto",
+                              compiled)
+        v.name = name
         if name in ("lstm-only", "lstm-flat"):
             _constant_wbar_controller(v, flat=name == "lstm-flat")
+        elif leaf:
+            _parameters_into_leaf_step_sizes(v, flat=name == "params-flat")
         variants.append(v)
     return variants
 

@@ -221,7 +221,8 @@ def _host_controls():
 def test_host_controls_take_the_controller_apart(capsys):
     """bench/host_controls.py (docs/performance.md, ninth round): lstm-only and lstm-flat give the
     blocks the Δt their own controller gives (same w̄, same parameters), lstm-flat's optimizer
-    trains one flat parameter in place of the 24, and the script prints every variant's row."""
+    trains one flat parameter in place of the 24, params-24 / params-flat give the 24 parameters / the
+    flat one their (zero) gradients, and the script prints every variant's row."""
     import argparse
     controls = _host_controls()
     variants = {v.name: v for v in controls.build(argparse.Namespace(model="cifar_resnet20"), compiled=False)}
@@ -242,6 +243,11 @@ def test_host_controls_take_the_controller_apart(capsys):
     flat.step()
     only.step()
     assert not torch.equal(trained[-1].detach(), before)  # Δt's gradient reaches the flat parameter
+    for name, count in (("params-24", 24), ("params-flat", 1)):
+        v = variants[name]
+        v.step()
+        zero = [p for g in v.opt.param_groups for p in g["params"] if p.grad is not None and not p.grad.any()]
+        assert len(zero) == count  # the controller's 24 parameters, or the flat one, got their zero gradients
     assert controls.main(["--model", "cifar_resnet20", "--rounds", "2"]) == 0
     out = capsys.readouterr().out
     assert all(f"\n{name:11s} step" in out for name in controls.VARIANTS)
