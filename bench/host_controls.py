@@ -36,6 +36,20 @@ from tsc_kernels.ops import lstm_controller as controller_ops
 VARIANTS = ("plain", "tsc", "tsc-leafdt", "lstm-only", "lstm-flat", "params-24", "params-flat")
 
 
+def _controller_parameters(variant: bench.HostVariant, flat: bool) -> list[torch.Tensor]:
+    """The 24 parameters of ``variant``'s controller, in the LSTM op's order; ``flat``: instead one
+    flat Parameter of their values, which replaces them in the optimizer."""
+    params = [p for c in variant.model.tsc_controller.stages for p in c.lstm_params()]
+    if not flat:
+        return params
+    packed = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+    ids = {id(p) for p in params}
+    for group in variant.opt.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    variant.opt.add_param_group({"params": [packed]})
+    return [packed]
+
+
 def _constant_wbar_controller(variant: bench.HostVariant, flat: bool) -> None:
     """Make ``variant``'s network take Δt from the LSTM op on its w̄ at build time (constant: no
     weight pass, no w̄ gradient) and its own controller parameters; ``flat``: those parameters
@@ -44,16 +58,12 @@ def _constant_wbar_controller(variant: bench.HostVariant, flat: bool) -> None:
     weights = [w for stage in model.controller_inputs() for ws in stage for w in ws]
     wbar = tsc_kernels.weight_mean(weights).detach()  # every block's w̄, packed as the controller reads it
     stages = list(model.tsc_controller.stages)
-    params = [p for c in stages for p in c.lstm_params()]
     blocks = [len(stage) for stage in model.tsc_stages()]
     sizes = [c.channels for c, L in zip(stages, blocks) for _ in range(L)]
+    params = _controller_parameters(variant, flat=False)
     if flat:
         shapes, numels = [p.shape for p in params], [p.numel() for p in params]
-        packed = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
-        ids = {id(p) for p in params}
-        group = variant.opt.param_groups[0]
-        group["params"] = [p for p in group["params"] if id(p) not in ids]
-        variant.opt.add_param_group({"params": [packed]})
+        packed, = _controller_parameters(variant, flat=True)
 
         def current():
             return [t.view(s) for t, s in zip(torch.split_with_sizes(packed, numels), shapes)]
@@ -74,12 +84,9 @@ def _constant_wbar_controller(variant: bench.HostVariant, flat: bool) -> None:
 def _parameters_into_leaf_step_sizes(variant: bench.HostVariant, flat: bool) -> None:
     """Make tsc-leafdt's ``variant`` add 0 x (sum of its 24 controller parameters) to every block's Δt,
     so that they enter the step and get (zero) gradients; ``flat``: one flat Parameter of their values
-    instead, added to the optimizer (the 24 get no gradient, which the optimizer skips)."""
+    in their place, also in the optimizer (as lstm-flat)."""
     model = variant.model
-    params = [p for c in model.tsc_controller.stages for p in c.lstm_params()]
-    if flat:
-        params = [torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))]
-        variant.opt.add_param_group({"params": params})
+    params = _controller_parameters(variant, flat)
     leaf_step_sizes = model.block_step_sizes
 
     def block_step_sizes():

@@ -234,7 +234,7 @@ def host_bound_verdicts(data: dict) -> tuple[list[str], list[str]]:
             continue
         pct = row["overhead_time_pct"] if key == "rows" else row["overhead_pct"]["step"]
         base = "plain-c" if row["mode"] == "compiled" else "plain"
-        what = f"batch {data['config']['batch']}" if key == "rows" else "host (batch 2)"
+        what = f"batch {data['config']['batch']}" if key == "rows" else f"host (batch {data['config']['host_batch']})"
         ok = pct <= target
         line = (f"{what} {row['mode']}: {variant} {pct:+.1f} % vs {base} (target <= {target:+.0f} %): "
                 f"{'met' if ok else 'MISSED'}")

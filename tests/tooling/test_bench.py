@@ -234,20 +234,23 @@ def test_host_controls_take_the_controller_apart(capsys):
         assert len(own) == len(taken) == 9
         torch.testing.assert_close(torch.cat(taken), torch.cat(own), rtol=1e-6, atol=1e-7)
     flat, only = variants["lstm-flat"], variants["lstm-only"]
-    ctrl = {id(p) for n, p in flat.model.named_parameters() if n.startswith("tsc_controller.")}
-    trained = [p for g in flat.opt.param_groups for p in g["params"]]
-    assert len(ctrl) == 24 and not ctrl & {id(p) for p in trained}
     controller = [p for n, p in flat.model.named_parameters() if n.startswith("tsc_controller.")]
+    trained = [p for g in flat.opt.param_groups for p in g["params"]]
+    assert len(controller) == 24 and not {id(p) for p in controller} & {id(p) for p in trained}
     assert trained[-1].numel() == sum(p.numel() for p in controller)
     before = trained[-1].detach().clone()
     flat.step()
     only.step()
     assert not torch.equal(trained[-1].detach(), before)  # Δt's gradient reaches the flat parameter
-    for name, count in (("params-24", 24), ("params-flat", 1)):
+    n = len(list(variants["params-24"].model.parameters()))
+    # trained: the network's parameters and tsc-leafdt's Δt leaf; params-flat: the flat one in the 24's place
+    for name, count, optimized in (("params-24", 24, n + 1), ("params-flat", 1, n - 24 + 2)):
         v = variants[name]
         v.step()
-        zero = [p for g in v.opt.param_groups for p in g["params"] if p.grad is not None and not p.grad.any()]
+        trained = [p for g in v.opt.param_groups for p in g["params"]]
+        zero = [p for p in trained if p.grad is not None and not p.grad.any()]
         assert len(zero) == count  # the controller's 24 parameters, or the flat one, got their zero gradients
+        assert len(trained) == optimized
     assert controls.main(["--model", "cifar_resnet20", "--rounds", "2"]) == 0
     out = capsys.readouterr().out
     assert all(f"\n{name:11s} step" in out for name in controls.VARIANTS)

@@ -79,7 +79,7 @@ def test_every_step_has_an_estimate_and_the_estimates_fit_the_budget(tmp_path):
 
 
 def _bench_json(rows, host_rows, batch=128):
-    return dict(config=dict(batch=batch),
+    return dict(config=dict(batch=batch, host_batch=2),
                 rows=[dict(variant=v, mode=mode, overhead_time_pct=pct) for v, mode, pct in rows],
                 host_rows=[dict(variant=v, mode=mode, overhead_pct={"step": pct, "fwd": 0.0})
                            for v, mode, pct in host_rows])
